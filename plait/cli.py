@@ -1,0 +1,108 @@
+"""The ``plait`` command line.
+
+Each subcommand is registered by an ``add_<name>_command(subparsers)`` function that adds its parser
+and sets ``handler`` (a function ``(argparse.Namespace) -> int``) as a default. To add a subcommand
+(``serve``, ``bench``, ``generate``), write such a function and append it to ``SUBCOMMANDS``.
+Handlers import what they need lazily, so ``plait --help`` stays fast.
+
+Errors the user can fix (unknown model, failed download, bad argument value) print one line to
+stderr and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+EXIT_USAGE = 2
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    """``plait models list``: the presets, their weights, and whether they are converted in the cache."""
+    from plait.runtime.models.fetch import cache_dir
+    from plait.runtime.models.registry import describe_presets
+
+    rows = describe_presets()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(row["name"]) for row in rows) + 2
+    print(f"{'NAME':<{width}}{'WEIGHTS':<15}{'CACHED':<8}DESCRIPTION")
+    for row in rows:
+        cached = ("yes" if row["cached"] else "no") if row["path"] else "-"
+        name = row["name"] + ("*" if row["default"] else "")
+        print(f"{name:<{width}}{row['weights']:<15}{cached:<8}{row['description']}")
+    print(f"\n* default model; cache: {cache_dir()}")
+    return 0
+
+
+def _models_fetch(args: argparse.Namespace) -> int:
+    """``plait models fetch NAME``: obtain and convert a preset's weights; prints the directory."""
+    from plait.runtime.models.registry import ensure_preset_dir
+
+    print(ensure_preset_dir(args.name))
+    return 0
+
+
+def add_models_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``plait models {list,fetch}``."""
+    models = subparsers.add_parser("models", help="list and fetch model presets")
+    actions = models.add_subparsers(dest="models_command", metavar="ACTION")
+    models.set_defaults(handler=lambda _args: _print_help(models))
+
+    listing = actions.add_parser("list", help="list presets and whether their weights are cached")
+    listing.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    listing.set_defaults(handler=_models_list)
+
+    fetch = actions.add_parser("fetch", help="download and convert a preset's weights; prints the path")
+    fetch.add_argument("name", help="preset name (see `plait models list`)")
+    fetch.set_defaults(handler=_models_fetch)
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_models_command]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand in ``SUBCOMMANDS`` registered.
+
+    The subparsers object is kept as ``parser.subcommands`` so callers may register more.
+    """
+    from plait import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="plait", description="plait: structured generation for LLMs, and the runtime that serves it."
+    )
+    parser.add_argument("--version", action="version", version=f"plait {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in SUBCOMMANDS:
+        register(subparsers)
+    parser.set_defaults(handler=lambda _args: _print_help(parser))
+    parser.subcommands = subparsers  # type: ignore[attr-defined]
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``plait`` console script; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from plait.runtime.models.errors import ModelLoadError
+
+    try:
+        return int(args.handler(args) or 0)
+    except (ModelLoadError, ValueError, OSError) as exc:  # OSError covers ModelNotFoundError
+        print(f"plait: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("plait: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""EngineConfig: every engine setting in one frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one engine. Derived values are properties; invalid values raise ValueError naming the field."""
+
+    model: str = "smollm2-135m-instruct"
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    tokenizer_path: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    context_length: int | None = None  # default: the model's, capped at 32768
+    max_total_tokens: int | None = None  # KV slots; default from kv_cache_gb (CPU) or mem_fraction (GPU)
+    kv_cache_gb: float = 1.0  # CPU KV budget when max_total_tokens is not given
+    mem_fraction: float = 0.85  # GPU: fraction of device memory for weights + KV
+    max_running_requests: int = 256
+    chunked_prefill_size: int = 2048  # per-step budget of prefill tokens; longer prompts are chunked
+    schedule_policy: str = "lpm"  # lpm (longest prefix match first) | fcfs
+    disable_radix_cache: bool = False
+    attention_backend: str = "torch"
+    random_seed: int = 0
+    inbatch_prefix_threshold: int = 32  # defer a waiting request sharing this many uncached tokens with one just admitted
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+            raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
+        if self.schedule_policy not in ("lpm", "fcfs"):
+            raise ValueError(f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
+        if self.attention_backend not in ("torch", "triton"):
+            raise ValueError(f"attention_backend must be 'torch' or 'triton', got {self.attention_backend!r}")
+        for name in ("max_running_requests", "chunked_prefill_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("context_length", "max_total_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ValueError(f"{name} must be >= 2, got {value}")
+        if not 0 < self.mem_fraction <= 1:
+            raise ValueError(f"mem_fraction must be in (0, 1], got {self.mem_fraction}")
+        if self.kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        """Build from keyword arguments; an unknown setting raises TypeError naming it and the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine setting(s) {unknown}; known settings: {sorted(known)}")
+        return cls(**kwargs)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

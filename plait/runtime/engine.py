@@ -1,0 +1,376 @@
+"""Engine: the runtime's front door.
+
+``Engine(model=..., **settings)`` loads a model and runs a background loop thread that batches every
+request submitted from any thread (continuous batching). ``generate`` / ``async_generate`` / streaming
+return the same shape SGLang's Engine returns: ``{"text", "output_ids", "meta_info"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from plait.runtime.config import EngineConfig
+from plait.runtime.engine_inputs import GenerateInput, normalize_inputs
+from plait.runtime.executor.model_runner import ModelRunner
+from plait.runtime.executor.sampler import Sampler
+from plait.runtime.kvcache.radix import RadixCache
+from plait.runtime.models.registry import resolve_model
+from plait.runtime.outputs import build_output
+from plait.runtime.request import Request, RequestStatus
+from plait.runtime.scheduler import Scheduler
+from plait.runtime.step import build_forward_batch, record_prompt_logprobs, sample_next_tokens
+from plait.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+from plait.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class _Handle:
+    """Delivers a request's outputs from the engine thread to one waiting caller (thread or asyncio)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        self.loop = loop
+        self.queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+
+    def put(self, event: dict[str, Any]) -> None:
+        if self.loop is None:
+            self.queue.put(event)
+        else:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+class Engine:
+    """An in-process LLM engine: radix prefix cache, continuous batching, chunked prefill. Thread-safe."""
+
+    def __init__(self, model: str = "smollm2-135m-instruct", **settings: Any):
+        self.config = EngineConfig.from_kwargs(model=model, **settings)
+        torch.manual_seed(self.config.random_seed)
+        source = resolve_model(self.config.model, self.config.load_format, self.config.tokenizer_path)
+        self.model_source = source
+        self.tokenizer = Tokenizer.from_dir(source.tokenizer_dir) if source.tokenizer_dir else None
+        self.runner = ModelRunner(self.config, source)
+        self.model_config = self.runner.model_config
+        self.context_length = self.runner.context_length
+        self.tree = RadixCache(self.runner.pool, disabled=self.config.disable_radix_cache)
+        self.scheduler = Scheduler(self.config, self.runner.pool, self.runner.slot_table, self.tree)
+        self.sampler = Sampler(seed=self.config.random_seed)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None:
+            eos |= set(self.tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(eos)
+        self._counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "finished": 0, "steps": 0}
+        self._inbox: list[tuple[str, Any]] = []
+        self._cv = threading.Condition()
+        self._active: set[str] = set()
+        self._stopped = False
+        self._dead = False
+        self._thread = threading.Thread(target=self._loop, name="plait-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        sampling_params: dict | SamplingParams | Sequence[dict | SamplingParams] | None = None,
+        input_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        *,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        return_text_in_logprobs: bool = False,
+        rid: str | Sequence[str] | None = None,
+        stream: bool = False,
+    ) -> dict | list[dict] | Iterator[dict]:
+        """Generate for one prompt (returns a dict) or a list (returns a list; ``n > 1`` flattens per prompt).
+
+        With ``stream=True`` returns an iterator of cumulative snapshots; for a batch each carries ``index``.
+        """
+        gi = self._prepare(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+                           top_logprobs_num, return_text_in_logprobs, rid, stream)
+        handles = [_Handle() for _ in gi.requests]
+        self._submit(gi.requests, handles)
+        if stream:
+            return self._stream_sync(gi, handles)
+        outputs = [self._wait_final_sync(h) for h in handles]
+        return outputs if gi.is_batch else outputs[0]
+
+    async def async_generate(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        sampling_params: dict | SamplingParams | Sequence[dict | SamplingParams] | None = None,
+        input_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        *,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        return_text_in_logprobs: bool = False,
+        rid: str | Sequence[str] | None = None,
+        stream: bool = False,
+    ) -> dict | list[dict] | AsyncIterator[dict]:
+        """Async ``generate``; with ``stream=True`` returns an async iterator of snapshots."""
+        gi = self._prepare(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+                           top_logprobs_num, return_text_in_logprobs, rid, stream)
+        loop = asyncio.get_running_loop()
+        handles = [_Handle(loop) for _ in gi.requests]
+        self._submit(gi.requests, handles)
+        if stream:
+            return self._stream_async(gi, handles)
+        outputs = []
+        for h in handles:
+            while True:
+                event = await h.queue.get()
+                if event["finished"]:
+                    outputs.append(event["output"])
+                    break
+        return outputs if gi.is_batch else outputs[0]
+
+    def abort(self, rid: str) -> None:
+        """Abort a request (waiting or running); it finishes with ``{"type": "abort"}``. Unknown ids are ignored."""
+        self._post("abort", rid)
+
+    def flush_cache(self) -> bool:
+        """Drop the prefix cache. Returns False (and does nothing) while requests are in flight."""
+        done = _Handle()
+        self._post("flush", done)
+        return self._get_event(done)
+
+    def stats(self) -> dict[str, Any]:
+        """Cache hit rate, running/waiting counts, KV slots in use and cumulative token counters."""
+        pool, c = self.runner.pool, dict(self._counters)
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_slots_total": pool.capacity,
+            "kv_slots_used": pool.num_used,
+            "kv_slots_cached": self.tree.total_size(),
+            "kv_slots_evictable": self.tree.evictable_size(),
+            "cache_hit_rate": c["cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0,
+            "retractions": self.scheduler.num_retractions,
+            **c,
+        }
+
+    def shutdown(self) -> None:
+        """Abort everything in flight and stop the loop thread."""
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------ request intake
+    def _prepare(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+                 top_logprobs_num, return_text_in_logprobs, rid, stream) -> GenerateInput:
+        if self._stopped:
+            raise RuntimeError("the engine has been shut down")
+        gi = normalize_inputs(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+                              top_logprobs_num, rid)
+        for req in gi.requests:
+            req.stream = stream
+            req.return_text_in_logprobs = return_text_in_logprobs
+            if self.tokenizer is not None:
+                req.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, req.prompt_ids, stop=req.params.stop,
+                    skip_special_tokens=req.params.skip_special_tokens, no_stop_trim=req.params.no_stop_trim,
+                )
+            elif req.params.stop:
+                raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        return gi
+
+    def _submit(self, requests: list[Request], handles: list[_Handle]) -> None:
+        with self._cv:
+            dup = [r.rid for r in requests if r.rid in self._active]
+            if dup or len({r.rid for r in requests}) < len(requests):
+                raise ValueError(f"request id(s) already in use: {dup or [r.rid for r in requests]}")
+            for req, handle in zip(requests, handles):
+                req.on_output = handle.put
+                self._active.add(req.rid)
+                self._inbox.append(("add", req))
+            self._cv.notify()
+
+    def _post(self, kind: str, payload: Any) -> None:
+        with self._cv:
+            self._inbox.append((kind, payload))
+            self._cv.notify()
+
+    def new_rid(self) -> str:
+        return uuid.uuid4().hex
+
+    # ------------------------------------------------------------------ result delivery (caller side)
+    def _get_event(self, handle: _Handle) -> dict:
+        """Next event for a synchronous caller; raises if the engine loop is gone instead of hanging."""
+        while True:
+            try:
+                return handle.queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the engine loop has stopped; see the log for its error") from None
+
+    def _wait_final_sync(self, handle: _Handle) -> dict:
+        while True:
+            event = self._get_event(handle)
+            if event["finished"]:
+                return event["output"]
+
+    def _stream_sync(self, gi: GenerateInput, handles: list[_Handle]) -> Iterator[dict]:
+        if len(handles) == 1:
+            h = handles[0]
+            while True:
+                event = self._get_event(h)
+                yield event["output"]
+                if event["finished"]:
+                    return
+        merged: queue.Queue = queue.Queue()
+        for i, h in enumerate(handles):
+            threading.Thread(target=self._pump, args=(h, i, merged), daemon=True).start()
+        remaining = len(handles)
+        while remaining:
+            index, event = merged.get()
+            yield {**event["output"], "index": index}
+            remaining -= event["finished"]
+
+    def _pump(self, handle: _Handle, index: int, merged: queue.Queue) -> None:
+        while True:
+            event = self._get_event(handle)
+            merged.put((index, event))
+            if event["finished"]:
+                return
+
+    async def _stream_async(self, gi: GenerateInput, handles: list[_Handle]) -> AsyncIterator[dict]:
+        pending = {asyncio.ensure_future(h.queue.get()): i for i, h in enumerate(handles)}
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                index = pending.pop(fut)
+                event = fut.result()
+                out = event["output"] if len(handles) == 1 else {**event["output"], "index": index}
+                yield out
+                if not event["finished"]:
+                    pending[asyncio.ensure_future(handles[index].queue.get())] = index
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        try:
+            self._run_loop()
+        except BaseException:
+            logger.exception("the engine loop died")
+            self._dead = True
+            raise
+
+    def _run_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._inbox and not self.scheduler.has_work() and not self._stopped:
+                    self._cv.wait()
+                commands, self._inbox = self._inbox, []
+                stopped = self._stopped
+            for kind, payload in commands:
+                self._apply(kind, payload)
+            if stopped:
+                for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self._finish(req, {"type": "abort", "message": "engine shut down"})
+                return
+            if self.scheduler.has_work():
+                self._step()
+
+    def _apply(self, kind: str, payload: Any) -> None:
+        if kind == "add":
+            self._counters["prompt_tokens"] += len(payload.prompt_ids)
+            self.scheduler.add_request(payload)
+        elif kind == "abort":
+            req = self.scheduler.find(payload)
+            if req is not None:
+                self._finish(req, {"type": "abort", "message": "aborted"})
+        elif kind == "flush":
+            payload.put(self.scheduler.flush_cache())
+        else:
+            raise ValueError(f"unknown engine command {kind!r}")
+
+    def _step(self) -> None:
+        items = self.scheduler.schedule()
+        for req in self.scheduler.drain_failed():
+            self._deliver_final(req)
+        if not items:
+            return
+        self._counters["steps"] += 1
+        try:
+            batch, plan = build_forward_batch(items, self.runner)
+            logits = self.runner.forward(batch)
+            if plan.prompt_rows:
+                record_prompt_logprobs(plan, logits)
+            self.scheduler.complete(items)
+            done_without_sampling = [it for it in plan.sample_items if it.req.params.max_new_tokens == 0]
+            if done_without_sampling:
+                keep = [k for k, it in enumerate(plan.sample_items) if it.req.params.max_new_tokens > 0]
+                plan.sample_rows = [plan.sample_rows[k] for k in keep]
+                plan.sample_items = [plan.sample_items[k] for k in keep]
+            sampled = sample_next_tokens(plan, logits, self.sampler)
+        except Exception as exc:  # a bug or bad state in one step must not take the engine down
+            logger.exception("engine step failed")
+            for item in items:
+                if item.req.status is not RequestStatus.FINISHED:
+                    self._finish(item.req, {"type": "abort", "message": f"internal error: {exc!r}"})
+            return
+        for item in items:
+            if item.samples:
+                item.req.prompt_logprobs_done = True
+        for item in done_without_sampling:
+            self._finish(item.req, {"type": "length", "length": 0})
+        for req, token in sampled:
+            self._append_token(req, token)
+
+    def _append_token(self, req: Request, token: int) -> None:
+        req.output_ids.append(token)
+        self._counters["generated_tokens"] += 1
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        params = req.params
+        reason = None
+        is_stop_token = token in req.eos_token_ids or token in params.stop_token_ids
+        detok = req.detokenizer
+        if detok is not None and (not is_stop_token or params.no_stop_trim):
+            detok.add(token)
+            req.text = detok.text
+        if is_stop_token:
+            reason = {"type": "stop", "matched": token}
+        elif detok is not None and detok.stopped:
+            reason = {"type": "stop", "matched": detok.matched_stop}
+        elif len(req.output_ids) >= params.max_new_tokens:
+            reason = {"type": "length", "length": params.max_new_tokens}
+        elif req.total_len >= self.context_length:
+            reason = {"type": "length", "length": len(req.output_ids)}
+        if reason is not None:
+            self._finish(req, reason)
+        elif req.stream and req.on_output is not None:
+            req.on_output({"finished": False, "output": build_output(req, self.tokenizer)})
+
+    def _finish(self, req: Request, reason: dict[str, Any]) -> None:
+        self.scheduler.finish(req, reason)
+        self._deliver_final(req)
+
+    def _deliver_final(self, req: Request) -> None:
+        req.finished_at = time.perf_counter()
+        if req.detokenizer is not None and not req.detokenizer.stopped:
+            req.detokenizer.finish()
+        if req.detokenizer is not None:
+            req.text = req.detokenizer.text
+        self._counters["finished"] += 1
+        self._counters["cached_tokens"] += req.cached_tokens
+        with self._cv:
+            self._active.discard(req.rid)
+        if req.on_output is not None:
+            req.on_output({"finished": True, "output": build_output(req, self.tokenizer, req.return_text_in_logprobs)})
+

@@ -1,0 +1,110 @@
+"""Validating and normalizing ``Engine.generate`` arguments into Requests (errors are ValueError/TypeError)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from plait.runtime.request import Request
+from plait.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from plait.runtime.engine import Engine
+
+
+@dataclass
+class GenerateInput:
+    requests: list[Request]
+    is_batch: bool
+
+
+def _is_int_list(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _prompts_to_ids(engine: "Engine", prompt: Any, input_ids: Any) -> tuple[list[list[int]], bool]:
+    if (prompt is None) == (input_ids is None):
+        raise ValueError("pass exactly one of prompt (text) or input_ids (token ids)")
+    if input_ids is not None:
+        if _is_int_list(input_ids):
+            return [list(input_ids)], False
+        if isinstance(input_ids, (list, tuple)) and input_ids and all(_is_int_list(x) for x in input_ids):
+            return [list(x) for x in input_ids], True
+        raise TypeError("input_ids must be a list of ints or a non-empty list of lists of ints")
+    if engine.tokenizer is None:
+        raise ValueError(
+            f"model {engine.config.model!r} has no tokenizer: pass input_ids, or set tokenizer_path"
+        )
+    if isinstance(prompt, str):
+        return [engine.tokenizer.encode(prompt)], False
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return [engine.tokenizer.encode(p) for p in prompt], True
+    raise TypeError("prompt must be a str or a non-empty list of str")
+
+
+def _per_prompt(value: Any, count: int, name: str, scalar_types: tuple) -> list:
+    if value is None or isinstance(value, scalar_types):
+        return [value] * count
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} entries for {count} prompts")
+        return list(value)
+    raise TypeError(f"{name} has unsupported type {type(value).__name__}")
+
+
+def normalize_inputs(
+    engine: "Engine",
+    prompt: Any,
+    sampling_params: Any,
+    input_ids: Any,
+    return_logprob: bool,
+    logprob_start_len: int,
+    top_logprobs_num: int,
+    rid: Any,
+) -> GenerateInput:
+    """Build one Request per (prompt, n) after checking every argument against the engine's limits."""
+    id_lists, is_batch = _prompts_to_ids(engine, prompt, input_ids)
+    params_list = [
+        SamplingParams.from_dict(p) for p in _per_prompt(sampling_params, len(id_lists), "sampling_params", (dict, SamplingParams))
+    ]
+    rids = _per_prompt(rid, len(id_lists), "rid", (str,))
+    if not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
+        raise ValueError(f"top_logprobs_num must be a non-negative int, got {top_logprobs_num!r}")
+    if not isinstance(logprob_start_len, int) or logprob_start_len < -1:
+        raise ValueError(f"logprob_start_len must be -1 (no prompt logprobs) or >= 0, got {logprob_start_len!r}")
+    vocab = engine.model_config.vocab_size
+    capacity = min(engine.context_length, engine.runner.pool.capacity)
+    requests: list[Request] = []
+    for ids, params, rid_i in zip(id_lists, params_list, rids):
+        if not ids:
+            raise ValueError("the prompt is empty (it encodes to no tokens)")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"input_ids contain token id(s) outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if len(ids) >= capacity:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; this engine fits at most {capacity - 1} "
+                f"(context length {engine.context_length}, KV cache {engine.runner.pool.capacity} tokens)"
+            )
+        if logprob_start_len >= len(ids):
+            raise ValueError(f"logprob_start_len {logprob_start_len} must be < the prompt length {len(ids)}")
+        bad_stop = [t for t in params.stop_token_ids if t >= vocab]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids outside the vocabulary: {bad_stop}")
+        base = rid_i if rid_i is not None else uuid.uuid4().hex
+        eos = frozenset() if params.ignore_eos else engine.eos_token_ids
+        for k in range(params.n):
+            requests.append(
+                Request(
+                    rid=base if params.n == 1 else f"{base}-{k}",
+                    prompt_ids=list(ids),
+                    params=params,
+                    eos_token_ids=eos,
+                    return_logprob=return_logprob,
+                    logprob_start_len=logprob_start_len if return_logprob else -1,
+                    top_logprobs_num=top_logprobs_num if return_logprob else 0,
+                )
+            )
+    return GenerateInput(requests=requests, is_batch=is_batch or len(requests) > 1)

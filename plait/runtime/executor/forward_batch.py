@@ -1,0 +1,44 @@
+"""ForwardBatch: everything one forward pass needs, passed explicitly (never through globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    """One step's tokens, flattened over the requests in the batch.
+
+    Row ``i`` contributes ``extend_lens[i]`` new tokens, starting at flat offset ``extend_starts[i]``,
+    at positions ``prefix_lens[i] .. seq_lens[i] - 1``. A decode row has ``extend_lens[i] == 1``.
+    Before the forward, the request-to-slot table already maps every position ``< seq_lens[i]`` of row
+    ``req_rows[i]`` to a KV slot, and ``out_cache_loc`` holds the slots of the new tokens.
+    """
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    out_cache_loc: torch.Tensor  # [T] int64, KV slot of each new token
+    req_rows: torch.Tensor  # [B] int64, rows of the request-to-slot table
+    prefix_lens: list[int]
+    extend_lens: list[int]
+    seq_lens: list[int]
+    extend_starts: list[int]
+    logits_indices: torch.Tensor  # [N] int64, flat token indices whose logits are needed
+    pool: Any  # KVPool
+    slot_table: torch.Tensor  # [max_requests, max_context_len] request-to-slot table
+    attn_metadata: Any = field(default=None)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.extend_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(n == 1 for n in self.extend_lens)

@@ -1,0 +1,114 @@
+"""ModelRunner: owns the model weights, the KV pool and the request-to-slot table; runs forward passes.
+
+It executes; it makes no scheduling decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from plait.runtime.config import EngineConfig
+from plait.runtime.executor.forward_batch import ForwardBatch
+from plait.runtime.executor.loader import ModelLoadError, iter_safetensors_weights
+from plait.runtime.kvcache.pool import KVPool
+from plait.runtime.kvcache.table import ReqToSlotTable
+from plait.runtime.layers.attention import TorchAttentionBackend
+from plait.runtime.models.config import ModelConfig
+from plait.runtime.models.llama import LlamaForCausalLM
+from plait.runtime.models.registry import ModelSource
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_CONTEXT = 32768
+
+
+def materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Replace every meta parameter with uninitialized storage on ``device`` in ``dtype``, keeping
+    each parameter's ``weight_loader`` (``Module.to_empty`` would drop such attributes)."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            new = torch.nn.Parameter(torch.empty(param.shape, device=device, dtype=dtype), requires_grad=False)
+            if hasattr(param, "weight_loader"):
+                new.weight_loader = param.weight_loader
+            setattr(module, name, new)
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class ModelRunner:
+    """Builds the model on the meta device, materializes it on the target device and loads its weights."""
+
+    def __init__(self, config: EngineConfig, source: ModelSource):
+        self.config = config
+        self.device = torch.device(config.resolved_device())
+        self.dtype = resolve_dtype(config, self.device)
+        self.model_config = ModelConfig.from_hf(source.config)
+        cfg = self.model_config
+        limit = cfg.max_position_embeddings
+        if cfg.sliding_window:
+            limit = min(limit, cfg.sliding_window)  # attention here is full; stay where that is exact
+        if config.context_length is not None and config.context_length > limit:
+            raise ValueError(f"context_length {config.context_length} exceeds the model's limit {limit}")
+        self.context_length = config.context_length or min(limit, DEFAULT_MAX_CONTEXT)
+        self.attn_backend = TorchAttentionBackend()
+        self.model = self._build_model(source)
+        self.pool = self._build_pool()
+        self.slot_table = ReqToSlotTable(config.max_running_requests, self.context_length + 1, self.device)
+
+    def _build_model(self, source: ModelSource) -> LlamaForCausalLM:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(self.model_config, self.attn_backend, self.context_length + 1)
+        materialize(model, self.device, self.dtype)
+        if source.load_format == "dummy" or source.weights_dir is None:
+            self._init_dummy_weights(model)
+        else:
+            loaded = model.load_weights(iter_safetensors_weights(source.weights_dir))
+            missing = sorted(n for n, _ in model.named_parameters() if n not in loaded)
+            if missing:
+                raise ModelLoadError(
+                    f"checkpoint in {source.weights_dir} lacks {len(missing)} tensor(s), e.g. {missing[:3]}"
+                )
+        model.rotary.build_cache(self.device, self.dtype)
+        return model.eval()
+
+    def _init_dummy_weights(self, model: torch.nn.Module) -> None:
+        """Random weights, like ``--load-format dummy`` elsewhere: uniform(-1e-3, 1e-3), norms at 1."""
+        gen = torch.Generator(device=self.device).manual_seed(self.config.random_seed)
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.data.fill_(1.0)
+            else:
+                param.data.uniform_(-1e-3, 1e-3, generator=gen)
+
+    def _build_pool(self) -> KVPool:
+        cfg = self.model_config
+        args = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        if self.config.max_total_tokens is not None:
+            return KVPool(self.config.max_total_tokens, *args, device=self.device)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(free - total * (1 - self.config.mem_fraction))
+            if budget <= 0:
+                raise MemoryError(
+                    f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free after loading the model, "
+                    f"mem_fraction={self.config.mem_fraction}"
+                )
+        else:
+            budget = int(self.config.kv_cache_gb * 2**30)
+        return KVPool.from_memory_budget(budget, *args, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run the batch; returns float32 logits [N, vocab] for ``batch.logits_indices``."""
+        self.attn_backend.prepare(batch)
+        hidden = self.model(batch)
+        if batch.logits_indices.numel() == hidden.shape[0]:
+            return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden[batch.logits_indices])

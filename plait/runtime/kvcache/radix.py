@@ -1,0 +1,358 @@
+"""Radix prefix cache: token-id prefixes -> KV slot indices (page size 1).
+
+A radix tree over token ids. Each edge (``TreeNode.key``) is a run of token ids and the node's
+``value`` holds the KV slot of each of those tokens. The tree never owns KV memory: slots enter it
+through ``insert`` (ownership passes from the caller) and leave it through ``evict`` / ``reset``,
+which hand them back with ``pool.free``.
+
+Contract with the engine:
+- ``match_prefix(ids)`` returns the cached slots of the longest cached prefix and the node where it
+  ends (splitting an edge so the node ends exactly there). The caller locks that node
+  (``inc_lock_ref``) for as long as it uses the slots, and unlocks it (``dec_lock_ref``) after.
+- ``insert(ids, slots)`` returns how many leading tokens were already cached. The tree keeps its own
+  slots for that range; the caller frees its duplicates ``slots[own_cached_len:returned]`` and the
+  tree takes ownership of ``slots[returned:]``.
+- Locked nodes (and so all their ancestors) are never evicted; ``evict`` frees least-recently-used
+  unlocked leaves first.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from plait.runtime.kvcache.pool import KVPool
+
+
+class TreeNode:
+    """One edge of the radix tree and the node it leads to.
+
+    ``children`` is keyed by the first token id of each child's key. ``value[i]`` is the KV slot of
+    token ``key[i]``. ``lock_ref`` counts the users holding this node or a descendant of it.
+    """
+
+    __slots__ = ("children", "parent", "key", "value", "lock_ref", "last_access")
+
+    def __init__(
+        self,
+        key: tuple[int, ...],
+        value: torch.Tensor,
+        parent: TreeNode | None,
+        last_access: float = 0.0,
+    ) -> None:
+        self.children: dict[int, TreeNode] = {}
+        self.parent = parent
+        self.key = key
+        self.value = value
+        self.lock_ref = 0
+        self.last_access = last_access
+
+    def __repr__(self) -> str:
+        return f"TreeNode(key={self.key}, lock_ref={self.lock_ref}, children={len(self.children)})"
+
+
+@dataclass
+class MatchResult:
+    """Result of ``RadixCache.match_prefix``.
+
+    slots: int64 slot indices of the matched prefix, one per token.
+    node: the deepest matched node (the root if nothing matched); lock it while using ``slots``.
+    """
+
+    slots: torch.Tensor
+    node: TreeNode
+
+    @property
+    def length(self) -> int:
+        """Number of matched tokens."""
+        return self.slots.numel()
+
+
+def _as_key(token_ids: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(token_ids, torch.Tensor):
+        return tuple(token_ids.reshape(-1).tolist())
+    if hasattr(token_ids, "tolist"):  # numpy arrays
+        return tuple(token_ids.tolist())
+    return tuple(token_ids)
+
+
+def _common_prefix_len(key: tuple[int, ...], tokens: tuple[int, ...], start: int) -> int:
+    """Length of the common prefix of ``key`` and ``tokens[start:]``."""
+    n = len(key)
+    if tokens[start : start + n] == key:
+        return n
+    limit = min(n, len(tokens) - start)
+    i = 0
+    while i < limit and key[i] == tokens[start + i]:
+        i += 1
+    return i
+
+
+class RadixCache:
+    """Prefix index over token ids whose nodes hold KV slot indices of ``pool``.
+
+    With ``disabled=True`` nothing is ever cached: matches are empty, ``insert`` returns the full
+    length (the caller frees all its slots) and every size is 0.
+    """
+
+    def __init__(self, pool: KVPool, disabled: bool = False) -> None:
+        self.pool = pool
+        self.disabled = disabled
+        self._clock = 0
+        self._init_tree()
+
+    def _init_tree(self) -> None:
+        """Forget every node WITHOUT freeing slots (use ``reset`` to give them back to the pool)."""
+        self.root = TreeNode((), self._empty_slots(), None, self._tick())
+        self.root.lock_ref = 1  # the root is never evictable
+        self._evictable_size = 0
+        self._protected_size = 0
+        self._leaves: set[TreeNode] = set()  # every non-root node without children
+
+    def _empty_slots(self) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.int64, device=self.pool.device)
+
+    def _tick(self) -> float:
+        self._clock += 1
+        return float(self._clock)
+
+    # ------------------------------------------------------------------ sizes
+
+    def total_size(self) -> int:
+        """Tokens (= slots) held by the tree."""
+        return self._evictable_size + self._protected_size
+
+    def evictable_size(self) -> int:
+        """Tokens in unlocked nodes."""
+        return self._evictable_size
+
+    def protected_size(self) -> int:
+        """Tokens in locked nodes."""
+        return self._protected_size
+
+    # ---------------------------------------------------------------- lookup
+
+    def match_prefix(self, token_ids: Sequence[int]) -> MatchResult:
+        """Longest cached prefix of ``token_ids``: its slots and the node where it ends.
+
+        If the match ends inside an edge the node is split so the returned node ends exactly at the
+        match. Refreshes ``last_access`` along the path.
+        """
+        if self.disabled:
+            return MatchResult(self._empty_slots(), self.root)
+        tokens = _as_key(token_ids)
+        node = self.root
+        node.last_access = self._tick()
+        values: list[torch.Tensor] = []
+        i = 0
+        while i < len(tokens):
+            child = node.children.get(tokens[i])
+            if child is None:
+                break
+            matched = _common_prefix_len(child.key, tokens, i)
+            if matched < len(child.key):
+                child = self._split(child, matched)
+            child.last_access = self._tick()
+            values.append(child.value)
+            node = child
+            i += matched  # after a split no child of ``node`` starts with tokens[i]: loop ends
+        slots = torch.cat(values) if values else self._empty_slots()
+        return MatchResult(slots, node)
+
+    def insert(self, token_ids: Sequence[int], slots: torch.Tensor) -> int:
+        """Cache ``token_ids`` with their ``slots``; return how many leading tokens were cached before.
+
+        For that leading range the tree keeps its own slots (the caller frees its duplicates); the
+        tree takes ownership of ``slots[returned:]``.
+        """
+        tokens = _as_key(token_ids)
+        if slots.numel() != len(tokens):
+            raise ValueError(f"insert got {len(tokens)} token ids but {slots.numel()} slots")
+        if self.disabled:
+            return len(tokens)
+        slots = slots.reshape(-1).to(device=self.pool.device, dtype=torch.int64)
+        node = self.root
+        node.last_access = self._tick()
+        i = 0
+        while i < len(tokens):
+            child = node.children.get(tokens[i])
+            if child is None:
+                self._add_leaf(node, tokens[i:], slots[i:].clone())
+                break
+            matched = _common_prefix_len(child.key, tokens, i)
+            if matched < len(child.key):
+                child = self._split(child, matched)
+            child.last_access = self._tick()
+            node = child
+            i += matched
+        return i
+
+    # --------------------------------------------------------------- locking
+
+    def inc_lock_ref(self, node: TreeNode) -> None:
+        """Lock ``node`` and its ancestors (root excluded) against eviction."""
+        while node is not self.root:
+            if node.lock_ref == 0:
+                self._evictable_size -= len(node.key)
+                self._protected_size += len(node.key)
+            node.lock_ref += 1
+            assert node.parent is not None
+            node = node.parent
+
+    def dec_lock_ref(self, node: TreeNode) -> None:
+        """Undo one ``inc_lock_ref(node)``. Raises RuntimeError if ``node`` is not locked."""
+        if node is not self.root and node.lock_ref <= 0:
+            raise RuntimeError(f"dec_lock_ref on an unlocked node {node!r}")
+        while node is not self.root:
+            if node.lock_ref == 1:
+                self._evictable_size += len(node.key)
+                self._protected_size -= len(node.key)
+            node.lock_ref -= 1
+            assert node.parent is not None
+            node = node.parent
+
+    # -------------------------------------------------------------- eviction
+
+    def evict(self, num_tokens: int) -> int:
+        """Free least-recently-used unlocked leaves until ``num_tokens`` slots were freed.
+
+        Stops early when nothing evictable remains. Returns the number of slots freed to the pool.
+        """
+        if self.disabled or num_tokens <= 0:
+            return 0
+        heap = [(n.last_access, id(n), n) for n in self._leaves if n.lock_ref == 0]
+        heapq.heapify(heap)
+        freed: list[torch.Tensor] = []
+        num_freed = 0
+        while num_freed < num_tokens and heap:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            assert parent is not None
+            freed.append(node.value)
+            num_freed += len(node.key)
+            self._remove_leaf(node)
+            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        if freed:
+            self.pool.free(torch.cat(freed))
+        return num_freed
+
+    def reset(self) -> None:
+        """Drop every node and free every slot the tree holds. Raises RuntimeError if any is locked."""
+        if self._protected_size > 0:
+            raise RuntimeError(
+                f"RadixCache.reset while {self._protected_size} cached tokens are locked by requests"
+            )
+        self.pool.free(self.all_slots())
+        self._init_tree()
+
+    def all_slots(self) -> torch.Tensor:
+        """Every slot held by the tree (int64, order unspecified)."""
+        values = [node.value for node in self._nodes() if node is not self.root]
+        return torch.cat(values) if values else self._empty_slots()
+
+    # ------------------------------------------------------------- internals
+
+    def _nodes(self) -> list[TreeNode]:
+        """All nodes, root first (iterative DFS)."""
+        out: list[TreeNode] = []
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            out.append(node)
+            stack.extend(node.children.values())
+        return out
+
+    def _add_leaf(self, parent: TreeNode, key: tuple[int, ...], value: torch.Tensor) -> TreeNode:
+        leaf = TreeNode(key, value, parent, self._tick())
+        parent.children[key[0]] = leaf
+        self._leaves.discard(parent)
+        self._leaves.add(leaf)
+        self._evictable_size += len(key)
+        return leaf
+
+    def _remove_leaf(self, node: TreeNode) -> None:
+        parent = node.parent
+        assert parent is not None and not node.children and node.lock_ref == 0
+        del parent.children[node.key[0]]
+        self._leaves.discard(node)
+        if parent is not self.root and not parent.children:
+            self._leaves.add(parent)
+        self._evictable_size -= len(node.key)
+        node.parent = None
+
+    def _split(self, child: TreeNode, at: int) -> TreeNode:
+        """Split ``child``'s edge after ``at`` tokens; return the new upper node.
+
+        ``child`` keeps the tail (so references held to it stay valid) and the new node takes the
+        head, the parent link and the same lock count. Sizes do not change.
+        """
+        assert 0 < at < len(child.key)
+        parent = child.parent
+        assert parent is not None
+        head = TreeNode(child.key[:at], child.value[:at], parent, child.last_access)
+        head.lock_ref = child.lock_ref
+        head.children[child.key[at]] = child
+        parent.children[child.key[0]] = head
+        child.parent = head
+        child.key = child.key[at:]
+        child.value = child.value[at:]
+        return head
+
+    # ------------------------------------------------------------- checking
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError if any structural invariant or size counter is wrong."""
+        root = self.root
+        assert root.parent is None and root.key == () and root.value.numel() == 0, "bad root"
+        evictable = protected = 0
+        leaves: set[TreeNode] = set()
+        for node in self._nodes():
+            for first, child in node.children.items():
+                assert child.parent is node, f"child {child!r} has a wrong parent link"
+                assert child.key and child.key[0] == first, f"child key {child.key} stored under {first}"
+            if node is root:
+                continue
+            assert len(node.key) > 0, "non-root node with an empty key"
+            assert len(node.key) == node.value.numel(), f"{node!r}: key/value lengths differ"
+            assert node.lock_ref >= 0, f"{node!r}: negative lock_ref"
+            parent = node.parent
+            assert parent is not None
+            if parent is not root:
+                assert parent.lock_ref >= node.lock_ref, (
+                    f"{node!r} lock_ref {node.lock_ref} > parent's {parent.lock_ref}"
+                )
+            if node.lock_ref > 0:
+                protected += len(node.key)
+            else:
+                evictable += len(node.key)
+            if not node.children:
+                leaves.add(node)
+        assert evictable == self._evictable_size, (
+            f"evictable_size counter {self._evictable_size} != recount {evictable}"
+        )
+        assert protected == self._protected_size, (
+            f"protected_size counter {self._protected_size} != recount {protected}"
+        )
+        assert leaves == self._leaves, "leaf set out of sync with the tree"
+        slots = self.all_slots()
+        assert torch.unique(slots).numel() == slots.numel(), "a slot appears twice in the tree"
+        if slots.numel():
+            assert int(slots.min()) >= 1 and int(slots.max()) <= self.pool.capacity, (
+                "tree holds a slot outside the pool's usable range"
+            )
+            assert not bool(self.pool.is_free(slots).any()), "tree holds a slot that the pool lists as free"
+
+    def pretty(self) -> str:
+        """Multi-line rendering of the tree for debugging."""
+        lines: list[str] = []
+        stack = [(self.root, 0)]
+        while stack:
+            node, depth = stack.pop()
+            if node is not self.root:
+                lines.append(f"{'  ' * depth}{list(node.key)} lock={node.lock_ref} slots={node.value.tolist()}")
+            stack.extend((c, depth + 1) for c in node.children.values())
+        return "\n".join(lines)

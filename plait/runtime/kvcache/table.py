@@ -1,0 +1,90 @@
+"""Request -> KV slot table.
+
+Each running request owns one row of ``table``; column i of that row is the KV slot holding token i
+of the request. The model runner gathers slot indices for attention from this table; the scheduler
+writes newly allocated slots into it. The table holds indices only, never KV memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReqToSlotTable:
+    """A fixed [max_requests, max_context_len] int64 table of slot indices plus a free-row list."""
+
+    def __init__(self, max_requests: int, max_context_len: int, device: str | torch.device = "cpu") -> None:
+        if max_requests < 1 or max_context_len < 1:
+            raise ValueError(
+                f"ReqToSlotTable needs max_requests >= 1 and max_context_len >= 1, "
+                f"got {max_requests} and {max_context_len}"
+            )
+        self.max_requests = max_requests
+        self.max_context_len = max_context_len
+        self.device = torch.device(device)
+        self.table: torch.Tensor = torch.zeros(
+            (max_requests, max_context_len), dtype=torch.int64, device=self.device
+        )
+        # A stack; reversed so that rows are handed out 0, 1, 2, ...
+        self._free_rows: list[int] = list(range(max_requests - 1, -1, -1))
+        self._is_free: list[bool] = [True] * max_requests
+
+    @property
+    def num_free(self) -> int:
+        """Number of rows that ``alloc`` can hand out now."""
+        return len(self._free_rows)
+
+    @property
+    def num_used(self) -> int:
+        """Number of rows held by requests."""
+        return self.max_requests - len(self._free_rows)
+
+    def alloc(self) -> int | None:
+        """Take a free row, or None if every row is in use."""
+        if not self._free_rows:
+            return None
+        row = self._free_rows.pop()
+        self._is_free[row] = False
+        return row
+
+    def free(self, row: int) -> None:
+        """Give ``row`` back. Raises ValueError on an out-of-range row or a double free."""
+        self._check_row(row)
+        if self._is_free[row]:
+            raise ValueError(f"double free of request row {row}")
+        self._is_free[row] = True
+        self._free_rows.append(row)
+
+    def write(self, row: int, start: int, slots: torch.Tensor) -> None:
+        """Store ``slots`` ([n]) as the slots of tokens ``start .. start + n - 1`` of ``row``."""
+        self._check_row(row)
+        n = slots.numel()
+        if start < 0 or start + n > self.max_context_len:
+            raise ValueError(
+                f"writing {n} slots at position {start} exceeds max_context_len={self.max_context_len}"
+            )
+        self.table[row, start : start + n] = slots.reshape(-1)
+
+    def read(self, row: int, end: int, start: int = 0) -> torch.Tensor:
+        """Slots of tokens ``start .. end - 1`` of ``row`` ([end - start] int64, a copy)."""
+        self._check_row(row)
+        if not 0 <= start <= end <= self.max_context_len:
+            raise ValueError(
+                f"bad read range [{start}, {end}) for max_context_len={self.max_context_len}"
+            )
+        return self.table[row, start:end].clone()
+
+    def clear(self) -> None:
+        """Mark every row free again."""
+        self._free_rows = list(range(self.max_requests - 1, -1, -1))
+        self._is_free = [True] * self.max_requests
+
+    def _check_row(self, row: int) -> None:
+        if not 0 <= row < self.max_requests:
+            raise ValueError(f"request row {row} out of range [0, {self.max_requests})")
+
+    def __repr__(self) -> str:
+        return (
+            f"ReqToSlotTable(rows={self.max_requests}, free={self.num_free}, "
+            f"max_context_len={self.max_context_len}, device={self.device})"
+        )

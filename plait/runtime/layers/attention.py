@@ -1,0 +1,110 @@
+"""Attention over the token-slot KV pool, behind a backend interface.
+
+``AttentionBackend`` is the contract a backend (torch here, Triton on GPU) implements:
+``prepare(batch)`` builds per-step metadata once (shared by all layers), ``forward`` writes the new
+tokens' K/V into the pool and attends each new token to its request's cached prefix and causally to
+the request's other new tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plait.runtime.executor.forward_batch import ForwardBatch
+
+
+class AttentionBackend(Protocol):
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Fill ``batch.attn_metadata``; called once per step before the layers run."""
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scale: float, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """q [T, H, D], k/v [T, KVH, D] -> attention output [T, H, D]."""
+
+
+@dataclass
+class _TorchAttnMetadata:
+    # decode rows (one new token each), attended in one padded SDPA call
+    decode_token_idx: torch.Tensor | None  # [Bd] flat token indices; None when every token is a decode token
+    decode_kv_slots: torch.Tensor | None  # [Bd, Kmax] slots (padding points at slot 0)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Kmax] bool, True = attend
+    # extend rows: (token start, token end, kv slots [S], causal mask [E, S] or None for plain causal)
+    extends: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]
+
+
+class TorchAttentionBackend:
+    """Reference backend in plain torch (CPU and GPU): padded SDPA for decode rows, one call per extend row."""
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        device = batch.input_ids.device
+        decode_rows = [i for i, n in enumerate(batch.extend_lens) if n == 1]
+        extends = []
+        for i, n in enumerate(batch.extend_lens):
+            if n == 1:
+                continue
+            start, prefix, seq = batch.extend_starts[i], batch.prefix_lens[i], batch.seq_lens[i]
+            slots = batch.slot_table[int(batch.req_rows[i]), :seq]
+            mask = None
+            if prefix > 0:
+                q_pos = torch.arange(prefix, seq, device=device)
+                mask = torch.arange(seq, device=device)[None, :] <= q_pos[:, None]  # [E, S]
+            extends.append((start, start + n, slots, mask))
+        tok_idx = slots = mask = None
+        if decode_rows:
+            seq_lens = torch.tensor([batch.seq_lens[i] for i in decode_rows], device=device)
+            kmax = int(seq_lens.max())
+            rows = batch.req_rows[decode_rows] if len(decode_rows) < batch.batch_size else batch.req_rows
+            valid = torch.arange(kmax, device=device)[None, :] < seq_lens[:, None]  # [Bd, Kmax]
+            slots = torch.where(valid, batch.slot_table[rows, :kmax], 0)
+            mask = valid[:, None, None, :]
+            if len(decode_rows) < batch.batch_size:
+                tok_idx = torch.tensor([batch.extend_starts[i] for i in decode_rows], device=device)
+        batch.attn_metadata = _TorchAttnMetadata(tok_idx, slots, mask, extends)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scale: float, batch: ForwardBatch
+    ) -> torch.Tensor:
+        md: _TorchAttnMetadata = batch.attn_metadata
+        pool = batch.pool
+        pool.set_kv(layer_id, batch.out_cache_loc, k, v)
+        k_buf, v_buf = pool.k_buffers[layer_id], pool.v_buffers[layer_id]
+        out = torch.empty_like(q)
+        if md.decode_kv_slots is not None:
+            qd = q if md.decode_token_idx is None else q[md.decode_token_idx]
+            kd = k_buf[md.decode_kv_slots].transpose(1, 2)  # [Bd, KVH, Kmax, D]
+            vd = v_buf[md.decode_kv_slots].transpose(1, 2)
+            od = F.scaled_dot_product_attention(
+                qd.unsqueeze(2), kd, vd, attn_mask=md.decode_mask, scale=scale, enable_gqa=True
+            )  # [Bd, H, 1, D]
+            if md.decode_token_idx is None:
+                out = od.squeeze(2)
+            else:
+                out[md.decode_token_idx] = od.squeeze(2)
+        for start, end, slots, mask in md.extends:
+            qe = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, E, D]
+            ke = k_buf[slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, S, D]
+            ve = v_buf[slots].transpose(0, 1).unsqueeze(0)
+            oe = F.scaled_dot_product_attention(
+                qe, ke, ve, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+            )
+            out[start:end] = oe[0].transpose(0, 1)
+        return out
+
+
+class Attention(nn.Module):
+    """Per-layer attention front: delegates to the batch's backend with this layer's id and scale."""
+
+    def __init__(self, layer_id: int, head_dim: int, backend: AttentionBackend):
+        super().__init__()
+        self.layer_id = layer_id
+        self.scale = head_dim**-0.5
+        self.backend = backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.backend.forward(q, k, v, self.layer_id, self.scale, batch)

@@ -1,0 +1,63 @@
+"""Linear layers whose parameters know how to load themselves.
+
+Each parameter carries a ``weight_loader(param, loaded_tensor, shard_id=None)``; packed layers
+(q/k/v, gate/up) declare their shards once and copy each checkpoint tensor into its slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b); W is [out_features, in_features]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = default_weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several linear maps of the same input packed along the output dim (q/k/v, gate/up).
+
+    ``shards`` maps a shard id (e.g. "q") to its output size, in packing order.
+    """
+
+    def __init__(self, in_features: int, shards: Sequence[tuple[object, int]], bias: bool = False):
+        super().__init__(in_features, sum(size for _, size in shards), bias)
+        self.shard_offsets: dict[object, tuple[int, int]] = {}
+        offset = 0
+        for shard_id, size in shards:
+            self.shard_offsets[shard_id] = (offset, size)
+            offset += size
+        self.weight.weight_loader = self._load_shard
+        if self.bias is not None:
+            self.bias.weight_loader = self._load_shard
+
+    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        offset, size = self.shard_offsets[shard_id]
+        target = param.data.narrow(0, offset, size)
+        if target.shape != loaded.shape:
+            raise ValueError(f"shard {shard_id!r}: parameter slice {tuple(target.shape)} vs {tuple(loaded.shape)}")
+        target.copy_(loaded)

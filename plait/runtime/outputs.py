@@ -1,0 +1,43 @@
+"""Turning a Request into the result dicts the engine returns (the shape SGLang's Engine returns)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from plait.runtime.request import Request
+
+
+def _with_text(entries, tokenizer, with_text: bool) -> list:
+    """(logprob, token_id) pairs -> [logprob, token_id, text-or-None] entries."""
+    return [
+        (lp, tid, tokenizer.decode([tid], skip_special_tokens=False) if with_text and tokenizer else None)
+        for lp, tid in entries
+    ]
+
+
+def _top_with_text(entries, tokenizer, with_text: bool) -> list:
+    return [None if top is None else _with_text([(lp, tid) for tid, lp in top], tokenizer, with_text) for top in entries]
+
+
+def build_output(req: Request, tokenizer, return_text_in_logprobs: bool = False) -> dict[str, Any]:
+    """Cumulative snapshot of a request: text so far, output ids and meta_info."""
+    meta: dict[str, Any] = {
+        "id": req.rid,
+        "prompt_tokens": len(req.prompt_ids),
+        "completion_tokens": len(req.output_ids),
+        "cached_tokens": req.cached_tokens,
+        "finish_reason": req.finish_reason,
+        "retractions": req.retractions,
+    }
+    if req.first_token_at is not None:
+        meta["ttft"] = req.first_token_at - req.created_at
+    end = req.finished_at if req.finished_at is not None else time.perf_counter()
+    meta["e2e_latency"] = end - req.created_at
+    if req.return_logprob:
+        meta["input_token_logprobs"] = _with_text(req.input_token_logprobs, tokenizer, return_text_in_logprobs)
+        meta["output_token_logprobs"] = _with_text(req.output_token_logprobs, tokenizer, return_text_in_logprobs)
+        if req.top_logprobs_num > 0:
+            meta["input_top_logprobs"] = _top_with_text(req.input_top_logprobs, tokenizer, return_text_in_logprobs)
+            meta["output_top_logprobs"] = _top_with_text(req.output_top_logprobs, tokenizer, return_text_in_logprobs)
+    return {"text": req.text, "output_ids": list(req.output_ids), "meta_info": meta}

@@ -1,0 +1,89 @@
+"""Request: one generation's state as it moves through the scheduler."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from plait.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued; holds no table row (it may have been retracted)
+    RUNNING = "running"  # holds a table row; prefilling or decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    """A request's token ids, progress through the KV cache, sampling state and results.
+
+    KV for ``all_ids[:computed_len]`` is in the pool, mapped by row ``row`` of the request-to-slot
+    table. Of those, ``all_ids[:cache_locked_len]`` belong to the radix tree (locked via
+    ``last_node``); the rest are the request's own slots.
+    """
+
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int]
+    return_logprob: bool = False
+    logprob_start_len: int = -1  # -1: no prompt logprobs
+    top_logprobs_num: int = 0
+    on_output: Callable[[dict[str, Any]], None] | None = None  # called from the engine thread
+    stream: bool = False
+    return_text_in_logprobs: bool = False
+
+    output_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    row: int | None = None
+    computed_len: int = 0
+    cache_locked_len: int = 0
+    last_node: Any = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    admitted_once: bool = False
+    prompt_logprobs_done: bool = False
+    retractions: int = 0
+    finish_reason: dict[str, Any] | None = None
+    detokenizer: Any = None  # IncrementalDetokenizer, or None without a tokenizer
+    text: str = ""
+    sent_text_len: int = 0
+    sent_ids_len: int = 0
+    input_token_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    output_token_logprobs: list[tuple[float, int]] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    created_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def pending_len(self) -> int:
+        """Tokens whose KV is not yet computed (1 while decoding)."""
+        return self.total_len - self.computed_len
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.return_logprob and self.logprob_start_len >= 0 and not self.prompt_logprobs_done
+
+    def max_prefix_match(self) -> int:
+        """How many leading tokens may come from the cache: at least one token must be computed to get
+        logits, and prompt logprobs need the hidden states from ``logprob_start_len - 1`` on."""
+        limit = self.total_len - 1
+        if self.wants_prompt_logprobs:
+            limit = min(limit, max(self.logprob_start_len - 1, 0))
+        return max(limit, 0)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

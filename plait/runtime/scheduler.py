@@ -1,0 +1,251 @@
+"""Scheduler: continuous batching with chunked prefill, prefix-aware admission and retraction.
+
+Every step mixes one decode token for each running request with prefill chunks of new (or resumed)
+requests, under a per-step token budget. The scheduler decides; it never touches weights or runs
+kernels. It owns the bookkeeping between requests, the request-to-slot table, the KV pool and the
+radix tree (which slots belong to whom, and who locks which cached prefix).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from plait.runtime.config import EngineConfig
+from plait.runtime.kvcache.pool import KVPool
+from plait.runtime.kvcache.radix import RadixCache
+from plait.runtime.kvcache.table import ReqToSlotTable
+from plait.runtime.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+LPM_MAX_QUEUE = 128  # above this many waiting requests, LPM ordering costs more than it saves: use FCFS
+
+
+@dataclass
+class ScheduledItem:
+    """``length`` tokens of ``req`` (from position ``start``) computed this step, written to ``slots``."""
+
+    req: Request
+    start: int
+    length: int
+    slots: torch.Tensor
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the request's tokens, so its last logits pick a new token."""
+        return self.start + self.length == self.req.total_len
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, pool: KVPool, table: ReqToSlotTable, tree: RadixCache):
+        self.config = config
+        self.pool = pool
+        self.table = table
+        self.tree = tree
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.num_retractions = 0
+        self._failed: list[Request] = []
+
+    # ------------------------------------------------------------------ queue management
+    def add_request(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def find(self, rid: str) -> Request | None:
+        for req in self.running + self.waiting:
+            if req.rid == rid:
+                return req
+        return None
+
+    def remove(self, req: Request) -> None:
+        """Take a request out of the queues, releasing its KV (its computed prefix stays cached)."""
+        if req.status is RequestStatus.RUNNING:
+            self._release(req)
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self) -> list[ScheduledItem]:
+        """Pick this step's work: running requests first, then admit waiting ones while budget lasts."""
+        budget = self.config.chunked_prefill_size
+        items: list[ScheduledItem] = []
+        for req in list(self.running):
+            if req.status is not RequestStatus.RUNNING:
+                continue  # retracted earlier in this loop
+            n = req.pending_len
+            if n > 1:
+                n = min(n, budget)
+                if n <= 0:
+                    continue
+            slots = self._alloc_for_running(req, n)
+            if slots is None:
+                continue  # req itself was retracted or failed
+            self.table.write(req.row, req.computed_len, slots)
+            items.append(ScheduledItem(req, req.computed_len, n, slots))
+            budget -= n if n > 1 else 0
+        if budget > 0 and self.waiting:
+            items.extend(self._admit(budget))
+        return items
+
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        slots = self.pool.alloc(n)
+        if slots is None:
+            self.tree.evict(n - self.pool.num_free)
+            slots = self.pool.alloc(n)
+        return slots
+
+    def _alloc_for_running(self, req: Request, n: int) -> torch.Tensor | None:
+        """Allocate, retracting the most recently admitted other requests when memory runs out."""
+        while True:
+            slots = self._alloc(n)
+            if slots is not None:
+                return slots
+            victim = self.running[-1]
+            if victim is req and len(self.running) == 1:
+                self.fail(req, "out of KV cache memory: the request does not fit in the cache alone")
+                return None
+            self.retract(victim)
+            if victim is req:
+                return None
+
+    def _ordered_waiting(self) -> list[Request]:
+        if self.config.schedule_policy == "fcfs" or len(self.waiting) > LPM_MAX_QUEUE or self.tree.disabled:
+            return list(self.waiting)
+        # Longest prefix match first; retracted requests keep priority (they sit at the front).
+        scored = []
+        for pos, req in enumerate(self.waiting):
+            match_len = self.tree.match_prefix(req.all_ids[: req.max_prefix_match()]).length
+            scored.append((req.retractions == 0, -match_len, pos, req))
+        scored.sort(key=lambda t: t[:3])
+        return [t[3] for t in scored]
+
+    def _admit(self, budget: int) -> list[ScheduledItem]:
+        items: list[ScheduledItem] = []
+        admitted: list[Request] = []
+        for req in self._ordered_waiting():
+            if budget <= 0 or self.table.num_free == 0 or len(self.running) >= self.config.max_running_requests:
+                break
+            match = self.tree.match_prefix(req.all_ids[: req.max_prefix_match()])
+            # In-batch prefix sharing: a request that shares a long uncached prefix with one admitted in
+            # this step waits one step, then finds that prefix in the cache instead of recomputing it.
+            threshold = match.length + self.config.inbatch_prefix_threshold
+            if any(common_prefix_len(req.all_ids, other.all_ids) >= threshold for other in admitted):
+                continue
+            n = min(req.total_len - match.length, budget)
+            self.tree.inc_lock_ref(match.node)
+            # the chunk, plus one decode token for each request already running
+            if self.pool.num_free + self.tree.evictable_size() < n + len(self.running):
+                self.tree.dec_lock_ref(match.node)
+                break
+            slots = self._alloc(n)
+            row = self.table.alloc() if slots is not None else None
+            if row is None:
+                if slots is not None:
+                    self.pool.free(slots)
+                self.tree.dec_lock_ref(match.node)
+                break
+            self.table.write(row, 0, match.slots)
+            self.table.write(row, match.length, slots)
+            req.row, req.last_node = row, match.node
+            req.computed_len = req.cache_locked_len = match.length
+            if not req.admitted_once:
+                req.cached_tokens, req.admitted_once = match.length, True
+            req.status = RequestStatus.RUNNING
+            self.waiting.remove(req)
+            self.running.append(req)
+            admitted.append(req)
+            items.append(ScheduledItem(req, match.length, n, slots))
+            budget -= n
+        return items
+
+    # ------------------------------------------------------------------ after the forward
+    def complete(self, items: list[ScheduledItem]) -> None:
+        """Advance each scheduled request; cache freshly prefilled prefixes so others can share them."""
+        for item in items:
+            req = item.req
+            if req.status is not RequestStatus.RUNNING:
+                continue
+            req.computed_len = item.start + item.length
+            if item.length > 1:
+                self._cache_unfinished(req)
+
+    def _cache_unfinished(self, req: Request) -> None:
+        """Hand the request's computed KV to the tree and re-lock it there (SGLang's cache_unfinished_req)."""
+        if self.tree.disabled:
+            return
+        ids = req.all_ids[: req.computed_len]
+        slots = self.table.read(req.row, req.computed_len)
+        already = self.tree.insert(ids, slots)
+        self.pool.free(slots[req.cache_locked_len : already])  # duplicates of what the tree had
+        match = self.tree.match_prefix(ids)
+        self.table.write(req.row, 0, match.slots)
+        self.tree.inc_lock_ref(match.node)
+        self.tree.dec_lock_ref(req.last_node)
+        req.last_node, req.cache_locked_len = match.node, match.length
+
+    def _release(self, req: Request) -> None:
+        """Give the request's KV to the tree (or back to the pool when caching is off) and free its row."""
+        ids = req.all_ids[: req.computed_len]
+        slots = self.table.read(req.row, req.computed_len)
+        already = self.tree.insert(ids, slots)
+        self.pool.free(slots[req.cache_locked_len : already])
+        if req.last_node is not None:
+            self.tree.dec_lock_ref(req.last_node)
+        self.table.free(req.row)
+        req.row, req.last_node = None, None
+        req.computed_len = req.cache_locked_len = 0
+
+    def finish(self, req: Request, reason: dict) -> None:
+        """Finish a running request: release its KV and drop it from the running set."""
+        req.finish_reason = reason
+        self.remove(req)
+
+    def fail(self, req: Request, message: str) -> None:
+        """Finish a request with an error; the engine collects it with ``drain_failed``."""
+        self.finish(req, {"type": "abort", "message": message})
+        self._failed.append(req)
+
+    def drain_failed(self) -> list[Request]:
+        failed, self._failed = self._failed, []
+        return failed
+
+    def retract(self, req: Request) -> None:
+        """Preempt a running request: its KV goes to the tree (evictable), it waits at the queue front.
+
+        It resumes later by prefilling what was evicted; greedy results are unchanged.
+        """
+        self._release(req)
+        self.running.remove(req)
+        if req.wants_prompt_logprobs:
+            req.input_token_logprobs.clear()
+            req.input_top_logprobs.clear()
+        req.status = RequestStatus.WAITING
+        req.retractions += 1
+        self.num_retractions += 1
+        self.waiting.insert(0, req)
+        logger.debug("retracted %s (%d tokens computed)", req.rid, req.total_len)
+
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix; refused (False) while requests are running."""
+        if self.running:
+            return False
+        self.tree.reset()
+        return True

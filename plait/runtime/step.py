@@ -1,0 +1,108 @@
+"""One engine step: build the ForwardBatch from scheduled items, run it, sample, apply the results.
+
+Kept apart from the engine's threading so it reads top to bottom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from plait.runtime.executor.forward_batch import ForwardBatch
+from plait.runtime.executor.model_runner import ModelRunner
+from plait.runtime.executor.sampler import Sampler, SamplingBatch, log_softmax_logprobs, top_k_logprobs
+from plait.runtime.request import Request
+from plait.runtime.scheduler import ScheduledItem
+
+
+@dataclass
+class LogitsPlan:
+    """Which logits rows belong to whom: sampled rows and prompt-logprob rows."""
+
+    sample_rows: list[int]  # logits row of each sampling item, in order of ``sample_items``
+    sample_items: list[ScheduledItem]
+    prompt_rows: list[tuple[ScheduledItem, int, int]]  # (item, first logits row, first prompt position)
+    prompt_counts: list[int]
+
+
+def build_forward_batch(items: list[ScheduledItem], runner: ModelRunner) -> tuple[ForwardBatch, LogitsPlan]:
+    device = runner.device
+    input_ids: list[int] = []
+    positions: list[int] = []
+    starts, logits_idx = [], []
+    plan = LogitsPlan([], [], [], [])
+    for item in items:
+        req, start, n = item.req, item.start, item.length
+        offset = len(input_ids)
+        starts.append(offset)
+        input_ids.extend(req.all_ids[start : start + n])
+        positions.extend(range(start, start + n))
+        if req.wants_prompt_logprobs:
+            # logits at prompt position p score prompt token p + 1
+            lo = max(start, max(req.logprob_start_len - 1, 0))
+            hi = min(start + n, len(req.prompt_ids) - 1)
+            if hi > lo:
+                plan.prompt_rows.append((item, len(logits_idx), lo))
+                plan.prompt_counts.append(hi - lo)
+                logits_idx.extend(range(offset + lo - start, offset + hi - start))
+        if item.samples:
+            plan.sample_rows.append(len(logits_idx))
+            plan.sample_items.append(item)
+            logits_idx.append(offset + n - 1)
+    out_cache_loc = torch.cat([item.slots for item in items]) if items else torch.empty(0, dtype=torch.int64)
+    batch = ForwardBatch(
+        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        out_cache_loc=out_cache_loc.to(device),
+        req_rows=torch.tensor([item.req.row for item in items], dtype=torch.int64, device=device),
+        prefix_lens=[item.start for item in items],
+        extend_lens=[item.length for item in items],
+        seq_lens=[item.start + item.length for item in items],
+        extend_starts=starts,
+        logits_indices=torch.tensor(logits_idx, dtype=torch.int64, device=device),
+        pool=runner.pool,
+        slot_table=runner.slot_table.table,
+    )
+    return batch, plan
+
+
+def record_prompt_logprobs(plan: LogitsPlan, logits: torch.Tensor) -> None:
+    """Append prompt-token logprobs (and top alternatives) for the prompt positions computed this step."""
+    for (item, row, first_pos), count in zip(plan.prompt_rows, plan.prompt_counts):
+        req = item.req
+        if not req.input_token_logprobs and req.logprob_start_len == 0:
+            req.input_token_logprobs.append((None, req.prompt_ids[0]))
+            req.input_top_logprobs.append(None)
+        targets = torch.tensor(req.prompt_ids[first_pos + 1 : first_pos + 1 + count], device=logits.device)
+        rows = logits[row : row + count]
+        lps = log_softmax_logprobs(rows, targets).tolist()
+        req.input_token_logprobs.extend(zip(lps, targets.tolist()))
+        if req.top_logprobs_num > 0:
+            req.input_top_logprobs.extend(top_k_logprobs(rows, req.top_logprobs_num))
+        else:
+            req.input_top_logprobs.extend([None] * count)
+
+
+def sample_next_tokens(plan: LogitsPlan, logits: torch.Tensor, sampler: Sampler) -> list[tuple[Request, int]]:
+    """Sample one token for each request whose step reached its last token; record output logprobs."""
+    if not plan.sample_items:
+        return []
+    reqs = [item.req for item in plan.sample_items]
+    rows = logits[plan.sample_rows] if len(plan.sample_rows) < logits.shape[0] else logits
+    sbatch = SamplingBatch(
+        params=[r.params for r in reqs],
+        output_ids=[r.output_ids for r in reqs],
+        prompt_ids=[r.prompt_ids for r in reqs],
+        eos_token_ids=[r.eos_token_ids for r in reqs],
+        top_logprobs_num=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
+    )
+    out = sampler.sample(rows, sbatch)
+    next_ids = out.next_token_ids.tolist()
+    if any(r.return_logprob for r in reqs):
+        lps = out.logprobs.tolist()
+        for i, req in enumerate(reqs):
+            if req.return_logprob:
+                req.output_token_logprobs.append((lps[i], next_ids[i]))
+                req.output_top_logprobs.append(out.top_logprobs[i])
+    return list(zip(reqs, next_ids))

@@ -1,0 +1,192 @@
+"""SamplingParams: the one definition of sampling options, shared by the language and the runtime.
+
+Names and defaults follow SGLang's native API, so a request written for SGLang means the same thing
+here. The object is frozen and validated on construction: a bad value raises ``ValueError`` naming
+the field and the allowed range, so a server can turn it into a clear 400 instead of ignoring it.
+
+This module must not import torch: the frontend (``plait.lang``) uses it without torch installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["SamplingParams"]
+
+
+def _check_int(name: str, value: Any, minimum: int | None = None, allowed: str = "") -> None:
+    """Raise ValueError unless ``value`` is a real int (not bool, not float) and >= ``minimum``.
+
+    ``allowed`` describes the accepted values for the message; it defaults to ``>= minimum``.
+    """
+    allowed = allowed or (f" >= {minimum}" if minimum is not None else "")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"sampling parameter {name!r} must be an int{allowed}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"sampling parameter {name!r} must be an int{allowed}, got {value!r}")
+
+
+def _to_float(name: str, value: Any, allowed: str) -> float:
+    """Return ``value`` as a finite float; ints are accepted, bools, strings and NaN/inf are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"sampling parameter {name!r} must be a number {allowed}, got {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"sampling parameter {name!r} must be a finite number {allowed}, got {value!r}")
+    return result
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"sampling parameter {name!r} must be a bool, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one generation. Frozen; every field is validated in ``__post_init__``.
+
+    ``stop`` may be given as a single string or a list; it is stored as a tuple. ``stop_token_ids``
+    likewise. ``top_k=-1`` means no top-k filter; ``temperature=0`` means greedy decoding.
+    ``no_stop_trim=True`` keeps the matched stop string at the end of the output text.
+    """
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = field(default=())
+    stop_token_ids: tuple[int, ...] = field(default=())
+    ignore_eos: bool = False
+    seed: int | None = None
+    n: int = 1
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+
+    def __post_init__(self) -> None:
+        self._validate_ints()
+        self._validate_floats()
+        self._normalize_stops()
+        for name in ("ignore_eos", "skip_special_tokens", "no_stop_trim"):
+            _check_bool(name, getattr(self, name))
+        if self.seed is not None:
+            _check_int("seed", self.seed, allowed=" or None")
+
+    # ------------------------------------------------------------------ validation helpers
+    def _validate_ints(self) -> None:
+        _check_int("max_new_tokens", self.max_new_tokens, 0)
+        _check_int("min_new_tokens", self.min_new_tokens, 0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"sampling parameter 'min_new_tokens' must be in [0, max_new_tokens={self.max_new_tokens}], "
+                f"got {self.min_new_tokens}"
+            )
+        _check_int("top_k", self.top_k, allowed=" that is -1 (off) or >= 1")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(
+                f"sampling parameter 'top_k' must be -1 (off) or >= 1, got {self.top_k}; use -1 to disable top-k"
+            )
+        _check_int("n", self.n, 1)
+
+    def _validate_floats(self) -> None:
+        # (name, predicate, allowed-range text)
+        specs: tuple[tuple[str, Any, str], ...] = (
+            ("temperature", lambda v: v >= 0.0, ">= 0 (0 = greedy)"),
+            ("top_p", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+            ("min_p", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+            ("frequency_penalty", lambda v: -2.0 <= v <= 2.0, "in [-2, 2]"),
+            ("presence_penalty", lambda v: -2.0 <= v <= 2.0, "in [-2, 2]"),
+            ("repetition_penalty", lambda v: v > 0.0, "> 0 (1 = off)"),
+        )
+        for name, ok, allowed in specs:
+            value = _to_float(name, getattr(self, name), allowed)
+            if not ok(value):
+                raise ValueError(f"sampling parameter {name!r} must be {allowed}, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, value)
+
+    def _normalize_stops(self) -> None:
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        elif isinstance(stop, (list, tuple)):
+            stop = tuple(stop)
+        else:
+            raise ValueError(f"sampling parameter 'stop' must be a str or a list of str, got {stop!r}")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"sampling parameter 'stop' must contain non-empty strings, got {s!r}")
+        object.__setattr__(self, "stop", stop)
+
+        ids = self.stop_token_ids
+        if ids is None:
+            ids = ()
+        elif isinstance(ids, (list, tuple)):
+            ids = tuple(ids)
+        else:
+            raise ValueError(f"sampling parameter 'stop_token_ids' must be a list of int >= 0, got {ids!r}")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"sampling parameter 'stop_token_ids' must contain ints >= 0, got {t!r}")
+        object.__setattr__(self, "stop_token_ids", ids)
+
+    # ------------------------------------------------------------------ constructors / views
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        """The names of all sampling parameters."""
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def _check_keys(cls, keys: Iterable[str]) -> None:
+        names = cls.field_names()
+        unknown = sorted(str(k) for k in keys if k not in names)
+        if unknown:
+            listed = ", ".join(repr(k) for k in unknown)
+            noun = "parameter" if len(unknown) == 1 else "parameters"
+            raise ValueError(f"unknown sampling {noun} {listed}; known: {', '.join(sorted(names))}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | SamplingParams | None) -> SamplingParams:
+        """Build from a mapping (e.g. a JSON request body's ``sampling_params``).
+
+        ``None`` gives the defaults; a ``SamplingParams`` is returned unchanged. Unknown keys raise
+        ``ValueError``. ``None`` is accepted only for ``stop``, ``stop_token_ids`` and ``seed``.
+        """
+        if d is None:
+            return cls()
+        if isinstance(d, SamplingParams):
+            return d
+        if not isinstance(d, Mapping):
+            raise ValueError(f"sampling parameters must be a mapping, got {type(d).__name__}")
+        cls._check_keys(d.keys())
+        nullable = {"stop", "stop_token_ids", "seed"}
+        for key, value in d.items():
+            if value is None and key not in nullable:
+                raise ValueError(f"sampling parameter {key!r} must not be None (omit it to use the default)")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict (tuples become lists); ``from_dict(p.to_dict()) == p``."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["stop"] = list(self.stop)
+        out["stop_token_ids"] = list(self.stop_token_ids)
+        return out
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        """A copy with ``changes`` applied, validated like a new object."""
+        self._check_keys(changes.keys())
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when sampling reduces to argmax (temperature 0 or top_k 1)."""
+        return self.temperature == 0.0 or self.top_k == 1

@@ -1,0 +1,78 @@
+"""Tests for the ``plait`` command line (plait.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from plait import cli
+
+
+@pytest.fixture
+def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PLAIT_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_models_list(tmp_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "WEIGHTS", "CACHED"]
+    assert lines[1].split()[:3] == ["smollm2-135m-instruct*", "bundled-gguf", "no"]
+    assert any(line.startswith("llama-3.1-8b ") for line in lines)
+    assert any(line.startswith("qwen3-8b ") for line in lines)
+    assert str(tmp_cache) in out
+
+
+def test_models_list_json_reports_cached(tmp_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    converted = tmp_cache / "models" / "smollm2-135m-instruct"
+    converted.mkdir(parents=True)
+    (converted / ".plait-complete").write_text("{}")
+    assert cli.main(["models", "list", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["smollm2-135m-instruct"]["cached"] is True
+    assert rows["smollm2-135m-instruct"]["path"] == str(converted)
+    assert rows["qwen3-8b"]["cached"] is False and rows["qwen3-8b"]["weights"] == "dummy"
+
+
+@pytest.mark.model
+def test_models_fetch(bundled_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["models", "fetch", "smollm2-135m-instruct"]) == 0
+    assert capsys.readouterr().out.strip() == str(bundled_model_dir)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("nope", "unknown preset 'nope'"), ("qwen3-8b", "no downloadable weights")],
+)
+def test_models_fetch_errors(name: str, message: str, tmp_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["models", "fetch", name]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("plait: error: ") and message in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    assert "models" in capsys.readouterr().err
+    assert cli.main(["models"]) == 2
+    with pytest.raises(SystemExit) as info:
+        cli.main(["models", "fetch"])  # argparse: missing NAME
+    assert info.value.code == 2
+
+
+def test_subcommands_can_be_added(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def add_hello_command(subparsers: argparse._SubParsersAction) -> None:
+        hello = subparsers.add_parser("hello")
+        hello.add_argument("--name", default="world")
+        hello.set_defaults(handler=lambda args: print(f"hello {args.name}") or 0)
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", [*cli.SUBCOMMANDS, add_hello_command])
+    assert cli.main(["hello", "--name", "plait"]) == 0
+    assert capsys.readouterr().out == "hello plait\n"
+    parser = cli.build_parser()
+    assert isinstance(parser.subcommands, argparse._SubParsersAction)

@@ -1,0 +1,165 @@
+"""SamplingParams: validation, normalization, dict round trip, and no torch import."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from plait.sampling import SamplingParams
+
+
+def test_defaults_match_sglang() -> None:
+    p = SamplingParams()
+    assert p.max_new_tokens == 128
+    assert p.min_new_tokens == 0
+    assert p.temperature == 1.0 and p.top_p == 1.0 and p.top_k == -1 and p.min_p == 0.0
+    assert p.frequency_penalty == 0.0 and p.presence_penalty == 0.0 and p.repetition_penalty == 1.0
+    assert p.stop == () and p.stop_token_ids == ()
+    assert p.ignore_eos is False and p.seed is None and p.n == 1
+    assert p.skip_special_tokens is True and p.no_stop_trim is False
+    assert not p.is_greedy
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_new_tokens", -1),
+        ("max_new_tokens", 1.0),
+        ("max_new_tokens", True),
+        ("max_new_tokens", "10"),
+        ("max_new_tokens", None),
+        ("min_new_tokens", -1),
+        ("min_new_tokens", 200),  # > max_new_tokens (128)
+        ("temperature", -0.1),
+        ("temperature", "hot"),
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("temperature", None),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", 0),
+        ("top_k", -2),
+        ("top_k", 5.0),
+        ("min_p", -0.1),
+        ("min_p", 1.1),
+        ("frequency_penalty", 2.5),
+        ("frequency_penalty", -2.5),
+        ("presence_penalty", 3),
+        ("presence_penalty", -3),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("stop", [""]),
+        ("stop", [1]),
+        ("stop", 5),
+        ("stop_token_ids", [-1]),
+        ("stop_token_ids", ["a"]),
+        ("stop_token_ids", [1.0]),
+        ("stop_token_ids", 3),
+        ("ignore_eos", 1),
+        ("seed", 1.5),
+        ("seed", "7"),
+        ("n", 0),
+        ("skip_special_tokens", None),
+        ("no_stop_trim", "yes"),
+    ],
+)
+def test_invalid_field_raises_naming_it(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_top_k_zero_message_says_use_minus_one() -> None:
+    with pytest.raises(ValueError, match="-1"):
+        SamplingParams(top_k=0)
+
+
+def test_range_in_message() -> None:
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        SamplingParams(top_p=2.0)
+    with pytest.raises(ValueError, match=r"\[-2, 2\]"):
+        SamplingParams(presence_penalty=5.0)
+
+
+def test_valid_edges() -> None:
+    p = SamplingParams(
+        max_new_tokens=0, temperature=0, top_p=1, top_k=1, min_p=1, frequency_penalty=-2,
+        presence_penalty=2, repetition_penalty=0.01, seed=0, n=3,
+    )
+    assert isinstance(p.temperature, float) and isinstance(p.top_p, float)
+    assert p.is_greedy
+    assert SamplingParams(top_k=1).is_greedy
+    assert SamplingParams(temperature=0.0).is_greedy
+    assert SamplingParams(min_new_tokens=5, max_new_tokens=5).min_new_tokens == 5
+
+
+def test_stop_normalized_to_tuple() -> None:
+    assert SamplingParams(stop="\n").stop == ("\n",)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    assert SamplingParams(stop=None).stop == ()
+    assert SamplingParams(stop_token_ids=[1, 2]).stop_token_ids == (1, 2)
+    hash(SamplingParams(stop=["a"], stop_token_ids=[3]))  # hashable once normalized
+
+
+def test_frozen() -> None:
+    p = SamplingParams()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.temperature = 0.5  # type: ignore[misc]
+
+
+def test_from_dict() -> None:
+    assert SamplingParams.from_dict(None) == SamplingParams()
+    p = SamplingParams(temperature=0.3)
+    assert SamplingParams.from_dict(p) is p
+    q = SamplingParams.from_dict({"temperature": 0, "stop": "x", "stop_token_ids": None, "seed": None})
+    assert q.temperature == 0.0 and q.stop == ("x",) and q.stop_token_ids == ()
+    with pytest.raises(ValueError, match="unknown sampling parameter 'foo'"):
+        SamplingParams.from_dict({"foo": 1})
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams.from_dict({"max_new_tokens": None})
+    with pytest.raises(ValueError, match="mapping"):
+        SamplingParams.from_dict([("temperature", 1.0)])  # type: ignore[arg-type]
+
+
+def test_to_dict_round_trip() -> None:
+    p = SamplingParams(stop=["a"], stop_token_ids=[7], seed=3, temperature=0.7, top_k=20)
+    d = p.to_dict()
+    assert d["stop"] == ["a"] and d["stop_token_ids"] == [7]
+    assert set(d) == SamplingParams.field_names()
+    assert SamplingParams.from_dict(d) == p
+
+
+def test_replace_validates() -> None:
+    p = SamplingParams(temperature=0.5)
+    q = p.replace(top_p=0.9, stop="z")
+    assert q.top_p == 0.9 and q.stop == ("z",) and q.temperature == 0.5 and p.top_p == 1.0
+    with pytest.raises(ValueError, match="top_p"):
+        p.replace(top_p=0.0)
+    with pytest.raises(ValueError, match="unknown sampling parameter 'bogus'"):
+        p.replace(bogus=1)
+
+
+def test_imports_without_torch() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+
+        class BlockTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+                return None
+
+        sys.meta_path.insert(0, BlockTorch())
+        import plait.sampling
+        p = plait.sampling.SamplingParams(stop="x")
+        assert "torch" not in sys.modules
+        print("ok", p.stop)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
