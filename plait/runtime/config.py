@@ -28,6 +28,7 @@ class EngineConfig:
     disable_radix_cache: bool = False
     attention_backend: str = "torch"
     random_seed: int = 0
+    cpu_prepack: bool = True  # CPU float32: keep MKL-prepacked weights for small-batch decode (2x the weight memory)
     inbatch_prefix_threshold: int = 32  # defer a waiting request sharing this many uncached tokens with one just admitted
 
     def __post_init__(self) -> None:

@@ -44,8 +44,11 @@ class _Handle:
     def put(self, event: dict[str, Any]) -> None:
         if self.loop is None:
             self.queue.put(event)
-        else:
+            return
+        try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+            pass
 
 
 class Engine:
@@ -100,7 +103,10 @@ class Engine:
         self._submit(gi.requests, handles)
         if stream:
             return self._stream_sync(gi, handles)
-        outputs = [self._wait_final_sync(h) for h in handles]
+        try:
+            outputs = [self._wait_final_sync(h) for h in handles]
+        finally:  # e.g. KeyboardInterrupt while waiting
+            self._abort_unfinished(gi.requests)
         return outputs if gi.is_batch else outputs[0]
 
     async def async_generate(
@@ -125,12 +131,15 @@ class Engine:
         if stream:
             return self._stream_async(gi, handles)
         outputs = []
-        for h in handles:
-            while True:
-                event = await h.queue.get()
-                if event["finished"]:
-                    outputs.append(event["output"])
-                    break
+        try:
+            for h in handles:
+                while True:
+                    event = await h.queue.get()
+                    if event["finished"]:
+                        outputs.append(event["output"])
+                        break
+        finally:  # e.g. the awaiting task was cancelled
+            self._abort_unfinished(gi.requests)
         return outputs if gi.is_batch else outputs[0]
 
     def abort(self, rid: str) -> None:
@@ -209,6 +218,12 @@ class Engine:
     def new_rid(self) -> str:
         return uuid.uuid4().hex
 
+    def _abort_unfinished(self, requests: list[Request]) -> None:
+        """The caller stopped listening (closed a stream, cancelled, interrupted): stop generating for it."""
+        for req in requests:
+            if not req.finished:
+                self.abort(req.rid)
+
     # ------------------------------------------------------------------ result delivery (caller side)
     def _get_event(self, handle: _Handle) -> dict:
         """Next event for a synchronous caller; raises if the engine loop is gone instead of hanging."""
@@ -226,21 +241,23 @@ class Engine:
                 return event["output"]
 
     def _stream_sync(self, gi: GenerateInput, handles: list[_Handle]) -> Iterator[dict]:
-        if len(handles) == 1:
-            h = handles[0]
-            while True:
-                event = self._get_event(h)
-                yield event["output"]
-                if event["finished"]:
-                    return
-        merged: queue.Queue = queue.Queue()
-        for i, h in enumerate(handles):
-            threading.Thread(target=self._pump, args=(h, i, merged), daemon=True).start()
-        remaining = len(handles)
-        while remaining:
-            index, event = merged.get()
-            yield {**event["output"], "index": index}
-            remaining -= event["finished"]
+        try:
+            if not gi.is_batch:
+                while True:
+                    event = self._get_event(handles[0])
+                    yield event["output"]
+                    if event["finished"]:
+                        return
+            merged: queue.Queue = queue.Queue()
+            for i, h in enumerate(handles):
+                threading.Thread(target=self._pump, args=(h, i, merged), daemon=True).start()
+            remaining = len(handles)
+            while remaining:
+                index, event = merged.get()
+                yield {**event["output"], "index": index}
+                remaining -= event["finished"]
+        finally:  # also when the caller closes the stream early
+            self._abort_unfinished(gi.requests)
 
     def _pump(self, handle: _Handle, index: int, merged: queue.Queue) -> None:
         while True:
@@ -251,15 +268,19 @@ class Engine:
 
     async def _stream_async(self, gi: GenerateInput, handles: list[_Handle]) -> AsyncIterator[dict]:
         pending = {asyncio.ensure_future(h.queue.get()): i for i, h in enumerate(handles)}
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for fut in done:
-                index = pending.pop(fut)
-                event = fut.result()
-                out = event["output"] if len(handles) == 1 else {**event["output"], "index": index}
-                yield out
-                if not event["finished"]:
-                    pending[asyncio.ensure_future(handles[index].queue.get())] = index
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    index = pending.pop(fut)
+                    event = fut.result()
+                    yield {**event["output"], "index": index} if gi.is_batch else event["output"]
+                    if not event["finished"]:
+                        pending[asyncio.ensure_future(handles[index].queue.get())] = index
+        finally:  # also when the caller closes the stream early or is cancelled
+            for fut in pending:
+                fut.cancel()
+            self._abort_unfinished(gi.requests)
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
@@ -343,7 +364,7 @@ class Engine:
         detok = req.detokenizer
         if detok is not None and (not is_stop_token or params.no_stop_trim):
             detok.add(token)
-            req.text = detok.text
+            req.text = detok.emitted_text  # not detok.text: that includes a held-back start of a stop string
         if is_stop_token:
             reason = {"type": "stop", "matched": token}
         elif detok is not None and detok.stopped:
@@ -372,5 +393,5 @@ class Engine:
         with self._cv:
             self._active.discard(req.rid)
         if req.on_output is not None:
-            req.on_output({"finished": True, "output": build_output(req, self.tokenizer, req.return_text_in_logprobs)})
+            req.on_output({"finished": True, "output": build_output(req, self.tokenizer)})
 

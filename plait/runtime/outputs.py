@@ -20,8 +20,12 @@ def _top_with_text(entries, tokenizer, with_text: bool) -> list:
     return [None if top is None else _with_text([(lp, tid) for tid, lp in top], tokenizer, with_text) for top in entries]
 
 
-def build_output(req: Request, tokenizer, return_text_in_logprobs: bool = False) -> dict[str, Any]:
-    """Cumulative snapshot of a request: text so far, output ids and meta_info."""
+def build_output(req: Request, tokenizer) -> dict[str, Any]:
+    """Cumulative snapshot of a request: text so far, output ids and meta_info.
+
+    Logprob entries carry token text when ``req.return_text_in_logprobs`` (streamed snapshots too).
+    """
+    with_text = req.return_text_in_logprobs
     meta: dict[str, Any] = {
         "id": req.rid,
         "prompt_tokens": len(req.prompt_ids),
@@ -35,9 +39,9 @@ def build_output(req: Request, tokenizer, return_text_in_logprobs: bool = False)
     end = req.finished_at if req.finished_at is not None else time.perf_counter()
     meta["e2e_latency"] = end - req.created_at
     if req.return_logprob:
-        meta["input_token_logprobs"] = _with_text(req.input_token_logprobs, tokenizer, return_text_in_logprobs)
-        meta["output_token_logprobs"] = _with_text(req.output_token_logprobs, tokenizer, return_text_in_logprobs)
+        meta["input_token_logprobs"] = _with_text(req.input_token_logprobs, tokenizer, with_text)
+        meta["output_token_logprobs"] = _with_text(req.output_token_logprobs, tokenizer, with_text)
         if req.top_logprobs_num > 0:
-            meta["input_top_logprobs"] = _top_with_text(req.input_top_logprobs, tokenizer, return_text_in_logprobs)
-            meta["output_top_logprobs"] = _top_with_text(req.output_top_logprobs, tokenizer, return_text_in_logprobs)
+            meta["input_top_logprobs"] = _top_with_text(req.input_top_logprobs, tokenizer, with_text)
+            meta["output_top_logprobs"] = _top_with_text(req.output_top_logprobs, tokenizer, with_text)
     return {"text": req.text, "output_ids": list(req.output_ids), "meta_info": meta}

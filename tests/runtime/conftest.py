@@ -57,3 +57,26 @@ def hf_greedy(hf_model, varied_prompt_ids) -> list[list[int]]:
             )
         refs.append(out[0, len(ids):].tolist())
     return refs
+
+
+@pytest.fixture(scope="module")
+def engine(bundled_model_dir):
+    """One engine on the bundled model per test module (loading is the slow part)."""
+    from plait.runtime.engine import Engine
+
+    eng = Engine(model=str(bundled_model_dir))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tok(bundled_model_dir):
+    from plait.runtime.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(bundled_model_dir)
+
+
+@pytest.fixture(scope="session")
+def chat_ids(tok) -> list[int]:
+    """Token ids of a short chat prompt (the model answers in a few plain-English tokens, then EOS)."""
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": CHAT_QUESTIONS[0]}]))

@@ -76,6 +76,8 @@ class ModelRunner:
                     f"checkpoint in {source.weights_dir} lacks {len(missing)} tensor(s), e.g. {missing[:3]}"
                 )
         model.rotary.build_cache(self.device, self.dtype)
+        if self.device.type == "cpu" and self.config.cpu_prepack:
+            model.prepack()
         return model.eval()
 
     def _init_dummy_weights(self, model: torch.nn.Module) -> None:

@@ -60,9 +60,12 @@ class TorchAttentionBackend:
             seq_lens = torch.tensor([batch.seq_lens[i] for i in decode_rows], device=device)
             kmax = int(seq_lens.max())
             rows = batch.req_rows[decode_rows] if len(decode_rows) < batch.batch_size else batch.req_rows
-            valid = torch.arange(kmax, device=device)[None, :] < seq_lens[:, None]  # [Bd, Kmax]
-            slots = torch.where(valid, batch.slot_table[rows, :kmax], 0)
-            mask = valid[:, None, None, :]
+            if all(batch.seq_lens[i] == kmax for i in decode_rows):
+                slots = batch.slot_table[rows, :kmax]  # no padding: no mask
+            else:
+                valid = torch.arange(kmax, device=device)[None, :] < seq_lens[:, None]  # [Bd, Kmax]
+                slots = torch.where(valid, batch.slot_table[rows, :kmax], 0)
+                mask = valid[:, None, None, :]
             if len(decode_rows) < batch.batch_size:
                 tok_idx = torch.tensor([batch.extend_starts[i] for i in decode_rows], device=device)
         batch.attn_metadata = _TorchAttnMetadata(tok_idx, slots, mask, extends)

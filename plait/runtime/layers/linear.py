@@ -13,6 +13,30 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# MKL's plain sgemm is slow for a handful of rows (batched decode on CPU); a weight prepacked for
+# small batches runs those shapes 2-3x faster. Outside this row range plain F.linear is as fast.
+PACKED_MIN_ROWS, PACKED_MAX_ROWS = 2, 16
+
+
+def mkl_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """An MKL-prepacked copy of a float32 CPU weight for small-batch GEMMs, or None where unavailable."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkl.is_available():
+        return None
+    try:
+        return torch.ops.mkl._mkl_reorder_linear_weight(weight, PACKED_MAX_ROWS // 2)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def apply_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None
+) -> torch.Tensor:
+    """x [M, in] @ weight^T (+ bias), through the prepacked weight when M is small."""
+    if packed is not None and PACKED_MIN_ROWS <= x.shape[0] <= PACKED_MAX_ROWS:
+        return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.shape[0])
+    return F.linear(x, weight, bias)
+
+
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
@@ -33,9 +57,14 @@ class Linear(nn.Module):
             self.bias.weight_loader = default_weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed_weight: torch.Tensor | None = None  # set by prepack() after loading
+
+    def prepack(self) -> None:
+        """Prepare the small-batch CPU fast path (call once the weights are final)."""
+        self.packed_weight = mkl_pack(self.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return apply_linear(x, self.weight, self.bias, self.packed_weight)
 
 
 class MergedLinear(Linear):

@@ -72,3 +72,9 @@ class RotaryEmbedding(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         return q, k
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Rotary on one tensor [T, N, D] (q and k heads stacked along N: half the ops of ``forward``)."""
+        cos = self.cos_cache[positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin_cache[positions].unsqueeze(1)
+        return x * cos + _rotate_half(x) * sin

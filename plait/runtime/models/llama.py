@@ -14,7 +14,7 @@ from torch import nn
 from plait.runtime.executor.forward_batch import ForwardBatch
 from plait.runtime.layers.activation import SiluAndMul
 from plait.runtime.layers.attention import Attention, AttentionBackend
-from plait.runtime.layers.linear import Linear, MergedLinear, default_weight_loader
+from plait.runtime.layers.linear import Linear, MergedLinear, apply_linear, default_weight_loader, mkl_pack
 from plait.runtime.layers.norm import RMSNorm
 from plait.runtime.layers.rotary import RotaryEmbedding
 from plait.runtime.models.config import ModelConfig
@@ -48,13 +48,17 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, q + 2 kv]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        T = qkv.shape[0]
+        v = qkv[:, self.q_size + self.kv_size :].reshape(T, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        if self.q_norm is None:
+            # q and k heads are adjacent in qkv: rotate them in one go
+            qk = qkv[:, : self.q_size + self.kv_size].view(T, self.num_heads + self.num_kv_heads, self.head_dim)
+            qk = self.rotary.rotate(positions, qk)  # [T, H + KVH, D]
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        else:
+            q = qkv[:, : self.q_size].reshape(T, self.num_heads, self.head_dim)  # [T, H, D]
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].reshape(T, self.num_kv_heads, self.head_dim)
+            q, k = self.rotary(positions, self.q_norm(q), self.k_norm(k))
         out = self.attn(q, k, v, batch)  # [T, H, D]
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -122,6 +126,15 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
+        self.lm_head_packed: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        """Prepack every linear weight (and the LM head) for fast small-batch GEMMs on CPU."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepack()
+        self.lm_head_packed = mkl_pack(self.lm_head_weight().data)
+
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
@@ -129,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self.lm_head_weight()).float()
+        return apply_linear(hidden, self.lm_head_weight(), None, self.lm_head_packed).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors into parameters; returns the names of parameters that were loaded.

@@ -1,0 +1,274 @@
+"""The engine API as a user calls it, on the bundled model: argument errors, sampling options,
+concurrent callers, flush_cache / stats, and a queue (abort while waiting, the context limit).
+
+One module-scoped engine (plus one tiny-queue engine); every scenario ends with the no-leak check.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import plait.runtime.engine as engine_module
+from plait.runtime.engine import Engine
+from tests.runtime.conftest import CHAT_QUESTIONS, RAW_PROMPTS
+from tests.runtime.engine_helpers import assert_no_leak, greedy_params, wait_until
+
+pytestmark = pytest.mark.model
+
+LONG = {"temperature": 0.0, "max_new_tokens": 200, "ignore_eos": True}
+
+
+def _serves(engine, ids) -> None:
+    """A normal request still completes (checked after every refused one)."""
+    out = engine.generate(input_ids=ids, sampling_params={"temperature": 0.0, "max_new_tokens": 2, "ignore_eos": True})
+    assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 2}
+
+
+# ---------------------------------------------------------------------------------------------- errors
+# (generate kwargs built from (engine, prompt ids), the error type, a regex the message must match)
+BAD_REQUESTS = {
+    "temperature": (lambda e, ids: {"input_ids": ids, "sampling_params": {"temperature": -1}}, ValueError,
+                    "temperature"),
+    "top_p": (lambda e, ids: {"input_ids": ids, "sampling_params": {"top_p": 0}}, ValueError, "top_p"),
+    "max_new_tokens": (lambda e, ids: {"input_ids": ids, "sampling_params": {"max_new_tokens": -1}}, ValueError,
+                       "max_new_tokens"),
+    "min_over_max": (lambda e, ids: {"input_ids": ids, "sampling_params": {"max_new_tokens": 2,
+                                                                          "min_new_tokens": 3}},
+                     ValueError, "min_new_tokens"),
+    "unknown_key": (lambda e, ids: {"input_ids": ids, "sampling_params": {"temprature": 0.5}}, ValueError,
+                    "temprature"),
+    "empty_stop": (lambda e, ids: {"input_ids": ids, "sampling_params": {"stop": [""]}}, ValueError, "stop"),
+    "empty_prompt": (lambda e, ids: {"prompt": ""}, ValueError, "empty"),
+    "empty_input_ids": (lambda e, ids: {"input_ids": []}, ValueError, "empty"),
+    "prompt_type": (lambda e, ids: {"prompt": 42}, TypeError, "prompt"),
+    "too_long": (lambda e, ids: {"input_ids": [ids[-1]] * e.context_length}, ValueError, "context length"),
+    "out_of_vocab": (lambda e, ids: {"input_ids": ids + [e.model_config.vocab_size]}, ValueError, "vocabulary"),
+    "negative_id": (lambda e, ids: {"input_ids": [-1] + ids}, ValueError, "vocabulary"),
+    "stop_id_out_of_vocab": (lambda e, ids: {"input_ids": ids, "sampling_params": {
+        "stop_token_ids": [e.model_config.vocab_size]}}, ValueError, "stop_token_ids"),
+    "prompt_and_ids": (lambda e, ids: {"prompt": "Hi", "input_ids": ids}, ValueError, "exactly one"),
+    "neither": (lambda e, ids: {}, ValueError, "exactly one"),
+    "logprob_start_negative": (lambda e, ids: {"input_ids": ids, "return_logprob": True, "logprob_start_len": -2},
+                               ValueError, "logprob_start_len"),
+    "logprob_start_past_prompt": (lambda e, ids: {"input_ids": ids, "return_logprob": True,
+                                                  "logprob_start_len": len(ids)}, ValueError, "logprob_start_len"),
+    "top_logprobs_negative": (lambda e, ids: {"input_ids": ids, "return_logprob": True, "top_logprobs_num": -1},
+                              ValueError, "top_logprobs_num"),
+    "params_per_prompt": (lambda e, ids: {"input_ids": [ids, ids], "sampling_params": [{}, {}, {}]}, ValueError,
+                          "sampling_params"),
+    "rid_per_prompt": (lambda e, ids: {"input_ids": [ids, ids], "rid": ["a"]}, ValueError, "rid"),
+    "rid_repeated_in_batch": (lambda e, ids: {"input_ids": [ids, ids], "rid": ["same", "same"]}, ValueError,
+                              "already in use"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_request_is_a_clear_error(engine, chat_ids, case):
+    make, error, message = BAD_REQUESTS[case]
+    kwargs = make(engine, chat_ids)
+    with pytest.raises(error, match=message):
+        engine.generate(**kwargs)
+    with pytest.raises(error, match=message):  # a stream fails at the call, not on first iteration
+        engine.generate(**kwargs, stream=True)
+    _serves(engine, chat_ids)
+    assert engine.stats()["running"] == engine.stats()["waiting"] == 0
+
+
+def test_async_bad_request_raises(engine, chat_ids):
+    import asyncio
+
+    with pytest.raises(ValueError, match="temperature"):
+        asyncio.run(engine.async_generate(input_ids=chat_ids, sampling_params={"temperature": -1}))
+    _serves(engine, chat_ids)
+
+
+def test_duplicate_rid_in_flight(engine, chat_ids):
+    stream = engine.generate(input_ids=chat_ids, sampling_params=LONG, rid="dup", stream=True)
+    first = next(stream)
+    assert first["meta_info"]["id"] == "dup"
+    with pytest.raises(ValueError, match="already in use"):
+        engine.generate(input_ids=chat_ids, sampling_params=greedy_params(2), rid="dup")
+    _serves(engine, chat_ids)  # the refused duplicate did not disturb the engine ...
+    engine.abort("dup")
+    final = list(stream)[-1]
+    assert final["meta_info"]["finish_reason"]["type"] == "abort"  # ... nor the request owning the id
+    assert engine.generate(input_ids=chat_ids, sampling_params=greedy_params(2), rid="dup")["meta_info"]["id"] == "dup"
+    assert_no_leak(engine)
+
+
+def test_unknown_engine_setting_fails_before_loading(bundled_model_dir, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(engine_module, "resolve_model", no_loading)
+    monkeypatch.setattr(engine_module, "ModelRunner", no_loading)
+    with pytest.raises(TypeError, match="bogus"):
+        Engine(model=str(bundled_model_dir), bogus=1)
+    with pytest.raises(TypeError, match="bogus"):
+        Engine(model="no/such/model", bogus=1)
+    with pytest.raises(ValueError, match="dtype"):
+        Engine(model=str(bundled_model_dir), dtype="int3")
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine, chat_ids, tok):
+    story = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Tell me a short story."}]))
+    seeded = {"temperature": 0.8, "seed": 123, "max_new_tokens": 12, "ignore_eos": True}
+    alone = engine.generate(input_ids=story, sampling_params=seeded)["output_ids"]
+    assert engine.generate(input_ids=story, sampling_params=seeded)["output_ids"] == alone
+    batch = engine.generate(
+        input_ids=[chat_ids, story, story, chat_ids],
+        sampling_params=[{"temperature": 1.0, "max_new_tokens": 12}, seeded, {**seeded, "seed": 7}, greedy_params(5)],
+    )
+    assert batch[1]["output_ids"] == alone
+    assert batch[2]["output_ids"] != alone  # the seed is what fixes the tokens
+    assert_no_leak(engine)
+
+
+def test_n_returns_n_samples(engine, tok):
+    story = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Tell me a short story."}]))
+    outs = engine.generate(input_ids=story, sampling_params={"n": 3, "temperature": 1.0, "max_new_tokens": 16,
+                                                             "ignore_eos": True}, rid="many")
+    assert isinstance(outs, list) and len(outs) == 3
+    assert len({o["meta_info"]["id"] for o in outs}) == 3
+    assert all(o["meta_info"]["completion_tokens"] == 16 for o in outs)
+    assert len({tuple(o["output_ids"]) for o in outs}) > 1  # independent samples, not one copied
+    assert_no_leak(engine)
+
+
+def test_min_new_tokens_and_ignore_eos(engine, chat_ids):
+    eos = engine.tokenizer.eos_token_id
+    short = engine.generate(input_ids=chat_ids, sampling_params={"temperature": 0.0, "max_new_tokens": 30})
+    ids = short["output_ids"]
+    assert ids[-1] == eos and short["meta_info"]["finish_reason"] == {"type": "stop", "matched": eos}
+    assert len(ids) < 15  # the premise: the model answers briefly
+
+    at_least = engine.generate(input_ids=chat_ids, sampling_params={"temperature": 0.0, "max_new_tokens": 30,
+                                                                     "min_new_tokens": len(ids) + 3})
+    assert at_least["meta_info"]["completion_tokens"] >= len(ids) + 3
+    assert eos not in at_least["output_ids"][: len(ids) + 2]
+    assert at_least["output_ids"][: len(ids) - 1] == ids[:-1]
+
+    forced = engine.generate(input_ids=chat_ids, sampling_params={"temperature": 0.0, "max_new_tokens": 20,
+                                                                   "ignore_eos": True})
+    assert forced["meta_info"]["finish_reason"] == {"type": "length", "length": 20}
+    assert forced["output_ids"][: len(ids)] == ids  # ran through the EOS it sampled
+    assert_no_leak(engine)
+
+
+# ---------------------------------------------------------------------------------------------- concurrency
+def test_threads_are_batched_and_exact(engine, varied_prompt_ids):
+    sequential = [engine.generate(input_ids=ids, sampling_params=greedy_params(12))["output_ids"]
+                  for ids in varied_prompt_ids]
+    steps_before = engine.stats()["steps"]
+    barrier = threading.Barrier(len(varied_prompt_ids))
+    results: dict[int, list[int]] = {}
+
+    def call(k: int) -> None:
+        barrier.wait()
+        results[k] = engine.generate(input_ids=varied_prompt_ids[k], sampling_params=greedy_params(12))["output_ids"]
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(varied_prompt_ids))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [results.get(k) for k in range(len(threads))] == sequential
+    steps = engine.stats()["steps"] - steps_before
+    assert steps < sum(map(len, sequential)) / 2, f"{steps} steps: the threads were not batched together"
+    assert_no_leak(engine)
+
+
+# ---------------------------------------------------------------------------------------------- flush / stats
+def test_flush_cache_refused_while_running(engine, chat_ids):
+    stream = engine.generate(input_ids=chat_ids, sampling_params=LONG, rid="flush-blocker", stream=True)
+    next(stream)
+    stats = engine.stats()
+    assert stats["running"] == 1 and stats["waiting"] == 0
+    assert stats["kv_slots_used"] >= len(chat_ids)
+    assert engine.flush_cache() is False
+    assert engine.stats()["kv_slots_cached"] > 0  # the refused flush dropped nothing
+    engine.abort("flush-blocker")
+    assert list(stream)[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert engine.flush_cache() is True
+    stats = engine.stats()
+    assert stats["kv_slots_used"] == stats["kv_slots_cached"] == 0
+    assert stats["kv_slots_total"] == engine.runner.pool.capacity
+    assert_no_leak(engine)
+
+
+def test_stats_count_cache_hits(engine, chat_ids):
+    assert engine.flush_cache()
+    before = engine.stats()
+    engine.generate(input_ids=chat_ids, sampling_params=greedy_params(3))
+    again = engine.generate(input_ids=chat_ids, sampling_params=greedy_params(3))
+    assert again["meta_info"]["cached_tokens"] == len(chat_ids) - 1
+    after = engine.stats()
+    assert after["cached_tokens"] - before["cached_tokens"] == len(chat_ids) - 1
+    assert after["prompt_tokens"] - before["prompt_tokens"] == 2 * len(chat_ids)
+    assert after["generated_tokens"] - before["generated_tokens"] == 6
+    assert after["finished"] - before["finished"] == 2
+    assert after["cache_hit_rate"] > 0
+    assert after["running"] == after["waiting"] == 0
+    assert 0 < after["kv_slots_cached"] == after["kv_slots_evictable"] <= after["kv_slots_used"]
+    assert_no_leak(engine)
+
+
+# ---------------------------------------------------------------------------------------------- a queue
+@pytest.fixture(scope="module")
+def one_slot_engine(bundled_model_dir):
+    """Runs one request at a time, in a 64-token context: the next request has to wait."""
+    eng = Engine(model=str(bundled_model_dir), max_running_requests=1, context_length=64)
+    yield eng
+    eng.shutdown()
+
+
+def test_abort_waiting_and_threaded_requests(one_slot_engine, tok):
+    eng = one_slot_engine
+    ids = tok.encode(RAW_PROMPTS[1])
+    outs: dict[str, dict] = {}
+
+    def run(rid: str) -> None:
+        outs[rid] = eng.generate(input_ids=ids, sampling_params=LONG, rid=rid)
+
+    running = threading.Thread(target=run, args=("running",))
+    running.start()
+    wait_until(lambda: eng.stats()["running"] == 1, what="the first request to run")
+    queued = threading.Thread(target=run, args=("queued",))
+    queued.start()
+    wait_until(lambda: eng.stats()["waiting"] == 1, what="the second request to queue")
+    generated = eng.stats()["generated_tokens"]
+    wait_until(lambda: eng.stats()["generated_tokens"] >= generated + 3, what="a few tokens")
+    eng.abort("queued")
+    queued.join(timeout=30)
+    assert outs["queued"]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert outs["queued"]["output_ids"] == [] and outs["queued"]["text"] == ""
+    assert eng.stats()["running"] == 1  # the running one goes on
+    eng.abort("running")
+    running.join(timeout=30)
+    assert outs["running"]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert 3 <= outs["running"]["meta_info"]["completion_tokens"] < eng.context_length - len(ids)
+    assert_no_leak(eng)
+
+
+def test_generation_stops_at_the_context_length(one_slot_engine, tok):
+    eng = one_slot_engine
+    ids = tok.encode(RAW_PROMPTS[1])
+    out = eng.generate(input_ids=ids, sampling_params=LONG)
+    assert len(ids) + out["meta_info"]["completion_tokens"] == eng.context_length
+    assert out["meta_info"]["finish_reason"] == {"type": "length", "length": eng.context_length - len(ids)}
+    with pytest.raises(ValueError, match="context length 64"):
+        eng.generate(input_ids=ids * 20, sampling_params=greedy_params(2))
+    assert_no_leak(eng)
+
+
+def test_chat_prompts_by_text(engine, tok):
+    """``prompt=`` text and ``input_ids=`` of the same text give the same result."""
+    text = tok.apply_chat_template([{"role": "user", "content": CHAT_QUESTIONS[0]}])
+    by_text = engine.generate(text, greedy_params(4))
+    by_ids = engine.generate(input_ids=tok.encode(text), sampling_params=greedy_params(4))
+    assert by_text["output_ids"] == by_ids["output_ids"] and by_text["text"] == by_ids["text"]
+    assert by_text["meta_info"]["prompt_tokens"] == len(tok.encode(text))
+    assert_no_leak(engine)
