@@ -41,7 +41,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rotary embedding to q [T, H, D] and k [T, KVH, D] at the given positions [T].
+    """Rotary embedding for q [T, H, D] and k [T, KVH, D] at positions [T] (``lookup`` then ``apply``).
 
     The cos/sin table covers ``max_positions`` and is rebuilt by ``build_cache`` (after the model is
     materialized from the meta device).
@@ -64,17 +64,12 @@ class RotaryEmbedding(nn.Module):
         self.cos_cache = emb.cos().to(device=device, dtype=dtype)
         self.sin_cache = emb.sin().to(device=device, dtype=dtype)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos_cache[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin_cache[positions].unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D] for the step's positions; looked up once per step and shared by all layers."""
+        return self.cos_cache[positions].unsqueeze(1), self.sin_cache[positions].unsqueeze(1)
 
-    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Rotary on one tensor [T, N, D] (q and k heads stacked along N: half the ops of ``forward``)."""
-        cos = self.cos_cache[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin_cache[positions].unsqueeze(1)
+    @staticmethod
+    def apply(rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, N, D] (any number of heads N, e.g. q and k heads stacked) by ``lookup``'s cos/sin."""
+        cos, sin = rope
         return x * cos + _rotate_half(x) * sin

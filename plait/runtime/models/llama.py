@@ -46,19 +46,19 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(layer_id, cfg.head_dim, backend)
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, q + 2 kv]
         T = qkv.shape[0]
         v = qkv[:, self.q_size + self.kv_size :].reshape(T, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         if self.q_norm is None:
             # q and k heads are adjacent in qkv: rotate them in one go
             qk = qkv[:, : self.q_size + self.kv_size].view(T, self.num_heads + self.num_kv_heads, self.head_dim)
-            qk = self.rotary.rotate(positions, qk)  # [T, H + KVH, D]
+            qk = self.rotary.apply(rope, qk)  # [T, H + KVH, D]
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         else:
             q = qkv[:, : self.q_size].reshape(T, self.num_heads, self.head_dim)  # [T, H, D]
             k = qkv[:, self.q_size : self.q_size + self.kv_size].reshape(T, self.num_kv_heads, self.head_dim)
-            q, k = self.rotary(positions, self.q_norm(q), self.k_norm(k))
+            q, k = self.rotary.apply(rope, self.q_norm(q)), self.rotary.apply(rope, self.k_norm(k))
         out = self.attn(q, k, v, batch)  # [T, H, D]
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -83,14 +83,18 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
+        self,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, batch)
+        x = self.self_attn(rope, x, batch)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -98,6 +102,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend):
         super().__init__()
+        self.rotary = rotary
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.embed_tokens.weight.weight_loader = default_weight_loader
@@ -107,8 +112,9 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
         residual = None
+        rope = self.rotary.lookup(batch.positions)
         for layer in self.layers:
-            x, residual = layer(batch.positions, x, residual, batch)
+            x, residual = layer(rope, x, residual, batch)
         x, _ = self.norm(x, residual)
         return x
 
