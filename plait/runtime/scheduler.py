@@ -9,7 +9,6 @@ radix tree (which slots belong to whom, and who locks which cached prefix).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,14 +37,6 @@ class ScheduledItem:
     def samples(self) -> bool:
         """Whether this step reaches the end of the request's tokens, so its last logits pick a new token."""
         return self.start + self.length == self.req.total_len
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class Scheduler:
@@ -147,8 +138,10 @@ class Scheduler:
             # In-batch prefix sharing: a request that shares a long uncached prefix with one admitted in
             # this step waits one step, then finds that prefix in the cache instead of recomputing it.
             threshold = match.length + self.config.inbatch_prefix_threshold
-            if any(common_prefix_len(req.all_ids, other.all_ids) >= threshold for other in admitted):
-                continue
+            if req.total_len >= threshold and admitted:
+                head = req.token_slice(0, threshold)
+                if any(other.total_len >= threshold and other.token_slice(0, threshold) == head for other in admitted):
+                    continue
             n = min(req.total_len - match.length, budget)
             self.tree.inc_lock_ref(match.node)
             # the chunk, plus one decode token for each request already running

@@ -36,7 +36,7 @@ def build_forward_batch(items: list[ScheduledItem], runner: ModelRunner) -> tupl
         req, start, n = item.req, item.start, item.length
         offset = len(input_ids)
         starts.append(offset)
-        input_ids.extend(req.all_ids[start : start + n])
+        input_ids.extend(req.token_slice(start, start + n))
         positions.extend(range(start, start + n))
         if req.wants_prompt_logprobs:
             # logits at prompt position p score prompt token p + 1

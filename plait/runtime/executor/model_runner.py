@@ -62,7 +62,21 @@ class ModelRunner:
         self.pool = self._build_pool()
         self.slot_table = ReqToSlotTable(config.max_running_requests, self.context_length + 1, self.device)
 
+    def _check_fits(self) -> None:
+        """A model whose weights cannot fit in the GPU memory share is a clear error, not an OOM crash."""
+        if self.device.type != "cuda":
+            return
+        weight_bytes = self.model_config.num_parameters() * torch.tensor([], dtype=self.dtype).element_size()
+        free, total = torch.cuda.mem_get_info(self.device)
+        allowed = free - total * (1 - self.config.mem_fraction)
+        if weight_bytes > allowed:
+            raise MemoryError(
+                f"the model's weights need {weight_bytes / 2**30:.1f} GiB but only {max(allowed, 0) / 2**30:.1f} GiB "
+                f"of this GPU may be used ({free / 2**30:.1f} GiB free, mem_fraction={self.config.mem_fraction})"
+            )
+
     def _build_model(self, source: ModelSource) -> LlamaForCausalLM:
+        self._check_fits()
         with torch.device("meta"):
             model = LlamaForCausalLM(self.model_config, self.attn_backend, self.context_length + 1)
         materialize(model, self.device, self.dtype)
@@ -96,7 +110,7 @@ class ModelRunner:
             return KVPool(self.config.max_total_tokens, *args, device=self.device)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(free - total * (1 - self.config.mem_fraction))
+            budget = int(free - total * (1 - self.config.mem_fraction) - self._activation_reserve())
             if budget <= 0:
                 raise MemoryError(
                     f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free after loading the model, "
@@ -105,6 +119,14 @@ class ModelRunner:
         else:
             budget = int(self.config.kv_cache_gb * 2**30)
         return KVPool.from_memory_budget(budget, *args, device=self.device)
+
+    def _activation_reserve(self) -> int:
+        """Bytes kept free for activations, logits and CUDA graphs (a generous estimate)."""
+        cfg, elt = self.model_config, torch.tensor([], dtype=self.dtype).element_size()
+        tokens = max(self.config.chunked_prefill_size, self.config.max_running_requests)
+        mlp = tokens * cfg.intermediate_size * 2 * elt * 2  # gate_up output + activation
+        logits = self.config.max_running_requests * cfg.vocab_size * 4 * 3  # float32 logits + sampling copies
+        return int(mlp + logits + 2**30)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

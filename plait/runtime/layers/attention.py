@@ -57,12 +57,13 @@ class TorchAttentionBackend:
             extends.append((start, start + n, slots, mask))
         tok_idx = slots = mask = None
         if decode_rows:
-            seq_lens = torch.tensor([batch.seq_lens[i] for i in decode_rows], device=device)
-            kmax = int(seq_lens.max())
+            lens = [batch.seq_lens[i] for i in decode_rows]
+            kmax = max(lens)  # from the host list: no device sync
             rows = batch.req_rows[decode_rows] if len(decode_rows) < batch.batch_size else batch.req_rows
             if all(batch.seq_lens[i] == kmax for i in decode_rows):
                 slots = batch.slot_table[rows, :kmax]  # no padding: no mask
             else:
+                seq_lens = torch.tensor(lens, device=device)
                 valid = torch.arange(kmax, device=device)[None, :] < seq_lens[:, None]  # [Bd, Kmax]
                 slots = torch.where(valid, batch.slot_table[rows, :kmax], 0)
                 mask = valid[:, None, None, :]

@@ -1,0 +1,294 @@
+"""Decode attention over the token-slot KV pool: one new query token per request (flash-decoding).
+
+Each request ``b`` attends its new token's query ``q[b]`` ([H, D]) to the keys and values of its first
+``seq_lens[b]`` tokens, whose pool slots are ``req_to_token[req_rows[b], :seq_lens[b]]``. The pool
+buffers are ``[num_slots + 1, KVH, D]``; ``H`` is a multiple of ``KVH`` (grouped-query attention).
+
+The sequence is split (flash-decoding) so that short batches still fill the GPU:
+
+- stage 1, grid ``(B, KVH, max_kv_splits)``: each program takes one request, one KV head and one
+  split of that request's sequence, and computes for the ``H / KVH`` query heads of that KV head the
+  partial softmax-weighted sum of values (normalized) and its log-sum-exp (base 2);
+- stage 2, grid ``(B, H)``: merges the splits of one (request, head).
+
+The number of splits of each request is a device tensor (``num_kv_splits[b]``, at most
+``max_kv_splits``); programs past it exit at once. The grids depend only on the batch size and
+``max_kv_splits``, and nothing here reads a device value on the host, so a launch can be captured in a
+CUDA graph and replayed with other sequence lengths (the caller refills the metadata tensors in place).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+DEFAULT_MAX_KV_SPLITS = 16
+MIN_TOKENS_PER_SPLIT = 64  # a split shorter than this costs more in stage 2 than it saves
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_stage1_kernel(
+    Q, K, V, Table, ReqRows, SeqLens, NumSplits, MidO, MidLse,
+    scale_log2,
+    stride_qb, stride_qh,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_table,
+    stride_mob, stride_moh, stride_mos,
+    stride_mlb, stride_mlh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.load(NumSplits + b)
+    if split < num_splits:
+        seq_len = tl.load(SeqLens + b)
+        # splits are whole blocks long, so that only a sequence's last block is partial
+        split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        start = split * split_len
+        end = tl.minimum(start + split_len, seq_len)
+        if end > start:
+            offs_h = tl.arange(0, BLOCK_H)
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_h = offs_h < GROUP
+            mask_d = offs_d < HEAD_DIM
+            heads = kv_head * GROUP + offs_h
+            q = tl.load(
+                Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0,
+            ).to(K.dtype.element_ty)  # [BLOCK_H, BLOCK_D]
+            row = tl.load(ReqRows + b).to(tl.int64)
+            table_row = Table + row * stride_table
+
+            m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+            for n in range(start, end, BLOCK_N):
+                offs_n = n + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < end
+                slots = tl.load(table_row + offs_n, mask=mask_n, other=0).to(tl.int64)
+                k = tl.load(
+                    K + slots[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
+                    mask=mask_n[None, :] & mask_d[:, None], other=0.0,
+                )  # [BLOCK_D, BLOCK_N]
+                qk = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
+                qk = tl.where(mask_n[None, :], qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(qk - m_new[:, None])
+                v = tl.load(
+                    V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0,
+                )  # [BLOCK_N, BLOCK_D]
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                m_i = m_new
+            out_ptrs = MidO + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :]
+            tl.store(out_ptrs, acc / l_i[:, None], mask=mask_h[:, None] & mask_d[None, :])
+            lse_ptrs = MidLse + b * stride_mlb + heads * stride_mlh + split
+            tl.store(lse_ptrs, m_i + tl.log2(l_i), mask=mask_h)
+
+
+@triton.jit
+def _decode_stage2_kernel(
+    MidO, MidLse, SeqLens, NumSplits, O,
+    stride_mob, stride_moh, stride_mos,
+    stride_mlb, stride_mlh,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(SeqLens + b)
+    num_splits = tl.load(NumSplits + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for split in range(0, num_splits):
+        start = split * split_len
+        end = tl.minimum(start + split_len, seq_len)
+        if end > start:
+            lse = tl.load(MidLse + b * stride_mlb + h * stride_mlh + split)
+            part = tl.load(
+                MidO + b * stride_mob + h * stride_moh + split * stride_mos + offs_d, mask=mask_d, other=0.0
+            )
+            m_new = tl.maximum(m_i, lse)
+            alpha = tl.exp2(m_i - m_new)
+            w = tl.exp2(lse - m_new)
+            acc = acc * alpha + w * part
+            l_i = l_i * alpha + w
+            m_i = m_new
+    out = tl.where(l_i > 0, acc / tl.maximum(l_i, 1e-30), 0.0)  # an empty sequence gives zeros
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=mask_d)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # interpreter runs: behave as on an H100
+
+
+def num_kv_splits_cap(batch_size: int, num_kv_heads: int, max_kv_splits: int, device: torch.device) -> int:
+    """Most splits per request worth having: enough stage-1 programs for about two waves on the GPU."""
+    target_programs = 2 * _num_sms(device)
+    return max(1, min(max_kv_splits, -(-target_programs // max(1, batch_size * num_kv_heads))))
+
+
+def compute_num_kv_splits(
+    seq_lens: torch.Tensor, num_kv_heads: int, max_kv_splits: int = DEFAULT_MAX_KV_SPLITS
+) -> torch.Tensor:
+    """Splits per request ([B] int32, on ``seq_lens``' device, no host sync).
+
+    Each request gets one split per ``MIN_TOKENS_PER_SPLIT`` tokens, capped by
+    ``num_kv_splits_cap`` (a function of the batch shape only), and at least one.
+    """
+    cap = num_kv_splits_cap(seq_lens.shape[0], num_kv_heads, max_kv_splits, seq_lens.device)
+    by_len = torch.div(seq_lens + (MIN_TOKENS_PER_SPLIT - 1), MIN_TOKENS_PER_SPLIT, rounding_mode="floor")
+    return by_len.clamp(1, cap).to(torch.int32)
+
+
+def alloc_decode_workspace(
+    batch_size: int, num_heads: int, head_dim: int, max_kv_splits: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage-1 buffers: partial outputs [B, H, S, D] and log-sum-exps [B, H, S], float32."""
+    mid_o = torch.empty((batch_size, num_heads, max_kv_splits, head_dim), dtype=torch.float32, device=device)
+    mid_lse = torch.empty((batch_size, num_heads, max_kv_splits), dtype=torch.float32, device=device)
+    return mid_o, mid_lse
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    num_kv_splits: torch.Tensor | None = None,
+    max_kv_splits: int = DEFAULT_MAX_KV_SPLITS,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Attention of one query token per request to its KV in the pool (Triton).
+
+    Args:
+        q: [B, H, D] queries (any strides with a unit last stride).
+        k_buffer, v_buffer: [num_slots + 1, KVH, D] pool buffers of one layer (contiguous).
+        req_to_token: [R, L] int32 or int64 request-to-slot table.
+        req_rows: [B] table row of each request.
+        seq_lens: [B] int32 number of keys of each request (0 gives a zero output row).
+        scale: softmax scale (usually ``D ** -0.5``).
+        num_kv_splits: [B] int32 splits per request, each in ``1..max_kv_splits``; computed with
+            ``compute_num_kv_splits`` when omitted.
+        workspace: ``alloc_decode_workspace`` buffers with at least B rows and ``max_kv_splits`` splits.
+        out: [B, H, D] output to write (allocated when omitted).
+
+    Returns:
+        [B, H, D] attention output in ``q``'s dtype.
+    """
+    B, H, D = q.shape
+    KVH = k_buffer.shape[1]
+    if H % KVH != 0:
+        raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {KVH}")
+    if k_buffer.shape[2] != D or v_buffer.shape[2] != D:
+        raise ValueError(f"head_dim mismatch: q {D}, k {k_buffer.shape[2]}, v {v_buffer.shape[2]}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    if num_kv_splits is None:
+        num_kv_splits = compute_num_kv_splits(seq_lens, KVH, max_kv_splits)
+    if workspace is None:
+        workspace = alloc_decode_workspace(B, H, D, max_kv_splits, q.device)
+    mid_o, mid_lse = workspace
+    if mid_o.shape[0] < B or mid_o.shape[2] < max_kv_splits or mid_o.shape[1] != H or mid_o.shape[3] != D:
+        raise ValueError(f"workspace {tuple(mid_o.shape)} too small for B={B}, H={H}, splits={max_kv_splits}, D={D}")
+    group = H // KVH
+    block_d = triton.next_power_of_2(D)
+    precision = "ieee" if k_buffer.dtype == torch.float32 else "tf32"
+    _decode_stage1_kernel[(B, KVH, max_kv_splits)](
+        q, k_buffer, v_buffer, req_to_token, req_rows, seq_lens, num_kv_splits, mid_o, mid_lse,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
+        req_to_token.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1),
+        GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+    )
+    _decode_stage2_kernel[(B, H)](
+        mid_o, mid_lse, seq_lens, num_kv_splits, out,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4 if block_d >= 128 else 2,
+    )
+    return out
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Pure-torch reference of ``decode_attention`` (float32 math, one request at a time).
+
+    Returns [B, H, D] in ``q``'s dtype; a request with no keys gets zeros.
+    """
+    B, H, D = q.shape
+    group = H // k_buffer.shape[1]
+    out = torch.zeros((B, H, D), dtype=torch.float32, device=q.device)
+    lens = seq_lens.tolist()
+    rows = req_rows.tolist()
+    for b in range(B):
+        n = int(lens[b])
+        if n == 0:
+            continue
+        slots = req_to_token[int(rows[b]), :n].long()
+        k = k_buffer[slots].float().repeat_interleave(group, dim=1)  # [n, H, D]
+        v = v_buffer[slots].float().repeat_interleave(group, dim=1)  # [n, H, D]
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale  # [H, n]
+        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v)
+    return out.to(q.dtype)
+
+
+def decode_attention_bytes(seq_lens_total: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of K and V that one decode-attention launch must read (for bandwidth figures)."""
+    return 2 * seq_lens_total * num_kv_heads * head_dim * itemsize
+
+
+__all__ = [
+    "DEFAULT_MAX_KV_SPLITS",
+    "alloc_decode_workspace",
+    "compute_num_kv_splits",
+    "decode_attention",
+    "decode_attention_bytes",
+    "decode_attention_ref",
+    "num_kv_splits_cap",
+]
