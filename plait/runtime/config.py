@@ -26,7 +26,9 @@ class EngineConfig:
     chunked_prefill_size: int = 2048  # per-step budget of prefill tokens; longer prompts are chunked
     schedule_policy: str = "lpm"  # lpm (longest prefix match first) | fcfs
     disable_radix_cache: bool = False
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 256  # decode batches up to this size replay captured CUDA graphs
     random_seed: int = 0
     cpu_prepack: bool = True  # CPU float32: keep MKL-prepacked weights for small-batch decode (2x the weight memory)
     inbatch_prefix_threshold: int = 32  # defer a waiting request sharing this many uncached tokens with one just admitted
@@ -38,9 +40,9 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
         if self.schedule_policy not in ("lpm", "fcfs"):
             raise ValueError(f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
-        if self.attention_backend not in ("torch", "triton"):
-            raise ValueError(f"attention_backend must be 'torch' or 'triton', got {self.attention_backend!r}")
-        for name in ("max_running_requests", "chunked_prefill_size"):
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
+        for name in ("max_running_requests", "chunked_prefill_size", "cuda_graph_max_bs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("context_length", "max_total_tokens"):

@@ -10,6 +10,7 @@ import logging
 import torch
 
 from plait.runtime.config import EngineConfig
+from plait.runtime.executor.cuda_graph import CudaGraphRunner
 from plait.runtime.executor.forward_batch import ForwardBatch
 from plait.runtime.executor.loader import ModelLoadError, iter_safetensors_weights
 from plait.runtime.kvcache.pool import KVPool
@@ -57,10 +58,30 @@ class ModelRunner:
         if config.context_length is not None and config.context_length > limit:
             raise ValueError(f"context_length {config.context_length} exceeds the model's limit {limit}")
         self.context_length = config.context_length or min(limit, DEFAULT_MAX_CONTEXT)
-        self.attn_backend = TorchAttentionBackend()
+        self.attn_backend = self._build_attention_backend()
         self.model = self._build_model(source)
         self.pool = self._build_pool()
-        self.slot_table = ReqToSlotTable(config.max_running_requests, self.context_length + 1, self.device)
+        # one extra row, reserved: padded rows of CUDA-graph batches read slot 0 through it
+        self.slot_table = ReqToSlotTable(config.max_running_requests + 1, self.context_length + 1, self.device)
+        self.pad_row = self.slot_table.alloc()
+        self.cuda_graphs: CudaGraphRunner | None = None
+        if self.device.type == "cuda" and not config.disable_cuda_graph and self.backend_name == "triton":
+            self.cuda_graphs = CudaGraphRunner(self, min(config.cuda_graph_max_bs, config.max_running_requests))
+            self.cuda_graphs.capture()
+
+    def _build_attention_backend(self):
+        name = self.config.attention_backend
+        if name == "auto":
+            name = "triton" if self.device.type == "cuda" else "torch"
+        self.backend_name = name
+        if name == "torch":
+            return TorchAttentionBackend()
+        from plait.runtime.layers.triton_attention import TritonAttentionBackend
+
+        cfg = self.model_config
+        return TritonAttentionBackend(
+            cfg.num_heads, cfg.head_dim, max_batch_size=self.config.max_running_requests, device=self.device
+        )
 
     def _check_fits(self) -> None:
         """A model whose weights cannot fit in the GPU memory share is a clear error, not an OOM crash."""
@@ -131,6 +152,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Run the batch; returns float32 logits [N, vocab] for ``batch.logits_indices``."""
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
+            return self.cuda_graphs.run(batch)
         self.attn_backend.prepare(batch)
         hidden = self.model(batch)
         if batch.logits_indices.numel() == hidden.shape[0]:
