@@ -61,12 +61,24 @@ def add_models_command(subparsers: argparse._SubParsersAction) -> None:
     fetch.set_defaults(handler=_models_fetch)
 
 
+def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``plait bench``: the GPU benchmark (same code as ``benchmarks/gpu.py``)."""
+    from plait.bench import ROW_HELP, add_arguments, run  # no torch import: --help stays fast
+
+    bench = subparsers.add_parser(
+        "bench", help="benchmark the card and the engine (Llama-3.1-8B, dummy weights); prints a table",
+        description="One run, one table: the card's copy bandwidth and matmul rate, then " + ROW_HELP,
+    )
+    add_arguments(bench)
+    bench.set_defaults(handler=run)
+
+
 def _print_help(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
     return EXIT_USAGE
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_models_command]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_models_command, add_bench_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

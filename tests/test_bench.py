@@ -1,0 +1,166 @@
+"""Tests for the GPU benchmark (plait.bench, ``plait bench``, ``benchmarks/gpu.py``), run on the CPU.
+
+The end-to-end test runs every row with ``--quick`` on the bundled SmolLM2-135M config (dummy weights,
+a small KV cache) in about 20-30 s on two cores, and checks the printed table and the --out file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from plait import bench, cli
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK_ROWS = {
+    "card": ["copy bandwidth", "matmul 512^3"],
+    "a": ["decode, batch 1, prompt 16, N=8"],
+    "b": [f"decode, batch {b}, prompt {p}, N=8" for p in (16, 64) for b in (1, 2, 4)],
+    "c": ["offline total tok/s, 8 requests x 16 in / 8 out", "offline output tok/s, 8 requests x 16 in / 8 out"],
+    "d": ["shared prefix, cache on: total tok/s, 2 groups x 4", "shared prefix, cache off: total tok/s, 2 groups x 4",
+          "shared prefix: cache on / cache off throughput"],
+    "e": ["transformers generate, batch 1, prompt 16, N=8", "transformers generate, batch 2, prompt 16, N=8"],
+    "f": ["time to first token, prompt 64 (median of 3)"],
+}
+
+
+def table_rows(text: str) -> dict[str, list[list[str]]]:
+    """Markdown table rows of the report, grouped by their first cell (header and rule skipped)."""
+    rows: dict[str, list[list[str]]] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] not in ("row", "---"):
+            rows.setdefault(cells[0], []).append(cells)
+    return rows
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_quick_run_prints_every_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results" / "gpu.md"
+    start = time.perf_counter()
+    status = cli.main(["bench", "--quick", "--model", "smollm2-135m-instruct", "--engine-arg", "kv_cache_gb=0.05",
+                       "--out", str(out)])
+    elapsed = time.perf_counter() - start
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert out.read_text() == printed
+    assert printed.startswith("# plait benchmark: CPU ")
+    rows = table_rows(printed)
+    assert set(rows) == set(QUICK_ROWS), printed
+    for key, names in QUICK_ROWS.items():
+        assert len(rows[key]) == len(names), rows[key]
+        for cells, name in zip(rows[key], names):
+            assert name in cells[1], (name, cells)
+            assert not cells[2].startswith(("failed", "skipped")), cells
+    for key in "abcef":  # throughput and latency rows stand next to a floor
+        assert all(cells[3] and float(cells[4]) > 0 for cells in rows[key]), rows[key]
+    hit_rate = float(rows["d"][0][5].split("hit rate ")[1].split()[0])
+    assert hit_rate == pytest.approx(2 * 3 * 64 / (8 * 72), abs=1e-3)  # every prompt but the first of each group hits
+    assert "Row e: transformers" in printed and "shared, not copied" in printed
+    assert elapsed < 120, f"the quick run took {elapsed:.0f} s (about 25 s expected on two idle cores)"
+
+
+@pytest.mark.model
+def test_only_runs_the_selected_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "--quick", "--model", "smollm2-135m-instruct", "--engine-arg", "kv_cache_gb=0.02",
+                     "--only", "a"]) == 0
+    assert set(table_rows(capsys.readouterr().out)) == {"card", "a"}
+
+
+def test_missing_transformers_is_a_skipped_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from plait.bench.gpu import QUICK
+    from plait.bench.hf_reference import hf_decode_rows
+
+    real_import = builtins.__import__
+
+    def no_transformers(name, *args, **kwargs):
+        if name == "transformers":
+            raise ImportError("no transformers here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    rows = hf_decode_rows(None, {}, None, None, None, QUICK, {}, 0, [])
+    assert [r.result for r in rows] == ["skipped: transformers is not installed"] * 2
+
+
+def test_llama_8b_floors_match_the_performance_model() -> None:
+    """DESIGN.md: ~15 GB of weights read per step, 128 KiB of KV per token, ~14 GFLOP per prefill token."""
+    import torch
+
+    from plait.bench.gpu import Machine, ModelFacts
+    from plait.runtime.models.config import ModelConfig
+    from plait.runtime.models.registry import preset_config
+
+    engine = SimpleNamespace(
+        model_config=ModelConfig.from_hf(preset_config("llama-3.1-8b")),
+        runner=SimpleNamespace(dtype=torch.bfloat16),
+        config=SimpleNamespace(max_running_requests=256),
+    )
+    facts = ModelFacts.from_engine(engine)
+    assert facts.weight_bytes == pytest.approx(15.0e9, rel=0.01)
+    assert facts.kv_bytes_per_token == 128 * 1024
+    assert 2 * facts.gemm_params == pytest.approx(14.0e9, rel=0.01)
+    h100 = Machine(torch.device("cpu"), "H100", bandwidth=3.0e12, matmul_rate=700e12, matmul_dtype=torch.bfloat16,
+                   matmul_n=8192)
+    step, bound = facts.decode_step(h100, 1, 128 + 128)
+    assert bound == "memory" and step == pytest.approx(5.0e-3, rel=0.02)  # about 4.5 ms at 3.35 TB/s
+    assert facts.decode_step(h100, 4096, 128)[1] == "compute"
+    assert facts.prefill_flops(1024) / h100.matmul_rate == pytest.approx(1024 / 50e3, rel=0.1)  # ~50k tok/s
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--only", "a,z"], "--only takes"), (["--engine-arg", "noequals"], "--engine-arg takes KEY=VALUE")],
+)
+def test_bad_options_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unknown_engine_setting_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "--engine-arg", "no_such_setting=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("plait: error: --engine-arg: unknown setting(s) ['no_such_setting']")
+
+
+def test_engine_arg_values_are_json_or_text() -> None:
+    assert bench.parse_engine_arg("attention_backend=triton") == ("attention_backend", "triton")
+    assert bench.parse_engine_arg("max_total_tokens=4096") == ("max_total_tokens", 4096)
+    assert bench.parse_engine_arg("disable_radix_cache=true") == ("disable_radix_cache", True)
+    assert bench.parse_only("b, a,b") == ("b", "a")
+
+
+def test_benchmarks_gpu_py_is_a_thin_wrapper() -> None:
+    spec = importlib.util.spec_from_file_location("benchmarks_gpu", ROOT / "benchmarks" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # importable: runs nothing
+    assert module.main is bench.main and module.run is bench.run
+
+
+@pytest.mark.parametrize("preset", ["llama-3.1-8b", "qwen3-8b"])
+def test_every_transformers_parameter_maps_to_a_plait_tensor(preset: str) -> None:
+    """Row e's weight sharing, checked on the meta device (no memory) for the 8B configs."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from plait.bench.hf_reference import plait_tensor_for
+    from plait.runtime.layers.attention import TorchAttentionBackend
+    from plait.runtime.models.config import ModelConfig
+    from plait.runtime.models.llama import LlamaForCausalLM
+    from plait.runtime.models.registry import preset_config
+
+    hf_config = preset_config(preset)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(ModelConfig.from_hf(hf_config), TorchAttentionBackend(), 16)
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf_config))
+    params = dict(model.named_parameters())
+    for name, param in hf.named_parameters(remove_duplicate=False):
+        assert plait_tensor_for(name, model, params).shape == param.shape, name
