@@ -1,0 +1,121 @@
+"""decode_attention (Triton) vs decode_attention_ref (torch).
+
+CPU (interpreter): small shapes, float32 and float16 (the interpreter's bf16 ``tl.dot`` is wrong in
+Triton 3.6, so bf16 is covered on the GPU only). GPU: Llama-3.1-8B shapes in bf16, compared with the
+float32 reference: max abs diff < 2e-2 (bf16 keeps 8 mantissa bits: the output, a convex mix of
+values of size ~1, carries ~4e-3 rounding from P and V in bf16 plus bf16 output rounding).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from plait.runtime.kernels.decode_attention import (  # noqa: E402
+    compute_num_kv_splits,
+    decode_attention,
+    decode_attention_ref,
+)
+
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def make_inputs(seq_lens, H, KVH, D, dtype, device, *, table_dtype=torch.int64, seed=0):
+    """Random pool, a table whose rows map to scattered slots, and queries; returns the kernel's args."""
+    gen = torch.Generator().manual_seed(seed)
+    B, L = len(seq_lens), max(max(seq_lens), 1)
+    R = B + 2
+    num_slots = R * L + 7
+    k_buf = torch.randn((num_slots + 1, KVH, D), generator=gen).to(dtype).to(device)
+    v_buf = torch.randn((num_slots + 1, KVH, D), generator=gen).to(dtype).to(device)
+    table = (torch.randperm(num_slots, generator=gen)[: R * L] + 1).reshape(R, L)  # [R, L] slots 1..S
+    table = table.to(table_dtype).to(device)
+    req_rows = torch.randperm(R, generator=gen)[:B].to(device)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    q = torch.randn((B, H, D), generator=gen).to(dtype).to(device)
+    return q, k_buf, v_buf, table, req_rows, lens
+
+
+def check(out, ref, dtype):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all()
+    diff = (out.float() - ref.float()).abs().max().item()
+    assert diff < TOL[dtype], f"max abs diff {diff} >= {TOL[dtype]}"
+
+
+@pytest.mark.parametrize(
+    "H,KVH,D",
+    [(4, 4, 64), (8, 2, 64), (16, 2, 128), (6, 2, 80)],  # GQA groups 1, 4, 8, 3; D=80 is not a power of 2
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_matches_reference(kernel_device, H, KVH, D, dtype):
+    seq_lens = [1, 37, 200, 64]
+    args = make_inputs(seq_lens, H, KVH, D, dtype, kernel_device)
+    out = decode_attention(*args, D**-0.5, block_n=16)
+    check(out, decode_attention_ref(*args, D**-0.5), dtype)
+
+
+def test_decode_empty_splits_int32_table_strided_q(kernel_device):
+    """Every request forced to 16 splits (most of them empty), an int32 table, q a strided view, and
+    an output poisoned with NaN: every element must be written."""
+    H, KVH, D = 8, 2, 64
+    q, k_buf, v_buf, table, rows, lens = make_inputs(
+        [3, 50, 17], H, KVH, D, torch.float32, kernel_device, table_dtype=torch.int32, seed=1
+    )
+    qkv = torch.randn((3, H + 2 * KVH, D), device=kernel_device)
+    qkv[:, :H] = q
+    q_view = qkv[:, :H]  # [B, H, D], stride(0) = (H + 2 KVH) * D
+    splits = torch.full((3,), 16, dtype=torch.int32, device=kernel_device)
+    out = torch.full((3, H, D), float("nan"), device=kernel_device)
+    decode_attention(q_view, k_buf, v_buf, table, rows, lens, D**-0.5, num_kv_splits=splits, out=out, block_n=16)
+    check(out, decode_attention_ref(q, k_buf, v_buf, table, rows, lens, D**-0.5), torch.float32)
+
+
+def test_decode_zero_length_row_gives_zeros(kernel_device):
+    args = make_inputs([0, 5], 4, 2, 64, torch.float32, kernel_device, seed=2)
+    out = decode_attention(*args, 0.125, block_n=16)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    check(out, decode_attention_ref(*args, 0.125), torch.float32)
+
+
+def test_num_kv_splits_bounds():
+    lens = torch.tensor([0, 1, 64, 65, 5000, 100000], dtype=torch.int32)
+    splits = compute_num_kv_splits(lens, num_kv_heads=8, max_kv_splits=16)
+    assert splits.dtype == torch.int32
+    assert splits.tolist()[:4] == [1, 1, 1, 2]
+    assert int(splits.max()) <= 16 and int(splits.min()) >= 1
+    # a large batch already fills the GPU: one split each
+    big = compute_num_kv_splits(torch.full((256,), 8192, dtype=torch.int32), num_kv_heads=8, max_kv_splits=16)
+    assert big.max().item() == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,max_len", [(1, 8192), (64, 4096), (256, 2048), (256, 8192)])
+def test_decode_llama8b_shapes_bf16(batch, max_len):
+    H, KVH, D = 32, 8, 128
+    gen = torch.Generator().manual_seed(batch + max_len)
+    seq_lens = torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()
+    seq_lens[0] = max_len
+    args = make_inputs(seq_lens, H, KVH, D, torch.bfloat16, "cuda", seed=batch)
+    out = decode_attention(*args, D**-0.5)
+    check(out, decode_attention_ref(*args, D**-0.5), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_decode_cuda_graph_replay_with_new_lengths():
+    """Captured once, replayed after the metadata tensors were refilled in place."""
+    H, KVH, D = 32, 8, 128
+    q, k_buf, v_buf, table, rows, lens = make_inputs([700, 30, 2000, 1], H, KVH, D, torch.bfloat16, "cuda", seed=5)
+    splits = compute_num_kv_splits(lens, KVH)
+    decode_attention(q, k_buf, v_buf, table, rows, lens, D**-0.5, num_kv_splits=splits)  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k_buf, v_buf, table, rows, lens, D**-0.5, num_kv_splits=splits)
+    lens.copy_(torch.tensor([5, 1999, 64, 1000], dtype=torch.int32))
+    splits.copy_(compute_num_kv_splits(lens, KVH))
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    check(out, decode_attention_ref(q, k_buf, v_buf, table, rows, lens, D**-0.5), torch.bfloat16)
