@@ -27,7 +27,12 @@ from plait.runtime.models.registry import resolve_model
 from plait.runtime.outputs import build_output
 from plait.runtime.request import Request, RequestStatus
 from plait.runtime.scheduler import Scheduler
-from plait.runtime.step import build_forward_batch, record_prompt_logprobs, sample_next_tokens
+from plait.runtime.step import (
+    build_forward_batch,
+    finish_prompt_logprobs,
+    record_prompt_logprobs,
+    sample_next_tokens,
+)
 from plait.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 from plait.sampling import SamplingParams
 
@@ -134,7 +139,7 @@ class Engine:
         try:
             for h in handles:
                 while True:
-                    event = await h.queue.get()
+                    event = await self._get_event_async(h)
                     if event["finished"]:
                         outputs.append(event["output"])
                         break
@@ -183,8 +188,8 @@ class Engine:
     # ------------------------------------------------------------------ request intake
     def _prepare(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
                  top_logprobs_num, return_text_in_logprobs, rid, stream) -> GenerateInput:
-        if self._stopped:
-            raise RuntimeError("the engine has been shut down")
+        if self._stopped or self._dead:
+            raise RuntimeError("the engine has been shut down" if self._stopped else "the engine loop has died")
         gi = normalize_inputs(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
                               top_logprobs_num, rid)
         for req in gi.requests:
@@ -234,6 +239,15 @@ class Engine:
                 if not self._thread.is_alive():
                     raise RuntimeError("the engine loop has stopped; see the log for its error") from None
 
+    async def _get_event_async(self, handle: _Handle) -> dict:
+        """Next event for an asyncio caller; raises like ``_get_event`` instead of hanging."""
+        while True:
+            try:
+                return await asyncio.wait_for(handle.queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the engine loop has stopped; see the log for its error") from None
+
     def _wait_final_sync(self, handle: _Handle) -> dict:
         while True:
             event = self._get_event(handle)
@@ -254,20 +268,25 @@ class Engine:
             remaining = len(handles)
             while remaining:
                 index, event = merged.get()
+                if isinstance(event, Exception):
+                    raise event
                 yield {**event["output"], "index": index}
                 remaining -= event["finished"]
         finally:  # also when the caller closes the stream early
             self._abort_unfinished(gi.requests)
 
     def _pump(self, handle: _Handle, index: int, merged: queue.Queue) -> None:
-        while True:
-            event = self._get_event(handle)
-            merged.put((index, event))
-            if event["finished"]:
-                return
+        try:
+            while True:
+                event = self._get_event(handle)
+                merged.put((index, event))
+                if event["finished"]:
+                    return
+        except RuntimeError as exc:  # the engine loop is gone: the reader raises it
+            merged.put((index, exc))
 
     async def _stream_async(self, gi: GenerateInput, handles: list[_Handle]) -> AsyncIterator[dict]:
-        pending = {asyncio.ensure_future(h.queue.get()): i for i, h in enumerate(handles)}
+        pending = {asyncio.ensure_future(self._get_event_async(h)): i for i, h in enumerate(handles)}
         try:
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -276,7 +295,7 @@ class Engine:
                     event = fut.result()
                     yield {**event["output"], "index": index} if gi.is_batch else event["output"]
                     if not event["finished"]:
-                        pending[asyncio.ensure_future(handles[index].queue.get())] = index
+                        pending[asyncio.ensure_future(self._get_event_async(handles[index]))] = index
         finally:  # also when the caller closes the stream early or is cancelled
             for fut in pending:
                 fut.cancel()
@@ -311,9 +330,8 @@ class Engine:
         if kind == "add":
             self._counters["prompt_tokens"] += len(payload.prompt_ids)
             self.scheduler.add_request(payload)
-        elif kind == "abort":
-            req = self.scheduler.find(payload)
-            if req is not None:
+        elif kind == "abort":  # a request id, or the base id of an n > 1 group
+            for req in self.scheduler.find_all(payload):
                 self._finish(req, {"type": "abort", "message": "aborted"})
         elif kind == "flush":
             payload.put(self.scheduler.flush_cache())
@@ -345,9 +363,7 @@ class Engine:
                 if item.req.status is not RequestStatus.FINISHED:
                     self._finish(item.req, {"type": "abort", "message": f"internal error: {exc!r}"})
             return
-        for item in items:
-            if item.samples:
-                item.req.prompt_logprobs_done = True
+        finish_prompt_logprobs(items)
         for item in done_without_sampling:
             self._finish(item.req, {"type": "length", "length": 0})
         for req, token in sampled:

@@ -96,11 +96,14 @@ def normalize_inputs(
         base = rid_i if rid_i is not None else uuid.uuid4().hex
         eos = frozenset() if params.ignore_eos else engine.eos_token_ids
         for k in range(params.n):
+            # n seeded samples must differ from each other, yet stay reproducible
+            copy_params = params if params.n == 1 or params.seed is None else params.replace(seed=params.seed + k)
             requests.append(
                 Request(
                     rid=base if params.n == 1 else f"{base}-{k}",
+                    group_rid=None if params.n == 1 else base,
                     prompt_ids=list(ids),
-                    params=params,
+                    params=copy_params,
                     eos_token_ids=eos,
                     return_logprob=return_logprob,
                     logprob_start_len=logprob_start_len if return_logprob else -1,

@@ -34,6 +34,7 @@ class Request:
     top_logprobs_num: int = 0
     on_output: Callable[[dict[str, Any]], None] | None = None  # called from the engine thread
     stream: bool = False
+    group_rid: str | None = None  # the caller's id when n > 1 expanded it into several requests
     return_text_in_logprobs: bool = False
 
     output_ids: list[int] = field(default_factory=list)

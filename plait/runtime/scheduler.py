@@ -64,6 +64,10 @@ class Scheduler:
                 return req
         return None
 
+    def find_all(self, rid: str) -> list[Request]:
+        """The request with this id, or every request of the ``n > 1`` group with this base id."""
+        return [r for r in self.running + self.waiting if r.rid == rid or r.group_rid == rid]
+
     def remove(self, req: Request) -> None:
         """Take a request out of the queues, releasing its KV (its computed prefix stays cached)."""
         if req.status is RequestStatus.RUNNING:
@@ -75,26 +79,38 @@ class Scheduler:
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> list[ScheduledItem]:
-        """Pick this step's work: running requests first, then admit waiting ones while budget lasts."""
+        """Pick this step's work: decode tokens of running requests (one allocation for all of them),
+        then prefill chunks of partially prefilled requests, then admit waiting ones while the token
+        budget lasts. The new tokens' slots are written into the request-to-slot table by the step
+        builder, in one vectorized write."""
         budget = self.config.chunked_prefill_size
-        items: list[ScheduledItem] = []
+        items = self._schedule_decodes()
         for req in list(self.running):
-            if req.status is not RequestStatus.RUNNING:
-                continue  # retracted earlier in this loop
-            n = req.pending_len
-            if n > 1:
-                n = min(n, budget)
-                if n <= 0:
-                    continue
+            if req.status is not RequestStatus.RUNNING or req.pending_len <= 1 or budget <= 0:
+                continue
+            n = min(req.pending_len, budget)
             slots = self._alloc_for_running(req, n)
             if slots is None:
                 continue  # req itself was retracted or failed
-            self.table.write(req.row, req.computed_len, slots)
             items.append(ScheduledItem(req, req.computed_len, n, slots))
-            budget -= n if n > 1 else 0
+            budget -= n
         if budget > 0 and self.waiting:
             items.extend(self._admit(budget))
         return items
+
+    def _schedule_decodes(self) -> list[ScheduledItem]:
+        """One token for every decoding request; retracts the newest requests while memory is short."""
+        while True:
+            decoding = [r for r in self.running if r.pending_len == 1]
+            if not decoding:
+                return []
+            slots = self._alloc(len(decoding))
+            if slots is not None:
+                return [ScheduledItem(r, r.computed_len, 1, slots[i : i + 1]) for i, r in enumerate(decoding)]
+            if len(self.running) == 1:
+                self.fail(self.running[0], "out of KV cache memory: the request does not fit in the cache alone")
+                return []
+            self.retract(self.running[-1])
 
     def _alloc(self, n: int) -> torch.Tensor | None:
         slots = self.pool.alloc(n)

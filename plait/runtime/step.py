@@ -27,17 +27,26 @@ class LogitsPlan:
 
 
 def build_forward_batch(items: list[ScheduledItem], runner: ModelRunner) -> tuple[ForwardBatch, LogitsPlan]:
+    """Flatten the scheduled items into one ForwardBatch (one host-to-device copy for all index
+    tensors) and map the new tokens' slots into the request-to-slot table in one write."""
     device = runner.device
     input_ids: list[int] = []
     positions: list[int] = []
+    token_rows: list[int] = []
     starts, logits_idx = [], []
     plan = LogitsPlan([], [], [], [])
     for item in items:
         req, start, n = item.req, item.start, item.length
         offset = len(input_ids)
         starts.append(offset)
-        input_ids.extend(req.token_slice(start, start + n))
-        positions.extend(range(start, start + n))
+        if n == 1:
+            input_ids.append(req.token_slice(start, start + 1)[0])
+            positions.append(start)
+            token_rows.append(req.row)
+        else:
+            input_ids.extend(req.token_slice(start, start + n))
+            positions.extend(range(start, start + n))
+            token_rows.extend([req.row] * n)
         if req.wants_prompt_logprobs:
             # logits at prompt position p score prompt token p + 1
             lo = max(start, max(req.logprob_start_len - 1, 0))
@@ -50,17 +59,24 @@ def build_forward_batch(items: list[ScheduledItem], runner: ModelRunner) -> tupl
             plan.sample_rows.append(len(logits_idx))
             plan.sample_items.append(item)
             logits_idx.append(offset + n - 1)
-    out_cache_loc = torch.cat([item.slots for item in items]) if items else torch.empty(0, dtype=torch.int64)
+    T, B = len(input_ids), len(items)
+    host = torch.tensor(input_ids + positions + token_rows + [item.req.row for item in items] + logits_idx,
+                        dtype=torch.int64)
+    packed = host.to(device, non_blocking=True) if device.type == "cuda" else host
+    input_t, pos_t, rows_t = packed[:T], packed[T : 2 * T], packed[2 * T : 3 * T]
+    req_rows_t, logits_t = packed[3 * T : 3 * T + B], packed[3 * T + B :]
+    out_cache_loc = torch.cat([item.slots for item in items]) if len(items) > 1 else items[0].slots
+    runner.slot_table.table[rows_t, pos_t] = out_cache_loc  # the new tokens' slots, all rows at once
     batch = ForwardBatch(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        out_cache_loc=out_cache_loc.to(device),
-        req_rows=torch.tensor([item.req.row for item in items], dtype=torch.int64, device=device),
+        input_ids=input_t,
+        positions=pos_t,
+        out_cache_loc=out_cache_loc,
+        req_rows=req_rows_t,
         prefix_lens=[item.start for item in items],
         extend_lens=[item.length for item in items],
         seq_lens=[item.start + item.length for item in items],
         extend_starts=starts,
-        logits_indices=torch.tensor(logits_idx, dtype=torch.int64, device=device),
+        logits_indices=logits_t,
         pool=runner.pool,
         slot_table=runner.slot_table.table,
     )
@@ -71,9 +87,6 @@ def record_prompt_logprobs(plan: LogitsPlan, logits: torch.Tensor) -> None:
     """Append prompt-token logprobs (and top alternatives) for the prompt positions computed this step."""
     for (item, row, first_pos), count in zip(plan.prompt_rows, plan.prompt_counts):
         req = item.req
-        if not req.input_token_logprobs and req.logprob_start_len == 0:
-            req.input_token_logprobs.append((None, req.prompt_ids[0]))
-            req.input_top_logprobs.append(None)
         targets = torch.tensor(req.prompt_ids[first_pos + 1 : first_pos + 1 + count], device=logits.device)
         rows = logits[row : row + count]
         lps = log_softmax_logprobs(rows, targets).tolist()
@@ -82,6 +95,20 @@ def record_prompt_logprobs(plan: LogitsPlan, logits: torch.Tensor) -> None:
             req.input_top_logprobs.extend(top_k_logprobs(rows, req.top_logprobs_num))
         else:
             req.input_top_logprobs.extend([None] * count)
+
+
+def finish_prompt_logprobs(items: list[ScheduledItem]) -> None:
+    """Close the prompt logprobs of requests whose prompt was fully computed this step.
+
+    The first prompt token has no logprob (nothing precedes it): it leads the list as (None, id)."""
+    for item in items:
+        req = item.req
+        if not (item.samples and req.wants_prompt_logprobs):
+            continue
+        if req.logprob_start_len == 0:
+            req.input_token_logprobs.insert(0, (None, req.prompt_ids[0]))
+            req.input_top_logprobs.insert(0, None)
+        req.prompt_logprobs_done = True
 
 
 def sample_next_tokens(plan: LogitsPlan, logits: torch.Tensor, sampler: Sampler) -> list[tuple[Request, int]]:

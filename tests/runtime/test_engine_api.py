@@ -1,11 +1,14 @@
 """The engine API as a user calls it, on the bundled model: argument errors, sampling options,
-concurrent callers, flush_cache / stats, and a queue (abort while waiting, the context limit).
+concurrent callers, flush_cache / stats, a queue (abort while waiting, the context limit), shutdown and
+a dead engine loop.
 
-One module-scoped engine (plus one tiny-queue engine); every scenario ends with the no-leak check.
+One module-scoped engine (plus a one-slot engine, and fresh ones for shutdown); every scenario on an
+engine that goes on ends with the no-leak check.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -77,8 +80,6 @@ def test_bad_request_is_a_clear_error(engine, chat_ids, case):
 
 
 def test_async_bad_request_raises(engine, chat_ids):
-    import asyncio
-
     with pytest.raises(ValueError, match="temperature"):
         asyncio.run(engine.async_generate(input_ids=chat_ids, sampling_params={"temperature": -1}))
     _serves(engine, chat_ids)
@@ -271,4 +272,84 @@ def test_chat_prompts_by_text(engine, tok):
     by_ids = engine.generate(input_ids=tok.encode(text), sampling_params=greedy_params(4))
     assert by_text["output_ids"] == by_ids["output_ids"] and by_text["text"] == by_ids["text"]
     assert by_text["meta_info"]["prompt_tokens"] == len(tok.encode(text))
+    assert_no_leak(engine)
+
+
+# ---------------------------------------------------------------------------------------------- shutdown / failure
+def _in_flight(eng, ids) -> tuple[dict, list[threading.Thread]]:
+    """Start a plain, an async and a batch-streaming caller; return where their results or errors land."""
+    results: dict[str, object] = {}
+
+    def catch(name, fn):
+        def run():
+            try:
+                results[name] = fn()
+            except RuntimeError as exc:
+                results[name] = exc
+        return threading.Thread(target=run)
+
+    threads = [
+        catch("sync", lambda: eng.generate(input_ids=ids, sampling_params=LONG)),
+        catch("async", lambda: asyncio.run(eng.async_generate(input_ids=ids, sampling_params=LONG))),
+        catch("stream", lambda: list(eng.generate(input_ids=[ids, ids], sampling_params=LONG, stream=True))),
+    ]
+    for t in threads:
+        t.start()
+    wait_until(lambda: eng.stats()["running"] == 4, what="every caller's request to run")
+    return results, threads
+
+
+def test_shutdown_aborts_requests_in_flight(bundled_model_dir, chat_ids):
+    eng = Engine(model=str(bundled_model_dir), max_total_tokens=2048)
+    results, threads = _in_flight(eng, chat_ids)
+    eng.shutdown()
+    for t in threads:
+        t.join(timeout=30)
+    shut = {"type": "abort", "message": "engine shut down"}
+    assert results["sync"]["meta_info"]["finish_reason"] == shut
+    assert results["async"]["meta_info"]["finish_reason"] == shut
+    assert [s["meta_info"]["finish_reason"] for s in results["stream"][-2:]] == [shut, shut]
+    with pytest.raises(RuntimeError, match="shut down"):
+        eng.generate(input_ids=chat_ids)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop dies on purpose
+def test_a_dead_engine_loop_is_an_error_not_a_hang(bundled_model_dir, chat_ids):
+    eng = Engine(model=str(bundled_model_dir), max_total_tokens=2048)
+    results, threads = _in_flight(eng, chat_ids)
+    eng._post("no-such-command", None)  # stands in for a bug that kills the loop thread
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), f"callers still waiting: {sorted(results)}"
+    for name in ("sync", "async", "stream"):
+        assert isinstance(results[name], RuntimeError) and "engine loop" in str(results[name])
+    with pytest.raises(RuntimeError, match="died"):
+        eng.generate(input_ids=chat_ids)
+    eng.shutdown()
+
+
+def test_n_with_seed_gives_distinct_reproducible_samples(engine):
+    params = {"temperature": 1.0, "max_new_tokens": 8, "seed": 7, "n": 3}
+    first = engine.generate("Tell me a fact:", params)
+    again = engine.generate("Tell me a fact:", params)
+    assert [o["output_ids"] for o in first] == [o["output_ids"] for o in again]
+    assert len({tuple(o["output_ids"]) for o in first}) > 1
+    assert_no_leak(engine)
+
+
+def test_abort_by_group_id_aborts_every_sample(engine):
+    import threading
+
+    results = {}
+    worker = threading.Thread(target=lambda: results.update(out=engine.generate(
+        "Write a long story:", {"max_new_tokens": 400, "n": 2, "ignore_eos": True}, rid="group-x")))
+    worker.start()
+    import time
+
+    deadline = time.time() + 30
+    while engine.stats()["running"] < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    engine.abort("group-x")
+    worker.join(timeout=60)
+    assert [o["meta_info"]["finish_reason"]["type"] for o in results["out"]] == ["abort", "abort"]
     assert_no_leak(engine)

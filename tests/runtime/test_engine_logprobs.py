@@ -125,3 +125,35 @@ def test_no_logprobs_unless_asked(engine, prompt_ids):
     assert len(only_output["output_token_logprobs"]) == 2
     assert "output_top_logprobs" not in only_output
     assert_no_leak(engine)
+
+
+def test_streamed_snapshots_carry_logprobs_with_text(engine, tok, prompt_ids):
+    snapshots = list(engine.generate(input_ids=prompt_ids, sampling_params=greedy_params(4), return_logprob=True,
+                                     top_logprobs_num=2, return_text_in_logprobs=True, stream=True))
+    assert len(snapshots) >= 4
+    for snap in snapshots:
+        entries = snap["meta_info"]["output_token_logprobs"]
+        assert [tid for _, tid, _ in entries] == snap["output_ids"]
+        assert [text for _, _, text in entries] == [tok.decode([t], skip_special_tokens=False)
+                                                   for t in snap["output_ids"]]
+        assert all(text is not None for top in snap["meta_info"]["output_top_logprobs"] for _, _, text in top)
+    assert_no_leak(engine)
+
+
+def test_prompt_logprobs_across_prefill_chunks(bundled_model_dir, hf_model, tok, prompt_ids):
+    """A prompt prefilled in 8-token chunks gets the same prompt logprobs as in one piece."""
+    from plait.runtime.engine import Engine
+
+    ref = hf_logprobs(hf_model, prompt_ids)
+    with Engine(model=str(bundled_model_dir), chunked_prefill_size=8, max_total_tokens=1024) as eng:
+        out = eng.generate(input_ids=prompt_ids, sampling_params=greedy_params(2), return_logprob=True,
+                           logprob_start_len=3, top_logprobs_num=2)
+        assert_entries_match(out["meta_info"]["input_token_logprobs"], prompt_ids, ref, 3, False, tok)
+        assert len(out["meta_info"]["input_top_logprobs"]) == len(prompt_ids) - 3
+        assert_no_leak(eng)
+
+
+def test_one_token_prompt_logprobs(engine, prompt_ids):
+    out = engine.generate(input_ids=prompt_ids[:1], sampling_params=greedy_params(1), return_logprob=True,
+                          logprob_start_len=0)
+    assert [tuple(e) for e in out["meta_info"]["input_token_logprobs"]] == [(None, prompt_ids[0], None)]
