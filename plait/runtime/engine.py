@@ -195,7 +195,9 @@ class Engine:
         for req in gi.requests:
             req.stream = stream
             req.return_text_in_logprobs = return_text_in_logprobs
-            if self.tokenizer is not None:
+            # Incremental detokenization only where text is needed before the end (streams, stop
+            # strings); other requests decode once when they finish.
+            if self.tokenizer is not None and (stream or req.params.stop):
                 req.detokenizer = IncrementalDetokenizer(
                     self.tokenizer, req.prompt_ids, stop=req.params.stop,
                     skip_special_tokens=req.params.skip_special_tokens, no_stop_trim=req.params.no_stop_trim,
@@ -404,6 +406,12 @@ class Engine:
             req.detokenizer.finish()
         if req.detokenizer is not None:
             req.text = req.detokenizer.text
+        elif self.tokenizer is not None:
+            ids = req.output_ids
+            matched = (req.finish_reason or {}).get("matched")
+            if isinstance(matched, int) and ids and ids[-1] == matched and not req.params.no_stop_trim:
+                ids = ids[:-1]  # a stop token is not part of the text
+            req.text = self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
         self._counters["finished"] += 1
         self._counters["cached_tokens"] += req.cached_tokens
         with self._cv:
