@@ -173,11 +173,13 @@ class Engine:
         }
 
     def shutdown(self) -> None:
-        """Abort everything in flight and stop the loop thread."""
+        """Abort everything in flight, stop the loop thread and free the model's and KV cache's memory."""
         with self._cv:
             self._stopped = True
             self._cv.notify()
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self.runner.release()  # the model and KV cache memory is free for the next engine
 
     def __enter__(self) -> "Engine":
         return self

@@ -149,6 +149,18 @@ class ModelRunner:
         logits = self.config.max_running_requests * cfg.vocab_size * 4 * 3  # float32 logits + sampling copies
         return int(mlp + logits + 2**30)
 
+    def release(self) -> None:
+        """Drop the weights, the KV cache and the CUDA graphs so their memory can be reused (after shutdown)."""
+        self.cuda_graphs = None
+        self.model = None
+        self.pool.k_buffers.clear()
+        self.pool.v_buffers.clear()
+        if self.device.type == "cuda":
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Run the batch; returns float32 logits [N, vocab] for ``batch.logits_indices``."""
