@@ -1,12 +1,22 @@
-"""Rotary position embedding (GPT-NeoX / Hugging Face "rotate_half" layout), with "llama3" and "linear" scaling."""
+"""Rotary position embedding (GPT-NeoX / Hugging Face "rotate_half" layout), with "llama3" and "linear" scaling.
+
+On CUDA, ``lookup`` returns a ``FusedRope`` (the step's positions and the whole cos/sin tables) and
+``apply`` rotates with the Triton kernel of ``kernels/fused_rotary.py``, which reads the table rows
+at the positions itself (bit-identical to the eager code in bf16/fp16). On the CPU ``lookup`` gathers
+cos/sin once per step and ``apply`` runs the eager code, unchanged.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from types import ModuleType
+from typing import Any, NamedTuple, Union
 
 import torch
 from torch import nn
+
+from plait.runtime.layers.norm import fused_kernels_enabled
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -33,6 +43,25 @@ def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) ->
         is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
         return torch.where(is_medium, smoothed, inv_freq_llama)
     raise ValueError(f"unsupported rope scaling type {rope_type!r}; plait supports default, linear, llama3")
+
+
+class FusedRope(NamedTuple):
+    """``RotaryEmbedding.lookup``'s result on CUDA: rotate with one kernel that reads the tables."""
+
+    positions: torch.Tensor  # [T] int64
+    cos_cache: torch.Tensor  # [P, D]
+    sin_cache: torch.Tensor  # [P, D]
+
+
+# lookup's result: (cos, sin) [T, 1, D] each on the CPU, FusedRope on CUDA
+Rope = Union[tuple[torch.Tensor, torch.Tensor], FusedRope]
+
+
+@functools.cache
+def _fused_rotary() -> ModuleType:
+    from plait.runtime.kernels import fused_rotary  # imports triton: only where a CUDA tensor needs it
+
+    return fused_rotary
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -64,12 +93,22 @@ class RotaryEmbedding(nn.Module):
         self.cos_cache = emb.cos().to(device=device, dtype=dtype)
         self.sin_cache = emb.sin().to(device=device, dtype=dtype)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D] for the step's positions; looked up once per step and shared by all layers."""
+    def lookup(self, positions: torch.Tensor) -> Rope:
+        """What ``apply`` needs for the step's positions [T]; computed once per step, shared by all layers.
+
+        CPU: cos, sin [T, 1, D]. CUDA: a ``FusedRope`` (no gather: the kernel indexes the tables).
+        """
+        if fused_kernels_enabled(positions):
+            return FusedRope(positions, self.cos_cache, self.sin_cache)
         return self.cos_cache[positions].unsqueeze(1), self.sin_cache[positions].unsqueeze(1)
 
     @staticmethod
-    def apply(rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """Rotate x [T, N, D] (any number of heads N, e.g. q and k heads stacked) by ``lookup``'s cos/sin."""
+    def apply(rope: Rope, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, N, D] (any number of heads N, e.g. q and k heads stacked) by ``lookup``'s result.
+
+        Returns a new [T, N, D] tensor (contiguous on the fused path); ``x`` may be a strided view.
+        """
+        if isinstance(rope, FusedRope):
+            return _fused_rotary().rotary_embedding(x, rope.positions, rope.cos_cache, rope.sin_cache)
         cos, sin = rope
         return x * cos + _rotate_half(x) * sin
