@@ -28,6 +28,7 @@ class EngineConfig:
     disable_radix_cache: bool = False
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
     disable_cuda_graph: bool = False
+    enable_overlap: bool | None = None  # schedule step N+1 while the device runs step N; None: on for CUDA
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay captured CUDA graphs
     random_seed: int = 0
     cpu_prepack: bool = True  # CPU float32: keep MKL-prepacked weights for small-batch decode (2x the weight memory)

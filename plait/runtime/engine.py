@@ -25,8 +25,9 @@ from plait.runtime.executor.sampler import Sampler
 from plait.runtime.kvcache.radix import RadixCache
 from plait.runtime.models.registry import resolve_model
 from plait.runtime.outputs import build_output
+from plait.runtime.overlap import InFlightStep, launch_sampling, overlappable
 from plait.runtime.request import Request, RequestStatus
-from plait.runtime.scheduler import Scheduler
+from plait.runtime.scheduler import ScheduledItem, Scheduler
 from plait.runtime.step import (
     build_forward_batch,
     finish_prompt_logprobs,
@@ -81,6 +82,9 @@ class Engine:
         self._active: set[str] = set()
         self._stopped = False
         self._dead = False
+        overlap = self.config.enable_overlap
+        self.overlap = self.runner.device.type == "cuda" if overlap is None else overlap
+        self._inflight: InFlightStep | None = None
         self._thread = threading.Thread(target=self._loop, name="plait-engine", daemon=True)
         self._thread.start()
 
@@ -324,6 +328,7 @@ class Engine:
             for kind, payload in commands:
                 self._apply(kind, payload)
             if stopped:
+                self._drain_inflight()
                 for req in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self._finish(req, {"type": "abort", "message": "engine shut down"})
                 return
@@ -347,8 +352,37 @@ class Engine:
         for req in self.scheduler.drain_failed():
             self._deliver_final(req)
         if not items:
+            self._drain_inflight()
             return
         self._counters["steps"] += 1
+        if self.overlap and overlappable(items):
+            self._run_overlapped(items)
+            return
+        if self._inflight is not None:  # this step needs its results at once: settle the previous one first
+            self._drain_inflight()
+            items = self._drop_finished(items)
+            if not items:
+                return
+        self._run_sync(items)
+
+    def _drop_finished(self, items: list[ScheduledItem]) -> list[ScheduledItem]:
+        """Items whose request finished while they were being scheduled give their slots back."""
+        keep = []
+        for item in items:
+            if item.req.status is RequestStatus.FINISHED:
+                self.runner.pool.free(item.slots)
+            else:
+                keep.append(item)
+        return keep
+
+    def _fail_items(self, items: list[ScheduledItem], exc: Exception) -> None:
+        logger.exception("engine step failed")
+        for item in items:
+            if item.req.status is not RequestStatus.FINISHED:
+                self._finish(item.req, {"type": "abort", "message": f"internal error: {exc!r}"})
+
+    def _run_sync(self, items: list[ScheduledItem]) -> None:
+        """Forward, sample and read the tokens back in one go."""
         try:
             batch, plan = build_forward_batch(items, self.runner)
             logits = self.runner.forward(batch)
@@ -362,16 +396,42 @@ class Engine:
                 plan.sample_items = [plan.sample_items[k] for k in keep]
             sampled = sample_next_tokens(plan, logits, self.sampler)
         except Exception as exc:  # a bug or bad state in one step must not take the engine down
-            logger.exception("engine step failed")
-            for item in items:
-                if item.req.status is not RequestStatus.FINISHED:
-                    self._finish(item.req, {"type": "abort", "message": f"internal error: {exc!r}"})
+            self._fail_items(items, exc)
             return
         finish_prompt_logprobs(items)
         for item in done_without_sampling:
             self._finish(item.req, {"type": "length", "length": 0})
         for req, token in sampled:
             self._append_token(req, token)
+
+    def _run_overlapped(self, items: list[ScheduledItem]) -> None:
+        """Launch this step, then settle the previous one while the device computes (see overlap.py)."""
+        prev = self._inflight
+        try:
+            batch, plan = build_forward_batch(items, self.runner, prev.next_ids if prev is not None else None)
+            logits = self.runner.forward(batch)
+            self.scheduler.complete(items)
+            self._inflight = launch_sampling(plan, logits, self.sampler, self.model_config.vocab_size)
+        except Exception as exc:  # a bug or bad state in one step must not take the engine down
+            self._inflight = prev
+            self._drain_inflight()
+            self._fail_items(items, exc)
+            return
+        if prev is not None:
+            self._settle(prev)
+
+    def _settle(self, step: InFlightStep) -> None:
+        """Read a launched step's tokens back and apply them (finish checks, detokenizing, streaming)."""
+        for req, token in zip(step.reqs, step.read_back()):
+            req.inflight -= 1
+            if req.status is RequestStatus.FINISHED:
+                continue  # finished (or aborted) while this token was computed: it is dropped
+            self._append_token(req, token)
+
+    def _drain_inflight(self) -> None:
+        step, self._inflight = self._inflight, None
+        if step is not None:
+            self._settle(step)
 
     def _append_token(self, req: Request, token: int) -> None:
         req.output_ids.append(token)

@@ -47,6 +47,10 @@ class Request:
     admitted_once: bool = False
     prompt_logprobs_done: bool = False
     retractions: int = 0
+    # overlap scheduling: a token sampled on the device but not yet read back (0 or 1), and its row in
+    # that step's sampled-token tensor (the next step reads its input token from there)
+    inflight: int = 0
+    inflight_row: int = -1
     finish_reason: dict[str, Any] | None = None
     detokenizer: Any = None  # IncrementalDetokenizer, or None without a tokenizer
     text: str = ""
@@ -79,8 +83,13 @@ class Request:
 
     @property
     def pending_len(self) -> int:
-        """Tokens whose KV is not yet computed (1 while decoding)."""
-        return self.total_len - self.computed_len
+        """Tokens whose KV is not yet computed (1 while decoding), counting a sampled token still in flight."""
+        return self.total_len + self.inflight - self.computed_len
+
+    @property
+    def will_finish_by_length(self) -> bool:
+        """Its in-flight token is its last by max_new_tokens: scheduling it again would be wasted."""
+        return self.inflight > 0 and len(self.output_ids) + self.inflight >= self.params.max_new_tokens
 
     @property
     def wants_prompt_logprobs(self) -> bool:

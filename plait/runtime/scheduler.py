@@ -36,7 +36,7 @@ class ScheduledItem:
     @property
     def samples(self) -> bool:
         """Whether this step reaches the end of the request's tokens, so its last logits pick a new token."""
-        return self.start + self.length == self.req.total_len
+        return self.start + self.length == self.req.total_len + self.req.inflight
 
 
 class Scheduler:
@@ -101,7 +101,7 @@ class Scheduler:
     def _schedule_decodes(self) -> list[ScheduledItem]:
         """One token for every decoding request; retracts the newest requests while memory is short."""
         while True:
-            decoding = [r for r in self.running if r.pending_len == 1]
+            decoding = [r for r in self.running if r.pending_len == 1 and not r.will_finish_by_length]
             if not decoding:
                 return []
             slots = self._alloc(len(decoding))
@@ -150,6 +150,8 @@ class Scheduler:
         for req in self._ordered_waiting():
             if budget <= 0 or self.table.num_free == 0 or len(self.running) >= self.config.max_running_requests:
                 break
+            if req.inflight:
+                continue  # retracted with a token still in flight: wait until it is read back
             match = self.tree.match_prefix(req.all_ids[: req.max_prefix_match()])
             # In-batch prefix sharing: a request that shares a long uncached prefix with one admitted in
             # this step waits one step, then finds that prefix in the cache instead of recomputing it.

@@ -26,10 +26,18 @@ class LogitsPlan:
     prompt_counts: list[int]
 
 
-def build_forward_batch(items: list[ScheduledItem], runner: ModelRunner) -> tuple[ForwardBatch, LogitsPlan]:
+def build_forward_batch(
+    items: list[ScheduledItem], runner: ModelRunner, inflight_ids: torch.Tensor | None = None
+) -> tuple[ForwardBatch, LogitsPlan]:
     """Flatten the scheduled items into one ForwardBatch (one host-to-device copy for all index
-    tensors) and map the new tokens' slots into the request-to-slot table in one write."""
+    tensors) and map the new tokens' slots into the request-to-slot table in one write.
+
+    With overlap scheduling a decode row's input may be the token sampled by the previous step, not
+    yet read back: it is gathered on the device from ``inflight_ids`` (that step's sampled tokens).
+    """
     device = runner.device
+    inflight_pos: list[int] = []
+    inflight_src: list[int] = []
     input_ids: list[int] = []
     positions: list[int] = []
     token_rows: list[int] = []
@@ -40,7 +48,12 @@ def build_forward_batch(items: list[ScheduledItem], runner: ModelRunner) -> tupl
         offset = len(input_ids)
         starts.append(offset)
         if n == 1:
-            input_ids.append(req.token_slice(start, start + 1)[0])
+            if start == req.total_len:  # its input is the token sampled last step, still on the device
+                input_ids.append(0)
+                inflight_pos.append(offset)
+                inflight_src.append(req.inflight_row)
+            else:
+                input_ids.append(req.token_slice(start, start + 1)[0])
             positions.append(start)
             token_rows.append(req.row)
         else:
@@ -60,11 +73,20 @@ def build_forward_batch(items: list[ScheduledItem], runner: ModelRunner) -> tupl
             plan.sample_items.append(item)
             logits_idx.append(offset + n - 1)
     T, B = len(input_ids), len(items)
-    host = torch.tensor(input_ids + positions + token_rows + [item.req.row for item in items] + logits_idx,
-                        dtype=torch.int64)
+    L, F = len(logits_idx), len(inflight_pos)
+    host = torch.tensor(
+        input_ids + positions + token_rows + [item.req.row for item in items] + logits_idx + inflight_pos
+        + inflight_src,
+        dtype=torch.int64,
+    )
     packed = host.to(device, non_blocking=True) if device.type == "cuda" else host
     input_t, pos_t, rows_t = packed[:T], packed[T : 2 * T], packed[2 * T : 3 * T]
-    req_rows_t, logits_t = packed[3 * T : 3 * T + B], packed[3 * T + B :]
+    req_rows_t, logits_t = packed[3 * T : 3 * T + B], packed[3 * T + B : 3 * T + B + L]
+    if F:
+        if inflight_ids is None:
+            raise RuntimeError("a decode row needs a token still in flight, but no in-flight step was given")
+        fill_pos, fill_src = packed[3 * T + B + L : 3 * T + B + L + F], packed[3 * T + B + L + F :]
+        input_t[fill_pos] = inflight_ids[fill_src]
     out_cache_loc = torch.cat([item.slots for item in items]) if len(items) > 1 else items[0].slots
     runner.slot_table.table[rows_t, pos_t] = out_cache_loc  # the new tokens' slots, all rows at once
     batch = ForwardBatch(

@@ -1,0 +1,82 @@
+"""Overlap scheduling: the CPU schedules and launches step N+1 while the device still runs step N.
+
+A step's sampled tokens stay on the device; the next step's decode rows read their input token from
+there (``build_forward_batch(..., inflight_ids=...)``). Only after step N+1 is launched does the engine
+read step N's tokens back (one host-device sync per step, waiting for work that is already done) and
+do the per-request CPU work (detokenizing, stop checks, streaming) while the device computes.
+
+Consequences the scheduler and engine handle: a request has up to one token in flight
+(``Request.inflight``); one that finishes on its in-flight token (EOS, stop string) was already
+scheduled for one more step, whose token is dropped; requests whose in-flight token is their last by
+length are not scheduled again. Steps that need values on the host right away (logprobs, penalties
+that count the in-flight token, prompt scoring) run synchronously instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from plait.runtime.executor.sampler import Sampler, SamplingBatch
+from plait.runtime.request import Request
+from plait.runtime.scheduler import ScheduledItem
+from plait.runtime.step import LogitsPlan
+
+
+@dataclass
+class InFlightStep:
+    """A launched step whose sampled tokens have not been read back yet."""
+
+    reqs: list[Request]  # in the row order of ``next_ids``
+    next_ids: torch.Tensor  # [n] int64 on the device
+    host_ids: torch.Tensor  # [n] int64 on the host, filled asynchronously
+    done: torch.cuda.Event | None  # recorded after the device-to-host copy (None on CPU)
+
+    def read_back(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host_ids.tolist()
+
+
+def overlappable(items: list[ScheduledItem]) -> bool:
+    """Whether a step can run without reading its results back right away."""
+    for item in items:
+        req, p = item.req, item.req.params
+        if req.return_logprob or p.max_new_tokens == 0:
+            return False
+        if p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0:
+            return False  # penalties must count the token still in flight, whose value is not known yet
+    return True
+
+
+def launch_sampling(plan: LogitsPlan, logits: torch.Tensor, sampler: Sampler, vocab_size: int) -> InFlightStep:
+    """Sample on the device and start copying the tokens to the host; no sync."""
+    reqs = [item.req for item in plan.sample_items]
+    rows = logits[plan.sample_rows] if len(plan.sample_rows) < logits.shape[0] else logits
+    # Seeds and min_new_tokens depend on how many tokens were generated: count the one in flight.
+    # (vocab_size is a placeholder id that penalties ignore; steps with penalties do not overlap.)
+    output_ids = [
+        r.output_ids + [vocab_size] * r.inflight if r.inflight and (r.params.seed is not None or r.params.min_new_tokens)
+        else r.output_ids
+        for r in reqs
+    ]
+    sbatch = SamplingBatch(
+        params=[r.params for r in reqs],
+        output_ids=output_ids,
+        prompt_ids=[r.prompt_ids for r in reqs],
+        eos_token_ids=[r.eos_token_ids for r in reqs],
+        top_logprobs_num=[0] * len(reqs),
+    )
+    next_ids = sampler.sample(rows, sbatch).next_token_ids
+    done = None
+    if next_ids.is_cuda:
+        host_ids = next_ids.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+    else:
+        host_ids = next_ids
+    for row, req in enumerate(reqs):
+        req.inflight += 1
+        req.inflight_row = row
+    return InFlightStep(reqs, next_ids, host_ids, done)
