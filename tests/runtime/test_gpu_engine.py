@@ -87,26 +87,26 @@ def test_bundled_bf16_logprobs_close(bundled_model_dir, varied_prompt_ids, hf_mo
         _free(engine)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: with the 8B config and random normal(0.02) weights, prompt logprobs drift from transformers' "
-    "with position (fp32: 0.005 at 17 tokens, 0.135 at 300), while 2-layer models with the same rope/attention "
-    "settings match to 6e-7 on the GPU; being investigated",
-)
 def test_llama_8b_dummy_logprobs_match_transformers():
     """Same bf16 weights in plait and transformers; both compared with a float32 computation of those
     weights: plait's bf16 error must be no larger than transformers' own bf16 error (plus a margin)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from plait.runtime.layers.rotary import rope_inv_freq
     from plait.runtime.models.registry import preset_config
 
     engine = Engine(model="llama-3.1-8b", load_format="dummy", device="cuda", max_total_tokens=4096,
                     max_running_requests=4, cuda_graph_max_bs=4)
     try:
-        cfg = LlamaConfig(**{k: v for k, v in preset_config("llama-3.1-8b").items() if k != "architectures"})
+        preset = preset_config("llama-3.1-8b")
+        cfg = LlamaConfig(**{k: v for k, v in preset.items() if k not in ("architectures", "rope_scaling")},
+                          rope_parameters={**preset["rope_scaling"], "rope_theta": preset["rope_theta"]})
         torch.manual_seed(0)
         with torch.device("cuda"):
             hf = LlamaForCausalLM(cfg).eval()  # random normal(0, 0.02) weights, float32
+        # both must read the preset's rope the same way (theta 500000, "llama3" scaling)
+        ours = rope_inv_freq(128, preset["rope_theta"], preset["rope_scaling"])
+        assert torch.allclose(hf.model.rotary_emb.inv_freq.float().cpu(), ours, rtol=1e-6), "rope settings differ"
         hf.to(torch.bfloat16).to(torch.float32)  # bf16-representable weights, shared by all three
         engine.runner.model.load_weights(hf.state_dict().items())
         gen = torch.Generator().manual_seed(1)
