@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from plait.runtime.kernels.common import check_attention_inputs
+
 DEFAULT_MAX_KV_SPLITS = 16
 MIN_TOKENS_PER_SPLIT = 64  # a split shorter than this costs more in stage 2 than it saves
 _LOG2E = 1.4426950408889634
@@ -207,12 +209,7 @@ def decode_attention(
     """
     B, H, D = q.shape
     KVH = k_buffer.shape[1]
-    if H % KVH != 0:
-        raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {KVH}")
-    if k_buffer.shape[2] != D or v_buffer.shape[2] != D:
-        raise ValueError(f"head_dim mismatch: q {D}, k {k_buffer.shape[2]}, v {v_buffer.shape[2]}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q = check_attention_inputs(q, k_buffer, v_buffer)
     if out is None:
         out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if B == 0:

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from plait.runtime.kernels.common import check_attention_inputs
+
 _LOG2E = 1.4426950408889634
 
 
@@ -158,12 +160,7 @@ def extend_attention(
     """
     T, H, D = q.shape
     KVH = k_buffer.shape[1]
-    if H % KVH != 0:
-        raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {KVH}")
-    if k_buffer.shape[2] != D or v_buffer.shape[2] != D:
-        raise ValueError(f"head_dim mismatch: q {D}, k {k_buffer.shape[2]}, v {v_buffer.shape[2]}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q = check_attention_inputs(q, k_buffer, v_buffer)
     if out is None:
         out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     B = req_rows.shape[0]
