@@ -77,12 +77,15 @@ def test_bundled_bf16_logprobs_close(bundled_model_dir, varied_prompt_ids, hf_mo
     hf_bf16 = copy.deepcopy(hf_model).to(device="cuda", dtype=torch.bfloat16)
     engine = Engine(model=str(bundled_model_dir), device="cuda")  # bf16
     try:
+        ours, theirs = [], []
         for ids in varied_prompt_ids:
             ref = _hf_prompt_logprobs(hf_model, ids)  # float32, CPU
-            hf_err = (_hf_prompt_logprobs(hf_bf16, ids) - ref).abs().mean()
-            our_err = (_plait_prompt_logprobs(engine, ids) - ref).abs().mean()
-            print(f"prompt of {len(ids)} tokens: plait bf16 error {our_err:.4f}, transformers bf16 error {hf_err:.4f}")
-            assert our_err <= 1.5 * hf_err + 0.02, (our_err, hf_err)
+            theirs.append((_hf_prompt_logprobs(hf_bf16, ids) - ref).abs())
+            ours.append((_plait_prompt_logprobs(engine, ids) - ref).abs())
+        # over all prompt positions (a 4-token prompt alone is too few samples to compare)
+        our_err, hf_err = torch.cat(ours).mean(), torch.cat(theirs).mean()
+        print(f"plait bf16 error {our_err:.4f}, transformers bf16 error {hf_err:.4f}")
+        assert our_err <= 1.5 * hf_err + 0.01, (our_err, hf_err)
     finally:
         _free(engine)
 
@@ -90,8 +93,9 @@ def test_bundled_bf16_logprobs_close(bundled_model_dir, varied_prompt_ids, hf_mo
 @pytest.mark.xfail(
     strict=False,
     reason="open: on the 8B config with random normal(0.02) weights, plait's prompt logprobs drift from "
-    "transformers 5.17's with position (fp32: 0.005 at 17 tokens, 0.135 at 300 on an H200), while 2-layer "
-    "models with the same rope/attention settings match to 6e-7 on the GPU; not resolved yet",
+    "transformers 5.17's with position (fp32: 0.005 at 17 tokens, 0.135 at 300; bf16: 0.28 vs transformers' "
+    "own 0.062, H200) although both read the same rope inv_freq, while 2-layer models with the same "
+    "rope/attention settings match to 6e-7 on the GPU; not resolved yet",
 )
 def test_llama_8b_dummy_logprobs_match_transformers():
     """Same bf16 weights in plait and transformers; both compared with a float32 computation of those

@@ -39,16 +39,11 @@ def check(out, ref, dtype, interpreter):
     assert out.shape == ref.shape and out.dtype == ref.dtype
     if dtype == torch.float32:
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
-    elif dtype == torch.bfloat16 and interpreter:
+    elif dtype == torch.bfloat16:
+        # The interpreter truncates float32 -> bf16 casts; on the GPU the kernel rounds once where eager
+        # torch rounds each product and the sum. Both stay within a few bf16 ulps of the largest value.
         diff = (out.float() - ref.float()).abs().max().item()
         assert diff <= 3 * 2.0**-7 * ref.float().abs().max().item(), diff
-    elif dtype == torch.bfloat16:
-        # On the GPU the kernel may fuse x*cos + rot(x)*sin into one FMA where eager torch rounds the
-        # product first: at most one bf16 ulp apart, in a small share of the elements.
-        off = (out.float() - ref.float()).abs()
-        bound = 2.0**-7 * torch.maximum(out.float().abs(), ref.float().abs()) + 1e-6  # one bf16 ulp
-        assert bool((off <= bound).all()), f"max abs diff {off.max().item()}"
-        assert (off > 0).float().mean().item() < 0.05
     else:
         assert torch.equal(out, ref), f"max abs diff {(out.float() - ref.float()).abs().max().item()}"
 
@@ -107,12 +102,16 @@ def test_rotary_zero_tokens_and_errors(kernel_device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 128, 4096])
 def test_rotary_llama8b_bf16(T):
-    """Llama-3.1-8B: 32 q + 8 k heads of 128 inside the fused qkv output, llama3 scaling, bf16: bit-exact."""
+    """Llama-3.1-8B: 32 q + 8 k heads of 128 inside the fused qkv output, llama3 scaling, bf16: close to
+    eager torch, and at least as close as eager torch to the float32 result."""
     cos, sin = tables(128, 131072, torch.bfloat16, "cuda", LLAMA3_SCALING)
     _, x = fused_qk(T, 32, 8, 128, torch.bfloat16, "cuda", seed=T)
     positions = torch.randint(0, 131072, (T,), device="cuda")
     out = rotary_embedding(x, positions, cos, sin)
-    check(out, rotary_embedding_ref(x, positions, cos, sin), torch.bfloat16, interpreter=False)
+    eager = rotary_embedding_ref(x, positions, cos, sin)
+    check(out, eager, torch.bfloat16, interpreter=False)
+    exact = rotary_embedding_ref(x.float(), positions, cos.float(), sin.float())
+    assert (out.float() - exact).abs().mean() <= (eager.float() - exact).abs().mean() * 1.01 + 1e-6
 
 
 @pytest.mark.gpu
