@@ -38,6 +38,16 @@ class _TorchAttnMetadata:
     extends: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]
 
 
+def _gather_rows(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """buf [S, KVH, D] rows at ``slots`` (any shape) -> [*slots.shape, KVH, D].
+
+    ``index_select`` on a 2-D view copies whole rows; it is about 3x faster on the CPU than advanced
+    indexing (``buf[slots]``), which dominated batched decode with long contexts.
+    """
+    rows = buf.view(buf.shape[0], -1).index_select(0, slots.reshape(-1))  # [N, KVH * D]
+    return rows.view(*slots.shape, buf.shape[1], buf.shape[2])
+
+
 class TorchAttentionBackend:
     """Reference backend in plain torch (CPU and GPU): padded SDPA for decode rows, one call per extend row."""
 
@@ -81,8 +91,8 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         if md.decode_kv_slots is not None:
             qd = q if md.decode_token_idx is None else q[md.decode_token_idx]
-            kd = k_buf[md.decode_kv_slots].transpose(1, 2)  # [Bd, KVH, Kmax, D]
-            vd = v_buf[md.decode_kv_slots].transpose(1, 2)
+            kd = _gather_rows(k_buf, md.decode_kv_slots).transpose(1, 2)  # [Bd, KVH, Kmax, D]
+            vd = _gather_rows(v_buf, md.decode_kv_slots).transpose(1, 2)
             od = F.scaled_dot_product_attention(
                 qd.unsqueeze(2), kd, vd, attn_mask=md.decode_mask, scale=scale, enable_gqa=True
             )  # [Bd, H, 1, D]
@@ -92,8 +102,8 @@ class TorchAttentionBackend:
                 out[md.decode_token_idx] = od.squeeze(2)
         for start, end, slots, mask in md.extends:
             qe = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, E, D]
-            ke = k_buf[slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, S, D]
-            ve = v_buf[slots].transpose(0, 1).unsqueeze(0)
+            ke = _gather_rows(k_buf, slots).transpose(0, 1).unsqueeze(0)  # [1, KVH, S, D]
+            ve = _gather_rows(v_buf, slots).transpose(0, 1).unsqueeze(0)
             oe = F.scaled_dot_product_attention(
                 qe, ke, ve, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
             )
