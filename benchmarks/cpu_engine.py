@@ -1,8 +1,9 @@
 """CPU benchmark: plait's engine against transformers' ``generate`` on the bundled model, same run.
 
 Prints a table:
-- decode tokens/s at batch 1 and 8 (decode time = time(N new tokens) - time(1 new token), both sides),
-  next to the bandwidth floor (weight bytes per step / measured copy bandwidth);
+- decode tokens/s at batch 1 and 8 (decode time = time(N new tokens) - time(1 new token), both sides,
+  plait and transformers alternated within each repeat; medians), next to the bandwidth floor
+  (weight bytes per step / measured copy bandwidth);
 - 8 requests sharing a ~400-token prefix, 32 new tokens each: end-to-end time with the prefix cache on
   and off, and cached_tokens / prompt_tokens.
 
@@ -34,40 +35,42 @@ def copy_bandwidth_gbs() -> float:
     return 2 * x.numel() * 4 / best / 1e9  # read + write
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
+def plait_decode_runner(engine: Engine, prompts: list[list[int]]):
+    def run(n: int) -> float:
         t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def plait_decode_rate(engine: Engine, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
-    def run(n: int):
         engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": n, "ignore_eos": True})
+        elapsed = time.perf_counter() - t
         engine.flush_cache()  # every run prefills the same way
+        return elapsed
 
-    run(2)  # warm-up
-    t_full = timed(lambda: run(new_tokens), repeats)
-    t_one = timed(lambda: run(1), repeats)
-    return len(prompts) * (new_tokens - 1) / (t_full - t_one)
+    return run
 
 
-def hf_decode_rate(model, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
+def hf_decode_runner(model, prompts: list[list[int]]):
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
-    def run(n: int):
+    def run(n: int) -> float:
+        t = time.perf_counter()
         with torch.no_grad():
             model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
                            pad_token_id=0)
+        return time.perf_counter() - t
 
-    run(2)
-    t_full = timed(lambda: run(new_tokens), repeats)
-    t_one = timed(lambda: run(1), repeats)
-    return len(prompts) * (new_tokens - 1) / (t_full - t_one)
+    return run
+
+
+def interleaved_decode_rates(runners: dict, batch: int, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Decode tok/s per runner: batch * (N - 1) / (time(N) - time(1)), runners alternated within each
+    repeat so that a machine whose speed drifts affects all of them alike; medians over repeats."""
+    for run in runners.values():
+        run(2)  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            rates[name].append(batch * (new_tokens - 1) / (run(new_tokens) - run(1)))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def shared_prefix_workload(tok: Tokenizer) -> list[list[int]]:
@@ -81,18 +84,23 @@ def shared_prefix_workload(tok: Tokenizer) -> list[list[int]]:
                                                  {"role": "user", "content": q}])) for q in questions]
 
 
-def run_shared_prefix(model_dir: str, prompts: list[list[int]], cache_on: bool, repeats: int):
-    times, ratio = [], 0.0
-    with Engine(model=model_dir, disable_radix_cache=not cache_on) as eng:
-        eng.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})  # warm-up
+def run_shared_prefix(model_dir: str, prompts: list[list[int]], repeats: int):
+    """End-to-end time of the 8 requests with the cache on and off (two engines, runs alternated)."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    ratio = 0.0
+    with Engine(model=model_dir) as on, Engine(model=model_dir, disable_radix_cache=True) as off:
+        for eng in (on, off):
+            eng.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})  # warm-up
         for _ in range(repeats):
-            eng.flush_cache()  # cold cache: the 8 requests share the prefix among themselves
-            t = time.perf_counter()
-            outs = eng.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 32,
-                                                                   "ignore_eos": True})
-            times.append(time.perf_counter() - t)
-            ratio = sum(o["meta_info"]["cached_tokens"] for o in outs) / sum(len(p) for p in prompts)
-    return statistics.median(times), ratio
+            for cache_on, eng in ((True, on), (False, off)):
+                eng.flush_cache()  # cold cache: the 8 requests share the prefix among themselves
+                t = time.perf_counter()
+                outs = eng.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 32,
+                                                                       "ignore_eos": True})
+                times[cache_on].append(time.perf_counter() - t)
+                if cache_on:
+                    ratio = sum(o["meta_info"]["cached_tokens"] for o in outs) / sum(len(p) for p in prompts)
+    return statistics.median(times[True]), statistics.median(times[False]), ratio
 
 
 def main() -> None:
@@ -112,13 +120,13 @@ def main() -> None:
     rows = []
     with Engine(model=model_dir) as eng:
         for bs in (1, 8):
-            prompts = [prompt[:-1] + [prompt[-1]] for _ in range(bs)]
-            p = plait_decode_rate(eng, prompts, args.new_tokens, args.repeats)
-            h = hf_decode_rate(hf, prompts, args.new_tokens, args.repeats)
+            prompts = [list(prompt) for _ in range(bs)]
+            rates = interleaved_decode_rates({"plait": plait_decode_runner(eng, prompts),
+                                              "hf": hf_decode_runner(hf, prompts)}, bs, args.new_tokens, args.repeats)
+            p, h = rates["plait"], rates["hf"]
             rows.append((f"decode tok/s, batch {bs}", p, h, p / h, f"floor {floor_b1 * bs:.0f} (weights/bandwidth)"))
     shared = shared_prefix_workload(tok)
-    t_on, hit = run_shared_prefix(model_dir, shared, True, args.repeats)
-    t_off, _ = run_shared_prefix(model_dir, shared, False, args.repeats)
+    t_on, t_off, hit = run_shared_prefix(model_dir, shared, args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, copy bandwidth {bw:.1f} GB/s, "
           f"weights {weight_bytes / 1e6:.0f} MB fp32")
     print(f"{'metric':34} {'plait':>10} {'transformers':>13} {'ratio':>7}  note")
