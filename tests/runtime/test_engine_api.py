@@ -338,18 +338,13 @@ def test_n_with_seed_gives_distinct_reproducible_samples(engine):
 
 
 def test_abort_by_group_id_aborts_every_sample(engine):
-    import threading
-
     results = {}
     worker = threading.Thread(target=lambda: results.update(out=engine.generate(
         "Write a long story:", {"max_new_tokens": 400, "n": 2, "ignore_eos": True}, rid="group-x")))
     worker.start()
-    import time
-
-    deadline = time.time() + 30
-    while engine.stats()["running"] < 2 and time.time() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: engine.stats()["running"] >= 2, what="both samples running")
     engine.abort("group-x")
     worker.join(timeout=60)
     assert [o["meta_info"]["finish_reason"]["type"] for o in results["out"]] == ["abort", "abort"]
+    assert all(o["meta_info"]["completion_tokens"] < 400 for o in results["out"])
     assert_no_leak(engine)
