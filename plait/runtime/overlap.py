@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from plait.runtime.executor.sampler import Sampler, SamplingBatch
+from plait.runtime.executor.sampler import Sampler
 from plait.runtime.request import Request
 from plait.runtime.scheduler import ScheduledItem
-from plait.runtime.step import LogitsPlan
+from plait.runtime.step import LogitsPlan, sampling_inputs
 
 
 @dataclass
@@ -52,22 +52,15 @@ def overlappable(items: list[ScheduledItem]) -> bool:
 
 def launch_sampling(plan: LogitsPlan, logits: torch.Tensor, sampler: Sampler, vocab_size: int) -> InFlightStep:
     """Sample on the device and start copying the tokens to the host; no sync."""
-    reqs = [item.req for item in plan.sample_items]
-    rows = logits[plan.sample_rows] if len(plan.sample_rows) < logits.shape[0] else logits
+    sampled = [item.req for item in plan.sample_items]
     # Seeds and min_new_tokens depend on how many tokens were generated: count the one in flight.
     # (vocab_size is a placeholder id that penalties ignore; steps with penalties do not overlap.)
     output_ids = [
         r.output_ids + [vocab_size] * r.inflight if r.inflight and (r.params.seed is not None or r.params.min_new_tokens)
         else r.output_ids
-        for r in reqs
+        for r in sampled
     ]
-    sbatch = SamplingBatch(
-        params=[r.params for r in reqs],
-        output_ids=output_ids,
-        prompt_ids=[r.prompt_ids for r in reqs],
-        eos_token_ids=[r.eos_token_ids for r in reqs],
-        top_logprobs_num=[0] * len(reqs),
-    )
+    reqs, rows, sbatch = sampling_inputs(plan, logits, output_ids)
     next_ids = sampler.sample(rows, sbatch).next_token_ids
     done = None
     if next_ids.is_cuda:

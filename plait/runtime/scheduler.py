@@ -107,10 +107,7 @@ class Scheduler:
             slots = self._alloc(len(decoding))
             if slots is not None:
                 return [ScheduledItem(r, r.computed_len, 1, slots[i : i + 1]) for i, r in enumerate(decoding)]
-            if len(self.running) == 1:
-                self.fail(self.running[0], "out of KV cache memory: the request does not fit in the cache alone")
-                return []
-            self.retract(self.running[-1])
+            self._retract_newest()
 
     def _alloc(self, n: int) -> torch.Tensor | None:
         slots = self.pool.alloc(n)
@@ -119,18 +116,23 @@ class Scheduler:
             slots = self.pool.alloc(n)
         return slots
 
+    def _retract_newest(self) -> Request:
+        """Out of memory even after eviction: retract the most recently admitted running request, or
+        fail it when it is the only one (it cannot fit alone). Returns that request."""
+        victim = self.running[-1]
+        if len(self.running) == 1:
+            self.fail(victim, "out of KV cache memory: the request does not fit in the cache alone")
+        else:
+            self.retract(victim)
+        return victim
+
     def _alloc_for_running(self, req: Request, n: int) -> torch.Tensor | None:
         """Allocate, retracting the most recently admitted other requests when memory runs out."""
         while True:
             slots = self._alloc(n)
             if slots is not None:
                 return slots
-            victim = self.running[-1]
-            if victim is req and len(self.running) == 1:
-                self.fail(req, "out of KV cache memory: the request does not fit in the cache alone")
-                return None
-            self.retract(victim)
-            if victim is req:
+            if self._retract_newest() is req:
                 return None
 
     def _ordered_waiting(self) -> list[Request]:
@@ -139,7 +141,7 @@ class Scheduler:
         # Longest prefix match first; retracted requests keep priority (they sit at the front).
         scored = []
         for pos, req in enumerate(self.waiting):
-            match_len = self.tree.match_prefix(req.all_ids[: req.max_prefix_match()]).length
+            match_len = self.tree.match_prefix(req.token_slice(0, req.max_prefix_match())).length
             scored.append((req.retractions == 0, -match_len, pos, req))
         scored.sort(key=lambda t: t[:3])
         return [t[3] for t in scored]
@@ -152,7 +154,7 @@ class Scheduler:
                 break
             if req.inflight:
                 continue  # retracted with a token still in flight: wait until it is read back
-            match = self.tree.match_prefix(req.all_ids[: req.max_prefix_match()])
+            match = self.tree.match_prefix(req.token_slice(0, req.max_prefix_match()))
             # In-batch prefix sharing: a request that shares a long uncached prefix with one admitted in
             # this step waits one step, then finds that prefix in the cache instead of recomputing it.
             threshold = match.length + self.config.inbatch_prefix_threshold
@@ -202,7 +204,7 @@ class Scheduler:
         """Hand the request's computed KV to the tree and re-lock it there (SGLang's cache_unfinished_req)."""
         if self.tree.disabled:
             return
-        ids = req.all_ids[: req.computed_len]
+        ids = req.token_slice(0, req.computed_len)
         slots = self.table.read(req.row, req.computed_len)
         already = self.tree.insert(ids, slots)
         self.pool.free(slots[req.cache_locked_len : already])  # duplicates of what the tree had
@@ -214,7 +216,7 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         """Give the request's KV to the tree (or back to the pool when caching is off) and free its row."""
-        ids = req.all_ids[: req.computed_len]
+        ids = req.token_slice(0, req.computed_len)
         slots = self.table.read(req.row, req.computed_len)
         already = self.tree.insert(ids, slots)
         self.pool.free(slots[req.cache_locked_len : already])

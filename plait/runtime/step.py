@@ -133,19 +133,28 @@ def finish_prompt_logprobs(items: list[ScheduledItem]) -> None:
         req.prompt_logprobs_done = True
 
 
-def sample_next_tokens(plan: LogitsPlan, logits: torch.Tensor, sampler: Sampler) -> list[tuple[Request, int]]:
-    """Sample one token for each request whose step reached its last token; record output logprobs."""
-    if not plan.sample_items:
-        return []
+def sampling_inputs(
+    plan: LogitsPlan, logits: torch.Tensor, output_ids: list[list[int]] | None = None
+) -> tuple[list[Request], torch.Tensor, SamplingBatch]:
+    """The requests to sample, their logits rows and their SamplingBatch. ``output_ids`` replaces the
+    requests' own token lists (overlap scheduling counts a token still in flight)."""
     reqs = [item.req for item in plan.sample_items]
     rows = logits[plan.sample_rows] if len(plan.sample_rows) < logits.shape[0] else logits
     sbatch = SamplingBatch(
         params=[r.params for r in reqs],
-        output_ids=[r.output_ids for r in reqs],
+        output_ids=output_ids if output_ids is not None else [r.output_ids for r in reqs],
         prompt_ids=[r.prompt_ids for r in reqs],
         eos_token_ids=[r.eos_token_ids for r in reqs],
         top_logprobs_num=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
     )
+    return reqs, rows, sbatch
+
+
+def sample_next_tokens(plan: LogitsPlan, logits: torch.Tensor, sampler: Sampler) -> list[tuple[Request, int]]:
+    """Sample one token for each request whose step reached its last token; record output logprobs."""
+    if not plan.sample_items:
+        return []
+    reqs, rows, sbatch = sampling_inputs(plan, logits)
     out = sampler.sample(rows, sbatch)
     next_ids = out.next_token_ids.tolist()
     if any(r.return_logprob for r in reqs):

@@ -5,6 +5,7 @@ It executes; it makes no scheduling decisions.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -156,8 +157,6 @@ class ModelRunner:
         self.pool.k_buffers.clear()
         self.pool.v_buffers.clear()
         if self.device.type == "cuda":
-            import gc
-
             gc.collect()
             torch.cuda.empty_cache()
 
