@@ -8,15 +8,10 @@ max abs diff < 2e-2. The pool contents after the forward must be identical (same
 
 from __future__ import annotations
 
-import os
-
-import numpy as np
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when kernels are decorated: set before import
+from tests.runtime.triton_support import HAS_CUDA, kernels_usable  # sets TRITON_INTERPRET without CUDA
 
 triton = pytest.importorskip("triton")
 
@@ -27,36 +22,9 @@ from plait.runtime.layers.attention import TorchAttentionBackend  # noqa: E402
 from plait.runtime.layers.triton_attention import TritonAttentionBackend  # noqa: E402
 
 
-def _interpreter_ready() -> str | None:
-    """None when the kernels can run here, else why not (mirrors tests/runtime/kernels/conftest.py)."""
-    if HAS_CUDA:
-        return None
-    from triton.runtime.jit import JITFunction
-
-    from plait.runtime.kernels import decode_attention as mod
-
-    if isinstance(mod._decode_stage1_kernel, JITFunction):
-        return "kernels were imported in compiled mode before TRITON_INTERPRET was set"
-    try:  # Triton <= 3.6's interpreter and numpy >= 2.4 (triton-lang/triton#9171)
-        int(np.zeros(1))
-    except TypeError:
-        from triton.runtime import interpreter
-
-        original = interpreter._patch_lang_tensor
-        if not getattr(original, "plait_fixed", False):
-
-            def patched(tensor, scope):
-                original(tensor, scope)
-                scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-            patched.plait_fixed = True
-            interpreter._patch_lang_tensor = patched
-    return None
-
-
 @pytest.fixture(scope="module")
 def device() -> str:
-    reason = _interpreter_ready()
+    reason = kernels_usable()
     if reason is not None:
         pytest.skip(reason)
     return "cuda" if HAS_CUDA else "cpu"
