@@ -10,6 +10,7 @@ This module must not import torch: the frontend (``plait.lang``) uses it without
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -70,8 +71,15 @@ class SamplingParams:
     n: int = 1
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
+    # Constrained decoding (at most one): the output must match this regex / JSON schema / EBNF grammar.
+    # ``json_schema`` may be given as a dict (or a JSON string); it is stored as a JSON string so the
+    # object stays hashable. ``json_schema='{"type": "object"}'``-style "any JSON" is ``JSON_OBJECT``.
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
 
     def __post_init__(self) -> None:
+        self._normalize_constraint()
         self._validate_ints()
         self._validate_floats()
         self._normalize_stops()
@@ -139,6 +147,23 @@ class SamplingParams:
                 raise ValueError(f"sampling parameter 'stop_token_ids' must contain ints >= 0, got {t!r}")
         object.__setattr__(self, "stop_token_ids", ids)
 
+    def _normalize_constraint(self) -> None:
+        schema = self.json_schema
+        if isinstance(schema, Mapping):
+            try:
+                schema = json.dumps(schema)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"sampling parameter 'json_schema' is not JSON-serializable: {exc}") from None
+            object.__setattr__(self, "json_schema", schema)
+        for name in ("regex", "json_schema", "ebnf"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                kind = "a non-empty str or a dict" if name == "json_schema" else "a non-empty str"
+                raise ValueError(f"sampling parameter {name!r} must be {kind} or None, got {value!r}")
+        given = [n for n in ("regex", "json_schema", "ebnf") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"sampling parameters {given} are mutually exclusive; give at most one constraint")
+
     # ------------------------------------------------------------------ constructors / views
     @classmethod
     def field_names(cls) -> frozenset[str]:
@@ -159,7 +184,7 @@ class SamplingParams:
         """Build from a mapping (e.g. a JSON request body's ``sampling_params``).
 
         ``None`` gives the defaults; a ``SamplingParams`` is returned unchanged. Unknown keys raise
-        ``ValueError``. ``None`` is accepted only for ``stop``, ``stop_token_ids`` and ``seed``.
+        ``ValueError``. ``None`` is accepted only for ``stop``, ``stop_token_ids``, ``seed`` and the constraints.
         """
         if d is None:
             return cls()
@@ -168,7 +193,7 @@ class SamplingParams:
         if not isinstance(d, Mapping):
             raise ValueError(f"sampling parameters must be a mapping, got {type(d).__name__}")
         cls._check_keys(d.keys())
-        nullable = {"stop", "stop_token_ids", "seed"}
+        nullable = {"stop", "stop_token_ids", "seed", "regex", "json_schema", "ebnf"}
         for key, value in d.items():
             if value is None and key not in nullable:
                 raise ValueError(f"sampling parameter {key!r} must not be None (omit it to use the default)")
@@ -185,6 +210,15 @@ class SamplingParams:
         """A copy with ``changes`` applied, validated like a new object."""
         self._check_keys(changes.keys())
         return dataclasses.replace(self, **changes)
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """``(kind, spec)`` with kind ``"regex"``, ``"json_schema"`` or ``"ebnf"``; None when unconstrained."""
+        for name in ("regex", "json_schema", "ebnf"):
+            value = getattr(self, name)
+            if value is not None:
+                return name, value
+        return None
 
     @property
     def is_greedy(self) -> bool:

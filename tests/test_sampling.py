@@ -163,3 +163,18 @@ def test_imports_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
+
+
+def test_constraint_fields_normalize_and_exclude_each_other() -> None:
+    p = SamplingParams(json_schema={"type": "object", "properties": {"a": {"type": "integer"}}})
+    assert p.constraint == ("json_schema", '{"type": "object", "properties": {"a": {"type": "integer"}}}')
+    hash(p)  # still hashable: the dict was stored as a JSON string
+    assert SamplingParams(regex=r"\d+").constraint == ("regex", r"\d+")
+    assert SamplingParams().constraint is None
+    assert SamplingParams.from_dict({"ebnf": None}).constraint is None
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        SamplingParams(regex="a", json_schema="{}")
+    with pytest.raises(ValueError, match="'regex'"):
+        SamplingParams(regex="")
+    with pytest.raises(ValueError, match="'json_schema'"):
+        SamplingParams(json_schema=3)

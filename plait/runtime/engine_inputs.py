@@ -89,6 +89,11 @@ def normalize_inputs(
             )
         if logprob_start_len >= len(ids):
             raise ValueError(f"logprob_start_len {logprob_start_len} must be < the prompt length {len(ids)}")
+        if params.constraint is not None:
+            # Constrained decoding is not wired into the engine yet: refuse rather than ignore it.
+            raise ValueError(
+                f"sampling parameter {params.constraint[0]!r}: constrained decoding is not supported by this engine yet"
+            )
         bad_stop = [t for t in params.stop_token_ids if t >= vocab]
         if bad_stop:
             raise ValueError(f"stop_token_ids outside the vocabulary: {bad_stop}")

@@ -1,0 +1,1 @@
+"""Backends of the language: the protocol (``base``) and its implementations."""

@@ -1,0 +1,163 @@
+"""The Backend protocol: everything the language asks of a model provider.
+
+A backend turns text into text. The interpreter (``plait.lang.interpreter``) renders the program's
+state into one prompt string (roles already applied through the backend's chat template) and asks
+the backend to continue it (``generate`` / ``stream``), to score a set of continuations (``select``),
+or to warm its prefix cache (``cache_prefix``). Backends: ``runtime.Runtime`` (the engine in this
+process), ``endpoint.Endpoint`` (HTTP, SGLang-native protocol), ``openai.OpenAI`` (any
+OpenAI-compatible API), and a mock for tests.
+
+Every call may carry ``program_id``: the id of the program run it belongs to. Between
+``begin_program(pid)`` and ``end_program(pid)`` a backend that supports it keeps that run's prefix
+resident in its KV cache (program-aware caching); others ignore it.
+
+This module imports neither torch nor anything under ``plait.runtime``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from plait.sampling import SamplingParams
+
+__all__ = [
+    "Backend",
+    "BackendCapabilityError",
+    "ChatTemplate",
+    "ChoiceScores",
+    "GenerateCall",
+    "GenerateResult",
+    "LogprobEntry",
+]
+
+
+class BackendCapabilityError(RuntimeError):
+    """The backend cannot do what the program asks (e.g. ``select`` on an API without logprobs).
+
+    The message says what was asked, which backend refused, and what to use instead.
+    """
+
+
+# (logprob, token_id, token_text) — the entry shape of SGLang's meta_info logprob lists.
+LogprobEntry = tuple[float, int, "str | None"]
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How role blocks are rendered into prompt text.
+
+    ``role_prefix_and_suffix[role] == (prefix, suffix)``: a ``system``/``user``/``assistant`` block
+    renders as ``prefix + content + suffix``. ``default_system_prompt`` is inserted when a program's
+    first message is not a system message and it is not None. ``stop_str`` are strings that end an
+    assistant turn (added to ``stop`` of a ``gen`` inside an assistant block).
+    """
+
+    name: str
+    role_prefix_and_suffix: dict[str, tuple[str, str]]
+    default_system_prompt: str | None = None
+    stop_str: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """One continuation request: the full prompt text so far and how to sample.
+
+    ``params`` carries the constraint (``regex`` / ``json_schema`` / ``ebnf``) when there is one.
+    """
+
+    prompt: str
+    params: SamplingParams
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    program_id: str | None = None
+
+
+@dataclass
+class GenerateResult:
+    """The outcome (or, while streaming, a cumulative snapshot) of one ``GenerateCall``.
+
+    ``finish_reason`` is SGLang's shape: ``{"type": "stop" | "length" | "abort", ...}``, or None while
+    the generation is still running. ``meta`` keeps whatever else the backend reported.
+    """
+
+    text: str
+    finished: bool = True
+    finish_reason: dict[str, Any] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    latency_s: float = 0.0
+    output_token_logprobs: list[LogprobEntry] | None = None
+    output_top_logprobs: list[list[LogprobEntry] | None] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ChoiceScores:
+    """Token logprobs of one ``select`` choice, for the scoring methods in ``plait.lang.choices``.
+
+    ``token_logprobs[i]``: logprob of the choice's i-th token given the prefix and the choice's
+    earlier tokens. ``top_token_ids[i]``: the model's most likely token at that position (for the
+    greedy-token method), or None when the backend did not report it. ``unconditional_token_logprobs``:
+    the same tokens scored without the prefix (for the unconditional-likelihood method), or None when
+    not asked for.
+    """
+
+    choice: str
+    token_logprobs: list[float]
+    top_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
+    unconditional_token_logprobs: list[float] | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a model provider implements for the language. All methods are thread-safe."""
+
+    #: short name used in messages ("runtime", "endpoint http://...", "openai gpt-4o-mini")
+    name: str
+
+    def generate(self, call: GenerateCall) -> GenerateResult:
+        """Continue ``call.prompt``; blocks until finished."""
+        ...
+
+    def stream(self, call: GenerateCall) -> Iterator[GenerateResult]:
+        """Continue ``call.prompt``, yielding cumulative snapshots; the last one has ``finished=True``.
+
+        Closing the iterator early aborts the generation on the backend.
+        """
+        ...
+
+    def score_choices(
+        self,
+        prefix: str,
+        choices: Sequence[str],
+        *,
+        unconditional: bool = False,
+        program_id: str | None = None,
+    ) -> list[ChoiceScores]:
+        """Score each ``prefix + choice`` continuation (one ``ChoiceScores`` per choice, same order).
+
+        Raises ``BackendCapabilityError`` when the backend cannot report prompt logprobs.
+        """
+        ...
+
+    def chat_template(self) -> ChatTemplate:
+        """The template used to render role blocks for this backend's model."""
+        ...
+
+    def cache_prefix(self, prefix: str, program_id: str | None = None) -> None:
+        """Compute and cache the KV of ``prefix`` ahead of calls that extend it (no-op where unsupported)."""
+        ...
+
+    def begin_program(self, program_id: str) -> None:
+        """A program run starts: keep its prefixes resident until ``end_program`` (where supported)."""
+        ...
+
+    def end_program(self, program_id: str) -> None:
+        """The program run ended: its prefixes may be evicted again."""
+        ...
