@@ -1,0 +1,195 @@
+"""GPU diagnostics behind the figures in RESULTS.md (Llama-3.1-8B config, dummy weights).
+
+    python benchmarks/gpu_diagnose.py profile   # where the batch-1 decode step's time goes
+    python benchmarks/gpu_diagnose.py gemv      # cuBLAS bf16 GEMV bandwidth at the 8B layer shapes
+    python benchmarks/gpu_diagnose.py drift     # per-layer hidden-state error, plait vs transformers, float32
+
+``profile`` times the batch-1 decode CUDA graph's replay and lists its kernels (GPU time per step),
+then the kernels one whole engine step launches outside the graph. ``drift`` shares the engine's
+float32 weights with a transformers model (views, no copy) and compares every layer's output on one
+prompt, next to transformers' own sdpa-vs-eager difference (how far two correct float32
+implementations of these random weights drift apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+
+import torch
+
+from plait.runtime.engine import Engine
+
+PROMPT_LEN = 128
+
+
+def _greedy(n: int) -> dict:
+    return {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}
+
+
+def _kernel_table(prof, steps: int, top: int = 40) -> tuple[str, float]:
+    """Kernels by GPU time per step; also the total GPU time per step (ms)."""
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            t = totals[ev.name[:90]]
+            t[0] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            t[1] += 1
+    total_us = sum(v[0] for v in totals.values()) / steps
+    lines = [f"{'us/step':>9} {'calls/step':>10}  kernel"]
+    for name, (us, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{us / steps:9.1f} {calls / steps:10.1f}  {name}")
+    return "\n".join(lines), total_us / 1000
+
+
+def profile() -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    engine = Engine(model="llama-3.1-8b", load_format="dummy", device="cuda", max_total_tokens=16384,
+                    max_running_requests=8, cuda_graph_max_bs=8)
+    prompt = torch.randint(0, engine.model_config.vocab_size, (PROMPT_LEN,)).tolist()
+    engine.generate(input_ids=prompt, sampling_params=_greedy(32))
+    # wall time per decode token, as bench row (a) measures it
+    import time
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.generate(input_ids=prompt, sampling_params=_greedy(n))
+        return time.perf_counter() - t0
+
+    per_token = statistics.median((timed(129) - timed(1)) / 128 for _ in range(3))
+    print(f"engine decode, batch 1: {per_token * 1e3:.3f} ms/token ({1 / per_token:.1f} tok/s)")
+
+    graph = engine.runner.cuda_graphs.graphs[1]
+    for _ in range(10):
+        graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 50)
+    print(f"bs=1 graph replay: {statistics.median(times):.3f} ms (median of 5 x 50 replays)")
+
+    steps = 20
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    table, total = _kernel_table(prof, steps)
+    print(f"\n== kernels of one bs=1 graph replay (GPU busy {total:.3f} ms/step)\n{table}")
+
+    n = 64
+    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        engine.generate(input_ids=prompt, sampling_params=_greedy(n))
+        torch.cuda.synchronize()
+    table, total = _kernel_table(prof, n, top=25)
+    print(f"\n== all kernels of one engine request ({n} tokens, per token; GPU busy {total:.3f} ms/token)\n{table}")
+    engine.shutdown()
+
+
+def gemv() -> None:
+    """bf16 [1, K] x [K, N] through torch (cuBLAS) at the 8B shapes, 8 rotated weight copies (no L2 reuse)."""
+    shapes = {"qkv 4096x6144": (4096, 6144), "o 4096x4096": (4096, 4096), "gate_up 4096x28672": (4096, 28672),
+              "down 14336x4096": (14336, 4096), "lm_head 4096x128256": (4096, 128256)}
+    print(f"{'shape':>22} {'us':>8} {'GB/s':>8}")
+    for name, (k, n) in shapes.items():
+        copies = 2 if n > 100000 else 8
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for w in ws:
+            torch.nn.functional.linear(x, w)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        reps = 40
+        start.record()
+        for i in range(reps):
+            torch.nn.functional.linear(x, ws[i % copies])
+        end.record()
+        end.synchronize()
+        us = start.elapsed_time(end) / reps * 1000
+        print(f"{name:>22} {us:8.1f} {k * n * 2 / us / 1e3:8.1f}")
+        del ws
+
+
+def drift(prompt_len: int, model_name: str = "llama-3.1-8b", device: str = "cuda") -> None:
+    from plait.bench.hf_reference import build_hf_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    load = "dummy" if model_name == "llama-3.1-8b" else "auto"
+    engine = Engine(model=model_name, load_format=load, device=device, dtype="float32",
+                    max_total_tokens=4096, max_running_requests=2, disable_cuda_graph=True)
+    model = engine.runner.model
+    hf = build_hf_model(model, engine.model_source.config, torch.device(device))
+    ids = torch.randint(0, engine.model_config.vocab_size, (prompt_len,)).tolist()
+
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        x, residual = output
+        if x.shape[0] == prompt_len:
+            captured.append((x + residual).detach().clone())
+
+    handles = [layer.register_forward_hook(hook) for layer in model.model.layers]
+    out = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 0}, return_logprob=True,
+                          logprob_start_len=0)
+    for h in handles:
+        h.remove()
+    ours_lp = torch.tensor([lp for lp, _, _ in out["meta_info"]["input_token_logprobs"][1:]])
+
+    def hf_run(impl: str):
+        hf.config._attn_implementation = impl
+        for layer in hf.model.layers:
+            layer.self_attn.config._attn_implementation = impl
+        with torch.no_grad():
+            res = hf(torch.tensor([ids], device=device), output_hidden_states=True)
+        logits = res.logits[0, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].cpu()
+        return [h[0] for h in res.hidden_states], lp
+
+    sdpa_h, sdpa_lp = hf_run("sdpa")
+    eager_h, eager_lp = hf_run("eager")
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    print(f"prompt {prompt_len} tokens, float32, TF32 off")
+    print(f"{'layer':>5} {'|h|':>10} {'plait vs sdpa':>14} {'eager vs sdpa':>14} {'last-pos plait':>15} {'last-pos eager':>15}")
+    for i, ours in enumerate(captured[: len(sdpa_h) - 2]):
+        ref = sdpa_h[i + 1]
+        print(f"{i:5d} {ref.norm().item():10.1f} {rel(ours, ref):14.2e} {rel(eager_h[i + 1], ref):14.2e} "
+              f"{rel(ours[-1], ref[-1]):15.2e} {rel(eager_h[i + 1][-1], ref[-1]):15.2e}")
+    print(f"prompt logprobs, mean |diff| vs sdpa: plait {(ours_lp - sdpa_lp).abs().mean():.4f}, "
+          f"eager {(eager_lp - sdpa_lp).abs().mean():.4f}; max plait {(ours_lp - sdpa_lp).abs().max():.4f}, "
+          f"eager {(eager_lp - sdpa_lp).abs().max():.4f}")
+    engine.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["profile", "gemv", "drift"], nargs="+")
+    parser.add_argument("--prompt-len", type=int, default=300)
+    parser.add_argument("--model", default="llama-3.1-8b", help="drift: a preset/dir (non-8B models load real weights)")
+    parser.add_argument("--device", default="cuda", help="drift: cuda or cpu")
+    args = parser.parse_args()
+    for what in args.what:
+        print(f"\n######## {what}")
+        if what == "drift":
+            drift(args.prompt_len, args.model, args.device)
+        else:
+            {"profile": profile, "gemv": gemv}[what]()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
