@@ -50,6 +50,12 @@ def profile() -> None:
     engine = Engine(model="llama-3.1-8b", load_format="dummy", device="cuda", max_total_tokens=16384,
                     max_running_requests=8, cuda_graph_max_bs=8)
     prompt = torch.randint(0, engine.model_config.vocab_size, (PROMPT_LEN,)).tolist()
+    try:
+        from plait.runtime.kernels.gemv import tuning_report
+
+        print("\n".join(tuning_report()))
+    except ImportError:
+        pass
     engine.generate(input_ids=prompt, sampling_params=_greedy(32))
     # wall time per decode token, as bench row (a) measures it
     import time
@@ -119,7 +125,7 @@ def gemv() -> None:
         del ws
 
 
-def drift(prompt_len: int, model_name: str = "llama-3.1-8b", device: str = "cuda") -> None:
+def drift(prompt_len: int, model_name: str = "llama-3.1-8b", device: str = "cuda", init: str = "engine") -> None:
     from plait.bench.hf_reference import build_hf_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -129,6 +135,11 @@ def drift(prompt_len: int, model_name: str = "llama-3.1-8b", device: str = "cuda
     engine = Engine(model=model_name, load_format=load, device=device, dtype="float32",
                     max_total_tokens=4096, max_running_requests=2, disable_cuda_graph=True)
     model = engine.runner.model
+    if init == "normal":  # transformers' own init: linear and embedding weights normal(0, 0.02), norms 1
+        gen = torch.Generator(device=device).manual_seed(0)
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.data.normal_(0.0, 0.02, generator=gen)
     hf = build_hf_model(model, engine.model_source.config, torch.device(device))
     ids = torch.randint(0, engine.model_config.vocab_size, (prompt_len,)).tolist()
 
@@ -162,7 +173,7 @@ def drift(prompt_len: int, model_name: str = "llama-3.1-8b", device: str = "cuda
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
-    print(f"prompt {prompt_len} tokens, float32, TF32 off")
+    print(f"prompt {prompt_len} tokens, float32, TF32 off, weights: {init}")
     print(f"{'layer':>5} {'|h|':>10} {'plait vs sdpa':>14} {'eager vs sdpa':>14} {'last-pos plait':>15} {'last-pos eager':>15}")
     for i, ours in enumerate(captured[: len(sdpa_h) - 2]):
         ref = sdpa_h[i + 1]
@@ -180,11 +191,13 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=300)
     parser.add_argument("--model", default="llama-3.1-8b", help="drift: a preset/dir (non-8B models load real weights)")
     parser.add_argument("--device", default="cuda", help="drift: cuda or cpu")
+    parser.add_argument("--init", default="engine", choices=["engine", "normal"],
+                        help="drift: the engine's dummy weights, or transformers' normal(0, 0.02) init")
     args = parser.parse_args()
     for what in args.what:
         print(f"\n######## {what}")
         if what == "drift":
-            drift(args.prompt_len, args.model, args.device)
+            drift(args.prompt_len, args.model, args.device, args.init)
         else:
             {"profile": profile, "gemv": gemv}[what]()
         if torch.cuda.is_available():

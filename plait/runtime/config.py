@@ -31,8 +31,12 @@ class EngineConfig:
     enable_overlap: bool | None = None  # schedule step N+1 while the device runs step N; None: on for CUDA
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay captured CUDA graphs
     random_seed: int = 0
+    tune_gemv: bool = True  # CUDA bf16/fp16: at load, time a Triton GEMV against cuBLAS per linear shape for batch 1
     cpu_prepack: bool = True  # CPU float32: keep MKL-prepacked weights for small-batch decode (2x the weight memory)
     inbatch_prefix_threshold: int = 32  # defer a waiting request sharing this many uncached tokens with one just admitted
+    # program-aware caching: tokens one open program run may keep pinned in the prefix cache
+    # (None: a quarter of the KV cache; 0: program ids are accepted but pin nothing)
+    max_pinned_tokens_per_program: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -52,6 +56,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 2, got {value}")
         if not 0 < self.mem_fraction <= 1:
             raise ValueError(f"mem_fraction must be in (0, 1], got {self.mem_fraction}")
+        if self.max_pinned_tokens_per_program is not None and self.max_pinned_tokens_per_program < 0:
+            raise ValueError(f"max_pinned_tokens_per_program must be >= 0 or None, got {self.max_pinned_tokens_per_program}")
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
 

@@ -114,6 +114,12 @@ class ModelRunner:
         model.rotary.build_cache(self.device, self.dtype)
         if self.device.type == "cpu" and self.config.cpu_prepack:
             model.prepack()
+        if self.device.type == "cuda" and self.config.tune_gemv and self.dtype in (torch.bfloat16, torch.float16):
+            from plait.runtime.kernels.gemv import tuning_report
+
+            model.tune_gemv()
+            for line in tuning_report():
+                logger.info(line)
         return model.eval()
 
     def _init_dummy_weights(self, model: torch.nn.Module) -> None:

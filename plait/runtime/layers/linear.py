@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # MKL's plain sgemm is slow for a handful of rows (batched decode on CPU); a weight prepacked for
 # small batches runs those shapes 2-3x faster. Outside this row range plain F.linear is as fast.
 PACKED_MIN_ROWS, PACKED_MAX_ROWS = 2, 16
@@ -29,9 +28,18 @@ def mkl_pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def apply_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: torch.Tensor | None,
+    gemv_config: object | None = None,
 ) -> torch.Tensor:
-    """x [M, in] @ weight^T (+ bias), through the prepacked weight when M is small."""
+    """x [M, in] @ weight^T (+ bias): through the prepacked weight when M is small (CPU), through the
+    tuned Triton GEMV when M is 1 and tuning chose one (GPU), else ``F.linear``."""
+    if gemv_config is not None and x.shape[0] == 1:
+        from plait.runtime.kernels.gemv import gemv
+
+        return gemv(x, weight, bias, gemv_config)
     if packed is not None and PACKED_MIN_ROWS <= x.shape[0] <= PACKED_MAX_ROWS:
         return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.shape[0])
     return F.linear(x, weight, bias)
@@ -58,13 +66,20 @@ class Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.packed_weight: torch.Tensor | None = None  # set by prepack() after loading
+        self.gemv_config = None  # set by tune_gemv() on CUDA: the batch-1 Triton tiling, or None for cuBLAS
 
     def prepack(self) -> None:
         """Prepare the small-batch CPU fast path (call once the weights are final)."""
         self.packed_weight = mkl_pack(self.weight.data)
 
+    def tune_gemv(self) -> None:
+        """Pick the batch-1 kernel for this shape on this GPU (Triton GEMV or cuBLAS), by timing both."""
+        from plait.runtime.kernels.gemv import choose_gemv
+
+        self.gemv_config = choose_gemv(self.weight.data, None if self.bias is None else self.bias.data)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_linear(x, self.weight, self.bias, self.packed_weight)
+        return apply_linear(x, self.weight, self.bias, self.packed_weight, self.gemv_config)
 
 
 class MergedLinear(Linear):

@@ -133,6 +133,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
         self.lm_head_packed: torch.Tensor | None = None
+        self.lm_head_gemv = None
 
     def prepack(self) -> None:
         """Prepack every linear weight (and the LM head) for fast small-batch GEMMs on CPU."""
@@ -141,6 +142,15 @@ class LlamaForCausalLM(nn.Module):
                 module.prepack()
         self.lm_head_packed = mkl_pack(self.lm_head_weight().data)
 
+    def tune_gemv(self) -> None:
+        """CUDA: choose the batch-1 kernel (Triton GEMV or cuBLAS) of every linear and the LM head."""
+        from plait.runtime.kernels.gemv import choose_gemv
+
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.tune_gemv()
+        self.lm_head_gemv = choose_gemv(self.lm_head_weight().data, None)
+
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
@@ -148,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return apply_linear(hidden, self.lm_head_weight(), None, self.lm_head_packed).float()
+        return apply_linear(hidden, self.lm_head_weight(), None, self.lm_head_packed, self.lm_head_gemv).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors into parameters; returns the names of parameters that were loaded.
