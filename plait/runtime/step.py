@@ -146,6 +146,7 @@ def sampling_inputs(
         prompt_ids=[r.prompt_ids for r in reqs],
         eos_token_ids=[r.eos_token_ids for r in reqs],
         top_logprobs_num=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
+        need_logprobs=any(r.return_logprob for r in reqs),
     )
     return reqs, rows, sbatch
 

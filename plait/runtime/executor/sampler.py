@@ -54,6 +54,7 @@ class SamplingBatch:
     eos_token_ids: list[frozenset[int]]
     top_logprobs_num: list[int]
     allowed_mask: torch.Tensor | None = field(default=None)
+    need_logprobs: bool = True  # False: skip the chosen tokens' logprobs (no row returns them)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -61,12 +62,38 @@ class SamplingBatch:
 
 @dataclass
 class SampleOutput:
-    """Result of one sampling step: chosen tokens [B] int64, their raw logprobs [B] float32, and
-    per-row top logprobs (sorted descending) or None where not requested."""
+    """Result of one sampling step: chosen tokens [B] int64, their raw logprobs [B] float32 (None when
+    the batch did not need them), and per-row top logprobs (sorted descending) or None where not requested."""
 
     next_token_ids: torch.Tensor
-    logprobs: torch.Tensor
+    logprobs: torch.Tensor | None
     top_logprobs: list[list[tuple[int, float]] | None]
+
+
+def _argmax_chunk(vocab: int) -> int:
+    """The largest divisor of ``vocab`` in [256, 2048] (0 if none): the row length of a two-pass argmax."""
+    for size in range(2048, 255, -1):
+        if vocab % size == 0:
+            return size
+    return 0
+
+
+def greedy_argmax(logits: torch.Tensor, two_pass: bool | None = None) -> torch.Tensor:
+    """``logits.argmax(-1)`` [B] int64, in two passes for a few long rows on a GPU.
+
+    One CUDA block reduces each row in ``argmax``, so a 128k-token row takes ~28 us on an H100; split
+    into chunks, the first pass spreads over the chip. Ties resolve to the lowest index as in argmax
+    (the first maximal chunk, then its first maximal element). ``two_pass`` forces the choice (tests).
+    """
+    bsz, vocab = logits.shape
+    if two_pass is None:
+        two_pass = logits.is_cuda and bsz <= 8
+    chunk = _argmax_chunk(vocab) if two_pass else 0
+    if not chunk:
+        return logits.argmax(dim=-1)
+    values, local = logits.view(bsz, vocab // chunk, chunk).max(dim=-1)  # [B, C] each
+    best_chunk = values.argmax(dim=-1, keepdim=True)  # [B, 1]
+    return (best_chunk * chunk + local.gather(1, best_chunk)).squeeze(1)
 
 
 def log_softmax_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -236,7 +263,7 @@ class Sampler:
         )
 
         if all(greedy) and not needs_penalty and not banned and batch.allowed_mask is None:
-            next_ids = raw.argmax(dim=-1)
+            next_ids = greedy_argmax(raw)
         else:
             work = apply_penalties(raw, batch) if needs_penalty else raw.clone()
             if banned:
@@ -247,7 +274,7 @@ class Sampler:
                 work.masked_fill_(~batch.allowed_mask.to(device=device, dtype=torch.bool), float("-inf"))
             next_ids = self._choose(work, batch, greedy)
 
-        logprobs = log_softmax_logprobs(raw, next_ids)
+        logprobs = log_softmax_logprobs(raw, next_ids) if batch.need_logprobs else None
         top = self._top_logprobs(raw, batch.top_logprobs_num)
         return SampleOutput(next_token_ids=next_ids, logprobs=logprobs, top_logprobs=top)
 

@@ -350,3 +350,27 @@ def test_cuda_seeded_rows_independent_of_batch_and_greedy_exact() -> None:
             assert torch.equal(ids[greedy_rows], logits[greedy_rows].argmax(-1))
             reference = torch.log_softmax(logits, -1).gather(1, ids.view(-1, 1)).squeeze(1)
             assert torch.allclose(out.logprobs, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("vocab", [49152, 128256, 1000])  # 1000: no divisor in range -> plain argmax
+def test_two_pass_greedy_argmax_equals_argmax_including_ties(vocab):
+    from plait.runtime.executor.sampler import greedy_argmax
+
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(4, vocab, generator=gen)
+    logits[1, 7] = logits[1, vocab - 3] = 50.0  # a tie across chunks: the lower index wins
+    logits[2, 100] = logits[2, 101] = 50.0  # a tie inside one chunk
+    expected = logits.argmax(dim=-1)
+    assert expected[1] == 7 and expected[2] == 100
+    assert torch.equal(greedy_argmax(logits, two_pass=True), expected)
+
+
+def test_logprobs_skipped_when_no_row_needs_them():
+    logits = torch.randn(2, 50)
+    batch = SamplingBatch(
+        params=[SamplingParams(temperature=0)] * 2, output_ids=[[], []], prompt_ids=[[1], [2]],
+        eos_token_ids=[frozenset()] * 2, top_logprobs_num=[0, 0], need_logprobs=False,
+    )
+    out = Sampler(seed=0).sample(logits, batch)
+    assert out.logprobs is None
+    assert torch.equal(out.next_token_ids, logits.argmax(-1))
