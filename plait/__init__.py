@@ -4,11 +4,60 @@ The runtime (``plait.Engine``) needs torch; it is imported lazily so that ``impo
 ``plait.lang`` work without torch installed.
 """
 
+from plait.lang import (
+    ProgramState,
+    assistant,
+    assistant_begin,
+    assistant_end,
+    function,
+    gen,
+    gen_float,
+    gen_int,
+    get_default_backend,
+    greedy_token_selection,
+    select,
+    set_default_backend,
+    system,
+    system_begin,
+    system_end,
+    token_length_normalized,
+    unconditional_likelihood_normalized,
+    user,
+    user_begin,
+    user_end,
+)
 from plait.sampling import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["Engine", "SamplingParams", "__version__"]
+__all__ = [
+    "Endpoint",
+    "Engine",
+    "OpenAI",
+    "ProgramState",
+    "Runtime",
+    "SamplingParams",
+    "__version__",
+    "assistant",
+    "assistant_begin",
+    "assistant_end",
+    "function",
+    "gen",
+    "gen_float",
+    "gen_int",
+    "get_default_backend",
+    "greedy_token_selection",
+    "select",
+    "set_default_backend",
+    "system",
+    "system_begin",
+    "system_end",
+    "token_length_normalized",
+    "unconditional_likelihood_normalized",
+    "user",
+    "user_begin",
+    "user_end",
+]
 
 
 def __getattr__(name: str):
@@ -16,4 +65,8 @@ def __getattr__(name: str):
         from plait.runtime.engine import Engine
 
         return Engine
+    if name in ("Runtime", "Endpoint", "OpenAI"):  # backends in their own modules (Runtime needs torch)
+        import plait.lang
+
+        return getattr(plait.lang, name)
     raise AttributeError(f"module 'plait' has no attribute {name!r}")

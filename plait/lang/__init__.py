@@ -1,0 +1,141 @@
+"""plait.lang: the structured-generation language (SGLang-frontend compatible), without torch.
+
+    import plait as pl
+
+    @pl.function
+    def qa(s, question):
+        s += pl.user(question)
+        s += pl.assistant(pl.gen("answer", max_tokens=64))
+
+    state = qa.run(question="What is 2+2?", backend=pl.Runtime())
+    print(state["answer"])
+
+Backends: ``Runtime`` (in-process engine), ``Endpoint`` (HTTP), ``OpenAI`` are imported lazily;
+``MockBackend`` is for tests. See docs/language.md.
+"""
+
+from typing import Any
+
+from plait.lang.backends.base import (
+    Backend,
+    ChatTemplate,
+    ChoiceScores,
+    GenerateCall,
+    GenerateResult,
+)
+from plait.lang.backends.mock import MockBackend
+from plait.lang.chat_template import (
+    get_chat_template,
+    register_chat_template,
+    template_from_renderer,
+)
+from plait.lang.choices import (
+    ChoicesMethod,
+    greedy_token_selection,
+    token_length_normalized,
+    unconditional_likelihood_normalized,
+)
+from plait.lang.errors import (
+    BackendCapabilityError,
+    ChatTemplateError,
+    EmptyChoicesError,
+    GenerationError,
+    InvalidDtypeError,
+    NoBackendError,
+    PlaitLangError,
+    ProgramArgumentError,
+    ProgramBatchError,
+    RoleError,
+    StateClosedError,
+    UnknownVariableError,
+)
+from plait.lang.primitives import (
+    assistant,
+    assistant_begin,
+    assistant_end,
+    gen,
+    gen_float,
+    gen_int,
+    select,
+    system,
+    system_begin,
+    system_end,
+    user,
+    user_begin,
+    user_end,
+)
+from plait.lang.program import (
+    Program,
+    function,
+    get_default_backend,
+    set_default_backend,
+)
+from plait.lang.state import ProgramState, ProgramStateGroup
+from plait.lang.tracer import ProgramTrace
+
+__all__ = [
+    "Backend",
+    "BackendCapabilityError",
+    "ChatTemplate",
+    "ChatTemplateError",
+    "ChoiceScores",
+    "ChoicesMethod",
+    "EmptyChoicesError",
+    "Endpoint",
+    "GenerateCall",
+    "GenerateResult",
+    "GenerationError",
+    "InvalidDtypeError",
+    "MockBackend",
+    "NoBackendError",
+    "OpenAI",
+    "PlaitLangError",
+    "Program",
+    "ProgramArgumentError",
+    "ProgramBatchError",
+    "ProgramState",
+    "ProgramStateGroup",
+    "ProgramTrace",
+    "RoleError",
+    "Runtime",
+    "StateClosedError",
+    "UnknownVariableError",
+    "assistant",
+    "assistant_begin",
+    "assistant_end",
+    "function",
+    "gen",
+    "gen_float",
+    "gen_int",
+    "get_chat_template",
+    "get_default_backend",
+    "greedy_token_selection",
+    "register_chat_template",
+    "select",
+    "set_default_backend",
+    "system",
+    "system_begin",
+    "system_end",
+    "template_from_renderer",
+    "token_length_normalized",
+    "unconditional_likelihood_normalized",
+    "user",
+    "user_begin",
+    "user_end",
+]
+
+# Backends written against the protocol in their own modules; imported on first use (Runtime needs torch).
+_LAZY_BACKENDS = {
+    "Runtime": "plait.lang.backends.runtime",
+    "Endpoint": "plait.lang.backends.endpoint",
+    "OpenAI": "plait.lang.backends.openai",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY_BACKENDS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'plait.lang' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

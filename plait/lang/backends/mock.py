@@ -1,0 +1,259 @@
+"""MockBackend: a deterministic Backend for tests, with scripted outputs, logprobs and choice scores.
+
+It implements the whole protocol without a model. Outputs come from rules (a pattern searched in the
+prompt -> the text to generate); the rule whose match ends latest in the prompt wins, so the most
+recent question decides. Tokens are whitespace-delimited words (a word with its leading spaces), so
+``max_new_tokens`` and token counts are predictable. Every call is recorded in ``calls``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from plait.lang.backends.base import (
+    BackendCapabilityError,
+    ChatTemplate,
+    ChoiceScores,
+    GenerateCall,
+    GenerateResult,
+)
+
+__all__ = ["MockBackend", "mock_tokens"]
+
+Output = str | Callable[[GenerateCall], str]
+ScoreSource = Mapping[str, Sequence[float]] | Callable[[str, str], Sequence[float]] | None
+
+
+def mock_tokens(text: str) -> list[str]:
+    """The mock's tokenization: each word with the whitespace before it; trailing whitespace alone."""
+    return re.findall(r"\s*\S+|\s+", text)
+
+
+def _token_id(token: str) -> int:
+    return zlib.crc32(token.encode()) % 32000
+
+
+def _token_logprob(context: str, token: str) -> float:
+    return -0.05 * (zlib.crc32((context[-32:] + "|" + token).encode()) % 40 + 1)
+
+
+class MockBackend:
+    """A deterministic backend for tests (see the module docstring).
+
+    ``rules``: ``{pattern: output}`` or ``[(pattern, output), ...]``; a pattern is a regex searched in
+    the prompt, an output a str or ``f(call) -> str``. ``default``: the output when no rule matches.
+    ``choice_logprobs`` / ``unconditional_logprobs``: per-token logprobs of a select choice
+    (``{choice: [...]}`` or ``f(prefix, choice) -> [...]``); derived from a hash when not given.
+    ``supports_select=False`` makes ``score_choices`` raise ``BackendCapabilityError``.
+    ``enforce_constraints``: a finished output that violates the call's regex / JSON schema raises,
+    so a test cannot pass on output a real constrained backend would never produce.
+    """
+
+    def __init__(
+        self,
+        rules: Mapping[str, Output] | Sequence[tuple[str, Output]] = (),
+        *,
+        default: Output = "mock output",
+        choice_logprobs: ScoreSource = None,
+        unconditional_logprobs: ScoreSource = None,
+        chat_template: ChatTemplate | str = "chatml",
+        name: str = "mock",
+        supports_select: bool = True,
+        enforce_constraints: bool = True,
+        token_delay_s: float = 0.0,
+    ) -> None:
+        items = rules.items() if isinstance(rules, Mapping) else rules
+        self.rules = [(re.compile(p), out) for p, out in items]
+        self.default = default
+        self.choice_logprobs = choice_logprobs
+        self.unconditional_logprobs = unconditional_logprobs
+        self._template = chat_template
+        self.name = name
+        self.supports_select = supports_select
+        self.enforce_constraints = enforce_constraints
+        self.token_delay_s = token_delay_s
+        self.calls: list[tuple[str, Any]] = []
+        self.open_programs: set[str] = set()
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ helpers
+    def _record(self, kind: str, payload: Any) -> None:
+        with self._lock:
+            self.calls.append((kind, payload))
+
+    def calls_of(self, kind: str) -> list[Any]:
+        """The payloads of the recorded calls of one kind (``"generate"``, ``"score_choices"``...)."""
+        with self._lock:
+            return [p for k, p in self.calls if k == kind]
+
+    def _cached_tokens(self, prompt: str) -> int:
+        with self._lock:
+            best = max((len(s) for s in self._seen if prompt.startswith(s)), default=0)
+        return len(mock_tokens(prompt[:best]))
+
+    def _remember(self, text: str) -> None:
+        with self._lock:
+            self._seen.add(text)
+
+    def _output_for(self, call: GenerateCall) -> str:
+        best: tuple[int, Output] | None = None
+        for pattern, out in self.rules:
+            ends = [m.end() for m in pattern.finditer(call.prompt)]
+            if ends and (best is None or ends[-1] > best[0]):
+                best = (ends[-1], out)
+        out = best[1] if best is not None else self.default
+        return out(call) if callable(out) else out
+
+    def _complete(self, call: GenerateCall) -> tuple[list[str], dict[str, Any]]:
+        """The output tokens after stop strings and max_new_tokens, and the finish reason."""
+        text = self._output_for(call)
+        params = call.params
+        finish: dict[str, Any] = {"type": "stop", "matched": None}
+        hits = [(text.find(s), s) for s in params.stop if s in text]
+        if hits:
+            pos, stop = min(hits)
+            text = text[: pos + len(stop)] if params.no_stop_trim else text[:pos]
+            finish = {"type": "stop", "matched": stop}
+        tokens = mock_tokens(text)
+        if len(tokens) > params.max_new_tokens:
+            tokens = tokens[: params.max_new_tokens]
+            finish = {"type": "length", "length": params.max_new_tokens}
+        elif self.enforce_constraints:
+            self._check_constraint(call, "".join(tokens))
+        return tokens, finish
+
+    def _check_constraint(self, call: GenerateCall, text: str) -> None:
+        constraint = call.params.constraint
+        if constraint is None:
+            return
+        kind, spec = constraint
+        ok = True
+        if kind == "regex":
+            ok = re.fullmatch(spec, text) is not None
+        elif kind == "json_schema":
+            try:
+                json.loads(text)
+            except ValueError:
+                ok = False
+        if not ok:
+            raise ValueError(f"mock output {text!r} violates the call's {kind} {spec!r}; script an output that matches")
+
+    def _result(self, call: GenerateCall, tokens: list[str], finish: dict[str, Any] | None, start: float) -> GenerateResult:
+        text = "".join(tokens)
+        logprobs = top = None
+        if call.return_logprob:
+            logprobs, context = [], call.prompt
+            for tok in tokens:
+                logprobs.append((_token_logprob(context, tok), _token_id(tok), tok))
+                context += tok
+            if call.top_logprobs_num:
+                top = [
+                    [entry] + [(entry[0] - 1.0 - k, _token_id(f"{entry[2]}~{k}"), f"{entry[2]}~{k}") for k in range(call.top_logprobs_num - 1)]
+                    for entry in logprobs
+                ]
+        return GenerateResult(
+            text=text,
+            finished=finish is not None,
+            finish_reason=finish,
+            prompt_tokens=len(mock_tokens(call.prompt)),
+            completion_tokens=len(tokens),
+            cached_tokens=self._cached_tokens(call.prompt),
+            latency_s=time.monotonic() - start,
+            output_token_logprobs=logprobs,
+            output_top_logprobs=top,
+            meta={"backend": self.name},
+        )
+
+    # ------------------------------------------------------------------ protocol
+    def generate(self, call: GenerateCall) -> GenerateResult:
+        start = time.monotonic()
+        self._record("generate", call)
+        tokens, finish = self._complete(call)
+        if self.token_delay_s:
+            time.sleep(self.token_delay_s * len(tokens))
+        result = self._result(call, tokens, finish, start)
+        self._remember(call.prompt + result.text)
+        return result
+
+    def stream(self, call: GenerateCall) -> Iterator[GenerateResult]:
+        start = time.monotonic()
+        self._record("stream", call)
+        tokens, finish = self._complete(call)
+        for i in range(1, len(tokens)):
+            if self.token_delay_s:
+                time.sleep(self.token_delay_s)
+            yield self._result(call, tokens[:i], None, start)
+        result = self._result(call, tokens, finish, start)
+        self._remember(call.prompt + result.text)
+        yield result
+
+    def _scores(self, source: ScoreSource, prefix: str, choice: str) -> list[float]:
+        if callable(source):
+            return [float(x) for x in source(prefix, choice)]
+        if source is not None and choice in source:
+            return [float(x) for x in source[choice]]
+        context, out = prefix, []
+        for tok in mock_tokens(choice):
+            out.append(_token_logprob(context, tok))
+            context += tok
+        return out
+
+    def score_choices(
+        self, prefix: str, choices: Sequence[str], *, unconditional: bool = False, program_id: str | None = None
+    ) -> list[ChoiceScores]:
+        self._record("score_choices", {"prefix": prefix, "choices": list(choices), "unconditional": unconditional, "program_id": program_id})
+        if not self.supports_select:
+            raise BackendCapabilityError(
+                f"backend {self.name!r} cannot score choices (configured with supports_select=False); "
+                "use gen(regex=...) or a backend that reports prompt logprobs"
+            )
+        cached = self._cached_tokens(prefix)
+        self._remember(prefix)
+        out = []
+        for choice in choices:
+            lps = self._scores(self.choice_logprobs, prefix, choice)
+            uncond = None
+            if unconditional:
+                uncond = self._scores(self.unconditional_logprobs, "", choice)
+                if self.unconditional_logprobs is None and uncond:
+                    uncond[0] = math.nan  # no context for the first token, as real backends report
+            out.append(
+                ChoiceScores(
+                    choice=choice,
+                    token_logprobs=lps,
+                    token_ids=[_token_id(f"{choice}:{i}") for i in range(len(lps))],
+                    unconditional_token_logprobs=uncond,
+                    prompt_tokens=len(mock_tokens(prefix + choice)),
+                    cached_tokens=cached,
+                )
+            )
+        return out
+
+    def chat_template(self) -> ChatTemplate:
+        from plait.lang.chat_template import resolve_chat_template
+
+        return resolve_chat_template(self._template)
+
+    def cache_prefix(self, prefix: str, program_id: str | None = None) -> None:
+        self._record("cache_prefix", (prefix, program_id))
+        self._remember(prefix)
+
+    def begin_program(self, program_id: str) -> None:
+        self._record("begin_program", program_id)
+        with self._lock:
+            self.open_programs.add(program_id)
+
+    def end_program(self, program_id: str) -> None:
+        self._record("end_program", program_id)
+        with self._lock:
+            self.open_programs.discard(program_id)
+
+

@@ -1,0 +1,95 @@
+"""Typed errors of the language. Every message says what went wrong and what to do instead.
+
+All errors derive from ``PlaitLangError`` and also from the matching builtin (``KeyError``,
+``ValueError``, ``TypeError``, ``RuntimeError``), so existing ``except`` clauses keep working.
+``BackendCapabilityError`` is defined by the Backend protocol (``plait.lang.backends.base``) and
+re-exported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from plait.lang.backends.base import BackendCapabilityError
+
+__all__ = [
+    "BackendCapabilityError",
+    "ChatTemplateError",
+    "EmptyChoicesError",
+    "GenerationError",
+    "InvalidDtypeError",
+    "NoBackendError",
+    "PlaitLangError",
+    "ProgramArgumentError",
+    "ProgramBatchError",
+    "RoleError",
+    "StateClosedError",
+    "UnknownVariableError",
+]
+
+
+class PlaitLangError(Exception):
+    """Base class of the language's errors."""
+
+
+class UnknownVariableError(PlaitLangError, KeyError):
+    """``s["name"]`` / ``s.get_meta_info("name")`` for a variable the program never set."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = sorted(str(k) for k in known)
+        listed = ", ".join(repr(k) for k in self.known) if self.known else "none yet"
+        super().__init__(
+            f"unknown variable {name!r}; known variables: {listed}. Set it with "
+            f"s += pl.gen({name!r}, ...), pl.select({name!r}, ...), s.var_scope({name!r}) or s[{name!r}] = value"
+        )
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class EmptyChoicesError(PlaitLangError, ValueError):
+    """``select`` (or ``gen(choices=...)``) with no choices."""
+
+
+class InvalidDtypeError(PlaitLangError, ValueError):
+    """``gen(dtype=...)`` with a type other than int, float, bool or str."""
+
+
+class StateClosedError(PlaitLangError, RuntimeError):
+    """Appending to a state whose run has finished, or to a fork that was already joined."""
+
+
+class NoBackendError(PlaitLangError, RuntimeError):
+    """A program run without ``backend=`` and without ``pl.set_default_backend(...)``."""
+
+
+class ProgramArgumentError(PlaitLangError, TypeError):
+    """Arguments that do not fit the program's signature (run, run_batch, trace)."""
+
+
+class ChatTemplateError(PlaitLangError, ValueError):
+    """An unknown template name, a role the template lacks, or a template that cannot be derived."""
+
+
+class RoleError(PlaitLangError, ValueError):
+    """Nested role blocks, or a role end that does not match the open role."""
+
+
+class GenerationError(PlaitLangError, RuntimeError):
+    """A generation the backend aborted, or output that does not parse as the requested ``dtype``."""
+
+
+class ProgramBatchError(PlaitLangError, RuntimeError):
+    """Some programs of ``run_batch`` failed. ``states`` holds every state (in input order),
+    ``errors`` maps the failed positions to their exceptions."""
+
+    def __init__(self, states: list, errors: dict[int, BaseException]) -> None:
+        self.states = states
+        self.errors = errors
+        first = min(errors)
+        super().__init__(
+            f"{len(errors)} of {len(states)} programs failed; the first (index {first}) raised "
+            f"{type(errors[first]).__name__}: {errors[first]}. Inspect .errors / .states, or pass "
+            "raise_on_error=False to get the states back and check state.error() for each"
+        )

@@ -1,0 +1,403 @@
+"""The interpreter: executes IR nodes against a Backend. The one place that walks nodes.
+
+Each program state owns an ``Executor``. ``submit`` puts a node on the executor's queue and returns at
+once; a worker thread executes nodes in order (so forks, each with its own executor, run
+concurrently), and reading a variable waits for the node that sets it. All executors of one program
+run share a ``RunContext``: the backend, the run's ``program_id`` (sent with every call), the chat
+template and the sampling defaults. With ``symbolic=True`` (tracing) nothing is sent to the backend:
+``gen``/``select`` produce ``SymbolicValue`` placeholders and every executed node is logged.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from plait.lang.backends.base import (
+    Backend,
+    BackendCapabilityError,
+    GenerateCall,
+    GenerateResult,
+)
+from plait.lang.errors import (
+    ChatTemplateError,
+    GenerationError,
+    RoleError,
+    StateClosedError,
+    UnknownVariableError,
+)
+from plait.lang.ir import (
+    Gen,
+    Node,
+    RoleBegin,
+    RoleEnd,
+    Select,
+    Seq,
+    Text,
+    VarScopeBegin,
+    VarScopeEnd,
+    flatten,
+)
+from plait.lang.primitives import parse_dtype
+from plait.lang.records import CallRecord, RunContext, Segment
+from plait.lang.symbolic import MARK_BEGIN, SymbolicValue
+from plait.sampling import SamplingParams
+
+__all__ = ["Executor"]
+
+
+@dataclass
+class _AppendForks(Node):
+    """Internal: append the text each fork produced after the fork point (``join("concate_and_append")``)."""
+
+    forks: list[Executor]
+
+
+_STOP = object()  # queue sentinel that ends the worker
+
+
+class Executor:
+    """Executes the nodes of one program state, in order, on its own worker thread."""
+
+    def __init__(self, run: RunContext) -> None:
+        self.run = run
+        self.text = ""
+        self.segments: list[Segment] = []
+        self.messages: list[dict[str, str]] = []
+        self.variables: dict[str, Any] = {}
+        self.meta_info: dict[str, Any] = {}
+        self.calls: list[CallRecord] = []
+        self.cur_role: str | None = None
+        self.role_begin_pos = 0
+        self.scope_starts: dict[str, int] = {}
+        self.fork_start = 0
+        self.error: BaseException | None = None
+        self.closed = False
+        self.finished = False  # the worker has stopped
+        self.log: list[Any] | None = [] if run.symbolic else None
+        self.changed = threading.Condition()  # notified on every text / variable change
+        self._events: dict[str, threading.Event] = {}
+        with run.lock:
+            run.executors.append(self)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        if run.threaded:
+            self._worker = threading.Thread(target=self._work, name="plait-executor", daemon=True)
+            self._worker.start()
+
+    # ------------------------------------------------------------------ submission and waiting
+    def submit(self, node: Node) -> None:
+        """Queue ``node``; raises the error of an earlier node, or ``StateClosedError`` after the run."""
+        if self.error is not None:
+            raise self.error
+        if self.closed:
+            raise StateClosedError(
+                "this program state is closed (its run has finished or the fork was joined); start a new "
+                "run with prog.run(...) or append to the state the fork was made from"
+            )
+        for n in flatten([node]):
+            if isinstance(n, (Gen, Select, VarScopeBegin)) and n.name is not None:
+                self._events[n.name] = threading.Event()
+        if self.run.threaded:
+            self._queue.put(node)
+        else:
+            self._execute_guarded(node)
+            if self.error is not None:
+                raise self.error
+
+    def sync(self) -> None:
+        """Wait until every submitted node has executed; raise the first node error, if any."""
+        if self.run.threaded and not self.finished:
+            self._queue.join()
+        if self.error is not None:
+            raise self.error
+
+    def end(self) -> None:
+        """Close the executor: no more nodes; the worker exits once the queue is empty."""
+        if not self.closed:
+            self.closed = True
+            if self.run.threaded:
+                self._queue.put(_STOP)
+            else:
+                self._mark_finished()
+
+    def wait_finished(self) -> None:
+        """After ``end``: wait until the worker has executed everything queued and stopped."""
+        if self.run.threaded:
+            self._worker.join()
+
+    def fail(self, exc: BaseException) -> None:
+        """Record ``exc`` as this executor's error and wake everyone waiting on it."""
+        with self.changed:
+            self.error = exc
+            self.changed.notify_all()
+        for event in list(self._events.values()):
+            event.set()
+
+    def known_names(self) -> set[str]:
+        return set(self.variables) | set(self._events)
+
+    def get_var(self, name: str, timeout: float | None = None) -> Any:
+        event = self._events.get(name)
+        if event is None and name not in self.variables:
+            raise UnknownVariableError(name, self.known_names())
+        if event is not None and not event.wait(timeout):
+            raise TimeoutError(f"variable {name!r} was not produced within {timeout} s")
+        if self.error is not None and name not in self.variables:
+            raise self.error
+        return self.variables[name]
+
+    def set_var(self, name: str, value: Any) -> None:
+        with self.changed:
+            self.variables[name] = value
+            self.changed.notify_all()
+
+    def get_meta_info(self, name: str) -> Any:
+        self.get_var(name)
+        return self.meta_info.get(name)
+
+    def var_done(self, name: str) -> bool:
+        event = self._events.get(name)
+        return event is None or event.is_set()
+
+    # ------------------------------------------------------------------ fork
+    def fork(self, n: int) -> list[Executor]:
+        """``n`` executors that continue from this one's current state (after all queued nodes)."""
+        self.sync()
+        if n >= 2 and self.text and not self.run.symbolic and self.run.backend is not None:
+            self.run.backend.cache_prefix(self.text, self.run.program_id)
+        children = []
+        for _ in range(n):
+            child = Executor(self.run)
+            child.text, child.segments, child.messages = self.text, list(self.segments), list(self.messages)
+            child.variables, child.meta_info = dict(self.variables), dict(self.meta_info)
+            child.cur_role, child.role_begin_pos = self.cur_role, self.role_begin_pos
+            child.scope_starts, child.fork_start = dict(self.scope_starts), len(self.text)
+            children.append(child)
+        if self.log is not None:
+            self.log.append(("fork", [c.log for c in children]))
+        return children
+
+    # ------------------------------------------------------------------ worker
+    def _work(self) -> None:
+        while True:
+            node = self._queue.get()
+            if node is _STOP:
+                self._queue.task_done()
+                break
+            if self.error is None:
+                self._execute_guarded(node)
+            self._queue.task_done()
+        self._mark_finished()
+
+    def _mark_finished(self) -> None:
+        with self.changed:
+            self.finished = True
+            self.changed.notify_all()
+
+    def _execute_guarded(self, node: Node) -> None:
+        try:
+            self._execute(node)
+        except BaseException as exc:  # noqa: BLE001 - stored and re-raised in the program's thread
+            self.fail(exc)
+
+    def _execute(self, node: Node) -> None:
+        if isinstance(node, Seq):
+            for child in node.nodes:
+                self._execute(child)
+            return
+        if self.log is not None and not isinstance(node, _AppendForks):
+            self.log.append(("node", node, self.cur_role))
+        if isinstance(node, Text):
+            self._append(node.value, "text")
+        elif isinstance(node, Gen):
+            self._execute_gen(node)
+        elif isinstance(node, Select):
+            self._execute_select(node)
+        elif isinstance(node, RoleBegin):
+            self._role_begin(node.role)
+        elif isinstance(node, RoleEnd):
+            self._role_end(node.role)
+        elif isinstance(node, VarScopeBegin):
+            self.scope_starts[node.name] = len(self.text)
+        elif isinstance(node, VarScopeEnd):
+            self._scope_end(node.name)
+        elif isinstance(node, _AppendForks):
+            self._append_forks(node.forks)
+        else:
+            raise TypeError(f"the interpreter cannot execute {type(node).__name__} nodes")
+
+    # ------------------------------------------------------------------ node kinds
+    def _append(self, value: str, kind: str, name: str | None = None) -> None:
+        value = str(value)
+        if len(value) == 0:
+            return
+        with self.changed:
+            self.text += value
+            self.segments.append(Segment(kind, value, self.cur_role, name))
+            self.changed.notify_all()
+
+    def _set_result(self, name: str | None, value: Any, meta: dict[str, Any]) -> None:
+        if name is None:
+            return
+        with self.changed:
+            self.variables[name] = value
+            self.meta_info[name] = meta
+            self.changed.notify_all()
+        self._events.setdefault(name, threading.Event()).set()
+
+    def _role_template(self, role: str) -> tuple[str, str]:
+        table = self.run.template.role_prefix_and_suffix
+        if role not in table:
+            raise ChatTemplateError(
+                f"chat template {self.run.template.name!r} has no {role!r} role (it has {sorted(table)}); "
+                "pass chat_template= with a template that does"
+            )
+        return table[role]
+
+    def _role_begin(self, role: str) -> None:
+        if self.cur_role is not None:
+            raise RoleError(f"cannot open a {role!r} block inside the open {self.cur_role!r} block; roles do not nest")
+        default_system = self.run.template.default_system_prompt
+        if not self.messages and role != "system" and default_system is not None:
+            self._role_begin("system")
+            self._append(default_system, "text")
+            self._role_end("system")
+        prefix, _ = self._role_template(role)
+        self.cur_role = role
+        self._append(prefix, "role_prefix")
+        self.role_begin_pos = len(self.text)
+
+    def _role_end(self, role: str) -> None:
+        if self.cur_role != role:
+            raise RoleError(f"cannot end a {role!r} block: the open block is {self.cur_role!r}")
+        content = self.text[self.role_begin_pos :]
+        self._append(self._role_template(role)[1], "role_suffix")
+        self.cur_role = None
+        self.messages.append({"role": role, "content": content})
+
+    def _scope_end(self, name: str) -> None:
+        if name not in self.scope_starts:
+            raise RoleError(f"var_scope {name!r} ended without beginning")
+        captured = self.text[self.scope_starts.pop(name) :]
+        if self.run.symbolic and MARK_BEGIN in captured:
+            captured = SymbolicValue("scope", name)
+        self._set_result(name, captured, {})
+
+    def _resolve_params(self, node: Gen) -> SamplingParams:
+        merged = {**self.run.defaults, **node.overrides_dict()}
+        stop_str = self.run.template.stop_str
+        if self.cur_role == "assistant" and stop_str:
+            stops = tuple(merged.get("stop") or ())
+            merged["stop"] = stops + tuple(s for s in stop_str if s not in stops)
+        return SamplingParams(**merged)
+
+    def _execute_gen(self, node: Gen) -> None:
+        params = self._resolve_params(node)
+        if self.run.symbolic:
+            placeholder = SymbolicValue("gen", node.name or "_")
+            self._append(placeholder, "gen", node.name)
+            self._set_result(node.name, placeholder, {"sampling_params": params.to_dict()})
+            return
+        backend = self._backend()
+        call = GenerateCall(self.text, params, node.return_logprob, node.top_logprobs_num, self.run.program_id)
+        start = time.monotonic()
+        if self.run.stream:
+            result = self._stream_gen(backend, call, node.name)
+        else:
+            result = backend.generate(call)
+            self._append(result.text, "gen", node.name)
+        latency = result.latency_s or (time.monotonic() - start)
+        finish = result.finish_reason or {}
+        if finish.get("type") == "abort":
+            raise GenerationError(
+                f"backend {backend.name!r} aborted gen {node.name!r}: {finish.get('message', 'no message')}"
+            )
+        value: Any = result.text
+        if node.dtype is not None:
+            try:
+                value = parse_dtype(result.text, node.dtype)
+            except ValueError:
+                raise GenerationError(
+                    f"gen {node.name!r} produced {result.text!r}, which is not a {node.dtype.__name__} "
+                    f"(finish reason {finish.get('type')!r}); raise max_tokens, or use a backend that "
+                    "supports constrained decoding"
+                ) from None
+        meta = {
+            **result.meta,
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "cached_tokens": result.cached_tokens,
+            "latency_s": latency,
+            "output_token_logprobs": result.output_token_logprobs,
+            "output_top_logprobs": result.output_top_logprobs,
+            "sampling_params": params.to_dict(),
+        }
+        self.calls.append(
+            CallRecord("gen", node.name, result.prompt_tokens, result.completion_tokens, result.cached_tokens, latency, result.finish_reason)
+        )
+        self._set_result(node.name, value, meta)
+
+    def _stream_gen(self, backend: Backend, call: GenerateCall, name: str | None) -> GenerateResult:
+        shown = ""
+        result: GenerateResult | None = None
+        for result in backend.stream(call):
+            if result.text.startswith(shown) and len(result.text) > len(shown):
+                self._append(result.text[len(shown) :], "gen", name)
+                shown = result.text
+                if name is not None:
+                    self.set_var(name, shown)
+        if result is None or not result.finished:
+            raise GenerationError(f"backend {backend.name!r} ended the stream of gen {name!r} without a final result")
+        return result
+
+    def _execute_select(self, node: Select) -> None:
+        method = node.choices_method
+        if self.run.symbolic:
+            placeholder = SymbolicValue("select", node.name or "_")
+            self._append(placeholder, "select", node.name)
+            self._set_result(node.name, placeholder, {"choices": list(node.choices), "method": method.name})
+            return
+        backend = self._backend()
+        start = time.monotonic()
+        unconditional = method.requires_unconditional_logprobs
+        scores = backend.score_choices(self.text, list(node.choices), unconditional=unconditional, program_id=self.run.program_id)
+        latency = time.monotonic() - start
+        if len(scores) != len(node.choices):
+            raise GenerationError(f"backend {backend.name!r} scored {len(scores)} of {len(node.choices)} choices")
+        if unconditional and any(s.unconditional_token_logprobs is None for s in scores):
+            raise BackendCapabilityError(
+                f"backend {backend.name!r} did not return unconditional logprobs for select {node.name!r}; "
+                "use choices_method='token_length_normalized' or a backend that scores without a prefix"
+            )
+        decision = method(scores)
+        self._append(decision.decision, "select", node.name)
+        meta = {**decision.meta_info, "latency_s": latency}
+        prompt_tokens = sum(s.prompt_tokens for s in scores)
+        self.calls.append(CallRecord("select", node.name, prompt_tokens, 0, sum(s.cached_tokens for s in scores), latency))
+        self._set_result(node.name, decision.decision, meta)
+
+    def _append_forks(self, forks: list[Executor]) -> None:
+        for fork in forks:
+            fork.sync()
+            with fork.changed:
+                new_segments = [s for s in _segments_after(fork.segments, fork.fork_start)]
+            for seg in new_segments:
+                self._append(seg.text, seg.kind if seg.kind in ("gen", "select") else "text", seg.name)
+
+    def _backend(self) -> Backend:
+        assert self.run.backend is not None, "a non-symbolic run always has a backend"
+        return self.run.backend
+
+
+def _segments_after(segments: list[Segment], start: int) -> list[Segment]:
+    """The segments covering text positions >= ``start`` (segments never straddle a fork point)."""
+    pos, out = 0, []
+    for seg in segments:
+        if pos >= start:
+            out.append(seg)
+        pos += len(seg.text)
+    return out

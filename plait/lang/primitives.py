@@ -1,0 +1,229 @@
+"""The primitives a program appends: ``gen``, ``select``, roles. Arguments are validated here, when the
+program builds the node, so a bad argument fails at the line that wrote it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from plait.lang.choices import ChoicesMethod, resolve_choices_method
+from plait.lang.errors import EmptyChoicesError, InvalidDtypeError, RoleError
+from plait.lang.ir import ROLES, Gen, Node, RoleBegin, RoleEnd, Select, Seq, to_node
+from plait.sampling import SamplingParams
+
+__all__ = [
+    "DTYPE_REGEX",
+    "assistant",
+    "assistant_begin",
+    "assistant_end",
+    "gen",
+    "gen_float",
+    "gen_int",
+    "parse_dtype",
+    "role",
+    "select",
+    "system",
+    "system_begin",
+    "system_end",
+    "user",
+    "user_begin",
+    "user_end",
+]
+
+#: The regex each ``gen(dtype=...)`` constrains the output to.
+DTYPE_REGEX: dict[type, str] = {
+    int: r"-?\d+",
+    float: r"-?\d+(\.\d+)?([eE][-+]?\d+)?",
+    bool: r"(True|False)",
+    str: r'"([^"\\\x00-\x1f]|\\["\\/bfnrt])*"',
+}
+
+
+def _schema_to_json(json_schema: Any) -> str:
+    """A JSON string from a dict, a JSON string, or a pydantic model class."""
+    if isinstance(json_schema, type) and hasattr(json_schema, "model_json_schema"):  # pydantic v2
+        return json.dumps(json_schema.model_json_schema())
+    if isinstance(json_schema, type) and hasattr(json_schema, "schema_json"):  # pydantic v1
+        return json_schema.schema_json()
+    if isinstance(json_schema, Mapping):
+        return json.dumps(dict(json_schema))
+    if isinstance(json_schema, str):
+        try:
+            json.loads(json_schema)
+        except ValueError as exc:
+            raise ValueError(f"json_schema is not valid JSON ({exc}); pass a dict, a JSON string or a pydantic model") from None
+        return json_schema
+    raise ValueError(f"json_schema must be a dict, a JSON string or a pydantic model class, got {type(json_schema).__name__}")
+
+
+def gen(
+    name: str | None = None,
+    max_tokens: int | None = None,
+    min_tokens: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    ignore_eos: bool | None = None,
+    seed: int | None = None,
+    return_logprob: bool = False,
+    top_logprobs_num: int = 0,
+    dtype: type | None = None,
+    choices: Sequence[str] | None = None,
+    choices_method: ChoicesMethod | str | None = None,
+    regex: str | None = None,
+    json_schema: Any = None,
+    ebnf: str | None = None,
+) -> Node:
+    """Generate text and store it in variable ``name``.
+
+    Unset sampling options take the run's defaults (``prog.run(..., temperature=0)``), then
+    ``SamplingParams``' defaults. ``max_tokens`` is ``max_new_tokens``. Constraints (at most one):
+    ``regex``, ``json_schema`` (dict, JSON string or pydantic model class), ``ebnf``, or ``dtype``
+    (``int``, ``float``, ``bool``, ``str``: a regex, and the variable holds the converted value).
+    ``choices`` makes this a ``select``. Inside an assistant block the template's stop strings are added.
+    """
+    if choices is not None:
+        return select(name, choices=choices, choices_method=choices_method)
+    if choices_method is not None:
+        raise ValueError("choices_method only applies with choices=[...]; pass both or use pl.select")
+    overrides: dict[str, Any] = {
+        "max_new_tokens": max_tokens,
+        "min_new_tokens": min_tokens,
+        "stop": stop,
+        "stop_token_ids": stop_token_ids,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "min_p": min_p,
+        "frequency_penalty": frequency_penalty,
+        "presence_penalty": presence_penalty,
+        "repetition_penalty": repetition_penalty,
+        "ignore_eos": ignore_eos,
+        "seed": seed,
+        "regex": regex,
+        "json_schema": _schema_to_json(json_schema) if json_schema is not None else None,
+        "ebnf": ebnf,
+    }
+    if dtype is not None:
+        if not isinstance(dtype, type) or dtype not in DTYPE_REGEX:
+            raise InvalidDtypeError(
+                f"gen dtype must be one of int, float, bool, str, got {dtype!r}; for other shapes use "
+                "regex=... or json_schema=..."
+            )
+        if regex is not None or json_schema is not None or ebnf is not None:
+            raise ValueError("gen: dtype is itself a constraint; give dtype or regex/json_schema/ebnf, not both")
+        overrides["regex"] = DTYPE_REGEX[dtype]
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(overrides.get("stop"), list):
+        overrides["stop"] = tuple(overrides["stop"])
+    validated = SamplingParams(**overrides)  # raises ValueError naming a bad field
+    normalized = tuple(sorted((k, getattr(validated, k)) for k in overrides))
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"gen name must be a str or None, got {type(name).__name__}")
+    if isinstance(top_logprobs_num, bool) or not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
+        raise ValueError(f"top_logprobs_num must be an int >= 0, got {top_logprobs_num!r}")
+    return Gen(name, normalized, dtype, bool(return_logprob or top_logprobs_num), top_logprobs_num)
+
+
+def gen_int(name: str | None = None, **kwargs: Any) -> Node:
+    """``gen(name, dtype=int, ...)``."""
+    return gen(name, dtype=int, **kwargs)
+
+
+def gen_float(name: str | None = None, **kwargs: Any) -> Node:
+    """``gen(name, dtype=float, ...)``."""
+    return gen(name, dtype=float, **kwargs)
+
+
+def parse_dtype(text: str, dtype: type) -> Any:
+    """Convert generated ``text`` to ``dtype``; raises ValueError when it does not parse."""
+    stripped = text.strip()
+    if dtype is bool:
+        if stripped not in ("True", "False"):
+            raise ValueError(f"{text!r} is not True or False")
+        return stripped == "True"
+    if dtype is str:
+        value = json.loads(stripped)
+        if not isinstance(value, str):
+            raise ValueError(f"{text!r} is not a quoted string")
+        return value
+    return dtype(stripped)
+
+
+def select(
+    name: str | None = None,
+    choices: Sequence[str] | None = None,
+    choices_method: ChoicesMethod | str | None = None,
+    temperature: float = 0.0,
+) -> Node:
+    """Append the most likely of ``choices`` (scored by ``choices_method``) and store it in ``name``.
+
+    Scores are kept in ``s.get_meta_info(name)``. ``temperature`` is accepted for SGLang
+    compatibility; only 0 (deterministic choice) is supported.
+    """
+    if choices is None or isinstance(choices, str) or len(choices) == 0:
+        raise EmptyChoicesError(
+            f"select {name!r} needs a non-empty list of choices, got {choices!r}; e.g. "
+            f"pl.select({name!r}, choices=['yes', 'no'])"
+        )
+    bad = [c for c in choices if not isinstance(c, str) or not c]
+    if bad:
+        raise ValueError(f"select {name!r}: every choice must be a non-empty str, got {bad!r}")
+    if temperature != 0.0:
+        raise ValueError("select supports only temperature=0 (the best-scoring choice); sample with gen(...) instead")
+    return Select(name, tuple(choices), resolve_choices_method(choices_method))
+
+
+def role(name: str, expr: Any = None) -> Node:
+    """A role block around ``expr`` (text, gen, select or a sequence of them); an empty block if None."""
+    if name not in ROLES:
+        raise RoleError(f"unknown role {name!r}; use one of {', '.join(ROLES)}")
+    if expr is None:
+        return Seq((RoleBegin(name), RoleEnd(name)))
+    return Seq((RoleBegin(name), to_node(expr), RoleEnd(name)))
+
+
+def system(expr: Any = None) -> Node:
+    """A system block: ``s += pl.system("You are terse.")``."""
+    return role("system", expr)
+
+
+def user(expr: Any = None) -> Node:
+    """A user block: ``s += pl.user("Hi")``."""
+    return role("user", expr)
+
+
+def assistant(expr: Any = None) -> Node:
+    """An assistant block: ``s += pl.assistant(pl.gen("answer"))``."""
+    return role("assistant", expr)
+
+
+def system_begin() -> Node:
+    return RoleBegin("system")
+
+
+def system_end() -> Node:
+    return RoleEnd("system")
+
+
+def user_begin() -> Node:
+    return RoleBegin("user")
+
+
+def user_end() -> Node:
+    return RoleEnd("user")
+
+
+def assistant_begin() -> Node:
+    return RoleBegin("assistant")
+
+
+def assistant_end() -> Node:
+    return RoleEnd("assistant")
