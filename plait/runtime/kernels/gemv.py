@@ -94,20 +94,29 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def _time_ms(fn, weights: list[torch.Tensor], reps: int = 40) -> float:
-    """Best of 5 event-timed runs of ``reps`` calls, rotating weight copies so L2 does not hold them."""
-    for _ in range(3):
+    """GPU time of one call: ``reps`` calls (rotating weight copies, so L2 does not hold them) captured
+    in a CUDA graph, best of 5 replays. Timing eager launches instead would measure the host's launch
+    rate for these few-microsecond kernels (a Triton launch costs more host time than a cuBLAS one),
+    not what a decode graph replays."""
+    for _ in range(2):
         for w in weights:
             fn(w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fn(weights[i % len(weights)])
+    graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     best = float("inf")
     for _ in range(5):
         start.record()
-        for i in range(reps):
-            fn(weights[i % len(weights)])
+        graph.replay()
         end.record()
         end.synchronize()
         best = min(best, start.elapsed_time(end) / reps)
+    del graph
     return best
 
 
