@@ -135,4 +135,101 @@ def rotary_embedding_ref(
     return x * cos + rotated * sin
 
 
-__all__ = ["default_block_h", "rotary_embedding", "rotary_embedding_ref"]
+@triton.jit
+def _rotary_store_kv_kernel(
+    X, Positions, Cos, Sin, KBuf, VBuf, Slots,
+    stride_xt, stride_xh, stride_cos, stride_sin, stride_kbt, stride_kbh, stride_vbt, stride_vbh,
+    NUM_Q: tl.constexpr,
+    NUM_KV: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    ROUND: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # over q, k, v heads
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask_d = offs_d < HALF
+    live = heads < NUM_Q + 2 * NUM_KV
+    mask = live[:, None] & mask_d[None, :]  # [BLOCK_H, BLOCK_HALF]
+    rotated = (heads < NUM_Q + NUM_KV)[:, None]  # q and k heads rotate; v heads pass through
+    pos = tl.load(Positions + t).to(tl.int64)
+    cos1 = tl.load(Cos + pos * stride_cos + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    cos2 = tl.load(Cos + pos * stride_cos + HALF + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    sin1 = tl.load(Sin + pos * stride_sin + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(Sin + pos * stride_sin + HALF + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    x_ptrs = X + t * stride_xt + heads[:, None] * stride_xh + offs_d[None, :]
+    x1_raw = tl.load(x_ptrs, mask=mask, other=0.0)  # [BLOCK_H, BLOCK_HALF], model dtype
+    x2_raw = tl.load(x_ptrs + HALF, mask=mask, other=0.0)
+    x1 = x1_raw.to(tl.float32)
+    x2 = x2_raw.to(tl.float32)
+    a1 = x1 * cos1
+    b1 = x2 * sin1
+    a2 = x2 * cos2
+    b2 = x1 * sin2
+    dtype = X.dtype.element_ty
+    if ROUND:  # as in _rotary_kernel: eager 16-bit torch rounds every product before the add
+        a1 = a1.to(dtype).to(tl.float32)
+        b1 = b1.to(dtype).to(tl.float32)
+        a2 = a2.to(dtype).to(tl.float32)
+        b2 = b2.to(dtype).to(tl.float32)
+    o1 = tl.where(rotated, (a1 - b1).to(dtype), x1_raw)
+    o2 = tl.where(rotated, (a2 + b2).to(dtype), x2_raw)
+    tl.store(x_ptrs, o1, mask=mask & rotated)  # q and k rotate in place
+    tl.store(x_ptrs + HALF, o2, mask=mask & rotated)
+    slot = tl.load(Slots + t).to(tl.int64)
+    is_k = ((heads >= NUM_Q) & (heads < NUM_Q + NUM_KV))[:, None]
+    k_ptrs = KBuf + slot * stride_kbt + (heads - NUM_Q)[:, None] * stride_kbh + offs_d[None, :]
+    tl.store(k_ptrs, o1.to(KBuf.dtype.element_ty), mask=mask & is_k)
+    tl.store(k_ptrs + HALF, o2.to(KBuf.dtype.element_ty), mask=mask & is_k)
+    is_v = (heads >= NUM_Q + NUM_KV)[:, None]
+    v_ptrs = VBuf + slot * stride_vbt + (heads - NUM_Q - NUM_KV)[:, None] * stride_vbh + offs_d[None, :]
+    tl.store(v_ptrs, o1.to(VBuf.dtype.element_ty), mask=mask & is_v)
+    tl.store(v_ptrs + HALF, o2.to(VBuf.dtype.element_ty), mask=mask & is_v)
+
+
+def rotary_store_kv(
+    qkv: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    positions: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    slots: torch.Tensor,
+    *,
+    block_h: int | None = None,
+    num_warps: int = 4,
+) -> None:
+    """Rotary on q and k plus the K/V pool write, in one launch (decode's rotary + ``store_kv``).
+
+    ``qkv`` [T, H + 2 * KVH, D] holds each token's q, k and v heads (a view of the fused projection
+    with a unit last stride). q and k heads are rotated in place, exactly as ``rotary_embedding``
+    rotates them; the rotated k heads and the v heads are written to rows ``slots`` [T] of
+    ``k_buffer`` / ``v_buffer`` [S, KVH, D]. Duplicate slots are not allowed, except padding slot 0.
+    """
+    T, N, D = qkv.shape
+    if N != num_q_heads + 2 * num_kv_heads:
+        raise ValueError(f"qkv has {N} heads, expected {num_q_heads} q + 2 x {num_kv_heads} kv")
+    if D % 2 or qkv.stride(-1) != 1:
+        raise ValueError("qkv needs an even head_dim and a unit last stride")
+    if tuple(k_buffer.shape[1:]) != (num_kv_heads, D) or v_buffer.shape != k_buffer.shape:
+        raise ValueError(f"pool buffers {tuple(k_buffer.shape)} do not hold {num_kv_heads} heads of {D}")
+    if cos_cache.dtype != qkv.dtype or sin_cache.dtype != qkv.dtype or cos_cache.shape[-1] != D:
+        raise ValueError("cos/sin caches must be [P, D] in qkv's dtype")
+    if positions.shape != (T,) or slots.shape != (T,):
+        raise ValueError(f"positions {tuple(positions.shape)} and slots {tuple(slots.shape)} must be [{T}]")
+    if T == 0:
+        return
+    block_h = block_h or default_block_h(N, D)
+    _rotary_store_kv_kernel[(T, triton.cdiv(N, block_h))](
+        qkv, positions, cos_cache, sin_cache, k_buffer, v_buffer, slots,
+        qkv.stride(0), qkv.stride(1), cos_cache.stride(0), sin_cache.stride(0),
+        k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
+        NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HALF=D // 2, BLOCK_H=block_h,
+        BLOCK_HALF=triton.next_power_of_2(D // 2), ROUND=qkv.dtype != torch.float32, num_warps=num_warps,
+    )
+
+
+__all__ = ["default_block_h", "rotary_embedding", "rotary_embedding_ref", "rotary_store_kv"]

@@ -122,3 +122,27 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return self.backend.forward(q, k, v, self.layer_id, self.scale, batch)
+
+    def can_fuse_rope_store(self, rope: object) -> bool:
+        """Whether ``rope_store_attend`` serves this step: a fused (CUDA) rope and a backend that reads
+        the new tokens' K/V from the pool only (it then skips its own store)."""
+        from plait.runtime.layers.rotary import FusedRope
+
+        return isinstance(rope, FusedRope) and getattr(self.backend, "accepts_stored_kv", False)
+
+    def rope_store_attend(
+        self, rope: object, qkv_heads: torch.Tensor, num_q_heads: int, num_kv_heads: int, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """Rotary on q/k and the K/V pool write in one kernel, then attention: ``qkv_heads``
+        [T, H + 2 KVH, D] -> [T, H, D]. Same result as ``apply`` + ``forward``, one launch fewer per layer."""
+        from plait.runtime.kernels.fused_rotary import rotary_store_kv
+
+        pool = batch.pool
+        rotary_store_kv(
+            qkv_heads, num_q_heads, num_kv_heads, rope.positions, rope.cos_cache, rope.sin_cache,
+            pool.k_buffers[self.layer_id], pool.v_buffers[self.layer_id], batch.out_cache_loc,
+        )
+        q = qkv_heads[:, :num_q_heads]
+        k = qkv_heads[:, num_q_heads : num_q_heads + num_kv_heads]
+        v = qkv_heads[:, num_q_heads + num_kv_heads :]
+        return self.backend.forward(q, k, v, self.layer_id, self.scale, batch, kv_stored=True)

@@ -136,13 +136,20 @@ class TritonAttentionBackend:
             return self._workspace
         return alloc_decode_workspace(rows, self.num_heads, self.head_dim, self.max_kv_splits, self.device)
 
+    # Attention reads the new tokens' K/V from the pool only, so a caller may write them there itself
+    # (``Attention.rope_store_attend``) and pass ``kv_stored=True``.
+    accepts_stored_kv = True
+
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scale: float, batch: ForwardBatch
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scale: float, batch: ForwardBatch,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
-        """q [T, H, D], k/v [T, KVH, D] -> attention output [T, H, D] (new K/V written to the pool first)."""
+        """q [T, H, D], k/v [T, KVH, D] -> attention output [T, H, D] (new K/V written to the pool first,
+        unless ``kv_stored``)."""
         md: TritonAttnMetadata = batch.attn_metadata
         k_buf, v_buf = batch.pool.k_buffers[layer_id], batch.pool.v_buffers[layer_id]
-        store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
+        if not kv_stored:
+            store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
         table = batch.slot_table
         if md.extend_req_rows is None:  # decode only: one token per row, in row order
             return self._decode(q, k_buf, v_buf, table, scale, md)

@@ -50,6 +50,11 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(x)  # [T, q + 2 kv]
         T = qkv.shape[0]
         v = qkv[:, self.q_size + self.kv_size :].reshape(T, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        if self.q_norm is None and self.attn.can_fuse_rope_store(rope):
+            # CUDA: rotate q/k and write k/v into the KV pool in one kernel
+            heads = qkv.view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+            out = self.attn.rope_store_attend(rope, heads, self.num_heads, self.num_kv_heads, batch)
+            return self.o_proj(out.reshape(-1, self.q_size))
         if self.q_norm is None:
             # q and k heads are adjacent in qkv: rotate them in one go
             qk = qkv[:, : self.q_size + self.kv_size].view(T, self.num_heads + self.num_kv_heads, self.head_dim)

@@ -128,3 +128,29 @@ def test_rotary_cuda_graph_replay_with_new_positions():
     graph.replay()
     torch.cuda.synchronize()
     check(out, rotary_embedding_ref(x, positions, cos, sin), torch.bfloat16, interpreter=False)
+
+
+@pytest.mark.parametrize("H,KVH,D", [(4, 2, 64), (9, 3, 64), (8, 8, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotary_store_kv_equals_rotary_then_store(kernel_device, H, KVH, D, dtype):
+    """One launch = rotary_embedding on q and k, then k (rotated) and v written into the pool rows."""
+    from plait.runtime.kernels.fused_rotary import rotary_store_kv
+
+    T, P, S = 5, 64, 16
+    cos, sin = tables(D, P, dtype, kernel_device)
+    gen = torch.Generator().manual_seed(H * D)
+    qkv = torch.randn(T, H + 2 * KVH, D, generator=gen).to(dtype).to(kernel_device)
+    positions = torch.tensor([0, 3, 17, 40, 63], device=kernel_device)
+    slots = torch.tensor([2, 9, 4, 15, 1], device=kernel_device)
+    k_buf = torch.full((S, KVH, D), float("nan"), dtype=dtype, device=kernel_device)
+    v_buf = torch.full((S, KVH, D), float("nan"), dtype=dtype, device=kernel_device)
+    expected_qk = rotary_embedding(qkv[:, : H + KVH], positions, cos, sin)  # [T, H + KVH, D]
+    v = qkv[:, H + KVH :].clone()
+    rotary_store_kv(qkv, H, KVH, positions, cos, sin, k_buf, v_buf, slots)
+    assert torch.equal(qkv[:, : H + KVH], expected_qk)  # rotated in place, bit-identical
+    assert torch.equal(qkv[:, H + KVH :], v)  # v heads untouched
+    assert torch.equal(k_buf[slots], expected_qk[:, H:])
+    assert torch.equal(v_buf[slots], v)
+    untouched = torch.ones(S, dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    assert torch.isnan(k_buf[untouched.to(kernel_device)]).all()  # no other pool row written
