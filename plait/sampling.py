@@ -16,7 +16,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SamplingParams"]
+__all__ = ["JSON_OBJECT", "SamplingParams"]
+
+# ``json_schema=JSON_OBJECT``: any JSON object (OpenAI's ``response_format={"type": "json_object"}``).
+# ``json_schema={}`` (or ``True``) allows any JSON value.
+JSON_OBJECT = '{"type": "object"}'
+
+_CONSTRAINT_FIELDS = ("regex", "json_schema", "ebnf", "choices")
 
 
 def _check_int(name: str, value: Any, minimum: int | None = None, allowed: str = "") -> None:
@@ -73,10 +79,12 @@ class SamplingParams:
     no_stop_trim: bool = False
     # Constrained decoding (at most one): the output must match this regex / JSON schema / EBNF grammar.
     # ``json_schema`` may be given as a dict (or a JSON string); it is stored as a JSON string so the
-    # object stays hashable. ``json_schema='{"type": "object"}'``-style "any JSON" is ``JSON_OBJECT``.
+    # object stays hashable; a pydantic model class is replaced by its JSON schema. Any JSON object is
+    # ``JSON_OBJECT``. ``choices`` (a list of strings, stored as a tuple): the output is exactly one of them.
     regex: str | None = None
     json_schema: str | None = None
     ebnf: str | None = None
+    choices: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         self._normalize_constraint()
@@ -149,20 +157,36 @@ class SamplingParams:
 
     def _normalize_constraint(self) -> None:
         schema = self.json_schema
+        if isinstance(schema, type) and callable(getattr(schema, "model_json_schema", None)):
+            schema = schema.model_json_schema()  # a pydantic model class
+        if schema is True:
+            schema = {}
         if isinstance(schema, Mapping):
             try:
                 schema = json.dumps(schema)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"sampling parameter 'json_schema' is not JSON-serializable: {exc}") from None
-            object.__setattr__(self, "json_schema", schema)
+        object.__setattr__(self, "json_schema", schema)
+        self._normalize_choices()
         for name in ("regex", "json_schema", "ebnf"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 kind = "a non-empty str or a dict" if name == "json_schema" else "a non-empty str"
                 raise ValueError(f"sampling parameter {name!r} must be {kind} or None, got {value!r}")
-        given = [n for n in ("regex", "json_schema", "ebnf") if getattr(self, n) is not None]
+        given = [n for n in _CONSTRAINT_FIELDS if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"sampling parameters {given} are mutually exclusive; give at most one constraint")
+
+    def _normalize_choices(self) -> None:
+        choices = self.choices
+        if choices is None:
+            return
+        if isinstance(choices, str) or not isinstance(choices, (list, tuple)):
+            raise ValueError(f"sampling parameter 'choices' must be a list of non-empty str or None, got {choices!r}")
+        choices = tuple(choices)
+        if not choices or any(not isinstance(c, str) or not c for c in choices):
+            raise ValueError(f"sampling parameter 'choices' must be a non-empty list of non-empty str, got {choices!r}")
+        object.__setattr__(self, "choices", choices)
 
     # ------------------------------------------------------------------ constructors / views
     @classmethod
@@ -193,7 +217,7 @@ class SamplingParams:
         if not isinstance(d, Mapping):
             raise ValueError(f"sampling parameters must be a mapping, got {type(d).__name__}")
         cls._check_keys(d.keys())
-        nullable = {"stop", "stop_token_ids", "seed", "regex", "json_schema", "ebnf"}
+        nullable = {"stop", "stop_token_ids", "seed", *_CONSTRAINT_FIELDS}
         for key, value in d.items():
             if value is None and key not in nullable:
                 raise ValueError(f"sampling parameter {key!r} must not be None (omit it to use the default)")
@@ -204,6 +228,8 @@ class SamplingParams:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["stop"] = list(self.stop)
         out["stop_token_ids"] = list(self.stop_token_ids)
+        if self.choices is not None:
+            out["choices"] = list(self.choices)
         return out
 
     def replace(self, **changes: Any) -> SamplingParams:
@@ -213,11 +239,12 @@ class SamplingParams:
 
     @property
     def constraint(self) -> tuple[str, str] | None:
-        """``(kind, spec)`` with kind ``"regex"``, ``"json_schema"`` or ``"ebnf"``; None when unconstrained."""
-        for name in ("regex", "json_schema", "ebnf"):
+        """``(kind, spec)`` with kind ``"regex"``, ``"json_schema"``, ``"ebnf"`` or ``"choices"`` (whose spec
+        is the JSON list of choices); None when unconstrained."""
+        for name in _CONSTRAINT_FIELDS:
             value = getattr(self, name)
             if value is not None:
-                return name, value
+                return name, json.dumps(list(value)) if name == "choices" else value
         return None
 
     @property

@@ -13,15 +13,18 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from plait.runtime.config import EngineConfig
+from plait.runtime.constrained.healing import TokenHealer, new_detokenizer
+from plait.runtime.constrained.service import ConstrainedDecoding
 from plait.runtime.engine_inputs import GenerateInput, normalize_inputs
 from plait.runtime.executor.model_runner import ModelRunner
 from plait.runtime.executor.sampler import Sampler
+from plait.runtime.kvcache.pins import ProgramPins
 from plait.runtime.kvcache.radix import RadixCache
 from plait.runtime.models.registry import resolve_model
 from plait.runtime.outputs import build_output
@@ -34,7 +37,7 @@ from plait.runtime.step import (
     record_prompt_logprobs,
     sample_next_tokens,
 )
-from plait.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+from plait.runtime.tokenizer import Tokenizer
 from plait.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,23 @@ class _Handle:
             pass
 
 
+class _CallbackSink:
+    """Delivers a request's outputs to a callback (``Engine.submit``) instead of a queue."""
+
+    def __init__(self, callback: Callable[[int, dict], None], index: int):
+        self.callback, self.index = callback, index
+
+    def put(self, event: dict[str, Any]) -> None:
+        self.callback(self.index, event)
+
+
+def _check_program_id(program_id: Any) -> None:
+    if not isinstance(program_id, str):
+        raise TypeError(f"program_id must be a str (the program run's id), got {type(program_id).__name__}")
+    if not program_id:
+        raise ValueError("program_id must be a non-empty str (the program run's id)")
+
+
 class Engine:
     """An in-process LLM engine: radix prefix cache, continuous batching, chunked prefill. Thread-safe."""
 
@@ -70,12 +90,16 @@ class Engine:
         self.model_config = self.runner.model_config
         self.context_length = self.runner.context_length
         self.tree = RadixCache(self.runner.pool, disabled=self.config.disable_radix_cache)
-        self.scheduler = Scheduler(self.config, self.runner.pool, self.runner.slot_table, self.tree)
+        pin_budget = self.config.max_pinned_tokens_per_program
+        self.pins = ProgramPins(self.tree, self.runner.pool.capacity // 4 if pin_budget is None else pin_budget)
+        self.scheduler = Scheduler(self.config, self.runner.pool, self.runner.slot_table, self.tree, self.pins)
         self.sampler = Sampler(seed=self.config.random_seed)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None:
             eos |= set(self.tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
+        self.constrained = ConstrainedDecoding(self.tokenizer, self.model_config.vocab_size)
+        self.token_healing = TokenHealer(self.constrained)  # `.enabled = False` turns token healing off
         self._counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "finished": 0, "steps": 0}
         self._inbox: list[tuple[str, Any]] = []
         self._cv = threading.Condition()
@@ -101,13 +125,16 @@ class Engine:
         return_text_in_logprobs: bool = False,
         rid: str | Sequence[str] | None = None,
         stream: bool = False,
+        program_id: str | None = None,
     ) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (returns a dict) or a list (returns a list; ``n > 1`` flattens per prompt).
 
         With ``stream=True`` returns an iterator of cumulative snapshots; for a batch each carries ``index``.
+        ``program_id``: the program run these requests belong to; what they cache stays pinned until
+        ``end_program(program_id)`` (see ``begin_program``).
         """
         gi = self._prepare(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                           top_logprobs_num, return_text_in_logprobs, rid, stream)
+                           top_logprobs_num, return_text_in_logprobs, rid, stream, program_id)
         handles = [_Handle() for _ in gi.requests]
         self._submit(gi.requests, handles)
         if stream:
@@ -130,11 +157,14 @@ class Engine:
         return_text_in_logprobs: bool = False,
         rid: str | Sequence[str] | None = None,
         stream: bool = False,
+        program_id: str | None = None,
     ) -> dict | list[dict] | AsyncIterator[dict]:
         """Async ``generate``; with ``stream=True`` returns an async iterator of snapshots."""
-        gi = self._prepare(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                           top_logprobs_num, return_text_in_logprobs, rid, stream)
         loop = asyncio.get_running_loop()
+        # off the event loop: tokenizing and compiling a grammar (constrained decoding) may take a while
+        gi = await loop.run_in_executor(None, lambda: self._prepare(
+            prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num,
+            return_text_in_logprobs, rid, stream, program_id))
         handles = [_Handle(loop) for _ in gi.requests]
         self._submit(gi.requests, handles)
         if stream:
@@ -151,12 +181,65 @@ class Engine:
             self._abort_unfinished(gi.requests)
         return outputs if gi.is_batch else outputs[0]
 
+    def submit(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        sampling_params: dict | SamplingParams | Sequence[dict | SamplingParams] | None = None,
+        input_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        *,
+        on_output: Callable[[int, dict], None],
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        return_text_in_logprobs: bool = False,
+        rid: str | Sequence[str] | None = None,
+        stream: bool = False,
+        program_id: str | None = None,
+    ) -> list[str]:
+        """Queue requests without waiting: ``on_output(index, event)`` is called on the engine thread for
+        each event of request ``index`` (``{"finished": bool, "output": dict}``; with ``stream`` one per
+        step, else only the final one). Returns the request ids, in index order. For servers and other
+        event-driven callers; ``on_output`` must return quickly and must not call back into the engine.
+        Invalid arguments raise before anything is queued, as in ``generate``.
+        """
+        gi = self._prepare(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+                           top_logprobs_num, return_text_in_logprobs, rid, stream, program_id)
+        sinks = [_CallbackSink(on_output, index) for index in range(len(gi.requests))]
+        self._submit(gi.requests, sinks)
+        return [req.rid for req in gi.requests]
+
     def abort(self, rid: str) -> None:
         """Abort a request (waiting or running); it finishes with ``{"type": "abort"}``. Unknown ids are ignored."""
         self._post("abort", rid)
 
+    def begin_program(self, program_id: str) -> None:
+        """A program run starts: from now on, what its requests cache stays resident (pinned) until
+        ``end_program``. Optional: the first request carrying ``program_id`` opens the run as well.
+
+        Pins are bounded per run (``max_pinned_tokens_per_program``) and give way under memory
+        pressure (least recently used run first), so they never block other requests.
+        """
+        _check_program_id(program_id)
+        if self._stopped or self._dead:
+            raise RuntimeError("the engine has been shut down" if self._stopped else "the engine loop has died")
+        self._call_engine_thread("begin_program", program_id)
+
+    def end_program(self, program_id: str) -> None:
+        """The program run ended: unpin everything it holds (it stays cached, evictable). Unknown ids
+        and calls after shutdown are ignored."""
+        _check_program_id(program_id)
+        if not (self._stopped or self._dead):
+            self._call_engine_thread("end_program", program_id)
+
+    def _call_engine_thread(self, kind: str, payload: Any) -> Any:
+        """Run command ``kind`` on the engine thread between steps and wait for its result."""
+        done = _Handle()
+        self._post(kind, (payload, done))
+        return self._get_event(done)
+
     def flush_cache(self) -> bool:
-        """Drop the prefix cache. Returns False (and does nothing) while requests are in flight."""
+        """Drop the prefix cache (and every program's pins). Returns False (and does nothing) while
+        requests are in flight."""
         done = _Handle()
         self._post("flush", done)
         return self._get_event(done)
@@ -173,6 +256,7 @@ class Engine:
             "kv_slots_evictable": self.tree.evictable_size(),
             "cache_hit_rate": c["cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0,
             "retractions": self.scheduler.num_retractions,
+            **self.pins.stats(),
             **c,
         }
 
@@ -182,6 +266,7 @@ class Engine:
             self._stopped = True
             self._cv.notify()
         self._thread.join(timeout=30)
+        self.constrained.shutdown()
         if not self._thread.is_alive():
             self.runner.release()  # the model and KV cache memory is free for the next engine
 
@@ -193,19 +278,22 @@ class Engine:
 
     # ------------------------------------------------------------------ request intake
     def _prepare(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                 top_logprobs_num, return_text_in_logprobs, rid, stream) -> GenerateInput:
+                 top_logprobs_num, return_text_in_logprobs, rid, stream, program_id=None) -> GenerateInput:
         if self._stopped or self._dead:
             raise RuntimeError("the engine has been shut down" if self._stopped else "the engine loop has died")
+        if program_id is not None:
+            _check_program_id(program_id)
         gi = normalize_inputs(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
                               top_logprobs_num, rid)
         for req in gi.requests:
             req.stream = stream
+            req.program_id = program_id
             req.return_text_in_logprobs = return_text_in_logprobs
             # Incremental detokenization only where text is needed before the end (streams, stop
-            # strings); other requests decode once when they finish.
-            if self.tokenizer is not None and (stream or req.params.stop):
-                req.detokenizer = IncrementalDetokenizer(
-                    self.tokenizer, req.prompt_ids, stop=req.params.stop,
+            # strings, token healing: the healed text is left out); other requests decode once when they finish.
+            if self.tokenizer is not None and (stream or req.params.stop or req.healed_text):
+                req.detokenizer = new_detokenizer(
+                    self.tokenizer, req.prompt_ids, req.healed_text, stop=req.params.stop,
                     skip_special_tokens=req.params.skip_special_tokens, no_stop_trim=req.params.no_stop_trim,
                 )
             elif req.params.stop:
@@ -331,6 +419,7 @@ class Engine:
                 self._drain_inflight()
                 for req in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self._finish(req, {"type": "abort", "message": "engine shut down"})
+                self.pins.release_all()
                 return
             if self.scheduler.has_work():
                 self._step()
@@ -338,12 +427,20 @@ class Engine:
     def _apply(self, kind: str, payload: Any) -> None:
         if kind == "add":
             self._counters["prompt_tokens"] += len(payload.prompt_ids)
+            if payload.program_id is not None:
+                self.pins.open(payload.program_id)  # a program run opens implicitly on first use
             self.scheduler.add_request(payload)
+            if payload.grammar is not None:  # text the grammar forces at the start is appended now
+                self._jump_forward(payload, payload.prompt_ids[-1])
         elif kind == "abort":  # a request id, or the base id of an n > 1 group
             for req in self.scheduler.find_all(payload):
                 self._finish(req, {"type": "abort", "message": "aborted"})
         elif kind == "flush":
             payload.put(self.scheduler.flush_cache())
+        elif kind in ("begin_program", "end_program"):
+            program_id, done = payload
+            (self.pins.open if kind == "begin_program" else self.pins.close)(program_id)
+            done.put(None)
         else:
             raise ValueError(f"unknown engine command {kind!r}")
 
@@ -433,7 +530,7 @@ class Engine:
         if step is not None:
             self._settle(step)
 
-    def _append_token(self, req: Request, token: int) -> None:
+    def _append_token(self, req: Request, token: int, jump_forward: bool = True) -> None:
         req.output_ids.append(token)
         self._counters["generated_tokens"] += 1
         if req.first_token_at is None:
@@ -441,12 +538,17 @@ class Engine:
         params = req.params
         reason = None
         is_stop_token = token in req.eos_token_ids or token in params.stop_token_ids
+        grammar_reason = None
+        if req.grammar is not None and not is_stop_token:
+            grammar_reason = req.grammar.accept_token(token)  # complete (stop) or refused (abort)
         detok = req.detokenizer
         if detok is not None and (not is_stop_token or params.no_stop_trim):
             detok.add(token)
             req.text = detok.emitted_text  # not detok.text: that includes a held-back start of a stop string
         if is_stop_token:
             reason = {"type": "stop", "matched": token}
+        elif grammar_reason is not None:
+            reason = grammar_reason
         elif detok is not None and detok.stopped:
             reason = {"type": "stop", "matched": detok.matched_stop}
         elif len(req.output_ids) >= params.max_new_tokens:
@@ -455,8 +557,24 @@ class Engine:
             reason = {"type": "length", "length": len(req.output_ids)}
         if reason is not None:
             self._finish(req, reason)
-        elif req.stream and req.on_output is not None:
+            return
+        if jump_forward and req.grammar is not None:
+            self._jump_forward(req, token)
+        if req.stream and req.on_output is not None and not req.finished:
             req.on_output({"finished": False, "output": build_output(req, self.tokenizer)})
+
+    def _jump_forward(self, req: Request, prev_token: int) -> None:
+        """Append the tokens the grammar forces next (no sampling; their KV is computed in one extend)."""
+        budget = min(req.params.max_new_tokens - len(req.output_ids), self.context_length - req.total_len)
+        for token in req.grammar.forced_tokens(prev_token, budget):
+            req.grammar.forced_count += 1
+            req.stream, stream = False, req.stream  # one snapshot for the whole jump, not one per token
+            try:
+                self._append_token(req, token, jump_forward=False)
+            finally:
+                req.stream = stream
+            if req.finished:
+                return
 
     def _finish(self, req: Request, reason: dict[str, Any]) -> None:
         self.scheduler.finish(req, reason)

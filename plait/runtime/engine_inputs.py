@@ -89,11 +89,12 @@ def normalize_inputs(
             )
         if logprob_start_len >= len(ids):
             raise ValueError(f"logprob_start_len {logprob_start_len} must be < the prompt length {len(ids)}")
-        if params.constraint is not None:
-            # Constrained decoding is not wired into the engine yet: refuse rather than ignore it.
-            raise ValueError(
-                f"sampling parameter {params.constraint[0]!r}: constrained decoding is not supported by this engine yet"
-            )
+        # Compiled here, on the caller's thread (cached; the engine loop never waits for a grammar):
+        # a constraint that cannot be served is a ConstraintError (ValueError) before anything is queued.
+        grammar = engine.constrained.grammar_for(params)
+        # token healing (constrained requests): back off the prompt's last token if the output may span it
+        healing = engine.token_healing.heal(ids, grammar, max_new_tokens=params.max_new_tokens,
+                                            prompt_logprobs=return_logprob and logprob_start_len >= 0)
         bad_stop = [t for t in params.stop_token_ids if t >= vocab]
         if bad_stop:
             raise ValueError(f"stop_token_ids outside the vocabulary: {bad_stop}")
@@ -106,12 +107,16 @@ def normalize_inputs(
                 Request(
                     rid=base if params.n == 1 else f"{base}-{k}",
                     group_rid=None if params.n == 1 else base,
-                    prompt_ids=list(ids),
+                    prompt_ids=list(healing.prompt_ids),
                     params=copy_params,
                     eos_token_ids=eos,
                     return_logprob=return_logprob,
                     logprob_start_len=logprob_start_len if return_logprob else -1,
                     top_logprobs_num=top_logprobs_num if return_logprob else 0,
+                    grammar=None if grammar is None else engine.constrained.new_state(
+                        healing.grammar, eos | frozenset(params.stop_token_ids)),
+                    healed_tokens=healing.tokens,
+                    healed_text=healing.text,
                 )
             )
     return GenerateInput(requests=requests, is_batch=is_batch or len(requests) > 1)

@@ -34,6 +34,12 @@ def build_output(req: Request, tokenizer) -> dict[str, Any]:
         "finish_reason": req.finish_reason,
         "retractions": req.retractions,
     }
+    if req.grammar is not None:
+        # constrained decoding: whether the output is (not yet) a complete match -- True after a cut by
+        # max_new_tokens ("length") -- and how many tokens jump-forward appended without sampling
+        meta["incomplete"] = not req.grammar.complete
+        meta["forced_tokens"] = req.grammar.forced_count
+        meta["healed_tokens"] = req.healed_tokens  # prompt tokens backed off by token healing
     if req.first_token_at is not None:
         meta["ttft"] = req.first_token_at - req.created_at
     end = req.finished_at if req.finished_at is not None else time.perf_counter()

@@ -45,6 +45,8 @@ def overlappable(items: list[ScheduledItem]) -> bool:
         req, p = item.req, item.req.params
         if req.return_logprob or p.max_new_tokens == 0:
             return False
+        if req.grammar is not None:
+            return False  # its mask needs the previous token, and jump-forward changes its length
         if p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0:
             return False  # penalties must count the token still in flight, whose value is not known yet
     return True

@@ -36,6 +36,7 @@ class Request:
     stream: bool = False
     group_rid: str | None = None  # the caller's id when n > 1 expanded it into several requests
     return_text_in_logprobs: bool = False
+    program_id: str | None = None  # the program run it belongs to (program-aware caching, kvcache/pins.py)
 
     output_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
@@ -53,6 +54,11 @@ class Request:
     inflight_row: int = -1
     finish_reason: dict[str, Any] | None = None
     detokenizer: Any = None  # IncrementalDetokenizer, or None without a tokenizer
+    grammar: Any = None  # constrained decoding: a GrammarState (plait.runtime.constrained), or None
+    # token healing (constrained/healing.py): prompt tokens removed from the end of the prompt and their
+    # text, which the output starts with and the returned text leaves out
+    healed_tokens: int = 0
+    healed_text: str = ""
     text: str = ""
     sent_text_len: int = 0
     sent_ids_len: int = 0

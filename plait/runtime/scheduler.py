@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from plait.runtime.config import EngineConfig
+from plait.runtime.kvcache.pins import ProgramPins
 from plait.runtime.kvcache.pool import KVPool
 from plait.runtime.kvcache.radix import RadixCache
 from plait.runtime.kvcache.table import ReqToSlotTable
@@ -40,11 +41,20 @@ class ScheduledItem:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, pool: KVPool, table: ReqToSlotTable, tree: RadixCache):
+    def __init__(
+        self,
+        config: EngineConfig,
+        pool: KVPool,
+        table: ReqToSlotTable,
+        tree: RadixCache,
+        pins: ProgramPins | None = None,
+    ):
         self.config = config
         self.pool = pool
         self.table = table
         self.tree = tree
+        # program-aware caching: finished requests of an open program keep their path locked
+        self.pins = pins if pins is not None else ProgramPins(tree, max_tokens_per_program=0)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_retractions = 0
@@ -71,7 +81,7 @@ class Scheduler:
     def remove(self, req: Request) -> None:
         """Take a request out of the queues, releasing its KV (its computed prefix stays cached)."""
         if req.status is RequestStatus.RUNNING:
-            self._release(req)
+            self._release(req, pin_for_program=True)
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
@@ -114,7 +124,18 @@ class Scheduler:
         if slots is None:
             self.tree.evict(n - self.pool.num_free)
             slots = self.pool.alloc(n)
+        while slots is None and self.pins.yield_lru():  # program pins give way before anyone is retracted
+            self.tree.evict(n - self.pool.num_free)
+            slots = self.pool.alloc(n)
         return slots
+
+    def _yield_pins_for(self, need: int) -> None:
+        """Unpin least recently used program runs until ``need`` slots are free or evictable; only
+        when the pinned tokens could make that room (requests, not pins, may be what holds it)."""
+        while self.pool.num_free + self.tree.evictable_size() < need <= (
+            self.pool.num_free + self.tree.evictable_size() + self.pins.pinned_tokens()
+        ) and self.pins.yield_lru():
+            pass
 
     def _retract_newest(self) -> Request:
         """Out of memory even after eviction: retract the most recently admitted running request, or
@@ -165,6 +186,7 @@ class Scheduler:
             n = min(req.total_len - match.length, budget)
             self.tree.inc_lock_ref(match.node)
             # the chunk, plus one decode token for each request already running
+            self._yield_pins_for(n + len(self.running))
             if self.pool.num_free + self.tree.evictable_size() < n + len(self.running):
                 self.tree.dec_lock_ref(match.node)
                 break
@@ -214,12 +236,16 @@ class Scheduler:
         self.tree.dec_lock_ref(req.last_node)
         req.last_node, req.cache_locked_len = match.node, match.length
 
-    def _release(self, req: Request) -> None:
-        """Give the request's KV to the tree (or back to the pool when caching is off) and free its row."""
+    def _release(self, req: Request, pin_for_program: bool = False) -> None:
+        """Give the request's KV to the tree (or back to the pool when caching is off) and free its row.
+
+        With ``pin_for_program`` (the request finished) its cached path is pinned for its program run."""
         ids = req.token_slice(0, req.computed_len)
         slots = self.table.read(req.row, req.computed_len)
         already = self.tree.insert(ids, slots)
         self.pool.free(slots[req.cache_locked_len : already])
+        if pin_for_program and req.program_id is not None:
+            self.pins.pin(req.program_id, ids)
         if req.last_node is not None:
             self.tree.dec_lock_ref(req.last_node)
         self.table.free(req.row)
@@ -260,5 +286,6 @@ class Scheduler:
         """Drop every cached prefix; refused (False) while requests are running."""
         if self.running:
             return False
+        self.pins.release_all()  # programs stay open; their later calls pin again
         self.tree.reset()
         return True

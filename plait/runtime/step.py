@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from plait.runtime.constrained.bitmask import build_batch_bitmask
 from plait.runtime.executor.forward_batch import ForwardBatch
 from plait.runtime.executor.model_runner import ModelRunner
 from plait.runtime.executor.sampler import Sampler, SamplingBatch, log_softmax_logprobs, top_k_logprobs
@@ -148,6 +149,10 @@ def sampling_inputs(
         top_logprobs_num=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
         need_logprobs=any(r.return_logprob for r in reqs),
     )
+    if any(r.grammar is not None for r in reqs):  # constrained decoding: one packed bitmask for the batch
+        words = (logits.shape[-1] + 31) // 32
+        sbatch.token_bitmask, sbatch.bitmask_rows = build_batch_bitmask(
+            [r.grammar for r in reqs], words, pin=logits.is_cuda)
     return reqs, rows, sbatch
 
 

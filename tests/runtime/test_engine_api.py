@@ -308,7 +308,9 @@ def test_shutdown_aborts_requests_in_flight(bundled_model_dir, chat_ids):
     shut = {"type": "abort", "message": "engine shut down"}
     assert results["sync"]["meta_info"]["finish_reason"] == shut
     assert results["async"]["meta_info"]["finish_reason"] == shut
-    assert [s["meta_info"]["finish_reason"] for s in results["stream"][-2:]] == [shut, shut]
+    # the two streamed requests' snapshots interleave: check the last one of each
+    last = {s["index"]: s["meta_info"]["finish_reason"] for s in results["stream"]}
+    assert last == {0: shut, 1: shut}
     with pytest.raises(RuntimeError, match="shut down"):
         eng.generate(input_ids=chat_ids)
 
@@ -347,4 +349,30 @@ def test_abort_by_group_id_aborts_every_sample(engine):
     worker.join(timeout=60)
     assert [o["meta_info"]["finish_reason"]["type"] for o in results["out"]] == ["abort", "abort"]
     assert all(o["meta_info"]["completion_tokens"] < 400 for o in results["out"])
+    assert_no_leak(engine)
+
+
+def test_submit_delivers_events_to_a_callback(engine, chat_ids):
+    """Engine.submit queues without waiting; events reach on_output(index, event); final equals generate's."""
+    import threading
+
+    done = threading.Event()
+    events: list[tuple[int, dict]] = []
+
+    def on_output(index, event):
+        events.append((index, event))
+        if event["finished"] and sum(e["finished"] for _, e in events) == 2:
+            done.set()
+
+    params = {"temperature": 0, "max_new_tokens": 6}
+    rids = engine.submit(input_ids=[chat_ids, chat_ids[:-1]], sampling_params=params, on_output=on_output,
+                         stream=True)
+    assert len(rids) == 2
+    assert done.wait(60)
+    finals = {i: e["output"] for i, e in events if e["finished"]}
+    expected = engine.generate(input_ids=[chat_ids, chat_ids[:-1]], sampling_params=params)
+    assert [finals[0]["output_ids"], finals[1]["output_ids"]] == [o["output_ids"] for o in expected]
+    assert any(not e["finished"] for _, e in events)  # streamed snapshots came first
+    with pytest.raises(ValueError, match="temperature"):
+        engine.submit(input_ids=chat_ids, sampling_params={"temperature": -1}, on_output=on_output)
     assert_no_leak(engine)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from plait.runtime.constrained.bitmask import apply_batch_bitmask
 from plait.sampling import SamplingParams
 
 __all__ = [
@@ -45,7 +46,8 @@ class SamplingBatch:
     """Per-row sampling state for one step; row i corresponds to logits[i].
 
     ``allowed_mask`` (optional, bool [B, V], True = allowed) is applied after penalties, e.g. a
-    grammar mask; it does not affect the reported (raw) logprobs.
+    grammar mask; it does not affect the reported (raw) logprobs. ``token_bitmask`` (int32 [B, ceil(V / 32)],
+    bit set = allowed; constrained decoding) applies to ``bitmask_rows`` only; other rows cost nothing.
     """
 
     params: list[SamplingParams]
@@ -54,6 +56,8 @@ class SamplingBatch:
     eos_token_ids: list[frozenset[int]]
     top_logprobs_num: list[int]
     allowed_mask: torch.Tensor | None = field(default=None)
+    token_bitmask: torch.Tensor | None = field(default=None)
+    bitmask_rows: list[int] = field(default_factory=list)
     need_logprobs: bool = True  # False: skip the chosen tokens' logprobs (no row returns them)
 
     def __len__(self) -> int:
@@ -262,7 +266,7 @@ class Sampler:
             p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params
         )
 
-        if all(greedy) and not needs_penalty and not banned and batch.allowed_mask is None:
+        if all(greedy) and not needs_penalty and not banned and batch.allowed_mask is None and batch.token_bitmask is None:
             next_ids = greedy_argmax(raw)
         else:
             work = apply_penalties(raw, batch) if needs_penalty else raw.clone()
@@ -272,6 +276,8 @@ class Sampler:
                 work[rows, cols] = float("-inf")
             if batch.allowed_mask is not None:
                 work.masked_fill_(~batch.allowed_mask.to(device=device, dtype=torch.bool), float("-inf"))
+            if batch.token_bitmask is not None:
+                apply_batch_bitmask(work, batch.token_bitmask, batch.bitmask_rows)
             next_ids = self._choose(work, batch, greedy)
 
         logprobs = log_softmax_logprobs(raw, next_ids) if batch.need_logprobs else None
@@ -360,6 +366,9 @@ class Sampler:
                 assert seed is not None  # selected above
                 keys.append(_mix_seed(seed, len(batch.output_ids[rows[j]])))
             seeded_noise = seeded_exponential_noise(keys, shape[-1], device)
+            # u rounds to 1.0 in float32 for the top 2^-25 of draws: noise -0.0, and a filtered-out
+            # token (p = 0) would win the race with 0 / -0 = NaN. Never divide by (minus) zero.
+            seeded_noise.clamp_min_(torch.finfo(torch.float32).tiny)
             if len(seeded) == len(rows):
                 return seeded_noise
             noise.index_copy_(0, torch.tensor(seeded, dtype=torch.int64, device=device), seeded_noise)

@@ -1,0 +1,81 @@
+"""The contract between the constrained-decoding core and a grammar library.
+
+A ``GrammarBackend`` compiles a ``ConstraintSpec`` into an immutable ``CompiledGrammar`` (expensive,
+cached and shared); each request gets its own ``TokenMatcher`` from it (cheap). Matchers never see
+end-of-sequence tokens: the request decides which stop tokens are allowed where the grammar may end
+(``GrammarState`` in ``matcher.py``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from plait.runtime.constrained.spec import ConstraintSpec
+from plait.runtime.constrained.vocab import TokenizerInfo
+
+__all__ = ["BackendUnavailable", "CompiledGrammar", "GrammarBackend", "TokenMatcher", "UnsupportedConstraint"]
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend's Python package is not installed."""
+
+
+class UnsupportedConstraint(Exception):
+    """This backend cannot compile this spec (a feature it lacks, or an error in the spec);
+    the message names the feature. The compiler may try another backend."""
+
+
+class TokenMatcher(ABC):
+    """One request's position in a compiled grammar."""
+
+    @abstractmethod
+    def consume(self, token: int) -> bool:
+        """Advance by one (non-EOS) token; False if the grammar does not allow it (state unchanged)."""
+
+    @abstractmethod
+    def fill_bitmask(self, row: torch.Tensor) -> None:
+        """Write the allowed next tokens into ``row`` (int32 [ceil(V / 32)], CPU, contiguous): bit set =
+        allowed. End-of-sequence bits are not meaningful (the caller overwrites them)."""
+
+    @abstractmethod
+    def can_terminate(self) -> bool:
+        """Whether the text so far is a complete match (generation may stop here)."""
+
+    @abstractmethod
+    def is_terminated(self) -> bool:
+        """Whether the match is complete and no further token is possible."""
+
+    @abstractmethod
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last ``num_tokens`` consumed tokens."""
+
+    @abstractmethod
+    def forced_bytes(self) -> bytes:
+        """The bytes every continuation starts with (empty when the grammar allows a choice here)."""
+
+    def error(self) -> str | None:
+        """A message if the matcher hit an internal limit and cannot go on; None normally."""
+        return None
+
+
+class CompiledGrammar(ABC):
+    """The immutable result of compiling one spec for one tokenizer; shared by concurrent requests."""
+
+    backend_name: str
+    spec: ConstraintSpec
+
+    @abstractmethod
+    def new_matcher(self) -> TokenMatcher:
+        """A fresh matcher at the start of the grammar."""
+
+
+class GrammarBackend(ABC):
+    """Compiles specs of the kinds it supports."""
+
+    name: str
+
+    @abstractmethod
+    def compile(self, spec: ConstraintSpec, info: TokenizerInfo) -> CompiledGrammar:
+        """Compile ``spec``; raises ``UnsupportedConstraint`` naming what it cannot do."""

@@ -1,0 +1,125 @@
+"""llguidance backend: JSON schema, Lark/GBNF grammars, regex and choices (an Earley parser over a
+lazily built token trie; masks are computed per step, compilation is near-instant)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from plait.runtime.constrained.backends.base import (
+    BackendUnavailable,
+    CompiledGrammar,
+    GrammarBackend,
+    TokenMatcher,
+    UnsupportedConstraint,
+)
+from plait.runtime.constrained.spec import ConstraintKind, ConstraintSpec
+from plait.runtime.constrained.vocab import TokenizerInfo
+
+# json.dumps' separators and no other whitespace: the format models see most, and whitespace can never
+# run away. Every byte between two values is forced, which makes jump-forward effective.
+JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+
+
+def _import() -> Any:
+    try:
+        import llguidance
+    except ImportError:
+        raise BackendUnavailable("the llguidance package is not installed (pip install 'llguidance>=1.0')") from None
+    return llguidance
+
+
+def lark_from_ebnf(text: str) -> str:
+    """A Lark grammar from Lark text or from GBNF/EBNF (``root ::= ...``, as llama.cpp / xgrammar)."""
+    if "::=" not in text:
+        return text
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    try:
+        return gbnf_to_lark(text)
+    except Exception as exc:  # noqa: BLE001 -- the converter raises several types for syntax errors
+        raise UnsupportedConstraint(f"cannot read the EBNF grammar: {exc}") from None
+
+
+class LLGuidanceMatcher(TokenMatcher):
+    def __init__(self, matcher: Any):
+        self._m = matcher
+
+    def consume(self, token: int) -> bool:
+        return bool(self._m.consume_token(token))
+
+    def fill_bitmask(self, row: torch.Tensor) -> None:
+        self._m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+
+    def can_terminate(self) -> bool:
+        return bool(self._m.is_accepting())
+
+    def is_terminated(self) -> bool:
+        return bool(self._m.is_stopped())
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens and not self._m.rollback(num_tokens):
+            raise RuntimeError(f"llguidance could not roll back {num_tokens} tokens: {self._m.get_error()}")
+
+    def forced_bytes(self) -> bytes:
+        return bytes(self._m.compute_ff_bytes())
+
+    def error(self) -> str | None:
+        return self._m.get_error() if self._m.is_error() else None
+
+
+class LLGuidanceGrammar(CompiledGrammar):
+    backend_name = "llguidance"
+
+    def __init__(self, spec: ConstraintSpec, prototype: Any):
+        self.spec = spec
+        self._prototype = prototype
+
+    def new_matcher(self) -> TokenMatcher:
+        return LLGuidanceMatcher(self._prototype.deep_copy())
+
+
+class LLGuidanceBackend(GrammarBackend):
+    name = "llguidance"
+
+    def __init__(self) -> None:
+        self._llg = _import()
+        self._lock = threading.Lock()
+        self._tokenizers: dict[int, Any] = {}
+
+    def tokenizer_for(self, info: TokenizerInfo) -> Any:
+        """The LLTokenizer of ``info`` (about 0.5 s to build; once per tokenizer)."""
+        with self._lock:
+            tok = self._tokenizers.get(id(info))
+            if tok is None:
+                backend = info.tokenizer.hf.backend_tokenizer
+                tok = self._llg.LLTokenizer(
+                    backend.to_str(), n_vocab=info.vocab_size, eos_token=sorted(info.stop_ids) or None
+                )
+                self._tokenizers[id(info)] = tok
+            return tok
+
+    def grammar_text(self, spec: ConstraintSpec) -> str:
+        """The llguidance grammar (JSON text) for ``spec``."""
+        matcher_cls = self._llg.LLMatcher
+        if spec.kind is ConstraintKind.JSON_SCHEMA:
+            try:
+                return matcher_cls.grammar_from_json_schema(spec.source, overrides=JSON_OPTIONS)
+            except ValueError as exc:
+                raise UnsupportedConstraint(str(exc)) from None
+        if spec.kind in (ConstraintKind.REGEX, ConstraintKind.CHOICES):
+            return matcher_cls.grammar_from_regex(spec.as_regex())
+        return matcher_cls.grammar_from_lark(lark_from_ebnf(spec.source))
+
+    def compile(self, spec: ConstraintSpec, info: TokenizerInfo) -> CompiledGrammar:
+        tok = self.tokenizer_for(info)
+        grammar = self.grammar_text(spec)
+        is_error, messages = self._llg.LLMatcher.validate_grammar_with_warnings(grammar, tok)
+        if is_error:
+            raise UnsupportedConstraint(f"llguidance: {messages[0] if messages else 'invalid grammar'}")
+        prototype = self._llg.LLMatcher(tok, grammar, log_level=0)
+        if prototype.is_error():
+            raise UnsupportedConstraint(f"llguidance: {prototype.get_error()}")
+        return LLGuidanceGrammar(spec, prototype)

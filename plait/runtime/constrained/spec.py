@@ -1,0 +1,106 @@
+"""What a request asks its output to match: one ``ConstraintSpec`` per constrained request.
+
+A spec is immutable and hashable, so it is the key of the compiled-grammar cache (with the
+tokenizer, which is fixed per engine). It is built from ``SamplingParams`` (``regex``, ``json_schema``,
+``ebnf`` or ``choices``) and checked here for what can be checked without a backend: JSON that does
+not parse, an empty grammar, a regex Python cannot even parse.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from plait.sampling import SamplingParams
+
+__all__ = ["ConstraintError", "ConstraintKind", "ConstraintSpec", "spec_from_params"]
+
+
+class ConstraintError(ValueError):
+    """A constraint that cannot be served: bad syntax, an unsupported feature, a failed or timed-out
+    compilation. A ``ValueError`` so that servers answer it with a 400."""
+
+
+class ConstraintKind(str, enum.Enum):
+    REGEX = "regex"
+    JSON_SCHEMA = "json_schema"  # includes "any JSON" ({} / true) and OpenAI's json_object ({"type": "object"})
+    GRAMMAR = "ebnf"  # a Lark grammar, or GBNF/EBNF (``root ::= ...``), converted to Lark
+    CHOICES = "choices"  # the output is exactly one of a list of strings
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """One constraint: its kind and its source text (a regex, a JSON schema as compact JSON text,
+    a Lark grammar, or the JSON list of choices)."""
+
+    kind: ConstraintKind
+    source: str
+
+    @property
+    def schema(self) -> Any:
+        """The parsed JSON schema (only for ``JSON_SCHEMA``)."""
+        return json.loads(self.source)
+
+    @property
+    def choices(self) -> list[str]:
+        """The list of allowed strings (only for ``CHOICES``)."""
+        return json.loads(self.source)
+
+    def as_regex(self) -> str:
+        """A regex equivalent to a REGEX or CHOICES spec (choices become an escaped alternation)."""
+        if self.kind is ConstraintKind.REGEX:
+            return self.source
+        if self.kind is ConstraintKind.CHOICES:
+            return "(" + "|".join(re.escape(c) for c in self.choices) + ")"
+        raise ConstraintError(f"a {self.kind.value} constraint has no regex form")
+
+    def describe(self, limit: int = 80) -> str:
+        text = self.source if len(self.source) <= limit else self.source[: limit - 3] + "..."
+        return f"{self.kind.value} {text!r}"
+
+
+def _normalize_schema(text: str) -> str:
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConstraintError(f"sampling parameter 'json_schema' is not valid JSON: {exc}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ConstraintError(
+            f"sampling parameter 'json_schema' must be a JSON object (or true), got {type(schema).__name__}"
+        )
+    if schema is False:
+        raise ConstraintError("sampling parameter 'json_schema' is false: no document can match it")
+    # One compact text per schema, so equal schemas share one compiled grammar. Keys keep their order:
+    # the order of "properties" is the order the fields are generated in.
+    return json.dumps(schema, separators=(",", ":"))
+
+
+def spec_from_params(params: SamplingParams) -> ConstraintSpec | None:
+    """The constraint of ``params``, validated and normalized; None when unconstrained.
+
+    Raises ``ConstraintError`` for a constraint that is malformed before any backend sees it.
+    """
+    constraint = params.constraint
+    if constraint is None:
+        return None
+    name, value = constraint
+    if name == "regex":
+        try:
+            re.compile(value)
+        except re.error as exc:
+            # Python's syntax is close to the backends' (both follow Rust's regex crate closely); a regex
+            # Python rejects would be rejected there too, with a less helpful message.
+            raise ConstraintError(f"sampling parameter 'regex' is not a valid regex: {exc}") from None
+        return ConstraintSpec(ConstraintKind.REGEX, value)
+    if name == "json_schema":
+        return ConstraintSpec(ConstraintKind.JSON_SCHEMA, _normalize_schema(value))
+    if name == "ebnf":
+        if not value.strip():
+            raise ConstraintError("sampling parameter 'ebnf' is an empty grammar")
+        return ConstraintSpec(ConstraintKind.GRAMMAR, value)
+    if name == "choices":
+        return ConstraintSpec(ConstraintKind.CHOICES, value)
+    raise ConstraintError(f"unknown constraint kind {name!r}")

@@ -1,0 +1,113 @@
+"""Compiler: caching and sharing, backend fallback, a missing package, timeouts; the spec; jump-forward."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+
+from plait.runtime.constrained import (
+    ConstraintError,
+    ConstraintKind,
+    ConstraintSpec,
+    GrammarCompiler,
+    spec_from_params,
+)
+from plait.runtime.constrained.backends.base import CompiledGrammar, GrammarBackend
+from plait.runtime.constrained.jump_forward import canonical_forced_tokens
+from plait.sampling import SamplingParams
+
+pytestmark = pytest.mark.model  # the bundled model's tokenizer
+
+MINIMUM = ConstraintSpec(ConstraintKind.JSON_SCHEMA, '{"type":"integer","minimum":3}')
+
+
+def test_same_spec_compiles_once_and_is_shared(compilers):
+    spec = ConstraintSpec(ConstraintKind.REGEX, r"[a-c]{2}\d")
+    futures = [compilers["auto"].submit(spec) for _ in range(4)]
+    assert len({id(f) for f in futures}) == 1
+    assert compilers["auto"].compile(spec) is futures[0].result()
+
+
+def test_fallback_to_outlines_when_llguidance_is_missing(tokenizer_info, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance -> ImportError
+    compiler = GrammarCompiler(tokenizer_info)
+    try:
+        grammar = compiler.compile(ConstraintSpec(ConstraintKind.REGEX, "(yes|no)"))
+        assert grammar.backend_name == "outlines"
+        with pytest.raises(ConstraintError, match="llguidance package is not installed.*minimum"):
+            compiler.compile(MINIMUM)  # outlines would drop "minimum": refused, naming it
+    finally:
+        compiler.shutdown()
+
+
+def test_failed_compilation_is_not_cached(compilers):
+    bad = ConstraintSpec(ConstraintKind.GRAMMAR, "start: undefined_rule")
+    for _ in range(2):
+        with pytest.raises(ConstraintError):
+            compilers["llguidance"].compile(bad)
+    assert bad not in compilers["llguidance"]._cache
+
+
+class _SlowBackend(GrammarBackend):
+    name = "slow"
+
+    def __init__(self, release: threading.Event):
+        self.release = release
+
+    def compile(self, spec, info) -> CompiledGrammar:
+        self.release.wait(5)
+        raise AssertionError("not reached in time")
+
+
+def test_timeout_fails_only_that_compilation(tokenizer_info):
+    release = threading.Event()
+    compiler = GrammarCompiler(tokenizer_info, backend="llguidance", timeout_s=0.2)
+    compiler._backends["llguidance"] = _SlowBackend(release)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(ConstraintError, match="longer than 0.2 s"):
+            compiler.compile(ConstraintSpec(ConstraintKind.REGEX, "a"))
+        assert time.perf_counter() - start < 2
+    finally:
+        release.set()
+        compiler.shutdown()
+
+
+def test_spec_from_params_normalizes_and_rejects():
+    assert spec_from_params(SamplingParams()) is None
+    spec = spec_from_params(SamplingParams(json_schema={"type": "object", "properties": {"b": {}, "a": {}}}))
+    assert spec.source == '{"type":"object","properties":{"b":{},"a":{}}}'  # key order kept: it is generation order
+    assert spec_from_params(SamplingParams(choices=["a.b", "c"])).as_regex() == r"(a\.b|c)"
+    assert spec_from_params(SamplingParams(json_schema=True)).source == "{}"
+    with pytest.raises(ConstraintError, match="not valid JSON"):
+        spec_from_params(SamplingParams(json_schema="{"))
+    with pytest.raises(ConstraintError, match="not a valid regex"):
+        spec_from_params(SamplingParams(regex="a("))
+
+
+def test_pydantic_model_class_becomes_its_schema():
+    pydantic = pytest.importorskip("pydantic")
+
+    class Point(pydantic.BaseModel):
+        x: int
+        y: int
+
+    params = SamplingParams(json_schema=Point)
+    assert spec_from_params(params).schema["required"] == ["x", "y"]
+
+
+def test_forced_tokens_are_canonical_at_both_boundaries(tokenizer_info):
+    info = tokenizer_info
+    text = '{"name": "'
+    forced = canonical_forced_tokens(info, text.encode(), None, budget=10)
+    assert forced == info.encode(text)[:-1]  # the last token could merge with what follows
+    # after a token that would merge with the forced text, nothing is forced
+    quote = info.encode('"')[0]
+    merged = info.encode('"name')
+    if len(merged) == 1:  # '"name' is one token here: forcing "name" after '"' would not be canonical
+        assert canonical_forced_tokens(info, b'name": 1', quote, budget=10) == []
+    assert canonical_forced_tokens(info, text.encode(), None, budget=1) == forced[:1]
+    assert canonical_forced_tokens(info, "é".encode()[:1], None, budget=10) == []  # half a character

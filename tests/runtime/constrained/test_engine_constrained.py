@@ -1,0 +1,149 @@
+"""Constrained generation on the bundled model: regex, choices, grammars and JSON schemas give valid
+output; jump-forward, cuts by max_new_tokens, errors and overlap scheduling behave."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import jsonschema
+import pytest
+
+from plait.runtime.constrained import ConstraintError
+from plait.runtime.engine import Engine
+from plait.sampling import JSON_OBJECT
+from tests.runtime.constrained.schema_corpus import CASES
+from tests.runtime.engine_helpers import assert_no_leak
+
+pytestmark = pytest.mark.model
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+# A sample of the corpus generated on the model (all of it is walked through the matchers in test_corpus.py).
+GENERATED = ["fmt_date", "enum_in_object", "nested_1", "array_1_3", "anyof_nullable", "ref_linked_list",
+             "pat_phone", "num_int_range", "addprops_typed", "required_some", "const_in_object", "json_object"]
+
+
+@pytest.fixture(scope="module")
+def engine(bundled_model_dir):
+    eng = Engine(model=str(bundled_model_dir))
+    yield eng
+    eng.shutdown()
+
+
+def _chat(engine, text: str) -> str:
+    return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+
+
+def test_regex_choices_and_grammar_outputs_match(engine):
+    prompt = _chat(engine, "Give me a phone number, then a city, then yes or no.")
+    params = [
+        {"regex": r"\(\d{3}\) \d{3}-\d{4}"},
+        {"choices": ["Paris", "London", "New York"]},
+        {"ebnf": 'root ::= answer "."\nanswer ::= "yes" | "no"'},
+        {"ebnf": 'start: WORD (" " WORD)*\nWORD: /[a-z]{1,8}/', "max_new_tokens": 12},
+    ]
+    outs = engine.generate([prompt] * len(params), [{"temperature": 0.8, "seed": 3, "max_new_tokens": 32, **p} for p in params])
+    assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", outs[0]["text"])
+    assert outs[1]["text"] in ("Paris", "London", "New York")
+    assert outs[2]["text"] in ("yes.", "no.")
+    assert re.fullmatch(r"[a-z]{1,8}( [a-z]{1,8})*", outs[3]["text"])
+    for out in outs[:3]:
+        assert out["meta_info"]["finish_reason"]["type"] == "stop" and out["meta_info"]["incomplete"] is False
+    assert_no_leak(engine)
+
+
+def test_json_schema_sample_validates(engine):
+    cases = [c for c in CASES if c.name in GENERATED]
+    assert len(cases) == len(GENERATED)
+    prompts = [_chat(engine, f"Reply with JSON matching this schema: {json.dumps(c.schema)}") for c in cases]
+    params = [{"temperature": 0.7, "seed": i, "max_new_tokens": 64, "json_schema": c.schema} for i, c in enumerate(cases)]
+    for case, out in zip(cases, engine.generate(prompts, params)):
+        meta = out["meta_info"]
+        if meta["finish_reason"]["type"] == "length":
+            assert meta["incomplete"] is True, case.name  # cut mid-structure: reported, not passed off as valid
+            continue
+        assert meta["finish_reason"]["type"] == "stop" and meta["incomplete"] is False, (case.name, meta)
+        jsonschema.validate(json.loads(out["text"]), case.schema)
+    assert_no_leak(engine)
+
+
+def test_jump_forward_forces_fixed_keys_and_keeps_tokens_canonical(engine):
+    prompt = _chat(engine, "Describe a person as JSON.")
+    params = {"temperature": 0, "max_new_tokens": 48, "json_schema": PERSON}
+    fast = engine.generate(prompt, params)
+    engine.constrained.jump_forward = False
+    try:
+        slow = engine.generate(prompt, params)
+    finally:
+        engine.constrained.jump_forward = True
+    assert fast["meta_info"]["forced_tokens"] > 0 and slow["meta_info"]["forced_tokens"] == 0
+    for out in (fast, slow):
+        jsonschema.validate(json.loads(out["text"]), PERSON)
+    # the forced start is the tokenizer's own tokenization of the fixed text, less its last token
+    # (which could merge with what follows)
+    canonical = engine.tokenizer.encode('{"name": "', add_special_tokens=False)[:-1]
+    assert fast["output_ids"][: len(canonical)] == canonical
+    assert fast["text"] == slow["text"]  # greedy: forcing what the grammar fixes changes nothing here
+
+
+def test_cut_by_max_tokens_is_length_and_incomplete(engine):
+    out = engine.generate(_chat(engine, "JSON please."), {"temperature": 0, "max_new_tokens": 6, "json_schema": PERSON})
+    assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 6}
+    assert out["meta_info"]["incomplete"] is True
+    assert len(out["output_ids"]) == 6
+
+
+def test_any_json_object_and_stop_tokens(engine):
+    out = engine.generate(_chat(engine, "Give me a JSON object with two keys."),
+                          {"temperature": 0, "max_new_tokens": 80, "json_schema": JSON_OBJECT})
+    if out["meta_info"]["finish_reason"]["type"] == "stop":
+        assert isinstance(json.loads(out["text"]), dict)
+    else:
+        assert out["meta_info"]["incomplete"] is True
+
+
+def test_bad_constraints_are_value_errors_and_engine_keeps_serving(engine):
+    with pytest.raises(ConstraintError, match="credit-card"):
+        engine.generate("x", {"json_schema": {"type": "string", "format": "credit-card"}})
+    with pytest.raises(ValueError, match="regex"):
+        engine.generate("x", {"regex": "(unclosed"})
+    with pytest.raises(ValueError, match="json_schema"):
+        engine.generate("x", {"json_schema": "{not json"})
+    with pytest.raises(ValueError, match="EBNF|grammar|llguidance"):
+        engine.generate("x", {"ebnf": "root ::= ("})
+    ok = engine.generate("x", {"max_new_tokens": 2, "choices": ["a", "b"]})
+    assert ok["text"] in ("a", "b")
+
+
+def test_mixed_batch_leaves_unconstrained_rows_alone(engine):
+    prompt = "The capital of France is"
+    plain = {"temperature": 0, "max_new_tokens": 8}
+    alone = engine.generate(prompt, plain)
+    mixed = engine.generate([prompt, prompt], [plain, {**plain, "regex": "[0-9]+"}])
+    assert mixed[0]["output_ids"] == alone["output_ids"]
+    assert "incomplete" not in mixed[0]["meta_info"]
+    assert re.fullmatch("[0-9]+", mixed[1]["text"])
+
+
+def test_overlap_scheduling_gives_the_same_constrained_output(bundled_model_dir, engine):
+    prompts = [_chat(engine, "A person as JSON."), _chat(engine, "Count to three."), "Name a colour:"]
+    params = [{"temperature": 0, "max_new_tokens": 40, "json_schema": PERSON}, {"temperature": 0, "max_new_tokens": 12},
+              {"temperature": 0, "max_new_tokens": 6, "choices": ["red", "green", "blue"]}]
+    ref = engine.generate(prompts, params)
+    with Engine(model=str(bundled_model_dir), enable_overlap=True) as overlapped:
+        assert overlapped.overlap
+        ours = overlapped.generate(prompts, params)
+        assert_no_leak(overlapped)
+    assert [o["output_ids"] for o in ours] == [o["output_ids"] for o in ref]
+    jsonschema.validate(json.loads(ours[0]["text"]), PERSON)
+
+
+def test_streaming_constrained_snapshots_are_cumulative(engine):
+    chunks = list(engine.generate(_chat(engine, "A person as JSON."),
+                                  {"temperature": 0, "max_new_tokens": 40, "json_schema": PERSON}, stream=True))
+    assert chunks[-1]["meta_info"]["finish_reason"]["type"] in ("stop", "length")
+    for a, b in itertools.pairwise(chunks):
+        assert b["output_ids"][: len(a["output_ids"])] == a["output_ids"]
