@@ -63,7 +63,11 @@ def add_models_command(subparsers: argparse._SubParsersAction) -> None:
 
 def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     """Register ``plait bench``: the GPU benchmark (same code as ``benchmarks/gpu.py``)."""
-    from plait.bench import ROW_HELP, add_arguments, run  # no torch import: --help stays fast
+    from plait.bench import (  # no torch import: --help stays fast
+        ROW_HELP,
+        add_arguments,
+        run,
+    )
 
     bench = subparsers.add_parser(
         "bench", help="benchmark the card and the engine (Llama-3.1-8B, dummy weights); prints a table",
@@ -73,12 +77,75 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     bench.set_defaults(handler=run)
 
 
+def _engine_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per ``EngineConfig`` field (no torch import: the dataclass module is plain)."""
+    import dataclasses
+
+    from plait.runtime.config import EngineConfig
+
+    group = parser.add_argument_group("engine settings (plait.runtime.config.EngineConfig; unset: its default)")
+    for spec in dataclasses.fields(EngineConfig):
+        if spec.name == "model":
+            continue
+        flag = "--" + spec.name.replace("_", "-")
+        kind = str(spec.type)
+        default = spec.default if spec.default is not dataclasses.MISSING else None
+        if "bool" in kind:
+            group.add_argument(flag, dest=f"engine.{spec.name}", action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=f"default: {default}")
+            continue
+        convert = int if kind.startswith("int") else float if kind.startswith("float") else str
+        group.add_argument(flag, dest=f"engine.{spec.name}", type=convert, default=argparse.SUPPRESS,
+                           metavar=spec.name.upper(), help=f"default: {default}")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """``plait serve``: the HTTP server (SGLang-native and OpenAI-compatible APIs)."""
+    try:
+        from plait.runtime.server.app import ServerConfig, serve
+    except ImportError as exc:
+        raise ValueError(f"plait serve needs the server extra: pip install 'plait[server]' ({exc})") from None
+    settings = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("engine.")}
+    from plait.runtime.config import EngineConfig
+
+    EngineConfig.from_kwargs(model=args.model, **settings)  # bad values fail here, before anything starts
+    serve(ServerConfig(
+        model=args.model, host=args.host, port=args.port, api_key=args.api_key,
+        served_model_name=args.served_model_name, log_level=args.log_level,
+        shutdown_timeout=args.shutdown_timeout, engine_settings=settings,
+    ))
+    return 0
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``plait serve``."""
+    serve = subparsers.add_parser(
+        "serve", help="serve a model over HTTP (SGLang-native and OpenAI-compatible APIs)",
+        description="Serve a model over HTTP: SGLang's /generate protocol, /v1/completions and "
+                    "/v1/chat/completions, /metrics. The engine runs in its own process. SIGTERM drains "
+                    "in-flight requests and exits.",
+    )
+    serve.add_argument("--model", "--model-path", default="smollm2-135m-instruct",
+                       help="preset name, Hugging Face directory or .gguf file (default: smollm2-135m-instruct)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=30000, help="port (default: 30000)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    serve.add_argument("--served-model-name", default=None, help="model id in the OpenAI API (default: --model)")
+    serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--shutdown-timeout", type=float, default=60.0,
+                       help="seconds SIGTERM waits for in-flight requests before cutting them off (default: 60)")
+    _engine_setting_arguments(serve)
+    serve.set_defaults(handler=_serve)
+
+
 def _print_help(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
     return EXIT_USAGE
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_models_command, add_bench_command]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_models_command, add_bench_command, add_serve_command,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,470 @@
+"""The HTTP side of ``plait serve``: SGLang's native routes, the OpenAI-compatible API, operations.
+
+The app parses and checks requests, tokenizes prompts and streams results; the engine runs in its own
+process behind an ``EngineClient`` (``process.py``). Bad input answers 400 with a message that names
+the problem (OpenAI's error shape); a wrong API key answers 401; no engine answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+
+from plait import __version__
+from plait.runtime.server import openai_api
+from plait.runtime.server.metrics import ServerMetrics
+from plait.runtime.server.process import (
+    EngineClient,
+    EngineEvent,
+    EngineRequestError,
+    EngineUnavailableError,
+    RequestStream,
+)
+from plait.runtime.server.protocol import (
+    GenerateJob,
+    LogprobText,
+    RequestError,
+    expect_bool,
+    parse_generate,
+)
+
+logger = logging.getLogger(__name__)
+OPEN_PATHS = frozenset({"/health", "/health_generate", "/metrics"})  # no API key needed (probes, scrapers)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of ``plait serve`` (the engine's own settings travel in ``engine_settings``)."""
+
+    model: str = "smollm2-135m-instruct"
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    log_level: str = "warning"
+    shutdown_timeout: float = 60.0  # seconds SIGTERM waits for in-flight requests
+    engine_settings: dict[str, Any] = field(default_factory=dict)
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its response was ready."""
+
+
+class ServerState:
+    """What every route needs: the engine client, the tokenizer, limits and metrics."""
+
+    def __init__(self, config: ServerConfig, client: EngineClient, tokenizer: Any):
+        self.config, self.client, self.tokenizer = config, client, tokenizer
+        self.info = client.info
+        name = config.served_model_name or config.model
+        self.model_names = [name] + ([config.model] if config.model != name else [])
+        self.metrics = ServerMetrics()
+        decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)) if tokenizer is not None else None
+        self.logprob_text = LogprobText(decode)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer: send token ids instead of text")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else ""
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if self.tokenizer is None or self.tokenizer.chat_template is None:
+            raise RequestError("this model has no chat template; use /v1/completions or /generate")
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - the model's Jinja template refused these messages (raise_exception)
+            raise RequestError(f"the model's chat template cannot render these messages: {exc}",
+                               param="messages") from None
+
+
+# ------------------------------------------------------------------------------------------ helpers
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"the request body is not valid JSON: {exc}") from None
+
+
+def error_response(exc: RequestError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def submit_all(state: ServerState, jobs: list[GenerateJob]) -> list[RequestStream]:
+    """Submit every job; if one is refused, abort those already accepted and re-raise."""
+    streams: list[RequestStream] = []
+    try:
+        for job in jobs:
+            streams.append(await state.client.submit(job.rid, job.spec(), job.n))
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise
+    return streams
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, EngineEvent]]:
+    """Events of several requests as they come, tagged with the request's position."""
+    if len(streams) == 1:
+        async for event in streams[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(position: int, stream: RequestStream) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((position, event))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            queue.put_nowait((position, exc))
+        queue.put_nowait((position, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            position, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield position, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.close()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Any) -> Any:
+    """Await ``work``; if the client disconnects first, cancel it (which aborts its requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # let it abort its requests
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+async def collect(streams: list[RequestStream], state: ServerState) -> list[tuple[int, EngineEvent]]:
+    finals = []
+    async for position, event in merged(streams):
+        if event.finished:
+            state.metrics.output_finished(event.meta_info)
+            finals.append((position, event))
+    return finals
+
+
+def native_output(state: ServerState, job: GenerateJob, event: EngineEvent, index: int | None) -> dict[str, Any]:
+    meta = event.meta_info
+    if job.return_logprob:
+        meta = state.logprob_text.decorate(meta, job.return_text_in_logprobs)
+    out = {"text": event.text, "output_ids": event.output_ids, "meta_info": meta}
+    if index is not None:
+        out["index"] = index
+    return out
+
+
+# ------------------------------------------------------------------------------------------ routes
+async def generate(request: Request) -> Response:
+    """SGLang's ``/generate``: one prompt answers an object, a list (or ``n > 1``) answers a list."""
+    state: ServerState = request.app.state.server
+    encode = state.encode if state.tokenizer is not None else None
+    jobs, is_batch, stream = parse_generate(await read_json(request), encode, state.info,
+                                            state.info.supports_program_id)
+    streams = await submit_all(state, jobs)
+    first_index = [0]
+    for job in jobs:
+        first_index.append(first_index[-1] + job.n)
+    state.metrics.request("/generate", "accepted")
+    if stream:
+        async def events() -> AsyncIterator[str]:
+            async for position, event in merged(streams):
+                if event.finished:
+                    state.metrics.output_finished(event.meta_info)
+                index = first_index[position] + event.index if is_batch else None
+                yield sse(native_output(state, jobs[position], event, index))
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    finals = await until_disconnect(request, collect(streams, state))
+    outputs = sorted(((first_index[p] + e.index, native_output(state, jobs[p], e, None)) for p, e in finals),
+                     key=lambda pair: pair[0])
+    body = [out for _, out in outputs]
+    return JSONResponse(body if is_batch else body[0])
+
+
+async def openai_completion(request: Request) -> Response:
+    """``/v1/completions`` and ``/v1/chat/completions``."""
+    state: ServerState = request.app.state.server
+    chat = request.url.path.endswith("/chat/completions")
+    body = await read_json(request)
+    parsed = openai_api.parse_chat(body, state) if chat else openai_api.parse_completion(body, state)
+    builder = openai_api.ResponseBuilder(parsed, state.logprob_text)
+    streams = await submit_all(state, parsed.jobs)
+    state.metrics.request(request.url.path, "accepted")
+    if parsed.stream:
+        async def chunks() -> AsyncIterator[str]:
+            async for position, event in merged(streams):
+                if event.finished:
+                    state.metrics.output_finished(event.meta_info)
+                yield sse(builder.chunk(position, event))
+            if parsed.include_usage:
+                yield sse(builder.usage_chunk())
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(chunks(), media_type="text/event-stream", headers=SSE_HEADERS)
+    finals = await until_disconnect(request, collect(streams, state))
+    return JSONResponse(builder.response(finals))
+
+
+async def models(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    return JSONResponse({"object": "list", "data": [
+        {"id": state.model_names[0], "object": "model", "created": 0, "owned_by": "plait",
+         "root": state.config.model, "max_model_len": state.info.context_length}]})
+
+
+async def get_model_info(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    return JSONResponse({
+        "model_path": state.config.model, "tokenizer_path": state.info.tokenizer_dir, "is_generation": True,
+        "preferred_sampling_params": None, "weight_version": "default",
+        "served_model_name": state.model_names[0], "context_length": state.info.context_length,
+        "has_chat_template": state.tokenizer is not None and state.tokenizer.chat_template is not None,
+    })
+
+
+def extensions(state: ServerState) -> list[str]:
+    """plait's additions to SGLang's protocol, so clients (``pl.Endpoint``) can feature-detect them."""
+    names = ["apply_chat_template", "abort_request"]
+    if state.info.supports_program_id:
+        names += ["program_id", "begin_program", "end_program"]
+    return names
+
+
+async def get_server_info(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    stats = await state.client.call("stats")
+    config = state.config
+    return JSONResponse({
+        "model_path": config.model, "served_model_name": state.model_names[0], "host": config.host,
+        "port": config.port, "version": __version__, "engine": "plait",
+        "context_length": state.info.context_length, "max_total_num_tokens": state.info.kv_slots_total,
+        "engine_config": json.loads(json.dumps(state.info.config, default=str)),
+        "internal_states": [stats], "plait_extensions": extensions(state),
+    })
+
+
+async def flush_cache(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    if await state.client.call("flush_cache"):
+        return PlainTextResponse("Cache flushed.\n")
+    return PlainTextResponse("Cache not flushed: requests are in flight; retry when idle.\n", status_code=400)
+
+
+async def health(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    return Response(status_code=200 if state.client.alive else 503)
+
+
+async def health_generate(request: Request) -> Response:
+    """Generate one token end to end; 200 if that works within 20 s, else 503."""
+    state: ServerState = request.app.state.server
+    job = GenerateJob(rid=f"health-{id(request)}", input_ids=[0], sampling_params={"max_new_tokens": 1})
+    try:
+        streams = await submit_all(state, [job])
+        await asyncio.wait_for(collect(streams, state), 20.0)
+    except (EngineUnavailableError, EngineRequestError, asyncio.TimeoutError):
+        return Response(status_code=503)
+    return Response(status_code=200)
+
+
+async def abort_request(request: Request) -> Response:
+    body = await read_json(request)
+    rid = body.get("rid") if isinstance(body, dict) else None
+    if not isinstance(rid, str) or not rid:
+        raise RequestError("send {'rid': <request id>}", param="rid")
+    request.app.state.server.client.abort(rid)
+    return JSONResponse({"success": True})
+
+
+async def program_call(request: Request) -> Response:
+    """``/begin_program`` and ``/end_program``: program-aware caching (a plait extension)."""
+    state: ServerState = request.app.state.server
+    if not state.info.supports_program_id:
+        raise RequestError("this server's engine has no program-aware caching", status=404)
+    body = await read_json(request)
+    program_id = body.get("program_id") if isinstance(body, dict) else None
+    if not isinstance(program_id, str) or not program_id:
+        raise RequestError("send {'program_id': <non-empty string>}", param="program_id")
+    await state.client.call(request.url.path.lstrip("/"), program_id)
+    return JSONResponse({"success": True})
+
+
+async def get_chat_template(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    template = state.tokenizer.chat_template if state.tokenizer is not None else None
+    return JSONResponse({"name": state.model_names[0], "template": template})
+
+
+async def apply_chat_template(request: Request) -> Response:
+    """Render ``messages`` with the model's chat template (a plait extension; ``pl.Endpoint`` uses it)."""
+    state: ServerState = request.app.state.server
+    body = await read_json(request)
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        raise RequestError("send {'messages': [{'role': ..., 'content': ...}, ...]}", param="messages")
+    messages = [openai_api.message_text(m, i) for i, m in enumerate(body["messages"])]
+    add = expect_bool("add_generation_prompt", body.get("add_generation_prompt", False))
+    return JSONResponse({"text": state.render_chat(messages, add_generation_prompt=add)})
+
+
+async def metrics(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    try:
+        stats = await asyncio.wait_for(state.client.call("stats"), 10.0)
+    except (EngineUnavailableError, asyncio.TimeoutError, RuntimeError):
+        stats = None
+    return PlainTextResponse(state.metrics.render(stats), media_type="text/plain; version=0.0.4")
+
+
+# ------------------------------------------------------------------------------------------ the app
+class ApiKeyMiddleware:
+    """Requires ``Authorization: Bearer <api key>`` on every route but health probes and metrics."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = RequestError("invalid or missing API key (send 'Authorization: Bearer <key>')", status=401,
+                                     code="invalid_api_key")
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(config: ServerConfig, client: EngineClient, tokenizer: Any) -> FastAPI:
+    """The FastAPI app around a started ``EngineClient``; shutting the app down stops the engine."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client.attach(asyncio.get_running_loop())
+        yield
+        await client.shutdown()
+
+    app = FastAPI(title="plait", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = ServerState(config, client, tokenizer)
+    routes = [
+        ("/generate", generate, ["POST"]), ("/v1/completions", openai_completion, ["POST"]),
+        ("/v1/chat/completions", openai_completion, ["POST"]), ("/v1/models", models, ["GET"]),
+        ("/get_model_info", get_model_info, ["GET"]), ("/get_server_info", get_server_info, ["GET"]),
+        ("/server_info", get_server_info, ["GET"]), ("/flush_cache", flush_cache, ["POST", "GET"]),
+        ("/health", health, ["GET", "POST"]), ("/health_generate", health_generate, ["GET", "POST"]),
+        ("/abort_request", abort_request, ["POST"]), ("/begin_program", program_call, ["POST"]),
+        ("/end_program", program_call, ["POST"]), ("/get_chat_template", get_chat_template, ["GET"]),
+        ("/apply_chat_template", apply_chat_template, ["POST"]), ("/metrics", metrics, ["GET"]),
+    ]
+    for path, endpoint, methods in routes:
+        app.add_api_route(path, endpoint, methods=methods)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError) -> Response:
+        state: ServerState = request.app.state.server
+        state.metrics.request(request.url.path, f"error_{exc.status}")
+        return error_response(exc)
+
+    @app.exception_handler(EngineRequestError)
+    async def _engine_refused(request: Request, exc: EngineRequestError) -> Response:
+        request.app.state.server.metrics.request(request.url.path, "error_400")
+        return error_response(RequestError(str(exc)))
+
+    @app.exception_handler(EngineUnavailableError)
+    async def _engine_down(request: Request, exc: EngineUnavailableError) -> Response:
+        return error_response(RequestError(f"the engine is not available: {exc}", status=503))
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        request.app.state.server.metrics.request(request.url.path, "client_disconnected")
+        return Response(status_code=499)
+
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    return app
+
+
+def load_tokenizer(info: Any) -> Any:
+    """The HTTP process's own tokenizer (prompts are tokenized here, not in the engine process)."""
+    if info.tokenizer_dir is None:
+        return None
+    from plait.runtime.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(info.tokenizer_dir)
+
+
+def serve(config: ServerConfig) -> None:
+    """Start the engine process, then serve HTTP until SIGINT/SIGTERM (which drain in-flight requests)."""
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s plait %(levelname)s %(message)s")
+    client = EngineClient(config.model, config.engine_settings, config.log_level)
+    info = client.start()
+    app = create_app(config, client, load_tokenizer(info))
+    print(f"plait serve: {config.model} on http://{config.host}:{config.port} "
+          f"(context {info.context_length}, {info.kv_slots_total} KV slots)", flush=True)
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                            timeout_graceful_shutdown=config.shutdown_timeout, access_log=False))
+    server.run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, except that SIGINT/SIGTERM end the process with status 0 once in-flight
+    requests are drained (uvicorn re-raises the signal after its graceful shutdown)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,466 @@
+"""The engine process and the pipe between it and the HTTP process.
+
+``plait serve`` runs the engine loop in a child process (``run_engine_process``) so that parsing,
+tokenizing and streaming in the HTTP process never take the GIL from the scheduler. The two talk over
+one ``multiprocessing`` pipe:
+
+- HTTP -> engine: ``("generate", rid, spec)``, ``("abort", rid)``, ``("call", call_id, name, arg)``
+  where ``name`` is ``flush_cache``, ``stats``, ``begin_program``, ``end_program`` or ``shutdown``.
+- engine -> HTTP: lists of ``("accepted", rid)`` or ``("error", rid, message)`` (the answer to
+  ``generate``), ``("out", rid, index, finished, payload)`` and ``("reply", call_id, ok, value)``. Outputs produced in one engine step travel as one list.
+
+A streamed request's payloads are deltas (new output ids, new logprob entries, new text), so a long
+stream costs O(tokens) over the pipe, not O(tokens^2); the final payload carries the full text.
+Prompts arrive tokenized (the HTTP process tokenizes) and logprob entries leave without token text
+(the HTTP process adds it), which keeps tokenizer work off the engine process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import signal
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LOGPROB_KEYS = ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_top_logprobs")
+_OUTPUT_KEYS = ("output_token_logprobs", "output_top_logprobs")
+_INPUT_KEYS = ("input_token_logprobs", "input_top_logprobs")
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine process is not running (failed to start, died, or is shutting down)."""
+
+
+class EngineRequestError(ValueError):
+    """The engine refused a request (bad input it detected); the message says why."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the HTTP process needs to know about the engine it fronts."""
+
+    model: str
+    tokenizer_dir: str | None
+    context_length: int
+    max_prompt_tokens: int  # longest prompt the KV cache and context accept
+    vocab_size: int
+    kv_slots_total: int
+    config: dict[str, Any]
+    supports_program_id: bool
+
+
+@dataclass
+class EngineEvent:
+    """One output of one (sub-)request, as the HTTP side sees it.
+
+    ``text`` is cumulative, ``text_delta`` what this event added; ``output_ids`` and the logprob lists in
+    ``meta_info`` are what this event added (all of them for a request that was not streamed).
+    """
+
+    index: int
+    text: str
+    text_delta: str
+    output_ids: list[int]
+    meta_info: dict[str, Any]
+    finished: bool
+
+
+# ---------------------------------------------------------------------------------------- engine side
+class _Forwarder:
+    """Stands in for the engine's per-request handle: turns each snapshot into a delta on the outbox.
+
+    ``put`` runs on the engine thread, so it only slices lists and appends to the outbox.
+    """
+
+    def __init__(self, outbox: _Outbox, rid: str, index: int):
+        self.outbox, self.rid, self.index = outbox, rid, index
+        self.sent_ids = 0
+        self.sent_out_logprobs = 0
+        self.sent_input_logprobs = False
+        self.sent_text = 0
+
+    def put(self, event: dict[str, Any]) -> None:
+        out, finished = event["output"], event["finished"]
+        ids, meta, text = out["output_ids"], dict(out["meta_info"]), out["text"]
+        for key in _OUTPUT_KEYS:
+            if key in meta:
+                meta[key] = meta[key][self.sent_out_logprobs:]
+        for key in _INPUT_KEYS:
+            if key in meta and self.sent_input_logprobs:
+                meta[key] = []
+        payload = {"output_ids": ids[self.sent_ids:], "meta_info": meta}
+        if finished:
+            payload["text"] = text
+        else:
+            payload["text_delta"] = text[self.sent_text:]
+        self.sent_ids, self.sent_text = len(ids), len(text)
+        self.sent_out_logprobs += len(meta.get("output_token_logprobs", ()))
+        self.sent_input_logprobs = True
+        self.outbox.put(("out", self.rid, self.index, finished, payload))
+
+
+class _Outbox:
+    """Messages to the HTTP process; a sender thread ships whatever has piled up as one list."""
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+        self.items: list[tuple] = []
+        self.cv = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="plait-engine-sender", daemon=True)
+        self.thread.start()
+
+    def put(self, item: tuple) -> None:
+        with self.cv:
+            self.items.append(item)
+            self.cv.notify()
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.items and not self.closed:
+                    self.cv.wait()
+                batch, self.items = self.items, []
+                closed = self.closed
+            if batch:
+                try:
+                    self.conn.send(batch)
+                except (OSError, EOFError):  # the HTTP process is gone
+                    return
+            if closed:
+                return
+
+
+class _EngineServer:
+    """Runs in the engine process: applies commands from the pipe to one ``Engine``."""
+
+    def __init__(self, engine: Any, conn: Any):
+        self.engine, self.conn = engine, conn
+        self.outbox = _Outbox(conn)
+        self.supports_program_id = hasattr(engine, "end_program")
+
+    def info(self) -> EngineInfo:
+        engine = self.engine
+        capacity = engine.runner.pool.capacity
+        tokenizer_dir = engine.model_source.tokenizer_dir
+        return EngineInfo(
+            model=engine.config.model,
+            tokenizer_dir=str(tokenizer_dir) if tokenizer_dir is not None else None,
+            context_length=engine.context_length,
+            max_prompt_tokens=min(engine.context_length, capacity) - 1,
+            vocab_size=engine.model_config.vocab_size,
+            kv_slots_total=capacity,
+            config={k: v for k, v in vars(engine.config).items()},
+            supports_program_id=self.supports_program_id,
+        )
+
+    def serve(self) -> None:
+        """Apply commands until ``shutdown`` or until the HTTP process goes away."""
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                logger.warning("the HTTP process went away; shutting the engine down")
+                self.engine.shutdown()
+                return
+            kind = message[0]
+            if kind == "generate":
+                self._generate(message[1], message[2])
+            elif kind == "abort":
+                self.engine.abort(message[1])
+            elif kind == "call":
+                if message[2] == "shutdown":
+                    self.engine.shutdown()
+                    self.outbox.put(("reply", message[1], True, None))
+                    self.outbox.close()
+                    return
+                # flush / begin / end wait for the engine thread: never block the command loop on them
+                threading.Thread(target=self._call, args=message[1:], daemon=True).start()
+
+    def _generate(self, rid: str, spec: dict[str, Any]) -> None:
+        extra = {"program_id": spec["program_id"]} if spec.get("program_id") is not None else {}
+        if extra and not self.supports_program_id:
+            self.outbox.put(("error", rid, "program_id is not supported by this engine"))
+            return
+        forwarders: dict[int, _Forwarder] = {}  # one per request of this rid (n > 1 or a batch make several)
+
+        def on_output(index: int, event: dict[str, Any]) -> None:  # on the engine thread
+            forwarder = forwarders.get(index)
+            if forwarder is None:
+                forwarder = forwarders[index] = _Forwarder(self.outbox, rid, index)
+            forwarder.put(event)
+
+        try:
+            self.engine.submit(
+                input_ids=spec["input_ids"], sampling_params=spec["sampling_params"], on_output=on_output,
+                return_logprob=spec["return_logprob"], logprob_start_len=spec["logprob_start_len"],
+                top_logprobs_num=spec["top_logprobs_num"], rid=rid, stream=spec["stream"], **extra,
+            )
+            self.outbox.put(("accepted", rid))
+        except (ValueError, TypeError) as exc:
+            self.outbox.put(("error", rid, str(exc)))
+        except RuntimeError as exc:  # the engine is shut down or its loop died
+            self.outbox.put(("error", rid, f"engine unavailable: {exc}"))
+
+    def _call(self, call_id: int, name: str, arg: Any) -> None:
+        try:
+            if name == "flush_cache":
+                value = self.engine.flush_cache()
+            elif name == "stats":
+                value = self.engine.stats()
+            elif name in ("begin_program", "end_program") and self.supports_program_id:
+                value = getattr(self.engine, name)(arg)
+            else:
+                raise ValueError(f"unknown engine call {name!r}")
+            self.outbox.put(("reply", call_id, True, value))
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, who turns it into an HTTP error
+            self.outbox.put(("reply", call_id, False, f"{type(exc).__name__}: {exc}"))
+
+
+def run_engine_process(conn: Any, model: str, settings: dict[str, Any], log_level: str) -> None:
+    """Entry point of the engine process: build the engine, report ``ready`` (or ``failed``), serve.
+
+    SIGINT and SIGTERM are ignored here: the HTTP process drains requests and then tells the engine
+    to shut down; if the HTTP process dies, the closed pipe ends this process too.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s plait-engine %(levelname)s %(message)s")
+    try:
+        from plait.runtime.engine import Engine
+
+        engine = Engine(model=model, **settings)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which prints it and exits
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    server = _EngineServer(engine, conn)
+    conn.send(("ready", server.info()))
+    server.serve()
+
+
+# ------------------------------------------------------------------------------------------ HTTP side
+@dataclass
+class _Pending:
+    queue: asyncio.Queue
+    expected: int  # outputs still to finish (n of them for an ``n > 1`` request)
+    texts: dict[int, str] = field(default_factory=dict)
+
+
+class EngineClient:
+    """The HTTP process's handle on the engine process. ``start`` blocks; the rest is asyncio.
+
+    Not thread-safe: after ``start``, call it only from the event loop given to ``attach``.
+    """
+
+    def __init__(self, model: str, settings: dict[str, Any], log_level: str = "warning"):
+        self.model, self.settings, self.log_level = model, settings, log_level
+        self.info: EngineInfo | None = None
+        self._conn: Any = None
+        self._process: multiprocessing.Process | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._calls: dict[int, asyncio.Future] = {}
+        self._call_ids = itertools.count()
+        self._dead: str | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self, timeout: float = 900.0) -> EngineInfo:
+        """Spawn the engine process and wait until its model is loaded. Raises RuntimeError on failure."""
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        self._process = ctx.Process(
+            target=run_engine_process, args=(child, self.model, self.settings, self.log_level),
+            name="plait-engine", daemon=True,
+        )
+        self._process.start()
+        child.close()
+        self._conn = parent
+        waited = 0.0
+        while not parent.poll(1.0):
+            waited += 1.0
+            if not self._process.is_alive():
+                raise RuntimeError(f"the engine process exited with status {self._process.exitcode} while loading")
+            if waited >= timeout:
+                self._process.kill()
+                raise RuntimeError(f"the engine did not load within {timeout:.0f} s")
+        kind, value = parent.recv()
+        if kind != "ready":
+            self._process.join(timeout=10)
+            raise RuntimeError(f"the engine failed to start: {value}")
+        self.info = value
+        return value
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start delivering engine messages to ``loop``."""
+        self._loop = loop
+        threading.Thread(target=self._read, name="plait-engine-reader", daemon=True).start()
+
+    async def shutdown(self, timeout: float = 60.0) -> None:
+        """Ask the engine process to finish and wait for it to exit (killing it after ``timeout``)."""
+        if self._process is None:
+            return
+        if self._dead is None and self._process.is_alive():
+            self._closing = True
+            try:
+                await asyncio.wait_for(self.call("shutdown"), timeout)
+            except (asyncio.TimeoutError, EngineUnavailableError, RuntimeError):
+                logger.warning("the engine process did not confirm shutdown")
+        await asyncio.to_thread(self._process.join, timeout)
+        if self._process.is_alive():
+            self._process.kill()
+        self._dead = self._dead or "the engine has been shut down"
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and self._process is not None and self._process.is_alive()
+
+    # ------------------------------------------------------------------ requests
+    async def submit(self, rid: str, spec: dict[str, Any], n: int) -> RequestStream:
+        """Submit one prompt (``n`` samples); returns once the engine accepted it.
+
+        Raises ``EngineRequestError`` when the engine refuses the request (the message says why) and
+        ``EngineUnavailableError`` when there is no engine.
+        """
+        if rid in self._pending:
+            raise EngineRequestError(f"request id {rid!r} is already in use")
+        self._check_alive()
+        pending = _Pending(asyncio.Queue(), n)
+        self._pending[rid] = pending
+        try:
+            self._send(("generate", rid, spec))
+            answer = await pending.queue.get()
+        except BaseException:  # cancelled while waiting: make sure nothing keeps running
+            self._pending.pop(rid, None)
+            self.abort(rid)
+            raise
+        if answer[0] != "accepted":
+            self._pending.pop(rid, None)
+            if answer[0] == "dead":
+                raise EngineUnavailableError(answer[1])
+            raise EngineRequestError(answer[2])
+        return RequestStream(self, rid, pending)
+
+    def abort(self, rid: str) -> None:
+        """Abort a request by id (or an ``n > 1`` group by its base id); unknown ids are ignored."""
+        if self.alive:
+            self._send(("abort", rid))
+
+    async def call(self, name: str, arg: Any = None) -> Any:
+        """Run ``flush_cache``, ``stats``, ``begin_program``, ``end_program`` or ``shutdown`` in the engine."""
+        self._check_alive()
+        call_id = next(self._call_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        self._send(("call", call_id, name, arg))
+        try:
+            ok, value = await future
+        finally:
+            self._calls.pop(call_id, None)
+        if not ok:
+            raise RuntimeError(value)
+        return value
+
+    # ------------------------------------------------------------------ plumbing
+    def _finish_stream(self, rid: str, pending: _Pending) -> None:
+        self._pending.pop(rid, None)
+        if pending.expected:
+            self.abort(rid)
+
+    def _check_alive(self) -> None:
+        if not self.alive:
+            raise EngineUnavailableError(self._dead or "the engine process is not running")
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._conn.send(message)
+        except (OSError, EOFError) as exc:
+            self._mark_dead(f"the engine process is gone ({exc})")
+            raise EngineUnavailableError(self._dead) from None
+
+    @staticmethod
+    def _event(pending: _Pending, message: tuple) -> EngineEvent:
+        _, _, index, finished, payload = message
+        before = pending.texts.get(index, "")
+        if finished:
+            text = payload["text"]
+            delta = text.removeprefix(before)
+            pending.expected -= 1
+        else:
+            delta = payload["text_delta"]
+            text = before + delta
+        pending.texts[index] = text
+        return EngineEvent(index, text, delta, payload["output_ids"], payload["meta_info"], finished)
+
+    def _read(self) -> None:
+        """Reader thread: hand every batch from the engine to the event loop."""
+        while True:
+            try:
+                batch = self._conn.recv()
+            except (EOFError, OSError):
+                reason = "the engine process exited" if self._dead is None else self._dead
+                self._loop.call_soon_threadsafe(self._mark_dead, reason)
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._dispatch, batch)
+            except RuntimeError:  # the event loop is closed
+                return
+
+    def _dispatch(self, batch: list[tuple]) -> None:
+        for message in batch:
+            kind = message[0]
+            if kind == "reply":
+                future = self._calls.get(message[1])
+                if future is not None and not future.done():
+                    future.set_result((message[2], message[3]))
+                continue
+            pending = self._pending.get(message[1])
+            if pending is not None:  # else: the caller left; the request was aborted
+                pending.queue.put_nowait(message)
+
+    def _mark_dead(self, reason: str) -> None:
+        if self._dead is None:
+            self._dead = reason
+            (logger.info if self._closing else logger.error)("%s", reason)
+        for pending in self._pending.values():
+            pending.queue.put_nowait(("dead", reason))
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(EngineUnavailableError(reason))
+
+
+class RequestStream:
+    """The events of one accepted request. Iterate it once; ``close`` (or leaving the iteration
+    early) aborts whatever is still running."""
+
+    def __init__(self, client: EngineClient, rid: str, pending: _Pending):
+        self.client, self.rid, self._pending = client, rid, pending
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[EngineEvent]:
+        try:
+            while self._pending.expected:
+                message = await self._pending.queue.get()
+                if message[0] == "dead":
+                    raise EngineUnavailableError(message[1])
+                yield self.client._event(self._pending, message)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.client._finish_stream(self.rid, self._pending)

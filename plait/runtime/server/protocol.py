@@ -1,0 +1,323 @@
+"""SGLang's native ``/generate`` protocol: request checking, and the jobs handed to the engine process.
+
+Every field SGLang's ``/generate`` knows is either supported, or accepted at its default value (the
+``sglang`` frontend sends several of those on every call) and refused otherwise, with a message that
+names it. Unknown fields are refused too: nothing a client sends is silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from plait.sampling import SamplingParams
+
+# Fields of SGLang's GenerateReqInput that plait does not implement: accepted only at these values.
+NATIVE_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
+    "image_data": (None, [], [None]),
+    "video_data": (None, [], [None]),
+    "audio_data": (None, [], [None]),
+    "input_embeds": (None,),
+    "lora_path": (None, [None]),
+    "lora_id": (None,),
+    "modalities": (None, [], ["text"]),
+    "session_params": (None,),
+    "custom_logit_processor": (None, [None]),
+    "return_hidden_states": (False, None),
+    "token_ids_logprob": (None, [None]),
+    "stream_output": (None, False),
+    "data_parallel_rank": (None,),
+    "bootstrap_host": (None,),
+    "bootstrap_port": (None,),
+    "bootstrap_room": (None,),
+    "background": (False, None),
+}
+# Fields that change nothing about the output (bookkeeping); accepted with any value.
+NATIVE_IGNORED = frozenset({"log_metrics", "extra_key", "priority"})
+NATIVE_FIELDS = frozenset({
+    "text", "input_ids", "sampling_params", "stream", "return_logprob", "logprob_start_len",
+    "top_logprobs_num", "return_text_in_logprobs", "rid", "program_id",
+})
+# Sampling parameters of SGLang that plait lacks: accepted only at these values.
+SAMPLING_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
+    "spaces_between_special_tokens": (True,),
+    "structural_tag": (None,),
+    "custom_params": (None,),
+    "stream_interval": (None,),
+    "logit_bias": (None, {}),
+}
+MAX_TOP_LOGPROBS = 100
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP ``status`` and a message that says what to change."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.param, self.code = message, status, param, code
+
+    @property
+    def error_type(self) -> str:
+        return {401: "authentication_error", 404: "not_found_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        """The error in OpenAI's shape (SGLang's clients read ``error.message`` too)."""
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
+                          "code": self.code if self.code is not None else self.status}}
+
+
+@dataclass
+class GenerateJob:
+    """One prompt for the engine (``n`` samples of it) and how to report its results."""
+
+    rid: str
+    input_ids: list[int]
+    sampling_params: dict[str, Any]
+    n: int = 1
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    program_id: str | None = None
+
+    def spec(self) -> dict[str, Any]:
+        """What the engine process receives (see ``process.py``)."""
+        return {
+            "input_ids": self.input_ids, "sampling_params": self.sampling_params,
+            "return_logprob": self.return_logprob, "logprob_start_len": self.logprob_start_len,
+            "top_logprobs_num": self.top_logprobs_num, "stream": self.stream, "program_id": self.program_id,
+        }
+
+
+# ------------------------------------------------------------------------------------ field checks
+def expect_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RequestError(f"field {name!r} must be a boolean, got {value!r}", param=name)
+    return value
+
+
+def expect_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"field {name!r} must be an integer, got {value!r}", param=name)
+    if minimum is not None and value < minimum or maximum is not None and value > maximum:
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise RequestError(f"field {name!r} must be {bounds}, got {value}", param=name)
+    return value
+
+
+def reject_unknown(body: dict[str, Any], known: frozenset[str] | set[str], where: str) -> None:
+    unknown = sorted(k for k in body if k not in known)
+    if unknown:
+        raise RequestError(
+            f"unknown field(s) {', '.join(map(repr, unknown))} for {where}; accepted fields: {', '.join(sorted(known))}",
+            param=unknown[0],
+        )
+
+
+def reject_non_default(body: dict[str, Any], defaults: dict[str, tuple[Any, ...]], where: str) -> None:
+    for name, allowed in defaults.items():
+        if name in body and body[name] not in allowed:
+            raise RequestError(
+                f"field {name!r} of {where} is not supported by plait; leave it unset "
+                f"(accepted value: {allowed[0]!r}), got {body[name]!r}",
+                param=name,
+            )
+
+
+def sampling_params_from(raw: Any, name: str = "sampling_params", aliases: dict[str, str] | None = None) -> SamplingParams:
+    """Validate a sampling-params object (SGLang names); SGLang-only keys must be at their defaults.
+
+    ``aliases`` maps SGLang names to the client's names (OpenAI's ``max_tokens``) for error messages.
+    """
+    if raw is None:
+        return SamplingParams()
+    if not isinstance(raw, dict):
+        raise RequestError(f"field {name!r} must be an object, got {raw!r}", param=name)
+    raw = dict(raw)
+    reject_non_default(raw, SAMPLING_DEFAULT_ONLY, name)
+    for key in SAMPLING_DEFAULT_ONLY:
+        raw.pop(key, None)
+    if "sampling_seed" in raw:  # newer SGLang's name for the seed
+        seed = raw.pop("sampling_seed")
+        raw.setdefault("seed", seed)
+    if raw.get("max_new_tokens", 0) is None:
+        del raw["max_new_tokens"]  # SGLang: None means "up to the context" (see fit_max_tokens)
+    try:
+        return SamplingParams.from_dict(raw)
+    except ValueError as exc:
+        message = str(exc)
+        for ours, theirs in (aliases or {}).items():
+            message = message.replace(repr(ours), repr(theirs))
+        raise RequestError(message, param=name) from None
+
+
+def check_json_schema(params: SamplingParams) -> None:
+    if params.json_schema is None:
+        return
+    try:
+        schema = json.loads(params.json_schema)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"json_schema is not valid JSON: {exc}", param="json_schema") from None
+    if not isinstance(schema, (dict, bool)):
+        raise RequestError("json_schema must be a JSON object (a JSON Schema)", param="json_schema")
+
+
+def check_prompt(ids: list[int], max_prompt_tokens: int, vocab_size: int) -> None:
+    if not ids:
+        raise RequestError("the prompt is empty; send at least one token of text")
+    if len(ids) > max_prompt_tokens:
+        raise RequestError(
+            f"the prompt has {len(ids)} tokens; this server accepts at most {max_prompt_tokens}", code="context_length_exceeded")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"input_ids contain token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}", param="input_ids")
+
+
+UNSET = "unset"  # max tokens not given: the protocol's default, shortened to fit the context
+TO_CONTEXT = "to_context"  # max tokens given as null / omitted where the default is "the rest of the context"
+
+
+def fit_max_tokens(params: SamplingParams, given: Any, prompt_len: int, context_length: int,
+                   name: str = "max_new_tokens") -> SamplingParams:
+    """Fit ``max_new_tokens`` to the context. ``given``: the client's value, ``UNSET`` or ``TO_CONTEXT``.
+
+    An explicit value that does not fit is an error (like SGLang and vLLM); the protocol default is
+    shortened to fit; ``TO_CONTEXT`` becomes whatever the prompt leaves of the context.
+    """
+    room = context_length - prompt_len
+    if given == TO_CONTEXT or given == UNSET and params.max_new_tokens > room:
+        return params.replace(max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
+    if given != UNSET and params.max_new_tokens > room:
+        raise RequestError(
+            f"{name}={params.max_new_tokens} plus the prompt's {prompt_len} tokens exceeds the context length "
+            f"{context_length}; ask for at most {room} new tokens", param=name, code="context_length_exceeded")
+    return params
+
+
+# -------------------------------------------------------------------------------- /generate parsing
+def _per_input(body: dict[str, Any], name: str, count: int, default: Any, check: Callable[[str, Any], Any]) -> list:
+    value = body.get(name)
+    if value is None:
+        return [default] * count
+    if isinstance(value, list):
+        if len(value) != count:
+            raise RequestError(f"field {name!r} has {len(value)} entries for {count} prompt(s)", param=name)
+        return [default if v is None else check(name, v) for v in value]
+    if name == "rid" and count > 1:
+        raise RequestError("field 'rid' must be a list with one id per prompt for a batch", param="rid")
+    return [check(name, value)] * count
+
+
+def _prompt_ids(body: dict[str, Any], encode: Callable[[str], list[int]] | None) -> tuple[list[list[int]], bool]:
+    text, input_ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (input_ids is None):
+        raise RequestError("send exactly one of 'text' or 'input_ids'", param="text")
+    if input_ids is not None:
+        def is_ids(x: Any) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+        if is_ids(input_ids) and (not input_ids or not isinstance(input_ids[0], list)):
+            return [input_ids], False
+        if isinstance(input_ids, list) and input_ids and all(is_ids(x) for x in input_ids):
+            return input_ids, True
+        raise RequestError("field 'input_ids' must be a list of token ids or a non-empty list of such lists",
+                           param="input_ids")
+    if encode is None:
+        raise RequestError("this model has no tokenizer: send 'input_ids' instead of 'text'", param="text")
+    if isinstance(text, str):
+        return [encode(text)], False
+    if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+        return [encode(t) for t in text], True
+    raise RequestError("field 'text' must be a string or a non-empty list of strings", param="text")
+
+
+def parse_generate(body: Any, encode: Callable[[str], list[int]] | None, limits: Any,
+                   program_ids: bool) -> tuple[list[GenerateJob], bool, bool]:
+    """Check a ``/generate`` body; returns (jobs, is_batch, stream). ``limits``: an ``EngineInfo``."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    reject_unknown(body, NATIVE_FIELDS | NATIVE_IGNORED | set(NATIVE_DEFAULT_ONLY), "/generate")
+    reject_non_default(body, NATIVE_DEFAULT_ONLY, "/generate")
+    stream = expect_bool("stream", body.get("stream", False))
+    program_id = body.get("program_id")
+    if program_id is not None:
+        if not program_ids:
+            raise RequestError("field 'program_id' is not supported by this server's engine", param="program_id")
+        if not isinstance(program_id, str) or not program_id:
+            raise RequestError("field 'program_id' must be a non-empty string", param="program_id")
+    prompts, is_batch = _prompt_ids(body, encode)
+    count = len(prompts)
+    raw_params = body.get("sampling_params")
+    if isinstance(raw_params, list):
+        if len(raw_params) != count:
+            raise RequestError(f"field 'sampling_params' has {len(raw_params)} entries for {count} prompt(s)",
+                               param="sampling_params")
+    else:
+        raw_params = [raw_params] * count
+    return_logprob = _per_input(body, "return_logprob", count, False, expect_bool)
+    start_len = _per_input(body, "logprob_start_len", count, -1, lambda n, v: expect_int(n, v, -1))
+    top_num = _per_input(body, "top_logprobs_num", count, 0, lambda n, v: expect_int(n, v, 0, MAX_TOP_LOGPROBS))
+    with_text = _per_input(body, "return_text_in_logprobs", count, False, expect_bool)
+    rids = _per_input(body, "rid", count, None, _check_rid)
+    jobs = []
+    for i, ids in enumerate(prompts):
+        check_prompt(ids, limits.max_prompt_tokens, limits.vocab_size)
+        raw = raw_params[i]
+        params = sampling_params_from(raw)
+        check_json_schema(params)
+        given = raw.get("max_new_tokens", UNSET) if isinstance(raw, dict) else UNSET
+        params = fit_max_tokens(params, TO_CONTEXT if given is None else given, len(ids), limits.context_length)
+        start = start_len[i]
+        if return_logprob[i] and start == -1:
+            start = len(ids) - 1  # SGLang's default: only the last prompt token's logprob
+        if start >= len(ids):
+            raise RequestError(f"logprob_start_len {start} must be < the prompt length {len(ids)}",
+                               param="logprob_start_len")
+        jobs.append(GenerateJob(
+            rid=rids[i] or uuid.uuid4().hex, input_ids=ids, sampling_params=params.to_dict(), n=params.n,
+            return_logprob=return_logprob[i], logprob_start_len=start if return_logprob[i] else -1,
+            top_logprobs_num=top_num[i], return_text_in_logprobs=with_text[i], stream=stream,
+            program_id=program_id,
+        ))
+    return jobs, is_batch or len(jobs) > 1 or jobs[0].n > 1, stream
+
+
+def _check_rid(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"field {name!r} must be a non-empty string, got {value!r}", param=name)
+    return value
+
+
+# ---------------------------------------------------------------------------------- output building
+class LogprobText:
+    """Token text for logprob entries, decoded once per token id (the engine sends ids only)."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str] | None):
+        self.decode = decode
+        self.cache: dict[int, str] = {}
+
+    def text(self, token_id: int) -> str | None:
+        if self.decode is None:
+            return None
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.cache[token_id] = self.decode([token_id])
+        return text
+
+    def entries(self, entries: list, with_text: bool) -> list:
+        return [[lp, tid, self.text(tid) if with_text else None] for lp, tid, *_ in entries]
+
+    def decorate(self, meta: dict[str, Any], with_text: bool) -> dict[str, Any]:
+        """A copy of ``meta`` whose logprob entries are ``[logprob, token_id, text-or-None]`` lists."""
+        meta = dict(meta)
+        for key in ("input_token_logprobs", "output_token_logprobs"):
+            if key in meta:
+                meta[key] = self.entries(meta[key], with_text)
+        for key in ("input_top_logprobs", "output_top_logprobs"):
+            if key in meta:
+                meta[key] = [None if top is None else self.entries(top, with_text) for top in meta[key]]
+        return meta

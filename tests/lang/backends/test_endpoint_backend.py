@@ -1,0 +1,151 @@
+"""The Endpoint backend against a real ``plait serve`` on loopback, checked against direct HTTP calls."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from plait.lang.backends.base import Backend, GenerateCall
+from plait.sampling import SamplingParams
+from tests.server.server_helpers import assert_idle_and_flushed, start_server
+
+pytestmark = pytest.mark.model
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def server(bundled_model_dir):
+    server = start_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def endpoint(server):
+    from plait.lang.backends.endpoint import Endpoint
+
+    backend = Endpoint(server.url)
+    yield backend
+    backend.close()
+
+
+def direct(server, text, **fields) -> dict:
+    return server.post("/generate", {"text": text, **fields}).json()
+
+
+def test_is_a_backend_that_found_the_extensions(endpoint):
+    assert isinstance(endpoint, Backend) and endpoint.name.startswith("endpoint http://127.0.0.1:")
+    assert {"apply_chat_template", "program_id", "end_program"} <= endpoint.extensions
+
+
+def test_generate_equals_the_server(endpoint, server):
+    result = endpoint.generate(GenerateCall("The capital of France is", GREEDY, return_logprob=True,
+                                            top_logprobs_num=2))
+    ref = direct(server, "The capital of France is", sampling_params={"temperature": 0, "max_new_tokens": 10})
+    assert result.text == ref["text"] and result.finished
+    assert result.finish_reason == ref["meta_info"]["finish_reason"]
+    assert result.completion_tokens == 10 == len(result.output_token_logprobs)
+    assert [e[1] for e in result.output_token_logprobs] == ref["output_ids"]
+    assert all(isinstance(e[2], str) for e in result.output_token_logprobs)
+    assert all(len(top) == 2 for top in result.output_top_logprobs)
+    assert ref["meta_info"]["cached_tokens"] > 0 and result.latency_s > 0  # the second call hit the cache
+
+
+def test_stream_is_cumulative_and_matches_generate(endpoint):
+    call = GenerateCall("Count: 1, 2, 3,", GREEDY, return_logprob=True)
+    snaps = list(endpoint.stream(call))
+    assert len(snaps) > 1 and [s.finished for s in snaps] == [False] * (len(snaps) - 1) + [True]
+    for a, b in itertools.pairwise(snaps):
+        assert b.text.startswith(a.text)
+        assert len(b.output_token_logprobs) >= len(a.output_token_logprobs)
+    final = endpoint.generate(call)
+    assert snaps[-1].text == final.text
+    assert [e[1] for e in snaps[-1].output_token_logprobs] == [e[1] for e in final.output_token_logprobs]
+
+
+def test_closing_a_stream_aborts_it(endpoint, server):
+    stream = endpoint.stream(GenerateCall("Tell me a long story.",
+                                          SamplingParams(max_new_tokens=2000, ignore_eos=True)))
+    next(stream), next(stream)
+    stream.close()
+    deadline = time.monotonic() + 10
+    while server.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.stats()["running"] == 0
+
+
+def reference_logprobs(server, text: str, start: int) -> list:
+    meta = direct(server, text, sampling_params={"max_new_tokens": 0}, return_logprob=True,
+                  logprob_start_len=start, top_logprobs_num=1)["meta_info"]
+    return meta["input_token_logprobs"]
+
+
+def test_score_choices_equal_direct_prompt_logprobs(endpoint, server):
+    prefix, choices = "The capital of France is", [" Paris", " a banana split"]
+    scores = endpoint.score_choices(prefix, choices, unconditional=True)
+    prefix_len = direct(server, prefix, sampling_params={"max_new_tokens": 0})["meta_info"]["prompt_tokens"]
+    for score, choice in zip(scores, choices):
+        ref = reference_logprobs(server, prefix + choice, prefix_len)
+        assert score.choice == choice and score.token_ids == [e[1] for e in ref]
+        assert score.token_logprobs == pytest.approx([e[0] for e in ref], abs=1e-3)
+        assert len(score.top_token_ids) == len(score.token_ids)
+        uncond = server.post("/generate", {"input_ids": score.token_ids, "sampling_params": {"max_new_tokens": 0},
+                                           "return_logprob": True, "logprob_start_len": 0}).json()
+        expected = [0.0 if e[0] is None else e[0] for e in uncond["meta_info"]["input_token_logprobs"]]
+        assert score.unconditional_token_logprobs == pytest.approx(expected, abs=1e-3)
+    assert scores[0].token_logprobs[0] > scores[1].token_logprobs[0]
+
+
+def test_score_choices_across_a_merging_boundary(endpoint, server):
+    # "Say yes" + "es" tokenizes differently from "Say y" + "es": the choice takes the merged token
+    prefix = "The answer is y"
+    scores = endpoint.score_choices(prefix, ["es", "ellow"])
+    prefix_ids = [e[1] for e in reference_logprobs(server, prefix, 0)]
+    for score in scores:
+        full = [e[1] for e in reference_logprobs(server, prefix + score.choice, 0)]
+        start = next(i for i, (a, b) in enumerate(zip(prefix_ids, full + [None])) if a != b)
+        assert score.token_ids == full[start:]
+
+
+def test_chat_template_is_the_models_own(endpoint):
+    template = endpoint.chat_template()
+    assert template.role_prefix_and_suffix["user"] == ("<|im_start|>user\n", "<|im_end|>\n")
+    assert template.role_prefix_and_suffix["assistant"][0] == "<|im_start|>assistant\n"
+
+
+def test_a_program_over_http(endpoint, server):
+    import plait as pl
+
+    @pl.function
+    def quiz(s, question):
+        s += pl.user(question)
+        s += pl.assistant(pl.gen("answer", max_tokens=12, temperature=0))
+        s += pl.user("Is that right?")
+        s += pl.assistant(pl.select("verdict", choices=["Yes", "No"]))
+
+    state = quiz.run("What is 2 + 2?", backend=endpoint)
+    assert state["verdict"] in ("Yes", "No") and state["answer"]
+    assert server.stats()["pinned_tokens"] == 0  # the run ended: its prefixes are no longer pinned
+
+
+def test_program_ids_pin_until_end_program(endpoint, server):
+    endpoint.begin_program("p1")
+    endpoint.cache_prefix("A prefix the program will reuse, " * 4, program_id="p1")
+    assert server.stats()["pinned_tokens"] > 0
+    result = endpoint.generate(GenerateCall("A prefix the program will reuse, " * 4 + "and", GREEDY, program_id="p1"))
+    assert result.cached_tokens > 0
+    endpoint.end_program("p1")
+    assert server.stats()["pinned_tokens"] == 0
+
+
+def test_refusals_are_value_errors(endpoint):
+    with pytest.raises(ValueError, match="regex"):
+        endpoint.generate(GenerateCall("x", SamplingParams(regex="(unclosed", max_new_tokens=2)))
+    with pytest.raises(ValueError, match="n=2"):
+        endpoint.generate(GenerateCall("x", SamplingParams(n=2)))
+
+
+def test_zz_no_slot_leaked(server):
+    assert_idle_and_flushed(server)
