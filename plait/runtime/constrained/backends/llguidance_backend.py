@@ -43,6 +43,31 @@ def lark_from_ebnf(text: str) -> str:
         raise UnsupportedConstraint(f"cannot read the EBNF grammar: {exc}") from None
 
 
+class _Vocabulary:
+    """A tokenizer as llguidance's ``TokenizerWrapper`` reads it: every token's bytes (special tokens as
+    ``0xff`` + name, ids past the tokenizer empty), the special and end ids, and ``__call__`` encoding."""
+
+    def __init__(self, info: TokenizerInfo):
+        hf = info.tokenizer.hf
+        names = hf.convert_ids_to_tokens(list(range(min(len(hf), info.vocab_size))))
+        self.tokens: list[bytes] = []
+        for i in range(info.vocab_size):
+            data = info.token_bytes[i]
+            if data is None:
+                name = names[i] if i < len(names) else None
+                data = b"\xff" + name.encode("utf-8") if name else b""
+            self.tokens.append(data)
+        self.eos_token_id = min(info.stop_ids) if info.stop_ids else None
+        self.bos_token_id = info.tokenizer.bos_token_id
+        self.special_token_ids = sorted(info.special_ids)
+        self._encode = info.encode
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):  # llguidance probes for byte input: say no
+            raise TypeError("text must be str")
+        return self._encode(text)
+
+
 class LLGuidanceMatcher(TokenMatcher):
     def __init__(self, matcher: Any):
         self._m = matcher
@@ -94,9 +119,12 @@ class LLGuidanceBackend(GrammarBackend):
         with self._lock:
             tok = self._tokenizers.get(id(info))
             if tok is None:
-                backend = info.tokenizer.hf.backend_tokenizer
+                # From our own token-bytes table, not the tokenizer's JSON: llguidance infers the byte
+                # mapping from the JSON's decoder, and some conversions (transformers 5.17's GGUF import
+                # of SmolLM2: ByteFallback + ByteLevel decoders) make it read byte-level tokens wrongly.
                 tok = self._llg.LLTokenizer(
-                    backend.to_str(), n_vocab=info.vocab_size, eos_token=sorted(info.stop_ids) or None
+                    self._llg.TokenizerWrapper(_Vocabulary(info)), n_vocab=info.vocab_size,
+                    eos_token=sorted(info.stop_ids) or None,
                 )
                 self._tokenizers[id(info)] = tok
             return tok
