@@ -1,0 +1,104 @@
+"""The notebooks: saved without outputs, and executed headless (nbclient + ipykernel) on the bundled model.
+
+Each notebook runs in its own kernel (one model load each); a cell that raises fails the test with
+the cell's traceback. The checks read the executed outputs: the state's HTML view, the trace, and
+the structure of every constrained output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = ["quickstart", "structured_output"]
+
+
+def read(name: str):
+    return nbformat.read(NOTEBOOKS_DIR / f"{name}.ipynb", as_version=4)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_saved_valid_and_without_outputs(name):
+    nb = read(name)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code
+    for cell in code:
+        assert cell.outputs == [] and cell.execution_count is None, f"{name}: cell {cell.id} was saved with outputs"
+
+
+@pytest.fixture(scope="module")
+def executed(bundled_model_dir):
+    """Execute a notebook (once per module) and return {cell id: (stdout text, html text)}."""
+    from nbclient import NotebookClient
+
+    cache: dict[str, dict[str, tuple[str, str]]] = {}
+
+    def run(name: str) -> dict[str, tuple[str, str]]:
+        if name not in cache:
+            nb = read(name)
+            NotebookClient(nb, timeout=240, kernel_name="python3",
+                           resources={"metadata": {"path": str(NOTEBOOKS_DIR)}}).execute()
+            cache[name] = {cell.id: _outputs(cell) for cell in nb.cells if cell.cell_type == "code"}
+        return cache[name]
+
+    return run
+
+
+def _outputs(cell) -> tuple[str, str]:
+    text, html = [], []
+    for out in cell.outputs:
+        if out.output_type == "stream" and out.name == "stdout":
+            text.append(out.text)
+        elif out.output_type in ("execute_result", "display_data"):
+            html.append(out.data.get("text/html", ""))
+            text.append(out.data.get("text/plain", ""))
+    return "".join(text), "".join(html)
+
+
+def _assert_state_view(html: str) -> None:
+    assert html.count('class="plait-msg"') >= 2  # one box per role block
+    assert '<span class="plait-gen" title="gen ' in html  # generated text highlighted, named
+    assert "cached tokens" in html  # the calls table
+
+
+@pytest.mark.model
+def test_quickstart_notebook(executed):
+    cells = executed("quickstart")
+    answers = cells["quick-03"][0].strip().splitlines()
+    assert len(answers) == 2 and "Paris" in answers[0]
+    _assert_state_view(cells["quick-05"][1])
+    trace = cells["quick-07"][0]
+    assert trace.startswith("trace of chat(question_1=<symbolic>, question_2=<symbolic>)")
+    assert "arg question_1   <- differs between runs" in trace and "constant prefix (" in trace
+    label, scores = cells["quick-09"][0].split(" ", 1)
+    assert label in ("positive", "negative") and len(json.loads(scores)) == 2
+    assert len(re.findall(r"^- .+$", cells["quick-11"][0], re.MULTILINE)) == 3  # three forked branches joined
+    rows = re.findall(r"^(\w+): (.*)  \((\d+) of (\d+) prompt tokens cached\)$", cells["quick-13"][0], re.MULTILINE)
+    assert [r[0] for r in rows] == ["France", "Spain", "Egypt", "Canada"]
+    assert all(0 < int(cached) < int(prompt) for _, _, cached, prompt in rows)
+
+
+@pytest.mark.model
+def test_structured_output_notebook(executed):
+    cells = executed("structured_output")
+    ip, legs, year, flat = re.fullmatch(r"'(.*)' '(.*)' (-?\d+) (True|False)\n.*\n", cells["struc-03"][0], re.DOTALL).groups()
+    assert re.fullmatch(r"(\d{1,3}\.){3}\d{1,3}", ip) and all(0 <= int(p) <= 255 for p in ip.split("."))
+    assert re.fullmatch(r"[0-9]{1,3} legs", legs)
+    assert "the year is an int" in cells["struc-03"][0] and int(year) >= 0 and flat in ("True", "False")
+    _assert_state_view(cells["struc-04"][1])
+    document, finish = cells["struc-06"][0].rsplit("\nfinish: ", 1)
+    book = json.loads(document)
+    assert set(book) == {"title", "author", "year", "genres"} and 1400 <= book["year"] <= 2030
+    assert finish.startswith("stop")
+    characters = re.findall(r"^Character\(name='.*', role='(\w+)', strength=(\d+)\)$", cells["struc-08"][0], re.MULTILINE)
+    assert len(characters) == 2 and all(r in ("hero", "villain", "sidekick") and 1 <= int(s) <= 10 for r, s in characters)
+    sections = re.findall(r" -> (\w+)$", cells["struc-10"][0], re.MULTILINE)
+    assert len(sections) == 2 and set(sections) <= {"sports", "politics", "science", "business"}
+    assert cells["struc-12"][0].startswith("InvalidDtypeError - ")
