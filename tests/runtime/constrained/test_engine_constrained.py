@@ -28,7 +28,7 @@ GENERATED = ["fmt_date", "enum_in_object", "nested_1", "array_1_3", "anyof_nulla
 
 @pytest.fixture(scope="module")
 def engine(bundled_model_dir):
-    eng = Engine(model=str(bundled_model_dir))
+    eng = Engine(model=str(bundled_model_dir), max_total_tokens=8192)  # bounded: a second engine must fit on a GPU
     yield eng
     eng.shutdown()
 
@@ -133,10 +133,11 @@ def test_overlap_scheduling_gives_the_same_constrained_output(bundled_model_dir,
     params = [{"temperature": 0, "max_new_tokens": 40, "json_schema": PERSON}, {"temperature": 0, "max_new_tokens": 12},
               {"temperature": 0, "max_new_tokens": 6, "choices": ["red", "green", "blue"]}]
     ref = engine.generate(prompts, params)
-    with Engine(model=str(bundled_model_dir), enable_overlap=True) as overlapped:
-        assert overlapped.overlap
-        ours = overlapped.generate(prompts, params)
-        assert_no_leak(overlapped)
+    # the other scheduling mode than the module's engine (sync on the CPU, overlapped on a GPU)
+    with Engine(model=str(bundled_model_dir), enable_overlap=not engine.overlap, max_total_tokens=8192) as other:
+        assert other.overlap != engine.overlap
+        ours = other.generate(prompts, params)
+        assert_no_leak(other)
     assert [o["output_ids"] for o in ours] == [o["output_ids"] for o in ref]
     jsonschema.validate(json.loads(ours[0]["text"]), PERSON)
 
