@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from plait.runtime.constrained.bitmask import build_batch_bitmask
-from plait.runtime.executor.forward_batch import ForwardBatch
+from plait.runtime.executor.forward_batch import ForwardBatch, host_to_device
 from plait.runtime.executor.model_runner import ModelRunner
 from plait.runtime.executor.sampler import Sampler, SamplingBatch, log_softmax_logprobs, top_k_logprobs
 from plait.runtime.request import Request
@@ -80,7 +80,7 @@ def build_forward_batch(
         + inflight_src,
         dtype=torch.int64,
     )
-    packed = host.to(device, non_blocking=True) if device.type == "cuda" else host
+    packed = host_to_device(host, device)
     input_t, pos_t, rows_t = packed[:T], packed[T : 2 * T], packed[2 * T : 3 * T]
     req_rows_t, logits_t = packed[3 * T : 3 * T + B], packed[3 * T + B : 3 * T + B + L]
     if F:

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from plait.runtime.executor.forward_batch import host_to_device
+
 __all__ = ["apply_batch_bitmask", "build_batch_bitmask", "unpack_rows"]
 
 
@@ -46,7 +48,7 @@ def apply_batch_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Seque
     if device.type == "cuda":
         from plait.runtime.kernels.bitmask import apply_token_bitmask_inplace
 
-        index_d = index.to(device, non_blocking=True)
+        index_d = host_to_device(index, device)
         apply_token_bitmask_inplace(logits, bitmask.to(device, non_blocking=True), index_d, covered)
         if covered < vocab:
             logits[index_d, covered:] = float("-inf")

@@ -8,6 +8,19 @@ from typing import Any
 import torch
 
 
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to ``device`` without making the host wait for the device.
+
+    From pageable memory, CUDA synchronizes the stream before an "async" host-to-device copy, which
+    stalls the host until every step already queued has run (that broke the overlap of scheduling
+    with the device's work). Through pinned memory the copy is queued like a kernel; torch's caching
+    host allocator does not reuse the pinned block until the copy has run. Other devices: returned as is.
+    """
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class ForwardBatch:
     """One step's tokens, flattened over the requests in the batch.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from plait.runtime.executor.forward_batch import ForwardBatch
+from plait.runtime.executor.forward_batch import ForwardBatch, host_to_device
 from plait.runtime.kernels.decode_attention import (
     DEFAULT_MAX_KV_SPLITS,
     MIN_TOKENS_PER_SPLIT,
@@ -107,7 +107,7 @@ class TritonAttentionBackend:
             ],
             dtype=torch.int64,
         ).reshape(4, Be)  # [4, Be]
-        dev = torch.cat((host, host_ext), dim=1).to(self.device, non_blocking=True)  # [4, Bd + Be]
+        dev = host_to_device(torch.cat((host, host_ext), dim=1), self.device)  # [4, Bd + Be]
         dec, ext = dev[:, :Bd], dev[:, Bd:]
         md = TritonAttnMetadata(None, None, None, None, None, None, None, None, 0)
         if Bd:
