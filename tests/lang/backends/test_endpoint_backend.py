@@ -147,5 +147,38 @@ def test_refusals_are_value_errors(endpoint):
         endpoint.generate(GenerateCall("x", SamplingParams(n=2)))
 
 
+def test_openai_backend_against_plait_serve(endpoint, server):
+    """pl.OpenAI with the official client on plait serve's /v1 API: a chat program gives what the
+    native Endpoint gives for the same program, and select (completions + echo logprobs) scores the
+    choices as the Endpoint does."""
+    pytest.importorskip("openai")
+    import plait as pl
+    from plait.lang.backends.openai import OpenAI
+
+    backend = OpenAI("smollm2-135m-instruct", base_url=server.url + "/v1", api_key="unused")
+
+    @pl.function
+    def chat(s, question):
+        s += pl.system("Answer in a few words.")
+        s += pl.user(question)
+        s += pl.assistant(pl.gen("answer", max_tokens=12, temperature=0))
+
+    ours = chat.run(question="What is the capital of France?", backend=backend)
+    native = chat.run(question="What is the capital of France?", backend=endpoint)
+    assert ours["answer"] and ours["answer"] == native["answer"]
+
+    @pl.function
+    def pick(s):
+        s += "The capital of France is"
+        s += pl.select("city", choices=[" Paris", " Rome", " Berlin"])
+
+    via_openai, via_native = pick.run(backend=backend), pick.run(backend=endpoint)
+    assert via_openai["city"] == via_native["city"]
+    ours_scores = via_openai.get_meta_info("city")
+    native_scores = via_native.get_meta_info("city")
+    key = "normalized_prompt_logprobs"
+    assert ours_scores[key] == pytest.approx(native_scores[key], abs=1e-3)
+
+
 def test_zz_no_slot_leaked(server):
     assert_idle_and_flushed(server)
