@@ -73,6 +73,10 @@ def _conversation(segments: list[Segment]) -> list[str]:
     return parts
 
 
+def _call_name(call: CallRecord) -> str:
+    return str(call.name) if call.branch is None else f"{call.name} (fork {call.branch})"
+
+
 def _calls_table(calls: list[CallRecord]) -> str:
     if not calls:
         return ""
@@ -84,7 +88,7 @@ def _calls_table(calls: list[CallRecord]) -> str:
     for c in calls:
         finish = (c.finish_reason or {}).get("type", "") if c.kind == "gen" else ""
         rows.append(
-            f"<tr><td>{escape(c.kind)}</td><td>{escape(str(c.name))}</td><td>{c.prompt_tokens}</td>"
+            f"<tr><td>{escape(c.kind)}</td><td>{escape(_call_name(c))}</td><td>{c.prompt_tokens}</td>"
             f"<td>{c.cached_tokens}</td><td>{c.completion_tokens}</td><td>{c.latency_s * 1000:.1f} ms</td>"
             f"<td>{escape(str(finish))}</td></tr>"
         )

@@ -39,6 +39,7 @@ class CallRecord:
     cached_tokens: int = 0
     latency_s: float = 0.0
     finish_reason: dict[str, Any] | None = None
+    branch: int | None = None  # the fork branch that made the call (set when the branch is joined)
 
 
 @dataclass

@@ -9,6 +9,7 @@ and an HTML view for notebooks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -263,6 +264,10 @@ class ProgramStateGroup:
         else:
             source.submit(_AppendForks(executors))
             source.sync()
+        # the branches' calls join the source's record (tokens, cache hits, latency of every call)
+        source.calls.extend(
+            dataclasses.replace(call, branch=i) for i, ex in enumerate(executors) for call in ex.calls
+        )
         for ex in executors:
             ex.end()
 

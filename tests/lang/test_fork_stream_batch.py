@@ -80,6 +80,21 @@ def test_join_gathers_only_new_variables_and_meta(mock):
     assert len(state.get_meta_info("x")) == 2
     with pytest.raises(pl.lang.StateClosedError):
         state.ret_value[0] += "more"
+    # the branches' calls are part of the run's record (and of its HTML view), tagged with the branch
+    assert [(c.name, c.branch) for c in state.calls] == [("before", None), ("x", 0), ("y", 1), ("x", 1)]
+    assert "x (fork 1)" in state._repr_html_()
+
+
+def test_concatenating_join_keeps_the_branch_calls(mock):
+    @pl.function
+    def prog(s):
+        s += "Count:"
+        forks = s.fork(2)
+        forks += pl.gen("n", max_tokens=1)
+        forks.join("concate_and_append")
+
+    state = prog.run(backend=mock)
+    assert [(c.kind, c.branch) for c in state.calls] == [("gen", 0), ("gen", 1)]
 
 
 def test_fork_of_one_does_not_cache_and_copy_joins(mock):
