@@ -217,9 +217,19 @@ class Runtime:
 
     # ------------------------------------------------------------------ cache and program runs
     def cache_prefix(self, prefix: str, program_id: str | None = None) -> None:
-        """Prefill ``prefix`` into the radix cache (a ``max_new_tokens=0`` request)."""
-        if prefix:
+        """Prefill ``prefix`` into the radix cache (a ``max_new_tokens=0`` request).
+
+        The prefix's last token is left out: the text that follows it in a real prompt may merge with
+        it into another token (a prefix ending in "Q: " is followed by "A..." -> " A"), and a cached
+        token that no prompt contains is wasted work and one token fewer of every match."""
+        if not prefix:
+            return
+        if self.engine.tokenizer is None:
             self.engine.generate(prefix, {"max_new_tokens": 0}, program_id=program_id)
+            return
+        ids = self.engine.tokenizer.encode(prefix)
+        if len(ids) > 1:
+            self._cache_ids(ids[:-1], program_id)
 
     def _cache_ids(self, ids: list[int], program_id: str | None) -> None:
         self.engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 0}, program_id=program_id)

@@ -173,3 +173,17 @@ def test_bad_arguments(rt, bundled_model_dir):
     with Runtime(engine=rt.engine) as wrapper:  # wraps; leaving the block leaves the engine running
         assert wrapper.engine is rt.engine
     assert rt.generate(GenerateCall("hi", SamplingParams(max_new_tokens=1))).finished
+
+
+def test_cache_prefix_leaves_out_a_last_token_that_merges(rt):
+    """A prefix ending in a space: the prompt continues it with " Paris", one token, so the prefix's own
+    last token (the space) is in no prompt; it is not cached, and every cached token is hit."""
+    rt.engine.flush_cache()
+    prefix = "Name the city. The capital of France is "
+    ids = rt.engine.tokenizer.encode(prefix)
+    full = rt.engine.tokenizer.encode(prefix + "Paris")
+    assert full[: len(ids) - 1] == ids[:-1] and full[len(ids) - 1] != ids[-1]  # the space merged into " Paris"
+    rt.cache_prefix(prefix)
+    assert rt.engine.stats()["kv_slots_cached"] == len(ids) - 1
+    result = rt.generate(GenerateCall(prefix + "Paris", GREEDY))
+    assert result.cached_tokens == len(ids) - 1
