@@ -20,7 +20,8 @@ GREEDY = {"temperature": 0.0}
 
 @pytest.fixture(scope="module")
 def rt(bundled_model_dir):
-    runtime = runtime_module.Runtime(model=str(bundled_model_dir))
+    # float32 everywhere: on a GPU the default bf16 makes results depend on batch shape
+    runtime = runtime_module.Runtime(model=str(bundled_model_dir), dtype="float32", max_total_tokens=8192)
     yield runtime
     runtime.shutdown()
 

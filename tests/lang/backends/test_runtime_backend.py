@@ -19,7 +19,8 @@ GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 def rt(bundled_model_dir):
     from plait.lang.backends.runtime import Runtime
 
-    runtime = Runtime(model=str(bundled_model_dir))
+    # float32 everywhere: on a GPU the default bf16 makes results depend on batch shape
+    runtime = Runtime(model=str(bundled_model_dir), dtype="float32", max_total_tokens=8192)
     yield runtime
     runtime.shutdown()
 

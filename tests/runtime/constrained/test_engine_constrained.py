@@ -28,7 +28,8 @@ GENERATED = ["fmt_date", "enum_in_object", "nested_1", "array_1_3", "anyof_nulla
 
 @pytest.fixture(scope="module")
 def engine(bundled_model_dir):
-    eng = Engine(model=str(bundled_model_dir), max_total_tokens=8192)  # bounded: a second engine must fit on a GPU
+    # bounded, so a second engine fits on a GPU; float32, so greedy tokens do not depend on batch shape there
+    eng = Engine(model=str(bundled_model_dir), max_total_tokens=8192, dtype="float32")
     yield eng
     eng.shutdown()
 
@@ -134,7 +135,8 @@ def test_overlap_scheduling_gives_the_same_constrained_output(bundled_model_dir,
               {"temperature": 0, "max_new_tokens": 6, "choices": ["red", "green", "blue"]}]
     ref = engine.generate(prompts, params)
     # the other scheduling mode than the module's engine (sync on the CPU, overlapped on a GPU)
-    with Engine(model=str(bundled_model_dir), enable_overlap=not engine.overlap, max_total_tokens=8192) as other:
+    with Engine(model=str(bundled_model_dir), enable_overlap=not engine.overlap, max_total_tokens=8192,
+                dtype="float32") as other:
         assert other.overlap != engine.overlap
         ours = other.generate(prompts, params)
         assert_no_leak(other)

@@ -120,7 +120,7 @@ def test_escape_regex_literal_keeps_only_plain_characters():
 # ---------------------------------------------------------------------- on the bundled model
 @pytest.fixture(scope="module")
 def engine(bundled_model_dir):
-    eng = Engine(model=str(bundled_model_dir), max_total_tokens=8192)
+    eng = Engine(model=str(bundled_model_dir), max_total_tokens=8192, dtype="float32")
     yield eng
     eng.shutdown()
 
