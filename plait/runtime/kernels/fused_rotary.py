@@ -25,33 +25,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_halves(X, Cos, Sin, pos, x_ptrs, mask, offs_d, mask_d, stride_cos, stride_sin,
-                   HALF: tl.constexpr, ROUND: tl.constexpr):
-    """Load both halves of the heads at ``x_ptrs`` and rotate them by the table rows at ``pos``.
-
-    Returns (first half, second half) rotated in X's dtype, and the two halves as loaded."""
-    cos1 = tl.load(Cos + pos * stride_cos + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    cos2 = tl.load(Cos + pos * stride_cos + HALF + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    sin1 = tl.load(Sin + pos * stride_sin + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    sin2 = tl.load(Sin + pos * stride_sin + HALF + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    x1_raw = tl.load(x_ptrs, mask=mask, other=0.0)  # [BLOCK_H, BLOCK_HALF], model dtype
-    x2_raw = tl.load(x_ptrs + HALF, mask=mask, other=0.0)
-    x1 = x1_raw.to(tl.float32)
-    x2 = x2_raw.to(tl.float32)
-    a1 = x1 * cos1
-    b1 = x2 * sin1
-    a2 = x2 * cos2
-    b2 = x1 * sin2
-    dtype = X.dtype.element_ty
-    if ROUND:  # eager 16-bit torch rounds every product (exact in float32) before the add
-        a1 = a1.to(dtype).to(tl.float32)
-        b1 = b1.to(dtype).to(tl.float32)
-        a2 = a2.to(dtype).to(tl.float32)
-        b2 = b2.to(dtype).to(tl.float32)
-    return (a1 - b1).to(dtype), (a2 + b2).to(dtype), x1_raw, x2_raw
-
-
-@triton.jit
 def _rotary_kernel(
     X, Out, Positions, Cos, Sin,
     stride_xt, stride_xh, stride_ot, stride_oh, stride_cos, stride_sin,
@@ -67,11 +40,26 @@ def _rotary_kernel(
     mask_d = offs_d < HALF
     mask = (heads < N)[:, None] & mask_d[None, :]  # [BLOCK_H, BLOCK_HALF]
     pos = tl.load(Positions + t).to(tl.int64)
+    cos1 = tl.load(Cos + pos * stride_cos + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    cos2 = tl.load(Cos + pos * stride_cos + HALF + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    sin1 = tl.load(Sin + pos * stride_sin + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(Sin + pos * stride_sin + HALF + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     x_ptrs = X + t * stride_xt + heads[:, None] * stride_xh + offs_d[None, :]
-    o1, o2, _, _ = _rotate_halves(X, Cos, Sin, pos, x_ptrs, mask, offs_d, mask_d, stride_cos, stride_sin, HALF, ROUND)
+    x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_HALF]
+    x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    a1 = x1 * cos1
+    b1 = x2 * sin1
+    a2 = x2 * cos2
+    b2 = x1 * sin2
+    if ROUND:  # eager 16-bit torch rounds every product (exact in float32) before the add
+        dtype = Out.dtype.element_ty
+        a1 = a1.to(dtype).to(tl.float32)
+        b1 = b1.to(dtype).to(tl.float32)
+        a2 = a2.to(dtype).to(tl.float32)
+        b2 = b2.to(dtype).to(tl.float32)
     o_ptrs = Out + t * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, o1.to(Out.dtype.element_ty), mask=mask)
-    tl.store(o_ptrs + HALF, o2.to(Out.dtype.element_ty), mask=mask)
+    tl.store(o_ptrs, (a1 - b1).to(Out.dtype.element_ty), mask=mask)
+    tl.store(o_ptrs + HALF, (a2 + b2).to(Out.dtype.element_ty), mask=mask)
 
 
 def default_block_h(num_heads: int, head_dim: int) -> int:
@@ -166,11 +154,27 @@ def _rotary_store_kv_kernel(
     mask = live[:, None] & mask_d[None, :]  # [BLOCK_H, BLOCK_HALF]
     rotated = (heads < NUM_Q + NUM_KV)[:, None]  # q and k heads rotate; v heads pass through
     pos = tl.load(Positions + t).to(tl.int64)
+    cos1 = tl.load(Cos + pos * stride_cos + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    cos2 = tl.load(Cos + pos * stride_cos + HALF + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    sin1 = tl.load(Sin + pos * stride_sin + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(Sin + pos * stride_sin + HALF + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     x_ptrs = X + t * stride_xt + heads[:, None] * stride_xh + offs_d[None, :]
-    r1, r2, x1_raw, x2_raw = _rotate_halves(X, Cos, Sin, pos, x_ptrs, mask, offs_d, mask_d, stride_cos, stride_sin,
-                                            HALF, ROUND)
-    o1 = tl.where(rotated, r1, x1_raw)
-    o2 = tl.where(rotated, r2, x2_raw)
+    x1_raw = tl.load(x_ptrs, mask=mask, other=0.0)  # [BLOCK_H, BLOCK_HALF], model dtype
+    x2_raw = tl.load(x_ptrs + HALF, mask=mask, other=0.0)
+    x1 = x1_raw.to(tl.float32)
+    x2 = x2_raw.to(tl.float32)
+    a1 = x1 * cos1
+    b1 = x2 * sin1
+    a2 = x2 * cos2
+    b2 = x1 * sin2
+    dtype = X.dtype.element_ty
+    if ROUND:  # as in _rotary_kernel: eager 16-bit torch rounds every product before the add
+        a1 = a1.to(dtype).to(tl.float32)
+        b1 = b1.to(dtype).to(tl.float32)
+        a2 = a2.to(dtype).to(tl.float32)
+        b2 = b2.to(dtype).to(tl.float32)
+    o1 = tl.where(rotated, (a1 - b1).to(dtype), x1_raw)
+    o2 = tl.where(rotated, (a2 + b2).to(dtype), x2_raw)
     tl.store(x_ptrs, o1, mask=mask & rotated)  # q and k rotate in place
     tl.store(x_ptrs + HALF, o2, mask=mask & rotated)
     slot = tl.load(Slots + t).to(tl.int64)
