@@ -163,7 +163,7 @@ def sample_next_tokens(plan: LogitsPlan, logits: torch.Tensor, sampler: Sampler)
     reqs, rows, sbatch = sampling_inputs(plan, logits)
     out = sampler.sample(rows, sbatch)
     next_ids = out.next_token_ids.tolist()
-    if any(r.return_logprob for r in reqs):
+    if sbatch.need_logprobs:  # some row returns logprobs
         lps = out.logprobs.tolist()
         for i, req in enumerate(reqs):
             if req.return_logprob:

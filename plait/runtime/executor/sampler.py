@@ -19,6 +19,7 @@ without a seed draw from the sampler's own ``torch.Generator`` (``Sampler(seed=.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]] | None]
 
 
+@functools.cache  # one vocabulary size per engine: the search runs once, not every step
 def _argmax_chunk(vocab: int) -> int:
     """The largest divisor of ``vocab`` in [256, 2048] (0 if none): the row length of a two-pass argmax."""
     for size in range(2048, 255, -1):
