@@ -112,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
     serve(ServerConfig(
         model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, log_level=args.log_level,
-        shutdown_timeout=args.shutdown_timeout, engine_settings=settings,
+        shutdown_timeout=args.shutdown_timeout, strict_fields=args.strict_fields, engine_settings=settings,
     ))
     return 0
 
@@ -134,6 +134,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--shutdown-timeout", type=float, default=60.0,
                        help="seconds SIGTERM waits for in-flight requests before cutting them off (default: 60)")
+    serve.add_argument("--strict-fields", action="store_true",
+                       help="refuse requests with unknown fields (400) instead of ignoring them with a warning "
+                            "header (X-Plait-Ignored-Fields)")
     _engine_setting_arguments(serve)
     serve.set_defaults(handler=_serve)
 

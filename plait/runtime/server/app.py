@@ -62,6 +62,7 @@ class ServerConfig:
     served_model_name: str | None = None
     log_level: str = "warning"
     shutdown_timeout: float = 60.0  # seconds SIGTERM waits for in-flight requests
+    strict_fields: bool = False  # unknown request fields: False ignores them (reported in a header), True: 400
     engine_settings: dict[str, Any] = field(default_factory=dict)
 
 

@@ -2,14 +2,17 @@
 
 Every field SGLang's ``/generate`` knows is either supported, or accepted at its default value (the
 ``sglang`` frontend sends several of those on every call) and refused otherwise, with a message that
-names it. Unknown fields are refused too: nothing a client sends is silently ignored.
+names it. Unknown fields are ignored with a warning that reaches the caller (``split_unknown`` and the
+``X-Plait-Ignored-Fields`` response header, as vLLM does), or refused with 400 under ``--strict-fields``.
+Error messages never echo a large value back: ``short_repr`` bounds what they quote.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,12 +53,30 @@ SAMPLING_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "logit_bias": (None, {}),
 }
 MAX_TOP_LOGPROBS = 100
+IGNORED_FIELDS_HEADER = "X-Plait-Ignored-Fields"
+MAX_REPORTED_FIELDS = 32  # the header lists at most this many names (then "... (N more)")
+MAX_FIELD_NAME_CHARS = 64  # a reported name longer than this is cut
+MAX_ERROR_CHARS = 2000  # an error message longer than this is cut (never echo a large payload back)
+logger = logging.getLogger("plait.server")
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for error messages about client values."""
+    text = repr(value) if not isinstance(value, (str, bytes)) or len(value) <= 4 * limit else repr(value[:limit])
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 class RequestError(Exception):
-    """A request the server refuses: HTTP ``status`` and a message that says what to change."""
+    """A request the server refuses: HTTP ``status`` and a message that says what to change.
+
+    The message is cut at ``MAX_ERROR_CHARS``: whatever it quotes, the error body stays small.
+    """
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        if len(message) > MAX_ERROR_CHARS:
+            message = f"{message[:MAX_ERROR_CHARS]}... (message cut)"
+        if param is not None and len(param) > MAX_FIELD_NAME_CHARS:
+            param = param[:MAX_FIELD_NAME_CHARS] + "..."
         super().__init__(message)
         self.message, self.status, self.param, self.code = message, status, param, code
 
@@ -97,26 +118,63 @@ class GenerateJob:
 # ------------------------------------------------------------------------------------ field checks
 def expect_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise RequestError(f"field {name!r} must be a boolean, got {value!r}", param=name)
+        raise RequestError(f"field {name!r} must be a boolean, got {short_repr(value)}", param=name)
     return value
 
 
 def expect_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"field {name!r} must be an integer, got {value!r}", param=name)
+        raise RequestError(f"field {name!r} must be an integer, got {short_repr(value)}", param=name)
     if minimum is not None and value < minimum or maximum is not None and value > maximum:
         bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise RequestError(f"field {name!r} must be {bounds}, got {value}", param=name)
     return value
 
 
+def _printable_name(name: Any) -> str:
+    """A client's field name made safe for a log line and an HTTP header: ASCII, no controls, bounded."""
+    text = str(name)[: MAX_FIELD_NAME_CHARS * 4].encode("ascii", "backslashreplace").decode("ascii")
+    text = "".join(c if c.isprintable() and c != "," else "?" for c in text)
+    return text if len(text) <= MAX_FIELD_NAME_CHARS else text[:MAX_FIELD_NAME_CHARS] + "..."
+
+
+def split_unknown(body: Mapping[str, Any], known: Iterable[str], where: str, strict: bool = False,
+                  prefix: str = "") -> list[str]:
+    """The keys of ``body`` that are not in ``known`` (sorted, made printable, prefixed with ``prefix``).
+
+    The caller drops them and reports them back (``ignored_fields_headers``); they are logged here as a
+    warning. With ``strict`` (``plait serve --strict-fields``) they are refused instead: a 400 naming
+    them. Known fields with wrong values are the caller's 400s either way.
+    """
+    known = known if isinstance(known, (set, frozenset)) else frozenset(known)
+    unknown = sorted(_printable_name(k) for k in body if k not in known)
+    if not unknown:
+        return []
+    names = [prefix + name for name in unknown]
+    listed = ", ".join(map(repr, names[:MAX_REPORTED_FIELDS]))
+    if strict:
+        raise RequestError(f"unknown field(s) {listed} for {where} (this server rejects unknown fields); "
+                           f"accepted fields: {', '.join(sorted(known))}", param=names[0])
+    logger.warning("ignored unknown field(s) %s of %s", listed, where)
+    return names
+
+
+def ignored_fields_headers(names: Sequence[str]) -> dict[str, str]:
+    """Response headers reporting ignored fields: ``{}`` when none, else ``X-Plait-Ignored-Fields``.
+
+    The value is a comma-separated list of names (at most ``MAX_REPORTED_FIELDS``, then ``... (N more)``).
+    """
+    if not names:
+        return {}
+    shown = list(names[:MAX_REPORTED_FIELDS])
+    if len(names) > MAX_REPORTED_FIELDS:
+        shown.append(f"... ({len(names) - MAX_REPORTED_FIELDS} more)")
+    return {IGNORED_FIELDS_HEADER: ", ".join(shown)}
+
+
 def reject_unknown(body: dict[str, Any], known: frozenset[str] | set[str], where: str) -> None:
-    unknown = sorted(k for k in body if k not in known)
-    if unknown:
-        raise RequestError(
-            f"unknown field(s) {', '.join(map(repr, unknown))} for {where}; accepted fields: {', '.join(sorted(known))}",
-            param=unknown[0],
-        )
+    """Refuse unknown fields with a 400 (``split_unknown(..., strict=True)``)."""
+    split_unknown(body, known, where, strict=True)
 
 
 def reject_non_default(body: dict[str, Any], defaults: dict[str, tuple[Any, ...]], where: str) -> None:
@@ -124,7 +182,7 @@ def reject_non_default(body: dict[str, Any], defaults: dict[str, tuple[Any, ...]
         if name in body and body[name] not in allowed:
             raise RequestError(
                 f"field {name!r} of {where} is not supported by plait; leave it unset "
-                f"(accepted value: {allowed[0]!r}), got {body[name]!r}",
+                f"(accepted value: {allowed[0]!r}), got {short_repr(body[name])}",
                 param=name,
             )
 
@@ -137,7 +195,7 @@ def sampling_params_from(raw: Any, name: str = "sampling_params", aliases: dict[
     if raw is None:
         return SamplingParams()
     if not isinstance(raw, dict):
-        raise RequestError(f"field {name!r} must be an object, got {raw!r}", param=name)
+        raise RequestError(f"field {name!r} must be an object, got {short_repr(raw)}", param=name)
     raw = dict(raw)
     reject_non_default(raw, SAMPLING_DEFAULT_ONLY, name)
     for key in SAMPLING_DEFAULT_ONLY:
@@ -288,7 +346,7 @@ def parse_generate(body: Any, encode: Callable[[str], list[int]] | None, limits:
 
 def _check_rid(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise RequestError(f"field {name!r} must be a non-empty string, got {value!r}", param=name)
+        raise RequestError(f"field {name!r} must be a non-empty string, got {short_repr(value)}", param=name)
     return value
 
 

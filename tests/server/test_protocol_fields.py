@@ -1,0 +1,50 @@
+"""The shared request-field helpers of the server (no server process): unknown fields, bounded errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from plait.runtime.server.protocol import (
+    IGNORED_FIELDS_HEADER,
+    MAX_ERROR_CHARS,
+    MAX_REPORTED_FIELDS,
+    RequestError,
+    expect_bool,
+    ignored_fields_headers,
+    short_repr,
+    split_unknown,
+)
+
+
+def test_unknown_fields_are_returned_and_logged(caplog):
+    body = {"text": "x", "zeta": 1, "alpha": 2}
+    with caplog.at_level("WARNING", logger="plait.server"):
+        assert split_unknown(body, {"text"}, "/generate") == ["alpha", "zeta"]
+    assert "'alpha', 'zeta'" in caplog.text and "/generate" in caplog.text
+    assert split_unknown(body, {"text", "zeta", "alpha"}, "/generate") == []
+    assert split_unknown({"top_q": 1}, {"top_p"}, "sampling_params", prefix="sampling_params.") == [
+        "sampling_params.top_q"]
+
+
+def test_strict_mode_refuses_unknown_fields():
+    with pytest.raises(RequestError) as info:
+        split_unknown({"text": "x", "temprature": 0}, {"text", "temperature"}, "/generate", strict=True)
+    assert info.value.status == 400 and "'temprature'" in info.value.message and info.value.param == "temprature"
+
+
+def test_reported_names_are_header_safe_and_bounded():
+    names = split_unknown({"é\n" + "x" * 500: 1, "a,b": 2}, set(), "/generate")
+    assert all(n.isascii() and n.isprintable() and "," not in n and len(n) < 80 for n in names)
+    many = [f"f{i}" for i in range(MAX_REPORTED_FIELDS + 5)]
+    header = ignored_fields_headers(many)[IGNORED_FIELDS_HEADER]
+    assert header.startswith("f0, f1") and header.endswith("... (5 more)")
+    assert ignored_fields_headers([]) == {}
+
+
+def test_errors_never_echo_a_large_value():
+    huge = "A" * 1_000_000
+    assert len(short_repr(huge)) < 200 and len(short_repr(list(range(10**5)))) < 200
+    with pytest.raises(RequestError) as info:
+        expect_bool("stream", huge)
+    assert len(info.value.message) < 300
+    assert len(RequestError("x" * 10**6).message) <= MAX_ERROR_CHARS + 20
