@@ -1,0 +1,146 @@
+"""MXFP4 expert weights: the OCP microscaling FP4 format GPT-OSS checkpoints store their experts in.
+
+A weight ``W [E, N(out), K(in)]`` is held as
+
+- ``blocks`` uint8 ``[E, N, K/32, 16]``: two FP4 (E2M1) codes per byte, the low nibble the even
+  element ``k = 2j`` and the high nibble the odd one ``k = 2j + 1``;
+- ``scales`` uint8 ``[E, N, K/32]``: one E8M0 exponent per 32 elements along K, value ``2^(s - 127)``.
+
+The element ``W[e, n, k] = FP4_VALUES[code] * 2^(scales[e, n, k // 32] - 127)``. GPT-OSS names them
+``gate_up_proj_blocks`` ``[E, 2I, H/32, 16]`` and ``down_proj_blocks`` ``[E, H, I/32, 16]`` (with
+``*_scales`` beside them); that is already the ``[E, N, K]`` orientation plait's MoE kernels take
+(transformers transposes to ``[E, K, N]`` after dequantizing, for ``x @ W``).
+
+This module is plain torch: the GPU keeps ``Mxfp4Weight`` (about 0.53 bytes per element) and the
+fused MoE kernel decodes tiles in registers; ``dequantize_mxfp4`` is the reference and the CPU path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_SIZE = 32  # elements sharing one scale
+SCALE_BIAS = 127  # E8M0: value 2^(s - 127)
+
+# The 16 E2M1 codes: bit 3 sign, bits 2-1 exponent, bit 0 mantissa (the order transformers uses).
+FP4_VALUES = (
+    +0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
+    -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+)
+
+# random_mxfp4's scale exponents, uniform in [-9, -7]: element values around 2^-8 .. 2^-6 (a code's
+# magnitude averages ~2), root mean square ~0.015, largest 6 * 2^-7 = 0.047. A unit-variance input
+# through a 2880-wide GEMM then comes out at ~0.8 standard deviation (sqrt(2880) * 0.015), so a deep
+# dummy model's expert outputs neither vanish nor blow up (bf16 dummy weights, uniform(-1e-3, 1e-3),
+# are ~25x smaller: they keep activations finite by shrinking them; this is closer to trained experts).
+RANDOM_SCALE_EXPONENTS = (-9, -7)
+
+
+@dataclass
+class Mxfp4Weight:
+    """Expert weights ``[E, N, K]`` in MXFP4: ``blocks`` uint8 ``[E, N, K/32, 16]``, ``scales`` uint8
+    ``[E, N, K/32]``. What the experts keep on the GPU; there is no dequantized copy."""
+
+    blocks: torch.Tensor
+    scales: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.blocks.dtype != torch.uint8 or self.scales.dtype != torch.uint8:
+            raise TypeError(f"MXFP4 blocks and scales are uint8, got {self.blocks.dtype} and {self.scales.dtype}")
+        if self.blocks.dim() != 4 or self.blocks.shape[-1] != BLOCK_SIZE // 2:
+            raise ValueError(f"MXFP4 blocks are [E, N, K/32, 16], got {tuple(self.blocks.shape)}")
+        if tuple(self.blocks.shape[:-1]) != tuple(self.scales.shape):
+            raise ValueError(f"MXFP4 scales {tuple(self.scales.shape)} do not match blocks {tuple(self.blocks.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The logical weight shape (E, N, K)."""
+        E, N, G, _ = self.blocks.shape
+        return (E, N, G * BLOCK_SIZE)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (blocks and scales)."""
+        return self.blocks.numel() + self.scales.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def to(self, device: torch.device | str) -> Mxfp4Weight:
+        return Mxfp4Weight(self.blocks.to(device), self.scales.to(device))
+
+    def expert(self, e: int) -> Mxfp4Weight:
+        """Expert ``e`` alone, as a one-expert weight ``[1, N, K]`` (a view)."""
+        return Mxfp4Weight(self.blocks[e:e + 1], self.scales[e:e + 1])
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return dequantize_mxfp4(self.blocks, self.scales, dtype)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``[..., N, K/32, 16]`` codes and ``[..., N, K/32]`` exponents -> ``[..., N, K]`` in ``dtype``.
+
+    Bit for bit what transformers' ``convert_moe_packed_tensors`` gives (before its transpose): the
+    code's value in ``dtype``, then ``torch.ldexp`` by ``s - 127`` (exact in float32 except past its
+    range: s = 255 gives inf/nan as there), rounded to ``dtype``.
+    """
+    if blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    codes = blocks.to(torch.uint8)
+    values = torch.stack((lut[(codes & 0x0F).long()], lut[(codes >> 4).long()]), dim=-1)  # [..., G, 16, 2]
+    values = values.flatten(-2)  # [..., G, 32]: low nibble at even k, high nibble at odd k
+    exponents = scales.to(torch.int32).unsqueeze(-1) - SCALE_BIAS  # [..., G, 1]
+    values = torch.ldexp(values, exponents).to(dtype)
+    return values.flatten(-2)  # [..., N, K]
+
+
+def quantize_mxfp4(w: torch.Tensor) -> Mxfp4Weight:
+    """``w [E, N, K]`` (K a multiple of 32) -> MXFP4, rounding each element to the nearest code.
+
+    The scale of each 32-block is the smallest power of two that brings the block's largest magnitude
+    to at most 6 (the largest E2M1 value), so nothing saturates; ties round to the even code. For
+    tests and dummy weights; checkpoints come quantized.
+    """
+    if w.dim() != 3 or w.shape[-1] % BLOCK_SIZE != 0:
+        raise ValueError(f"quantize_mxfp4 takes [E, N, K] with K a multiple of 32, got {tuple(w.shape)}")
+    E, N, K = w.shape
+    g = w.float().reshape(E, N, K // BLOCK_SIZE, BLOCK_SIZE)  # [E, N, G, 32]
+    amax = g.abs().amax(dim=-1)  # [E, N, G]
+    # smallest exponent x with amax / 2^x <= 6; all-zero blocks get the smallest scale
+    exp = torch.ceil(torch.log2(amax.clamp_min(torch.finfo(torch.float32).tiny) / 6.0))
+    exp = exp.clamp(-SCALE_BIAS, 127)
+    scaled = g / torch.pow(2.0, exp).unsqueeze(-1)  # [E, N, G, 32], |scaled| <= 6
+    magnitudes = torch.tensor(FP4_VALUES[:8], dtype=torch.float32, device=w.device)  # 0 .. 6
+    # nearest magnitude; ties to the even code (round half to even on the code index)
+    dist = (scaled.abs().unsqueeze(-1) - magnitudes).abs()  # [E, N, G, 32, 8]
+    best = dist.min(dim=-1, keepdim=True).values
+    tie_even = torch.where(dist == best, torch.arange(8, device=w.device) % 2, 2)  # even codes 0, odd 1
+    code = (tie_even * 8 + torch.arange(8, device=w.device)).argmin(dim=-1)  # [E, N, G, 32]
+    code = code + 8 * (scaled < 0).long()  # sign bit (a negative value rounding to 0 keeps -0)
+    code = code.to(torch.uint8).reshape(E, N, K // BLOCK_SIZE, BLOCK_SIZE // 2, 2)
+    blocks = code[..., 0] | (code[..., 1] << 4)  # [E, N, G, 16]
+    scales = (exp + SCALE_BIAS).to(torch.uint8)  # [E, N, G]
+    return Mxfp4Weight(blocks.contiguous(), scales.contiguous())
+
+
+def random_mxfp4(
+    E: int, N: int, K: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> Mxfp4Weight:
+    """Random MXFP4 weights ``[E, N, K]`` for dummy models and benchmarks: uniform random codes,
+    scale exponents uniform in ``RANDOM_SCALE_EXPONENTS`` (see there for why that size).
+
+    The tensors are drawn on ``generator``'s device (``device`` without one), then moved to ``device``.
+    """
+    if K % BLOCK_SIZE != 0:
+        raise ValueError(f"MXFP4 needs K a multiple of {BLOCK_SIZE}, got {K}")
+    draw_on = generator.device if generator is not None else torch.device(device)
+    blocks = torch.randint(0, 256, (E, N, K // BLOCK_SIZE, BLOCK_SIZE // 2), dtype=torch.uint8,
+                           generator=generator, device=draw_on)
+    lo, hi = RANDOM_SCALE_EXPONENTS
+    scales = torch.randint(lo + SCALE_BIAS, hi + SCALE_BIAS + 1, (E, N, K // BLOCK_SIZE), dtype=torch.uint8,
+                           generator=generator, device=draw_on)
+    return Mxfp4Weight(blocks.to(device), scales.to(device))
