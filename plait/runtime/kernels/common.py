@@ -14,3 +14,43 @@ def check_attention_inputs(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: to
     if k_buffer.shape[2] != D or v_buffer.shape[2] != D:
         raise ValueError(f"head_dim mismatch: q {D}, k {k_buffer.shape[2]}, v {v_buffer.shape[2]}")
     return q if q.stride(-1) == 1 else q.contiguous()
+
+
+def attention_rows_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_positions: torch.Tensor,
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain float32 attention of one request's queries to its keys (the kernels' references use it).
+
+    Args:
+        q: [E, H, D] queries at absolute positions ``q_positions`` [E].
+        k, v: [S, KVH, D] the request's keys and values at positions ``0 .. S - 1``.
+        scale: softmax scale.
+        sliding_window: the query at position ``i`` sees the keys ``j`` with ``i - W < j <= i``
+            (transformers' ``sliding_window_causal``); None: every ``j <= i``.
+        sinks: [H] per-head sink logits, one more softmax term per head that adds no value.
+
+    Returns:
+        [E, H, D] float32.
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)  # [S, H, D]
+    v = v.float().repeat_interleave(group, dim=1)  # [S, H, D]
+    scores = torch.einsum("ehd,shd->hes", q.float(), k) * scale  # [H, E, S]
+    q_pos = q_positions.to(q.device)[:, None]  # [E, 1]
+    k_pos = torch.arange(k.shape[0], device=q.device)[None, :]  # [1, S]
+    allowed = k_pos <= q_pos  # [E, S]
+    if sliding_window is not None:
+        allowed &= q_pos - k_pos < sliding_window
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        sink_col = sinks.float().to(q.device)[:, None, None].expand(-1, scores.shape[1], 1)  # [H, E, 1]
+        scores = torch.cat((scores, sink_col), dim=-1)  # [H, E, S + 1]
+    probs = scores.softmax(-1).nan_to_num(0.0)  # a query that sees nothing gets zeros
+    return torch.einsum("hes,shd->ehd", probs[..., : k.shape[0]], v)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from plait.runtime.kernels.common import check_attention_inputs
+from plait.runtime.kernels.common import attention_rows_ref, check_attention_inputs
 
 DEFAULT_MAX_KV_SPLITS = 16
 MIN_TOKENS_PER_SPLIT = 64  # a split shorter than this costs more in stage 2 than it saves
@@ -253,13 +253,15 @@ def decode_attention_ref(
     req_rows: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pure-torch reference of ``decode_attention`` (float32 math, one request at a time).
 
     Returns [B, H, D] in ``q``'s dtype; a request with no keys gets zeros.
     """
     B, H, D = q.shape
-    group = H // k_buffer.shape[1]
     out = torch.zeros((B, H, D), dtype=torch.float32, device=q.device)
     lens = seq_lens.tolist()
     rows = req_rows.tolist()
@@ -268,10 +270,10 @@ def decode_attention_ref(
         if n == 0:
             continue
         slots = req_to_token[int(rows[b]), :n].long()
-        k = k_buffer[slots].float().repeat_interleave(group, dim=1)  # [n, H, D]
-        v = v_buffer[slots].float().repeat_interleave(group, dim=1)  # [n, H, D]
-        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale  # [H, n]
-        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v)
+        q_pos = torch.tensor([n - 1], device=q.device)
+        out[b] = attention_rows_ref(
+            q[b : b + 1], k_buffer[slots], v_buffer[slots], q_pos, scale, sliding_window=sliding_window, sinks=sinks
+        )[0]
     return out.to(q.dtype)
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from plait.runtime.kernels.common import check_attention_inputs
+from plait.runtime.kernels.common import attention_rows_ref, check_attention_inputs
 
 _LOG2E = 1.4426950408889634
 
@@ -192,13 +192,15 @@ def extend_attention_ref(
     prefix_lens: torch.Tensor,
     extend_lens: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pure-torch reference of ``extend_attention`` (float32 math, one request at a time).
 
     Returns [T, H, D] in ``q``'s dtype; rows of tokens not in any request are zero.
     """
     T, H, D = q.shape
-    group = H // k_buffer.shape[1]
     out = torch.zeros((T, H, D), dtype=torch.float32, device=q.device)
     for row, start, prefix, n in zip(
         req_rows.tolist(), extend_starts.tolist(), prefix_lens.tolist(), extend_lens.tolist()
@@ -207,13 +209,11 @@ def extend_attention_ref(
             continue
         seq = prefix + n
         slots = req_to_token[int(row), :seq].long()
-        k = k_buffer[slots].float().repeat_interleave(group, dim=1)  # [S, H, D]
-        v = v_buffer[slots].float().repeat_interleave(group, dim=1)  # [S, H, D]
-        scores = torch.einsum("thd,shd->hts", q[start : start + n].float(), k) * scale  # [H, n, S]
         q_pos = torch.arange(prefix, seq, device=q.device)
-        allowed = torch.arange(seq, device=q.device)[None, :] <= q_pos[:, None]  # [n, S]
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        out[start : start + n] = torch.einsum("hts,shd->thd", scores.softmax(-1), v)
+        out[start : start + n] = attention_rows_ref(
+            q[start : start + n], k_buffer[slots], v_buffer[slots], q_pos, scale,
+            sliding_window=sliding_window, sinks=sinks,
+        )
     return out.to(q.dtype)
 
 

@@ -15,11 +15,11 @@ from tests.runtime.triton_support import HAS_CUDA, kernels_usable  # sets TRITON
 
 triton = pytest.importorskip("triton")
 
-from plait.runtime.executor.forward_batch import ForwardBatch  # noqa: E402
 from plait.runtime.kvcache.pool import KVPool  # noqa: E402
 from plait.runtime.kvcache.table import ReqToSlotTable  # noqa: E402
 from plait.runtime.layers.attention import TorchAttentionBackend  # noqa: E402
 from plait.runtime.layers.triton_attention import TritonAttentionBackend  # noqa: E402
+from tests.runtime.attention_batches import build_batch, make_pool_and_table  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,51 +30,9 @@ def device() -> str:
     return "cuda" if HAS_CUDA else "cpu"
 
 
-def build_batch(pool, table, specs, H, gen):
-    """specs: (prefix_len, extend_len) per request. Allocates rows and slots; returns (batch, q, k, v)."""
-    device = pool.device
-    KVH, D = pool.num_kv_heads, pool.head_dim
-    rows, out_slots = [], []
-    for prefix, n in specs:
-        row = table.alloc()
-        slots = pool.alloc(prefix + n)
-        table.write(row, 0, slots)
-        rows.append(row)
-        out_slots.append(slots[prefix:])
-    ext = [n for _, n in specs]
-    T = sum(ext)
-    starts = [sum(ext[:i]) for i in range(len(specs))]
-    positions = torch.cat([torch.arange(p, p + n) for p, n in specs]).to(device)
-    batch = ForwardBatch(
-        input_ids=torch.zeros(T, dtype=torch.int64, device=device),
-        positions=positions,
-        out_cache_loc=torch.cat(out_slots),
-        req_rows=torch.tensor(rows, dtype=torch.int64, device=device),
-        prefix_lens=[p for p, _ in specs],
-        extend_lens=ext,
-        seq_lens=[p + n for p, n in specs],
-        extend_starts=starts,
-        logits_indices=torch.tensor([s + n - 1 for s, n in zip(starts, ext)], device=device),
-        pool=pool,
-        slot_table=table.table,
-    )
-
-    def rand(*shape):
-        return torch.randn(shape, generator=gen).to(pool.dtype).to(device)
-
-    return batch, rand(T, H, D), rand(T, KVH, D), rand(T, KVH, D)
-
-
 def compare(specs, H, KVH, D, dtype, device, tol, *, num_layers=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    total = sum(p + n for p, n in specs)
-    pool = KVPool(total + 16, num_layers, KVH, D, dtype, device)
-    for buf in pool.k_buffers + pool.v_buffers:  # cached prefixes: random K/V everywhere
-        buf.copy_(torch.randn(buf.shape, generator=gen).to(dtype))
-    # shuffle the free list so that requests' slots are scattered
-    pool._free_slots = pool._free_slots[torch.randperm(pool.num_free, generator=gen).to(device)]
-    table = ReqToSlotTable(len(specs) + 3, max(p + n for p, n in specs) + 5, device)
-    table.alloc()  # row 0 unused: rows are not batch positions
+    pool, table = make_pool_and_table(specs, KVH, D, dtype, device, gen, num_layers=num_layers)
     batch, q, k, v = build_batch(pool, table, specs, H, gen)
     triton_be = TritonAttentionBackend(H, D, max_batch_size=8, max_kv_splits=8, device=device)
     torch_be = TorchAttentionBackend()
