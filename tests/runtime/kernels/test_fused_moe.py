@@ -1,11 +1,15 @@
 """Fused MoE: the torch reference against a per-token loop; the Triton kernels against the reference.
 
-Tolerances. The reference and the kernels round at the same places (the intermediate and each
-choice's output to x's dtype, the final sum once); they differ only in float32 summation order inside
-the two GEMMs. In float32 that is ~1e-6 relative; in bf16 an intermediate element that lands near a
-rounding boundary can round the other way (one bf16 ulp, 2^-8 relative) and carry into the down GEMM,
-so outputs agree to ~1e-2 relative (norm-wise) and every element within a few bf16 ulps of the
-output's scale.
+CPU (interpreter): float32 and float16 activations (the interpreter's bf16 ``tl.dot`` multiplies the
+raw bits in Triton 3.6), with float32, bf16, float16 and MXFP4 weights. GPU: bf16 at GPT-OSS-120B
+shapes, and a CUDA-graph capture.
+
+Tolerances (relative, norm-wise). The reference and the kernels round at the same places (the
+intermediate and each choice's output to x's dtype, the final sum once) and multiply the same
+weight values (MXFP4 decoded exactly); they differ only in float32 summation order inside the GEMMs:
+~1e-7 in float32 (1e-5 allowed). In 16-bit an intermediate element near a rounding boundary can
+round the other way (one ulp: 2^-11 fp16, 2^-8 bf16) and carry into the down GEMM: 2e-3 fp16,
+1.2e-2 bf16 allowed (a wrong expert, weight or activation gives errors of order 1).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import math
 import pytest
 import torch
 
-from plait.runtime.kernels.fused_moe import fused_moe_ref
+from plait.runtime.kernels.fused_moe import fused_moe, fused_moe_ref
+from plait.runtime.kernels.fused_moe_config import FusedMoeConfig, TileConfig
 from plait.runtime.kernels.mxfp4 import Mxfp4Weight, dequantize_mxfp4, quantize_mxfp4
 
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
@@ -26,15 +31,18 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def make_problem(T: int, E: int, H: int, I: int, K: int, *, dtype: torch.dtype, mxfp4: bool, bias: bool,
-                 seed: int = 0, ids: torch.Tensor | None = None, device: str = "cpu"):
-    """Random inputs: x [T, H], w13 [E, 2I, H], w2 [E, H, I] (dense or MXFP4), routing [T, K]."""
+                 seed: int = 0, ids: torch.Tensor | None = None, device: str = "cpu",
+                 weight_dtype: torch.dtype | None = None):
+    """Random inputs: x [T, H], w13 [E, 2I, H], w2 [E, H, I] (dense in ``weight_dtype``, default x's,
+    or MXFP4), routing [T, K] with distinct experts per token unless ``ids`` is given."""
     gen = torch.Generator().manual_seed(seed)
     w13 = torch.randn(E, 2 * I, H, generator=gen) / math.sqrt(H)
     w2 = torch.randn(E, H, I, generator=gen) / math.sqrt(I)
     if mxfp4:
         w13, w2 = quantize_mxfp4(w13).to(device), quantize_mxfp4(w2).to(device)
     else:
-        w13, w2 = w13.to(dtype).to(device), w2.to(dtype).to(device)
+        wd = weight_dtype or dtype
+        w13, w2 = w13.to(wd).to(device), w2.to(wd).to(device)
     x = torch.randn(T, H, generator=gen).to(dtype).to(device)
     if ids is None:
         ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])  # distinct per token
@@ -133,3 +141,93 @@ def test_inputs_are_checked():
         fused_moe_ref(x, w13, w2, tw, ids, b13=b13[:, :-1])
     with pytest.raises(ValueError, match=r"\[T, K\]"):
         fused_moe_ref(x, w13, w2, tw[:2], ids[:2])
+
+
+# ---- the Triton kernels (interpreter on CPU) ----
+
+SMALL = FusedMoeConfig(16, TileConfig(32, 64), TileConfig(64, 64))  # H=96, I=96: ragged N and K tiles
+GROUPED = FusedMoeConfig(16, TileConfig(64, 32, 4, 2), TileConfig(32, 128), group_m=2)
+
+WEIGHTS = {  # name: (x dtype, MXFP4?, dense weight dtype)
+    "fp32": (torch.float32, False, torch.float32),
+    "bf16-weights": (torch.float32, False, torch.bfloat16),
+    "fp16": (torch.float16, False, torch.float16),
+    "mxfp4-fp32": (torch.float32, True, None),
+    "mxfp4-fp16": (torch.float16, True, None),
+}
+
+
+def check_kernel(kernel_device, T, E, H, I, K, weights, activation, bias, config, ids=None, seed=0):
+    dtype, mxfp4, wdtype = WEIGHTS[weights]
+    x, w13, w2, tw, ids, b13, b2 = make_problem(T, E, H, I, K, dtype=dtype, mxfp4=mxfp4, bias=bias, seed=seed,
+                                                ids=ids, device=kernel_device, weight_dtype=wdtype)
+    out = fused_moe(x, w13, w2, tw, ids, b13=b13, b2=b2, activation=activation, config=config)
+    ref = fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2, activation=activation)
+    assert out.shape == (T, H) and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < REL_TOL[dtype], (weights, activation, bias, T)
+    return out, ref
+
+
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
+def test_kernel_matches_reference(kernel_device, weights, activation):
+    bias = activation == "swiglu_oai" or weights == "fp32"  # both with and without bias per activation
+    check_kernel(kernel_device, 17, 6, 96, 96, 2, weights, activation, bias, SMALL)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_kernel_decode_sizes(kernel_device, T):
+    """Few tokens: most experts get no pairs, most rows of a block are padding."""
+    check_kernel(kernel_device, T, 8, 64, 64, 2, "mxfp4-fp16", "swiglu_oai", True, SMALL, seed=T)
+    check_kernel(kernel_device, T, 8, 64, 64, 2, "fp32", "silu", False, GROUPED, seed=T)
+
+
+def test_kernel_all_tokens_on_one_expert(kernel_device):
+    """17 tokens choose expert 2 first: its rows span two row blocks; the other experts get few."""
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.stack([torch.tensor([2, int(torch.randint(0, 4, (1,), generator=gen)) % 3 + 3])
+                       for _ in range(17)])  # second choice in {3, 4, 5}, never 2
+    check_kernel(kernel_device, 17, 6, 64, 64, 2, "fp32", "swiglu_oai", True, GROUPED, ids=ids)
+    check_kernel(kernel_device, 17, 6, 64, 64, 2, "mxfp4-fp32", "silu", True, SMALL, ids=ids)
+
+
+def test_kernel_experts_held_elsewhere(kernel_device):
+    """Ids outside [0, E) give zero contributions, also for a token with no local expert at all."""
+    ids = torch.tensor([[0, -1], [9, 4], [3, 1], [-1, 8]])
+    out, _ = check_kernel(kernel_device, 4, 4, 64, 64, 2, "fp32", "silu", True, SMALL, ids=ids)
+    assert torch.equal(out[3].cpu(), torch.zeros(64))
+
+
+def test_kernel_top1_and_top4(kernel_device):
+    check_kernel(kernel_device, 5, 8, 64, 64, 1, "fp16", "silu", True, SMALL)
+    check_kernel(kernel_device, 5, 8, 64, 64, 4, "mxfp4-fp32", "swiglu_oai", False, GROUPED)
+
+
+def test_kernel_default_config_and_no_tokens(kernel_device):
+    check_kernel(kernel_device, 3, 4, 64, 64, 2, "fp32", "silu", False, None)
+    x, w13, w2, tw, ids, _, _ = make_problem(1, 4, 64, 64, 2, dtype=torch.float32, mxfp4=False, bias=False,
+                                             device=kernel_device)
+    assert fused_moe(x[:0], w13, w2, tw[:0], ids[:0]).shape == (0, 64)
+
+
+def test_align_matches_torch(kernel_device):
+    from plait.runtime.kernels.moe_align import max_padded_rows, moe_align, moe_align_ref
+
+    gen = torch.Generator().manual_seed(0)
+    for T, K, E, block_m in [(1, 4, 128, 16), (3, 2, 8, 16), (17, 2, 4, 16), (40, 4, 6, 32), (300, 2, 5, 64)]:
+        ids = torch.randint(-1, E + 1, (T, K), generator=gen).to(torch.int32).to(kernel_device)
+        got, ref = moe_align(ids, E, block_m), moe_align_ref(ids, E, block_m)
+        for a, b in zip(got, ref):
+            assert torch.equal(a.cpu(), b.cpu()), (T, K, E, block_m)
+        sorted_ids, block_expert, num_padded = (t.cpu() for t in ref)
+        n = int(num_padded)
+        assert n % block_m == 0 and n <= max_padded_rows(T * K, E, block_m) == sorted_ids.numel()
+        real = sorted_ids[:n][sorted_ids[:n] < T * K]
+        assert sorted(real.tolist()) == list(range(T * K))  # every pair placed exactly once
+        flat = ids.cpu().reshape(-1)
+        for b in range(n // block_m):  # a block's pairs all belong to its expert (-1: out of range)
+            pairs = sorted_ids[b * block_m:(b + 1) * block_m]
+            pairs = pairs[pairs < T * K]
+            e = int(block_expert[b])
+            assert all((int(flat[p]) == e) if e >= 0 else not 0 <= int(flat[p]) < E for p in pairs)

@@ -1,0 +1,79 @@
+"""Tile sizes of the fused MoE kernels: the config type, the measured table, the fallback heuristic.
+
+``FusedMoeConfig`` fixes ``block_m`` (rows of one expert per program, shared by both GEMMs since the
+pairs are padded to it once) and a ``TileConfig`` for each GEMM. ``TUNED`` holds winners measured
+on an H200 by ``benchmarks/moe_kernel.py --tune`` keyed by ``MoeShape`` and a token bucket; shapes
+not in it get ``default_config``. Decode (few rows per expert) is bound by the bytes of the experts
+touched, so it wants ``block_m = 16`` (the smallest MMA tile) and enough programs along N to keep
+every SM streaming weights; prefill is bound by the MMAs, so it wants large tiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One GEMM's tiling: output columns and reduction chunk per program, warps, pipeline stages."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class FusedMoeConfig:
+    """Both GEMMs' tilings; ``group_m`` row blocks are walked together for L2 reuse of weights."""
+
+    block_m: int
+    up: TileConfig  # gate/up GEMM (N = I per gate and up half, K = H)
+    down: TileConfig  # down GEMM (N = H, K = I)
+    group_m: int = 1
+
+    def short(self) -> str:
+        u, d = self.up, self.down
+        return (f"M{self.block_m} G{self.group_m} up(N{u.block_n} K{u.block_k} w{u.num_warps} s{u.num_stages}) "
+                f"down(N{d.block_n} K{d.block_k} w{d.num_warps} s{d.num_stages})")
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    """What a tiling depends on: experts held, hidden and intermediate sizes, choices per token,
+    weight format ("mxfp4" or the dense dtype's name, e.g. "bfloat16") and activation dtype."""
+
+    num_experts: int
+    hidden: int
+    intermediate: int
+    top_k: int
+    weight_format: str
+    dtype: str = "bfloat16"
+
+
+def token_bucket(num_tokens: int) -> int:
+    """The power of two at or above ``num_tokens`` (1, 2, 4, ..., capped at 4096): the table's T key."""
+    bucket = 1
+    while bucket < num_tokens and bucket < 4096:
+        bucket *= 2
+    return bucket
+
+
+# Filled from `python benchmarks/moe_kernel.py --tune` on an H200: {(MoeShape, token bucket): config}.
+TUNED: dict[tuple[MoeShape, int], FusedMoeConfig] = {}
+
+
+def default_config(shape: MoeShape, num_tokens: int) -> FusedMoeConfig:
+    """A reasonable tiling where nothing was measured, by rows per expert (T*K/E)."""
+    rows_per_expert = num_tokens * shape.top_k / max(shape.num_experts, 1)
+    if rows_per_expert <= 16:  # decode: stream the weights with many narrow programs
+        return FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(64, 128, 4, 3), group_m=1)
+    if rows_per_expert <= 64:
+        return FusedMoeConfig(32, TileConfig(64, 128, 4, 3), TileConfig(64, 128, 4, 3), group_m=4)
+    return FusedMoeConfig(64, TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 3), group_m=8)
+
+
+def get_config(shape: MoeShape, num_tokens: int) -> FusedMoeConfig:
+    """The tuned tiling for this shape and token count, else ``default_config``."""
+    tuned = TUNED.get((shape, token_bucket(num_tokens)))
+    return tuned if tuned is not None else default_config(shape, num_tokens)
