@@ -112,7 +112,8 @@ def _serve(args: argparse.Namespace) -> int:
     serve(ServerConfig(
         model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, log_level=args.log_level,
-        shutdown_timeout=args.shutdown_timeout, strict_fields=args.strict_fields, engine_settings=settings,
+        shutdown_timeout=args.shutdown_timeout, strict_fields=args.strict_fields,
+        reasoning_parser=args.reasoning_parser, engine_settings=settings,
     ))
     return 0
 
@@ -137,6 +138,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--strict-fields", action="store_true",
                        help="refuse requests with unknown fields (400) instead of ignoring them with a warning "
                             "header (X-Plait-Ignored-Fields)")
+    serve.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek-r1", "gpt-oss"],
+                       help="separate a reasoning model's reasoning (reasoning_content) from its answer (content) "
+                            "in the OpenAI API")
     _engine_setting_arguments(serve)
     serve.set_defaults(handler=_serve)
 

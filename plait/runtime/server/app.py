@@ -43,6 +43,7 @@ from plait.runtime.server.protocol import (
     LogprobText,
     RequestError,
     expect_bool,
+    ignored_fields_headers,
     parse_generate,
 )
 
@@ -63,6 +64,7 @@ class ServerConfig:
     log_level: str = "warning"
     shutdown_timeout: float = 60.0  # seconds SIGTERM waits for in-flight requests
     strict_fields: bool = False  # unknown request fields: False ignores them (reported in a header), True: 400
+    reasoning_parser: str | None = None  # qwen3 / deepseek-r1 / gpt-oss: reasoning_content apart
     engine_settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -246,13 +248,15 @@ async def openai_completion(request: Request) -> Response:
             async for position, event in merged(streams):
                 if event.finished:
                     state.metrics.output_finished(event.meta_info)
-                yield sse(builder.chunk(position, event))
+                for chunk in builder.chunks(position, event):
+                    yield sse(chunk)
             if parsed.include_usage:
                 yield sse(builder.usage_chunk())
             yield "data: [DONE]\n\n"
-        return StreamingResponse(chunks(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(chunks(), media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **ignored_fields_headers(parsed.ignored)})
     finals = await until_disconnect(request, collect(streams, state))
-    return JSONResponse(builder.response(finals))
+    return JSONResponse(builder.response(finals), headers=ignored_fields_headers(parsed.ignored))
 
 
 async def models(request: Request) -> Response:
@@ -404,6 +408,9 @@ def create_app(config: ServerConfig, client: EngineClient, tokenizer: Any) -> Fa
         ("/end_program", program_call, ["POST"]), ("/get_chat_template", get_chat_template, ["GET"]),
         ("/apply_chat_template", apply_chat_template, ["POST"]), ("/metrics", metrics, ["GET"]),
     ]
+    from plait.runtime.server import responses  # imports this module's helpers: loaded after them
+
+    routes += responses.routes(app)
     for path, endpoint, methods in routes:
         app.add_api_route(path, endpoint, methods=methods)
 

@@ -1,11 +1,14 @@
-"""The OpenAI-compatible API: ``/v1/completions`` and ``/v1/chat/completions`` requests and responses.
+"""The OpenAI-compatible API: ``/v1/completions`` and ``/v1/chat/completions`` requests.
 
-Requests become the same ``GenerateJob``s as SGLang's ``/generate``. Supported: streaming, ``n``,
+Requests become the same ``GenerateJob``s as SGLang's ``/generate``; ``openai_output.py`` formats the
+answers. Supported: streaming (``stream_options.include_usage`` / ``continuous_usage_stats``), ``n``,
 ``stop``, ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, penalties,
-``logprobs`` / ``top_logprobs``, ``echo`` (completions), ``response_format`` (``json_object``,
-``json_schema``) and the extensions SGLang also accepts (``top_k``, ``min_p``, ``repetition_penalty``,
-``min_tokens``, ``regex``, ``ebnf``, ``json_schema``, ``ignore_eos``, ``stop_token_ids``, ...). Fields of
-OpenAI's API that plait does not implement are accepted at their default value only.
+``logit_bias``, ``logprobs`` / ``top_logprobs``, ``echo`` (completions), ``response_format``, tools
+(``tools.py``) and chat-template options (``chat_prompt.py``), plus the extensions SGLang and vLLM
+accept (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``regex``, ``ebnf``,
+``json_schema``, ``ignore_eos``, ``stop_token_ids``, ...). Fields that change nothing plait can honour
+are in ``IGNORED``; unknown fields are ignored and reported in a header (``--strict-fields``: 400).
+docs/server.md has the field-by-field table.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from plait.runtime.server.chat_prompt import normalize_messages, render_chat, render_options
+from plait.runtime.server.openai_output import ResponseBuilder, finish_reason  # noqa: F401 - re-exported
 from plait.runtime.server.protocol import (
     TO_CONTEXT,
     UNSET,
     GenerateJob,
-    LogprobText,
     RequestError,
     check_json_schema,
     check_prompt,
@@ -27,9 +31,11 @@ from plait.runtime.server.protocol import (
     expect_int,
     fit_max_tokens,
     reject_non_default,
-    reject_unknown,
     sampling_params_from,
+    short_repr,
+    split_unknown,
 )
+from plait.runtime.server.tools import ToolChoice, parse_chat_tools, tool_grammar
 from plait.sampling import JSON_OBJECT
 
 # OpenAI name -> SGLang sampling-parameter name (value passed through; SamplingParams validates it)
@@ -40,23 +46,27 @@ _SAMPLING = {
     "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty", "min_tokens": "min_new_tokens",
     "regex": "regex", "ebnf": "ebnf", "json_schema": "json_schema", "ignore_eos": "ignore_eos",
     "skip_special_tokens": "skip_special_tokens", "stop_token_ids": "stop_token_ids", "no_stop_trim": "no_stop_trim",
+    "stop_regex": "stop_regex",
 }
-_COMMON = {"model", "stream", "stream_options", "max_tokens", "response_format", "user", "rid", "program_id", *_SAMPLING}
-COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of", "logit_bias"})
+# Accepted with any value; they change nothing plait can act on (bookkeeping, billing, hosted features).
+IGNORED = frozenset({"user", "safety_identifier", "store", "metadata", "service_tier", "verbosity",
+                     "prompt_cache_retention", "prompt_cache_options"})
+_CACHE_KEYS = ("prompt_cache_key", "cache_salt")  # prefix-cache namespace (tenants never share cached prompts)
+_COMMON = {"model", "stream", "stream_options", "max_tokens", "response_format", "rid", "program_id",
+           "logit_bias", *_CACHE_KEYS, *IGNORED, *_SAMPLING}
+COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"})
 CHAT_FIELDS = frozenset(_COMMON | {
-    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice",
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
     "parallel_tool_calls", "functions", "function_call", "audio", "modalities", "prediction", "reasoning_effort",
-    "web_search_options", "store", "metadata", "service_tier",
+    "web_search_options", "moderation", "chat_template_kwargs", "continue_final_message", "add_generation_prompt",
+    "separate_reasoning",
 })
-COMPLETION_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {"suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {})}
+COMPLETION_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {"suffix": (None, ""), "best_of": (None, 1)}
 CHAT_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
-    "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
-    "parallel_tool_calls": (None, True, False), "functions": (None, []), "function_call": (None, "none", "auto"),
-    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
-    "web_search_options": (None,), "store": (None, False), "metadata": (None, {}),
-    "service_tier": (None, "auto", "default"),
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
+    "moderation": (None,),
 }
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+LOGIT_BIAS_RANGE = 100
 
 
 @dataclass
@@ -71,6 +81,11 @@ class OpenAIRequest:
     logprobs: int | None  # top alternatives per token; None: no logprobs
     model: str
     echo_texts: list[str] | None = None
+    tools: ToolChoice | None = None
+    reasoning_parser: str | None = None
+    prompt_text: str = ""
+    continuous_usage: bool = False
+    ignored: list[str] = field(default_factory=list)  # unknown fields, reported in a response header
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -92,13 +107,35 @@ def _response_format(value: Any, sampling: dict[str, Any]) -> None:
                                param="response_format")
         sampling["json_schema"] = schema
         return
-    raise RequestError(f"response_format type must be 'text', 'json_object' or 'json_schema', got {value!r}",
-                       param="response_format")
+    raise RequestError(f"response_format type must be 'text', 'json_object' or 'json_schema', got "
+                       f"{short_repr(value)}", param="response_format")
 
 
-def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+def logit_bias(value: Any, vocab_size: int) -> dict[str, float] | None:
+    """OpenAI's ``logit_bias`` (token-id strings -> -100..100), checked against the vocabulary."""
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError("logit_bias must map token ids (strings) to numbers in [-100, 100]", param="logit_bias")
+    out = {}
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.isdigit() else None
+        if token is None or token >= vocab_size:
+            raise RequestError(f"logit_bias keys must be token ids in [0, {vocab_size}), got {short_repr(key)}",
+                               param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or abs(bias) > LOGIT_BIAS_RANGE:
+            raise RequestError(f"logit_bias values must be numbers in [-100, 100], got {short_repr(bias)} for "
+                               f"token {token}", param="logit_bias")
+        out[str(token)] = float(bias)
+    return out
+
+
+def _sampling(body: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     sampling = {sgl: body[name] for name, sgl in _SAMPLING.items() if body.get(name) is not None}
     _response_format(body.get("response_format"), sampling)
+    bias = logit_bias(body.get("logit_bias"), vocab_size)
+    if bias:
+        sampling["logit_bias"] = bias
     given = [k for k in ("regex", "ebnf", "json_schema") if k in sampling]
     if len(given) > 1:
         raise RequestError(f"give at most one of regex / ebnf / json_schema / response_format, got {given}",
@@ -106,19 +143,33 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     return sampling
 
 
-def _stream_options(body: dict[str, Any], stream: bool) -> bool:
+def _stream_options(body: dict[str, Any], stream: bool) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats)."""
     options = body.get("stream_options")
     if options is None:
-        return False
+        return False, False
     if not stream:
         raise RequestError("stream_options is only allowed with stream=true", param="stream_options")
-    if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
-        raise RequestError("stream_options accepts only 'include_usage'", param="stream_options")
-    return expect_bool("stream_options.include_usage", options.get("include_usage", False))
+    if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats",
+                                                        "include_obfuscation"}:
+        raise RequestError("stream_options accepts 'include_usage' and 'continuous_usage_stats'",
+                           param="stream_options")
+    return (expect_bool("stream_options.include_usage", options.get("include_usage", False)),
+            expect_bool("stream_options.continuous_usage_stats", options.get("continuous_usage_stats", False)))
 
 
-def _jobs(body: dict, prompts: list[list[int]], sampling: dict, max_tokens: Any, name: str, state: Any,
-          stream: bool, logprobs: int | None, start_len: int) -> tuple[list[GenerateJob], int]:
+def cache_namespace(body: dict[str, Any]) -> str | None:
+    """``prompt_cache_key`` / ``cache_salt``: requests share cached prefixes only within one namespace."""
+    keys = [body[k] for k in _CACHE_KEYS if body.get(k) is not None]
+    for key in keys:
+        if not isinstance(key, str) or not key or len(key) > 256:
+            raise RequestError("prompt_cache_key / cache_salt must be a non-empty string of at most 256 "
+                               "characters", param="prompt_cache_key")
+    return "\x1f".join(keys) or None
+
+
+def make_jobs(body: dict, prompts: list[list[int]], sampling: dict, max_tokens: Any, name: str, state: Any,
+              stream: bool, logprobs: int | None, start_len: int) -> tuple[list[GenerateJob], int]:
     """``max_tokens``: the client's value, or ``UNSET`` (the protocol default, 16) or ``TO_CONTEXT``."""
     if max_tokens != TO_CONTEXT:
         sampling = {**sampling, "max_new_tokens": 16 if max_tokens == UNSET else max_tokens}
@@ -128,35 +179,42 @@ def _jobs(body: dict, prompts: list[list[int]], sampling: dict, max_tokens: Any,
     rid = body.get("rid")
     if rid is not None and (not isinstance(rid, str) or len(prompts) > 1):
         raise RequestError("rid must be a string, and only for a single prompt", param="rid")
+    namespace = cache_namespace(body)
     jobs = []
     info = state.info
     for ids in prompts:
         check_prompt(ids, info.max_prompt_tokens, info.vocab_size)
         fitted = fit_max_tokens(params, max_tokens, len(ids), info.context_length, name=name)
-        jobs.append(GenerateJob(
+        job = GenerateJob(
             rid=rid or uuid.uuid4().hex, input_ids=ids, sampling_params=fitted.to_dict(), n=fitted.n,
             return_logprob=logprobs is not None, logprob_start_len=start_len if logprobs is not None else -1,
             top_logprobs_num=logprobs or 0, return_text_in_logprobs=True, stream=stream,
             program_id=body.get("program_id"),
-        ))
+        )
+        if namespace is not None:
+            job.cache_namespace = namespace
+        jobs.append(job)
     return jobs, params.n
 
 
-def _common(body: Any, fields: frozenset[str], defaults: dict, where: str, state: Any) -> tuple[bool, bool]:
+def check_common(body: Any, fields: frozenset[str], defaults: dict, where: str, state: Any) -> tuple[bool, list[str]]:
+    """Checks every OpenAI route shares; returns (stream, ignored unknown fields). Unknown fields are
+    removed from ``body``."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    reject_unknown(body, fields, where)
+    ignored = split_unknown(body, fields, where, strict=getattr(state.config, "strict_fields", False))
+    for name in [k for k in body if k not in fields]:
+        del body[name]
     reject_non_default(body, defaults, where)
     model = body.get("model")
     if not isinstance(model, str):
         raise RequestError("field 'model' is required (see /v1/models)", param="model")
     if model not in state.model_names:
-        raise RequestError(f"the model {model!r} does not exist; this server serves {state.model_names[0]!r}",
-                           status=404, param="model", code="model_not_found")
+        raise RequestError(f"the model {short_repr(model)} does not exist; this server serves "
+                           f"{state.model_names[0]!r}", status=404, param="model", code="model_not_found")
     if body.get("program_id") is not None and not state.info.supports_program_id:
         raise RequestError("field 'program_id' is not supported by this server's engine", param="program_id")
-    stream = expect_bool("stream", body.get("stream") or False)
-    return stream, _stream_options(body, stream)
+    return expect_bool("stream", body.get("stream") or False), ignored
 
 
 def _max_tokens(body: dict[str, Any], names: tuple[str, ...], default: Any, minimum: int) -> Any:
@@ -168,7 +226,10 @@ def _max_tokens(body: dict[str, Any], names: tuple[str, ...], default: Any, mini
 
 def parse_completion(body: Any, state: Any) -> OpenAIRequest:
     """Check a ``/v1/completions`` body. ``state``: the app state (tokenizer, engine info, model names)."""
-    stream, usage = _common(body, COMPLETION_FIELDS, COMPLETION_DEFAULT_ONLY, "/v1/completions", state)
+    stream, ignored = check_common(body, COMPLETION_FIELDS, COMPLETION_DEFAULT_ONLY, "/v1/completions", state)
+    if body.get("suffix"):
+        raise RequestError("suffix (fill-in-the-middle) is not supported by the served model", param="suffix")
+    usage, continuous = _stream_options(body, stream)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts = [prompt]
@@ -186,20 +247,23 @@ def parse_completion(body: Any, state: Any) -> OpenAIRequest:
         logprobs = expect_int("logprobs", logprobs, 0, 20)
     echo = expect_bool("echo", body.get("echo") or False)
     max_tokens = _max_tokens(body, ("max_tokens",), UNSET, 0)  # unset: OpenAI's default for completions, 16
-    jobs, n = _jobs(body, ids, _sampling(body), max_tokens, "max_tokens", state, stream, logprobs, 0 if echo else -1)
+    jobs, n = make_jobs(body, ids, _sampling(body, state.info.vocab_size), max_tokens, "max_tokens", state, stream,
+                        logprobs, 0 if echo else -1)
     echo_texts = [p if isinstance(p, str) else state.decode(p) for p in prompts] if echo else None
-    return OpenAIRequest(False, jobs, n, stream, usage, logprobs, body["model"], echo_texts)
+    return OpenAIRequest(False, jobs, n, stream, usage, logprobs, body["model"], echo_texts,
+                         continuous_usage=continuous, ignored=ignored)
 
 
 def message_text(message: Any, i: int) -> dict[str, str]:
+    """A plain text message (``/apply_chat_template``): role system/developer/user/assistant, text content."""
     if not isinstance(message, dict):
         raise RequestError(f"messages[{i}] must be an object", param="messages")
     role, content = message.get("role"), message.get("content")
     if role == "developer":
         role = "system"
     if role not in ("system", "user", "assistant"):
-        raise RequestError(f"messages[{i}].role {role!r} is not supported (system, developer, user, assistant)",
-                           param="messages")
+        raise RequestError(f"messages[{i}].role {short_repr(role)} is not supported (system, developer, user, "
+                           "assistant)", param="messages")
     unknown = set(message) - {"role", "content", "name"}
     if unknown:
         raise RequestError(f"messages[{i}] has unsupported field(s) {sorted(unknown)}", param="messages")
@@ -207,7 +271,7 @@ def message_text(message: Any, i: int) -> dict[str, str]:
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(f"messages[{i}].content: only text parts are supported, got {part!r}",
+                raise RequestError(f"messages[{i}].content: only text parts are supported, got {short_repr(part)}",
                                    param="messages")
             parts.append(part["text"])
         content = "".join(parts)
@@ -216,136 +280,40 @@ def message_text(message: Any, i: int) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
-def parse_chat(body: Any, state: Any) -> OpenAIRequest:
-    """Check a ``/v1/chat/completions`` body and render its messages with the model's chat template."""
-    stream, usage = _common(body, CHAT_FIELDS, CHAT_DEFAULT_ONLY, "/v1/chat/completions", state)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("field 'messages' must be a non-empty list", param="messages")
-    text = state.render_chat([message_text(m, i) for i, m in enumerate(messages)])
+def chat_request(body: dict[str, Any], state: Any, messages: list[dict[str, Any]], tools: ToolChoice | None,
+                 stream: bool, ignored: list[str], max_names: tuple[str, ...]) -> OpenAIRequest:
+    """The engine request for checked chat ``messages`` (shared by chat completions and the Responses API)."""
+    sampling = _sampling(body, state.info.vocab_size)
+    grammar = tool_grammar(tools) if tools is not None else None
+    if grammar is not None:
+        taken = [k for k in ("regex", "ebnf", "json_schema") if k in sampling]
+        if taken:
+            raise RequestError(f"tool calls are generated under their own grammar; {taken[0]} / response_format "
+                               "cannot be combined with tools unless tool_choice is 'none'", param=taken[0])
+        sampling["ebnf"] = grammar
+    parser = getattr(state.config, "reasoning_parser", None)
+    if not expect_bool("separate_reasoning", body.get("separate_reasoning", True)):
+        parser = None
+    if parser == "gpt-oss":
+        sampling.setdefault("skip_special_tokens", False)  # the harmony channel markers are special tokens
+    text = render_chat(state.tokenizer, messages, tools, render_options(body))
     ids = state.encode(text, add_special_tokens=False)
     logprobs = None
     if expect_bool("logprobs", body.get("logprobs") or False):
         logprobs = expect_int("top_logprobs", body.get("top_logprobs") or 0, 0, 20)
     elif body.get("top_logprobs") is not None:
         raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
-    max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), TO_CONTEXT, 1)
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    jobs, n = _jobs(body, [ids], _sampling(body), max_tokens, name, state, stream, logprobs, -1)
-    return OpenAIRequest(True, jobs, n, stream, usage, logprobs, body["model"])
+    max_tokens = _max_tokens(body, max_names, TO_CONTEXT, 1)
+    name = next((n for n in max_names if body.get(n) is not None), max_names[-1])
+    jobs, n = make_jobs(body, [ids], sampling, max_tokens, name, state, stream, logprobs, -1)
+    usage, continuous = _stream_options(body, stream)
+    return OpenAIRequest(True, jobs, n, stream, usage, logprobs, body["model"], tools=tools,
+                         reasoning_parser=parser, prompt_text=text, continuous_usage=continuous, ignored=ignored)
 
 
-# ------------------------------------------------------------------------------------------ responses
-def finish_reason(meta: dict[str, Any]) -> str | None:
-    reason = meta.get("finish_reason")
-    return None if reason is None else _FINISH.get(reason.get("type"), reason.get("type"))
-
-
-def _chat_logprobs(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    tops = meta.get("output_top_logprobs") or []
-    content = []
-    for i, (lp, _tid, text) in enumerate(meta.get("output_token_logprobs", [])):
-        top = tops[i] if i < len(tops) and tops[i] is not None else []
-        content.append({
-            "token": text, "logprob": lp, "bytes": list(text.encode("utf-8")),
-            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for v, _, t in top],
-        })
-    return content
-
-
-class CompletionLogprobs:
-    """Builds the legacy completions ``logprobs`` object, keeping text offsets across stream chunks."""
-
-    def __init__(self) -> None:
-        self.offset = 0
-
-    def build(self, entries: list, tops: list) -> dict[str, Any]:
-        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for i, (lp, _tid, text) in enumerate(entries):
-            top = tops[i] if i < len(tops) else None
-            out["tokens"].append(text)
-            out["token_logprobs"].append(lp)
-            out["top_logprobs"].append(None if top is None else {t: v for v, _, t in top})
-            out["text_offset"].append(self.offset)
-            self.offset += len(text)
-        return out
-
-
-class ResponseBuilder:
-    """Turns engine events of one ``OpenAIRequest`` into OpenAI responses and stream chunks."""
-
-    def __init__(self, request: OpenAIRequest, texts: LogprobText):
-        self.req, self.texts = request, texts
-        self.kind = "chat.completion" if request.chat else "text_completion"
-        self.started: set[int] = set()
-        self.offsets: dict[int, CompletionLogprobs] = {}
-        self.usage_parts: dict[int, dict[str, Any]] = {}
-
-    def choice_index(self, job_index: int, sample: int) -> int:
-        return job_index * self.req.n + sample
-
-    def _header(self, chunk: bool) -> dict[str, Any]:
-        prefix = "chatcmpl-" if self.req.chat else "cmpl-"
-        obj = self.kind + (".chunk" if chunk and self.req.chat else "")
-        return {"id": prefix + self.req.id, "object": obj, "created": self.req.created, "model": self.req.model}
-
-    def _logprobs(self, index: int, job_index: int, meta: dict[str, Any], first: bool) -> Any:
-        if self.req.logprobs is None:
-            return None
-        meta = self.texts.decorate(meta, True)
-        if self.req.chat:
-            return {"content": _chat_logprobs(meta)}
-        builder = self.offsets.setdefault(index, CompletionLogprobs())
-        entries, tops = meta.get("output_token_logprobs", []), meta.get("output_top_logprobs") or []
-        if first and self.req.echo_texts is not None:
-            entries = meta.get("input_token_logprobs", []) + entries
-            tops = (meta.get("input_top_logprobs") or [None] * len(meta.get("input_token_logprobs", []))) + tops
-        return builder.build(entries, tops)
-
-    def record_usage(self, job_index: int, sample: int, meta: dict[str, Any]) -> None:
-        self.usage_parts[self.choice_index(job_index, sample)] = meta
-
-    def usage(self) -> dict[str, Any]:
-        """Prompt and cached tokens count once per prompt (sample 0); completion tokens for every sample."""
-        parts = self.usage_parts
-        prompt = sum(m.get("prompt_tokens", 0) for i, m in parts.items() if i % self.req.n == 0)
-        cached = sum(m.get("cached_tokens", 0) for i, m in parts.items() if i % self.req.n == 0)
-        completion = sum(m.get("completion_tokens", 0) for m in parts.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
-
-    def choice(self, job_index: int, event: Any, chunk: bool) -> dict[str, Any]:
-        """One choice entry: the delta of a stream event (``chunk``) or a whole finished output."""
-        index = self.choice_index(job_index, event.index)
-        first = index not in self.started
-        self.started.add(index)
-        text = event.text_delta if chunk else event.text
-        if not self.req.chat and first and self.req.echo_texts is not None:
-            text = self.req.echo_texts[job_index] + text
-        choice: dict[str, Any] = {"index": index, "logprobs": self._logprobs(index, job_index, event.meta_info, first)}
-        if self.req.chat and chunk:
-            delta: dict[str, Any] = {"role": "assistant"} if first else {}
-            if text or first:
-                delta["content"] = text
-            choice["delta"] = delta
-        elif self.req.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        choice["finish_reason"] = finish_reason(event.meta_info) if event.finished else None
-        if event.finished:
-            matched = (event.meta_info.get("finish_reason") or {}).get("matched")
-            choice["matched_stop"] = matched
-            self.record_usage(job_index, event.index, event.meta_info)
-        return choice
-
-    def chunk(self, job_index: int, event: Any) -> dict[str, Any]:
-        return {**self._header(True), "choices": [self.choice(job_index, event, chunk=True)]}
-
-    def usage_chunk(self) -> dict[str, Any]:
-        return {**self._header(True), "choices": [], "usage": self.usage()}
-
-    def response(self, finals: list[tuple[int, Any]]) -> dict[str, Any]:
-        """The non-streamed response from every finished ``(job_index, event)``."""
-        choices = sorted((self.choice(j, e, chunk=False) for j, e in finals), key=lambda c: c["index"])
-        return {**self._header(False), "choices": choices, "usage": self.usage()}
+def parse_chat(body: Any, state: Any) -> OpenAIRequest:
+    """Check a ``/v1/chat/completions`` body and render its messages with the model's chat template."""
+    stream, ignored = check_common(body, CHAT_FIELDS, CHAT_DEFAULT_ONLY, "/v1/chat/completions", state)
+    messages = normalize_messages(body.get("messages"))
+    tools = parse_chat_tools(body)
+    return chat_request(body, state, messages, tools, stream, ignored, ("max_completion_tokens", "max_tokens"))

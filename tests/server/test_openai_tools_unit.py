@@ -1,0 +1,126 @@
+"""Tool calling without a server: request checks, the grammar (llguidance on the bundled tokenizer), parsing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from plait.runtime.server.protocol import RequestError
+from plait.runtime.server.tools import ToolCallParser, parse_chat_tools, tool_grammar
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+CALL_PARIS = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+CALL_TIME = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def matcher_factory(bundled_model_dir):
+    llguidance = pytest.importorskip("llguidance")
+    from plait.runtime.constrained.backends.llguidance_backend import LLGuidanceBackend
+    from plait.runtime.constrained.vocab import TokenizerInfo
+    from plait.runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(bundled_model_dir)
+    lltok = LLGuidanceBackend().tokenizer_for(TokenizerInfo.from_tokenizer(tokenizer))
+
+    def accepts(grammar: str, text: str) -> bool:
+        compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(compiled, lltok)
+        assert not is_error, messages
+        matcher = llguidance.LLMatcher(lltok, compiled, log_level=0)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+
+    return accepts
+
+
+def grammar(**body):
+    return tool_grammar(parse_chat_tools(body))
+
+
+def test_required_grammar_accepts_only_valid_calls(matcher_factory):
+    g = grammar(tools=[WEATHER, TIME], tool_choice="required")
+    assert matcher_factory(g, CALL_PARIS)
+    assert matcher_factory(g, CALL_PARIS + "\n" + CALL_TIME)  # parallel by default
+    assert not matcher_factory(g, "Hello")
+    assert not matcher_factory(g, CALL_PARIS.replace('"city"', '"town"'))
+    assert not matcher_factory(g, CALL_TIME.replace("UTC", "PST"))  # enum enforced
+    single = grammar(tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
+    assert matcher_factory(single, CALL_PARIS) and not matcher_factory(single, CALL_PARIS + "\n" + CALL_TIME)
+
+
+def test_named_and_auto_grammars(matcher_factory):
+    named = grammar(tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert matcher_factory(named, CALL_TIME) and not matcher_factory(named, CALL_PARIS)
+    auto = grammar(tools=[WEATHER, TIME])
+    assert matcher_factory(auto, "Just text, no call.")
+    assert matcher_factory(auto, "Let me check. " + CALL_PARIS)
+    assert not matcher_factory(auto, "text " + CALL_PARIS.replace("Paris", "Paris\"x"))
+    assert not matcher_factory(auto, "a <tool_call> that is not a call")  # text cannot contain the tag
+    assert grammar(tools=[WEATHER], tool_choice="none") is None
+
+
+def test_schema_text_with_double_colon_stays_lark():
+    tool = {"type": "function", "function": {"name": "f", "description": "a ::= b", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "description": "root ::= x"}}}}}
+    assert "::=" not in grammar(tools=[tool], tool_choice="required")
+
+
+BAD = [
+    ({"tools": [{"type": "web_search"}]}, "only function tools"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among"),
+    ({"tools": [WEATHER, WEATHER]}, "unique"),
+    ({"tool_choice": "required"}, "needs 'tools'"),
+    ({"tools": [WEATHER], "functions": [WEATHER["function"]]}, "not both"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "letters"),
+]
+
+
+@pytest.mark.parametrize("body, needle", BAD, ids=[n for _, n in BAD])
+def test_bad_tool_settings_are_400s(body, needle):
+    with pytest.raises(RequestError, match=needle):
+        parse_chat_tools(body)
+
+
+def test_legacy_functions():
+    choice = parse_chat_tools({"functions": [WEATHER["function"]], "function_call": {"name": "get_weather"}})
+    assert choice.legacy and choice.mode == "function" and not choice.parallel
+
+
+def feed_all(parser, pieces):
+    content, calls = "", {}
+    for piece in pieces:
+        text, got = parser.feed(piece)
+        content += text
+        for p in got:
+            entry = calls.setdefault(p.index, {"id": None, "name": None, "arguments": ""})
+            if p.name is not None:
+                assert entry["name"] is None and p.arguments == ""  # the header comes alone, first
+                entry["id"], entry["name"] = p.id, p.name
+            entry["arguments"] += p.arguments
+    content += parser.finish()[0]
+    return content, [calls[i] for i in sorted(calls)]
+
+
+OUTPUT = "Checking both. " + CALL_PARIS + "\n" + CALL_TIME.replace('"UTC"', '"U\\"T{C"')
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, len(OUTPUT)])
+def test_parser_streams_content_then_calls(step):
+    content, calls = feed_all(ToolCallParser(), [OUTPUT[i:i + step] for i in range(0, len(OUTPUT), step)])
+    assert content == "Checking both. "
+    assert [c["name"] for c in calls] == ["get_weather", "get_time"]
+    assert [json.loads(c["arguments"]) for c in calls] == [{"city": "Paris"}, {"zone": 'U"T{C'}]
+    assert all(c["id"].startswith("call_") for c in calls)
+
+
+def test_parser_holds_back_a_tag_prefix_and_releases_it_at_the_end():
+    parser = ToolCallParser()
+    assert parser.feed("a <tool_ca") == ("a ", [])
+    assert parser.finish()[0] == "<tool_ca"
