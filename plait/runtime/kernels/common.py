@@ -54,3 +54,13 @@ def attention_rows_ref(
         scores = torch.cat((scores, sink_col), dim=-1)  # [H, E, S + 1]
     probs = scores.softmax(-1).nan_to_num(0.0)  # a query that sees nothing gets zeros
     return torch.einsum("hes,shd->ehd", probs[..., : k.shape[0]], v)
+
+
+def check_window_sinks(sliding_window: int | None, sinks: torch.Tensor | None, num_heads: int) -> int:
+    """Validate the attention options on the host (shapes only, no device read); returns the window
+    as the kernels' int argument (0 when there is none)."""
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != num_heads or sinks.stride(0) != 1):
+        raise ValueError(f"sinks must be a contiguous [{num_heads}] tensor, got shape {tuple(sinks.shape)}")
+    return 0 if sliding_window is None else int(sliding_window)

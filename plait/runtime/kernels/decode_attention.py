@@ -11,6 +11,13 @@ The sequence is split (flash-decoding) so that short batches still fill the GPU:
   partial softmax-weighted sum of values (normalized) and its log-sum-exp (base 2);
 - stage 2, grid ``(B, H)``: merges the splits of one (request, head).
 
+Options (GPT-OSS), compile-time gated so that the plain kernels are unchanged:
+
+- ``sliding_window`` ``W``: only the last ``W`` keys are read (the query sits at position
+  ``seq_len - 1``); the splits divide that range, so a windowed layer costs O(W), not O(seq_len);
+- ``sinks`` [H]: a per-head logit that joins each head's softmax in stage 2 (its term
+  ``exp(s - m)`` is added to the denominator; it adds no value).
+
 The number of splits of each request is a device tensor (``num_kv_splits[b]``, at most
 ``max_kv_splits``); programs past it exit at once. The grids depend only on the batch size and
 ``max_kv_splits``, and nothing here reads a device value on the host, so a launch can be captured in a
@@ -25,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from plait.runtime.kernels.common import attention_rows_ref, check_attention_inputs
+from plait.runtime.kernels.common import attention_rows_ref, check_attention_inputs, check_window_sinks
 
 DEFAULT_MAX_KV_SPLITS = 16
 MIN_TOKENS_PER_SPLIT = 64  # a split shorter than this costs more in stage 2 than it saves
@@ -33,9 +40,21 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _kv_range(seq_len, num_splits, window, USE_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(first key position, split length) of a request: its last ``window`` keys, or all of them."""
+    if USE_WINDOW:
+        kv_start = tl.maximum(seq_len - window, 0)
+    else:
+        kv_start = 0
+    # splits are whole blocks long, so that only a range's last block is partial
+    split_len = tl.cdiv(tl.cdiv(seq_len - kv_start, num_splits), BLOCK_N) * BLOCK_N
+    return kv_start, split_len
+
+
+@triton.jit
 def _decode_stage1_kernel(
     Q, K, V, Table, ReqRows, SeqLens, NumSplits, MidO, MidLse,
-    scale_log2,
+    scale_log2, window,
     stride_qb, stride_qh,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_table,
@@ -47,6 +66,7 @@ def _decode_stage1_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -54,9 +74,8 @@ def _decode_stage1_kernel(
     num_splits = tl.load(NumSplits + b)
     if split < num_splits:
         seq_len = tl.load(SeqLens + b)
-        # splits are whole blocks long, so that only a sequence's last block is partial
-        split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-        start = split * split_len
+        kv_start, split_len = _kv_range(seq_len, num_splits, window, USE_WINDOW, BLOCK_N)
+        start = kv_start + split * split_len
         end = tl.minimum(start + split_len, seq_len)
         if end > start:
             offs_h = tl.arange(0, BLOCK_H)
@@ -102,26 +121,33 @@ def _decode_stage1_kernel(
 
 @triton.jit
 def _decode_stage2_kernel(
-    MidO, MidLse, SeqLens, NumSplits, Out,
+    MidO, MidLse, SeqLens, NumSplits, Out, Sinks,
+    window,
     stride_mob, stride_moh, stride_mos,
     stride_mlb, stride_mlh,
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(SeqLens + b)
     num_splits = tl.load(NumSplits + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    kv_start, split_len = _kv_range(seq_len, num_splits, window, USE_WINDOW, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    m_i = float("-inf")
-    l_i = 0.0
+    if HAS_SINKS:  # the sink is one more softmax term with no value: it starts the merge (base 2)
+        m_i = tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
+        l_i = 1.0
+    else:
+        m_i = float("-inf")
+        l_i = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for split in range(0, num_splits):
-        start = split * split_len
+        start = kv_start + split * split_len
         end = tl.minimum(start + split_len, seq_len)
         if end > start:
             lse = tl.load(MidLse + b * stride_mlb + h * stride_mlh + split)
@@ -186,6 +212,8 @@ def decode_attention(
     max_kv_splits: int = DEFAULT_MAX_KV_SPLITS,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,  # H100, D=128 bf16: 3 stages read K/V at 2.6-2.9 TB/s, 2 stages at 2.3-2.6
@@ -203,6 +231,8 @@ def decode_attention(
             ``compute_num_kv_splits`` when omitted.
         workspace: ``alloc_decode_workspace`` buffers with at least B rows and ``max_kv_splits`` splits.
         out: [B, H, D] output to write (allocated when omitted).
+        sliding_window: attend only the last ``sliding_window`` keys (None: all).
+        sinks: [H] per-head sink logits (any float dtype; None: no sink).
 
     Returns:
         [B, H, D] attention output in ``q``'s dtype.
@@ -221,26 +251,30 @@ def decode_attention(
     mid_o, mid_lse = workspace
     if mid_o.shape[0] < B or mid_o.shape[2] < max_kv_splits or mid_o.shape[1] != H or mid_o.shape[3] != D:
         raise ValueError(f"workspace {tuple(mid_o.shape)} too small for B={B}, H={H}, splits={max_kv_splits}, D={D}")
+    window = check_window_sinks(sliding_window, sinks, H)
     group = H // KVH
     block_d = triton.next_power_of_2(D)
     precision = "ieee" if k_buffer.dtype == torch.float32 else "tf32"
     _decode_stage1_kernel[(B, KVH, max_kv_splits)](
         q, k_buffer, v_buffer, req_to_token, req_rows, seq_lens, num_kv_splits, mid_o, mid_lse,
-        scale * _LOG2E,
+        scale * _LOG2E, window,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n, DOT_PRECISION=precision, USE_WINDOW=sliding_window is not None,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _decode_stage2_kernel[(B, H)](
-        mid_o, mid_lse, seq_lens, num_kv_splits, out,
+        mid_o, mid_lse, seq_lens, num_kv_splits, out, q if sinks is None else sinks,
+        window,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4 if block_d >= 128 else 2,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n, USE_WINDOW=sliding_window is not None,
+        HAS_SINKS=sinks is not None, num_warps=4 if block_d >= 128 else 2,
     )
     return out
 

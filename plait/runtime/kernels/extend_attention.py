@@ -10,6 +10,11 @@ Grid ``(B, H, ceil(max_extend_len / BLOCK_M))``: each program takes ``BLOCK_M`` 
 request and one head, and runs an online softmax first over the prefix (no mask but the length),
 then over the new tokens up to its own last row (causal mask). Programs past a request's extend
 length exit at once, so ``max_extend_len`` only needs to be an upper bound (a host int: no sync).
+
+Options (GPT-OSS), compile-time gated so that the plain kernel is unchanged: ``sliding_window`` ``W``
+(the token at position ``i`` sees keys ``j`` with ``i - W < j <= i``; both loops start at the first key
+the block's first row can see, so a block costs O(BLOCK_M + W)) and ``sinks`` [H] (each row's online
+softmax starts from the head's sink logit: ``m = s * log2(e)``, ``l = 1``, no value).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from plait.runtime.kernels.common import attention_rows_ref, check_attention_inputs
+from plait.runtime.kernels.common import attention_rows_ref, check_attention_inputs, check_window_sinks
 
 _LOG2E = 1.4426950408889634
 
@@ -27,10 +32,13 @@ _LOG2E = 1.4426950408889634
 def _attend_block(
     q, acc, m_i, l_i, K, V, table_row, kv_head, offs_d, mask_d, pos_start, offs_n, mask_n, mask,
     scale_log2, stride_kt, stride_kh, stride_vt, stride_vh, DOT_PRECISION: tl.constexpr,
+    ROWS_MAY_BE_EMPTY: tl.constexpr,
 ):
     """One online-softmax step over the keys at positions ``pos_start + offs_n``.
 
     ``mask_n`` [BLOCK_N] marks the keys that exist, ``mask`` [BLOCK_M, BLOCK_N] what each row may see.
+    ``ROWS_MAY_BE_EMPTY``: a row may have seen no key yet (``m_i`` and its new max both -inf; a window
+    without sinks), so the exponentials are taken against 0 there instead of a NaN-making -inf.
     """
     slots = tl.load(table_row + pos_start + offs_n, mask=mask_n, other=0).to(tl.int64)
     k = tl.load(
@@ -40,8 +48,12 @@ def _attend_block(
     qk = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
     qk = tl.where(mask, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
+    if ROWS_MAY_BE_EMPTY:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(qk - m_ref[:, None])
     v = tl.load(
         V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
         mask=mask_n[:, None] & mask_d[None, :], other=0.0,
@@ -53,8 +65,8 @@ def _attend_block(
 
 @triton.jit
 def _extend_attention_kernel(
-    Q, K, V, Out, Table, ReqRows, ExtendStarts, PrefixLens, ExtendLens,
-    scale_log2,
+    Q, K, V, Out, Table, ReqRows, ExtendStarts, PrefixLens, ExtendLens, Sinks,
+    scale_log2, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_table,
@@ -64,6 +76,9 @@ def _extend_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    GUARD_EMPTY_ROWS: tl.constexpr,  # a window without sinks: a row may see no key of a block
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -86,27 +101,47 @@ def _extend_attention_kernel(
             mask=mask_m[:, None] & mask_d[None, :], other=0.0,
         ).to(K.dtype.element_ty)  # [BLOCK_M, BLOCK_D]
 
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if HAS_SINKS:  # the sink starts each row's softmax: one term exp(s), no value (base 2)
+            sink_log2 = tl.load(Sinks + head).to(tl.float32) * 1.4426950408889634
+            m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink_log2
+            l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        # the cached prefix: every new token sees all of it
-        for n in range(0, prefix_len, BLOCK_N):
+        if USE_WINDOW:  # the block's first row sees keys from position prefix_len + m_block * BLOCK_M - W + 1
+            first_key = prefix_len + m_block * BLOCK_M - window + 1
+            prefix_lo = tl.maximum(first_key, 0)
+            new_lo = tl.maximum(first_key - prefix_len, 0)
+        else:
+            prefix_lo = 0
+            new_lo = 0
+        # the cached prefix: every new token sees all of it (within its window)
+        for n in range(prefix_lo, prefix_len, BLOCK_N):
             mask_n = (n + offs_n) < prefix_len
             mask = (offs_m[:, None] >= 0) & mask_n[None, :]  # [BLOCK_M, BLOCK_N]
+            if USE_WINDOW:
+                mask = mask & ((prefix_len + offs_m)[:, None] - (n + offs_n)[None, :] < window)
             acc, m_i, l_i = _attend_block(
                 q, acc, m_i, l_i, K, V, table_row, kv_head, offs_d, mask_d, n, offs_n, mask_n, mask,
                 scale_log2, stride_kt, stride_kh, stride_vt, stride_vh, DOT_PRECISION,
+                GUARD_EMPTY_ROWS,
             )
         # the new tokens, causally, up to this block's last row
         new_end = tl.minimum(extend_len, (m_block + 1) * BLOCK_M)
-        for n in range(0, new_end, BLOCK_N):
+        for n in range(new_lo, new_end, BLOCK_N):
             offs_j = n + offs_n
             mask_n = offs_j < new_end
             mask = (offs_j[None, :] <= offs_m[:, None]) & mask_n[None, :]  # [BLOCK_M, BLOCK_N]
+            if USE_WINDOW:
+                mask = mask & (offs_m[:, None] - offs_j[None, :] < window)
             acc, m_i, l_i = _attend_block(
                 q, acc, m_i, l_i, K, V, table_row, kv_head, offs_d, mask_d, prefix_len + n, offs_n, mask_n, mask,
                 scale_log2, stride_kt, stride_kh, stride_vt, stride_vh, DOT_PRECISION,
+                GUARD_EMPTY_ROWS,
             )
+        if GUARD_EMPTY_ROWS:  # padding rows past the extend length may have seen no key at all
+            l_i = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_i[:, None]
         tl.store(
             Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -143,6 +178,8 @@ def extend_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new tokens to its prefix and to each other (Triton).
 
@@ -154,6 +191,8 @@ def extend_attention(
         scale: softmax scale.
         max_extend_len: an upper bound of ``extend_lens`` (sizes the grid).
         out: [T, H, D] output to write; rows of tokens not in any request are left as they are.
+        sliding_window: a token sees only the ``sliding_window`` keys up to its own (None: all).
+        sinks: [H] per-head sink logits (any float dtype; None: no sink).
 
     Returns:
         [T, H, D] output in ``q``'s dtype.
@@ -166,17 +205,21 @@ def extend_attention(
     B = req_rows.shape[0]
     if B == 0 or T == 0 or max_extend_len <= 0:
         return out
+    window = check_window_sinks(sliding_window, sinks, H)
     bm, bn, warps, stages = default_extend_blocks(D, q.device, k_buffer.element_size())
     bm, bn = block_m or bm, block_n or bn
     grid = (B, H, triton.cdiv(max_extend_len, bm))
     _extend_attention_kernel[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_rows, extend_starts, prefix_lens, extend_lens,
-        scale * _LOG2E,
+        q if sinks is None else sinks,
+        scale * _LOG2E, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         req_to_token.stride(0),
         GROUP=H // KVH, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=bm, BLOCK_N=bn,
         DOT_PRECISION="ieee" if k_buffer.dtype == torch.float32 else "tf32",
+        USE_WINDOW=sliding_window is not None, HAS_SINKS=sinks is not None,
+        GUARD_EMPTY_ROWS=sliding_window is not None and sinks is None,
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return out

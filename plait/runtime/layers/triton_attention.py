@@ -8,6 +8,9 @@ host-to-device copy; ``forward`` then, per layer:
 3. extend rows (several new tokens, or a prefill): ``kernels.extend_attention``, which writes its rows
    of the output in place.
 
+A layer's sliding window (a Python int) and sinks (a parameter: a fixed address) are kernel arguments,
+so layers with and without them share the per-step metadata.
+
 Decode metadata lives in buffers allocated once (``max_batch_size`` rows) and refilled in place by
 ``prepare``, and the flash-decoding workspace is allocated once too, so a decode-only forward reads
 and writes the same addresses every step of the same batch size: it can be captured in a CUDA graph
@@ -142,36 +145,38 @@ class TritonAttentionBackend:
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scale: float, batch: ForwardBatch,
-        kv_stored: bool = False,
+        kv_stored: bool = False, *, sliding_window: int | None = None, sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q [T, H, D], k/v [T, KVH, D] -> attention output [T, H, D] (new K/V written to the pool first,
-        unless ``kv_stored``)."""
+        unless ``kv_stored``). ``sliding_window``: a token sees only the ``W`` keys up to its own;
+        ``sinks``: [H] per-head sink logits (see ``layers.attention``)."""
         md: TritonAttnMetadata = batch.attn_metadata
         k_buf, v_buf = batch.pool.k_buffers[layer_id], batch.pool.v_buffers[layer_id]
         if not kv_stored:
             store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
         table = batch.slot_table
+        options = dict(sliding_window=sliding_window, sinks=sinks)
         if md.extend_req_rows is None:  # decode only: one token per row, in row order
-            return self._decode(q, k_buf, v_buf, table, scale, md)
+            return self._decode(q, k_buf, v_buf, table, scale, md, **options)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if md.decode_req_rows is not None:
             assert md.decode_token_idx is not None
             qd = q.index_select(0, md.decode_token_idx)  # [Bd, H, D]
-            out.index_copy_(0, md.decode_token_idx, self._decode(qd, k_buf, v_buf, table, scale, md))
+            out.index_copy_(0, md.decode_token_idx, self._decode(qd, k_buf, v_buf, table, scale, md, **options))
         extend_attention(
             q, k_buf, v_buf, table, md.extend_req_rows, md.extend_starts, md.extend_prefix_lens, md.extend_lens,
-            scale, md.max_extend_len, out=out,
+            scale, md.max_extend_len, out=out, **options,
         )
         return out
 
     def _decode(
         self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, table: torch.Tensor, scale: float,
-        md: TritonAttnMetadata,
+        md: TritonAttnMetadata, *, sliding_window: int | None, sinks: torch.Tensor | None,
     ) -> torch.Tensor:
         return decode_attention(
             q, k_buf, v_buf, table, md.decode_req_rows, md.decode_seq_lens, scale,
             num_kv_splits=md.decode_num_splits, max_kv_splits=self.max_kv_splits,
-            workspace=self._decode_workspace(q.shape[0]),
+            workspace=self._decode_workspace(q.shape[0]), sliding_window=sliding_window, sinks=sinks,
         )
 
 

@@ -91,6 +91,67 @@ def test_num_kv_splits_bounds():
     assert big.max().item() == 1
 
 
+def sinks_for(H, dtype, device, seed=9):
+    """Sink logits large enough to take a visible share of the softmax mass (scores are ~N(0, 1))."""
+    return (2.0 * torch.randn(H, generator=torch.Generator().manual_seed(seed))).to(dtype).to(device)
+
+
+# lengths around the window boundaries: shorter than, equal to, one past, and many times the window
+WINDOW_LENS = [1, 5, 16, 17, 40, 200, 64]
+
+
+# (window, sinks, H, KVH, D): window 16/17 at the 16- and 17-key rows' boundary, 16 = BLOCK_N
+WINDOW_CASES = [
+    (None, True, 4, 2, 64), (1, False, 4, 2, 64), (1, True, 4, 2, 64), (16, False, 4, 2, 64),
+    (17, True, 4, 2, 64), (33, False, 4, 2, 64), (500, True, 4, 2, 64), (17, True, 2, 2, 32),
+]
+
+
+@pytest.mark.parametrize("window,with_sinks,H,KVH,D", WINDOW_CASES)
+def test_decode_window_sinks(kernel_device, window, with_sinks, H, KVH, D):
+    args = make_inputs(WINDOW_LENS, H, KVH, D, torch.float32, kernel_device, seed=3)
+    sinks = sinks_for(H, torch.float32, kernel_device) if with_sinks else None
+    out = decode_attention(*args, D**-0.5, block_n=16, sliding_window=window, sinks=sinks)
+    check(out, decode_attention_ref(*args, D**-0.5, sliding_window=window, sinks=sinks), torch.float32)
+
+
+def test_decode_window_many_splits_fp16_sinks(kernel_device):
+    """Forced 8 splits of a 40-key window over 300 keys (most splits empty); float16 with float16
+    sinks (the model's dtype); a zero-length row with sinks gives zeros."""
+    H, KVH, D = 8, 2, 64
+    q, k_buf, v_buf, table, rows, lens = make_inputs([300, 0, 41, 7], H, KVH, D, torch.float16, kernel_device, seed=4)
+    sinks = sinks_for(H, torch.float16, kernel_device)
+    splits = torch.full((4,), 8, dtype=torch.int32, device=kernel_device)
+    out = decode_attention(
+        q, k_buf, v_buf, table, rows, lens, D**-0.5, num_kv_splits=splits, max_kv_splits=8, block_n=16,
+        sliding_window=40, sinks=sinks,
+    )
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    ref = decode_attention_ref(q, k_buf, v_buf, table, rows, lens, D**-0.5, sliding_window=40, sinks=sinks)
+    check(out, ref, torch.float16)
+
+
+def test_decode_window_reads_only_the_window(kernel_device):
+    """Keys before the window are NaN in the pool: a kernel that reads them would produce NaN."""
+    H, KVH, D, W = 4, 2, 32, 20
+    q, k_buf, v_buf, table, rows, lens = make_inputs([150, 90], H, KVH, D, torch.float32, kernel_device, seed=6)
+    ref = decode_attention_ref(q, k_buf, v_buf, table, rows, lens, D**-0.5, sliding_window=W)
+    for b, n in enumerate(lens.tolist()):
+        stale = table[int(rows[b]), : n - W].long()
+        k_buf[stale] = float("nan")
+        v_buf[stale] = float("nan")
+    out = decode_attention(q, k_buf, v_buf, table, rows, lens, D**-0.5, block_n=16, sliding_window=W)
+    check(out, ref, torch.float32)
+
+
+def test_decode_rejects_bad_options(kernel_device):
+    args = make_inputs([5], 4, 2, 32, torch.float32, kernel_device)
+    with pytest.raises(ValueError, match="sliding_window"):
+        decode_attention(*args, 0.1, sliding_window=0)
+    with pytest.raises(ValueError, match="sinks"):
+        decode_attention(*args, 0.1, sinks=torch.zeros(3, device=kernel_device))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch,max_len", [(1, 8192), (64, 4096), (256, 2048), (256, 8192)])
 def test_decode_llama8b_shapes_bf16(batch, max_len):
@@ -119,3 +180,18 @@ def test_decode_cuda_graph_replay_with_new_lengths():
     q.copy_(torch.randn_like(q))
     graph.replay()
     check(out, decode_attention_ref(q, k_buf, v_buf, table, rows, lens, D**-0.5), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,max_len", [(1, 4096), (64, 4096), (256, 2048)])
+@pytest.mark.parametrize("window", [None, 128])
+def test_decode_gpt_oss_shapes_bf16(batch, max_len, window):
+    """GPT-OSS attention: 64 heads of 64 on 8 KV heads, bf16 sinks, full and 128-token window layers."""
+    H, KVH, D = 64, 8, 64
+    gen = torch.Generator().manual_seed(batch + max_len)
+    seq_lens = torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()
+    seq_lens[0] = max_len
+    args = make_inputs(seq_lens, H, KVH, D, torch.bfloat16, "cuda", seed=batch)
+    sinks = sinks_for(H, torch.bfloat16, "cuda")
+    out = decode_attention(*args, D**-0.5, sliding_window=window, sinks=sinks)
+    check(out, decode_attention_ref(*args, D**-0.5, sliding_window=window, sinks=sinks), torch.bfloat16)

@@ -73,6 +73,52 @@ def test_extend_default_blocks_and_loose_max_len(kernel_device):
     check(out, extend_attention_ref(*args, 0.125), torch.float32)
 
 
+def sinks_for(H, dtype, device, seed=9):
+    """Sink logits large enough to take a visible share of the softmax mass (scores are ~N(0, 1))."""
+    return (2.0 * torch.randn(H, generator=torch.Generator().manual_seed(seed))).to(dtype).to(device)
+
+
+# prefixes longer than the windows, a prefill spanning several query blocks, a decode-like row
+WINDOW_ROWS = [(0, 40), (37, 20), (70, 1), (5, 3), (50, 33)]
+
+
+# (window, sinks, H, KVH, D): 16 = BLOCK_M = BLOCK_N, 20 = the 20-token extend's length
+WINDOW_CASES = [
+    (None, True, 4, 2, 64), (1, False, 4, 2, 64), (1, True, 4, 2, 64), (16, False, 4, 2, 64),
+    (17, True, 4, 2, 64), (20, False, 4, 2, 64), (1000, True, 4, 2, 64), (17, False, 2, 2, 32),
+]
+
+
+@pytest.mark.parametrize("window,with_sinks,H,KVH,D", WINDOW_CASES)
+def test_extend_window_sinks(kernel_device, window, with_sinks, H, KVH, D):
+    args, max_ext = make_inputs(WINDOW_ROWS, H, KVH, D, torch.float32, kernel_device, seed=5)
+    sinks = sinks_for(H, torch.float32, kernel_device) if with_sinks else None
+    out = extend_attention(*args, D**-0.5, max_ext, block_m=16, block_n=16, sliding_window=window, sinks=sinks)
+    check(out, extend_attention_ref(*args, D**-0.5, sliding_window=window, sinks=sinks), torch.float32)
+
+
+def test_extend_window_fp16_sinks_default_blocks(kernel_device):
+    """float16 with float16 sinks and the default blocks; window not a multiple of the blocks."""
+    args, max_ext = make_inputs([(100, 45), (0, 64)], 8, 2, 64, torch.float16, kernel_device, seed=6)
+    sinks = sinks_for(8, torch.float16, kernel_device)
+    out = extend_attention(*args, 0.125, max_ext, sliding_window=13, sinks=sinks)
+    check(out, extend_attention_ref(*args, 0.125, sliding_window=13, sinks=sinks), torch.float16)
+
+
+def test_extend_window_reads_only_the_window(kernel_device):
+    """Prefix keys no query's window reaches are NaN in the pool: reading them would produce NaN."""
+    W, prefix = 10, 60
+    (q, k_buf, v_buf, table, rows, *meta), max_ext = make_inputs(
+        [(prefix, 24)], 4, 2, 32, torch.float32, kernel_device, seed=7
+    )
+    ref = extend_attention_ref(q, k_buf, v_buf, table, rows, *meta, 0.2, sliding_window=W)
+    stale = table[int(rows[0]), : prefix - W + 1].long()
+    k_buf[stale] = float("nan")
+    v_buf[stale] = float("nan")
+    out = extend_attention(q, k_buf, v_buf, table, rows, *meta, 0.2, max_ext, block_m=16, block_n=16, sliding_window=W)
+    check(out, ref, torch.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "rows",
@@ -86,3 +132,15 @@ def test_extend_llama8b_shapes_bf16(rows):
     args, max_ext = make_inputs(rows, H, KVH, D, torch.bfloat16, "cuda", seed=len(rows))
     out = extend_attention(*args, D**-0.5, max_ext)
     check(out, extend_attention_ref(*args, D**-0.5), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [[(0, 4096)], [(3000, 512), (0, 1000), (5000, 1), (200, 2048), (129, 127)]])
+@pytest.mark.parametrize("window", [None, 128])
+def test_extend_gpt_oss_shapes_bf16(rows, window):
+    """GPT-OSS attention: 64 heads of 64 on 8 KV heads, bf16 sinks, full and 128-token window layers."""
+    H, KVH, D = 64, 8, 64
+    args, max_ext = make_inputs(rows, H, KVH, D, torch.bfloat16, "cuda", seed=len(rows))
+    sinks = sinks_for(H, torch.bfloat16, "cuda")
+    out = extend_attention(*args, D**-0.5, max_ext, sliding_window=window, sinks=sinks)
+    check(out, extend_attention_ref(*args, D**-0.5, sliding_window=window, sinks=sinks), torch.bfloat16)

@@ -4,6 +4,8 @@ Mixed batches (decode rows and extend rows with and without cached prefixes), de
 extend-only batches. CPU: Triton's interpreter at tiny shapes, float32 (tolerance 1e-4). GPU:
 Llama-3.1-8B attention shapes in bf16, both backends in bf16 (SDPA's and ours round differently):
 max abs diff < 2e-2. The pool contents after the forward must be identical (same K/V writes).
+Sliding windows and sinks: the same comparisons with the options on (the torch backend is checked
+against a direct reference in test_attention_options.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def device() -> str:
     return "cuda" if HAS_CUDA else "cpu"
 
 
-def compare(specs, H, KVH, D, dtype, device, tol, *, num_layers=2, seed=0):
+def compare(specs, H, KVH, D, dtype, device, tol, *, num_layers=2, seed=0, window=None, sinks=None):
     gen = torch.Generator().manual_seed(seed)
     pool, table = make_pool_and_table(specs, KVH, D, dtype, device, gen, num_layers=num_layers)
     batch, q, k, v = build_batch(pool, table, specs, H, gen)
@@ -39,12 +41,13 @@ def compare(specs, H, KVH, D, dtype, device, tol, *, num_layers=2, seed=0):
     layer = num_layers - 1
     before = [b.clone() for b in (pool.k_buffers[layer], pool.v_buffers[layer])]
     triton_be.prepare(batch)
-    out = triton_be.forward(q, k, v, layer, D**-0.5, batch)
+    options = dict(sliding_window=window, sinks=sinks)
+    out = triton_be.forward(q, k, v, layer, D**-0.5, batch, **options)
     after = [b.clone() for b in (pool.k_buffers[layer], pool.v_buffers[layer])]
     for buf, prev in zip((pool.k_buffers[layer], pool.v_buffers[layer]), before):
         buf.copy_(prev)
     torch_be.prepare(batch)
-    ref = torch_be.forward(q, k, v, layer, D**-0.5, batch)
+    ref = torch_be.forward(q, k, v, layer, D**-0.5, batch, **options)
     assert torch.equal(after[0], pool.k_buffers[layer]) and torch.equal(after[1], pool.v_buffers[layer])
     assert out.shape == ref.shape and out.dtype == ref.dtype and torch.isfinite(out).all()
     diff = (out.float() - ref.float()).abs().max().item()
@@ -68,6 +71,31 @@ def test_triton_backend_matches_torch_cpu_scale(device, specs, H, KVH, D):
 def test_decode_batch_larger_than_buffers(device):
     """More decode rows than max_batch_size: temporary buffers, same results."""
     compare([(i % 5, 1) for i in range(11)], 4, 2, 32, torch.float32, device, 1e-4, seed=1)
+
+
+def gpt_oss_sinks(H, dtype, device):
+    return (2.0 * torch.randn(H, generator=torch.Generator().manual_seed(5))).to(dtype).to(device)
+
+
+# mixed: decodes and extends whose cached prefixes are longer than the window, a prefill past it
+WINDOW_MIXED = [(0, 21), (40, 1), (30, 7), (3, 1), (9, 1), (25, 4)]
+
+
+@pytest.mark.parametrize(
+    "specs,window,with_sinks",
+    [
+        (WINDOW_MIXED, 8, True),
+        (WINDOW_MIXED, 8, False),
+        (WINDOW_MIXED, None, True),
+        ([(50, 1), (7, 1), (8, 1), (9, 1)], 8, True),  # decode only; lengths around the window
+        ([(0, 18), (12, 3)], 18, False),  # extend only; the window equals the prefill's length
+    ],
+    ids=["mixed-window-sinks", "mixed-window", "mixed-sinks", "decode-window-sinks", "extend-window"],
+)
+def test_triton_backend_window_sinks_cpu_scale(device, specs, window, with_sinks):
+    H, KVH, D = 4, 2, 32
+    sinks = gpt_oss_sinks(H, torch.float32, device) if with_sinks else None
+    compare(specs, H, KVH, D, torch.float32, device, 1e-4, window=window, sinks=sinks)
 
 
 @pytest.mark.gpu
@@ -112,5 +140,58 @@ def test_triton_backend_decode_cuda_graph():
     torch_be = TorchAttentionBackend()
     torch_be.prepare(batch2)
     ref = torch_be.forward(q2, k2, v2, 0, D**-0.5, batch2)
+    diff = (out.float() - ref.float()).abs().max().item()
+    assert diff < 2e-2, f"max abs diff {diff}"
+
+
+GPT_OSS_SPECS = {
+    "mixed-40": [(int(x), 1) for x in torch.randint(1, 4096, (36,), generator=torch.Generator().manual_seed(3))]
+    + [(0, 3000), (2500, 600), (127, 129), (128, 1)],
+    "decode-128": [(int(x), 1) for x in torch.randint(1, 6000, (128,), generator=torch.Generator().manual_seed(4))],
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("specs", list(GPT_OSS_SPECS.values()), ids=list(GPT_OSS_SPECS))
+@pytest.mark.parametrize("window", [128, None])
+def test_triton_backend_gpt_oss_shapes_bf16(specs, window):
+    """GPT-OSS attention (64 heads of 64 on 8 KV heads, bf16 sinks) on sliding and full layers."""
+    H, KVH, D = 64, 8, 64
+    compare(specs, H, KVH, D, torch.bfloat16, "cuda", 2e-2, num_layers=1, window=window,
+            sinks=gpt_oss_sinks(H, torch.bfloat16, "cuda"))
+
+
+@pytest.mark.gpu
+def test_triton_backend_decode_cuda_graph_window_sinks():
+    """A windowed layer with sinks, captured once, replays correctly after prepare() of a new batch."""
+    H, KVH, D, B, W = 64, 8, 64, 8, 128
+    gen = torch.Generator().manual_seed(6)
+    pool = KVPool(B * 3000, 1, KVH, D, torch.bfloat16, "cuda")
+    pool.k_buffers[0].copy_(torch.randn(pool.k_buffers[0].shape, generator=gen).bfloat16())
+    pool.v_buffers[0].copy_(torch.randn(pool.v_buffers[0].shape, generator=gen).bfloat16())
+    table = ReqToSlotTable(2 * B, 3000, "cuda")
+    backend = TritonAttentionBackend(H, D, device="cuda")
+    sinks = gpt_oss_sinks(H, torch.bfloat16, "cuda")
+    options = dict(sliding_window=W, sinks=sinks)
+
+    def decode_specs():
+        return [(int(x), 1) for x in torch.randint(1, 2500, (B,), generator=gen)]
+
+    batch1, q, k, v = build_batch(pool, table, decode_specs(), H, gen)
+    backend.prepare(batch1)
+    backend.forward(q, k, v, 0, D**-0.5, batch1, **options)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.forward(q, k, v, 0, D**-0.5, batch1, **options)
+    batch2, q2, k2, v2 = build_batch(pool, table, decode_specs(), H, gen)
+    for static, new in ((q, q2), (k, k2), (v, v2), (batch1.out_cache_loc, batch2.out_cache_loc)):
+        static.copy_(new)
+    sinks.mul_(-1.0)  # a parameter updated in place: the replay reads its new values
+    backend.prepare(batch2)
+    graph.replay()
+    torch_be = TorchAttentionBackend()
+    torch_be.prepare(batch2)
+    ref = torch_be.forward(q2, k2, v2, 0, D**-0.5, batch2, **options)
     diff = (out.float() - ref.float()).abs().max().item()
     assert diff < 2e-2, f"max abs diff {diff}"
