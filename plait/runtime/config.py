@@ -18,6 +18,9 @@ class EngineConfig:
     tokenizer_path: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    # expert weight format: None (the checkpoint's: MXFP4 when its quantization_config says so, else dtype)
+    # | "mxfp4" (dummy weights drawn in MXFP4; a checkpoint must already be MXFP4)
+    quantization: str | None = None
     context_length: int | None = None  # default: the model's, capped at 32768
     max_total_tokens: int | None = None  # KV slots; default from kv_cache_gb (CPU) or mem_fraction (GPU)
     kv_cache_gb: float = 1.0  # CPU KV budget when max_total_tokens is not given
@@ -41,6 +44,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.quantization not in (None, "mxfp4"):
+            raise ValueError(f"quantization must be None or 'mxfp4', got {self.quantization!r}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
         if self.schedule_policy not in ("lpm", "fcfs"):

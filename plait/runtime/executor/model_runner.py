@@ -17,8 +17,8 @@ from plait.runtime.executor.loader import ModelLoadError, iter_safetensors_weigh
 from plait.runtime.kvcache.pool import KVPool
 from plait.runtime.kvcache.table import ReqToSlotTable
 from plait.runtime.layers.attention import TorchAttentionBackend
+from plait.runtime.models.architectures import model_class
 from plait.runtime.models.config import ModelConfig
-from plait.runtime.models.llama import LlamaForCausalLM
 from plait.runtime.models.registry import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -29,10 +29,12 @@ DEFAULT_MAX_CONTEXT = 32768
 
 def materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Replace every meta parameter with uninitialized storage on ``device`` in ``dtype``, keeping
-    each parameter's ``weight_loader`` (``Module.to_empty`` would drop such attributes)."""
+    each parameter's ``weight_loader`` (``Module.to_empty`` would drop such attributes). Parameters
+    that are not floating point (MXFP4 codes and scales, uint8) keep their dtype."""
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
-            new = torch.nn.Parameter(torch.empty(param.shape, device=device, dtype=dtype), requires_grad=False)
+            param_dtype = dtype if param.is_floating_point() else param.dtype
+            new = torch.nn.Parameter(torch.empty(param.shape, device=device, dtype=param_dtype), requires_grad=False)
             if hasattr(param, "weight_loader"):
                 new.weight_loader = param.weight_loader
             setattr(module, name, new)
@@ -51,11 +53,9 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.resolved_device())
         self.dtype = resolve_dtype(config, self.device)
-        self.model_config = ModelConfig.from_hf(source.config)
+        self.model_config = _with_engine_quantization(ModelConfig.from_hf(source.config), config, source)
         cfg = self.model_config
         limit = cfg.max_position_embeddings
-        if cfg.sliding_window:
-            limit = min(limit, cfg.sliding_window)  # attention here is full; stay where that is exact
         if config.context_length is not None and config.context_length > limit:
             raise ValueError(f"context_length {config.context_length} exceeds the model's limit {limit}")
         self.context_length = config.context_length or min(limit, DEFAULT_MAX_CONTEXT)
@@ -88,7 +88,7 @@ class ModelRunner:
         """A model whose weights cannot fit in the GPU memory share is a clear error, not an OOM crash."""
         if self.device.type != "cuda":
             return
-        weight_bytes = self.model_config.num_parameters() * torch.tensor([], dtype=self.dtype).element_size()
+        weight_bytes = self.model_config.weight_bytes(torch.tensor([], dtype=self.dtype).element_size())
         free, total = torch.cuda.mem_get_info(self.device)
         allowed = free - total * (1 - self.config.mem_fraction)
         if weight_bytes > allowed:
@@ -97,10 +97,11 @@ class ModelRunner:
                 f"of this GPU may be used ({free / 2**30:.1f} GiB free, mem_fraction={self.config.mem_fraction})"
             )
 
-    def _build_model(self, source: ModelSource) -> LlamaForCausalLM:
+    def _build_model(self, source: ModelSource) -> torch.nn.Module:
         self._check_fits()
         with torch.device("meta"):
-            model = LlamaForCausalLM(self.model_config, self.attn_backend, self.context_length + 1)
+            model_cls = model_class(self.model_config.model_type)
+            model = model_cls(self.model_config, self.attn_backend, self.context_length + 1)
         materialize(model, self.device, self.dtype)
         if source.load_format == "dummy" or source.weights_dir is None:
             self._init_dummy_weights(model)
@@ -123,9 +124,15 @@ class ModelRunner:
         return model.eval()
 
     def _init_dummy_weights(self, model: torch.nn.Module) -> None:
-        """Random weights, like ``--load-format dummy`` elsewhere: uniform(-1e-3, 1e-3), norms at 1."""
+        """Random weights, like ``--load-format dummy`` elsewhere: uniform(-1e-3, 1e-3), norms at 1;
+        quantized weights (MXFP4 experts) are drawn by their layer's ``init_dummy_weights``."""
         gen = torch.Generator(device=self.device).manual_seed(self.config.random_seed)
+        for module in model.modules():
+            if hasattr(module, "init_dummy_weights"):
+                module.init_dummy_weights(gen)
         for name, param in model.named_parameters():
+            if not param.is_floating_point():
+                continue  # filled above
             if name.endswith("norm.weight"):
                 param.data.fill_(1.0)
             else:
@@ -153,6 +160,9 @@ class ModelRunner:
         cfg, elt = self.model_config, torch.tensor([], dtype=self.dtype).element_size()
         tokens = max(self.config.chunked_prefill_size, self.config.max_running_requests)
         mlp = tokens * cfg.intermediate_size * 2 * elt * 2  # gate_up output + activation
+        if cfg.moe is not None:  # per (token, choice): gate_up output, activation, weighted output
+            moe = tokens * cfg.moe.top_k * (3 * cfg.moe.intermediate_size + cfg.hidden_size) * elt * 2
+            mlp = max(mlp, moe)
         logits = self.config.max_running_requests * cfg.vocab_size * 4 * 3  # float32 logits + sampling copies
         return int(mlp + logits + 2**30)
 
@@ -176,3 +186,18 @@ class ModelRunner:
         if batch.logits_indices.numel() == hidden.shape[0]:
             return self.model.compute_logits(hidden)
         return self.model.compute_logits(hidden[batch.logits_indices])
+
+
+def _with_engine_quantization(cfg: ModelConfig, config: EngineConfig, source: ModelSource) -> ModelConfig:
+    """The model config with the expert weight format to hold: the checkpoint's (its
+    ``quantization_config``) unless the engine sets ``quantization``; a checkpoint in another format
+    than the one asked for is a clear error (plait does not convert formats at load)."""
+    if config.quantization is None or config.quantization == cfg.quantization:
+        return cfg
+    if source.load_format != "dummy" and source.weights_dir is not None:
+        raise ValueError(
+            f"quantization={config.quantization!r} but the checkpoint in {source.weights_dir} stores its "
+            f"weights as {cfg.quantization or cfg.torch_dtype}; plait does not convert weight formats at load "
+            f"(use load_format='dummy' for random weights in that format)"
+        )
+    return cfg.with_quantization(config.quantization)

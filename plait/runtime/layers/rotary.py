@@ -1,4 +1,5 @@
-"""Rotary position embedding (GPT-NeoX / Hugging Face "rotate_half" layout), with "llama3" and "linear" scaling.
+"""Rotary position embedding (GPT-NeoX / Hugging Face "rotate_half" layout), with "llama3", "linear" and
+"yarn" scaling (YaRN also scales cos/sin by its attention factor, as transformers does).
 
 On CUDA, ``lookup`` returns a ``FusedRope`` (the step's positions and the whole cos/sin tables) and
 ``apply`` rotates with the Triton kernel of ``kernels/fused_rotary.py``, which reads the table rows
@@ -42,7 +43,57 @@ def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) ->
         smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
         is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
         return torch.where(is_medium, smoothed, inv_freq_llama)
-    raise ValueError(f"unsupported rope scaling type {rope_type!r}; plait supports default, linear, llama3")
+    if rope_type == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, base, scaling)
+    raise ValueError(f"unsupported rope scaling type {rope_type!r}; plait supports default, linear, llama3, yarn")
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, head_dim: int, base: float, scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN: blend interpolated (divided by ``factor``) and extrapolated (unchanged) frequencies with a
+    linear ramp over the dimensions between the ``beta_fast`` and ``beta_slow`` correction bounds
+    (transformers' ``_compute_yarn_parameters``; ``truncate`` rounds the bounds outwards, default True)."""
+    factor = _yarn_factor(scaling)
+    original = float(scaling["original_max_position_embeddings"])
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def correction_dim(num_rotations: float) -> float:
+        return (head_dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoid a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation_share = 1 - ramp
+    pos_freqs = base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    interpolated = 1.0 / (factor * pos_freqs)
+    return interpolated * (1 - extrapolation_share) + inv_freq * extrapolation_share
+
+
+def _yarn_factor(scaling: dict[str, Any]) -> float:
+    """YaRN's context factor (ModelConfig fills it from the position limits when a config leaves it out)."""
+    return float(scaling["factor"])
+
+
+def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
+    """The factor cos and sin are multiplied by: 1 except for YaRN, where it is ``attention_factor`` or,
+    unset, 0.1 ln(factor) + 1 (with ``mscale`` / ``mscale_all_dim``: the ratio of two such terms)."""
+    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = _yarn_factor(scaling)
+
+    def mscale_of(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return float(mscale_of(factor, mscale) / mscale_of(factor, mscale_all_dim))
+    return mscale_of(factor)
 
 
 class FusedRope(NamedTuple):
@@ -90,8 +141,12 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(self.max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # [P, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
-        self.cos_cache = emb.cos().to(device=device, dtype=dtype)
-        self.sin_cache = emb.sin().to(device=device, dtype=dtype)
+        cos, sin = emb.cos(), emb.sin()
+        attention_factor = rope_attention_factor(self.scaling)
+        if attention_factor != 1.0:  # YaRN: scaled in float32 before the cast, as transformers does
+            cos, sin = cos * attention_factor, sin * attention_factor
+        self.cos_cache = cos.to(device=device, dtype=dtype)
+        self.sin_cache = sin.to(device=device, dtype=dtype)
 
     def lookup(self, positions: torch.Tensor) -> Rope:
         """What ``apply`` needs for the step's positions [T]; computed once per step, shared by all layers.

@@ -2,11 +2,15 @@
 
 Built on the meta device and materialized in place by the model runner; ``load_weights`` consumes
 (name, tensor) pairs with Hugging Face names and routes each to its parameter's ``weight_loader``.
+
+The MoE models reuse these pieces: the attention (with the options ``ModelConfig`` turns on: biases,
+q/k norm, per-layer sliding windows, sinks), the decoder layer and the causal LM, overriding
+``build_mlp`` (which layers get a MoE) and ``checkpoint_target`` (their checkpoint names).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -36,14 +40,22 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(
             cfg.hidden_size, [("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)], bias=cfg.attention_bias
         )
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_out_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
         self.rotary = rotary
-        self.attn = Attention(layer_id, cfg.head_dim, backend)
+        window = cfg.layer_sliding_window(layer_id)
+        if window is None:
+            self.attn = Attention(layer_id, cfg.head_dim, backend)
+        else:
+            self.attn = Attention(layer_id, cfg.head_dim, backend, sliding_window=window)
+        # GPT-OSS: a learned sink logit per head (checkpoint name ``self_attn.sinks``)
+        self.sinks = nn.Parameter(torch.empty(cfg.num_heads), requires_grad=False) if cfg.attention_sinks else None
+        if self.sinks is not None:
+            self.sinks.weight_loader = default_weight_loader
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -53,7 +65,8 @@ class LlamaAttention(nn.Module):
         if self.q_norm is None and self.attn.can_fuse_rope_store(rope):
             # CUDA: rotate q/k and write k/v into the KV pool in one kernel
             heads = qkv.view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-            out = self.attn.rope_store_attend(rope, heads, self.num_heads, self.num_kv_heads, batch)
+            sinks = {} if self.sinks is None else {"sinks": self.sinks}
+            out = self.attn.rope_store_attend(rope, heads, self.num_heads, self.num_kv_heads, batch, **sinks)
             return self.o_proj(out.reshape(-1, self.q_size))
         if self.q_norm is None:
             # q and k heads are adjacent in qkv: rotate them in one go
@@ -64,8 +77,8 @@ class LlamaAttention(nn.Module):
             q = qkv[:, : self.q_size].reshape(T, self.num_heads, self.head_dim)  # [T, H, D]
             k = qkv[:, self.q_size : self.q_size + self.kv_size].reshape(T, self.num_kv_heads, self.head_dim)
             q, k = self.rotary.apply(rope, self.q_norm(q)), self.rotary.apply(rope, self.k_norm(k))
-        out = self.attn(q, k, v, batch)  # [T, H, D]
-        return self.o_proj(out.reshape(-1, self.q_size))
+        out = self.attn(q, k, v, batch) if self.sinks is None else self.attn(q, k, v, batch, sinks=self.sinks)
+        return self.o_proj(out.reshape(-1, self.q_size))  # out: [T, H, D]
 
 
 class LlamaMLP(nn.Module):
@@ -80,12 +93,16 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding, backend: AttentionBackend):
+    """Pre-norm attention then pre-norm MLP (``mlp``: the dense ``LlamaMLP`` or a ``MoE``), residuals fused."""
+
+    def __init__(
+        self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding, backend: AttentionBackend, mlp: nn.Module
+    ):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg, layer_id, rotary, backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = mlp
 
     def forward(
         self,
@@ -105,13 +122,21 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+        build_mlp: Callable[[ModelConfig, int], nn.Module],
+    ):
         super().__init__()
         self.rotary = rotary
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.embed_tokens.weight.weight_loader = default_weight_loader
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, rotary, backend) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, i, rotary, backend, build_mlp(cfg, i)) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -131,7 +156,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.model = LlamaModel(cfg, self.rotary, backend)
+        self.model = LlamaModel(cfg, self.rotary, backend, self.build_mlp)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -139,6 +164,10 @@ class LlamaForCausalLM(nn.Module):
 
         self.lm_head_packed: torch.Tensor | None = None
         self.lm_head_gemv = None
+
+    def build_mlp(self, cfg: ModelConfig, layer_id: int) -> nn.Module:
+        """The MLP of layer ``layer_id`` (MoE models override this)."""
+        return LlamaMLP(cfg)
 
     def prepack(self) -> None:
         """Prepack every linear weight (and the LM head) for fast small-batch GEMMs on CPU."""
@@ -165,26 +194,38 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return apply_linear(hidden, self.lm_head_weight(), None, self.lm_head_packed, self.lm_head_gemv).float()
 
+    def checkpoint_target(self, name: str, tensor: torch.Tensor) -> tuple[str, object, torch.Tensor] | None:
+        """Where a checkpoint tensor goes: (parameter name, shard id, tensor), or None to skip it.
+
+        MoE models override this for their expert and router names and defer to it for the rest.
+        """
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if name == "lm_head.weight" and self.lm_head is None:
+            return None  # tied: the embedding is the head
+        for ckpt_part, (param_part, sid) in PACKED_WEIGHTS.items():
+            if ckpt_part in name:
+                return name.replace(ckpt_part, param_part), sid, tensor
+        return name, None, tensor
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors into parameters; returns the names of parameters that were loaded.
 
-        Raises ValueError for a checkpoint tensor that matches no parameter.
+        Floating-point tensors are cast to their parameter's dtype; others (MXFP4 codes) are copied as
+        they are. Raises ValueError for a checkpoint tensor that matches no parameter.
         """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+            target = self.checkpoint_target(name, tensor)
+            if target is None:
                 continue
-            if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the embedding is the head
-            shard_id = None
-            for ckpt_part, (param_part, sid) in PACKED_WEIGHTS.items():
-                if ckpt_part in name:
-                    name, shard_id = name.replace(ckpt_part, param_part), sid
-                    break
-            param = params.get(name)
+            param_name, shard_id, tensor = target
+            param = params.get(param_name)
             if param is None:
                 raise ValueError(f"checkpoint tensor {name!r} matches no parameter of {type(self).__name__}")
-            param.weight_loader(param, tensor.to(param.dtype), shard_id)
-            loaded.add(name)
+            if tensor.is_floating_point() and param.is_floating_point():
+                tensor = tensor.to(param.dtype)
+            param.weight_loader(param, tensor, shard_id)
+            loaded.add(param_name)
         return loaded

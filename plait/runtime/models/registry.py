@@ -4,8 +4,9 @@ Presets:
 
 - ``smollm2-135m-instruct`` (default): real weights from the bundled GGUF, converted once into
   ``<cache>/models/smollm2-135m-instruct/`` (see ``fetch.cache_dir``).
-- ``llama-3.1-8b``, ``qwen3-8b``: their Hugging Face ``config.json`` only; weights are random
-  (``dummy``) unless a local checkpoint directory is given instead of the preset name.
+- ``llama-3.1-8b``, ``qwen3-8b``, ``gpt-oss-20b``, ``gpt-oss-120b``, ``qwen3-30b-a3b``: their Hugging
+  Face ``config.json`` only; weights are random (``dummy``; the GPT-OSS experts in MXFP4, as their
+  ``quantization_config`` says) unless a local checkpoint directory is given instead of the preset name.
 
 A ``.gguf`` path is converted once into ``<cache>/models/gguf-<hash of path, mtime, size>/``.
 """
@@ -68,6 +69,13 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
         ),
         "llama-3.1-8b": Preset("llama-3.1-8b", "Llama-3.1-8B architecture (config only: dummy weights)", None),
         "qwen3-8b": Preset("qwen3-8b", "Qwen3-8B architecture (config only: dummy weights)", None),
+        "gpt-oss-20b": Preset(
+            "gpt-oss-20b", "gpt-oss-20b architecture, MXFP4 experts (config only: dummy weights)", None
+        ),
+        "gpt-oss-120b": Preset(
+            "gpt-oss-120b", "gpt-oss-120b architecture, MXFP4 experts (config only: dummy weights)", None
+        ),
+        "qwen3-30b-a3b": Preset("qwen3-30b-a3b", "Qwen3-30B-A3B MoE architecture (config only: dummy weights)", None),
     }
 )
 

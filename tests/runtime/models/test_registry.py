@@ -49,7 +49,8 @@ def _tiny_dir(path: Path, *, weights: bool = True, tokenizer: bool = False) -> P
 
 def test_presets_and_shipped_configs() -> None:
     assert DEFAULT_PRESET == "smollm2-135m-instruct"
-    assert set(PRESETS) == {"smollm2-135m-instruct", "llama-3.1-8b", "qwen3-8b"}
+    assert set(PRESETS) == {"smollm2-135m-instruct", "llama-3.1-8b", "qwen3-8b", "gpt-oss-20b", "gpt-oss-120b",
+                            "qwen3-30b-a3b"}
     llama = ModelConfig.from_hf(preset_config("llama-3.1-8b"))
     assert (llama.hidden_size, llama.num_layers, llama.num_heads, llama.num_kv_heads) == (4096, 32, 32, 8)
     assert (llama.intermediate_size, llama.vocab_size, llama.rope_theta) == (14336, 128256, 500000.0)
@@ -59,7 +60,7 @@ def test_presets_and_shipped_configs() -> None:
     assert (qwen.vocab_size, qwen.rms_norm_eps, qwen.qk_norm, qwen.tie_word_embeddings) == (151936, 1e-6, True, False)
 
 
-@pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen3-8b"])
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen3-8b", "gpt-oss-20b", "gpt-oss-120b", "qwen3-30b-a3b"])
 def test_config_only_presets_are_dummy(name: str, tmp_cache: Path) -> None:
     source = resolve_model(name)
     assert (source.name, source.weights_dir, source.tokenizer_dir, source.load_format) == (name, None, None, "dummy")

@@ -1,0 +1,209 @@
+"""The mixture-of-experts MLP shared by Mixtral, Qwen3-MoE and GPT-OSS: a router, top-k routing and the
+experts, run by the fused MoE kernel (Triton on CUDA, its torch reference elsewhere).
+
+Expert weights are held as ``w13 [E, 2I, H]`` (gate and up projections: gate rows then up rows for
+"silu"; interleaved gate/up rows for GPT-OSS's "swiglu_oai") and ``w2 [E, H, I]``, plus optional biases
+``b13 [E, 2I]`` and ``b2 [E, H]``. The storage format is a property of the weights, not of the model:
+in the model dtype (parameters ``w13``, ``w2``) or MXFP4 (uint8 ``w13_blocks [E, 2I, H/32, 16]``,
+``w13_scales [E, 2I, H/32]``, ``w2_blocks``, ``w2_scales``), decoded inside the kernel.
+
+Parallelism later: a layer holds the local experts ``[expert_start, expert_end)`` and the local slice
+``[intermediate_start, intermediate_end)`` of the intermediate dimension (default: everything). The
+router always scores all experts; routed ids outside the local range contribute nothing here (the
+kernel skips them), so each rank's output is its partial sum, to be all-reduced by the caller. With a
+sliced I, ``b2`` must be added by one slice only (load it into one rank, zeros elsewhere); MXFP4 slices
+of I must be multiples of 32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from plait.runtime.kernels.fused_moe import fused_moe, fused_moe_ref
+from plait.runtime.kernels.mxfp4 import BLOCK_SIZE, Mxfp4Weight, random_mxfp4
+from plait.runtime.layers.linear import Linear
+from plait.runtime.models.config import MoEConfig
+from plait.runtime.models.errors import ModelLoadError
+
+# A checkpoint tensor's shard id: (expert, part). expert: a global expert id for a per-expert tensor,
+# None for a tensor holding every expert along dim 0. part: "gate" / "up" (one expert's [I, H]),
+# "w13" ([.., 2I, H] in this layer's gate/up layout), "w2" ([.., H, I]), "b13", "b2".
+ExpertShard = tuple[int | None, str]
+
+ROUTINGS = ("softmax_then_topk", "topk_then_softmax")
+
+
+class MoE(nn.Module):
+    """Router + top-k + experts: ``x [T, H]`` -> ``[T, H]`` (the sum over this layer's local experts)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        moe: MoEConfig,
+        quantization: str | None = None,
+        *,
+        expert_range: tuple[int, int] | None = None,
+        intermediate_range: tuple[int, int] | None = None,
+    ):
+        super().__init__()
+        if moe.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {moe.routing!r}")
+        self.moe = moe
+        self.hidden_size = hidden_size
+        self.quantization = quantization
+        self.expert_start, self.expert_end = expert_range or (0, moe.num_experts)
+        self.intermediate_start, self.intermediate_end = intermediate_range or (0, moe.intermediate_size)
+        self.interleaved = moe.activation == "swiglu_oai"
+        E = self.expert_end - self.expert_start
+        I = self.intermediate_end - self.intermediate_start  # noqa: E741 -- the usual name of the dimension
+        H = hidden_size
+        self.router = Linear(H, moe.num_experts, bias=moe.router_bias)
+        if quantization == "mxfp4":
+            if H % BLOCK_SIZE or I % BLOCK_SIZE:
+                raise ValueError(f"MXFP4 experts need hidden and intermediate sizes divisible by 32, got {H}, {I}")
+            self.w13_blocks = self._param((E, 2 * I, H // BLOCK_SIZE, BLOCK_SIZE // 2), torch.uint8)
+            self.w13_scales = self._param((E, 2 * I, H // BLOCK_SIZE), torch.uint8)
+            self.w2_blocks = self._param((E, H, I // BLOCK_SIZE, BLOCK_SIZE // 2), torch.uint8)
+            self.w2_scales = self._param((E, H, I // BLOCK_SIZE), torch.uint8)
+        elif quantization is None:
+            self.w13 = self._param((E, 2 * I, H))
+            self.w2 = self._param((E, H, I))
+        else:
+            raise ValueError(f"unsupported expert weight format {quantization!r}; plait supports mxfp4")
+        self.b13 = self._param((E, 2 * I)) if moe.expert_bias else None
+        self.b2 = self._param((E, H)) if moe.expert_bias else None
+
+    def _param(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> nn.Parameter:
+        param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+        param.weight_loader = self._load_expert_tensor
+        return param
+
+    # --- routing and forward -----------------------------------------------------------------------
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (topk_weights [T, K] float32, topk_ids [T, K] int64 global expert ids)."""
+        logits = self.router(x)  # [T, E]
+        k = self.moe.top_k
+        if self.moe.routing == "softmax_then_topk":
+            probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+            weights, ids = torch.topk(probs, k, dim=-1)
+            if self.moe.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        else:
+            top_logits, ids = torch.topk(logits, k, dim=-1)
+            weights = torch.softmax(top_logits.float(), dim=-1)
+        if self.moe.round_weights:  # the reference uses them in the activation dtype
+            weights = weights.to(x.dtype).float()
+        return weights, ids
+
+    def expert_weights(self) -> tuple[torch.Tensor | Mxfp4Weight, torch.Tensor | Mxfp4Weight]:
+        """(w13, w2) as the fused MoE kernel takes them."""
+        if self.quantization == "mxfp4":
+            return Mxfp4Weight(self.w13_blocks, self.w13_scales), Mxfp4Weight(self.w2_blocks, self.w2_scales)
+        return self.w13, self.w2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        if self.expert_start:
+            ids = ids - self.expert_start  # local ids; experts held elsewhere fall outside [0, E_local)
+        w13, w2 = self.expert_weights()
+        run = fused_moe if x.is_cuda else fused_moe_ref
+        return run(
+            x, w13, w2, weights, ids, b13=self.b13, b2=self.b2, activation=self.moe.activation,
+            swiglu_alpha=self.moe.swiglu_alpha, swiglu_limit=self.moe.swiglu_limit,
+        )
+
+    # --- dummy weights -------------------------------------------------------------------------------
+
+    def init_dummy_weights(self, generator: torch.Generator) -> None:
+        """Random MXFP4 experts (``random_mxfp4``); float parameters are left to the generic dummy init."""
+        if self.quantization != "mxfp4":
+            return
+        for blocks, scales in ((self.w13_blocks, self.w13_scales), (self.w2_blocks, self.w2_scales)):
+            E, N, G, _ = blocks.shape
+            weight = random_mxfp4(E, N, G * BLOCK_SIZE, generator, blocks.device)
+            blocks.data.copy_(weight.blocks)
+            scales.data.copy_(weight.scales)
+
+    # --- loading ---------------------------------------------------------------------------------------
+
+    def _load_expert_tensor(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ExpertShard) -> None:
+        """Copy a checkpoint tensor (one expert's or all experts') into this layer's local part of ``param``."""
+        expert, part = shard_id
+        if loaded.is_floating_point() != param.is_floating_point():
+            raise ModelLoadError(
+                f"checkpoint expert tensor is {loaded.dtype} but the layer holds {param.dtype} "
+                f"(expert weight format {self.quantization or 'model dtype'}); the checkpoint's format and "
+                f"the engine's quantization setting disagree"
+            )
+        if expert is None:
+            loaded = loaded.narrow(0, self.expert_start, self.expert_end - self.expert_start)
+            target = param.data
+        elif not self.expert_start <= expert < self.expert_end:
+            return  # held by another rank
+        else:
+            target = param.data[expert - self.expert_start]
+            loaded = loaded.unsqueeze(0)  # [1, ...]: the same dims as an all-experts tensor
+            target = target.unsqueeze(0)
+        if part in ("gate", "up"):
+            loaded = self._local_rows(loaded, 1, halves=False)
+            half = target.shape[1] // 2
+            target = target.narrow(1, 0 if part == "gate" else half, half)
+        elif part in ("w13", "b13"):
+            loaded = self._local_rows(loaded, 1, halves=True)
+        elif part == "w2":
+            groups = BLOCK_SIZE if loaded.dtype == torch.uint8 else 1  # MXFP4: dim 2 counts 32-blocks
+            start, end = self.intermediate_start // groups, self.intermediate_end // groups
+            loaded = loaded.narrow(2, start, end - start)
+        elif part != "b2":
+            raise ValueError(f"unknown expert tensor part {part!r}")
+        if tuple(target.shape) != tuple(loaded.shape):
+            raise ValueError(
+                f"expert tensor {part!r}: parameter {tuple(target.shape)} vs checkpoint {tuple(loaded.shape)}"
+            )
+        target.copy_(loaded)
+
+    def _local_rows(self, t: torch.Tensor, dim: int, *, halves: bool) -> torch.Tensor:
+        """The local intermediate rows along ``dim``: of one [I, ...] projection (``halves=False``), or of
+        a [2I, ...] gate/up tensor in this layer's layout (interleaved or gate-then-up)."""
+        start, end, full = self.intermediate_start, self.intermediate_end, self.moe.intermediate_size
+        if (start, end) == (0, full):
+            return t
+        if not halves:
+            return t.narrow(dim, start, end - start)
+        if self.interleaved:
+            return t.narrow(dim, 2 * start, 2 * (end - start))
+        return torch.cat((t.narrow(dim, start, end - start), t.narrow(dim, full + start, end - start)), dim)
+
+
+def per_expert_target(
+    name: str, block: str, names: dict[str, str]
+) -> tuple[str, ExpertShard | None] | None:
+    """Map a Mixtral/Qwen-MoE style checkpoint name inside a MoE block to (parameter name, shard id).
+
+    ``block``: the checkpoint's module name of the sparse MLP ("block_sparse_moe", "mlp"). ``names``:
+    the checkpoint's names of the router and of the per-expert projections, keys "router", "gate",
+    "up", "down" (e.g. Mixtral: gate, w1, w3, w2). Handles the Hub's per-expert layout
+    (``experts.N.<proj>.weight``) and transformers' fused one (``experts.gate_up_proj [E, 2I, H]``,
+    ``experts.down_proj [E, H, I]``). Returns None for a name outside a MoE block.
+    """
+    marker = f".{block}."
+    if marker not in name:
+        return None
+    prefix, rest = name.split(marker, 1)
+    target = prefix + ".mlp."
+    if rest in (f"{names['router']}.weight", f"{names['router']}.bias"):
+        return target + "router." + rest.rsplit(".", 1)[1], None
+    if rest == "experts.gate_up_proj":
+        return target + "w13", (None, "w13")
+    if rest == "experts.down_proj":
+        return target + "w2", (None, "w2")
+    parts = rest.split(".")  # experts, N, <proj>, weight
+    if len(parts) == 4 and parts[0] == "experts" and parts[3] == "weight":
+        by_name = {names["gate"]: ("w13", "gate"), names["up"]: ("w13", "up"), names["down"]: ("w2", "w2")}
+        if parts[2] in by_name:
+            param, part = by_name[parts[2]]
+            return target + param, (int(parts[1]), part)
+    return None
+
