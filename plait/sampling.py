@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,17 @@ __all__ = ["JSON_OBJECT", "SamplingParams"]
 JSON_OBJECT = '{"type": "object"}'
 
 _CONSTRAINT_FIELDS = ("regex", "json_schema", "ebnf", "choices")
+# Bounds on what one request may ask for (the work per decode step stays bounded).
+MAX_STOP_REGEX_COUNT = 32  # patterns per request (SGLang's limit)
+MAX_STOP_REGEX_BYTES = 256  # UTF-8 bytes per pattern (SGLang's limit)
+MAX_LOGIT_BIAS_ENTRIES = 1024  # biased tokens per request
+MAX_LOGIT_BIAS = 1e9  # |bias| beyond this could overflow float32 logits
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (error messages never echo a large value)."""
+    text = repr(value[: limit + 1] if isinstance(value, (str, list, tuple)) else value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_int(name: str, value: Any, minimum: int | None = None, allowed: str = "") -> None:
@@ -59,6 +71,12 @@ class SamplingParams:
     ``stop`` may be given as a single string or a list; it is stored as a tuple. ``stop_token_ids``
     likewise. ``top_k=-1`` means no top-k filter; ``temperature=0`` means greedy decoding.
     ``no_stop_trim=True`` keeps the matched stop string at the end of the output text.
+    ``stop_regex`` (a pattern or a list, stored as a tuple; Python ``re`` syntax): generation stops when
+    one matches the generated text; the text is cut at the match like a stop string (``no_stop_trim``
+    keeps it). At most ``MAX_STOP_REGEX_COUNT`` patterns of ``MAX_STOP_REGEX_BYTES`` bytes each.
+    ``logit_bias`` maps token ids (ints, or their decimal strings as in JSON) to a number added to that
+    token's logit before sampling (greedy included); stored as sorted ``(token_id, bias)`` pairs, None
+    when empty. Reported logprobs stay those of the raw model distribution.
     """
 
     max_new_tokens: int = 128
@@ -77,6 +95,8 @@ class SamplingParams:
     n: int = 1
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
+    stop_regex: tuple[str, ...] = field(default=())
+    logit_bias: tuple[tuple[int, float], ...] | None = None
     # Constrained decoding (at most one): the output must match this regex / JSON schema / EBNF grammar.
     # ``json_schema`` may be given as a dict (or a JSON string); it is stored as a JSON string so the
     # object stays hashable; a pydantic model class is replaced by its JSON schema. Any JSON object is
@@ -91,6 +111,8 @@ class SamplingParams:
         self._validate_ints()
         self._validate_floats()
         self._normalize_stops()
+        self._normalize_stop_regex()
+        self._normalize_logit_bias()
         for name in ("ignore_eos", "skip_special_tokens", "no_stop_trim"):
             _check_bool(name, getattr(self, name))
         if self.seed is not None:
@@ -155,6 +177,60 @@ class SamplingParams:
                 raise ValueError(f"sampling parameter 'stop_token_ids' must contain ints >= 0, got {t!r}")
         object.__setattr__(self, "stop_token_ids", ids)
 
+    def _normalize_stop_regex(self) -> None:
+        patterns = self.stop_regex
+        if patterns is None:
+            patterns = ()
+        elif isinstance(patterns, str):
+            patterns = (patterns,)
+        elif isinstance(patterns, (list, tuple)):
+            patterns = tuple(patterns)
+        else:
+            raise ValueError(f"sampling parameter 'stop_regex' must be a str or a list of str, got {_short(patterns)}")
+        if len(patterns) > MAX_STOP_REGEX_COUNT:
+            raise ValueError(f"sampling parameter 'stop_regex' allows at most {MAX_STOP_REGEX_COUNT} patterns, "
+                             f"got {len(patterns)}")
+        for pattern in patterns:
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"sampling parameter 'stop_regex' must contain non-empty strings, got {_short(pattern)}")
+            size = len(pattern.encode("utf-8"))
+            if size > MAX_STOP_REGEX_BYTES:
+                raise ValueError(f"sampling parameter 'stop_regex' has a pattern of {size} bytes; "
+                                 f"at most {MAX_STOP_REGEX_BYTES} are allowed")
+            try:
+                re.compile(pattern)
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise ValueError(f"sampling parameter 'stop_regex' has an invalid pattern {_short(pattern)}: {exc}") from None
+        object.__setattr__(self, "stop_regex", patterns)
+
+    def _normalize_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if isinstance(bias, Mapping):
+            items = list(bias.items())
+        elif isinstance(bias, (list, tuple)) and all(isinstance(e, (list, tuple)) and len(e) == 2 for e in bias):
+            items = [tuple(e) for e in bias]
+        else:
+            raise ValueError("sampling parameter 'logit_bias' must map token ids to numbers, "
+                             f"e.g. {{\"42\": -100}}, got {_short(bias)}")
+        if len(items) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"sampling parameter 'logit_bias' allows at most {MAX_LOGIT_BIAS_ENTRIES} tokens, "
+                             f"got {len(items)}")
+        pairs: dict[int, float] = {}
+        for key, value in items:
+            token = key
+            if isinstance(key, str) and key.strip().lstrip("+").isdigit():
+                token = int(key)
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"sampling parameter 'logit_bias' keys must be token ids (ints >= 0), got {_short(key)}")
+            amount = _to_float("logit_bias", value, f"in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+            if abs(amount) > MAX_LOGIT_BIAS:
+                raise ValueError(f"sampling parameter 'logit_bias' values must be in [-{MAX_LOGIT_BIAS:g}, "
+                                 f"{MAX_LOGIT_BIAS:g}], got {_short(value)} for token {token}")
+            pairs[token] = amount
+        object.__setattr__(self, "logit_bias", tuple(sorted(pairs.items())) or None)
+
     def _normalize_constraint(self) -> None:
         schema = self.json_schema
         if isinstance(schema, type) and callable(getattr(schema, "model_json_schema", None)):
@@ -208,7 +284,7 @@ class SamplingParams:
         """Build from a mapping (e.g. a JSON request body's ``sampling_params``).
 
         ``None`` gives the defaults; a ``SamplingParams`` is returned unchanged. Unknown keys raise
-        ``ValueError``. ``None`` is accepted only for ``stop``, ``stop_token_ids``, ``seed`` and the constraints.
+        ``ValueError``. A key whose value is ``None`` takes its default (as SGLang and vLLM read a JSON null).
         """
         if d is None:
             return cls()
@@ -217,17 +293,16 @@ class SamplingParams:
         if not isinstance(d, Mapping):
             raise ValueError(f"sampling parameters must be a mapping, got {type(d).__name__}")
         cls._check_keys(d.keys())
-        nullable = {"stop", "stop_token_ids", "seed", *_CONSTRAINT_FIELDS}
-        for key, value in d.items():
-            if value is None and key not in nullable:
-                raise ValueError(f"sampling parameter {key!r} must not be None (omit it to use the default)")
-        return cls(**dict(d))
+        return cls(**{key: value for key, value in d.items() if value is not None})
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (tuples become lists); ``from_dict(p.to_dict()) == p``."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["stop"] = list(self.stop)
         out["stop_token_ids"] = list(self.stop_token_ids)
+        out["stop_regex"] = list(self.stop_regex)
+        if self.logit_bias is not None:
+            out["logit_bias"] = {str(token): bias for token, bias in self.logit_bias}
         if self.choices is not None:
             out["choices"] = list(self.choices)
         return out

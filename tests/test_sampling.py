@@ -118,8 +118,9 @@ def test_from_dict() -> None:
     assert q.temperature == 0.0 and q.stop == ("x",) and q.stop_token_ids == ()
     with pytest.raises(ValueError, match="unknown sampling parameter 'foo'"):
         SamplingParams.from_dict({"foo": 1})
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        SamplingParams.from_dict({"max_new_tokens": None})
+    # null means the default (as SGLang and vLLM read a JSON null), for every field
+    nulls = SamplingParams.from_dict({name: None for name in SamplingParams.field_names()})
+    assert nulls == SamplingParams()
     with pytest.raises(ValueError, match="mapping"):
         SamplingParams.from_dict([("temperature", 1.0)])  # type: ignore[arg-type]
 
@@ -178,3 +179,36 @@ def test_constraint_fields_normalize_and_exclude_each_other() -> None:
         SamplingParams(regex="")
     with pytest.raises(ValueError, match="'json_schema'"):
         SamplingParams(json_schema=3)
+
+
+def test_stop_regex_is_validated_and_bounded() -> None:
+    from plait.sampling import MAX_STOP_REGEX_BYTES, MAX_STOP_REGEX_COUNT
+
+    assert SamplingParams(stop_regex=r"\d+\.").stop_regex == (r"\d+\.",)
+    assert SamplingParams(stop_regex=["a", "b"]).stop_regex == ("a", "b")
+    assert SamplingParams.from_dict({"stop_regex": []}).stop_regex == ()
+    for bad, needle in [("(unclosed", "invalid pattern"), ([""], "non-empty"), (3, "str or a list"),
+                        (["x"] * (MAX_STOP_REGEX_COUNT + 1), "at most"), ("a" * (MAX_STOP_REGEX_BYTES + 1), "bytes")]:
+        with pytest.raises(ValueError, match=needle):
+            SamplingParams(stop_regex=bad)
+
+
+def test_logit_bias_accepts_json_keys_and_is_bounded() -> None:
+    from plait.sampling import MAX_LOGIT_BIAS_ENTRIES
+
+    p = SamplingParams.from_dict({"logit_bias": {"42": -100, "7": 2.5}})
+    assert p.logit_bias == ((7, 2.5), (42, -100.0))
+    assert SamplingParams(logit_bias={}).logit_bias is None
+    assert SamplingParams.from_dict(p.to_dict()) == p and p.to_dict()["logit_bias"] == {"7": 2.5, "42": -100.0}
+    hash(p)  # frozen and hashable
+    for bad, needle in [({"x": 1}, "token ids"), ({-1: 1}, "token ids"), ({"1": "big"}, "number"),
+                        ({1: 1e12}, "values must be in"), ({1: float("nan")}, "finite"), ([1, 2], "map token ids"),
+                        ({i: 1 for i in range(MAX_LOGIT_BIAS_ENTRIES + 1)}, "at most")]:
+        with pytest.raises(ValueError, match=needle):
+            SamplingParams(logit_bias=bad)
+
+
+def test_errors_quote_large_values_briefly() -> None:
+    with pytest.raises(ValueError) as info:
+        SamplingParams(stop_regex=["(" + "x" * 100_000])
+    assert len(str(info.value)) < 400

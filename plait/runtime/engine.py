@@ -77,6 +77,19 @@ def _check_program_id(program_id: Any) -> None:
         raise ValueError("program_id must be a non-empty str (the program run's id)")
 
 
+MAX_CACHE_NAMESPACE_CHARS = 1024
+
+
+def _check_cache_namespace(namespace: Any) -> None:
+    if namespace is None:
+        return
+    if not isinstance(namespace, str):
+        raise TypeError(f"cache_namespace must be a str or None, got {type(namespace).__name__}")
+    if not namespace or len(namespace) > MAX_CACHE_NAMESPACE_CHARS:
+        raise ValueError(f"cache_namespace must be a non-empty str of at most {MAX_CACHE_NAMESPACE_CHARS} "
+                         f"characters (None: the default namespace), got {len(namespace)} characters")
+
+
 class Engine:
     """An in-process LLM engine: radix prefix cache, continuous batching, chunked prefill. Thread-safe."""
 
@@ -126,15 +139,18 @@ class Engine:
         rid: str | Sequence[str] | None = None,
         stream: bool = False,
         program_id: str | None = None,
+        cache_namespace: str | None = None,
     ) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (returns a dict) or a list (returns a list; ``n > 1`` flattens per prompt).
 
         With ``stream=True`` returns an iterator of cumulative snapshots; for a batch each carries ``index``.
         ``program_id``: the program run these requests belong to; what they cache stays pinned until
-        ``end_program(program_id)`` (see ``begin_program``).
+        ``end_program(program_id)`` (see ``begin_program``). ``cache_namespace``: requests share cached
+        prefixes only with requests of the same namespace (None: the default one), so that tenants cannot
+        probe each other's prompts through cache hits (SGLang's ``extra_key`` / ``cache_salt``).
         """
         gi = self._prepare(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                           top_logprobs_num, return_text_in_logprobs, rid, stream, program_id)
+                           top_logprobs_num, return_text_in_logprobs, rid, stream, program_id, cache_namespace)
         handles = [_Handle() for _ in gi.requests]
         self._submit(gi.requests, handles)
         if stream:
@@ -158,13 +174,14 @@ class Engine:
         rid: str | Sequence[str] | None = None,
         stream: bool = False,
         program_id: str | None = None,
+        cache_namespace: str | None = None,
     ) -> dict | list[dict] | AsyncIterator[dict]:
         """Async ``generate``; with ``stream=True`` returns an async iterator of snapshots."""
         loop = asyncio.get_running_loop()
         # off the event loop: tokenizing and compiling a grammar (constrained decoding) may take a while
         gi = await loop.run_in_executor(None, lambda: self._prepare(
             prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num,
-            return_text_in_logprobs, rid, stream, program_id))
+            return_text_in_logprobs, rid, stream, program_id, cache_namespace))
         handles = [_Handle(loop) for _ in gi.requests]
         self._submit(gi.requests, handles)
         if stream:
@@ -195,15 +212,16 @@ class Engine:
         rid: str | Sequence[str] | None = None,
         stream: bool = False,
         program_id: str | None = None,
+        cache_namespace: str | None = None,
     ) -> list[str]:
         """Queue requests without waiting: ``on_output(index, event)`` is called on the engine thread for
         each event of request ``index`` (``{"finished": bool, "output": dict}``; with ``stream`` one per
         step, else only the final one). Returns the request ids, in index order. For servers and other
         event-driven callers; ``on_output`` must return quickly and must not call back into the engine.
-        Invalid arguments raise before anything is queued, as in ``generate``.
+        Invalid arguments raise before anything is queued, as in ``generate`` (``cache_namespace`` too).
         """
         gi = self._prepare(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                           top_logprobs_num, return_text_in_logprobs, rid, stream, program_id)
+                           top_logprobs_num, return_text_in_logprobs, rid, stream, program_id, cache_namespace)
         sinks = [_CallbackSink(on_output, index) for index in range(len(gi.requests))]
         self._submit(gi.requests, sinks)
         return [req.rid for req in gi.requests]
@@ -278,26 +296,30 @@ class Engine:
 
     # ------------------------------------------------------------------ request intake
     def _prepare(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                 top_logprobs_num, return_text_in_logprobs, rid, stream, program_id=None) -> GenerateInput:
+                 top_logprobs_num, return_text_in_logprobs, rid, stream, program_id=None,
+                 cache_namespace=None) -> GenerateInput:
         if self._stopped or self._dead:
             raise RuntimeError("the engine has been shut down" if self._stopped else "the engine loop has died")
         if program_id is not None:
             _check_program_id(program_id)
+        _check_cache_namespace(cache_namespace)
         gi = normalize_inputs(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
                               top_logprobs_num, rid)
         for req in gi.requests:
             req.stream = stream
             req.program_id = program_id
+            req.cache_namespace = cache_namespace
             req.return_text_in_logprobs = return_text_in_logprobs
             # Incremental detokenization only where text is needed before the end (streams, stop
             # strings, token healing: the healed text is left out); other requests decode once when they finish.
-            if self.tokenizer is not None and (stream or req.params.stop or req.healed_text):
+            params = req.params
+            if self.tokenizer is not None and (stream or params.stop or params.stop_regex or req.healed_text):
                 req.detokenizer = new_detokenizer(
-                    self.tokenizer, req.prompt_ids, req.healed_text, stop=req.params.stop,
-                    skip_special_tokens=req.params.skip_special_tokens, no_stop_trim=req.params.no_stop_trim,
+                    self.tokenizer, req.prompt_ids, req.healed_text, stop=params.stop, stop_regex=params.stop_regex,
+                    skip_special_tokens=params.skip_special_tokens, no_stop_trim=params.no_stop_trim,
                 )
-            elif req.params.stop:
-                raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+            elif params.stop or params.stop_regex:
+                raise ValueError("stop strings and stop_regex need a tokenizer; this model has none (use stop_token_ids)")
         return gi
 
     def _submit(self, requests: list[Request], handles: list[_Handle]) -> None:
@@ -549,6 +571,8 @@ class Engine:
             reason = {"type": "stop", "matched": token}
         elif grammar_reason is not None:
             reason = grammar_reason
+        elif detok is not None and detok.failure is not None:
+            reason = {"type": "abort", "message": detok.failure}
         elif detok is not None and detok.stopped:
             reason = {"type": "stop", "matched": detok.matched_stop}
         elif len(req.output_ids) >= params.max_new_tokens:

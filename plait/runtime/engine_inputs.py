@@ -97,7 +97,10 @@ def normalize_inputs(
                                             prompt_logprobs=return_logprob and logprob_start_len >= 0)
         bad_stop = [t for t in params.stop_token_ids if t >= vocab]
         if bad_stop:
-            raise ValueError(f"stop_token_ids outside the vocabulary: {bad_stop}")
+            raise ValueError(f"stop_token_ids outside the vocabulary: {bad_stop[:5]}")
+        bad_bias = [t for t, _ in params.logit_bias or () if t >= vocab]
+        if bad_bias:
+            raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab}): {bad_bias[:5]}")
         base = rid_i if rid_i is not None else uuid.uuid4().hex
         eos = frozenset() if params.ignore_eos else engine.eos_token_ids
         for k in range(params.n):
@@ -105,7 +108,7 @@ def normalize_inputs(
             copy_params = params if params.n == 1 or params.seed is None else params.replace(seed=params.seed + k)
             requests.append(
                 Request(
-                    rid=base if params.n == 1 else f"{base}-{k}",
+                    rid=base if params.n == 1 else f"{base}_{k}",  # SGLang's naming of parallel samples
                     group_rid=None if params.n == 1 else base,
                     prompt_ids=list(healing.prompt_ids),
                     params=copy_params,

@@ -37,6 +37,7 @@ class Request:
     group_rid: str | None = None  # the caller's id when n > 1 expanded it into several requests
     return_text_in_logprobs: bool = False
     program_id: str | None = None  # the program run it belongs to (program-aware caching, kvcache/pins.py)
+    cache_namespace: str | None = None  # prefix-cache namespace: shares cached prefixes only within it
 
     output_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

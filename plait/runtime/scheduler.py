@@ -162,7 +162,7 @@ class Scheduler:
         # Longest prefix match first; retracted requests keep priority (they sit at the front).
         scored = []
         for pos, req in enumerate(self.waiting):
-            match_len = self.tree.match_prefix(req.token_slice(0, req.max_prefix_match())).length
+            match_len = self.tree.match_prefix(req.token_slice(0, req.max_prefix_match()), req.cache_namespace).length
             scored.append((req.retractions == 0, -match_len, pos, req))
         scored.sort(key=lambda t: t[:3])
         return [t[3] for t in scored]
@@ -175,13 +175,15 @@ class Scheduler:
                 break
             if req.inflight:
                 continue  # retracted with a token still in flight: wait until it is read back
-            match = self.tree.match_prefix(req.token_slice(0, req.max_prefix_match()))
+            match = self.tree.match_prefix(req.token_slice(0, req.max_prefix_match()), req.cache_namespace)
             # In-batch prefix sharing: a request that shares a long uncached prefix with one admitted in
-            # this step waits one step, then finds that prefix in the cache instead of recomputing it.
+            # this step (in the same cache namespace) waits one step, then finds that prefix in the cache
+            # instead of recomputing it.
             threshold = match.length + self.config.inbatch_prefix_threshold
             if req.total_len >= threshold and admitted:
                 head = req.token_slice(0, threshold)
-                if any(other.total_len >= threshold and other.token_slice(0, threshold) == head for other in admitted):
+                if any(other.total_len >= threshold and other.cache_namespace == req.cache_namespace
+                       and other.token_slice(0, threshold) == head for other in admitted):
                     continue
             n = min(req.total_len - match.length, budget)
             self.tree.inc_lock_ref(match.node)
@@ -228,9 +230,9 @@ class Scheduler:
             return
         ids = req.token_slice(0, req.computed_len)
         slots = self.table.read(req.row, req.computed_len)
-        already = self.tree.insert(ids, slots)
+        already = self.tree.insert(ids, slots, req.cache_namespace)
         self.pool.free(slots[req.cache_locked_len : already])  # duplicates of what the tree had
-        match = self.tree.match_prefix(ids)
+        match = self.tree.match_prefix(ids, req.cache_namespace)
         self.table.write(req.row, 0, match.slots)
         self.tree.inc_lock_ref(match.node)
         self.tree.dec_lock_ref(req.last_node)
@@ -242,10 +244,10 @@ class Scheduler:
         With ``pin_for_program`` (the request finished) its cached path is pinned for its program run."""
         ids = req.token_slice(0, req.computed_len)
         slots = self.table.read(req.row, req.computed_len)
-        already = self.tree.insert(ids, slots)
+        already = self.tree.insert(ids, slots, req.cache_namespace)
         self.pool.free(slots[req.cache_locked_len : already])
         if pin_for_program and req.program_id is not None:
-            self.pins.pin(req.program_id, ids)
+            self.pins.pin(req.program_id, ids, req.cache_namespace)
         if req.last_node is not None:
             self.tree.dec_lock_ref(req.last_node)
         self.table.free(req.row)

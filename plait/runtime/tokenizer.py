@@ -11,7 +11,8 @@ text that the newest token added, so that
 - a character split across byte-level tokens is emitted once complete, never as U+FFFD halves;
 - the first generated token keeps its leading space (prompt tokens give the decoder context);
 - stop strings are found across token boundaries and inside one token, and no part of a stop
-  string is ever streamed (a tail that could start a stop string is held back).
+  string is ever streamed (a tail that could start a stop string is held back);
+- stop regexes likewise, searched over a bounded tail window (``plait.runtime.stop_regex``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from plait.runtime.stop_regex import StopRegexes, StopRegexTimeout
 
 _REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded as context before the first generated token (vLLM uses 5 as well).
@@ -159,8 +162,10 @@ class IncrementalDetokenizer:
 
     Feed each generated token to ``add``; it returns the text that became safe to show. Call
     ``finish`` when generation ends for another reason than a stop string to flush what is held
-    back. After a stop string is found, ``stopped`` is True, ``matched_stop`` names it, and the
-    text ends right before it (right after it with ``no_stop_trim``); later tokens change nothing.
+    back. After a stop string (or a match of a ``stop_regex`` pattern) is found, ``stopped`` is True,
+    ``matched_stop`` names it (the pattern, for a regex), and the text ends right before it (right
+    after it with ``no_stop_trim``); later tokens change nothing. A stop regex that exceeds its time
+    limit stops the text where it was emitted and sets ``failure`` to a message.
     """
 
     def __init__(
@@ -170,6 +175,7 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         skip_special_tokens: bool = True,
         no_stop_trim: bool = False,
+        stop_regex: Sequence[str] = (),
     ) -> None:
         if isinstance(stop, str):
             stop = (stop,)
@@ -182,6 +188,8 @@ class IncrementalDetokenizer:
         self._max_stop_len = max((len(s) for s in self.stop), default=0)
         # Every proper prefix of a stop string: a text tail equal to one of them is held back.
         self._stop_prefixes = {s[:k] for s in self.stop for k in range(1, len(s))}
+        self.stop_regex = StopRegexes(stop_regex)
+        self.failure: str | None = None
 
         context = [int(i) for i in prompt_ids[-_PROMPT_CONTEXT_TOKENS:]]
         if context and self._decode(context).endswith(_REPLACEMENT_CHAR):
@@ -259,40 +267,60 @@ class IncrementalDetokenizer:
         elif len(candidate) > old_len:
             # Defensive: a decoder that rewrites earlier text; never take back emitted text.
             self._text = self._text + candidate[old_len:]
-        if self.stop and len(self._text) > old_len:
-            cut = self._find_stop(max(0, old_len - self._max_stop_len + 1))
+        if (self.stop or self.stop_regex) and len(self._text) > old_len:
+            try:
+                cut = self._find_stop(old_len)
+                held = 0 if final else self._held_back(old_len)
+            except StopRegexTimeout as exc:
+                self.failure, self.stopped = str(exc), True
+                self._text = self._text[: self._emitted]
+                return ""
             if cut is not None:
+                cut = max(cut, self._emitted)  # emitted text is never taken back
                 self._text = self._text[:cut]
                 self.stopped = True
                 return self._emit(cut)
+            return self._emit(len(self._text) - held)
         if final:
             return self._emit(len(self._text))
-        return self._emit(len(self._text) - self._held_back())
+        return self._emit(len(self._text) - self._held_back(old_len))
 
-    def _find_stop(self, start: int) -> int | None:
-        """Find the earliest stop string at or after ``start``; set ``matched_stop``.
+    def _find_stop(self, old_len: int) -> int | None:
+        """Find the earliest stop string or stop-regex match that the text's growth from ``old_len``
+        characters completed; set ``matched_stop``.
 
-        Returns the index where the text is cut, or None. Ties prefer the shorter stop string,
-        the one generation completed first.
+        Returns the index where the text is cut, or None. Ties prefer the shorter match, the one
+        generation completed first.
         """
-        best: tuple[int, int, str] | None = None
+        best: tuple[int, int, str] | None = None  # (start, end, what matched)
+        start = max(0, old_len - self._max_stop_len + 1)
         for s in self.stop:
             idx = self._text.find(s, start)
-            if idx >= 0 and (best is None or (idx, len(s)) < best[:2]):
-                best = (idx, len(s), s)
+            if idx >= 0 and (best is None or (idx, idx + len(s)) < best[:2]):
+                best = (idx, idx + len(s), s)
+        if self.stop_regex:
+            match = self.stop_regex.find(self._text, old_len)
+            if match is not None and (best is None or (match.start, match.end) < best[:2]):
+                best = (match.start, match.end, match.pattern)
         if best is None:
             return None
-        idx, length, s = best
-        self.matched_stop = s
-        return idx + length if self.no_stop_trim else idx
+        begin, end, what = best
+        self.matched_stop = what
+        return end if self.no_stop_trim else begin
 
-    def _held_back(self) -> int:
-        """Length of the longest unemitted tail that could be the start of a stop string."""
+    def _held_back(self, old_len: int) -> int:
+        """Length of the longest unemitted tail that could be the start of a stop string or match."""
         available = len(self._text) - self._emitted
+        held = 0
         for k in range(min(self._max_stop_len - 1, available), 0, -1):
             if self._text[-k:] in self._stop_prefixes:
-                return k
-        return 0
+                held = k
+                break
+        if self.stop_regex and available > held:
+            partial = self.stop_regex.partial_start(self._text, old_len)
+            if partial is not None:
+                held = max(held, min(available, len(self._text) - partial))
+        return held
 
     def _emit(self, end: int) -> str:
         if end <= self._emitted:

@@ -253,3 +253,19 @@ def test_async_generate_carries_the_program_id(small_engine):
     assert eng.pins.pinned_tokens("async") == 41  # 40 prompt tokens + the first output token's KV
     eng.end_program("async")
     assert_no_leak(eng)
+
+
+def test_pins_find_the_path_in_the_request_namespace():
+    pool, tree, pins = make()
+    program = [1, 2, 3, 4]
+    slots = pool.alloc(4)
+    pool.free(slots[: tree.insert(program, slots, "tenant")])
+    pins.open("p")
+    pins.pin("p", program)  # the default namespace has no such path: nothing to pin
+    assert pins.pinned_tokens("p") == 0
+    pins.pin("p", program, "tenant")
+    assert pins.pinned_tokens("p") == 4 and tree.evict(pool.capacity) == 0
+    check(pool, tree, pins)
+    pins.close("p")
+    assert tree.evict(pool.capacity) == 4
+    check(pool, tree, pins)

@@ -53,7 +53,7 @@ def test_input_ids_n_and_rid(server):
     samples = server.post("/generate", {"text": "Once", "rid": "my-request",
                                         "sampling_params": {"n": 3, "max_new_tokens": 6, "seed": 7}}).json()
     assert len(samples) == 3 and len({s["text"] for s in samples}) > 1
-    assert {s["meta_info"]["id"] for s in samples} == {"my-request-0", "my-request-1", "my-request-2"}
+    assert {s["meta_info"]["id"] for s in samples} == {"my-request_0", "my-request_1", "my-request_2"}
     again = server.post("/generate", {"text": "Once", "sampling_params": {"n": 3, "max_new_tokens": 6, "seed": 7}})
     assert [s["text"] for s in again.json()] == [s["text"] for s in samples]  # seeded: reproducible
 

@@ -5,7 +5,7 @@ Per step the engine builds one ``SamplingBatch`` from the requests being sampled
 work is gathering parameters into tensors and drawing noise for rows that carry their own ``seed``.
 
 Order of operations (matching SGLang / HF semantics):
-penalties (repetition over prompt+output, frequency/presence over output) -> min_new_tokens masking
+penalties (repetition over prompt+output, frequency/presence over output) -> logit_bias -> min_new_tokens masking
 (EOS and stop_token_ids banned) -> optional allowed-token mask (grammar) -> greedy rows take argmax ->
 temperature -> top_k -> top_p -> min_p -> sample by the exponential race ``argmax(p / q)``, q ~ Exp(1).
 
@@ -34,6 +34,7 @@ __all__ = [
     "SampleOutput",
     "Sampler",
     "SamplingBatch",
+    "apply_logit_bias",
     "apply_penalties",
     "log_softmax_logprobs",
     "top_k_logprobs",
@@ -181,6 +182,25 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return work
 
 
+def apply_logit_bias(work: torch.Tensor, params: Sequence[SamplingParams]) -> None:
+    """Add each row's ``logit_bias`` to ``work`` [B, V] in place, in one scatter for the whole batch.
+
+    Token ids outside [0, V) are dropped (the engine refuses them before a request is queued).
+    """
+    rows = [i for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return
+    _, vocab = work.shape
+    lengths = np.fromiter((len(params[r].logit_bias) for r in rows), dtype=np.int64, count=len(rows))
+    pairs = np.array([pair for r in rows for pair in params[r].logit_bias], dtype=np.float64).reshape(-1, 2)  # [N, 2]
+    row_idx = np.repeat(np.asarray(rows, dtype=np.int64), lengths)  # [N]
+    tokens = pairs[:, 0].astype(np.int64)  # [N]
+    keep = (tokens >= 0) & (tokens < vocab)
+    device = work.device
+    index = (torch.from_numpy(row_idx[keep]).to(device), torch.from_numpy(tokens[keep]).to(device))
+    work.index_put_(index, torch.from_numpy(pairs[keep, 1].astype(np.float32)).to(device), accumulate=True)
+
+
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
@@ -267,11 +287,15 @@ class Sampler:
         needs_penalty = any(
             p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params
         )
+        needs_bias = any(p.logit_bias for p in params)
 
-        if all(greedy) and not needs_penalty and not banned and batch.allowed_mask is None and batch.token_bitmask is None:
+        if (all(greedy) and not needs_penalty and not needs_bias and not banned and batch.allowed_mask is None
+                and batch.token_bitmask is None):
             next_ids = greedy_argmax(raw)
         else:
             work = apply_penalties(raw, batch) if needs_penalty else raw.clone()
+            if needs_bias:
+                apply_logit_bias(work, params)
             if banned:
                 rows = torch.tensor([r for r, _ in banned], dtype=torch.int64, device=device)
                 cols = torch.tensor([c for _, c in banned], dtype=torch.int64, device=device)

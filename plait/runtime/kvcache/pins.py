@@ -36,6 +36,13 @@ class _Program:
     tokens: int = 0  # distinct tokens protected by ``paths``
 
 
+def _in_tree(node: TreeNode) -> bool:
+    """True while ``node`` hangs from a root (a removed node's parent link is cut)."""
+    while node.parent is not None:
+        node = node.parent
+    return node.key == () and node.lock_ref > 0
+
+
 def _is_ancestor_or_self(upper: TreeNode, node: TreeNode) -> bool:
     while node is not None:
         if node is upper:
@@ -44,11 +51,11 @@ def _is_ancestor_or_self(upper: TreeNode, node: TreeNode) -> bool:
     return False
 
 
-def _path_nodes(paths: Iterable[TreeNode], root: TreeNode) -> set[TreeNode]:
-    """Every node on the way from each of ``paths`` up to (not including) the root."""
+def _path_nodes(paths: Iterable[TreeNode]) -> set[TreeNode]:
+    """Every node on the way from each of ``paths`` up to (not including) its namespace's root."""
     nodes: set[TreeNode] = set()
     for node in paths:
-        while node is not root and node not in nodes:
+        while not node.is_root and node not in nodes:
             nodes.add(node)
             node = node.parent
     return nodes
@@ -96,14 +103,15 @@ class ProgramPins:
         return pid in self._programs
 
     # ------------------------------------------------------------------ pinning
-    def pin(self, pid: str, token_ids: Sequence[int]) -> None:
-        """Lock the cached path of ``token_ids`` (already inserted in the tree) for open program ``pid``."""
+    def pin(self, pid: str, token_ids: Sequence[int], namespace: str | None = None) -> None:
+        """Lock the cached path of ``token_ids`` (already inserted in the tree, in cache ``namespace``)
+        for open program ``pid``."""
         prog = self._programs.get(pid)
         if prog is None or not self.enabled or not token_ids:
             return
         self._programs.move_to_end(pid)
-        node = self.tree.match_prefix(token_ids[: self.max_tokens_per_program]).node
-        if node is self.tree.root:
+        node = self.tree.match_prefix(token_ids[: self.max_tokens_per_program], namespace).node
+        if node.is_root:
             return
         for held in prog.paths:
             if _is_ancestor_or_self(node, held):  # already protected by a longer pinned path
@@ -161,7 +169,7 @@ class ProgramPins:
         for pid, prog in self._programs.items():
             for node in prog.paths:
                 assert node.lock_ref > 0, f"program {pid!r} pins an unlocked node {node!r}"
-                assert _is_ancestor_or_self(self.tree.root, node), f"program {pid!r} pins a node outside the tree"
+                assert _in_tree(node), f"program {pid!r} pins a node outside the tree"
             assert prog.tokens == self._count(prog.paths), f"program {pid!r}: token count out of date"
         everything = [n for p in self._programs.values() for n in p.paths]
         assert self._pinned_tokens == self._count(everything), "pinned_tokens out of date"
@@ -175,7 +183,7 @@ class ProgramPins:
         prog.tokens = 0
 
     def _count(self, paths: Iterable[TreeNode]) -> int:
-        return sum(len(n.key) for n in _path_nodes(paths, self.tree.root))
+        return sum(len(n.key) for n in _path_nodes(paths))
 
     def _recount_total(self) -> None:
         """Distinct pinned tokens over all programs; visits each pinned node once."""

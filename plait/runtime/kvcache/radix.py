@@ -14,6 +14,12 @@ Contract with the engine:
   tree takes ownership of ``slots[returned:]``.
 - Locked nodes (and so all their ancestors) are never evicted; ``evict`` frees least-recently-used
   unlocked leaves first.
+
+Namespaces: ``match_prefix`` and ``insert`` take a ``namespace`` (None: the default). Each namespace has
+its own root, so a prefix cached in one is never matched from another: tenants that cannot see each
+other's prompts cannot probe them through cache hits either. Eviction is one LRU over all namespaces;
+a namespace's root is dropped when its last node goes. A root is any node without a parent
+(``TreeNode.is_root``); locking walks up to it and never past it.
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ class TreeNode:
         self.value = value
         self.lock_ref = 0
         self.last_access = last_access
+
+    @property
+    def is_root(self) -> bool:
+        """True for the root of a namespace (a node of the tree without a parent)."""
+        return self.parent is None
 
     def __repr__(self) -> str:
         return f"TreeNode(key={self.key}, lock_ref={self.lock_ref}, children={len(self.children)})"
@@ -106,11 +117,31 @@ class RadixCache:
 
     def _init_tree(self) -> None:
         """Forget every node WITHOUT freeing slots (use ``reset`` to give them back to the pool)."""
-        self.root = TreeNode((), self._empty_slots(), None, self._tick())
-        self.root.lock_ref = 1  # the root is never evictable
+        self.root = self._new_root()  # the default namespace's
+        self._roots: dict[str, TreeNode] = {}  # the other namespaces' roots
+        self._namespace_of: dict[TreeNode, str] = {}  # and back
         self._evictable_size = 0
         self._protected_size = 0
         self._leaves: set[TreeNode] = set()  # every non-root node without children
+
+    def _new_root(self) -> TreeNode:
+        root = TreeNode((), self._empty_slots(), None, self._tick())
+        root.lock_ref = 1  # a root is never evictable
+        return root
+
+    def root_of(self, namespace: str | None, create: bool = False) -> TreeNode | None:
+        """The root of ``namespace`` (None: the default); None if it has nothing cached and not ``create``."""
+        if namespace is None:
+            return self.root
+        root = self._roots.get(namespace)
+        if root is None and create:
+            root = self._roots[namespace] = self._new_root()
+            self._namespace_of[root] = namespace
+        return root
+
+    def namespaces(self) -> list[str | None]:
+        """The default namespace (None) and every other namespace holding cached tokens."""
+        return [None, *self._roots]
 
     def _empty_slots(self) -> torch.Tensor:
         return torch.empty(0, dtype=torch.int64, device=self.pool.device)
@@ -135,16 +166,16 @@ class RadixCache:
 
     # ---------------------------------------------------------------- lookup
 
-    def match_prefix(self, token_ids: Sequence[int]) -> MatchResult:
-        """Longest cached prefix of ``token_ids``: its slots and the node where it ends.
+    def match_prefix(self, token_ids: Sequence[int], namespace: str | None = None) -> MatchResult:
+        """Longest prefix of ``token_ids`` cached in ``namespace``: its slots and the node where it ends.
 
         If the match ends inside an edge the node is split so the returned node ends exactly at the
-        match. Refreshes ``last_access`` along the path.
+        match. Refreshes ``last_access`` along the path. Nothing matched: the node is a root.
         """
-        if self.disabled:
+        node = None if self.disabled else self.root_of(namespace)
+        if node is None:
             return MatchResult(self._empty_slots(), self.root)
         tokens = _as_key(token_ids)
-        node = self.root
         node.last_access = self._tick()
         values: list[torch.Tensor] = []
         i = 0
@@ -162,8 +193,9 @@ class RadixCache:
         slots = torch.cat(values) if values else self._empty_slots()
         return MatchResult(slots, node)
 
-    def insert(self, token_ids: Sequence[int], slots: torch.Tensor) -> int:
-        """Cache ``token_ids`` with their ``slots``; return how many leading tokens were cached before.
+    def insert(self, token_ids: Sequence[int], slots: torch.Tensor, namespace: str | None = None) -> int:
+        """Cache ``token_ids`` with their ``slots`` in ``namespace``; return how many leading tokens
+        were cached there before.
 
         For that leading range the tree keeps its own slots (the caller frees its duplicates); the
         tree takes ownership of ``slots[returned:]``.
@@ -171,10 +203,10 @@ class RadixCache:
         tokens = _as_key(token_ids)
         if slots.numel() != len(tokens):
             raise ValueError(f"insert got {len(tokens)} token ids but {slots.numel()} slots")
-        if self.disabled:
+        if self.disabled or not tokens:
             return len(tokens)
         slots = slots.reshape(-1).to(device=self.pool.device, dtype=torch.int64)
-        node = self.root
+        node = self.root_of(namespace, create=True)
         node.last_access = self._tick()
         i = 0
         while i < len(tokens):
@@ -194,7 +226,7 @@ class RadixCache:
 
     def inc_lock_ref(self, node: TreeNode) -> None:
         """Lock ``node`` and its ancestors (root excluded) against eviction."""
-        while node is not self.root:
+        while not node.is_root:
             if node.lock_ref == 0:
                 self._evictable_size -= len(node.key)
                 self._protected_size += len(node.key)
@@ -204,9 +236,9 @@ class RadixCache:
 
     def dec_lock_ref(self, node: TreeNode) -> None:
         """Undo one ``inc_lock_ref(node)``. Raises RuntimeError if ``node`` is not locked."""
-        if node is not self.root and node.lock_ref <= 0:
+        if not node.is_root and node.lock_ref <= 0:
             raise RuntimeError(f"dec_lock_ref on an unlocked node {node!r}")
-        while node is not self.root:
+        while not node.is_root:
             if node.lock_ref == 1:
                 self._evictable_size += len(node.key)
                 self._protected_size -= len(node.key)
@@ -234,7 +266,7 @@ class RadixCache:
             freed.append(node.value)
             num_freed += len(node.key)
             self._remove_leaf(node)
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+            if not parent.is_root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access, id(parent), parent))
         if freed:
             self.pool.free(torch.cat(freed))
@@ -257,9 +289,9 @@ class RadixCache:
     # ------------------------------------------------------------- internals
 
     def _nodes(self) -> list[TreeNode]:
-        """All nodes, root first (iterative DFS)."""
+        """All nodes of every namespace, each root before its descendants (iterative DFS)."""
         out: list[TreeNode] = []
-        stack = [self.root]
+        stack = [self.root, *self._roots.values()]
         while stack:
             node = stack.pop()
             out.append(node)
@@ -279,8 +311,10 @@ class RadixCache:
         assert parent is not None and not node.children and node.lock_ref == 0
         del parent.children[node.key[0]]
         self._leaves.discard(node)
-        if parent is not self.root and not parent.children:
+        if not parent.is_root and not parent.children:
             self._leaves.add(parent)
+        elif parent.is_root and not parent.children and parent is not self.root:
+            del self._roots[self._namespace_of.pop(parent)]  # an emptied namespace goes
         self._evictable_size -= len(node.key)
         node.parent = None
 
@@ -306,22 +340,24 @@ class RadixCache:
 
     def check_integrity(self) -> None:
         """Raise AssertionError if any structural invariant or size counter is wrong."""
-        root = self.root
-        assert root.parent is None and root.key == () and root.value.numel() == 0, "bad root"
+        roots = [self.root, *self._roots.values()]
+        for root in roots:
+            assert root.parent is None and root.key == () and root.value.numel() == 0, "bad root"
+        assert all(r.children for r in self._roots.values()), "an empty namespace root was kept"
         evictable = protected = 0
         leaves: set[TreeNode] = set()
         for node in self._nodes():
             for first, child in node.children.items():
                 assert child.parent is node, f"child {child!r} has a wrong parent link"
                 assert child.key and child.key[0] == first, f"child key {child.key} stored under {first}"
-            if node is root:
+            if node.is_root:
                 continue
             assert len(node.key) > 0, "non-root node with an empty key"
             assert len(node.key) == node.value.numel(), f"{node!r}: key/value lengths differ"
             assert node.lock_ref >= 0, f"{node!r}: negative lock_ref"
             parent = node.parent
             assert parent is not None
-            if parent is not root:
+            if not parent.is_root:
                 assert parent.lock_ref >= node.lock_ref, (
                     f"{node!r} lock_ref {node.lock_ref} > parent's {parent.lock_ref}"
                 )
@@ -349,10 +385,12 @@ class RadixCache:
     def pretty(self) -> str:
         """Multi-line rendering of the tree for debugging."""
         lines: list[str] = []
-        stack = [(self.root, 0)]
+        stack = [(self.root, 0)] + [(root, 0) for root in self._roots.values()]
         while stack:
             node, depth = stack.pop()
-            if node is not self.root:
+            if node.is_root and node is not self.root:
+                lines.append(f"namespace {self._namespace_of[node]!r}:")
+            if not node.is_root:
                 lines.append(f"{'  ' * depth}{list(node.key)} lock={node.lock_ref} slots={node.value.tolist()}")
             stack.extend((c, depth + 1) for c in node.children.values())
         return "\n".join(lines)

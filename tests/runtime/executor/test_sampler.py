@@ -374,3 +374,28 @@ def test_logprobs_skipped_when_no_row_needs_them():
     out = Sampler(seed=0).sample(logits, batch)
     assert out.logprobs is None
     assert torch.equal(out.next_token_ids, logits.argmax(-1))
+
+
+def test_logit_bias_changes_greedy_and_sampled_rows_per_row() -> None:
+    logits = torch.tensor([[5.0, 4.0, 0.0, 1.0]] * 3)
+    params = [SamplingParams(temperature=0.0, logit_bias={2: 10.0}), GREEDY,
+              SamplingParams(temperature=1.0, logit_bias={0: -100, 1: -100, 3: -100})]
+    out = Sampler(seed=0).sample(logits, make_batch(params))
+    assert out.next_token_ids.tolist() == [2, 0, 2]
+    # reported logprobs stay those of the raw distribution
+    assert out.logprobs[0].item() == pytest.approx(torch.log_softmax(logits[0], -1)[2].item())
+
+
+def test_logit_bias_matches_adding_the_bias_to_the_logits() -> None:
+    from plait.runtime.executor.sampler import apply_logit_bias
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(logit_bias={"7": 1.5, "49": -2}), SamplingParams(), SamplingParams(logit_bias={0: 3})]
+    work = logits.clone()
+    apply_logit_bias(work, params)
+    expected = logits.clone()
+    expected[0, 7] += 1.5
+    expected[0, 49] -= 2
+    expected[2, 0] += 3
+    assert torch.equal(work, expected)

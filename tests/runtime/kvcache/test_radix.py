@@ -402,3 +402,42 @@ class RadixMachine(RuleBasedStateMachine):
 
 RadixMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
 TestRadixMachine = RadixMachine.TestCase
+
+
+# ----------------------------------------------------------------------------- namespaces
+def put_in(pool: KVPool, tree: RadixCache, tokens: list[int], namespace: str | None) -> None:
+    slots = pool.alloc(len(tokens))
+    assert slots is not None
+    pool.free(slots[: tree.insert(tokens, slots, namespace)])
+
+
+def test_namespaces_never_share_prefixes():
+    pool, tree = make()
+    put_in(pool, tree, [1, 2, 3, 4], None)
+    put_in(pool, tree, [1, 2, 3, 9], "tenant-a")
+    assert tree.match_prefix([1, 2, 3, 4]).length == 4
+    assert tree.match_prefix([1, 2, 3, 4], "tenant-a").length == 3  # its own [1, 2, 3], not the default's
+    assert tree.match_prefix([1, 2, 3, 9], "tenant-b").length == 0
+    assert tree.match_prefix([1, 2, 3, 9]).length == 3
+    again = pool.alloc(4)
+    assert tree.insert([1, 2, 3, 9], again, "tenant-a") == 4  # cached there already
+    pool.free(again)
+    assert sorted(map(str, tree.namespaces())) == ["None", "tenant-a"]
+    tree.check_integrity()
+
+
+def test_namespaced_nodes_lock_and_evict_and_their_root_goes_when_empty():
+    pool, tree = make()
+    put_in(pool, tree, [5, 6, 7], "t")
+    match = tree.match_prefix([5, 6, 7], "t")
+    tree.inc_lock_ref(match.node)
+    assert tree.evict(pool.capacity) == 0 and tree.protected_size() == 3
+    tree.dec_lock_ref(match.node)
+    assert tree.evict(pool.capacity) == 3
+    assert tree.namespaces() == [None] and tree.match_prefix([5, 6, 7], "t").length == 0
+    tree.check_integrity()
+    assert_no_leak(pool, tree)
+    put_in(pool, tree, [5, 6], "t")
+    tree.reset()
+    assert tree.namespaces() == [None]
+    assert_no_leak(pool, tree)
