@@ -47,11 +47,7 @@ class LlamaAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.rotary = rotary
-        window = cfg.layer_sliding_window(layer_id)
-        if window is None:
-            self.attn = Attention(layer_id, cfg.head_dim, backend)
-        else:
-            self.attn = Attention(layer_id, cfg.head_dim, backend, sliding_window=window)
+        self.attn = Attention(layer_id, cfg.head_dim, backend, sliding_window=cfg.layer_sliding_window(layer_id))
         # GPT-OSS: a learned sink logit per head (checkpoint name ``self_attn.sinks``)
         self.sinks = nn.Parameter(torch.empty(cfg.num_heads), requires_grad=False) if cfg.attention_sinks else None
         if self.sinks is not None:
@@ -65,8 +61,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is None and self.attn.can_fuse_rope_store(rope):
             # CUDA: rotate q/k and write k/v into the KV pool in one kernel
             heads = qkv.view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-            sinks = {} if self.sinks is None else {"sinks": self.sinks}
-            out = self.attn.rope_store_attend(rope, heads, self.num_heads, self.num_kv_heads, batch, **sinks)
+            out = self.attn.rope_store_attend(rope, heads, self.num_heads, self.num_kv_heads, batch, sinks=self.sinks)
             return self.o_proj(out.reshape(-1, self.q_size))
         if self.q_norm is None:
             # q and k heads are adjacent in qkv: rotate them in one go
@@ -77,8 +72,8 @@ class LlamaAttention(nn.Module):
             q = qkv[:, : self.q_size].reshape(T, self.num_heads, self.head_dim)  # [T, H, D]
             k = qkv[:, self.q_size : self.q_size + self.kv_size].reshape(T, self.num_kv_heads, self.head_dim)
             q, k = self.rotary.apply(rope, self.q_norm(q)), self.rotary.apply(rope, self.k_norm(k))
-        out = self.attn(q, k, v, batch) if self.sinks is None else self.attn(q, k, v, batch, sinks=self.sinks)
-        return self.o_proj(out.reshape(-1, self.q_size))  # out: [T, H, D]
+        out = self.attn(q, k, v, batch, sinks=self.sinks)  # [T, H, D]
+        return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class LlamaMLP(nn.Module):
