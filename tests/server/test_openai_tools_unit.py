@@ -124,3 +124,16 @@ def test_parser_holds_back_a_tag_prefix_and_releases_it_at_the_end():
     parser = ToolCallParser()
     assert parser.feed("a <tool_ca") == ("a ", [])
     assert parser.finish()[0] == "<tool_ca"
+
+
+def test_thinking_before_calls(matcher_factory):
+    choice = parse_chat_tools({"tools": [WEATHER], "tool_choice": "required"})
+    optional = tool_grammar(choice, "optional")
+    assert matcher_factory(optional, CALL_PARIS)
+    assert matcher_factory(optional, "<think>\nParis, so get_weather.\n</think>\n\n" + CALL_PARIS)
+    assert not matcher_factory(optional, "Paris.</think>" + CALL_PARIS)
+    opened = tool_grammar(choice, "open")  # the prompt opened <think>: it must be closed first
+    assert matcher_factory(opened, "Paris, so get_weather.\n</think>\n\n" + CALL_PARIS)
+    assert not matcher_factory(opened, CALL_PARIS)
+    auto = tool_grammar(parse_chat_tools({"tools": [WEATHER]}), "open")
+    assert matcher_factory(auto, "hm</think>\n\nNo call needed.") and not matcher_factory(auto, "No call.")

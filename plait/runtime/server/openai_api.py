@@ -284,19 +284,23 @@ def chat_request(body: dict[str, Any], state: Any, messages: list[dict[str, Any]
                  stream: bool, ignored: list[str], max_names: tuple[str, ...]) -> OpenAIRequest:
     """The engine request for checked chat ``messages`` (shared by chat completions and the Responses API)."""
     sampling = _sampling(body, state.info.vocab_size)
-    grammar = tool_grammar(tools) if tools is not None else None
-    if grammar is not None:
-        taken = [k for k in ("regex", "ebnf", "json_schema") if k in sampling]
-        if taken:
-            raise RequestError(f"tool calls are generated under their own grammar; {taken[0]} / response_format "
-                               "cannot be combined with tools unless tool_choice is 'none'", param=taken[0])
-        sampling["ebnf"] = grammar
     parser = getattr(state.config, "reasoning_parser", None)
     if not expect_bool("separate_reasoning", body.get("separate_reasoning", True)):
         parser = None
     if parser == "gpt-oss":
         sampling.setdefault("skip_special_tokens", False)  # the harmony channel markers are special tokens
     text = render_chat(state.tokenizer, messages, tools, render_options(body))
+    thinking = None  # how a <think> block may precede tool calls (see tool_grammar)
+    if parser in ("qwen3", "deepseek-r1"):
+        opened = parser == "deepseek-r1" or text.rfind("<think>") > text.rfind("</think>")
+        thinking = "open" if opened else "optional"
+    grammar = tool_grammar(tools, thinking) if tools is not None else None
+    if grammar is not None:
+        taken = [k for k in ("regex", "ebnf", "json_schema") if k in sampling]
+        if taken:
+            raise RequestError(f"tool calls are generated under their own grammar; {taken[0]} / response_format "
+                               "cannot be combined with tools unless tool_choice is 'none'", param=taken[0])
+        sampling["ebnf"] = grammar
     ids = state.encode(text, add_special_tokens=False)
     logprobs = None
     if expect_bool("logprobs", body.get("logprobs") or False):

@@ -167,23 +167,32 @@ def _schema_for_lark(schema: dict[str, Any]) -> str:
     return json.dumps(styled).replace("::", ":\\u003a")
 
 
-def tool_grammar(choice: ToolChoice) -> str | None:
-    """The Lark grammar (llguidance) the output must match under ``choice``; None for ``none``."""
+def tool_grammar(choice: ToolChoice, thinking: str | None = None) -> str | None:
+    """The Lark grammar (llguidance) the output must match under ``choice``; None for ``none``.
+
+    ``thinking``: how a reasoning model's ``<think>`` block may precede the answer: None (no room for
+    one), ``"optional"`` (a ``<think>...</think>`` block may come first; calls under ``required`` or a
+    named function only) or ``"open"`` (the prompt opened ``<think>``: the output closes it first).
+    """
     if choice.mode == "none":
         return None
     tools = choice.callable_tools
-    lines = ["%llguidance {}"]
+    lines = ["%llguidance {}", "ANY: /(.|\\n)*/"]
+    prefix = ""
+    if thinking == "open" or thinking == "optional" and choice.mode != "auto":
+        opener = '"<think>" ' if thinking == "optional" else ""
+        lines += [f'think[lazy]: {opener}ANY "</think>"', "NEWLINES: /\\n+/"]
+        prefix = "think NEWLINES? " if thinking == "open" else "(think NEWLINES?)? "
     call = f'{_lark_string(CALL_OPEN)} call_body'
     calls = f'{call} ({_lark_string(chr(10))} {call})*' if choice.parallel else call
     if choice.mode == "auto":
-        lines += [f"start: TEXT | head call_body{' more_calls' if choice.parallel else ''}",
+        lines += [f"start: {prefix}(TEXT | head call_body{' more_calls' if choice.parallel else ''})",
                   f"head[lazy]: ANY {_lark_string(CALL_OPEN)}",
-                  "ANY: /(.|\\n)*/",
                   f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{re.escape(CALL_OPEN)}(.|\\n)*/"]
         if choice.parallel:
             lines.append(f'more_calls: ({_lark_string(chr(10))} {call})*')
     else:
-        lines.append(f"start: {calls}")
+        lines.append(f"start: {prefix}{calls}")
     lines.append('call_body: "\\n" (' + " | ".join(f"fn_{i}" for i in range(len(tools))) + f') "\\n" '
                  f'{_lark_string(CALL_CLOSE)}')
     for i, tool in enumerate(tools):
