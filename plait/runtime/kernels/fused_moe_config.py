@@ -15,12 +15,17 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TileConfig:
-    """One GEMM's tiling: output columns and reduction chunk per program, warps, pipeline stages."""
+    """One GEMM's tiling: output columns and reduction chunk per program, warps, pipeline stages;
+    ``swap_ab`` computes the tile as ``W @ A^T`` (weights on the MMA's M side; for few rows)."""
 
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool = False
+
+    def short(self) -> str:
+        return f"N{self.block_n} K{self.block_k} w{self.num_warps} s{self.num_stages}{' swap' if self.swap_ab else ''}"
 
 
 @dataclass(frozen=True)
@@ -31,11 +36,11 @@ class FusedMoeConfig:
     up: TileConfig  # gate/up GEMM (N = I per gate and up half, K = H)
     down: TileConfig  # down GEMM (N = H, K = I)
     group_m: int = 1
+    scaled_dot: bool = True  # MXFP4 with bf16 activations: tl.dot_scaled (False: the explicit decode)
 
     def short(self) -> str:
-        u, d = self.up, self.down
-        return (f"M{self.block_m} G{self.group_m} up(N{u.block_n} K{u.block_k} w{u.num_warps} s{u.num_stages}) "
-                f"down(N{d.block_n} K{d.block_k} w{d.num_warps} s{d.num_stages})")
+        return (f"M{self.block_m} G{self.group_m} up({self.up.short()}) down({self.down.short()})"
+                + ("" if self.scaled_dot else " decode"))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ reads: CUDA-graph capturable.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -46,46 +48,73 @@ def _fp4_value(code):
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:  # float32 inputs: full precision, not TF32
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+def _mma(a, wt, acc, SWAP: tl.constexpr, IEEE: tl.constexpr):
+    """acc += a [M, k] @ wt [NW, k]^T, or with SWAP (acc transposed, [NW, M]) wt @ a^T."""
+    if SWAP:
+        if IEEE:  # float32 inputs: full precision, not TF32
+            return tl.dot(wt, tl.trans(a), acc, input_precision="ieee")
+        return tl.dot(wt, tl.trans(a), acc)
+    if IEEE:
+        return tl.dot(a, tl.trans(wt), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(wt), acc)
 
 
 @triton.jit
 def _expert_gemm(
     a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, stride_wn, stride_wk, stride_sn,
-    BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr,
+    SWAP: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """acc [BLOCK_M, NW] = A[rows] @ W[w_rows]^T over all of K, float32.
+    """[BLOCK_M, NW] = A[rows] @ W[w_rows]^T over all of K, float32.
 
-    ``a_rows`` [BLOCK_M] pointers to the A rows; ``w_base``/``s_base`` point at the expert's weight
-    (MXFP4: bytes ``[N, K/2]`` and scales ``[N, K/32]``)."""
-    acc = tl.zeros((BLOCK_M, NW), dtype=tl.float32)
-    w_ptrs = w_base + w_rows[None, :].to(tl.int64) * stride_wn  # [1, NW]
-    if MXFP4:
-        s_ptrs = s_base + w_rows[None, :].to(tl.int64) * stride_sn  # [1, NW]
-        for k0 in range(0, K, BLOCK_K):
+    ``a_rows`` [BLOCK_M] pointers to the A rows, ``w_rows`` [NW] the weight rows, ``w_ok`` [NW];
+    ``w_base``/``s_base`` point at the expert's weight (MXFP4: bytes ``[N, K/2]``, scales
+    ``[N, K/32]``). ``SWAP`` computes ``W @ A^T`` (the weight tile is the MMA's M side: at decode
+    the few token rows then fill the narrow N side instead of a 16-row M tile). ``SCALED_DOT`` (bf16
+    A, compiled only): MXFP4 through ``tl.dot_scaled``, whose upcast to bf16 is Triton's own; the
+    explicit decode below (the interpreter's path, and fp16/fp32 A) costs ~17 integer and float
+    operations a value."""
+    if SWAP:
+        acc = tl.zeros((NW, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, NW), dtype=tl.float32)
+    w_ptrs = w_base + w_rows[:, None].to(tl.int64) * stride_wn  # [NW, 1]
+    s_ptrs = s_base + w_rows[:, None].to(tl.int64) * stride_sn  # [NW, 1] (MXFP4)
+    w_ok = w_ok[:, None]  # [NW, 1]
+    for k0 in range(0, K, BLOCK_K):
+        if MXFP4:
             kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds k = 2j (low nibble), 2j + 1 (high)
             kb_ok = kb < K // 2
-            a_mask = a_ok[:, None] & kb_ok[None, :]
-            a_even = tl.load(a_rows[:, None] + (2 * kb)[None, :] * stride_ak, mask=a_mask, other=0.0)
-            a_odd = tl.load(a_rows[:, None] + (2 * kb + 1)[None, :] * stride_ak, mask=a_mask, other=0.0)
-            w_mask = kb_ok[:, None] & w_ok  # [BLOCK_K/2, NW]
-            codes = tl.load(w_ptrs + kb[:, None], mask=w_mask, other=0).to(tl.int32)
-            s = tl.load(s_ptrs + (kb // 16)[:, None], mask=w_mask, other=127).to(tl.int32)
-            scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)  # 2^(s - 127)
-            lo = (_fp4_value(codes & 15) * scale).to(a_even.dtype)
-            hi = (_fp4_value(codes >> 4) * scale).to(a_even.dtype)
-            acc = _dot(a_even, lo, acc, IEEE)
-            acc = _dot(a_odd, hi, acc, IEEE)
-    else:
-        for k0 in range(0, K, BLOCK_K):
+            codes = tl.load(w_ptrs + kb[None, :], mask=w_ok & kb_ok[None, :], other=0)  # [NW, BLOCK_K/2]
+            if SCALED_DOT:
+                kk = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(a_rows[:, None] + kk[None, :] * stride_ak, mask=a_ok[:, None] & (kk < K)[None, :],
+                            other=0.0)  # [BLOCK_M, BLOCK_K]
+                ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+                scales = tl.load(s_ptrs + ks[None, :], mask=w_ok & (ks < K // 32)[None, :], other=127)
+                if SWAP:
+                    acc = tl.dot_scaled(codes, scales, "e2m1", tl.trans(a), None, "bf16", acc)
+                else:
+                    acc = tl.dot_scaled(a, None, "bf16", tl.trans(codes), scales, "e2m1", acc)
+            else:
+                a_mask = a_ok[:, None] & kb_ok[None, :]
+                a_even = tl.load(a_rows[:, None] + (2 * kb)[None, :] * stride_ak, mask=a_mask, other=0.0)
+                a_odd = tl.load(a_rows[:, None] + (2 * kb + 1)[None, :] * stride_ak, mask=a_mask, other=0.0)
+                codes = codes.to(tl.int32)
+                s = tl.load(s_ptrs + (kb // 16)[None, :], mask=w_ok & kb_ok[None, :], other=127).to(tl.int32)
+                scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)  # 2^(s - 127)
+                lo = (_fp4_value(codes & 15) * scale).to(a_even.dtype)  # [NW, BLOCK_K/2], even k
+                hi = (_fp4_value(codes >> 4) * scale).to(a_even.dtype)  # odd k
+                acc = _mma(a_even, lo, acc, SWAP, IEEE)
+                acc = _mma(a_odd, hi, acc, SWAP, IEEE)
+        else:
             kk = k0 + tl.arange(0, BLOCK_K)
             kk_ok = kk < K
             a = tl.load(a_rows[:, None] + kk[None, :] * stride_ak, mask=a_ok[:, None] & kk_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs + kk[:, None] * stride_wk, mask=kk_ok[:, None] & w_ok, other=0.0)  # [BLOCK_K, NW]
-            acc = _dot(a, w.to(a.dtype), acc, IEEE)
+            w = tl.load(w_ptrs + kk[None, :] * stride_wk, mask=w_ok & kk_ok[None, :], other=0.0)  # [NW, BLOCK_K]
+            acc = _mma(a, w.to(a.dtype), acc, SWAP, IEEE)
+    if SWAP:
+        return tl.trans(acc)
     return acc
 
 
@@ -107,8 +136,8 @@ def _moe_up_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     num_pairs, top_k, num_m_blocks, H, I, alpha, limit,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_be, stride_om,
-    ACT: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ACT: tl.constexpr, MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
 ):
     pid_m, pid_n = _block_coords(num_m_blocks, I, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -130,8 +159,8 @@ def _moe_up_kernel(
         w_rows = 2 * col + (j % 2)
     w_rows = tl.where(col_ok, w_rows, 0)
     acc = _expert_gemm(a_rows, pair_ok, stride_xk, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
-                       w_rows, col_ok[None, :], H, stride_wn, stride_wk, stride_sn,
-                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, MXFP4, IEEE)  # [BLOCK_M, 2 * BLOCK_N]
+                       w_rows, col_ok, H, stride_wn, stride_wk, stride_sn,
+                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, SWAP, IEEE)  # [BLOCK_M, 2 * BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))  # [BLOCK_M, BLOCK_N] each
@@ -151,8 +180,8 @@ def _moe_down_kernel(
     a_ptr, w_ptr, s_ptr, b_ptr, tw_ptr, y_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     num_pairs, num_m_blocks, H, I,
     stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_be, stride_ym,
-    MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
 ):
     pid_m, pid_n = _block_coords(num_m_blocks, H, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -170,8 +199,8 @@ def _moe_down_kernel(
     a_rows = a_ptr + tl.where(pair_ok, pairs, 0).to(tl.int64) * stride_am  # [BLOCK_M] intermediate rows
     w_rows = tl.where(col_ok, cols, 0)
     acc = _expert_gemm(a_rows, pair_ok, 1, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
-                       w_rows, col_ok[None, :], I, stride_wn, stride_wk, stride_sn,
-                       BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, IEEE)  # [BLOCK_M, BLOCK_N]
+                       w_rows, col_ok, I, stride_wn, stride_wk, stride_sn,
+                       BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, SWAP, IEEE)  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
     weight = tl.load(tw_ptr + tl.where(pair_ok, pairs, 0)).to(tl.float32)  # [BLOCK_M]
@@ -210,6 +239,7 @@ def fused_moe_triton(
     inter = torch.empty(num_pairs, I, dtype=x.dtype, device=x.device)  # [T*K, I], row per pair
     y = torch.empty(num_pairs, H, dtype=x.dtype, device=x.device)  # [T*K, H], row per pair
     ieee = x.dtype == torch.float32
+    scaled_dot = x.dtype == torch.bfloat16 and config.scaled_dot and os.environ.get("TRITON_INTERPRET") != "1"
     tw = topk_weights.reshape(-1)  # [T*K]
     if not tw.is_contiguous():
         tw = tw.contiguous()
@@ -220,8 +250,8 @@ def fused_moe_triton(
         x, w, s, b13 if b13 is not None else x, inter, sorted_ids, block_expert, num_padded,
         num_pairs, K, num_m_blocks, H, I, swiglu_alpha, swiglu_limit,
         x.stride(0), x.stride(1), swe, swn, swk, sse, ssn, b13.stride(0) if b13 is not None else 0, inter.stride(0),
-        ACT=0 if activation == "silu" else 1, MXFP4=mx, HAS_BIAS=b13 is not None, IEEE=ieee,
-        BLOCK_M=bm, BLOCK_N=up.block_n, BLOCK_K=up.block_k, GROUP_M=config.group_m,
+        ACT=0 if activation == "silu" else 1, MXFP4=mx, SCALED_DOT=mx and scaled_dot, HAS_BIAS=b13 is not None, IEEE=ieee,
+        BLOCK_M=bm, BLOCK_N=up.block_n, BLOCK_K=up.block_k, GROUP_M=config.group_m, SWAP=up.swap_ab,
         num_warps=up.num_warps, num_stages=up.num_stages,
     )
     w, s, swe, swn, swk, sse, ssn, mx = _weight_args(w2, x.dtype)
@@ -230,8 +260,8 @@ def fused_moe_triton(
         inter, w, s, b2 if b2 is not None else x, tw, y, sorted_ids, block_expert, num_padded,
         num_pairs, num_m_blocks, H, I,
         inter.stride(0), swe, swn, swk, sse, ssn, b2.stride(0) if b2 is not None else 0, y.stride(0),
-        MXFP4=mx, HAS_BIAS=b2 is not None, IEEE=ieee,
-        BLOCK_M=bm, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=config.group_m,
+        MXFP4=mx, SCALED_DOT=mx and scaled_dot, HAS_BIAS=b2 is not None, IEEE=ieee,
+        BLOCK_M=bm, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=config.group_m, SWAP=down.swap_ab,
         num_warps=down.num_warps, num_stages=down.num_stages,
     )
     if K == 1:
