@@ -164,3 +164,59 @@ def test_every_transformers_parameter_maps_to_a_plait_tensor(preset: str) -> Non
     params = dict(model.named_parameters())
     for name, param in hf.named_parameters(remove_duplicate=False):
         assert plait_tensor_for(name, model, params).shape == param.shape, name
+
+
+def _facts_of_preset(name: str, quantization: str | None = "keep"):
+    import torch
+
+    from plait.bench.model_facts import ModelFacts
+    from plait.runtime.models.config import ModelConfig
+    from plait.runtime.models.registry import preset_config
+
+    cfg = ModelConfig.from_hf(preset_config(name))
+    if quantization != "keep":
+        cfg = cfg.with_quantization(quantization)
+    engine = SimpleNamespace(
+        model_config=cfg, runner=SimpleNamespace(dtype=torch.bfloat16), config=SimpleNamespace(max_running_requests=256)
+    )
+    return ModelFacts.from_engine(engine)
+
+
+def test_gpt_oss_120b_floor_reads_the_routed_experts_only() -> None:
+    """GPT-OSS-120B, MXFP4 experts: a batch-1 step reads the dense weights and 4 of 128 experts per layer
+    (~5.1B active parameters); a large batch reads nearly every expert (~61 GB)."""
+    from plait.bench.model_facts import expected_distinct_experts
+
+    facts = _facts_of_preset("gpt-oss-120b")
+    assert facts.is_moe and (facts.moe_layers, facts.num_experts, facts.top_k) == (36, 128, 4)
+    # one expert: 3 * 2880 * 2880 values at 4.25 bits, plus bf16 biases
+    assert facts.expert_bytes == int(3 * 2880 * 2880 * 17 / 32) + (2 * 2880 + 2880) * 2
+    # dense: attention 36 * 26.5M + routers + embedding-sized head 579M, in bf16: ~3.1 GB; experts 36 * 4 * 13.2 MB
+    assert facts.dense_weight_bytes == pytest.approx(2 * (36 * (2880 * 5120 + 4096 * 2880 + 128 * 2880) + 201088 * 2880),
+                                                     rel=0.02)
+    assert facts.weight_bytes == pytest.approx(facts.dense_weight_bytes + 36 * 4 * facts.expert_bytes, rel=1e-6)
+    assert facts.step_weight_bytes(4096) == pytest.approx(facts.dense_weight_bytes + 36 * 128 * facts.expert_bytes,
+                                                          rel=1e-6)
+    assert expected_distinct_experts(128, 4, 1) == pytest.approx(4)
+    assert expected_distinct_experts(128, 4, 64) == pytest.approx(128 * (1 - (124 / 128) ** 64))
+    # per token: attention 26.5M + router + 4 experts of 24.9M per layer: ~4.55B multiplied parameters
+    assert facts.gemm_params == pytest.approx(36 * (2880 * 5120 + 4096 * 2880 + 128 * 2880 + 4 * 3 * 2880**2), rel=0.02)
+    # half the layers slide over 128 keys: a long context reads about half the KV of full attention
+    assert facts.kv_read_tokens(4096) == 18 * 4096 + 18 * 128
+    assert facts.attention_flops(10, cached=200) == pytest.approx(
+        4 * facts.layer_attn_width * (18 * 10 * (200 + 5.5) + 18 * 10 * 128))
+
+
+def test_dense_model_facts_are_unchanged_by_the_moe_terms() -> None:
+    facts = _facts_of_preset("llama-3.1-8b")
+    assert not facts.is_moe and facts.step_weight_bytes(256) == facts.weight_bytes
+    assert facts.attention_flops(100) == pytest.approx(4 * 32 * 4096 * 100 * 101 / 2)
+
+
+def test_offline_lengths_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from plait.bench import parse_lengths
+
+    assert parse_lengths("1024,512") == (1024, 512)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--offline-lengths", "1024"])
+    assert "--offline-lengths takes IN,OUT" in capsys.readouterr().err

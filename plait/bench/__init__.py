@@ -19,7 +19,7 @@ ROW_KEYS = ("a", "b", "c", "d", "e", "f")
 ROW_HELP = (
     "a: batch-1 decode tok/s vs the bandwidth floor; "
     "b: decode tok/s at batch 64/128/256 with 128- and 1024-token prompts; "
-    "c: offline throughput, 1000 requests of 256 in / 256 out; "
+    "c: offline throughput, 1000 requests of 256 in / 256 out (--offline-lengths); "
     "d: shared-prefix workload (64 groups x 16 prompts, 2048-token system prompt), prefix cache on vs off; "
     "e: transformers' generate on the same weights at batch 1 and 64; "
     "f: time to first token for a 1024-token prompt"
@@ -33,6 +33,18 @@ def parse_only(text: str) -> tuple[str, ...]:
     if bad or not keys:
         raise argparse.ArgumentTypeError(f"--only takes a comma-separated subset of {','.join(ROW_KEYS)}, got {text!r}")
     return keys
+
+
+def parse_lengths(text: str) -> tuple[int, int]:
+    """``"1024,1024"`` -> ``(1024, 1024)``: positive prompt and output lengths."""
+    parts = text.split(",")
+    try:
+        lengths = tuple(int(p) for p in parts)
+    except ValueError:
+        lengths = ()
+    if len(lengths) != 2 or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"--offline-lengths takes IN,OUT (two positive integers), got {text!r}")
+    return lengths  # type: ignore[return-value]
 
 
 def parse_engine_arg(text: str) -> tuple[str, Any]:
@@ -64,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed runs per decode/throughput measurement, median taken (default 1; TTFT uses 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
+    parser.add_argument("--offline-lengths", type=parse_lengths, metavar="IN,OUT",
+                        help="row c's prompt and output lengths (default 256,256; GPT-OSS is compared at 1024,1024)")
 
 
 def run(args: argparse.Namespace) -> int:

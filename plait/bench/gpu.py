@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from plait.bench.gpu_workloads import Row, Workloads, shared_prefix_rows, synchronize
+from plait.bench.model_facts import ModelFacts  # noqa: F401 -- re-exported: the floors live there
 
 logger = logging.getLogger(__name__)
 
@@ -111,55 +112,6 @@ def measure_machine(device: torch.device, sizes: Sizes) -> Machine:
     return Machine(device, name, 2 * sizes.copy_mib * 2**20 / copy_s, 2 * n**3 / mm_s, dtype, n)
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """Byte and FLOP counts of the served model, from its ModelConfig and the engine's dtype."""
-
-    weight_bytes: int  # read per decode step: every weight but the input embedding (unless tied to the head)
-    kv_bytes_per_token: int
-    gemm_params: int  # weights multiplied per token in the layers (no embedding, no head)
-    head_params: int
-    attn_width: int  # num_layers * q_size: causal attention costs 4 * attn_width FLOPs per (query, key) pair
-    max_running: int
-
-    @classmethod
-    def from_engine(cls, engine) -> "ModelFacts":
-        cfg = engine.model_config
-        elt = torch.empty(0, dtype=engine.runner.dtype).element_size()
-        emb = cfg.vocab_size * cfg.hidden_size
-        total = cfg.num_parameters()
-        read = total if cfg.tie_word_embeddings else total - emb
-        return cls(
-            weight_bytes=read * elt,
-            kv_bytes_per_token=2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elt,
-            gemm_params=total - emb * (1 if cfg.tie_word_embeddings else 2),
-            head_params=emb,
-            attn_width=cfg.num_layers * cfg.q_size,
-            max_running=engine.config.max_running_requests,
-        )
-
-    def prefill_flops(self, new_tokens: int, cached: int = 0) -> float:
-        """FLOPs to extend a sequence of ``cached`` tokens by ``new_tokens`` (head on the last token only)."""
-        attention = 4 * self.attn_width * new_tokens * (cached + (new_tokens + 1) / 2)
-        return 2 * self.gemm_params * new_tokens + attention + 2 * self.head_params
-
-    def decode_step(self, machine: Machine, batch: int, avg_context: float) -> tuple[float, str]:
-        """(seconds, "memory" | "compute"): the floor of one decode step of ``batch`` sequences."""
-        memory = (self.weight_bytes + batch * avg_context * self.kv_bytes_per_token) / machine.bandwidth
-        flops = batch * (2 * (self.gemm_params + self.head_params) + 4 * self.attn_width * avg_context)
-        compute = flops / machine.matmul_rate
-        return (memory, "memory") if memory >= compute else (compute, "compute")
-
-    def workload_floor(self, machine: Machine, prefill_flops: float, requests: int, prompt_len: int,
-                       output_len: int) -> float:
-        """Seconds: all prefill at the matmul rate, then (output_len - 1) decode steps per wave of requests."""
-        seconds = prefill_flops / machine.matmul_rate
-        for start in range(0, requests, self.max_running):
-            batch = min(self.max_running, requests - start)
-            seconds += (output_len - 1) * self.decode_step(machine, batch, prompt_len + output_len / 2)[0]
-        return seconds
-
-
 def machine_rows(machine: Machine, facts: ModelFacts | None) -> list[Row]:
     """The two card rows, each with the floor it implies for the model."""
     gb = machine.bandwidth / 1e9
@@ -169,6 +121,9 @@ def machine_rows(machine: Machine, facts: ModelFacts | None) -> list[Row]:
         step = facts.weight_bytes / machine.bandwidth
         bw_note = (f"decode floor at batch 1: {facts.weight_bytes / 1e9:.2f} GB of weights per step -> "
                    f"{step * 1e3:.2f} ms/step, {1 / step:,.0f} tok/s")
+        if facts.is_moe:
+            bw_note += (f" (dense {facts.dense_weight_bytes / 1e9:.2f} GB + {facts.moe_layers} MoE layers x "
+                        f"{facts.top_k} of {facts.num_experts} experts x {facts.expert_bytes / 1e6:.1f} MB)")
         per_token = 2 * facts.gemm_params
         mm_note = (f"prefill floor: {per_token / 1e9:.2f} GFLOP/token (GEMMs) -> "
                    f"{machine.matmul_rate / per_token:,.0f} tok/s")
@@ -258,6 +213,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from plait.runtime.engine import Engine
 
     sizes, settings = (QUICK if args.quick else FULL), _engine_settings(args)
+    if getattr(args, "offline_lengths", None):
+        sizes = dataclasses.replace(sizes, offline_input=args.offline_lengths[0],
+                                    offline_output=args.offline_lengths[1])
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     device = torch.device(EngineConfig.from_kwargs(model=args.model, **settings).resolved_device())
@@ -354,4 +312,8 @@ FLOOR_NOTES = [
     "causal attention) / matmul rate; rows c, d: prefill floor + decode steps in waves of "
     "max_running_requests. `of floor` = floor time / measured time (1.0 = at the floor).",
     "Decode tok/s = batch * (N - 1) / (time(N new tokens) - time(1 new token)): the prefill cancels out.",
+    "MoE models: a step reads the dense weights plus, per MoE layer, the experts its tokens are routed to: "
+    "top_k at batch 1, E * (1 - (1 - k/E)^B) expected distinct experts at batch B under uniform routing "
+    "(random router weights route near-uniformly; real routing is skewed, touching fewer experts, so its "
+    "floor is lower). FLOPs count only the active experts. Sliding-window layers read at most their window of KV.",
 ]
