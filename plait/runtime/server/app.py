@@ -38,17 +38,17 @@ from plait.runtime.server.process import (
     EngineUnavailableError,
     RequestStream,
 )
+from plait.runtime.server.native import parse_generate
 from plait.runtime.server.protocol import (
     GenerateJob,
     LogprobText,
     RequestError,
     expect_bool,
     ignored_fields_headers,
-    parse_generate,
 )
 
 logger = logging.getLogger(__name__)
-OPEN_PATHS = frozenset({"/health", "/health_generate", "/metrics"})  # no API key needed (probes, scrapers)
+OPEN_PATHS = frozenset({"/health", "/health_generate", "/metrics", "/ready", "/ping"})  # no API key (probes, scrapers)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -201,6 +201,8 @@ def native_output(state: ServerState, job: GenerateJob, event: EngineEvent, inde
     if job.return_logprob:
         meta = state.logprob_text.decorate(meta, job.return_text_in_logprobs)
     out = {"text": event.text, "output_ids": event.output_ids, "meta_info": meta}
+    if job.return_prompt_token_ids:
+        out["prompt_token_ids"] = job.input_ids
     if index is not None:
         out["index"] = index
     return out
@@ -211,8 +213,10 @@ async def generate(request: Request) -> Response:
     """SGLang's ``/generate``: one prompt answers an object, a list (or ``n > 1``) answers a list."""
     state: ServerState = request.app.state.server
     encode = state.encode if state.tokenizer is not None else None
-    jobs, is_batch, stream = parse_generate(await read_json(request), encode, state.info,
-                                            state.info.supports_program_id)
+    parsed = parse_generate(await read_json(request), encode, state.info, state.info.supports_program_id,
+                            state.config.strict_fields)
+    jobs, is_batch, stream = parsed.jobs, parsed.is_batch, parsed.stream
+    headers = ignored_fields_headers(parsed.ignored)
     streams = await submit_all(state, jobs)
     first_index = [0]
     for job in jobs:
@@ -226,12 +230,12 @@ async def generate(request: Request) -> Response:
                 index = first_index[position] + event.index if is_batch else None
                 yield sse(native_output(state, jobs[position], event, index))
             yield "data: [DONE]\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
     finals = await until_disconnect(request, collect(streams, state))
     outputs = sorted(((first_index[p] + e.index, native_output(state, jobs[p], e, None)) for p, e in finals),
                      key=lambda pair: pair[0])
     body = [out for _, out in outputs]
-    return JSONResponse(body if is_batch else body[0])
+    return JSONResponse(body if is_batch else body[0], headers=headers)
 
 
 async def openai_completion(request: Request) -> Response:
@@ -408,9 +412,10 @@ def create_app(config: ServerConfig, client: EngineClient, tokenizer: Any) -> Fa
         ("/end_program", program_call, ["POST"]), ("/get_chat_template", get_chat_template, ["GET"]),
         ("/apply_chat_template", apply_chat_template, ["POST"]), ("/metrics", metrics, ["GET"]),
     ]
-    from plait.runtime.server import responses  # imports this module's helpers: loaded after them
+    from plait.runtime.server import native_routes, responses  # import this module's helpers: loaded after them
 
     routes += responses.routes(app)
+    routes += native_routes.routes()
     for path, endpoint, methods in routes:
         app.add_api_route(path, endpoint, methods=methods)
 

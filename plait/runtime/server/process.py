@@ -95,6 +95,8 @@ class _Forwarder:
         for key in _INPUT_KEYS:
             if key in meta and self.sent_input_logprobs:
                 meta[key] = []
+        if "output_token_logprobs" in meta:  # SGLang's running count, as streamed entries are deltas
+            meta["output_token_logprobs_length"] = self.sent_out_logprobs + len(meta["output_token_logprobs"])
         payload = {"output_ids": ids[self.sent_ids:], "meta_info": meta}
         if finished:
             payload["text"] = text
@@ -195,6 +197,8 @@ class _EngineServer:
         if extra and not self.supports_program_id:
             self.outbox.put(("error", rid, "program_id is not supported by this engine"))
             return
+        if spec.get("cache_namespace") is not None:
+            extra["cache_namespace"] = spec["cache_namespace"]
         forwarders: dict[int, _Forwarder] = {}  # one per request of this rid (n > 1 or a batch make several)
 
         def on_output(index: int, event: dict[str, Any]) -> None:  # on the engine thread

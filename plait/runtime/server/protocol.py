@@ -1,9 +1,10 @@
-"""SGLang's native ``/generate`` protocol: request checking, and the jobs handed to the engine process.
+"""Request checking shared by the server's APIs, and the jobs handed to the engine process.
 
-Every field SGLang's ``/generate`` knows is either supported, or accepted at its default value (the
-``sglang`` frontend sends several of those on every call) and refused otherwise, with a message that
-names it. Unknown fields are ignored with a warning that reaches the caller (``split_unknown`` and the
-``X-Plait-Ignored-Fields`` response header, as vLLM does), or refused with 400 under ``--strict-fields``.
+SGLang's ``/generate`` fields are read in ``native.py``, the OpenAI API's in ``openai_api.py``; both use
+these helpers. SGLang's sampling object (``sampling_params_from``) honours SamplingParams' fields and
+accepts SGLang's others at their default values only (``SAMPLING_DEFAULT_ONLY``). Unknown fields are
+ignored with a warning that reaches the caller (``split_unknown`` and the ``X-Plait-Ignored-Fields``
+response header, as vLLM does), or refused with 400 under ``--strict-fields``.
 Error messages never echo a large value back: ``short_repr`` bounds what they quote.
 """
 
@@ -11,47 +12,23 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from plait.sampling import SamplingParams
 
-# Fields of SGLang's GenerateReqInput that plait does not implement: accepted only at these values.
-NATIVE_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
-    "image_data": (None, [], [None]),
-    "video_data": (None, [], [None]),
-    "audio_data": (None, [], [None]),
-    "input_embeds": (None,),
-    "lora_path": (None, [None]),
-    "lora_id": (None,),
-    "modalities": (None, [], ["text"]),
-    "session_params": (None,),
-    "custom_logit_processor": (None, [None]),
-    "return_hidden_states": (False, None),
-    "token_ids_logprob": (None, [None]),
-    "stream_output": (None, False),
-    "data_parallel_rank": (None,),
-    "bootstrap_host": (None,),
-    "bootstrap_port": (None,),
-    "bootstrap_room": (None,),
-    "background": (False, None),
-}
-# Fields that change nothing about the output (bookkeeping); accepted with any value.
-NATIVE_IGNORED = frozenset({"log_metrics", "extra_key", "priority"})
-NATIVE_FIELDS = frozenset({
-    "text", "input_ids", "sampling_params", "stream", "return_logprob", "logprob_start_len",
-    "top_logprobs_num", "return_text_in_logprobs", "rid", "program_id",
-})
-# Sampling parameters of SGLang that plait lacks: accepted only at these values.
+# Sampling parameters of SGLang that plait lacks: accepted only at these values (None: the default).
 SAMPLING_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
-    "spaces_between_special_tokens": (True,),
-    "structural_tag": (None,),
-    "custom_params": (None,),
-    "stream_interval": (None,),
-    "logit_bias": (None, {}),
+    "spaces_between_special_tokens": (True, None),
+    "custom_params": (None, {}),  # read by custom logit processors only (refused: they execute code)
+    "watermark": (None,),
+    "beam_width": (None, 0, 1),
 }
+# Sampling parameters that change nothing about the output: accepted with any value.
+SAMPLING_IGNORED = frozenset({"stream_interval"})  # how often stream events are sent; plait sends every step
+# SGLang's names that plait reads besides SamplingParams' own fields.
+SAMPLING_EXTRA = frozenset({"sampling_seed", "structural_tag", *SAMPLING_DEFAULT_ONLY, *SAMPLING_IGNORED})
 MAX_TOP_LOGPROBS = 100
 IGNORED_FIELDS_HEADER = "X-Plait-Ignored-Fields"
 MAX_REPORTED_FIELDS = 32  # the header lists at most this many names (then "... (N more)")
@@ -105,6 +82,8 @@ class GenerateJob:
     return_text_in_logprobs: bool = False
     stream: bool = False
     program_id: str | None = None
+    cache_namespace: str | None = None  # prefix-cache namespace (SGLang's extra_key / cache_salt)
+    return_prompt_token_ids: bool = False  # the HTTP side adds ``prompt_token_ids`` to each output
 
     def spec(self) -> dict[str, Any]:
         """What the engine process receives (see ``process.py``)."""
@@ -112,6 +91,7 @@ class GenerateJob:
             "input_ids": self.input_ids, "sampling_params": self.sampling_params,
             "return_logprob": self.return_logprob, "logprob_start_len": self.logprob_start_len,
             "top_logprobs_num": self.top_logprobs_num, "stream": self.stream, "program_id": self.program_id,
+            "cache_namespace": self.cache_namespace,
         }
 
 
@@ -187,22 +167,32 @@ def reject_non_default(body: dict[str, Any], defaults: dict[str, tuple[Any, ...]
             )
 
 
-def sampling_params_from(raw: Any, name: str = "sampling_params", aliases: dict[str, str] | None = None) -> SamplingParams:
+def sampling_params_from(raw: Any, name: str = "sampling_params", aliases: dict[str, str] | None = None,
+                         ignored: list[str] | None = None, strict: bool = False) -> SamplingParams:
     """Validate a sampling-params object (SGLang names); SGLang-only keys must be at their defaults.
 
     ``aliases`` maps SGLang names to the client's names (OpenAI's ``max_tokens``) for error messages.
+    A key set to null takes its default. Unknown keys: with ``ignored`` (a list), they are dropped and
+    their names appended to it (``split_unknown``; ``strict`` refuses them); without it they are a 400.
+    ``structural_tag`` becomes an ``ebnf`` (Lark) constraint (``structural_tag.py``).
     """
     if raw is None:
         return SamplingParams()
     if not isinstance(raw, dict):
         raise RequestError(f"field {name!r} must be an object, got {short_repr(raw)}", param=name)
-    raw = dict(raw)
+    raw = {key: value for key, value in raw.items() if value is not None or key == "max_new_tokens"}
+    if ignored is not None:
+        for key in split_unknown(raw, SamplingParams.field_names() | SAMPLING_EXTRA, name, strict):
+            raw.pop(key, None)
+            ignored.append(f"{name}.{key}")
     reject_non_default(raw, SAMPLING_DEFAULT_ONLY, name)
-    for key in SAMPLING_DEFAULT_ONLY:
+    for key in (*SAMPLING_DEFAULT_ONLY, *SAMPLING_IGNORED):
         raw.pop(key, None)
     if "sampling_seed" in raw:  # newer SGLang's name for the seed
         seed = raw.pop("sampling_seed")
         raw.setdefault("seed", seed)
+    if "structural_tag" in raw:
+        _structural_tag(raw, name)
     if raw.get("max_new_tokens", 0) is None:
         del raw["max_new_tokens"]  # SGLang: None means "up to the context" (see fit_max_tokens)
     try:
@@ -212,6 +202,19 @@ def sampling_params_from(raw: Any, name: str = "sampling_params", aliases: dict[
         for ours, theirs in (aliases or {}).items():
             message = message.replace(repr(ours), repr(theirs))
         raise RequestError(message, param=name) from None
+
+
+def _structural_tag(raw: dict[str, Any], name: str) -> None:
+    from plait.runtime.server.structural_tag import StructuralTagError, structural_tag_to_lark
+
+    others = [k for k in ("regex", "json_schema", "ebnf", "choices") if raw.get(k) is not None]
+    if others:
+        raise RequestError(f"structural_tag and {others[0]} are mutually exclusive; give at most one constraint",
+                           param=name)
+    try:
+        raw["ebnf"] = structural_tag_to_lark(raw.pop("structural_tag"))
+    except StructuralTagError as exc:
+        raise RequestError(str(exc), param="structural_tag") from None
 
 
 def check_json_schema(params: SamplingParams) -> None:
@@ -255,99 +258,6 @@ def fit_max_tokens(params: SamplingParams, given: Any, prompt_len: int, context_
             f"{name}={params.max_new_tokens} plus the prompt's {prompt_len} tokens exceeds the context length "
             f"{context_length}; ask for at most {room} new tokens", param=name, code="context_length_exceeded")
     return params
-
-
-# -------------------------------------------------------------------------------- /generate parsing
-def _per_input(body: dict[str, Any], name: str, count: int, default: Any, check: Callable[[str, Any], Any]) -> list:
-    value = body.get(name)
-    if value is None:
-        return [default] * count
-    if isinstance(value, list):
-        if len(value) != count:
-            raise RequestError(f"field {name!r} has {len(value)} entries for {count} prompt(s)", param=name)
-        return [default if v is None else check(name, v) for v in value]
-    if name == "rid" and count > 1:
-        raise RequestError("field 'rid' must be a list with one id per prompt for a batch", param="rid")
-    return [check(name, value)] * count
-
-
-def _prompt_ids(body: dict[str, Any], encode: Callable[[str], list[int]] | None) -> tuple[list[list[int]], bool]:
-    text, input_ids = body.get("text"), body.get("input_ids")
-    if (text is None) == (input_ids is None):
-        raise RequestError("send exactly one of 'text' or 'input_ids'", param="text")
-    if input_ids is not None:
-        def is_ids(x: Any) -> bool:
-            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-        if is_ids(input_ids) and (not input_ids or not isinstance(input_ids[0], list)):
-            return [input_ids], False
-        if isinstance(input_ids, list) and input_ids and all(is_ids(x) for x in input_ids):
-            return input_ids, True
-        raise RequestError("field 'input_ids' must be a list of token ids or a non-empty list of such lists",
-                           param="input_ids")
-    if encode is None:
-        raise RequestError("this model has no tokenizer: send 'input_ids' instead of 'text'", param="text")
-    if isinstance(text, str):
-        return [encode(text)], False
-    if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
-        return [encode(t) for t in text], True
-    raise RequestError("field 'text' must be a string or a non-empty list of strings", param="text")
-
-
-def parse_generate(body: Any, encode: Callable[[str], list[int]] | None, limits: Any,
-                   program_ids: bool) -> tuple[list[GenerateJob], bool, bool]:
-    """Check a ``/generate`` body; returns (jobs, is_batch, stream). ``limits``: an ``EngineInfo``."""
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    reject_unknown(body, NATIVE_FIELDS | NATIVE_IGNORED | set(NATIVE_DEFAULT_ONLY), "/generate")
-    reject_non_default(body, NATIVE_DEFAULT_ONLY, "/generate")
-    stream = expect_bool("stream", body.get("stream", False))
-    program_id = body.get("program_id")
-    if program_id is not None:
-        if not program_ids:
-            raise RequestError("field 'program_id' is not supported by this server's engine", param="program_id")
-        if not isinstance(program_id, str) or not program_id:
-            raise RequestError("field 'program_id' must be a non-empty string", param="program_id")
-    prompts, is_batch = _prompt_ids(body, encode)
-    count = len(prompts)
-    raw_params = body.get("sampling_params")
-    if isinstance(raw_params, list):
-        if len(raw_params) != count:
-            raise RequestError(f"field 'sampling_params' has {len(raw_params)} entries for {count} prompt(s)",
-                               param="sampling_params")
-    else:
-        raw_params = [raw_params] * count
-    return_logprob = _per_input(body, "return_logprob", count, False, expect_bool)
-    start_len = _per_input(body, "logprob_start_len", count, -1, lambda n, v: expect_int(n, v, -1))
-    top_num = _per_input(body, "top_logprobs_num", count, 0, lambda n, v: expect_int(n, v, 0, MAX_TOP_LOGPROBS))
-    with_text = _per_input(body, "return_text_in_logprobs", count, False, expect_bool)
-    rids = _per_input(body, "rid", count, None, _check_rid)
-    jobs = []
-    for i, ids in enumerate(prompts):
-        check_prompt(ids, limits.max_prompt_tokens, limits.vocab_size)
-        raw = raw_params[i]
-        params = sampling_params_from(raw)
-        check_json_schema(params)
-        given = raw.get("max_new_tokens", UNSET) if isinstance(raw, dict) else UNSET
-        params = fit_max_tokens(params, TO_CONTEXT if given is None else given, len(ids), limits.context_length)
-        start = start_len[i]
-        if return_logprob[i] and start == -1:
-            start = len(ids) - 1  # SGLang's default: only the last prompt token's logprob
-        if start >= len(ids):
-            raise RequestError(f"logprob_start_len {start} must be < the prompt length {len(ids)}",
-                               param="logprob_start_len")
-        jobs.append(GenerateJob(
-            rid=rids[i] or uuid.uuid4().hex, input_ids=ids, sampling_params=params.to_dict(), n=params.n,
-            return_logprob=return_logprob[i], logprob_start_len=start if return_logprob[i] else -1,
-            top_logprobs_num=top_num[i], return_text_in_logprobs=with_text[i], stream=stream,
-            program_id=program_id,
-        ))
-    return jobs, is_batch or len(jobs) > 1 or jobs[0].n > 1, stream
-
-
-def _check_rid(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise RequestError(f"field {name!r} must be a non-empty string, got {short_repr(value)}", param=name)
-    return value
 
 
 # ---------------------------------------------------------------------------------- output building
