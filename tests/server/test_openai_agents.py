@@ -205,12 +205,16 @@ def test_reasoning_content_is_split_off(client):
     assert plain.choices[0].message.content.startswith("<think>")
 
 
-def test_chat_template_options_usage_stats_and_unknown_fields(server, client):
-    prefix = [*QUESTION, {"role": "assistant", "content": "The weather in Paris is"}]
+def test_chat_template_options_usage_stats_and_unknown_fields(bundled_model_dir, server, client):
+    from plait.runtime.tokenizer import Tokenizer
+
+    start = "The weather in Paris is"
+    prefix = [*QUESTION, {"role": "assistant", "content": start}]
     continued = chat(client, messages=prefix, max_tokens=5,
                      extra_body={"continue_final_message": True, "add_generation_prompt": False})
     rendered = httpx.post(server.url + "/apply_chat_template", json={"messages": QUESTION, "add_generation_prompt": True})
-    assert continued.usage.prompt_tokens > len(rendered.json()["text"]) // 8  # it continued the assistant text
+    expected = Tokenizer.from_dir(bundled_model_dir).encode(rendered.json()["text"] + start, add_special_tokens=False)
+    assert continued.usage.prompt_tokens == len(expected)  # the assistant turn is left open and continued
     chunks = list(chat(client, max_tokens=4, stream=True, stream_options={"include_usage": True,
                                                                           "continuous_usage_stats": True}))
     assert all(c.usage is not None for c in chunks) and chunks[-1].usage.completion_tokens == 4

@@ -133,3 +133,34 @@ def test_unknown_model_is_a_404(client):
 
 def test_zz_no_slot_leaked(server):
     assert_idle_and_flushed(server)
+
+
+def test_logit_bias_forces_and_bans_tokens(bundled_model_dir, client):
+    from plait.runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(bundled_model_dir)
+    banana = tokenizer.encode(" banana", add_special_tokens=False)[0]
+    word = tokenizer.decode([banana])
+    forced = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=2, temperature=0,
+                                       logit_bias={str(banana): 100})
+    assert forced.choices[0].text == word * 2
+    plain = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=1, temperature=0)
+    greedy = tokenizer.encode(plain.choices[0].text, add_special_tokens=False)[0]
+    banned = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=1, temperature=0,
+                                       logit_bias={str(greedy): -100})
+    assert banned.choices[0].text != plain.choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, temperature=0,
+                                          logit_bias={str(banana): 100})
+    assert chat.choices[0].message.content == word * 3
+
+
+def test_prompt_cache_key_separates_cached_prefixes(client):
+    messages = [{"role": "user", "content": "A question no other test asks: " + "zebra " * 24}]
+
+    def cached(key: str) -> int:
+        out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, prompt_cache_key=key)
+        return out.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-a") > 20
+    assert cached("tenant-b") == 0  # another tenant never hits tenant-a's cached prompt

@@ -64,6 +64,16 @@ def test_template_with_tool_support_renders_them_itself(tokenizer):
     assert "You may call one or more functions" not in text  # plait's own tool prompt is not added
 
 
+def test_template_kwargs_reach_the_template(tokenizer):
+    original = tokenizer.hf.chat_template
+    try:
+        text = render(tokenizer, "{{ greeting }}|{{ reasoning_effort }}|{{ messages | length }}", tools=None,
+                      chat_template_kwargs={"greeting": "hi"}, reasoning_effort="high")
+    finally:
+        tokenizer.hf.chat_template = original
+    assert text == "hi|high|3"
+
+
 def test_render_options():
     assert render_options({"continue_final_message": True}).add_generation_prompt is False
     assert render_options({"reasoning_effort": "low"}).template_kwargs == {"reasoning_effort": "low"}

@@ -107,7 +107,10 @@ def _response_format(value: Any, sampling: dict[str, Any]) -> None:
                                param="response_format")
         sampling["json_schema"] = schema
         return
-    raise RequestError(f"response_format type must be 'text', 'json_object' or 'json_schema', got "
+    if kind == "structural_tag":  # SGLang's and vLLM's extension: constrained text after trigger strings
+        sampling["structural_tag"] = value
+        return
+    raise RequestError(f"response_format type must be 'text', 'json_object', 'json_schema' or 'structural_tag', got "
                        f"{short_repr(value)}", param="response_format")
 
 
@@ -136,7 +139,7 @@ def _sampling(body: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     bias = logit_bias(body.get("logit_bias"), vocab_size)
     if bias:
         sampling["logit_bias"] = bias
-    given = [k for k in ("regex", "ebnf", "json_schema") if k in sampling]
+    given = [k for k in ("regex", "ebnf", "json_schema", "structural_tag") if k in sampling]
     if len(given) > 1:
         raise RequestError(f"give at most one of regex / ebnf / json_schema / response_format, got {given}",
                            param=given[1])
@@ -189,10 +192,8 @@ def make_jobs(body: dict, prompts: list[list[int]], sampling: dict, max_tokens: 
             rid=rid or uuid.uuid4().hex, input_ids=ids, sampling_params=fitted.to_dict(), n=fitted.n,
             return_logprob=logprobs is not None, logprob_start_len=start_len if logprobs is not None else -1,
             top_logprobs_num=logprobs or 0, return_text_in_logprobs=True, stream=stream,
-            program_id=body.get("program_id"),
+            program_id=body.get("program_id"), cache_namespace=namespace,
         )
-        if namespace is not None:
-            job.cache_namespace = namespace
         jobs.append(job)
     return jobs, params.n
 
@@ -296,7 +297,7 @@ def chat_request(body: dict[str, Any], state: Any, messages: list[dict[str, Any]
         thinking = "open" if opened else "optional"
     grammar = tool_grammar(tools, thinking) if tools is not None else None
     if grammar is not None:
-        taken = [k for k in ("regex", "ebnf", "json_schema") if k in sampling]
+        taken = [k for k in ("regex", "ebnf", "json_schema", "structural_tag") if k in sampling]
         if taken:
             raise RequestError(f"tool calls are generated under their own grammar; {taken[0]} / response_format "
                                "cannot be combined with tools unless tool_choice is 'none'", param=taken[0])
