@@ -159,12 +159,12 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
 @functools.lru_cache(maxsize=8)
 def template_variables(template: str) -> frozenset[str]:
     """The variables a Jinja chat template reads (a regex guess if it does not parse with plain Jinja)."""
-    try:
-        import jinja2
-        from jinja2 import meta
+    import jinja2
+    from jinja2 import meta
 
+    try:
         return frozenset(meta.find_undeclared_variables(jinja2.Environment().parse(template)))
-    except Exception:  # noqa: BLE001 - template extensions plain Jinja lacks: fall back to a textual guess
+    except jinja2.TemplateError:  # template extensions plain Jinja lacks: fall back to a textual guess
         return frozenset(re.findall(r"\b([A-Za-z_]\w*)\b", template))
 
 

@@ -39,7 +39,7 @@ from plait.runtime.server.tools import ToolChoice, parse_chat_tools, tool_gramma
 from plait.sampling import JSON_OBJECT
 
 # OpenAI name -> SGLang sampling-parameter name (value passed through; SamplingParams validates it)
-_SAMPLING = {
+SAMPLING_NAMES = {
     "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop", "n": "n",
     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
     # extensions (SGLang / vLLM)
@@ -53,7 +53,7 @@ IGNORED = frozenset({"user", "safety_identifier", "store", "metadata", "service_
                      "prompt_cache_retention", "prompt_cache_options"})
 _CACHE_KEYS = ("prompt_cache_key", "cache_salt")  # prefix-cache namespace (tenants never share cached prompts)
 _COMMON = {"model", "stream", "stream_options", "max_tokens", "response_format", "rid", "program_id",
-           "logit_bias", *_CACHE_KEYS, *IGNORED, *_SAMPLING}
+           "logit_bias", *_CACHE_KEYS, *IGNORED, *SAMPLING_NAMES}
 COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"})
 CHAT_FIELDS = frozenset(_COMMON | {
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
@@ -134,7 +134,7 @@ def logit_bias(value: Any, vocab_size: int) -> dict[str, float] | None:
 
 
 def _sampling(body: dict[str, Any], vocab_size: int) -> dict[str, Any]:
-    sampling = {sgl: body[name] for name, sgl in _SAMPLING.items() if body.get(name) is not None}
+    sampling = {sgl: body[name] for name, sgl in SAMPLING_NAMES.items() if body.get(name) is not None}
     _response_format(body.get("response_format"), sampling)
     bias = logit_bias(body.get("logit_bias"), vocab_size)
     if bias:
@@ -176,7 +176,7 @@ def make_jobs(body: dict, prompts: list[list[int]], sampling: dict, max_tokens: 
     """``max_tokens``: the client's value, or ``UNSET`` (the protocol default, 16) or ``TO_CONTEXT``."""
     if max_tokens != TO_CONTEXT:
         sampling = {**sampling, "max_new_tokens": 16 if max_tokens == UNSET else max_tokens}
-    aliases = {sgl: name for name, sgl in _SAMPLING.items() if name != sgl}
+    aliases = {sgl: name for name, sgl in SAMPLING_NAMES.items() if name != sgl}
     params = sampling_params_from(sampling, name="request", aliases={**aliases, "max_new_tokens": name})
     check_json_schema(params)
     rid = body.get("rid")

@@ -82,7 +82,7 @@ class ChatOutput:
         return message
 
 
-def _chat_logprobs(meta: dict[str, Any]) -> list[dict[str, Any]]:
+def chat_logprobs(meta: dict[str, Any]) -> list[dict[str, Any]]:
     tops = meta.get("output_top_logprobs") or []
     content = []
     for i, (lp, _tid, text) in enumerate(meta.get("output_token_logprobs", [])):
@@ -153,7 +153,7 @@ class ResponseBuilder:
             return None
         meta = self.texts.decorate(meta, True)
         if self.req.chat:
-            return {"content": _chat_logprobs(meta)}
+            return {"content": chat_logprobs(meta)}
         builder = self.offsets.setdefault(index, CompletionLogprobs())
         entries, tops = meta.get("output_token_logprobs", []), meta.get("output_top_logprobs") or []
         if first and self.req.echo_texts is not None:

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from plait.runtime.server.app import SSE_HEADERS, ServerState, collect, read_json, submit_all, until_disconnect
 from plait.runtime.server.chat_prompt import normalize_messages
-from plait.runtime.server.openai_api import _SAMPLING, OpenAIRequest, chat_request, check_common
+from plait.runtime.server.openai_api import SAMPLING_NAMES, OpenAIRequest, chat_request, check_common
 from plait.runtime.server.protocol import RequestError, expect_bool, expect_int, ignored_fields_headers, short_repr
 from plait.runtime.server.responses_stream import ResponseAssembler, new_id
 from plait.runtime.server.tools import function_tool, make_choice
@@ -33,7 +33,7 @@ FIELDS = frozenset({
     "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "max_output_tokens",
     "temperature", "top_p", "stream", "previous_response_id", "text", "reasoning", "top_logprobs",
     "truncation", "max_tool_calls", "background", "conversation", "prompt", "context_management", "moderation",
-    "prompt_cache_key", "cache_salt", "logit_bias", *IGNORED, *_SAMPLING,
+    "prompt_cache_key", "cache_salt", "logit_bias", *IGNORED, *SAMPLING_NAMES,
 })
 DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "background": (None, False), "conversation": (None,), "prompt": (None,), "context_management": (None, []),
@@ -147,7 +147,7 @@ def _tools(body: dict[str, Any]) -> Any:
 
 def _chat_body(body: dict[str, Any]) -> dict[str, Any]:
     """The chat-completions fields a Responses body stands for."""
-    chat = {k: body[k] for k in (*_SAMPLING, "model", "prompt_cache_key", "cache_salt", "logit_bias") if k in body}
+    chat = {k: body[k] for k in (*SAMPLING_NAMES, "model", "prompt_cache_key", "cache_salt", "logit_bias") if k in body}
     if body.get("max_output_tokens") is not None:
         chat["max_output_tokens"] = body["max_output_tokens"]
     text_format = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None

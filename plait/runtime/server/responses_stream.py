@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from plait.runtime.server.openai_output import ChatOutput, _chat_logprobs, finish_reason
+from plait.runtime.server.openai_output import ChatOutput, chat_logprobs, finish_reason
 from plait.runtime.server.protocol import LogprobText
 
 
@@ -90,7 +90,7 @@ class ResponseAssembler:
         whole = self.output.message(event.text, legacy=False)
         self.content = whole["content"] or ""
         if self.parsed.chat.logprobs is not None:
-            self.logprobs = _chat_logprobs(self.texts.decorate(event.meta_info, True))
+            self.logprobs = chat_logprobs(self.texts.decorate(event.meta_info, True))
         if whole.get("reasoning_content"):
             self.items.append(self._reasoning_item(whole["reasoning_content"], item_status))
         if self.content.strip() or not self.output.calls:
@@ -203,7 +203,7 @@ class ResponseAssembler:
         async for _, event in merged(streams):
             logprobs = []
             if self.parsed.chat.logprobs is not None:
-                logprobs = _chat_logprobs(self.texts.decorate(event.meta_info, True))
+                logprobs = chat_logprobs(self.texts.decorate(event.meta_info, True))
                 self.logprobs += logprobs
             for text in self._feed(event.text_delta, event.finished, logprobs):
                 yield text
