@@ -20,6 +20,14 @@ read once per call.
 
 Grids depend on T, K and the tiling only; the row blocks past ``num_padded`` exit at once. No host
 reads: CUDA-graph capturable.
+
+Measured on an H200 (``benchmarks/moe_kernel.py``, tuned table): bf16 experts (Qwen3-30B-A3B) run at
+86% of the bytes floor at 8-64 tokens, 46% at 1 token (four launches of fixed cost against 18 us of
+weights), 36% of the FLOP floor at 4096. MXFP4 experts (GPT-OSS-120B) run at only 14-24% of their
+floor at every size: ``tl.dot_scaled`` on Hopper upcasts through registers and shared memory each
+tile with no pipelining of the packed loads, so programs stream ~0.6-1 TB/s. Closing that needs a
+pre-swizzled weight layout or an upcast written for the MMA operand layout (what triton_kernels'
+matmul_ogs does), not more tiling.
 """
 
 from __future__ import annotations
@@ -48,73 +56,61 @@ def _fp4_value(code):
 
 
 @triton.jit
-def _mma(a, wt, acc, SWAP: tl.constexpr, IEEE: tl.constexpr):
-    """acc += a [M, k] @ wt [NW, k]^T, or with SWAP (acc transposed, [NW, M]) wt @ a^T."""
-    if SWAP:
-        if IEEE:  # float32 inputs: full precision, not TF32
-            return tl.dot(wt, tl.trans(a), acc, input_precision="ieee")
-        return tl.dot(wt, tl.trans(a), acc)
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc += a @ b; float32 inputs at full precision (not TF32)."""
     if IEEE:
-        return tl.dot(a, tl.trans(wt), acc, input_precision="ieee")
-    return tl.dot(a, tl.trans(wt), acc)
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
 def _expert_gemm(
     a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, stride_wn, stride_wk, stride_sn,
     BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr,
-    SWAP: tl.constexpr, IEEE: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    """[BLOCK_M, NW] = A[rows] @ W[w_rows]^T over all of K, float32.
+    """acc [BLOCK_M, NW] = A[rows] @ W[w_rows]^T over all of K, float32.
 
     ``a_rows`` [BLOCK_M] pointers to the A rows, ``w_rows`` [NW] the weight rows, ``w_ok`` [NW];
     ``w_base``/``s_base`` point at the expert's weight (MXFP4: bytes ``[N, K/2]``, scales
-    ``[N, K/32]``). ``SWAP`` computes ``W @ A^T`` (the weight tile is the MMA's M side: at decode
-    the few token rows then fill the narrow N side instead of a 16-row M tile). ``SCALED_DOT`` (bf16
-    A, compiled only): MXFP4 through ``tl.dot_scaled``, whose upcast to bf16 is Triton's own; the
-    explicit decode below (the interpreter's path, and fp16/fp32 A) costs ~17 integer and float
-    operations a value."""
-    if SWAP:
-        acc = tl.zeros((NW, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, NW), dtype=tl.float32)
-    w_ptrs = w_base + w_rows[:, None].to(tl.int64) * stride_wn  # [NW, 1]
-    s_ptrs = s_base + w_rows[:, None].to(tl.int64) * stride_sn  # [NW, 1] (MXFP4)
-    w_ok = w_ok[:, None]  # [NW, 1]
+    ``[N, K/32]``). ``SCALED_DOT`` (bf16 A, BLOCK_K >= 64, compiled only): MXFP4 through
+    ``tl.dot_scaled``, whose upcast to bf16 is Triton's own; the explicit decode below (the
+    interpreter's path, and fp16/fp32 A) costs ~17 integer and float operations a value, which made
+    it ALU-bound on an H200 (2x slower than dot_scaled at decode)."""
+    acc = tl.zeros((BLOCK_M, NW), dtype=tl.float32)
+    w_ptrs = w_base + w_rows[None, :].to(tl.int64) * stride_wn  # [1, NW]
+    w_ok = w_ok[None, :]  # [1, NW]
     for k0 in range(0, K, BLOCK_K):
         if MXFP4:
             kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds k = 2j (low nibble), 2j + 1 (high)
             kb_ok = kb < K // 2
-            codes = tl.load(w_ptrs + kb[None, :], mask=w_ok & kb_ok[None, :], other=0)  # [NW, BLOCK_K/2]
+            codes = tl.load(w_ptrs + kb[:, None], mask=kb_ok[:, None] & w_ok, other=0)  # [BLOCK_K/2, NW]
             if SCALED_DOT:
                 kk = k0 + tl.arange(0, BLOCK_K)
                 a = tl.load(a_rows[:, None] + kk[None, :] * stride_ak, mask=a_ok[:, None] & (kk < K)[None, :],
                             other=0.0)  # [BLOCK_M, BLOCK_K]
                 ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-                scales = tl.load(s_ptrs + ks[None, :], mask=w_ok & (ks < K // 32)[None, :], other=127)
-                if SWAP:
-                    acc = tl.dot_scaled(codes, scales, "e2m1", tl.trans(a), None, "bf16", acc)
-                else:
-                    acc = tl.dot_scaled(a, None, "bf16", tl.trans(codes), scales, "e2m1", acc)
+                s_ptrs = s_base + w_rows[:, None].to(tl.int64) * stride_sn + ks[None, :]  # [NW, BLOCK_K/32]
+                scales = tl.load(s_ptrs, mask=tl.trans(w_ok) & (ks < K // 32)[None, :], other=127)
+                acc = tl.dot_scaled(a, None, "bf16", codes, scales, "e2m1", acc)
             else:
                 a_mask = a_ok[:, None] & kb_ok[None, :]
                 a_even = tl.load(a_rows[:, None] + (2 * kb)[None, :] * stride_ak, mask=a_mask, other=0.0)
                 a_odd = tl.load(a_rows[:, None] + (2 * kb + 1)[None, :] * stride_ak, mask=a_mask, other=0.0)
                 codes = codes.to(tl.int32)
-                s = tl.load(s_ptrs + (kb // 16)[None, :], mask=w_ok & kb_ok[None, :], other=127).to(tl.int32)
+                s_ptrs = s_base + w_rows[None, :].to(tl.int64) * stride_sn + (kb // 16)[:, None]
+                s = tl.load(s_ptrs, mask=kb_ok[:, None] & w_ok, other=127).to(tl.int32)  # [BLOCK_K/2, NW]
                 scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)  # 2^(s - 127)
-                lo = (_fp4_value(codes & 15) * scale).to(a_even.dtype)  # [NW, BLOCK_K/2], even k
+                lo = (_fp4_value(codes & 15) * scale).to(a_even.dtype)  # even k
                 hi = (_fp4_value(codes >> 4) * scale).to(a_even.dtype)  # odd k
-                acc = _mma(a_even, lo, acc, SWAP, IEEE)
-                acc = _mma(a_odd, hi, acc, SWAP, IEEE)
+                acc = _dot(a_even, lo, acc, IEEE)
+                acc = _dot(a_odd, hi, acc, IEEE)
         else:
             kk = k0 + tl.arange(0, BLOCK_K)
             kk_ok = kk < K
             a = tl.load(a_rows[:, None] + kk[None, :] * stride_ak, mask=a_ok[:, None] & kk_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs + kk[None, :] * stride_wk, mask=w_ok & kk_ok[None, :], other=0.0)  # [NW, BLOCK_K]
-            acc = _mma(a, w.to(a.dtype), acc, SWAP, IEEE)
-    if SWAP:
-        return tl.trans(acc)
+            w = tl.load(w_ptrs + kk[:, None] * stride_wk, mask=kk_ok[:, None] & w_ok, other=0.0)  # [BLOCK_K, NW]
+            acc = _dot(a, w.to(a.dtype), acc, IEEE)
     return acc
 
 
@@ -137,7 +133,7 @@ def _moe_up_kernel(
     num_pairs, top_k, num_m_blocks, H, I, alpha, limit,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_be, stride_om,
     ACT: tl.constexpr, MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _block_coords(num_m_blocks, I, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -160,7 +156,7 @@ def _moe_up_kernel(
     w_rows = tl.where(col_ok, w_rows, 0)
     acc = _expert_gemm(a_rows, pair_ok, stride_xk, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
                        w_rows, col_ok, H, stride_wn, stride_wk, stride_sn,
-                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, SWAP, IEEE)  # [BLOCK_M, 2 * BLOCK_N]
+                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE)  # [BLOCK_M, 2 * BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))  # [BLOCK_M, BLOCK_N] each
@@ -181,7 +177,7 @@ def _moe_down_kernel(
     num_pairs, num_m_blocks, H, I,
     stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_be, stride_ym,
     MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _block_coords(num_m_blocks, H, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -200,7 +196,7 @@ def _moe_down_kernel(
     w_rows = tl.where(col_ok, cols, 0)
     acc = _expert_gemm(a_rows, pair_ok, 1, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
                        w_rows, col_ok, I, stride_wn, stride_wk, stride_sn,
-                       BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, SWAP, IEEE)  # [BLOCK_M, BLOCK_N]
+                       BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE)  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
     weight = tl.load(tw_ptr + tl.where(pair_ok, pairs, 0)).to(tl.float32)  # [BLOCK_M]
@@ -250,8 +246,8 @@ def fused_moe_triton(
         x, w, s, b13 if b13 is not None else x, inter, sorted_ids, block_expert, num_padded,
         num_pairs, K, num_m_blocks, H, I, swiglu_alpha, swiglu_limit,
         x.stride(0), x.stride(1), swe, swn, swk, sse, ssn, b13.stride(0) if b13 is not None else 0, inter.stride(0),
-        ACT=0 if activation == "silu" else 1, MXFP4=mx, SCALED_DOT=mx and scaled_dot, HAS_BIAS=b13 is not None, IEEE=ieee,
-        BLOCK_M=bm, BLOCK_N=up.block_n, BLOCK_K=up.block_k, GROUP_M=config.group_m, SWAP=up.swap_ab,
+        ACT=0 if activation == "silu" else 1, MXFP4=mx, SCALED_DOT=mx and scaled_dot and up.block_k >= 64, HAS_BIAS=b13 is not None, IEEE=ieee,
+        BLOCK_M=bm, BLOCK_N=up.block_n, BLOCK_K=up.block_k, GROUP_M=config.group_m,
         num_warps=up.num_warps, num_stages=up.num_stages,
     )
     w, s, swe, swn, swk, sse, ssn, mx = _weight_args(w2, x.dtype)
@@ -260,8 +256,8 @@ def fused_moe_triton(
         inter, w, s, b2 if b2 is not None else x, tw, y, sorted_ids, block_expert, num_padded,
         num_pairs, num_m_blocks, H, I,
         inter.stride(0), swe, swn, swk, sse, ssn, b2.stride(0) if b2 is not None else 0, y.stride(0),
-        MXFP4=mx, SCALED_DOT=mx and scaled_dot, HAS_BIAS=b2 is not None, IEEE=ieee,
-        BLOCK_M=bm, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=config.group_m, SWAP=down.swap_ab,
+        MXFP4=mx, SCALED_DOT=mx and scaled_dot and down.block_k >= 64, HAS_BIAS=b2 is not None, IEEE=ieee,
+        BLOCK_M=bm, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=config.group_m,
         num_warps=down.num_warps, num_stages=down.num_stages,
     )
     if K == 1:
