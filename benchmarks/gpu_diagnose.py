@@ -1,6 +1,6 @@
-"""GPU diagnostics behind the figures in RESULTS.md (Llama-3.1-8B config, dummy weights).
+"""GPU diagnostics behind the figures in RESULTS.md (Llama-3.1-8B config by default, dummy weights).
 
-    python benchmarks/gpu_diagnose.py profile   # where the batch-1 decode step's time goes
+    python benchmarks/gpu_diagnose.py profile [--model gpt-oss-120b]  # where the batch-1 decode step's time goes
     python benchmarks/gpu_diagnose.py gemv      # cuBLAS bf16 GEMV bandwidth at the 8B layer shapes
     python benchmarks/gpu_diagnose.py drift     # per-layer hidden-state error, plait vs transformers, float32
 
@@ -43,11 +43,11 @@ def _kernel_table(prof, steps: int, top: int = 40) -> tuple[str, float]:
     return "\n".join(lines), total_us / 1000
 
 
-def profile() -> None:
+def profile(model: str = "llama-3.1-8b") -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    engine = Engine(model="llama-3.1-8b", load_format="dummy", device="cuda", max_total_tokens=16384,
+    engine = Engine(model=model, load_format="dummy", device="cuda", max_total_tokens=16384,
                     max_running_requests=8, cuda_graph_max_bs=8)
     prompt = torch.randint(0, engine.model_config.vocab_size, (PROMPT_LEN,)).tolist()
     try:
@@ -189,7 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["profile", "gemv", "drift"], nargs="+")
     parser.add_argument("--prompt-len", type=int, default=300)
-    parser.add_argument("--model", default="llama-3.1-8b", help="drift: a preset/dir (non-8B models load real weights)")
+    parser.add_argument("--model", default="llama-3.1-8b", help="profile: the preset (dummy weights); drift: a preset/dir (non-8B models load real weights)")
     parser.add_argument("--device", default="cuda", help="drift: cuda or cpu")
     parser.add_argument("--init", default="engine", choices=["engine", "normal"],
                         help="drift: the engine's dummy weights, or transformers' normal(0, 0.02) init")
@@ -198,6 +198,8 @@ def main() -> None:
         print(f"\n######## {what}")
         if what == "drift":
             drift(args.prompt_len, args.model, args.device, args.init)
+        elif what == "profile":
+            profile(args.model)
         else:
             {"profile": profile, "gemv": gemv}[what]()
         if torch.cuda.is_available():

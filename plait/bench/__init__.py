@@ -76,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed runs per decode/throughput measurement, median taken (default 1; TTFT uses 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
+    parser.add_argument("--offline-requests", type=int, metavar="N", help="row c's request count (default 1000)")
     parser.add_argument("--offline-lengths", type=parse_lengths, metavar="IN,OUT",
                         help="row c's prompt and output lengths (default 256,256; GPT-OSS is compared at 1024,1024)")
 

@@ -213,6 +213,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from plait.runtime.engine import Engine
 
     sizes, settings = (QUICK if args.quick else FULL), _engine_settings(args)
+    if getattr(args, "offline_requests", None):
+        if args.offline_requests < 1:
+            raise ValueError(f"--offline-requests must be >= 1, got {args.offline_requests}")
+        sizes = dataclasses.replace(sizes, offline_requests=args.offline_requests)
     if getattr(args, "offline_lengths", None):
         sizes = dataclasses.replace(sizes, offline_input=args.offline_lengths[0],
                                     offline_output=args.offline_lengths[1])
