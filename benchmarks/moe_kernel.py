@@ -71,7 +71,8 @@ def measure_machine() -> tuple[float, float]:
     copy_s = _median_s(lambda: dst.copy_(src), 10)
     del src, dst
     n = 8192
-    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     mm_s = _median_s(lambda: torch.mm(a, b), 10)
     return 2 * (2 << 30) / copy_s, 2 * n**3 / mm_s
 

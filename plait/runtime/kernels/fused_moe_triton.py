@@ -203,7 +203,7 @@ def _moe_down_kernel(
     tl.store(y, (acc * weight[:, None]).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def _weight_args(w, dtype: torch.dtype):
+def _weight_args(w):
     """(weight pointer tensor, scales tensor, stride_e, stride_n, stride_k, scale stride_e, stride_n, mxfp4)."""
     if isinstance(w, Mxfp4Weight):
         blocks, scales = w.blocks, w.scales
@@ -236,21 +236,22 @@ def fused_moe_triton(
     y = torch.empty(num_pairs, H, dtype=x.dtype, device=x.device)  # [T*K, H], row per pair
     ieee = x.dtype == torch.float32
     scaled_dot = x.dtype == torch.bfloat16 and config.scaled_dot and os.environ.get("TRITON_INTERPRET") != "1"
-    tw = topk_weights.reshape(-1)  # [T*K]
-    if not tw.is_contiguous():
-        tw = tw.contiguous()
+    tw = topk_weights.reshape(-1).contiguous()  # [T*K]
+    b13 = b13.contiguous() if b13 is not None else None  # the kernels index biases with unit stride
+    b2 = b2.contiguous() if b2 is not None else None
 
-    w, s, swe, swn, swk, sse, ssn, mx = _weight_args(w13, x.dtype)
+    w, s, swe, swn, swk, sse, ssn, mx = _weight_args(w13)
     up: TileConfig = config.up
     _moe_up_kernel[(num_m_blocks * triton.cdiv(I, up.block_n),)](
         x, w, s, b13 if b13 is not None else x, inter, sorted_ids, block_expert, num_padded,
         num_pairs, K, num_m_blocks, H, I, swiglu_alpha, swiglu_limit,
         x.stride(0), x.stride(1), swe, swn, swk, sse, ssn, b13.stride(0) if b13 is not None else 0, inter.stride(0),
-        ACT=0 if activation == "silu" else 1, MXFP4=mx, SCALED_DOT=mx and scaled_dot and up.block_k >= 64, HAS_BIAS=b13 is not None, IEEE=ieee,
+        ACT=0 if activation == "silu" else 1, MXFP4=mx, SCALED_DOT=mx and scaled_dot and up.block_k >= 64,
+        HAS_BIAS=b13 is not None, IEEE=ieee,
         BLOCK_M=bm, BLOCK_N=up.block_n, BLOCK_K=up.block_k, GROUP_M=config.group_m,
         num_warps=up.num_warps, num_stages=up.num_stages,
     )
-    w, s, swe, swn, swk, sse, ssn, mx = _weight_args(w2, x.dtype)
+    w, s, swe, swn, swk, sse, ssn, mx = _weight_args(w2)
     down: TileConfig = config.down
     _moe_down_kernel[(num_m_blocks * triton.cdiv(H, down.block_n),)](
         inter, w, s, b2 if b2 is not None else x, tw, y, sorted_ids, block_expert, num_padded,

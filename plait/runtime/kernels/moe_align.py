@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 TRITON_MAX_PAIRS = 1024
+Alignment = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (sorted_ids, block_expert, num_padded)
 
 
 def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -82,7 +83,7 @@ def _moe_align_kernel(
         tl.store(block_expert_ptr + blocks, expert, mask=blocks < max_padded // BLOCK_M)
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     """``topk_ids [T, K]`` -> (sorted_ids [max_padded], block_expert [max_padded / block_m], num_padded [1]),
     all int32 on topk_ids' device (see the module docstring)."""
     numel = topk_ids.numel()
@@ -105,14 +106,15 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     return sorted_ids, block_expert, num_padded
 
 
-def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     """The same layout in torch (stable sort by bucket)."""
     numel = topk_ids.numel()
     max_padded = max_padded_rows(numel, num_experts, block_m)
     device = topk_ids.device
     ids = topk_ids.reshape(-1).long()  # [T*K]
     bucket = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device).index_add_(0, bucket, torch.ones_like(bucket))
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    counts.index_add_(0, bucket, torch.ones_like(bucket))  # [E + 1]
     padded = (counts + block_m - 1) // block_m * block_m
     starts = torch.cumsum(padded, 0) - padded  # [E + 1]
     order = torch.sort(bucket, stable=True).indices  # pairs grouped by bucket, pair order within

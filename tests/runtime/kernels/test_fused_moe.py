@@ -148,6 +148,7 @@ def test_inputs_are_checked():
 SMALL = FusedMoeConfig(16, TileConfig(32, 64), TileConfig(64, 64))  # H=96, I=96: ragged N and K tiles
 GROUPED = FusedMoeConfig(16, TileConfig(64, 32, 4, 2), TileConfig(32, 128), group_m=2)
 NARROW = FusedMoeConfig(32, TileConfig(16, 128, 4, 2), TileConfig(16, 64), group_m=2)
+WIDE = FusedMoeConfig(64, TileConfig(64, 64), TileConfig(32, 128))
 
 WEIGHTS = {  # name: (x dtype, MXFP4?, dense weight dtype)
     "fp32": (torch.float32, False, torch.float32),
@@ -280,7 +281,7 @@ def test_gpt_oss_120b_shapes_on_gpu(gpt_oss_120b_experts, T):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [SMALL, GROUPED, NARROW, FusedMoeConfig(64, TileConfig(64, 64), TileConfig(32, 128))])
+@pytest.mark.parametrize("config", [SMALL, GROUPED, NARROW, WIDE], ids=["small", "grouped", "narrow", "wide"])
 @pytest.mark.parametrize("mxfp4", [False, True])
 def test_bf16_tilings_on_gpu(config, mxfp4):
     """bf16 (the interpreter cannot): MXFP4 goes through tl.dot_scaled here (block_k >= 64; GROUPED's
