@@ -101,6 +101,37 @@ def profile(model: str = "llama-3.1-8b") -> None:
     engine.shutdown()
 
 
+def batch_prefill(model: str, batch: int, prompt_len: int) -> None:
+    """Wall time of ``batch`` prompts of ``prompt_len`` random tokens with one new token (the prefill of
+    bench row b), three times; then the kernels and host ops of a fourth run by GPU and CPU time."""
+    import time
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    engine = Engine(model=model, load_format="dummy", device="cuda")
+    prompts = torch.randint(0, engine.model_config.vocab_size, (batch, prompt_len)).tolist()
+    for n in (257, 1):  # first what bench row a does (batch 1, 128-token prompt, 256 new tokens)
+        t0 = time.perf_counter()
+        engine.generate(input_ids=prompts[0], sampling_params=_greedy(n))
+        print(f"batch 1, {prompt_len} tokens, {n} new: {time.perf_counter() - t0:.3f} s")
+    for i in range(3):
+        engine.flush_cache()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.generate(input_ids=prompts, sampling_params=_greedy(1))
+        torch.cuda.synchronize()
+        print(f"run {i}: {batch} x {prompt_len} tokens, 1 new: {time.perf_counter() - t0:.3f} s")
+    engine.flush_cache()
+    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        engine.generate(input_ids=prompts, sampling_params=_greedy(1))
+        torch.cuda.synchronize()
+    table, total = _kernel_table(prof, 1, top=20)
+    print(f"\n== kernels (GPU busy {total:.1f} ms)\n{table}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
+    engine.shutdown()
+
+
 def gemv() -> None:
     """bf16 [1, K] x [K, N] through torch (cuBLAS) at the 8B shapes, 8 rotated weight copies (no L2 reuse)."""
     shapes = {"qkv 4096x6144": (4096, 6144), "o 4096x4096": (4096, 4096), "gate_up 4096x28672": (4096, 28672),
@@ -187,7 +218,8 @@ def drift(prompt_len: int, model_name: str = "llama-3.1-8b", device: str = "cuda
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["profile", "gemv", "drift"], nargs="+")
+    parser.add_argument("what", choices=["profile", "gemv", "drift", "batch-prefill"], nargs="+")
+    parser.add_argument("--batch", type=int, default=64, help="batch-prefill: prompts in the batch")
     parser.add_argument("--prompt-len", type=int, default=300)
     parser.add_argument("--model", default="llama-3.1-8b", help="profile: the preset (dummy weights); drift: a preset/dir (non-8B models load real weights)")
     parser.add_argument("--device", default="cuda", help="drift: cuda or cpu")
@@ -200,6 +232,8 @@ def main() -> None:
             drift(args.prompt_len, args.model, args.device, args.init)
         elif what == "profile":
             profile(args.model)
+        elif what == "batch-prefill":
+            batch_prefill(args.model, args.batch, args.prompt_len)
         else:
             {"profile": profile, "gemv": gemv}[what]()
         if torch.cuda.is_available():
