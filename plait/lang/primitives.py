@@ -63,6 +63,7 @@ def gen(
     min_tokens: int | None = None,
     stop: str | Sequence[str] | None = None,
     stop_token_ids: Sequence[int] | None = None,
+    stop_regex: str | Sequence[str] | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
@@ -88,6 +89,8 @@ def gen(
     ``regex``, ``json_schema`` (dict, JSON string or pydantic model class), ``ebnf``, or ``dtype``
     (``int``, ``float``, ``bool``, ``str``: a regex, and the variable holds the converted value).
     ``choices`` makes this a ``select``. Inside an assistant block the template's stop strings are added.
+    ``stop_regex``: a pattern (or a list) that ends the generation where the text matches it, cut there
+    like a stop string.
     """
     if choices is not None:
         return select(name, choices=choices, choices_method=choices_method)
@@ -98,6 +101,7 @@ def gen(
         "min_new_tokens": min_tokens,
         "stop": stop,
         "stop_token_ids": stop_token_ids,
+        "stop_regex": stop_regex,
         "temperature": temperature,
         "top_p": top_p,
         "top_k": top_k,
@@ -121,8 +125,9 @@ def gen(
             raise ValueError("gen: dtype is itself a constraint; give dtype or regex/json_schema/ebnf, not both")
         overrides["regex"] = DTYPE_REGEX[dtype]
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if isinstance(overrides.get("stop"), list):
-        overrides["stop"] = tuple(overrides["stop"])
+    for key in ("stop", "stop_regex"):
+        if isinstance(overrides.get(key), list):
+            overrides[key] = tuple(overrides[key])
     validated = SamplingParams(**overrides)  # raises ValueError naming a bad field
     normalized = tuple(sorted((k, getattr(validated, k)) for k in overrides))
     if name is not None and not isinstance(name, str):

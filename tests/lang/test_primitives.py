@@ -269,3 +269,16 @@ def test_unnamed_gen_appends_without_a_variable(mock):
     state = run(lambda s: s.__iadd__("capital of France" + pl.gen(max_tokens=1)), mock)
     assert state.text() == "capital of France Paris" and state.variables() == {}
     assert len(state.calls) == 1
+
+
+def test_gen_stop_regex_cuts_like_a_stop_string(mock):
+    def body(s):
+        s += "Count:" + pl.gen("a", stop_regex=r"t\w+e") + "|" + pl.gen("b", stop_regex=[r"z+", r"\stwo"])
+
+    state = run(body, mock)
+    assert state["a"] == " one two "  # cut where "three" starts
+    assert state.get_meta_info("a")["finish_reason"] == {"type": "stop", "matched": r"t\w+e"}
+    assert state["b"] == " one"
+    assert mock.calls_of("generate")[1].params.stop_regex == (r"z+", r"\stwo")
+    with pytest.raises(ValueError, match="stop_regex"):
+        pl.gen("x", stop_regex="(unclosed")

@@ -1,115 +1,77 @@
-"""Unmodified SGLang clients against ``plait serve``, a bounded load test, and SIGTERM draining.
+"""The unmodified SGLang frontend against ``plait serve``, a bounded load test, and SIGTERM draining.
 
-The server is stopped by the last test of this module (SIGTERM with requests in flight).
+SGLang's own frontend programs (``sglang.test.test_programs`` of the installed sglang, 0.5.23) and
+plait's checks of the frontend run in subprocesses (``sglang_frontend_programs.py``): importing sglang
+patches transformers process-wide. The server runs with ``--strict-fields``, so the frontend passing
+also shows that it sends no field plait does not know. The server is stopped by the last test of this
+module (SIGTERM with requests in flight).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import importlib.util
 import json
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.server.server_helpers import assert_idle_and_flushed, start_server
+from tests.server.sglang_frontend_programs import PLAIT_CHECKS, SGLANG_NOT_RUN, SGLANG_PROGRAMS
 
 pytestmark = pytest.mark.model
+SGLANG_VERSION = "0.5.23"
+REPO = Path(__file__).resolve().parents[2]
+PROGRAMS = [f"sglang:{n}" for n in SGLANG_PROGRAMS] + [f"plait:{n}" for n in PLAIT_CHECKS]
 
 
 @pytest.fixture(scope="module")
 def server(bundled_model_dir):
-    server = start_server()
+    server = start_server("--strict-fields")
     yield server
     server.stop()
 
 
+def _sglang_installed() -> str | None:
+    """Why the frontend tests cannot run, or None."""
+    if importlib.util.find_spec("sglang") is None:
+        return f"sglang is not installed (pip install --no-deps sglang=={SGLANG_VERSION}; see README)"
+    version = importlib.metadata.version("sglang")
+    if version != SGLANG_VERSION:
+        return f"sglang {version} is installed; these tests run the {SGLANG_VERSION} frontend"
+    return None
+
+
 @pytest.fixture(scope="module")
-def sgl(server):
-    sgl = pytest.importorskip("sglang", reason="the sglang frontend (sglang==0.5.2, in the test extra) is not installed")
-    sgl.set_default_backend(sgl.RuntimeEndpoint(server.url))
-    return sgl
+def frontend_results(server) -> dict[str, dict]:
+    """Every program's result (and, under "programs", the list of SGLang's programs)."""
+    reason = _sglang_installed()
+    if reason:
+        pytest.skip(reason)
+    command = [sys.executable, "-m", "tests.server.sglang_frontend_programs", server.url, *PROGRAMS]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"the frontend runner failed:\n{run.stderr[-3000:]}"
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    return {line.get("name", "programs"): line for line in lines}
 
 
-def greedy(server, text: str, n: int, **params) -> str:
-    body = {"text": text, "sampling_params": {"max_new_tokens": n, "temperature": 0, **params}}
-    return server.post("/generate", body).json()["text"]
+def test_every_sglang_program_is_run_or_excused(frontend_results):
+    """A program a newer sglang adds fails here until it is run or its reason is written down."""
+    assert frontend_results["programs"]["programs"] == sorted(SGLANG_PROGRAMS + list(SGLANG_NOT_RUN))
 
 
-def test_sglang_gen_and_streaming_with_logprobs(server, sgl):
-    @sgl.function
-    def qa(s, question):
-        s += "Q: " + question + "\nA:"
-        s += sgl.gen("answer", max_tokens=8, temperature=0, stop="\n")
-
-    state = qa.run(question="What is the capital of France?")
-    assert state["answer"] == greedy(server, "Q: What is the capital of France?\nA:", 8, stop=["\n"])
-    streamed = qa.run(question="Name a fruit.", stream=True, return_logprob=True)
-    pieces = list(streamed.text_iter("answer"))
-    assert len(pieces) > 1 and "".join(pieces) == qa.run(question="Name a fruit.")["answer"]
-    meta = streamed.get_meta_info("answer")
-    assert meta["completion_tokens"] >= 1 and meta["finish_reason"] is not None
-    entry = meta["output_token_logprobs"][-1]
-    assert entry[0] <= 0 and isinstance(entry[1], int)  # plait streams logprob deltas: the last event's entries
-
-
-@pytest.mark.parametrize("method", ["token_length_normalized", "greedy_token_selection",
-                                    "unconditional_likelihood_normalized"])
-def test_sglang_select(server, sgl, method):
-    from sglang.lang import choices
-
-    @sgl.function
-    def pick(s):
-        s += "The capital of France is"
-        s += sgl.select("city", choices=[" Paris", " a banana split", " Berlin"],
-                        choices_method=getattr(choices, method))
-
-    state = pick.run()
-    meta = state.get_meta_info("city")
-    assert len(meta["input_token_logprobs"]) == 3
-    if method != "unconditional_likelihood_normalized":
-        assert state["city"] == " Paris"
-        return
-    # this method weighs each choice against its likelihood without the prefix, so it need not pick
-    # Paris; check that it got the server's unconditional logprobs and chose by them
-    for conditional, unconditional in zip(meta["input_token_logprobs"], meta["unconditional_token_logprobs"]):
-        ids = [entry[1] for entry in conditional]
-        direct = server.post("/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
-                                           "return_logprob": True}).json()["meta_info"]["input_token_logprobs"]
-        assert [e[1] for e in unconditional] == [e[1] for e in direct]
-        # batched vs single forward passes: float32 rounding differs slightly
-        assert [e[0] for e in unconditional] == pytest.approx([e[0] for e in direct], abs=1e-3)
-    scores = meta["normalized_unconditional_prompt_logprobs"]
-    assert state["city"] == [" Paris", " a banana split", " Berlin"][scores.index(max(scores))]
-
-
-def test_sglang_regex(sgl):
-    @sgl.function
-    def phone(s):
-        s += "My phone number is "
-        s += sgl.gen("number", max_tokens=12, regex=r"\d{3}-\d{4}", temperature=0)
-
-    number = phone.run()["number"]
-    assert len(number) == 8 and number[:3].isdigit() and number[3] == "-" and number[4:].isdigit()
-
-
-def test_sglang_fork(server, sgl):
-    @sgl.function
-    def two_colors(s):
-        s += "List two colors:"
-        forks = s.fork(2)
-        for i, f in enumerate(forks):
-            f += f" {i + 1}."
-            f += sgl.gen("color", max_tokens=4, temperature=0)
-        forks.join()
-        s += " A:" + forks[0]["color"] + " B:" + forks[1]["color"]
-
-    text = two_colors.run().text()
-    first, second = greedy(server, "List two colors: 1.", 4), greedy(server, "List two colors: 2.", 4)
-    assert text == f"List two colors: A:{first} B:{second}"
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_sglang_frontend_program(frontend_results, name):
+    result = frontend_results[name]
+    assert result["passed"], f"{name} failed after {result['seconds']} s:\n{result['error']}"
 
 
 async def _one_stream(client: httpx.AsyncClient, i: int, cancel: bool) -> str:

@@ -117,10 +117,11 @@ class MockBackend:
         text = self._output_for(call)
         params = call.params
         finish: dict[str, Any] = {"type": "stop", "matched": None}
-        hits = [(text.find(s), s) for s in params.stop if s in text]
+        hits = [(text.find(s), text.find(s) + len(s), s) for s in params.stop if s in text]
+        hits += [(m.start(), m.end(), p) for p in params.stop_regex if (m := re.search(p, text)) is not None]
         if hits:
-            pos, stop = min(hits)
-            text = text[: pos + len(stop)] if params.no_stop_trim else text[:pos]
+            pos, end, stop = min(hits)
+            text = text[:end] if params.no_stop_trim else text[:pos]
             finish = {"type": "stop", "matched": stop}
         tokens = mock_tokens(text)
         if len(tokens) > params.max_new_tokens:

@@ -11,7 +11,7 @@ Two endpoints, picked per call (``api="auto"``) or fixed (``api="chat"`` / ``api
   logprobs: ``select`` then raises ``BackendCapabilityError``.
 
 Sampling options outside the OpenAI API (``top_k``, ``min_p``, ``repetition_penalty``,
-``min_new_tokens``, ``stop_token_ids``, ``ignore_eos``) and the ``regex`` / ``ebnf`` constraints are
+``min_new_tokens``, ``stop_token_ids``, ``ignore_eos``, ``stop_regex``) and the ``regex`` / ``ebnf`` constraints are
 sent in ``extra_body`` when ``extra_sampling=True`` (servers that take SGLang's request fields:
 SGLang, ``plait serve``); otherwise they raise ``BackendCapabilityError``, never silently dropped.
 ``json_schema`` goes through ``response_format`` on chat completions. The KV-cache hooks
@@ -56,6 +56,7 @@ _EXTRA_SAMPLING = {
     "ignore_eos": ("ignore_eos", False),
     "no_stop_trim": ("no_stop_trim", False),
     "skip_special_tokens": ("skip_special_tokens", True),
+    "stop_regex": ("stop_regex", ()),
 }
 
 
@@ -140,6 +141,8 @@ class OpenAI:
             kwargs["frequency_penalty"] = params.frequency_penalty
         if params.presence_penalty:
             kwargs["presence_penalty"] = params.presence_penalty
+        if params.logit_bias:  # the OpenAI API's own field (token-id strings -> bias)
+            kwargs["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
         extra: dict[str, Any] = {}
         for field_name, (wire_name, default) in _EXTRA_SAMPLING.items():
             value = getattr(params, field_name)

@@ -53,6 +53,19 @@ def test_generate_equals_the_server(endpoint, server):
     assert ref["meta_info"]["cached_tokens"] > 0 and result.latency_s > 0  # the second call hit the cache
 
 
+def test_stop_regex_and_logit_bias_travel_over_http(endpoint, server):
+    prompt = "Count with me: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
+    params = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True, stop_regex=[r"1[5-9],"])
+    result = endpoint.generate(GenerateCall(prompt, params))
+    ref = direct(server, prompt, sampling_params={"temperature": 0, "max_new_tokens": 24, "ignore_eos": True})
+    assert "15," in ref["text"] and result.text == ref["text"][: ref["text"].index("15,")]
+    assert result.finish_reason == {"type": "stop", "matched": r"1[5-9],"}
+    banned = ref["output_ids"][0]
+    biased = endpoint.generate(GenerateCall(prompt, SamplingParams(temperature=0.0, max_new_tokens=1,
+                                                                   logit_bias={banned: -100}), return_logprob=True))
+    assert biased.output_token_logprobs[0][1] != banned
+
+
 def test_stream_is_cumulative_and_matches_generate(endpoint):
     call = GenerateCall("Count: 1, 2, 3,", GREEDY, return_logprob=True)
     snaps = list(endpoint.stream(call))

@@ -149,6 +149,17 @@ def test_options_outside_the_api_are_refused_or_sent_as_extra_fields(server):
         plain.generate(GenerateCall("x", SamplingParams(n=2)))
 
 
+def test_stop_regex_needs_extra_fields_and_logit_bias_is_the_apis_own(server):
+    with pytest.raises(BackendCapabilityError, match="stop_regex"):
+        backend(server).generate(GenerateCall("x", SamplingParams(stop_regex=r"\d+")))
+    server.reply("/completions", completion_body("42"))
+    backend(server).generate(GenerateCall("n=", SamplingParams(logit_bias={"42": -100, 7: 5})))
+    assert server.last("/completions")["logit_bias"] == {"7": 5.0, "42": -100.0}
+    server.reply("/completions", completion_body("42"))
+    backend(server, extra_sampling=True).generate(GenerateCall("n=", SamplingParams(stop_regex=[r"\d+"])))
+    assert server.last("/completions")["stop_regex"] == [r"\d+"]
+
+
 def test_chat_prompts_a_chat_api_cannot_take(server):
     be = backend(server)
     cases = [
