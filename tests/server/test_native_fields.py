@@ -73,6 +73,16 @@ def test_rid_of_a_batch_expands_and_prompt_ids_come_back(server):
     assert [o["prompt_token_ids"] for o in outs] == ids
 
 
+def test_session_id_keeps_the_session_prefix_pinned(server):
+    body = {"text": "A session's shared prefix. " * 5, "sampling_params": greedy(2), "session_id": "chat-7"}
+    generate(server, body)
+    assert server.stats()["pinned_tokens"] > 0
+    assert server.post("/end_program", {"program_id": "chat-7"}).json() == {"success": True}
+    assert server.stats()["pinned_tokens"] == 0
+    clash = server.post("/generate", {**body, "program_id": "other"})
+    assert clash.status_code == 400 and "session_id" in clash.json()["error"]["message"]
+
+
 def test_streamed_logprobs_carry_their_running_count(server):
     body = {"text": COUNT, "sampling_params": greedy(5), "return_logprob": True, "stream": True}
     events = [json.loads(line[5:]) for line in server.post("/generate", body).text.splitlines()

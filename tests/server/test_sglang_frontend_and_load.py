@@ -74,6 +74,13 @@ def test_sglang_frontend_program(frontend_results, name):
     assert result["passed"], f"{name} failed after {result['seconds']} s:\n{result['error']}"
 
 
+def test_strict_fields_refuses_unknown_fields(server):
+    response = server.post("/generate", {"text": "x", "temprature": 0, "sampling_params": {"max_new_tokens": 1}})
+    assert response.status_code == 400 and "'temprature'" in response.json()["error"]["message"]
+    nested = server.post("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 1, "top_q": 1}})
+    assert nested.status_code == 400 and "top_q" in nested.json()["error"]["message"]
+
+
 async def _one_stream(client: httpx.AsyncClient, i: int, cancel: bool) -> str:
     body = {"text": f"Request {i}: tell me about the number {i * 7}.", "stream": True,
             "sampling_params": {"max_new_tokens": 8 + i % 9, "ignore_eos": True, "temperature": 0.7}}
