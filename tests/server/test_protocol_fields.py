@@ -48,3 +48,43 @@ def test_errors_never_echo_a_large_value():
         expect_bool("stream", huge)
     assert len(info.value.message) < 300
     assert len(RequestError("x" * 10**6).message) <= MAX_ERROR_CHARS + 20
+
+
+def test_sampling_objects_drop_nulls_and_unknown_keys_when_asked():
+    from plait.runtime.server.protocol import sampling_params_from
+
+    ignored: list[str] = []
+    params = sampling_params_from({"temperature": None, "top_q": 1, "\u00e9\n": 2, "stream_interval": 3,
+                                   "sampling_seed": 5}, ignored=ignored)
+    assert params.temperature == 1.0 and params.seed == 5
+    assert ignored == ["sampling_params.\\xe9?", "sampling_params.top_q"]  # sorted, made printable
+    with pytest.raises(RequestError, match="top_q"):
+        sampling_params_from({"top_q": 1})  # without a list to report them in, unknown keys are a 400
+    with pytest.raises(RequestError, match="top_q"):
+        sampling_params_from({"top_q": 1}, ignored=[], strict=True)
+    with pytest.raises(RequestError, match="beam_width"):
+        sampling_params_from({"beam_width": 4})
+
+
+class _Limits:
+    max_prompt_tokens, vocab_size, context_length = 100, 1000, 128
+
+
+def test_generate_bodies_without_a_server():
+    from plait.runtime.server.native import parse_generate
+
+    def parse(body, strict=False):
+        return parse_generate(body, lambda text: [1] * len(text), _Limits(), True, strict)
+
+    batch = parse({"text": ["ab", "cd"], "rid": "r", "extra_key": ["t1", ""], "cache_salt": "s",
+                   "sampling_params": {"max_new_tokens": 2}})
+    assert [j.rid for j in batch.jobs] == ["r_0", "r_1"] and batch.is_batch
+    assert [j.cache_namespace for j in batch.jobs] == ["t1\x1fs", "s"]
+    single = parse({"text": "ab", "session_id": "chat", "priority": 9, "whatever": 1})
+    assert single.jobs[0].program_id == "chat" and single.ignored == ["whatever"] and not single.is_batch
+    for body, needle in [({"text": "x", "lora_path": "a"}, "LoRA"), ({"text": "x", "image_data": "png"}, "text only"),
+                         ({"text": "x", "custom_logit_processor": "f"}, "client code")]:
+        with pytest.raises(RequestError, match=needle):
+            parse(body)
+    with pytest.raises(RequestError, match="whatever"):
+        parse({"text": "x", "whatever": 1}, strict=True)

@@ -23,7 +23,7 @@ SAMPLING_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "spaces_between_special_tokens": (True, None),
     "custom_params": (None, {}),  # read by custom logit processors only (refused: they execute code)
     "watermark": (None,),
-    "beam_width": (None, 0, 1),
+    "beam_width": (None, 1),
 }
 # Sampling parameters that change nothing about the output: accepted with any value.
 SAMPLING_IGNORED = frozenset({"stream_interval"})  # how often stream events are sent; plait sends every step
@@ -182,9 +182,9 @@ def sampling_params_from(raw: Any, name: str = "sampling_params", aliases: dict[
         raise RequestError(f"field {name!r} must be an object, got {short_repr(raw)}", param=name)
     raw = {key: value for key, value in raw.items() if value is not None or key == "max_new_tokens"}
     if ignored is not None:
-        for key in split_unknown(raw, SamplingParams.field_names() | SAMPLING_EXTRA, name, strict):
-            raw.pop(key, None)
-            ignored.append(f"{name}.{key}")
+        known = SamplingParams.field_names() | SAMPLING_EXTRA
+        ignored.extend(f"{name}.{key}" for key in split_unknown(raw, known, name, strict))
+        raw = {key: value for key, value in raw.items() if key in known}
     reject_non_default(raw, SAMPLING_DEFAULT_ONLY, name)
     for key in (*SAMPLING_DEFAULT_ONLY, *SAMPLING_IGNORED):
         raw.pop(key, None)
