@@ -138,6 +138,15 @@ def test_tokenize_and_detokenize_routes(server):
     assert server.post("/detokenize", {"tokens": [10**9]}).status_code == 400
 
 
+def test_separate_reasoning_route(server):
+    out = server.post("/separate_reasoning", {"text": "<think>Let me add.</think>It is 4.",
+                                              "reasoning_parser": "qwen3", "return_blocks": True}).json()
+    assert (out["reasoning_text"], out["text"]) == ("Let me add.", "It is 4.")
+    assert out["blocks"] == [{"type": "reasoning", "text": "Let me add."}, {"type": "text", "text": "It is 4."}]
+    bad = server.post("/separate_reasoning", {"text": "x", "reasoning_parser": "nope"})
+    assert bad.status_code == 400 and "reasoning_parser" in bad.json()["error"]["message"]
+
+
 def test_model_and_probe_routes(server):
     name = server.get("/v1/models").json()["data"][0]["id"]
     assert server.get(f"/v1/models/{name}").json()["id"] == name

@@ -6,6 +6,8 @@ clear answer on routes a generative model cannot serve.
   (``"token_strs"`` too with ``return_token_strs``, as vLLM).
 - ``/detokenize`` and ``/v1/detokenize``: ``{"tokens": [int] | [[int]]}`` -> ``{"text"}``.
 - ``/model_info`` (SGLang's current name of ``/get_model_info``), ``/v1/models/{id}``, ``/ready``, ``/ping``.
+- ``/separate_reasoning``: ``{"text", "reasoning_parser"}`` -> ``{"reasoning_text", "text"}`` (SGLang's
+  shape; the parsers of ``reasoning.py``).
 - ``/encode`` and ``/classify``: 404, the served model is generative.
 """
 
@@ -31,6 +33,8 @@ TOKENIZE_FIELDS = frozenset({
     "chat_template_kwargs", "tools", "tool_choice", "reasoning_effort", "return_token_strs",
 })
 DETOKENIZE_FIELDS = frozenset({"model", "tokens", "skip_special_tokens"})
+SEPARATE_REASONING_FIELDS = frozenset({"text", "reasoning_parser", "return_blocks"})
+MAX_SEPARATE_CHARS = 1 << 20
 MAX_TOKENIZE_PROMPTS = 1024
 
 
@@ -106,6 +110,34 @@ async def detokenize(request: Request) -> Response:
     return JSONResponse({"text": texts if batch else texts[0]}, headers=ignored_fields_headers(ignored))
 
 
+async def separate_reasoning(request: Request) -> Response:
+    """SGLang's ``/separate_reasoning``: split a finished output into its reasoning and its answer."""
+    from plait.runtime.server.app import read_json
+    from plait.runtime.server.reasoning import PARSERS, make_reasoning_parser
+
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    ignored = split_unknown(body, SEPARATE_REASONING_FIELDS, "/separate_reasoning",
+                            request.app.state.server.config.strict_fields)
+    text, name = body.get("text"), body.get("reasoning_parser")
+    if not isinstance(text, str) or len(text) > MAX_SEPARATE_CHARS:
+        raise RequestError(f"field 'text' must be a string of at most {MAX_SEPARATE_CHARS} characters", param="text")
+    if name not in PARSERS:
+        raise RequestError(f"field 'reasoning_parser' must be one of {', '.join(PARSERS)}, got {short_repr(name)}",
+                           param="reasoning_parser")
+    parser = make_reasoning_parser(name)
+    split = parser.feed(text)
+    split.add(parser.finish())
+    out: dict[str, Any] = {"reasoning_text": split.reasoning, "text": split.content}
+    if expect_bool("return_blocks", body.get("return_blocks") or False):
+        blocks = ([{"type": "reasoning", "text": split.reasoning}] if split.reasoning else [])
+        blocks.append({"type": "text", "text": split.content})
+        out.update(reasoning_blocks=[split.reasoning] if split.reasoning else [], text_blocks=[split.content],
+                   blocks=blocks)
+    return JSONResponse(out, headers=ignored_fields_headers(ignored))
+
+
 async def model_info(request: Request) -> Response:
     """SGLang's ``/model_info``: ``/get_model_info``'s fields plus the model's type and architectures."""
     from plait.runtime.server.app import get_model_info
@@ -144,6 +176,6 @@ def routes() -> list[tuple[str, Callable, list[str]]]:
         ("/tokenize", tokenize, ["POST"]), ("/v1/tokenize", tokenize, ["POST"]),
         ("/detokenize", detokenize, ["POST"]), ("/v1/detokenize", detokenize, ["POST"]),
         ("/model_info", model_info, ["GET"]), ("/v1/models/{model:path}", retrieve_model, ["GET"]),
-        ("/ready", ready, ["GET"]), ("/ping", ready, ["GET"]),
+        ("/ready", ready, ["GET"]), ("/ping", ready, ["GET"]), ("/separate_reasoning", separate_reasoning, ["POST"]),
         ("/encode", not_generative, ["POST", "PUT"]), ("/classify", not_generative, ["POST", "PUT"]),
     ]
