@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["JSON_OBJECT", "SamplingParams"]
+__all__ = ["GREEDY_TEMPERATURE_EPS", "JSON_OBJECT", "SamplingParams"]
 
 # ``json_schema=JSON_OBJECT``: any JSON object (OpenAI's ``response_format={"type": "json_object"}``).
 # ``json_schema={}`` (or ``True``) allows any JSON value.
@@ -25,10 +25,16 @@ JSON_OBJECT = '{"type": "object"}'
 
 _CONSTRAINT_FIELDS = ("regex", "json_schema", "ebnf", "choices")
 # Bounds on what one request may ask for (the work per decode step stays bounded).
+MAX_STOP_COUNT = 64  # stop strings per request (each costs work on every generated character)
+MAX_STOP_CHARS = 4096  # characters per stop string
+MAX_STOP_TOKEN_IDS = 1024  # stop token ids per request (each generated token is looked up in them)
 MAX_STOP_REGEX_COUNT = 32  # patterns per request (SGLang's limit)
 MAX_STOP_REGEX_BYTES = 256  # UTF-8 bytes per pattern (SGLang's limit)
 MAX_LOGIT_BIAS_ENTRIES = 1024  # biased tokens per request
 MAX_LOGIT_BIAS = 1e9  # |bias| beyond this could overflow float32 logits
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing float32 logits by a tinier
+# temperature overflows them to inf (1e-40 is not even a normal float32), and the softmax of inf is NaN.
+GREEDY_TEMPERATURE_EPS = 1e-5
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -68,8 +74,10 @@ def _check_bool(name: str, value: Any) -> None:
 class SamplingParams:
     """How to sample one generation. Frozen; every field is validated in ``__post_init__``.
 
-    ``stop`` may be given as a single string or a list; it is stored as a tuple. ``stop_token_ids``
-    likewise. ``top_k=-1`` means no top-k filter; ``temperature=0`` means greedy decoding.
+    ``stop`` may be given as a single string or a list; it is stored as a tuple: at most
+    ``MAX_STOP_COUNT`` strings of at most ``MAX_STOP_CHARS`` characters each. ``stop_token_ids`` likewise
+    (at most ``MAX_STOP_TOKEN_IDS``). ``top_k=-1`` means no top-k filter; ``temperature=0`` means greedy
+    decoding, and so does any temperature below ``GREEDY_TEMPERATURE_EPS`` (1e-5).
     ``no_stop_trim=True`` keeps the matched stop string at the end of the output text.
     ``stop_regex`` (a pattern or a list, stored as a tuple; Python ``re`` syntax): generation stops when
     one matches the generated text; the text is cut at the match like a stop string (``no_stop_trim``
@@ -159,10 +167,15 @@ class SamplingParams:
         elif isinstance(stop, (list, tuple)):
             stop = tuple(stop)
         else:
-            raise ValueError(f"sampling parameter 'stop' must be a str or a list of str, got {stop!r}")
+            raise ValueError(f"sampling parameter 'stop' must be a str or a list of str, got {_short(stop)}")
+        if len(stop) > MAX_STOP_COUNT:
+            raise ValueError(f"sampling parameter 'stop' allows at most {MAX_STOP_COUNT} strings, got {len(stop)}")
         for s in stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"sampling parameter 'stop' must contain non-empty strings, got {s!r}")
+                raise ValueError(f"sampling parameter 'stop' must contain non-empty strings, got {_short(s)}")
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"sampling parameter 'stop' has a string of {len(s)} characters; "
+                                 f"at most {MAX_STOP_CHARS} are allowed")
         object.__setattr__(self, "stop", stop)
 
         ids = self.stop_token_ids
@@ -171,7 +184,10 @@ class SamplingParams:
         elif isinstance(ids, (list, tuple)):
             ids = tuple(ids)
         else:
-            raise ValueError(f"sampling parameter 'stop_token_ids' must be a list of int >= 0, got {ids!r}")
+            raise ValueError(f"sampling parameter 'stop_token_ids' must be a list of int >= 0, got {_short(ids)}")
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"sampling parameter 'stop_token_ids' allows at most {MAX_STOP_TOKEN_IDS} ids, "
+                             f"got {len(ids)}")
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise ValueError(f"sampling parameter 'stop_token_ids' must contain ints >= 0, got {t!r}")
@@ -324,5 +340,6 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        """True when sampling reduces to argmax (temperature 0 or top_k 1)."""
-        return self.temperature == 0.0 or self.top_k == 1
+        """True when sampling reduces to argmax: temperature below ``GREEDY_TEMPERATURE_EPS`` (0 included)
+        or top_k 1."""
+        return self.temperature < GREEDY_TEMPERATURE_EPS or self.top_k == 1

@@ -212,3 +212,31 @@ def test_errors_quote_large_values_briefly() -> None:
     with pytest.raises(ValueError) as info:
         SamplingParams(stop_regex=["(" + "x" * 100_000])
     assert len(str(info.value)) < 400
+
+
+def test_stop_strings_and_stop_token_ids_are_bounded() -> None:
+    from plait.sampling import MAX_STOP_CHARS, MAX_STOP_COUNT, MAX_STOP_TOKEN_IDS
+
+    assert len(SamplingParams(stop=["s"] * MAX_STOP_COUNT).stop) == MAX_STOP_COUNT
+    assert SamplingParams(stop="x" * MAX_STOP_CHARS).stop == ("x" * MAX_STOP_CHARS,)
+    assert len(SamplingParams(stop_token_ids=list(range(MAX_STOP_TOKEN_IDS))).stop_token_ids) == MAX_STOP_TOKEN_IDS
+    cases = [
+        ({"stop": [f"s{i}" for i in range(100_000)]}, "'stop' allows at most"),
+        ({"stop": "x" * 1_000_000}, "'stop' has a string of 1000000 characters"),
+        ({"stop": ["ok", "x" * (MAX_STOP_CHARS + 1)]}, "at most"),
+        ({"stop_token_ids": list(range(MAX_STOP_TOKEN_IDS + 1))}, "'stop_token_ids' allows at most"),
+    ]
+    for fields, needle in cases:
+        with pytest.raises(ValueError, match=needle) as info:
+            SamplingParams.from_dict(fields)
+        assert len(str(info.value)) < 200  # the message never echoes the huge value
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-40, 1e-30, 5e-6])
+def test_tiny_temperatures_are_greedy(temperature: float) -> None:
+    from plait.sampling import GREEDY_TEMPERATURE_EPS
+
+    assert GREEDY_TEMPERATURE_EPS == 1e-5
+    p = SamplingParams(temperature=temperature)
+    assert p.is_greedy and p.temperature == temperature  # the value is kept (to_dict round-trips)
+    assert not SamplingParams(temperature=GREEDY_TEMPERATURE_EPS).is_greedy

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,63 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_token_ids={eos})"
 
 
+def _failure_function(pattern: str) -> array:
+    """KMP failure function: entry i is the length of the longest proper prefix of ``pattern[: i + 1]``
+    that is also its suffix. O(len(pattern)) time; 4 bytes per character."""
+    fail = array("i", bytes(4 * len(pattern)))
+    k = 0
+    for i in range(1, len(pattern)):
+        c = pattern[i]
+        while k and pattern[k] != c:
+            k = fail[k - 1]
+        if pattern[k] == c:
+            k += 1
+        fail[i] = k
+    return fail
+
+
+class StopStringMatcher:
+    """Follows a growing text against a set of stop strings in time and memory linear in their length.
+
+    For every stop string it keeps the length of the longest suffix of the text fed so far that is a
+    prefix of that string (Knuth-Morris-Pratt), so ``feed`` costs amortized O(1) per character and
+    stop string, and the longest tail that could start a stop string (``longest_partial``) is known
+    without listing the strings' prefixes (which would be quadratic in their length).
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        """``stops``: non-empty strings."""
+        self.stops = tuple(stops)
+        self._failure = [_failure_function(s) for s in self.stops]
+        self._state = [0] * len(self.stops)
+
+    def feed(self, text: str) -> list[int]:
+        """Append ``text``; return the indices of the stop strings that an occurrence ending inside
+        ``text`` completed (in order of index)."""
+        completed = []
+        for i, stop in enumerate(self.stops):
+            fail, k, n, hit = self._failure[i], self._state[i], len(stop), False
+            for c in text:
+                if k == n:
+                    k = fail[k - 1]
+                while k and stop[k] != c:
+                    k = fail[k - 1]
+                if stop[k] == c:
+                    k += 1
+                    hit = hit or k == n
+            self._state[i] = k
+            if hit:
+                completed.append(i)
+        return completed
+
+    @property
+    def longest_partial(self) -> int:
+        """Length of the longest suffix of the text fed so far that is a proper prefix of a stop string."""
+        # a whole stop string at the end: its longest proper prefix that is also a suffix of it
+        return max((k if k < len(s) else fail[k - 1] for k, s, fail in zip(self._state, self.stops, self._failure)),
+                   default=0)
+
+
 class IncrementalDetokenizer:
     """Streams the text of generated tokens, UTF-8 safe and stop-string aware.
 
@@ -186,8 +244,9 @@ class IncrementalDetokenizer:
         self.no_stop_trim = no_stop_trim
         self.stop: tuple[str, ...] = tuple(dict.fromkeys(stop))
         self._max_stop_len = max((len(s) for s in self.stop), default=0)
-        # Every proper prefix of a stop string: a text tail equal to one of them is held back.
-        self._stop_prefixes = {s[:k] for s in self.stop for k in range(1, len(s))}
+        # The text's tail that could start a stop string is held back; the matcher tracks it.
+        self._stop_matcher = StopStringMatcher(self.stop)
+        self._completed_stops: list[int] = []  # stop strings that the text's last growth completed
         self.stop_regex = StopRegexes(stop_regex)
         self.failure: str | None = None
 
@@ -267,6 +326,8 @@ class IncrementalDetokenizer:
         elif len(candidate) > old_len:
             # Defensive: a decoder that rewrites earlier text; never take back emitted text.
             self._text = self._text + candidate[old_len:]
+        if self.stop and len(self._text) > old_len:
+            self._completed_stops = self._stop_matcher.feed(self._text[old_len:])
         if (self.stop or self.stop_regex) and len(self._text) > old_len:
             try:
                 cut = self._find_stop(old_len)
@@ -294,7 +355,7 @@ class IncrementalDetokenizer:
         """
         best: tuple[int, int, str] | None = None  # (start, end, what matched)
         start = max(0, old_len - self._max_stop_len + 1)
-        for s in self.stop:
+        for s in (self.stop[i] for i in self._completed_stops):  # only these can match in the new text
             idx = self._text.find(s, start)
             if idx >= 0 and (best is None or (idx, idx + len(s)) < best[:2]):
                 best = (idx, idx + len(s), s)
@@ -311,11 +372,9 @@ class IncrementalDetokenizer:
     def _held_back(self, old_len: int) -> int:
         """Length of the longest unemitted tail that could be the start of a stop string or match."""
         available = len(self._text) - self._emitted
-        held = 0
-        for k in range(min(self._max_stop_len - 1, available), 0, -1):
-            if self._text[-k:] in self._stop_prefixes:
-                held = k
-                break
+        # Emitted text never holds the start of a stop string (it would have been held back), so the
+        # clamp only guards against a subclass that emits otherwise.
+        held = min(self._stop_matcher.longest_partial, available)
         if self.stop_regex and available > held:
             partial = self.stop_regex.partial_start(self._text, old_len)
             if partial is not None:

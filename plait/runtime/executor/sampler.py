@@ -6,7 +6,8 @@ work is gathering parameters into tensors and drawing noise for rows that carry 
 
 Order of operations (matching SGLang / HF semantics):
 penalties (repetition over prompt+output, frequency/presence over output) -> logit_bias -> min_new_tokens masking
-(EOS and stop_token_ids banned) -> optional allowed-token mask (grammar) -> greedy rows take argmax ->
+(EOS and stop_token_ids banned) -> optional allowed-token mask (grammar) -> greedy rows take argmax (temperature
+below ``GREEDY_TEMPERATURE_EPS`` = 1e-5, or top_k 1: ``SamplingParams.is_greedy``) ->
 temperature -> top_k -> top_p -> min_p -> sample by the exponential race ``argmax(p / q)``, q ~ Exp(1).
 
 Reported logprobs are always under the RAW model distribution (log_softmax of unmodified logits).
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 _MASK64 = (1 << 64) - 1
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -347,7 +349,8 @@ class Sampler:
         in vocabulary order (never reordered, so noise stays indexed by token id)."""
         device = logits.device
         _, vocab = logits.shape
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        # A temperature beyond float32's range would become inf, and a masked logit (-inf) / inf is NaN.
+        temps = torch.tensor([min(p.temperature, _FLOAT32_MAX) for p in params], dtype=torch.float32, device=device)
         logits = logits / temps.view(-1, 1)
 
         need_k = any(p.top_k != -1 for p in params)

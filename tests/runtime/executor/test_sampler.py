@@ -399,3 +399,27 @@ def test_logit_bias_matches_adding_the_bias_to_the_logits() -> None:
     expected[0, 49] -= 2
     expected[2, 0] += 3
     assert torch.equal(work, expected)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-6])
+def test_tiny_temperature_picks_the_argmax(temperature: float) -> None:
+    # logits / 1e-40 overflow float32: softmax gave NaN everywhere and the race picked token 0
+    logits = torch.randn(4, 500, generator=torch.Generator().manual_seed(3)) * 5
+    params = [SamplingParams(temperature=temperature)] * 3 + [SamplingParams(temperature=temperature, seed=7)]
+    out = Sampler(seed=0).sample(logits, make_batch(params))
+    assert out.next_token_ids.tolist() == logits.argmax(-1).tolist()
+    mask = torch.ones(4, 500, dtype=torch.bool)
+    mask[:, :250] = False
+    out = Sampler(seed=0).sample(logits, make_batch(params, allowed_mask=mask))
+    assert out.next_token_ids.tolist() == (logits[:, 250:].argmax(-1) + 250).tolist()
+
+
+def test_huge_temperature_never_samples_a_masked_token() -> None:
+    # 1e39 is inf in float32, and a masked logit (-inf) / inf is NaN, which won the race (token 0)
+    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(8, 300, dtype=torch.bool)
+    mask[:, 200:210] = True
+    params = [SamplingParams(temperature=1e39)] * 4 + [SamplingParams(temperature=1e300, seed=s) for s in range(4)]
+    for step in range(5):
+        out = Sampler(seed=step).sample(logits, make_batch(params, allowed_mask=mask))
+        assert all(200 <= t < 210 for t in out.next_token_ids.tolist())
