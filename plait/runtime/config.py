@@ -40,6 +40,22 @@ class EngineConfig:
     # program-aware caching: tokens one open program run may keep pinned in the prefix cache
     # (None: a quarter of the KV cache; 0: program ids are accepted but pin nothing)
     max_pinned_tokens_per_program: int | None = None
+    # grammar compilation (constrained decoding; docs/constrained.md): compile worker processes (0: threads
+    # of the engine process, no isolation), per-compile timeout (the worker is killed past it), compiles
+    # waiting for a worker at most, estimated bytes of compiled grammars cached, and bounds on one
+    # constraint checked before compiling (source bytes, bracket / JSON nesting, EBNF rules)
+    grammar_compile_workers: int = 2
+    grammar_compile_timeout_s: float = 30.0
+    grammar_compile_max_queued: int = 64
+    grammar_cache_bytes: int = 512 * 2**20
+    grammar_max_bytes: int = 128 * 1024
+    grammar_max_depth: int = 64
+    grammar_max_rules: int = 1000
+    max_samples_per_prompt: int = 128  # the largest n (parallel samples of one prompt); past it: ValueError
+    # prompt positions whose logprobs one step computes (all requests together): a request asking for
+    # prompt logprobs is prefilled in chunks of at most this many scored positions, so that its logprob
+    # work (log-softmax and top-k over the vocabulary per position) cannot stall others' decode steps
+    prompt_logprob_chunk_size: int = 512
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -52,7 +68,8 @@ class EngineConfig:
             raise ValueError(f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
-        for name in ("max_running_requests", "chunked_prefill_size", "cuda_graph_max_bs"):
+        for name in ("max_running_requests", "chunked_prefill_size", "cuda_graph_max_bs", "max_samples_per_prompt",
+                     "prompt_logprob_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("context_length", "max_total_tokens"):
@@ -65,6 +82,14 @@ class EngineConfig:
             raise ValueError(f"max_pinned_tokens_per_program must be >= 0 or None, got {self.max_pinned_tokens_per_program}")
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if self.grammar_compile_workers < 0:
+            raise ValueError(f"grammar_compile_workers must be >= 0, got {self.grammar_compile_workers}")
+        if self.grammar_compile_timeout_s <= 0:
+            raise ValueError(f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s}")
+        for name in ("grammar_compile_max_queued", "grammar_cache_bytes", "grammar_max_bytes",
+                     "grammar_max_depth", "grammar_max_rules"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

@@ -13,6 +13,42 @@ if TYPE_CHECKING:
     from plait.runtime.engine import Engine
 
 
+class RequestTooLargeError(ValueError):
+    """A request this engine can never serve, whatever else runs: its prompt does not fit the context
+    length or the KV cache, or its prompt plus ``max_new_tokens`` can never fit the KV cache at once.
+
+    Raised by ``Engine.generate`` / ``submit`` before anything is queued (servers answer 400).
+    ``prompt_tokens`` and ``max_new_tokens`` are the request's; ``limit`` is the most tokens whose KV one
+    request may hold (the KV cache's size, or the context length minus one).
+    """
+
+    def __init__(self, message: str, *, prompt_tokens: int, max_new_tokens: int, limit: int) -> None:
+        super().__init__(message)
+        self.prompt_tokens, self.max_new_tokens, self.limit = prompt_tokens, max_new_tokens, limit
+
+
+def check_fits(prompt_tokens: int, max_new_tokens: int, context_length: int, kv_capacity: int) -> None:
+    """Raise ``RequestTooLargeError`` unless a request with this prompt and ``max_new_tokens`` can run
+    to its end alone in a KV cache of ``kv_capacity`` slots.
+
+    Generation stops at the context length (finish reason ``length``), so only the tokens up to it need
+    KV; the last generated token is never fed back, so it needs none.
+    """
+    fit = min(context_length, kv_capacity)
+    if prompt_tokens >= fit:
+        raise RequestTooLargeError(
+            f"the prompt has {prompt_tokens} tokens; this engine fits at most {fit - 1} "
+            f"(context length {context_length}, KV cache {kv_capacity} tokens)",
+            prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, limit=fit - 1)
+    need = min(prompt_tokens + max(max_new_tokens, 1), context_length) - 1  # KV slots at the last step
+    if need > kv_capacity:
+        raise RequestTooLargeError(
+            f"the prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) needs {need} tokens "
+            f"of KV cache, but the whole KV cache holds {kv_capacity}: lower max_new_tokens to at most "
+            f"{kv_capacity + 1 - prompt_tokens}",
+            prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, limit=kv_capacity)
+
+
 @dataclass
 class GenerateInput:
     requests: list[Request]
@@ -74,7 +110,7 @@ def normalize_inputs(
     if not isinstance(logprob_start_len, int) or logprob_start_len < -1:
         raise ValueError(f"logprob_start_len must be -1 (no prompt logprobs) or >= 0, got {logprob_start_len!r}")
     vocab = engine.model_config.vocab_size
-    capacity = min(engine.context_length, engine.runner.pool.capacity)
+    max_n = engine.config.max_samples_per_prompt
     requests: list[Request] = []
     for ids, params, rid_i in zip(id_lists, params_list, rids):
         if not ids:
@@ -82,11 +118,10 @@ def normalize_inputs(
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"input_ids contain token id(s) outside the vocabulary [0, {vocab}): {bad[:5]}")
-        if len(ids) >= capacity:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens; this engine fits at most {capacity - 1} "
-                f"(context length {engine.context_length}, KV cache {engine.runner.pool.capacity} tokens)"
-            )
+        check_fits(len(ids), params.max_new_tokens, engine.context_length, engine.runner.pool.capacity)
+        if params.n > max_n:
+            raise ValueError(f"sampling parameter 'n' is {params.n}; this engine allows at most {max_n} "
+                             "parallel samples per prompt (engine setting max_samples_per_prompt)")
         if logprob_start_len >= len(ids):
             raise ValueError(f"logprob_start_len {logprob_start_len} must be < the prompt length {len(ids)}")
         # Compiled here, on the caller's thread (cached; the engine loop never waits for a grammar):

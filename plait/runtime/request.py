@@ -102,6 +102,14 @@ class Request:
     def wants_prompt_logprobs(self) -> bool:
         return self.return_logprob and self.logprob_start_len >= 0 and not self.prompt_logprobs_done
 
+    def prompt_logprob_positions(self, start: int, length: int) -> tuple[int, int]:
+        """The prompt positions ``[lo, hi)`` whose logits score a prompt token (position p scores token
+        p + 1) among the ``length`` positions computed from ``start``; ``lo >= hi`` when there are none."""
+        if not self.wants_prompt_logprobs:
+            return start, start
+        lo = max(start, self.logprob_start_len - 1, 0)
+        return lo, min(start + length, len(self.prompt_ids) - 1)
+
     def max_prefix_match(self) -> int:
         """How many leading tokens may come from the cache: at least one token must be computed to get
         logits, and prompt logprobs need the hidden states from ``logprob_start_len - 1`` on."""

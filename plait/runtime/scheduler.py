@@ -1,9 +1,11 @@
 """Scheduler: continuous batching with chunked prefill, prefix-aware admission and retraction.
 
 Every step mixes one decode token for each running request with prefill chunks of new (or resumed)
-requests, under a per-step token budget. The scheduler decides; it never touches weights or runs
-kernels. It owns the bookkeeping between requests, the request-to-slot table, the KV pool and the
-radix tree (which slots belong to whom, and who locks which cached prefix).
+requests, under a per-step token budget; chunks that score prompt positions (prompt logprobs) also
+share a per-step budget of scored positions, so that such work cannot stall the others' decode steps.
+The scheduler decides; it never touches weights or runs kernels. It owns the bookkeeping between
+requests, the request-to-slot table, the KV pool and the radix tree (which slots belong to whom, and
+who locks which cached prefix).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_retractions = 0
         self._failed: list[Request] = []
+        self._logprob_budget = config.prompt_logprob_chunk_size  # prompt positions left to score this step
 
     # ------------------------------------------------------------------ queue management
     def add_request(self, req: Request) -> None:
@@ -94,19 +97,36 @@ class Scheduler:
         budget lasts. The new tokens' slots are written into the request-to-slot table by the step
         builder, in one vectorized write."""
         budget = self.config.chunked_prefill_size
+        self._logprob_budget = self.config.prompt_logprob_chunk_size
         items = self._schedule_decodes()
         for req in list(self.running):
             if req.status is not RequestStatus.RUNNING or req.pending_len <= 1 or budget <= 0:
                 continue
-            n = min(req.pending_len, budget)
+            n = self._limit_prompt_logprobs(req, req.computed_len, min(req.pending_len, budget))
+            if n <= 0:
+                continue
             slots = self._alloc_for_running(req, n)
             if slots is None:
                 continue  # req itself was retracted or failed
-            items.append(ScheduledItem(req, req.computed_len, n, slots))
+            items.append(self._scheduled_chunk(req, req.computed_len, n, slots))
             budget -= n
         if budget > 0 and self.waiting:
             items.extend(self._admit(budget))
         return items
+
+    def _limit_prompt_logprobs(self, req: Request, start: int, n: int) -> int:
+        """Shorten a chunk of ``n`` tokens from ``start`` so that the prompt positions it scores (prompt
+        logprobs) fit what is left of this step's ``prompt_logprob_chunk_size``. May return 0."""
+        lo, hi = req.prompt_logprob_positions(start, n)
+        if hi - lo <= self._logprob_budget:
+            return n
+        return lo + self._logprob_budget - start
+
+    def _scheduled_chunk(self, req: Request, start: int, n: int, slots: torch.Tensor) -> ScheduledItem:
+        """The item for a prefill chunk; charges the prompt positions it scores to this step's budget."""
+        lo, hi = req.prompt_logprob_positions(start, n)
+        self._logprob_budget -= max(hi - lo, 0)
+        return ScheduledItem(req, start, n, slots)
 
     def _schedule_decodes(self) -> list[ScheduledItem]:
         """One token for every decoding request; retracts the newest requests while memory is short."""
@@ -185,7 +205,9 @@ class Scheduler:
                 if any(other.total_len >= threshold and other.cache_namespace == req.cache_namespace
                        and other.token_slice(0, threshold) == head for other in admitted):
                     continue
-            n = min(req.total_len - match.length, budget)
+            n = self._limit_prompt_logprobs(req, match.length, min(req.total_len - match.length, budget))
+            if n <= 0:
+                continue  # this step's prompt-logprob budget is spent
             self.tree.inc_lock_ref(match.node)
             # the chunk, plus one decode token for each request already running
             self._yield_pins_for(n + len(self.running))
@@ -209,7 +231,7 @@ class Scheduler:
             self.waiting.remove(req)
             self.running.append(req)
             admitted.append(req)
-            items.append(ScheduledItem(req, match.length, n, slots))
+            items.append(self._scheduled_chunk(req, match.length, n, slots))
             budget -= n
         return items
 
