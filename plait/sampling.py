@@ -256,7 +256,7 @@ class SamplingParams:
         if isinstance(schema, Mapping):
             try:
                 schema = json.dumps(schema)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
                 raise ValueError(f"sampling parameter 'json_schema' is not JSON-serializable: {exc}") from None
         object.__setattr__(self, "json_schema", schema)
         self._normalize_choices()

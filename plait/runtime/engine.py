@@ -14,12 +14,14 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from plait.runtime.config import EngineConfig
 from plait.runtime.constrained.healing import TokenHealer, new_detokenizer
+from plait.runtime.constrained.limits import GrammarLimits
 from plait.runtime.constrained.service import ConstrainedDecoding
 from plait.runtime.engine_inputs import GenerateInput, normalize_inputs
 from plait.runtime.executor.model_runner import ModelRunner
@@ -111,8 +113,17 @@ class Engine:
         if self.tokenizer is not None:
             eos |= set(self.tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
-        self.constrained = ConstrainedDecoding(self.tokenizer, self.model_config.vocab_size)
+        cfg = self.config
+        self.constrained = ConstrainedDecoding(
+            self.tokenizer, self.model_config.vocab_size, timeout_s=cfg.grammar_compile_timeout_s,
+            workers=cfg.grammar_compile_workers,
+            max_queued=cfg.grammar_compile_max_queued, cache_bytes=cfg.grammar_cache_bytes,
+            limits=GrammarLimits(cfg.grammar_max_bytes, cfg.grammar_max_depth, cfg.grammar_max_rules),
+        )
         self.token_healing = TokenHealer(self.constrained)  # `.enabled = False` turns token healing off
+        # requests whose grammar compiles (submit with on_admitted) are prepared here once it is done
+        self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plait-admit")
+        self._awaiting_grammar: dict[str, bool] = {}  # rid -> aborted, while its grammar compiles
         self._counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "finished": 0, "steps": 0}
         self._inbox: list[tuple[str, Any]] = []
         self._cv = threading.Condition()
@@ -205,6 +216,7 @@ class Engine:
         input_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
         *,
         on_output: Callable[[int, dict], None],
+        on_admitted: Callable[[Exception | None], None] | None = None,
         return_logprob: bool = False,
         logprob_start_len: int = -1,
         top_logprobs_num: int = 0,
@@ -219,15 +231,92 @@ class Engine:
         step, else only the final one). Returns the request ids, in index order. For servers and other
         event-driven callers; ``on_output`` must return quickly and must not call back into the engine.
         Invalid arguments raise before anything is queued, as in ``generate`` (``cache_namespace`` too).
+
+        ``on_admitted``: never wait for a grammar compilation. Arguments that can be checked at once
+        still raise here; then ``submit`` returns at once and ``on_admitted(None)`` is called when the
+        requests are queued, or ``on_admitted(error)`` (a ``ValueError`` such as ``ConstraintError``, or
+        a ``RuntimeError`` when the engine stopped) when the constraint cannot be served: exactly once,
+        possibly before ``submit`` returns, on this or another engine thread. It must return quickly.
+        While a compile is pending ``submit`` returns ``[]`` (the ids are known once admitted), and
+        ``abort(rid)`` with the ``rid`` given here cancels the admission (``on_admitted`` gets an error).
         """
-        gi = self._prepare(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                           top_logprobs_num, return_text_in_logprobs, rid, stream, program_id, cache_namespace)
+        args = (prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num,
+                return_text_in_logprobs, rid, stream, program_id, cache_namespace)
+        pending = self._pending_grammars(sampling_params) if on_admitted is not None else []
+        if pending:
+            self._admit_when_compiled(pending, args, on_output, on_admitted)
+            return []
+        gi = self._prepare(*args)
         sinks = [_CallbackSink(on_output, index) for index in range(len(gi.requests))]
         self._submit(gi.requests, sinks)
+        if on_admitted is not None:
+            on_admitted(None)
         return [req.rid for req in gi.requests]
+
+    def _pending_grammars(self, sampling_params: Any) -> list[Future]:
+        """Compilations (started now if not cached) that the constraints of ``sampling_params`` still wait
+        for. A constraint that is malformed or past the limits raises ``ConstraintError`` here."""
+        if sampling_params is None:
+            return []
+        items = [sampling_params] if isinstance(sampling_params, (dict, SamplingParams)) else sampling_params
+        if not isinstance(items, (list, tuple)):
+            return []  # a bad type: _prepare says so
+        futures = []
+        for item in items:
+            params = SamplingParams.from_dict(item) if isinstance(item, dict) else item
+            if isinstance(params, SamplingParams):
+                future = self.constrained.grammar_future(params)
+                if future is not None and not future.done():
+                    futures.append(future)
+        return futures
+
+    def _admit_when_compiled(self, pending: list[Future], args: tuple, on_output: Callable[[int, dict], None],
+                             on_admitted: Callable[[Exception | None], None]) -> None:
+        """Prepare and queue the requests once every compilation in ``pending`` is done (on the admission
+        thread: token healing may build a grammar); report the outcome through ``on_admitted``."""
+        rid = args[7]
+        keys = [rid] if isinstance(rid, str) else list(rid) if isinstance(rid, (list, tuple)) else []
+        with self._cv:
+            for key in keys:
+                self._awaiting_grammar[key] = False  # True once aborted
+        remaining = [len(pending)]
+        lock = threading.Lock()
+
+        def admit() -> None:
+            with self._cv:
+                aborted = any([self._awaiting_grammar.pop(key, False) for key in keys])
+            failed = next((f.exception() for f in pending if f.exception() is not None), None)
+            if aborted:
+                on_admitted(RuntimeError("aborted while its grammar compiled"))
+            elif failed is not None:  # reported as is: _prepare would compile it again
+                on_admitted(failed if isinstance(failed, (ValueError, RuntimeError)) else RuntimeError(str(failed)))
+            else:
+                try:
+                    gi = self._prepare(*args)
+                    self._submit(gi.requests, [_CallbackSink(on_output, i) for i in range(len(gi.requests))])
+                except (ValueError, TypeError, RuntimeError) as exc:
+                    on_admitted(exc)
+                    return
+                on_admitted(None)
+
+        def one_done(_: Future) -> None:  # on the compiler's thread: hand the rest to the admission thread
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            try:
+                self._admission.submit(admit)
+            except RuntimeError as exc:  # shut down
+                on_admitted(exc)
+
+        for future in pending:
+            future.add_done_callback(one_done)
 
     def abort(self, rid: str) -> None:
         """Abort a request (waiting or running); it finishes with ``{"type": "abort"}``. Unknown ids are ignored."""
+        with self._cv:
+            if rid in self._awaiting_grammar:  # not queued yet: cancel its admission
+                self._awaiting_grammar[rid] = True
         self._post("abort", rid)
 
     def begin_program(self, program_id: str) -> None:
@@ -284,7 +373,8 @@ class Engine:
             self._stopped = True
             self._cv.notify()
         self._thread.join(timeout=30)
-        self.constrained.shutdown()
+        self.constrained.shutdown()  # pending compilations fail: their admissions report it
+        self._admission.shutdown(wait=True)
         if not self._thread.is_alive():
             self.runner.release()  # the model and KV cache memory is free for the next engine
 

@@ -1,10 +1,14 @@
 """GrammarCompiler: spec -> compiled grammar, cached per (spec, tokenizer), off the scheduler loop.
 
-Compilations run on a small thread pool (both libraries release the GIL while they build). The cache
-holds futures, so concurrent requests with the same spec wait for one compilation. A failed
-compilation is not cached (so a fixed backend or a retry can succeed). ``compile`` waits at most
-``timeout_s``; a compilation that takes longer fails that request only (``ConstraintError``) and goes
-on in the background: when it finishes, it lands in the cache for the next request.
+Where compiling runs: with ``isolate`` (the engine's default) in compile worker processes
+(``compile_worker.py``: a crash or a runaway compile costs only that request; a timed-out compile is
+killed); without one on a small thread pool in this process (tests, tools; a timed-out compile goes
+on in the background there and cannot be stopped).
+
+The cache holds futures, so concurrent requests with the same spec wait for one compilation; it is
+bounded by the estimated bytes of the compiled grammars (``cache_bytes``, least recently used dropped
+first) and by their count (``cache_size``). A failed compilation is not cached (so a fixed backend or
+a retry can succeed).
 
 Backend choice: ``DEFAULT_BACKENDS`` (measured; see docs/constrained.md) gives the order per kind;
 when the first backend refuses a spec (a feature it lacks) the next one is tried, and if every
@@ -16,15 +20,17 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
 from plait.runtime.constrained.backends.base import (
     BackendUnavailable,
     CompiledGrammar,
     GrammarBackend,
-    UnsupportedConstraint,
 )
+from plait.runtime.constrained.compile_worker import CompileWorkerPool, prepare_first
 from plait.runtime.constrained.spec import (
     ConstraintError,
     ConstraintKind,
@@ -43,6 +49,8 @@ DEFAULT_BACKENDS: dict[ConstraintKind, tuple[str, ...]] = {
     ConstraintKind.GRAMMAR: ("llguidance",),
 }
 DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_CACHE_BYTES = 512 * 2**20
+_GRACE_S = 5.0  # compile() waits this much past the workers' own deadline
 
 
 def load_backend(name: str) -> GrammarBackend:
@@ -66,8 +74,13 @@ class GrammarCompiler:
     Args:
         info: the tokenizer's view for grammars (``TokenizerInfo``).
         backend: ``"auto"`` (``DEFAULT_BACKENDS`` with fallback) or one backend name (no fallback).
-        timeout_s: how long ``compile`` waits for one compilation.
-        cache_size: compiled grammars kept (least recently used are dropped).
+        timeout_s: how long one compilation may take (in workers: it is then killed).
+        cache_size: compiled grammars kept at most.
+        max_workers: compile threads, or worker processes with ``isolate``.
+        cache_bytes: estimated bytes of compiled grammars kept at most.
+        isolate: compile in worker processes (compile_worker.py) rather than threads of this process.
+        max_queued: compilations waiting for a worker process beyond this are refused.
+        worker_hook: called in each worker before each compile (tests simulate crashes and hangs).
     """
 
     def __init__(
@@ -77,6 +90,11 @@ class GrammarCompiler:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         cache_size: int = 256,
         max_workers: int = 2,
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        isolate: bool = False,
+        max_queued: int = 64,
+        worker_hook: Callable[[ConstraintSpec], None] | None = None,
     ) -> None:
         if backend != "auto" and backend not in BACKEND_NAMES:
             raise ValueError(f"unknown grammar backend {backend!r}; use 'auto' or one of {', '.join(BACKEND_NAMES)}")
@@ -84,47 +102,88 @@ class GrammarCompiler:
         self.backend = backend
         self.timeout_s = timeout_s
         self.cache_size = cache_size
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="plait-grammar")
+        self.cache_bytes = cache_bytes
         self._lock = threading.Lock()
         self._cache: OrderedDict[ConstraintSpec, Future] = OrderedDict()
+        self._cached_bytes = 0
+        self._sizes: dict[ConstraintSpec, int] = {}
         self._backends: dict[str, GrammarBackend | BackendUnavailable] = {}
         self.compile_seconds: dict[ConstraintSpec, float] = {}
+        self.workers: CompileWorkerPool | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        if isolate:
+            self.workers = CompileWorkerPool(info, self._load, max_workers, timeout_s, max_queued, worker_hook)
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="plait-grammar")
 
     # ------------------------------------------------------------------ public
     def submit(self, spec: ConstraintSpec) -> Future:
-        """A future of the compiled grammar (shared with every other request for the same spec)."""
+        """A future of the compiled grammar (shared with every other request for the same spec). Never
+        blocks on a compilation."""
         with self._lock:
             fut = self._cache.get(spec)
             if fut is not None:
                 self._cache.move_to_end(spec)
                 return fut
-            fut = self._pool.submit(self._compile_now, spec)
+            start = time.perf_counter()
+            if self.workers is not None:
+                fut = self.workers.submit(spec, self._order(spec.kind))
+            else:
+                fut = self._pool.submit(self._compile_now, spec)
             self._cache[spec] = fut
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        fut.add_done_callback(lambda f, s=spec: self._forget_failure(s, f))
+        fut.add_done_callback(lambda f, s=spec, t=start: self._settle(s, f, t))
         return fut
 
     def compile(self, spec: ConstraintSpec, timeout_s: float | None = None) -> CompiledGrammar:
         """Compile (or fetch) ``spec``; raises ``ConstraintError`` if it fails or takes longer than the timeout."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
+        fut = self.submit(spec)
         try:
-            return self.submit(spec).result(timeout=timeout)
+            return fut.result(timeout=timeout + (_GRACE_S if self.workers is not None else 0.0))
         except FutureTimeout:
             raise ConstraintError(
                 f"compiling the {spec.describe()} constraint took longer than {timeout:g} s; simplify it "
-                "(fewer alternatives, smaller bounded repetitions) or retry: it keeps compiling in the background"
+                "(fewer alternatives, smaller bounded repetitions) or retry"
             ) from None
 
+    @property
+    def cached_bytes(self) -> int:
+        """Estimated bytes held by the cached compiled grammars."""
+        return self._cached_bytes
+
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.workers is not None:
+            self.workers.shutdown()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ internals
-    def _forget_failure(self, spec: ConstraintSpec, fut: Future) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            with self._lock:
-                if self._cache.get(spec) is fut:
-                    del self._cache[spec]
+    def _settle(self, spec: ConstraintSpec, fut: Future, start: float) -> None:
+        """A compilation ended: forget a failure; account a success and evict past the bounds."""
+        failed = fut.cancelled() or fut.exception() is not None
+        with self._lock:
+            if self._cache.get(spec) is not fut:
+                return
+            if failed:
+                del self._cache[spec]
+                return
+            self.compile_seconds[spec] = time.perf_counter() - start
+            self._sizes[spec] = max(0, int(getattr(fut.result(), "nbytes", 0)))
+            self._cached_bytes += self._sizes[spec]
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop finished entries, least recently used first, while over ``cache_bytes`` or ``cache_size``."""
+        for key in list(self._cache):
+            if self._cached_bytes <= self.cache_bytes and len(self._cache) <= self.cache_size:
+                return
+            if key in self._sizes:  # finished (in-flight compilations stay: requests wait on them)
+                del self._cache[key]
+                self._cached_bytes -= self._sizes.pop(key)
+
+    def _load(self, spec: ConstraintSpec, name: str, payload: Any) -> CompiledGrammar:
+        """A worker's result as this process's compiled grammar."""
+        return self.backend_named(name).load(spec, payload, self.info)
 
     def backend_named(self, name: str) -> GrammarBackend:
         """The backend instance named ``name`` (created once); ``BackendUnavailable`` if not installed."""
@@ -144,19 +203,4 @@ class GrammarCompiler:
         return (self.backend,) if self.backend != "auto" else DEFAULT_BACKENDS[kind]
 
     def _compile_now(self, spec: ConstraintSpec) -> CompiledGrammar:
-        reasons: list[str] = []
-        for name in self._order(spec.kind):
-            try:
-                backend = self.backend_named(name)
-            except BackendUnavailable as exc:
-                reasons.append(str(exc))
-                continue
-            start = time.perf_counter()
-            try:
-                grammar = backend.compile(spec, self.info)
-            except UnsupportedConstraint as exc:
-                reasons.append(str(exc))
-                continue
-            self.compile_seconds[spec] = time.perf_counter() - start
-            return grammar
-        raise ConstraintError(f"cannot serve the {spec.describe()} constraint: " + "; ".join(reasons))
+        return prepare_first(spec, self._order(spec.kind), lambda n: self.backend_named(n).compile(spec, self.info))[1]

@@ -141,7 +141,10 @@ def _llguidance_healed(backend: Any, grammar: CompiledGrammar, info: TokenizerIn
         text = llg.LLMatcher.grammar_from_regex(f"{literal}(?:{spec.as_regex()})")
     else:
         # The original grammar becomes a named sub-grammar after the literal prefix.
-        if spec.kind is ConstraintKind.JSON_SCHEMA:
+        text = getattr(grammar, "grammar_text", None)  # the compiled grammar's own text: no conversion again
+        if text and spec.kind is ConstraintKind.GRAMMAR and not text.lstrip().startswith("{"):
+            body = {"lark_grammar": text}  # (EBNF's conversion is slow: thousands of rules take seconds)
+        elif spec.kind is ConstraintKind.JSON_SCHEMA:
             body = json.loads(backend.grammar_text(spec))["grammars"][0]
         else:
             body = {"lark_grammar": lark_from_ebnf(spec.source)}

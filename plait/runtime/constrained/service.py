@@ -1,20 +1,25 @@
 """ConstrainedDecoding: what the engine holds for constrained requests (one per engine).
 
-It owns the tokenizer's grammar view and the compiler (both built on the first constrained request),
-turns a request's ``SamplingParams`` into a compiled grammar (``grammar_for``: cached, compiled off the
-engine loop, ``ConstraintError`` on failure or timeout) and gives each request its ``GrammarState``.
+It owns the tokenizer's grammar view and the compiler (both built on the first constrained request;
+with ``workers >= 1`` the compiler runs in worker processes, see
+compile_worker.py), turns a request's ``SamplingParams`` into a compiled grammar (``grammar_future``:
+never blocks; ``grammar_for``: waits; both cached, ``ConstraintError`` on failure, timeout or a limit)
+and gives each request its ``GrammarState``.
 
 Settings (attributes, change them before submitting requests): ``jump_forward`` (append forced tokens
-without sampling them; default on), ``compiler.backend`` / ``compiler.timeout_s`` (see compiler.py).
+without sampling them; default on), ``compiler.backend`` (see compiler.py). The rest are engine
+settings (``EngineConfig.grammar_*``).
 """
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from typing import Any
 
 from plait.runtime.constrained.backends.base import CompiledGrammar
-from plait.runtime.constrained.compiler import DEFAULT_TIMEOUT_S, GrammarCompiler
+from plait.runtime.constrained.compiler import DEFAULT_CACHE_BYTES, DEFAULT_TIMEOUT_S, GrammarCompiler
+from plait.runtime.constrained.limits import GrammarLimits
 from plait.runtime.constrained.matcher import GrammarState
 from plait.runtime.constrained.spec import ConstraintError, spec_from_params
 from plait.runtime.constrained.vocab import TokenizerInfo
@@ -26,11 +31,27 @@ __all__ = ["ConstrainedDecoding"]
 class ConstrainedDecoding:
     """Grammar compilation and per-request grammar state for one engine (thread-safe)."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        backend: str = "auto",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        workers: int = 2,
+        max_queued: int = 64,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        limits: GrammarLimits | None = None,
+    ):
         self._tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._backend = backend
         self._timeout_s = timeout_s
+        self._isolate = workers > 0
+        self._workers = max(workers, 1)
+        self._max_queued = max_queued
+        self._cache_bytes = cache_bytes
+        self.limits = limits or GrammarLimits()
         self._lock = threading.Lock()
         self._compiler: GrammarCompiler | None = None
         self.jump_forward = True
@@ -43,16 +64,27 @@ class ConstrainedDecoding:
                 if self._tokenizer is None:
                     raise ConstraintError("constrained decoding needs a tokenizer; this model has none")
                 info = TokenizerInfo.from_tokenizer(self._tokenizer, self._vocab_size)
-                self._compiler = GrammarCompiler(info, backend=self._backend, timeout_s=self._timeout_s)
+                self._compiler = GrammarCompiler(
+                    info, backend=self._backend, timeout_s=self._timeout_s, max_workers=self._workers,
+                    cache_bytes=self._cache_bytes, isolate=self._isolate, max_queued=self._max_queued)
             return self._compiler
 
     def grammar_for(self, params: SamplingParams) -> CompiledGrammar | None:
         """The compiled grammar of ``params``' constraint (None if unconstrained). Blocks up to the
         compiler's timeout; raises ``ConstraintError`` (a ValueError) when it cannot be served."""
-        spec = spec_from_params(params)
+        spec = spec_from_params(params, self.limits)
         if spec is None:
             return None
         return self.compiler.compile(spec)
+
+    def grammar_future(self, params: SamplingParams) -> Future | None:
+        """A future of the compiled grammar of ``params``' constraint (None if unconstrained); never
+        blocks on a compilation. A constraint that is malformed or past the limits raises
+        ``ConstraintError`` at once; a failed or timed-out compilation is the future's exception."""
+        spec = spec_from_params(params, self.limits)
+        if spec is None:
+            return None
+        return self.compiler.submit(spec)
 
     def new_state(self, grammar: CompiledGrammar, stop_ids: frozenset[int]) -> GrammarState:
         """A fresh per-request state; ``stop_ids`` are the request's EOS and stop_token_ids."""

@@ -2,8 +2,9 @@
 
 A spec is immutable and hashable, so it is the key of the compiled-grammar cache (with the
 tokenizer, which is fixed per engine). It is built from ``SamplingParams`` (``regex``, ``json_schema``,
-``ebnf`` or ``choices``) and checked here for what can be checked without a backend: JSON that does
-not parse, an empty grammar, a regex Python cannot even parse.
+``ebnf`` or ``choices``) and checked here for what can be checked without a backend: the bounds of
+``limits.py`` (size, nesting, rule count; first, so that nothing below can recurse too deep), JSON
+that does not parse, a cyclic ``$ref``, an empty grammar, a regex Python cannot even parse.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from plait.runtime.constrained.limits import (
+    GrammarLimits,
+    check_grammar_rules,
+    check_nesting,
+    check_ref_cycles,
+    check_size,
+)
 from plait.sampling import SamplingParams
 
 __all__ = ["ConstraintError", "ConstraintKind", "ConstraintSpec", "spec_from_params"]
@@ -65,6 +73,8 @@ class ConstraintSpec:
 def _normalize_schema(text: str) -> str:
     try:
         schema = json.loads(text)
+    except RecursionError:  # only past grammar_max_depth, which is checked first
+        raise ConstraintError("sampling parameter 'json_schema' nests too deep") from None
     except json.JSONDecodeError as exc:
         raise ConstraintError(f"sampling parameter 'json_schema' is not valid JSON: {exc}") from None
     if not isinstance(schema, (dict, bool)):
@@ -73,33 +83,49 @@ def _normalize_schema(text: str) -> str:
         )
     if schema is False:
         raise ConstraintError("sampling parameter 'json_schema' is false: no document can match it")
+    check_ref_cycles(schema)
     # One compact text per schema, so equal schemas share one compiled grammar. Keys keep their order:
     # the order of "properties" is the order the fields are generated in.
     return json.dumps(schema, separators=(",", ":"))
 
 
-def spec_from_params(params: SamplingParams) -> ConstraintSpec | None:
+def spec_from_params(params: SamplingParams, limits: GrammarLimits | None = None) -> ConstraintSpec | None:
     """The constraint of ``params``, validated and normalized; None when unconstrained.
 
-    Raises ``ConstraintError`` for a constraint that is malformed before any backend sees it.
+    Raises ``ConstraintError`` for a constraint that is malformed or past ``limits`` (default
+    ``GrammarLimits()``) before any backend sees it.
     """
     constraint = params.constraint
     if constraint is None:
         return None
     name, value = constraint
+    try:
+        return _checked_spec(name, value, limits or GrammarLimits())
+    except ValueError as exc:  # the limits' own error type, and ConstraintError itself
+        if isinstance(exc, ConstraintError):
+            raise
+        raise ConstraintError(f"sampling parameter {name!r}: {exc}") from None
+
+
+def _checked_spec(name: str, value: str, limits: GrammarLimits) -> ConstraintSpec:
+    check_size(value, name, limits)
     if name == "regex":
+        check_nesting(value, "regex", limits)
         try:
             re.compile(value)
-        except re.error as exc:
+        except (re.error, RecursionError, OverflowError) as exc:
             # Python's syntax is close to the backends' (both follow Rust's regex crate closely); a regex
             # Python rejects would be rejected there too, with a less helpful message.
             raise ConstraintError(f"sampling parameter 'regex' is not a valid regex: {exc}") from None
         return ConstraintSpec(ConstraintKind.REGEX, value)
     if name == "json_schema":
+        check_nesting(value, "json_schema", limits)
         return ConstraintSpec(ConstraintKind.JSON_SCHEMA, _normalize_schema(value))
     if name == "ebnf":
         if not value.strip():
             raise ConstraintError("sampling parameter 'ebnf' is an empty grammar")
+        check_grammar_rules(value, limits)
+        check_nesting(value, "ebnf", limits)
         return ConstraintSpec(ConstraintKind.GRAMMAR, value)
     if name == "choices":
         return ConstraintSpec(ConstraintKind.CHOICES, value)

@@ -207,13 +207,21 @@ class _EngineServer:
                 forwarder = forwarders[index] = _Forwarder(self.outbox, rid, index)
             forwarder.put(event)
 
+        def on_admitted(error: Exception | None) -> None:  # never waits for a grammar compile
+            if error is None:
+                self.outbox.put(("accepted", rid))
+            elif isinstance(error, (ValueError, TypeError)):
+                self.outbox.put(("error", rid, str(error)))
+            else:
+                self.outbox.put(("error", rid, f"engine unavailable: {error}"))
+
         try:
             self.engine.submit(
                 input_ids=spec["input_ids"], sampling_params=spec["sampling_params"], on_output=on_output,
                 return_logprob=spec["return_logprob"], logprob_start_len=spec["logprob_start_len"],
-                top_logprobs_num=spec["top_logprobs_num"], rid=rid, stream=spec["stream"], **extra,
+                top_logprobs_num=spec["top_logprobs_num"], rid=rid, stream=spec["stream"],
+                on_admitted=on_admitted, **extra,
             )
-            self.outbox.put(("accepted", rid))
         except (ValueError, TypeError) as exc:
             self.outbox.put(("error", rid, str(exc)))
         except RuntimeError as exc:  # the engine is shut down or its loop died

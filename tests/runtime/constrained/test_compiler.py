@@ -57,9 +57,12 @@ class _SlowBackend(GrammarBackend):
     def __init__(self, release: threading.Event):
         self.release = release
 
-    def compile(self, spec, info) -> CompiledGrammar:
+    def prepare(self, spec, info):
         self.release.wait(5)
         raise AssertionError("not reached in time")
+
+    def load(self, spec, payload, info) -> CompiledGrammar:
+        raise AssertionError("not reached")
 
 
 def test_timeout_fails_only_that_compilation(tokenizer_info):

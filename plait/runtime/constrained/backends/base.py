@@ -1,7 +1,10 @@
 """The contract between the constrained-decoding core and a grammar library.
 
 A ``GrammarBackend`` compiles a ``ConstraintSpec`` into an immutable ``CompiledGrammar`` (expensive,
-cached and shared); each request gets its own ``TokenMatcher`` from it (cheap). Matchers never see
+cached and shared); each request gets its own ``TokenMatcher`` from it (cheap). Compiling is split in
+two so that the expensive, crash-prone half can run in a compile worker process: ``prepare`` (in the
+worker: compile and validate everything, return a picklable payload) and ``load`` (in the engine:
+rebuild the grammar from the payload, cheaply). Matchers never see
 end-of-sequence tokens: the request decides which stop tokens are allowed where the grammar may end
 (``GrammarState`` in ``matcher.py``).
 """
@@ -9,6 +12,7 @@ end-of-sequence tokens: the request decides which stop tokens are allowed where 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
@@ -65,6 +69,7 @@ class CompiledGrammar(ABC):
 
     backend_name: str
     spec: ConstraintSpec
+    nbytes: int = 0  # estimated memory held (the compiler's cache is bounded by the sum)
 
     @abstractmethod
     def new_matcher(self) -> TokenMatcher:
@@ -77,5 +82,14 @@ class GrammarBackend(ABC):
     name: str
 
     @abstractmethod
+    def prepare(self, spec: ConstraintSpec, info: TokenizerInfo) -> Any:
+        """Compile and validate ``spec`` fully; return what ``load`` needs (picklable: it crosses a
+        process boundary). Raises ``UnsupportedConstraint`` naming what it cannot do."""
+
+    @abstractmethod
+    def load(self, spec: ConstraintSpec, payload: Any, info: TokenizerInfo) -> CompiledGrammar:
+        """The compiled grammar from ``prepare``'s payload (cheap next to ``prepare``)."""
+
     def compile(self, spec: ConstraintSpec, info: TokenizerInfo) -> CompiledGrammar:
-        """Compile ``spec``; raises ``UnsupportedConstraint`` naming what it cannot do."""
+        """``prepare`` and ``load`` in this process; raises ``UnsupportedConstraint``."""
+        return self.load(spec, self.prepare(spec, info), info)

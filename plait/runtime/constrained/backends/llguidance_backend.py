@@ -98,9 +98,12 @@ class LLGuidanceMatcher(TokenMatcher):
 class LLGuidanceGrammar(CompiledGrammar):
     backend_name = "llguidance"
 
-    def __init__(self, spec: ConstraintSpec, prototype: Any):
+    def __init__(self, spec: ConstraintSpec, prototype: Any, grammar_text: str | None = None):
         self.spec = spec
         self._prototype = prototype
+        self.grammar_text = grammar_text  # llguidance's grammar (JSON text), when known
+        # measured: ~130 KB per compiled JSON schema of a few fields; the text's size stands for the rest
+        self.nbytes = 128 * 1024 + 16 * len(grammar_text or "")
 
     def new_matcher(self) -> TokenMatcher:
         return LLGuidanceMatcher(self._prototype.deep_copy())
@@ -141,13 +144,29 @@ class LLGuidanceBackend(GrammarBackend):
             return matcher_cls.grammar_from_regex(spec.as_regex())
         return matcher_cls.grammar_from_lark(lark_from_ebnf(spec.source))
 
-    def compile(self, spec: ConstraintSpec, info: TokenizerInfo) -> CompiledGrammar:
+    def prepare(self, spec: ConstraintSpec, info: TokenizerInfo) -> str:
+        """The validated llguidance grammar text of ``spec`` (the slow part: EBNF conversion, JSON
+        schema translation, validation), after checking that a matcher builds and allows some output."""
         tok = self.tokenizer_for(info)
         grammar = self.grammar_text(spec)
         is_error, messages = self._llg.LLMatcher.validate_grammar_with_warnings(grammar, tok)
         if is_error:
             raise UnsupportedConstraint(f"llguidance: {messages[0] if messages else 'invalid grammar'}")
-        prototype = self._llg.LLMatcher(tok, grammar, log_level=0)
-        if prototype.is_error():
-            raise UnsupportedConstraint(f"llguidance: {prototype.get_error()}")
-        return LLGuidanceGrammar(spec, prototype)
+        matcher = self._matcher(tok, grammar)
+        row = torch.zeros(info.bitmask_words, dtype=torch.int32)
+        matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+        if matcher.is_error() or not (bool(row.any()) or matcher.is_accepting()):
+            raise UnsupportedConstraint("llguidance: the constraint matches no output at all")
+        return grammar
+
+    def load(self, spec: ConstraintSpec, payload: str, info: TokenizerInfo) -> CompiledGrammar:
+        return LLGuidanceGrammar(spec, self._matcher(self.tokenizer_for(info), payload), payload)
+
+    def _matcher(self, tok: Any, grammar: str) -> Any:
+        try:
+            matcher = self._llg.LLMatcher(tok, grammar, log_level=0)
+        except ValueError as exc:
+            raise UnsupportedConstraint(f"llguidance: {exc}") from None
+        if matcher.is_error():
+            raise UnsupportedConstraint(f"llguidance: {matcher.get_error()}")
+        return matcher

@@ -10,6 +10,7 @@ the compiler falls back to llguidance and nothing is ever silently loosened.
 from __future__ import annotations
 
 import json
+import pickle
 import threading
 from typing import Any
 
@@ -209,11 +210,25 @@ class OutlinesBackend(GrammarBackend):
             return spec.as_regex()
         raise UnsupportedConstraint("outlines-core does not support grammars (ebnf); use llguidance")
 
+    def prepare(self, spec: ConstraintSpec, info: TokenizerInfo) -> bytes:
+        """The token DFA (``Index``) of ``spec``, pickled (the slow part: a walk of the whole vocabulary)."""
+        return pickle.dumps(self._index(spec, info))
+
+    def load(self, spec: ConstraintSpec, payload: bytes, info: TokenizerInfo) -> CompiledGrammar:
+        grammar = OutlinesGrammar(spec, pickle.loads(payload), info, self.vocabulary_for(info)[1])
+        grammar.nbytes = 2 * len(payload)  # measured: resident size ~2.2x the pickled index
+        return grammar
+
     def compile(self, spec: ConstraintSpec, info: TokenizerInfo) -> CompiledGrammar:
+        index = self._index(spec, info)
+        grammar = OutlinesGrammar(spec, index, info, self.vocabulary_for(info)[1])
+        grammar.nbytes = 2 * len(pickle.dumps(index))
+        return grammar
+
+    def _index(self, spec: ConstraintSpec, info: TokenizerInfo) -> Any:
         regex = self.regex_for(spec)
-        vocab, eos = self.vocabulary_for(info)
+        vocab, _ = self.vocabulary_for(info)
         try:
-            index = self._oc.Index(regex, vocab)
+            return self._oc.Index(regex, vocab)
         except Exception as exc:  # noqa: BLE001 -- ValueError for bad regexes, others for unsupported syntax
             raise UnsupportedConstraint(f"outlines-core: {exc}") from None
-        return OutlinesGrammar(spec, index, info, eos)

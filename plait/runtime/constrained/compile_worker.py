@@ -1,0 +1,351 @@
+"""Grammar compilation in worker processes that may crash, hang or be killed without touching the engine.
+
+Grammar libraries run native code that recurses over the grammar: a pathological grammar can overflow
+the stack (SIGSEGV kills the whole process) or run for minutes, and a thread cannot be stopped. So the
+expensive half of compiling (``GrammarBackend.prepare``) runs in a small pool of spawned processes;
+the engine process only ``load``s the validated result (see backends/base.py).
+
+``CompileWorkerPool.submit`` returns a ``Future`` at once; one dispatcher thread feeds idle workers,
+reads their answers and watches deadlines:
+
+- a job a worker has run for ``timeout_s`` fails (``ConstraintError``) and that worker is killed (the
+  compile is really stopped) and a fresh one started; a job that waited ``timeout_s`` for a busy
+  worker fails too (not while a worker is starting: it waits for that one);
+- a worker that dies (a crash in the grammar library) fails its job with a ``ConstraintError`` naming
+  the crash, and is replaced;
+- queued jobs beyond ``max_queued`` are refused at once.
+
+Workers compile on a thread with a smaller stack (``WORKER_STACK_BYTES``) than the engine's threads,
+so a grammar a worker compiled has stack headroom when the engine builds its matcher. Workers run at a
+lower CPU priority than the engine (``os.nice``).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from plait.runtime.constrained.backends.base import BackendUnavailable, UnsupportedConstraint
+from plait.runtime.constrained.spec import ConstraintError, ConstraintSpec
+
+__all__ = ["CompileWorkerPool", "prepare_first"]
+
+logger = logging.getLogger(__name__)
+
+WORKER_STACK_BYTES = 4 * 2**20  # half the usual 8 MiB thread stack of the engine process
+WORKER_NICE = 5
+_MAX_START_FAILURES = 3
+WORKER_START_TIMEOUT_S = 120.0
+
+
+def prepare_first(spec: ConstraintSpec, names: tuple[str, ...], attempt: Callable[[str], Any]) -> tuple[str, Any]:
+    """``attempt(name)`` (a backend's prepare or compile of ``spec``) with the first backend of ``names``
+    that accepts ``spec``: (backend name, result). Raises ``ConstraintError`` listing every backend's
+    reason when none does."""
+    reasons: list[str] = []
+    for name in names:
+        try:
+            return name, attempt(name)
+        except (BackendUnavailable, UnsupportedConstraint) as exc:
+            reasons.append(str(exc))
+    raise ConstraintError(f"cannot serve the {spec.describe()} constraint: " + "; ".join(reasons))
+
+
+# ------------------------------------------------------------------------------------- worker process
+def _worker_main(conn: Connection, info_bytes: bytes, hook: Callable[[ConstraintSpec], None] | None) -> None:
+    """A worker: unpickle the tokenizer view, say ``ready``, then answer ``(job_id, spec, names)``
+    messages with ``(job_id, True, backend name, payload)`` or ``(job_id, False, message)``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine decides when workers end
+    try:
+        os.nice(WORKER_NICE)
+    except OSError:
+        pass
+    from plait.runtime.constrained.compiler import load_backend
+
+    info = pickle.loads(info_bytes)  # the engine's TokenizerInfo (loading the tokenizer again is slower)
+    backends: dict[str, Any] = {}
+
+    def backend_named(name: str) -> Any:
+        if name not in backends:
+            backends[name] = load_backend(name)
+        return backends[name]
+
+    threading.stack_size(WORKER_STACK_BYTES)
+    conn.send(("ready",))
+    while True:
+        try:
+            job_id, spec, names = conn.recv()
+        except (EOFError, OSError):
+            return
+        answer: list[tuple] = []
+
+        def run(job_id: int = job_id, spec: ConstraintSpec = spec, names: tuple[str, ...] = names) -> None:
+            try:
+                if hook is not None:
+                    hook(spec)
+                answer.append((job_id, True, *prepare_first(spec, names, lambda n: backend_named(n).prepare(spec, info))))
+            except ConstraintError as exc:
+                answer.append((job_id, False, str(exc)))
+            except Exception as exc:  # noqa: BLE001 -- a library bug must become that request's error
+                answer.append((job_id, False, f"compiling the {spec.describe()} constraint failed: {exc!r}"))
+
+        thread = threading.Thread(target=run, name="plait-compile")
+        thread.start()
+        thread.join()
+        conn.send(answer[0])
+
+
+# ------------------------------------------------------------------------------------- engine side
+@dataclass
+class _Job:
+    job_id: int
+    spec: ConstraintSpec
+    names: tuple[str, ...]
+    deadline: float
+    future: Future
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Connection
+    ready: bool = False
+    job: _Job | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class CompileWorkerPool:
+    """A bounded pool of compile worker processes.
+
+    Args:
+        info: the tokenizer's grammar view (``TokenizerInfo``; pickled once for every worker).
+        load: turns a worker's ``(spec, backend name, payload)`` into the engine's compiled grammar
+            (runs on the dispatcher thread; a ``ConstraintError`` it raises fails the job).
+        workers: worker processes (each holds a copy of the tokenizer view).
+        timeout_s: per job: most seconds waiting for a worker, and most seconds compiling.
+        max_queued: jobs waiting for a worker beyond this are refused.
+        hook: called in the worker before each compile (tests use it to simulate a crash or a hang).
+    """
+
+    def __init__(self, info: Any, load: Callable[[ConstraintSpec, str, Any], Any], workers: int = 2,
+                 timeout_s: float = 30.0, max_queued: int = 64,
+                 hook: Callable[[ConstraintSpec], None] | None = None) -> None:
+        if workers < 1:
+            raise ValueError(f"grammar compile workers must be >= 1, got {workers}")
+        self._info_bytes = pickle.dumps(info)
+        self._load, self.timeout_s, self.max_queued = load, timeout_s, max_queued
+        self._hook = hook
+        self._ctx = multiprocessing.get_context("spawn")  # never fork the engine (threads, CUDA)
+        self._lock = threading.Lock()
+        self._queue: deque[_Job] = deque()
+        self._workers: list[_Worker] = []
+        self._ids = 0
+        self._closed = False
+        self._start_failures = 0
+        self.restarts = 0  # workers replaced after a crash or a kill (tests and metrics read it)
+        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        for _ in range(workers):
+            self._workers.append(self._spawn())
+        self._thread = threading.Thread(target=self._dispatch_loop, name="plait-compile-dispatch", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+    def submit(self, spec: ConstraintSpec, names: tuple[str, ...]) -> Future:
+        """A future of ``load``'s result for ``spec`` (tried with backends ``names`` in order)."""
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                future.set_exception(ConstraintError("the grammar compiler is shut down"))
+                return future
+            if len(self._queue) >= self.max_queued:
+                future.set_exception(ConstraintError(
+                    f"{len(self._queue)} grammars are waiting to compile (grammar_compile_max_queued); retry later"))
+                return future
+            self._ids += 1
+            self._queue.append(_Job(self._ids, spec, names, time.monotonic() + self.timeout_s, future))
+        self._wake()
+        return future
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the current workers."""
+        with self._lock:
+            return [w.process.pid for w in self._workers]
+
+    def shutdown(self) -> None:
+        """Kill the workers and fail every job not finished."""
+        with self._lock:
+            self._closed = True
+        self._wake()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ dispatcher thread
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe()
+        process = self._ctx.Process(target=_worker_main, args=(child, self._info_bytes, self._hook),
+                                    name="plait-grammar-compile", daemon=True)
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send_bytes(b"x")
+        except OSError:  # shut down
+            pass
+
+    def _dispatch_loop(self) -> None:
+        try:
+            while not self._closed:
+                self._expire_and_assign()
+                timeout = self._next_deadline()
+                ready = wait([self._wake_r] + [w.conn for w in self._workers], timeout)
+                for conn in ready:
+                    if conn is self._wake_r:
+                        while self._wake_r.poll():
+                            self._wake_r.recv_bytes()
+                    else:
+                        self._on_message(conn)
+        except Exception:  # noqa: BLE001 -- never leave futures hanging: fail them below
+            logger.exception("the grammar compile dispatcher failed")
+        finally:
+            self._close_all()
+
+    def _next_deadline(self) -> float:
+        with self._lock:
+            deadlines = [j.deadline for j in self._queue] + [w.job.deadline for w in self._workers if w.job]
+            deadlines += [w.started_at + WORKER_START_TIMEOUT_S for w in self._workers if not w.ready]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Wait until every worker has started (tests; a warm-up). False on timeout."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self._lock:
+                if all(w.ready for w in self._workers):
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def _expire_and_assign(self) -> None:
+        now = time.monotonic()
+        for worker in list(self._workers):
+            job = worker.job
+            if job is not None and now >= job.deadline:
+                self._replace(worker, f"was killed after {self.timeout_s:g} s")
+                self._fail(job, ConstraintError(
+                    f"compiling the {job.spec.describe()} constraint took longer than {self.timeout_s:g} s "
+                    "(grammar_compile_timeout_s); it was stopped. Simplify it (fewer rules or alternatives, "
+                    "smaller bounded repetitions)"))
+        for worker in list(self._workers):
+            if not worker.ready and now - worker.started_at > max(WORKER_START_TIMEOUT_S, self.timeout_s):
+                self._start_failures += 1
+                self._replace(worker, f"did not start within {max(WORKER_START_TIMEOUT_S, self.timeout_s):g} s")
+        starting = any(not w.ready for w in self._workers)
+        with self._lock:  # while a worker (re)starts, queued jobs wait for it rather than expire
+            expired = [] if starting else [j for j in self._queue if now >= j.deadline]
+            for job in expired:
+                self._queue.remove(job)
+        for job in expired:
+            self._fail(job, ConstraintError(
+                f"the {job.spec.describe()} constraint waited {self.timeout_s:g} s for a grammar compile worker "
+                "(grammar_compile_timeout_s); the compilers are busy, retry later"))
+        for worker in self._workers:
+            if worker.ready and worker.job is None:
+                with self._lock:
+                    job = self._queue.popleft() if self._queue else None
+                if job is None:
+                    break
+                job.deadline = time.monotonic() + self.timeout_s  # from now on: the compile's own time
+                worker.job = job
+                try:
+                    worker.conn.send((job.job_id, job.spec, job.names))
+                except (OSError, EOFError):  # died meanwhile: the read side reports it
+                    pass
+
+    def _on_message(self, conn: Connection) -> None:
+        worker = next((w for w in self._workers if w.conn is conn), None)
+        if worker is None:  # replaced while its message was pending
+            return
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            self._on_death(worker)
+            return
+        if message[0] == "ready":
+            worker.ready = True
+            self._start_failures = 0
+            return
+        job, worker.job = worker.job, None
+        if job is None or message[0] != job.job_id:
+            return
+        if not message[1]:
+            self._fail(job, ConstraintError(message[2]))
+            return
+        try:
+            job.future.set_result(self._load(job.spec, message[2], message[3]))
+        except ConstraintError as exc:
+            self._fail(job, exc)
+        except Exception as exc:  # noqa: BLE001 -- a load failure fails that request only
+            self._fail(job, ConstraintError(f"loading the compiled {job.spec.describe()} constraint failed: {exc!r}"))
+
+    def _on_death(self, worker: _Worker) -> None:
+        worker.process.join(timeout=1)
+        code = worker.process.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        job = worker.job
+        self._start_failures = 0 if worker.ready else self._start_failures + 1
+        self._replace(worker, how)
+        if job is not None:
+            self._fail(job, ConstraintError(
+                f"the grammar compiler crashed on the {job.spec.describe()} constraint (its worker process {how}); "
+                "simplify the constraint"))
+        if self._start_failures >= _MAX_START_FAILURES:  # workers die while starting: fail what waits
+            self._start_failures = 0
+            with self._lock:
+                queued, self._queue = list(self._queue), deque()
+            for j in queued:
+                self._fail(j, ConstraintError(f"grammar compile workers cannot start (the last one {how})"))
+
+    def _replace(self, worker: _Worker, how: str) -> None:
+        logger.warning("grammar compile worker %s %s; starting a new one", worker.process.pid, how)
+        self._kill(worker)
+        worker.job = None
+        self._workers[self._workers.index(worker)] = self._spawn()
+        self.restarts += 1
+
+    @staticmethod
+    def _kill(worker: _Worker) -> None:
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join(timeout=5)
+        worker.conn.close()
+
+    @staticmethod
+    def _fail(job: _Job, exc: Exception) -> None:
+        if not job.future.done():
+            job.future.set_exception(exc)
+
+    def _close_all(self) -> None:
+        with self._lock:
+            self._closed = True
+            queued, self._queue = list(self._queue), deque()
+        for worker in self._workers:
+            if worker.job is not None:
+                queued.append(worker.job)
+            self._kill(worker)
+        for job in queued:
+            self._fail(job, ConstraintError("the grammar compiler is shut down"))
+        self._wake_r.close()
+        self._wake_w.close()

@@ -1,0 +1,207 @@
+"""Grammar compilation cannot take the engine down or stall it: limits checked before compiling, compile
+worker processes that crash or hang alone (and are replaced), a byte-bounded cache, and an engine whose
+submissions never wait for a compile."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from plait.runtime.constrained import ConstraintError, ConstraintKind, ConstraintSpec, GrammarCompiler, spec_from_params
+from plait.runtime.constrained.limits import GrammarLimits
+from plait.sampling import SamplingParams
+
+pytestmark = pytest.mark.model  # the bundled model's tokenizer
+
+TIMEOUT_S = 3.0
+
+
+def misbehave(spec: ConstraintSpec) -> None:
+    """Worker hook: a regex naming CRASH kills the worker like a native stack overflow; HANG never returns."""
+    if spec.source == "CRASH":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if spec.source == "HANG":
+        time.sleep(3600)
+
+
+def chained_lark(rules: int) -> str:
+    return "start: r0\n" + "".join(f'r{i}: "a" r{i + 1}\n' for i in range(rules)) + f'r{rules}: "b"\n'
+
+
+def chained_ebnf(rules: int) -> str:
+    return "root ::= r0\n" + "".join(f'r{i} ::= "a" r{i + 1}\n' for i in range(rules)) + f'r{rules} ::= "b"\n'
+
+
+@pytest.fixture(scope="module")
+def isolated(tokenizer_info):
+    """One compiler with two worker processes (started once for the module)."""
+    compiler = GrammarCompiler(
+        tokenizer_info, timeout_s=TIMEOUT_S, max_workers=2, worker_hook=misbehave, isolate=True)
+    assert compiler.workers.wait_ready(120)
+    yield compiler
+    compiler.shutdown()
+
+
+def regex(text: str) -> ConstraintSpec:
+    return ConstraintSpec(ConstraintKind.REGEX, text)
+
+
+def test_a_crashing_compile_fails_that_request_only_and_the_worker_is_replaced(isolated):
+    before = set(isolated.workers.pids)
+    others = [isolated.submit(regex(f"ok{i}[0-9]")) for i in range(3)]
+    with pytest.raises(ConstraintError, match="crashed.*signal 11"):
+        isolated.compile(regex("CRASH"))
+    assert [f.result(TIMEOUT_S + 5).backend_name for f in others] == ["llguidance"] * 3
+    assert set(isolated.workers.pids) != before and isolated.workers.restarts >= 1
+    assert isolated.compile(regex("after-crash")).new_matcher() is not None
+
+
+def test_a_hanging_compile_is_killed_at_the_timeout(isolated):
+    assert isolated.workers.wait_ready(120)  # the worker replaced above has started
+    start = time.perf_counter()
+    with pytest.raises(ConstraintError, match="longer than 3 s.*stopped"):
+        isolated.compile(regex("HANG"))
+    assert time.perf_counter() - start < TIMEOUT_S + 10  # killed, not left to sleep for an hour
+    hung = [pid for pid in isolated.workers.pids]
+    assert all(os.path.exists(f"/proc/{pid}") for pid in hung)  # only live, fresh workers remain
+    assert isolated.compile(regex("after-hang")).backend_name == "llguidance"
+
+
+def test_a_real_stack_overflow_in_the_grammar_library_costs_one_request(isolated):
+    assert isolated.workers.wait_ready(120)
+    # 3000 chained rules overflow llguidance's stack (SIGSEGV): in the engine process this killed every request
+    spec = ConstraintSpec(ConstraintKind.GRAMMAR, chained_lark(3000))
+    with pytest.raises(ConstraintError, match="crashed"):
+        isolated.compile(spec)
+    assert isolated.compile(ConstraintSpec(ConstraintKind.GRAMMAR, chained_lark(50))).backend_name == "llguidance"
+
+
+def test_limits_are_checked_before_compiling():
+    with pytest.raises(ConstraintError, match="5002 rules.*grammar_max_rules"):
+        spec_from_params(SamplingParams(ebnf=chained_ebnf(5000)))  # the issue's 5000-rule chained EBNF
+    with pytest.raises(ConstraintError, match="grammar_max_bytes"):
+        spec_from_params(SamplingParams(regex="a" * 200_000))
+    with pytest.raises(ConstraintError, match="nests deeper than 64 levels"):
+        spec_from_params(SamplingParams(regex="(" * 5000 + "a" + ")" * 5000))  # RecursionError in re before
+    with pytest.raises(ConstraintError, match="nests deeper"):
+        spec_from_params(SamplingParams(ebnf='root ::= ' + "(" * 500 + '"a"' + ")" * 500))
+    small = GrammarLimits(max_bytes=100, max_depth=2, max_rules=1)
+    with pytest.raises(ConstraintError, match="2 rules"):
+        spec_from_params(SamplingParams(ebnf='root ::= a\na ::= "x"'), small)
+    assert spec_from_params(SamplingParams(regex="[(((]x"), small) is not None  # brackets in a class are literal
+
+
+def deep_schema(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def test_deeply_nested_schemas_are_refused_up_front():
+    with pytest.raises(ConstraintError, match="json_schema nests deeper than 64"):
+        spec_from_params(SamplingParams(json_schema=json.dumps(deep_schema(40))))
+    with pytest.raises(ConstraintError, match="nests deeper"):
+        spec_from_params(SamplingParams(json_schema="[" * 100_000))  # json.loads: RecursionError before
+    with pytest.raises(ValueError, match="json_schema"):
+        SamplingParams(json_schema=deep_schema(5000))  # json.dumps: RecursionError before
+    assert spec_from_params(SamplingParams(json_schema=deep_schema(20))) is not None
+
+
+@pytest.mark.parametrize("schema", [
+    {"$ref": "#"},
+    {"allOf": [{"$ref": "#"}]},
+    {"anyOf": [{"$ref": "#/$defs/a"}], "$defs": {"a": {"$ref": "#"}}},
+    {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+    {"type": "object", "properties": {"x": {"$ref": "#/properties/x"}}},
+])
+def test_cyclic_refs_are_refused_up_front(schema):
+    with pytest.raises(ConstraintError, match="cyclic"):
+        spec_from_params(SamplingParams(json_schema=schema))
+
+
+def test_recursive_schemas_that_produce_output_are_fine(compilers):
+    tree = {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#"}}}}
+    either = {"anyOf": [{"$ref": "#"}, {"type": "integer"}]}
+    for schema in (tree, either):
+        assert compilers["llguidance"].compile(spec_from_params(SamplingParams(json_schema=schema)))
+
+
+def test_the_cache_is_bounded_by_bytes(tokenizer_info):
+    compiler = GrammarCompiler(tokenizer_info, backend="llguidance", cache_bytes=400 * 1024)
+    try:
+        specs = [regex(f"byte{i}[a-z]+") for i in range(6)]
+        sizes = [compiler.compile(s).nbytes for s in specs]
+        assert 0 < compiler.cached_bytes <= 400 * 1024 < sum(sizes)
+        assert specs[-1] in compiler._cache and specs[0] not in compiler._cache  # least recently used went first
+    finally:
+        compiler.shutdown()
+
+
+# ---------------------------------------------------------------------------------------- the engine
+@pytest.fixture(scope="module")
+def engine(bundled_model_dir):
+    from plait.runtime.engine import Engine
+
+    eng = Engine(grammar_compile_workers=1, grammar_compile_timeout_s=TIMEOUT_S, max_total_tokens=2048)
+    constrained = eng.constrained
+    info = constrained.compiler.info
+    constrained.compiler.shutdown()  # the same settings plus the misbehaving hook
+    constrained._compiler = GrammarCompiler(
+        info, timeout_s=TIMEOUT_S, max_workers=1, worker_hook=misbehave, isolate=True)
+    assert constrained.compiler.workers.wait_ready(120)
+    yield eng
+    eng.shutdown()
+
+
+def test_engine_submissions_never_wait_for_a_compile(engine):
+    admitted: list[Exception | None] = []
+    got = threading.Event()
+
+    def on_admitted(error):
+        admitted.append(error)
+        got.set()
+
+    start = time.perf_counter()
+    engine.submit("Hi", {"regex": "HANG", "max_new_tokens": 4}, on_output=lambda i, e: None,
+                  on_admitted=on_admitted, rid="hangs")
+    assert time.perf_counter() - start < 0.5  # returned while the worker hangs
+    out = engine.generate("Say hi", {"max_new_tokens": 4, "temperature": 0})  # others are served meanwhile
+    assert len(out["output_ids"]) == 4 and not got.is_set()
+    stats_start = time.perf_counter()
+    engine.stats()
+    assert time.perf_counter() - stats_start < 0.5
+    assert got.wait(TIMEOUT_S * 2 + 5)
+    assert isinstance(admitted[0], ConstraintError) and "longer than" in str(admitted[0])
+    # the replaced worker serves the next constrained request, whose output matches
+    done = threading.Event()
+    outputs: list[dict] = []
+
+    def on_output(index, event):
+        if event["finished"]:
+            outputs.append(event["output"])
+            done.set()
+
+    engine.submit("Pick:", {"regex": "(yes|no)", "max_new_tokens": 4}, on_output=on_output,
+                  on_admitted=admitted.append, rid="after")
+    assert done.wait(60) and admitted[-1] is None
+    assert re.fullmatch("(yes|no)", outputs[0]["text"])
+    assert engine.flush_cache() and engine.stats()["kv_slots_used"] == 0  # no leak
+
+
+def test_engine_crash_in_compile_is_a_clear_error(engine):
+    errors: list[Exception | None] = []
+    got = threading.Event()
+    engine.submit("Hi", {"regex": "CRASH"}, on_output=lambda i, e: None,
+                  on_admitted=lambda e: (errors.append(e), got.set()), rid="crashes")
+    assert got.wait(30)
+    assert isinstance(errors[0], ConstraintError) and "crashed" in str(errors[0])
+    with pytest.raises(ConstraintError, match="cyclic"):  # malformed: raised at once, nothing queued
+        engine.submit("Hi", {"json_schema": {"$ref": "#"}}, on_output=lambda i, e: None, on_admitted=errors.append)
+    assert engine.generate("Hi", {"max_new_tokens": 2})["meta_info"]["finish_reason"]["type"] == "length"
