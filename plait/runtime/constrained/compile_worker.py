@@ -63,10 +63,18 @@ def prepare_first(spec: ConstraintSpec, names: tuple[str, ...], attempt: Callabl
 
 
 # ------------------------------------------------------------------------------------- worker process
+def _exit_with_parent(parent_pid: int) -> None:
+    """End this worker once the engine process is gone (even in the middle of a hung compile)."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(0)
+
+
 def _worker_main(conn: Connection, info_bytes: bytes, hook: Callable[[ConstraintSpec], None] | None) -> None:
     """A worker: unpickle the tokenizer view, say ``ready``, then answer ``(job_id, spec, names)``
     messages with ``(job_id, True, backend name, payload)`` or ``(job_id, False, message)``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine decides when workers end
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
         os.nice(WORKER_NICE)
     except OSError:
@@ -195,7 +203,16 @@ class CompileWorkerPool:
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(target=_worker_main, args=(child, self._info_bytes, self._hook),
                                     name="plait-grammar-compile", daemon=True)
-        process.start()
+        # The server's engine process is itself a daemonic multiprocessing child, and multiprocessing
+        # refuses children of daemons (it cannot promise to clean them up). Workers clean up after
+        # themselves: they exit when the engine process is gone (``_exit_with_parent``).
+        config = multiprocessing.current_process()._config  # noqa: SLF001 -- no public switch exists
+        was_daemon = config.pop("daemon", None)
+        try:
+            process.start()
+        finally:
+            if was_daemon is not None:
+                config["daemon"] = was_daemon
         child.close()
         return _Worker(process, parent)
 
