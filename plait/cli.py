@@ -114,6 +114,8 @@ def _serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name, log_level=args.log_level,
         shutdown_timeout=args.shutdown_timeout, strict_fields=args.strict_fields,
         reasoning_parser=args.reasoning_parser, engine_settings=settings,
+        max_body_bytes=args.max_body_bytes, max_json_depth=args.max_json_depth, max_n=args.max_n,
+        max_prompt_logprobs=args.max_prompt_logprobs,
     ))
     return 0
 
@@ -141,6 +143,15 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek-r1", "gpt-oss"],
                        help="separate a reasoning model's reasoning (reasoning_content) from its answer (content) "
                             "in the OpenAI API")
+    limits = serve.add_argument_group("request limits (past them a request gets a 4xx that names the limit)")
+    limits.add_argument("--max-body-bytes", type=int, default=16 * 2**20,
+                        help="largest request body in bytes; larger ones get 413 (default: 16777216, 16 MiB)")
+    limits.add_argument("--max-json-depth", type=int, default=64,
+                        help="deepest nesting of arrays/objects in a request body (default: 64)")
+    limits.add_argument("--max-n", type=int, default=128, help="most samples per prompt, n (default: 128)")
+    limits.add_argument("--max-prompt-logprobs", type=int, default=100_000,
+                        help="most prompt logprob entries per request: prompt positions x top logprobs "
+                             "(default: 100000)")
     _engine_setting_arguments(serve)
     serve.set_defaults(handler=_serve)
 

@@ -30,6 +30,7 @@ from fastapi.responses import (
 
 from plait import __version__
 from plait.runtime.server import openai_api
+from plait.runtime.server.limits import OffLoop, parsed_request
 from plait.runtime.server.metrics import ServerMetrics
 from plait.runtime.server.process import (
     EngineClient,
@@ -40,6 +41,8 @@ from plait.runtime.server.process import (
 )
 from plait.runtime.server.native import parse_generate
 from plait.runtime.server.protocol import (
+    DEFAULT_MAX_N,
+    DEFAULT_MAX_PROMPT_LOGPROBS,
     GenerateJob,
     LogprobText,
     RequestError,
@@ -65,7 +68,18 @@ class ServerConfig:
     shutdown_timeout: float = 60.0  # seconds SIGTERM waits for in-flight requests
     strict_fields: bool = False  # unknown request fields: False ignores them (reported in a header), True: 400
     reasoning_parser: str | None = None  # qwen3 / deepseek-r1 / gpt-oss: reasoning_content apart
+    # limits on one request (docs/server.md, Limits): past them the request gets a 4xx naming the limit
+    max_body_bytes: int = 16 * 2**20  # request body size (413)
+    max_json_depth: int = 64  # nesting of arrays/objects in a request body
+    max_n: int = DEFAULT_MAX_N  # samples per prompt
+    max_prompt_logprobs: int = DEFAULT_MAX_PROMPT_LOGPROBS  # prompt positions x top logprobs per request
+    parse_threads: int = 4  # worker threads parsing and tokenizing large request bodies
     engine_settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_json_depth", "max_n", "max_prompt_logprobs", "parse_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 class ClientGone(Exception):
@@ -81,6 +95,7 @@ class ServerState:
         name = config.served_model_name or config.model
         self.model_names = [name] + ([config.model] if config.model != name else [])
         self.metrics = ServerMetrics()
+        self.off_loop = OffLoop(config.parse_threads)
         decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)) if tokenizer is not None else None
         self.logprob_text = LogprobText(decode)
 
@@ -104,11 +119,8 @@ class ServerState:
 
 # ------------------------------------------------------------------------------------------ helpers
 async def read_json(request: Request) -> Any:
-    body = await request.body()
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc}") from None
+    """The request's JSON body, within the server's limits (``limits.parsed_request``)."""
+    return await parsed_request(request)
 
 
 def error_response(exc: RequestError) -> JSONResponse:
@@ -117,6 +129,35 @@ def error_response(exc: RequestError) -> JSONResponse:
 
 def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def stream_error(exc: BaseException) -> RequestError:
+    """What a stream that cannot go on tells its client (the engine died, the shutdown deadline passed)."""
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, EngineUnavailableError):
+        return RequestError(f"the engine is not available: {exc}", status=503)
+    if isinstance(exc, EngineRequestError):
+        return RequestError(str(exc))
+    return RequestError(f"internal error: {type(exc).__name__}", status=500)
+
+
+async def guarded(events: AsyncIterator[str], state: ServerState, path: str,
+                  on_error: Any = None) -> AsyncIterator[str]:
+    """``events`` until they end; if they fail, an error event (``on_error(RequestError)`` or
+    ``data: {"error": ...}``) and ``data: [DONE]``, so that the client sees the stream end, and why."""
+    try:
+        async for text in events:
+            yield text
+    except Exception as exc:  # noqa: BLE001 - every failure of a stream is reported in the stream itself
+        error = stream_error(exc)
+        if error.status >= 500:
+            (logger.warning if error.status == 503 else logger.exception)("stream on %s ended early: %s",
+                                                                          path, error.message)
+        state.metrics.request(path, f"stream_error_{error.status}")
+        yield on_error(error) if on_error is not None else sse(error.body())
+        if on_error is None:
+            yield "data: [DONE]\n\n"
 
 
 async def submit_all(state: ServerState, jobs: list[GenerateJob]) -> list[RequestStream]:
@@ -213,8 +254,8 @@ async def generate(request: Request) -> Response:
     """SGLang's ``/generate``: one prompt answers an object, a list (or ``n > 1``) answers a list."""
     state: ServerState = request.app.state.server
     encode = state.encode if state.tokenizer is not None else None
-    parsed = parse_generate(await read_json(request), encode, state.info, state.info.supports_program_id,
-                            state.config.strict_fields)
+    parsed = await parsed_request(request, lambda body: parse_generate(
+        body, encode, state.info, state.info.supports_program_id, state.config.strict_fields, state.config))
     jobs, is_batch, stream = parsed.jobs, parsed.is_batch, parsed.stream
     headers = ignored_fields_headers(parsed.ignored)
     streams = await submit_all(state, jobs)
@@ -230,7 +271,8 @@ async def generate(request: Request) -> Response:
                 index = first_index[position] + event.index if is_batch else None
                 yield sse(native_output(state, jobs[position], event, index))
             yield "data: [DONE]\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        return StreamingResponse(guarded(events(), state, "/generate"), media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **headers})
     finals = await until_disconnect(request, collect(streams, state))
     outputs = sorted(((first_index[p] + e.index, native_output(state, jobs[p], e, None)) for p, e in finals),
                      key=lambda pair: pair[0])
@@ -242,8 +284,8 @@ async def openai_completion(request: Request) -> Response:
     """``/v1/completions`` and ``/v1/chat/completions``."""
     state: ServerState = request.app.state.server
     chat = request.url.path.endswith("/chat/completions")
-    body = await read_json(request)
-    parsed = openai_api.parse_chat(body, state) if chat else openai_api.parse_completion(body, state)
+    parse = openai_api.parse_chat if chat else openai_api.parse_completion
+    parsed = await parsed_request(request, lambda body: parse(body, state))
     builder = openai_api.ResponseBuilder(parsed, state.logprob_text)
     streams = await submit_all(state, parsed.jobs)
     state.metrics.request(request.url.path, "accepted")
@@ -257,7 +299,7 @@ async def openai_completion(request: Request) -> Response:
             if parsed.include_usage:
                 yield sse(builder.usage_chunk())
             yield "data: [DONE]\n\n"
-        return StreamingResponse(chunks(), media_type="text/event-stream",
+        return StreamingResponse(guarded(chunks(), state, request.url.path), media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **ignored_fields_headers(parsed.ignored)})
     finals = await until_disconnect(request, collect(streams, state))
     return JSONResponse(builder.response(finals), headers=ignored_fields_headers(parsed.ignored))
@@ -356,12 +398,15 @@ async def get_chat_template(request: Request) -> Response:
 async def apply_chat_template(request: Request) -> Response:
     """Render ``messages`` with the model's chat template (a plait extension; ``pl.Endpoint`` uses it)."""
     state: ServerState = request.app.state.server
-    body = await read_json(request)
-    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-        raise RequestError("send {'messages': [{'role': ..., 'content': ...}, ...]}", param="messages")
-    messages = [openai_api.message_text(m, i) for i, m in enumerate(body["messages"])]
-    add = expect_bool("add_generation_prompt", body.get("add_generation_prompt", False))
-    return JSONResponse({"text": state.render_chat(messages, add_generation_prompt=add)})
+
+    def render(body: Any) -> str:
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise RequestError("send {'messages': [{'role': ..., 'content': ...}, ...]}", param="messages")
+        messages = [openai_api.message_text(m, i) for i, m in enumerate(body["messages"])]
+        add = expect_bool("add_generation_prompt", body.get("add_generation_prompt", False))
+        return state.render_chat(messages, add_generation_prompt=add)
+
+    return JSONResponse({"text": await parsed_request(request, render)})
 
 
 async def metrics(request: Request) -> Response:
@@ -378,12 +423,12 @@ class ApiKeyMiddleware:
     """Requires ``Authorization: Bearer <api key>`` on every route but health probes and metrics."""
 
     def __init__(self, app: Any, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.expected = app, api_key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.expected):
                 error = RequestError("invalid or missing API key (send 'Authorization: Bearer <key>')", status=401,
                                      code="invalid_api_key")
                 await error_response(error)(scope, receive, send)
@@ -407,7 +452,7 @@ def create_app(config: ServerConfig, client: EngineClient, tokenizer: Any) -> Fa
         ("/v1/chat/completions", openai_completion, ["POST"]), ("/v1/models", models, ["GET"]),
         ("/get_model_info", get_model_info, ["GET"]), ("/get_server_info", get_server_info, ["GET"]),
         ("/server_info", get_server_info, ["GET"]), ("/flush_cache", flush_cache, ["POST", "GET"]),
-        ("/health", health, ["GET", "POST"]), ("/health_generate", health_generate, ["GET", "POST"]),
+        ("/health", health, ["GET", "HEAD", "POST"]), ("/health_generate", health_generate, ["GET", "HEAD", "POST"]),
         ("/abort_request", abort_request, ["POST"]), ("/begin_program", program_call, ["POST"]),
         ("/end_program", program_call, ["POST"]), ("/get_chat_template", get_chat_template, ["GET"]),
         ("/apply_chat_template", apply_chat_template, ["POST"]), ("/metrics", metrics, ["GET"]),
@@ -432,7 +477,19 @@ def create_app(config: ServerConfig, client: EngineClient, tokenizer: Any) -> Fa
 
     @app.exception_handler(EngineUnavailableError)
     async def _engine_down(request: Request, exc: EngineUnavailableError) -> Response:
-        return error_response(RequestError(f"the engine is not available: {exc}", status=503))
+        request.app.state.server.metrics.request(request.url.path, "error_503")
+        return error_response(stream_error(exc))
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> Response:
+        request.app.state.server.metrics.request(request.url.path, "error_400")
+        return error_response(RequestError("the request nests values too deeply to process"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> Response:  # a bug: still an answer with a message
+        logger.exception("internal error on %s", request.url.path)
+        request.app.state.server.metrics.request(request.url.path, "error_500")
+        return error_response(stream_error(exc))
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone) -> Response:
@@ -462,13 +519,39 @@ def serve(config: ServerConfig) -> None:
     print(f"plait serve: {config.model} on http://{config.host}:{config.port} "
           f"(context {info.context_length}, {info.kv_slots_total} KV slots)", flush=True)
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                                            timeout_graceful_shutdown=config.shutdown_timeout, access_log=False))
+                                            timeout_graceful_shutdown=config.shutdown_timeout + SHUTDOWN_GRACE_S,
+                                            access_log=False))
+    server.drain_s = config.shutdown_timeout
+    server.on_deadline = lambda: client.fail_pending(
+        f"the server is shutting down and the request did not finish within {config.shutdown_timeout:g} s "
+        "(--shutdown-timeout)")
     server.run()
+
+
+SHUTDOWN_GRACE_S = 2.0  # after the drain deadline: time for cut-off requests to send their error and end
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, except that SIGINT/SIGTERM end the process with status 0 once in-flight
-    requests are drained (uvicorn re-raises the signal after its graceful shutdown)."""
+    requests are drained (uvicorn re-raises the signal after its graceful shutdown). Requests still
+    running ``drain_s`` seconds after the signal are ended by ``on_deadline``: a stream gets an error
+    event and ``[DONE]``, a waiting caller a 503 with a message, instead of a cut connection."""
+
+    drain_s: float | None = None
+    on_deadline: Any = None
+
+    async def _wait_tasks_to_complete(self) -> None:
+        if self.drain_s is None or self.on_deadline is None:
+            await super()._wait_tasks_to_complete()
+            return
+        waiter = asyncio.ensure_future(super()._wait_tasks_to_complete())
+        try:
+            done, _ = await asyncio.wait({waiter}, timeout=self.drain_s)
+            if not done:
+                self.on_deadline()
+            await waiter  # bounded by uvicorn's own timeout (drain_s + the grace)
+        finally:
+            waiter.cancel()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

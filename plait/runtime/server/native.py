@@ -26,6 +26,7 @@ from plait.runtime.server.protocol import (
     UNSET,
     GenerateJob,
     RequestError,
+    check_job_limits,
     check_json_schema,
     check_prompt,
     expect_bool,
@@ -173,8 +174,9 @@ def _program_id(body: dict[str, Any], program_ids: bool) -> str | None:
 
 
 def parse_generate(body: Any, encode: Callable[[str], list[int]] | None, limits: Any, program_ids: bool,
-                   strict: bool = False) -> NativeRequest:
-    """Check a ``/generate`` body. ``limits``: an ``EngineInfo``; ``strict``: refuse unknown fields."""
+                   strict: bool = False, config: Any = None) -> NativeRequest:
+    """Check a ``/generate`` body. ``limits``: an ``EngineInfo``; ``strict``: refuse unknown fields;
+    ``config``: the ``ServerConfig`` whose request limits apply (None: their defaults)."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     ignored = split_unknown(body, KNOWN_FIELDS, "/generate", strict)
@@ -209,7 +211,8 @@ def parse_generate(body: Any, encode: Callable[[str], list[int]] | None, limits:
             ignored.extend(name for name in extra if name not in ignored)
         params = parsed[id(raw)]
         given = raw.get("max_new_tokens", UNSET) if isinstance(raw, dict) else UNSET
-        params = fit_max_tokens(params, TO_CONTEXT if given is None else given, len(ids), limits.context_length)
+        params = fit_max_tokens(params, TO_CONTEXT if given is None else given, len(ids), limits.context_length,
+                                kv_slots=getattr(limits, "kv_slots_total", None))
         start = start_len[i]
         if return_logprob[i] and start == -1:
             start = len(ids) - 1  # SGLang's default: only the last prompt token's logprob
@@ -222,4 +225,5 @@ def parse_generate(body: Any, encode: Callable[[str], list[int]] | None, limits:
             top_logprobs_num=top_num[i], return_text_in_logprobs=with_text[i], stream=stream,
             program_id=program_id, cache_namespace=namespaces[i], return_prompt_token_ids=prompt_ids_out,
         ))
+        check_job_limits(jobs[-1], config)
     return NativeRequest(jobs, is_batch or len(jobs) > 1 or jobs[0].n > 1, stream, ignored)

@@ -38,11 +38,7 @@ MAX_SEPARATE_CHARS = 1 << 20
 MAX_TOKENIZE_PROMPTS = 1024
 
 
-async def _body(request: Request, known: frozenset[str], where: str) -> tuple[dict[str, Any], list[str]]:
-    from plait.runtime.server.app import read_json
-
-    state = request.app.state.server
-    body = await read_json(request)
+def _body(state: Any, body: Any, known: frozenset[str], where: str) -> tuple[dict[str, Any], list[str]]:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     if state.tokenizer is None:
@@ -63,8 +59,15 @@ def _chat_text(state: Any, body: dict[str, Any]) -> str:
 
 
 async def tokenize(request: Request) -> Response:
+    from plait.runtime.server.limits import parsed_request
+
     state = request.app.state.server
-    body, ignored = await _body(request, TOKENIZE_FIELDS, request.url.path)
+    out, ignored = await parsed_request(request, lambda body: _tokenize(state, body, request.url.path))
+    return JSONResponse(out, headers=ignored_fields_headers(ignored))
+
+
+def _tokenize(state: Any, body: Any, path: str) -> tuple[dict[str, Any], list[str]]:
+    body, ignored = _body(state, body, TOKENIZE_FIELDS, path)
     prompt, messages = body.get("prompt"), body.get("messages")
     if (prompt is None) == (messages is None):
         raise RequestError("send exactly one of 'prompt' or 'messages'", param="prompt")
@@ -86,12 +89,19 @@ async def tokenize(request: Request) -> Response:
     if with_strs:
         strs = [state.tokenizer.convert_ids_to_tokens(t) for t in tokens]
         out["token_strs"] = strs if batch else strs[0]
-    return JSONResponse(out, headers=ignored_fields_headers(ignored))
+    return out, ignored
 
 
 async def detokenize(request: Request) -> Response:
+    from plait.runtime.server.limits import parsed_request
+
     state = request.app.state.server
-    body, ignored = await _body(request, DETOKENIZE_FIELDS, request.url.path)
+    texts, batch, ignored = await parsed_request(request, lambda body: _detokenize(state, body, request.url.path))
+    return JSONResponse({"text": texts if batch else texts[0]}, headers=ignored_fields_headers(ignored))
+
+
+def _detokenize(state: Any, body: Any, path: str) -> tuple[list[str], bool, list[str]]:
+    body, ignored = _body(state, body, DETOKENIZE_FIELDS, path)
     tokens = body.get("tokens")
 
     def is_ids(x: Any) -> bool:
@@ -106,8 +116,7 @@ async def detokenize(request: Request) -> Response:
     if bad:
         raise RequestError(f"tokens outside the vocabulary [0, {vocab}): {bad[:5]}", param="tokens")
     skip = expect_bool("skip_special_tokens", body.get("skip_special_tokens", True))
-    texts = [state.tokenizer.decode(ids, skip_special_tokens=skip) for ids in lists]
-    return JSONResponse({"text": texts if batch else texts[0]}, headers=ignored_fields_headers(ignored))
+    return [state.tokenizer.decode(ids, skip_special_tokens=skip) for ids in lists], batch, ignored
 
 
 async def separate_reasoning(request: Request) -> Response:
@@ -176,6 +185,6 @@ def routes() -> list[tuple[str, Callable, list[str]]]:
         ("/tokenize", tokenize, ["POST"]), ("/v1/tokenize", tokenize, ["POST"]),
         ("/detokenize", detokenize, ["POST"]), ("/v1/detokenize", detokenize, ["POST"]),
         ("/model_info", model_info, ["GET"]), ("/v1/models/{model:path}", retrieve_model, ["GET"]),
-        ("/ready", ready, ["GET"]), ("/ping", ready, ["GET"]), ("/separate_reasoning", separate_reasoning, ["POST"]),
+        ("/ready", ready, ["GET", "HEAD"]), ("/ping", ready, ["GET", "HEAD"]), ("/separate_reasoning", separate_reasoning, ["POST"]),
         ("/encode", not_generative, ["POST", "PUT"]), ("/classify", not_generative, ["POST", "PUT"]),
     ]

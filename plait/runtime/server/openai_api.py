@@ -25,6 +25,7 @@ from plait.runtime.server.protocol import (
     UNSET,
     GenerateJob,
     RequestError,
+    check_job_limits,
     check_json_schema,
     check_prompt,
     expect_bool,
@@ -187,13 +188,15 @@ def make_jobs(body: dict, prompts: list[list[int]], sampling: dict, max_tokens: 
     info = state.info
     for ids in prompts:
         check_prompt(ids, info.max_prompt_tokens, info.vocab_size)
-        fitted = fit_max_tokens(params, max_tokens, len(ids), info.context_length, name=name)
+        fitted = fit_max_tokens(params, max_tokens, len(ids), info.context_length, name=name,
+                                kv_slots=getattr(info, "kv_slots_total", None))
         job = GenerateJob(
             rid=rid or uuid.uuid4().hex, input_ids=ids, sampling_params=fitted.to_dict(), n=fitted.n,
             return_logprob=logprobs is not None, logprob_start_len=start_len if logprobs is not None else -1,
             top_logprobs_num=logprobs or 0, return_text_in_logprobs=True, stream=stream,
             program_id=body.get("program_id"), cache_namespace=namespace,
         )
+        check_job_limits(job, state.config)
         jobs.append(job)
     return jobs, params.n
 
@@ -213,6 +216,7 @@ def check_common(body: Any, fields: frozenset[str], defaults: dict, where: str, 
     if model not in state.model_names:
         raise RequestError(f"the model {short_repr(model)} does not exist; this server serves "
                            f"{state.model_names[0]!r}", status=404, param="model", code="model_not_found")
+    _bookkeeping_strings(body)
     if body.get("program_id") is not None and not state.info.supports_program_id:
         raise RequestError("field 'program_id' is not supported by this server's engine", param="program_id")
     return expect_bool("stream", body.get("stream") or False), ignored
@@ -223,6 +227,17 @@ def _max_tokens(body: dict[str, Any], names: tuple[str, ...], default: Any, mini
         if body.get(name) is not None:
             return expect_int(name, body[name], minimum)
     return default
+
+
+def _is_ids(values: list) -> bool:
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in values)
+
+
+def _bookkeeping_strings(body: dict[str, Any]) -> None:
+    """``user`` and ``safety_identifier`` are ignored, but, as in OpenAI's API, must be strings."""
+    for name in ("user", "safety_identifier"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise RequestError(f"field {name!r} must be a string, got {short_repr(body[name])}", param=name)
 
 
 def parse_completion(body: Any, state: Any) -> OpenAIRequest:
@@ -236,12 +251,13 @@ def parse_completion(body: Any, state: Any) -> OpenAIRequest:
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         prompts = list(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    elif isinstance(prompt, list) and prompt and _is_ids(prompt):
         prompts = [list(prompt)]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and _is_ids(p) for p in prompt):
         prompts = [list(p) for p in prompt]
     else:
-        raise RequestError("field 'prompt' must be a string, a list of strings, or token ids", param="prompt")
+        raise RequestError("field 'prompt' must be a string, a list of strings, a list of token ids or a list of "
+                           "such lists", param="prompt")
     ids = [state.encode(p) if isinstance(p, str) else p for p in prompts]
     logprobs = body.get("logprobs")
     if logprobs is not None:

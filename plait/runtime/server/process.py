@@ -18,6 +18,7 @@ Prompts arrive tokenized (the HTTP process tokenizes) and logprob entries leave 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -424,7 +425,8 @@ class EngineClient:
                 batch = self._conn.recv()
             except (EOFError, OSError):
                 reason = "the engine process exited" if self._dead is None else self._dead
-                self._loop.call_soon_threadsafe(self._mark_dead, reason)
+                with contextlib.suppress(RuntimeError):  # the event loop is already closed
+                    self._loop.call_soon_threadsafe(self._mark_dead, reason)
                 return
             try:
                 self._loop.call_soon_threadsafe(self._dispatch, batch)
@@ -442,6 +444,12 @@ class EngineClient:
             pending = self._pending.get(message[1])
             if pending is not None:  # else: the caller left; the request was aborted
                 pending.queue.put_nowait(message)
+
+    def fail_pending(self, reason: str) -> None:
+        """End every request in flight with ``reason`` (as if the engine were gone) and abort it in the
+        engine: streams end with an error event, waiting callers get a 503. The engine stays up."""
+        for pending in self._pending.values():
+            pending.queue.put_nowait(("dead", reason))
 
     def _mark_dead(self, reason: str) -> None:
         if self._dead is None:

@@ -239,24 +239,54 @@ def check_prompt(ids: list[int], max_prompt_tokens: int, vocab_size: int) -> Non
         raise RequestError(f"input_ids contain token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}", param="input_ids")
 
 
+DEFAULT_MAX_N = 128  # samples per prompt (OpenAI's own bound on n)
+DEFAULT_MAX_PROMPT_LOGPROBS = 100_000  # prompt positions x max(1, top_logprobs_num) one request may ask for
+
+
+def check_job_limits(job: GenerateJob, config: Any = None) -> None:
+    """Per-request bounds of ``ServerConfig`` (``max_n``, ``max_prompt_logprobs``): 400 past them.
+
+    ``config`` None (or without these fields) takes the defaults above.
+    """
+    max_n = getattr(config, "max_n", DEFAULT_MAX_N)
+    if job.n > max_n:
+        raise RequestError(f"n={job.n} samples per prompt; this server allows at most {max_n} "
+                           "(plait serve --max-n)", param="n")
+    if job.return_logprob and job.logprob_start_len >= 0:
+        limit = getattr(config, "max_prompt_logprobs", DEFAULT_MAX_PROMPT_LOGPROBS)
+        positions = len(job.input_ids) - job.logprob_start_len
+        volume = positions * max(1, job.top_logprobs_num)
+        if volume > limit:
+            raise RequestError(
+                f"prompt logprobs for {positions} prompt positions x {max(1, job.top_logprobs_num)} alternatives = "
+                f"{volume} entries; this server returns at most {limit} per request (plait serve "
+                "--max-prompt-logprobs): ask for fewer top logprobs or start later in the prompt",
+                param="top_logprobs_num")
+
+
 UNSET = "unset"  # max tokens not given: the protocol's default, shortened to fit the context
 TO_CONTEXT = "to_context"  # max tokens given as null / omitted where the default is "the rest of the context"
 
 
 def fit_max_tokens(params: SamplingParams, given: Any, prompt_len: int, context_length: int,
-                   name: str = "max_new_tokens") -> SamplingParams:
+                   name: str = "max_new_tokens", kv_slots: int | None = None) -> SamplingParams:
     """Fit ``max_new_tokens`` to the context. ``given``: the client's value, ``UNSET`` or ``TO_CONTEXT``.
 
     An explicit value that does not fit is an error (like SGLang and vLLM); the protocol default is
-    shortened to fit; ``TO_CONTEXT`` becomes whatever the prompt leaves of the context.
+    shortened to fit; ``TO_CONTEXT`` becomes whatever the prompt leaves of the context. ``kv_slots``
+    (the engine's KV pool) bounds it the same way where it is smaller than the context: a request that
+    could never fit the pool is refused at admission, not aborted after it started.
     """
-    room = context_length - prompt_len
+    bound, what = context_length, f"the context length {context_length}"
+    if kv_slots is not None and kv_slots < context_length:
+        bound, what = kv_slots, f"the KV cache's {kv_slots} token slots (--max-total-tokens / --kv-cache-gb)"
+    room = bound - prompt_len
     if given == TO_CONTEXT or given == UNSET and params.max_new_tokens > room:
         return params.replace(max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
     if given != UNSET and params.max_new_tokens > room:
         raise RequestError(
-            f"{name}={params.max_new_tokens} plus the prompt's {prompt_len} tokens exceeds the context length "
-            f"{context_length}; ask for at most {room} new tokens", param=name, code="context_length_exceeded")
+            f"{name}={params.max_new_tokens} plus the prompt's {prompt_len} tokens exceeds {what}; "
+            f"ask for at most {room} new tokens", param=name, code="context_length_exceeded")
     return params
 
 

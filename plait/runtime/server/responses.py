@@ -20,7 +20,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from plait.runtime.server.app import SSE_HEADERS, ServerState, collect, read_json, submit_all, until_disconnect
+from plait.runtime.server.app import SSE_HEADERS, ServerState, collect, guarded, submit_all, until_disconnect
+from plait.runtime.server.limits import parsed_request
 from plait.runtime.server.chat_prompt import normalize_messages
 from plait.runtime.server.openai_api import SAMPLING_NAMES, OpenAIRequest, chat_request, check_common
 from plait.runtime.server.protocol import RequestError, expect_bool, expect_int, ignored_fields_headers, short_repr
@@ -202,7 +203,7 @@ async def create_response(request: Request) -> Response:
     """``POST /v1/responses``."""
     state: ServerState = request.app.state.server
     store: ResponseStore = request.app.state.responses
-    parsed = parse_responses(await read_json(request), state, store)
+    parsed = await parsed_request(request, lambda body: parse_responses(body, state, store))
     assembler = ResponseAssembler(parsed, state.logprob_text)
     streams = await submit_all(state, parsed.chat.jobs)
     state.metrics.request("/v1/responses", "accepted")
@@ -213,10 +214,11 @@ async def create_response(request: Request) -> Response:
             store.put(parsed.id, StoredResponse(body, parsed.history + [assembler.message()]))
 
     if parsed.chat.stream:
-        async def events() -> Any:
-            async for text in assembler.stream(streams, state, remember):
-                yield text
-        return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        def error_event(error: RequestError) -> str:  # the Responses API's own error event ends the stream
+            return assembler.error_event(str(error.code if error.code is not None else error.status), error.message)
+
+        events = guarded(assembler.stream(streams, state, remember), state, "/v1/responses", error_event)
+        return StreamingResponse(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
     finals = await until_disconnect(request, collect(streams, state))
     body = assembler.finish(finals[0][1])
     remember(body)

@@ -118,6 +118,10 @@ class ResponseAssembler:
                 "arguments": call.arguments, "status": status}
 
     # ------------------------------------------------------------------ streaming
+    def error_event(self, code: str, message: str) -> str:
+        """The API's ``error`` event: the stream ends here (the engine died, the shutdown deadline passed)."""
+        return self._event("error", code=code, message=message, param=None)
+
     def _event(self, kind: str, **fields: Any) -> str:
         payload = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
