@@ -34,6 +34,17 @@ def _nested(depth: int) -> list:
     return value
 
 
+def _deep_schema(depth: int) -> str:
+    """A JSON schema (as a string: the body itself stays shallow) of ``depth`` nested arrays."""
+    return '{"type": "array", "items": ' * depth + '{"type": "integer"}' + "}" * depth
+
+
+def _chain_grammar(rules: int) -> str:
+    """A Lark grammar of ``rules`` chained rules (one deep derivation)."""
+    lines = ["start: r0"] + [f"r{i}: \"a\" r{i + 1}" for i in range(rules - 1)] + [f"r{rules - 1}: \"a\""]
+    return "\n".join(lines)
+
+
 def _completion(**fields) -> dict:
     return {"model": MODEL, "prompt": "Hi", "max_tokens": 2, **fields}
 
@@ -86,6 +97,14 @@ CASES = [
     ("bad schema JSON", "/generate", {"text": "a", "sampling_params": {"json_schema": "{", "max_new_tokens": 2}},
      400, "json_schema"),
     ("unknown model", "/v1/completions", _completion(model="nope"), 404, "does not exist"),
+    # the engine's own bounds, reached through the server
+    ("stop string too long", "/generate", {"text": "a", "sampling_params": {"stop": ["x" * 100_000]}}, 400, "stop"),
+    ("stop list too long", "/v1/completions", _completion(stop=[str(i) for i in range(5000)]), 400, "stop"),
+    ("cyclic $ref", "/generate", {"text": "a", "sampling_params": {"json_schema": json.dumps({"$ref": "#"})}}, 400,
+     "cyclic"),
+    ("schema nested too deep", "/generate", {"text": "a", "sampling_params": {"json_schema": _deep_schema(300)}},
+     400, "nests deeper"),
+    ("5000-rule grammar", "/generate", {"text": "a", "sampling_params": {"ebnf": _chain_grammar(5000)}}, 400, "rules"),
 ]
 
 
@@ -164,6 +183,13 @@ def test_transport_edges(server):
                                                                                  "max_new_tokens": 24,
                                                                                  "temperature": 0}})
     assert structured.status_code == 200
+
+
+def test_tiny_temperature_is_greedy(server):
+    greedy = send(server, "/generate", PLAIN).json()["text"]
+    for temperature in (1e-40, 1e-6):
+        body = {**PLAIN, "sampling_params": {**PLAIN["sampling_params"], "temperature": temperature}}
+        assert send(server, "/generate", body).json()["text"] == greedy, temperature
 
 
 def test_disconnect_storm_leaks_nothing_and_changes_nothing(server):

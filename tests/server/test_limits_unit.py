@@ -1,0 +1,77 @@
+"""The request bounds of ``plait/runtime/server/limits.py`` and ``protocol.check_job_limits``, without a server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from plait.runtime.server.limits import INLINE_BODY_BYTES, OffLoop, parse_json, parsed_request, read_body
+from plait.runtime.server.protocol import GenerateJob, RequestError, check_job_limits
+
+
+def test_parse_json_refuses_deep_nesting_bad_utf8_and_lone_surrogates():
+    assert parse_json(b'{"a": [[1]], "b": "\\ud83d\\ude00"}', 8) == {"a": [[1]], "b": "\U0001F600"}
+    for body, word in [(b"[" * 2000, "deep"), (b"[" * 9 + b"]" * 9, "deep"), (b'{"a":' * 9 + b"1" + b"}" * 9, "deep"),
+                       (b'"\xff"', "UTF-8"), (b'{"x": "\\ud800"}', "surrogate"), (b'{"\\udc00": 1}', "surrogate"),
+                       (b'["ok", ["\\udfffz"]]', "surrogate"), (b"{", "JSON")]:
+        with pytest.raises(RequestError, match=word) as caught:
+            parse_json(body, 8)
+        assert caught.value.status == 400
+    assert parse_json(b'"\\\\ud800"', 8) == "\\ud800"  # an escaped backslash, not a surrogate
+
+
+class FakeRequest:
+    def __init__(self, chunks: list[bytes], length: int | None, config=None):
+        self.chunks = chunks
+        self.headers = {} if length is None else {"content-length": str(length)}
+        state = SimpleNamespace(config=config, off_loop=OffLoop(2))
+        self.app = SimpleNamespace(state=SimpleNamespace(server=state))
+
+    async def stream(self):
+        for chunk in self.chunks:
+            yield chunk
+
+
+def test_body_limit_by_content_length_and_while_streaming():
+    assert asyncio.run(read_body(FakeRequest([b"ab", b"cd"], 4), 4)) == b"abcd"
+    for request in (FakeRequest([], 5), FakeRequest([b"ab", b"cde"], None)):
+        with pytest.raises(RequestError, match="max-body-bytes") as caught:
+            asyncio.run(read_body(request, 4))
+        assert caught.value.status == 413
+
+
+def test_large_bodies_are_parsed_off_the_event_loop():
+    config = SimpleNamespace(max_body_bytes=1 << 20, max_json_depth=8)
+
+    def where(body: bytes) -> tuple[int, int]:
+        async def run() -> tuple[int, int]:
+            loop_thread = threading.get_ident()
+            worker = await parsed_request(FakeRequest([body], len(body), config), lambda value: threading.get_ident())
+            return loop_thread, worker
+        return asyncio.run(run())
+
+    small = json.dumps({"text": "a"}).encode()
+    large = json.dumps({"text": "a" * INLINE_BODY_BYTES}).encode()
+    loop_thread, worker = where(small)
+    assert worker == loop_thread
+    loop_thread, worker = where(large)
+    assert worker != loop_thread
+
+
+def test_n_and_prompt_logprob_volume_limits():
+    config = SimpleNamespace(max_n=4, max_prompt_logprobs=100)
+    check_job_limits(GenerateJob("r", [1] * 50, {}, n=4, return_logprob=True, logprob_start_len=0,
+                                 top_logprobs_num=2), config)
+    with pytest.raises(RequestError, match="max-n"):
+        check_job_limits(GenerateJob("r", [1], {}, n=5), config)
+    with pytest.raises(RequestError, match="max-prompt-logprobs"):
+        check_job_limits(GenerateJob("r", [1] * 51, {}, return_logprob=True, logprob_start_len=0,
+                                     top_logprobs_num=2), config)
+    # only the positions from logprob_start_len count; without top logprobs each position is one entry
+    check_job_limits(GenerateJob("r", [1] * 500, {}, return_logprob=True, logprob_start_len=450,
+                                 top_logprobs_num=2), config)
+    check_job_limits(GenerateJob("r", [1] * 100, {}, return_logprob=True, logprob_start_len=0), config)
