@@ -13,6 +13,7 @@ settings (``EngineConfig.grammar_*``).
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future
 from typing import Any
@@ -26,6 +27,8 @@ from plait.runtime.constrained.vocab import TokenizerInfo
 from plait.sampling import SamplingParams
 
 __all__ = ["ConstrainedDecoding"]
+
+logger = logging.getLogger(__name__)
 
 
 class ConstrainedDecoding:
@@ -68,6 +71,24 @@ class ConstrainedDecoding:
                     info, backend=self._backend, timeout_s=self._timeout_s, max_workers=self._workers,
                     cache_bytes=self._cache_bytes, isolate=self._isolate, max_queued=self._max_queued)
             return self._compiler
+
+    def warm_up(self) -> threading.Thread | None:
+        """Build the compiler (and start its worker processes) on a background thread, so that the first
+        constrained request does not pay for it (servers call this at start; in-process engines build it
+        on first use). Returns the thread, or None without a tokenizer. A failure here is logged by the
+        thread and raised again, clearly, by the first constrained request."""
+        if self._tokenizer is None:
+            return None
+
+        def build() -> None:
+            try:
+                self.compiler
+            except Exception:  # the first constrained request raises it again with its context
+                logger.exception("starting the grammar compiler failed")
+
+        thread = threading.Thread(target=build, name="plait-grammar-warm-up", daemon=True)
+        thread.start()
+        return thread
 
     def grammar_for(self, params: SamplingParams) -> CompiledGrammar | None:
         """The compiled grammar of ``params``' constraint (None if unconstrained). Blocks up to the

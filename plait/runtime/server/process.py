@@ -259,6 +259,7 @@ def run_engine_process(conn: Any, model: str, settings: dict[str, Any], log_leve
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which prints it and exits
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
+    engine.constrained.warm_up()  # compile workers start now, not on the first constrained request
     server = _EngineServer(engine, conn)
     conn.send(("ready", server.info()))
     server.serve()

@@ -205,3 +205,20 @@ def test_engine_crash_in_compile_is_a_clear_error(engine):
     with pytest.raises(ConstraintError, match="cyclic"):  # malformed: raised at once, nothing queued
         engine.submit("Hi", {"json_schema": {"$ref": "#"}}, on_output=lambda i, e: None, on_admitted=errors.append)
     assert engine.generate("Hi", {"max_new_tokens": 2})["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_warm_up_starts_the_compiler_before_the_first_request(bundled_model_dir):
+    """Servers call warm_up at start: the compiler and its workers exist before any constrained request."""
+    from plait.runtime.constrained import ConstrainedDecoding
+    from plait.runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(bundled_model_dir)
+    service = ConstrainedDecoding(tokenizer, 49152, workers=1)
+    assert service._compiler is None
+    thread = service.warm_up()
+    thread.join(120)
+    try:
+        assert service._compiler is not None and service._compiler.workers.wait_ready(120)
+    finally:
+        service._compiler.shutdown()
+    assert ConstrainedDecoding(None, 10).warm_up() is None  # no tokenizer: nothing to start
