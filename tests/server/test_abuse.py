@@ -20,7 +20,7 @@ from tests.server.server_helpers import MODEL, assert_idle_and_flushed, start_se
 
 pytestmark = pytest.mark.model
 API_KEY = "abuse-key"
-BODY_LIMIT = 200_000
+BODY_LIMIT = 400_000
 KV_SLOTS = 4096  # smaller than the context (8192): a request may fit the context but never the KV pool
 PROMPT_LOGPROBS = 50_000  # prompt positions x top logprobs per request
 PLAIN = {"text": "The capital of France is", "sampling_params": {"temperature": 0, "max_new_tokens": 6}}
@@ -88,6 +88,7 @@ CASES = [
      400, "KV"),
     ("never fits the KV pool (chat)", "/v1/chat/completions", _chat("a", max_tokens=KV_SLOTS + 100), 400, "KV"),
     ("over the context", "/v1/completions", _completion(max_tokens=10**7), 400, "max_tokens"),
+    ("prompt far over the context", "/generate", {"text": "word " * 70_000}, 400, "characters"),
     ("negative max_tokens", "/v1/completions", _completion(max_tokens=-1), 400, "max_tokens"),
     ("temperature NaN", "/generate", '{"text": "a", "sampling_params": {"temperature": NaN}}', 400, "temperature"),
     ("wrong type: stream", "/generate", {"text": "a", "stream": "yes"}, 400, "stream"),

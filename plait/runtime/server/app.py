@@ -30,7 +30,7 @@ from fastapi.responses import (
 
 from plait import __version__
 from plait.runtime.server import openai_api
-from plait.runtime.server.limits import OffLoop, parsed_request
+from plait.runtime.server.limits import OffLoop, parsed_request, prompt_char_bound
 from plait.runtime.server.metrics import ServerMetrics
 from plait.runtime.server.process import (
     EngineClient,
@@ -96,12 +96,18 @@ class ServerState:
         self.model_names = [name] + ([config.model] if config.model != name else [])
         self.metrics = ServerMetrics()
         self.off_loop = OffLoop(config.parse_threads)
+        self.max_prompt_chars = prompt_char_bound(tokenizer, self.info.max_prompt_tokens)
         decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)) if tokenizer is not None else None
         self.logprob_text = LogprobText(decode)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, prompt: bool = True) -> list[int]:
+        """Token ids of ``text``. A ``prompt`` too long to fit the context whatever its tokens is refused
+        before tokenizing (``limits.prompt_char_bound``): a huge prompt costs no tokenizer time."""
         if self.tokenizer is None:
             raise RequestError("this model has no tokenizer: send token ids instead of text")
+        if prompt and self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+            raise RequestError(f"the prompt has {len(text)} characters: more than the {self.info.max_prompt_tokens} "
+                               "tokens this server accepts", code="context_length_exceeded")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int]) -> str:

@@ -101,6 +101,22 @@ def check_structure(value: Any, max_depth: int, strings: bool) -> None:
                 stack.append((child, depth + 1))
 
 
+def prompt_char_bound(tokenizer: Any, max_tokens: int) -> int | None:
+    """Characters above which a text must tokenize to more than ``max_tokens`` tokens, or None if unknown.
+
+    A token covers at most as many characters as its longest vocabulary string has (byte-level and
+    SentencePiece vocabularies spell one byte or one character per symbol), so a text longer than
+    ``max_tokens`` x that is refused without tokenizing it. Only for tokenizers without a normalizer
+    (one that removes or merges characters, such as accent stripping, would break the bound).
+    """
+    hf = getattr(tokenizer, "hf", None)
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None:
+        return None
+    longest = max((len(piece) for piece in hf.get_vocab()), default=0)
+    return max_tokens * longest if longest else None
+
+
 class OffLoop:
     """A bounded pool of worker threads for request parsing (``threads`` at a time; more wait their turn)."""
 

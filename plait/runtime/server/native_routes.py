@@ -82,7 +82,7 @@ def _tokenize(state: Any, body: Any, path: str) -> tuple[dict[str, Any], list[st
         if not texts or len(texts) > MAX_TOKENIZE_PROMPTS or not all(isinstance(t, str) for t in texts):
             raise RequestError(f"field 'prompt' must be a string or a list of 1 to {MAX_TOKENIZE_PROMPTS} strings",
                                param="prompt")
-    tokens = [state.encode(t, add_special_tokens=add_special) for t in texts]
+    tokens = [state.encode(t, add_special_tokens=add_special, prompt=False) for t in texts]
     out: dict[str, Any] = {"tokens": tokens if batch else tokens[0],
                            "count": [len(t) for t in tokens] if batch else len(tokens[0]),
                            "max_model_len": state.info.context_length}
