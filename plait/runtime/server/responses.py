@@ -20,7 +20,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from plait.runtime.server.app import SSE_HEADERS, ServerState, collect, guarded, submit_all, until_disconnect
+from plait.runtime.server.app import ServerState
+from plait.runtime.server.streams import SSE_HEADERS, collect, guarded, submit_all, until_disconnect
 from plait.runtime.server.limits import parsed_request
 from plait.runtime.server.chat_prompt import normalize_messages
 from plait.runtime.server.openai_api import SAMPLING_NAMES, OpenAIRequest, chat_request, check_common

@@ -200,7 +200,7 @@ class ResponseAssembler:
     async def stream(self, streams: list[Any], state: Any,
                      remember: Callable[[dict[str, Any]], None]) -> AsyncIterator[str]:
         """The SSE events of a streamed response; ``remember`` stores the final response object."""
-        from plait.runtime.server.app import merged
+        from plait.runtime.server.streams import merged
 
         yield self._event("response.created", response=self.body("in_progress", None))
         yield self._event("response.in_progress", response=self.body("in_progress", None))
