@@ -227,6 +227,9 @@ class _EngineServer:
             self.outbox.put(("error", rid, str(exc)))
         except RuntimeError as exc:  # the engine is shut down or its loop died
             self.outbox.put(("error", rid, f"engine unavailable: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - a bug in one request's path must not end the command loop
+            logger.exception("request %s: unexpected error while submitting", rid)
+            self.outbox.put(("error", rid, f"the engine could not take this request: {type(exc).__name__}: {exc}"))
 
     def _call(self, call_id: int, name: str, arg: Any) -> None:
         try:

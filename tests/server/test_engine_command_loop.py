@@ -1,0 +1,47 @@
+"""The engine process's command loop: an unexpected exception from one request's submission becomes that
+request's error, and the loop goes on serving the next commands."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from types import SimpleNamespace
+
+from plait.runtime.server.process import _EngineServer
+
+
+class BuggyEngine:
+    """Fails a submission with an exception type the loop does not expect; counts aborts."""
+
+    def __init__(self) -> None:
+        self.aborted: list[str] = []
+        self.shut_down = False
+
+    def submit(self, **kwargs) -> None:
+        raise AssertionError("an internal invariant broke")
+
+    def abort(self, rid: str) -> None:
+        self.aborted.append(rid)
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
+def test_an_unexpected_submit_error_answers_the_request_and_keeps_the_loop_running() -> None:
+    http_side, engine_side = multiprocessing.Pipe()
+    engine = BuggyEngine()
+    server = _EngineServer(engine, engine_side)
+    loop = threading.Thread(target=server.serve, daemon=True)
+    loop.start()
+    spec = {"input_ids": [1, 2], "sampling_params": SimpleNamespace(), "return_logprob": False,
+            "logprob_start_len": -1, "top_logprobs_num": 0, "stream": False}
+    http_side.send(("generate", "r1", spec))
+    assert http_side.poll(10)
+    [answer] = http_side.recv()
+    assert answer[:2] == ("error", "r1") and "AssertionError: an internal invariant broke" in answer[2]
+    http_side.send(("abort", "r2"))  # the loop is still there to take it
+    http_side.send(("call", 7, "shutdown", None))
+    assert http_side.poll(10)
+    assert ("reply", 7, True, None) in http_side.recv()
+    loop.join(10)
+    assert not loop.is_alive() and engine.aborted == ["r2"] and engine.shut_down
