@@ -51,17 +51,6 @@ class EngineConfig:
     grammar_max_bytes: int = 128 * 1024
     grammar_max_depth: int = 64
     grammar_max_rules: int = 1000
-    # grammar compilation (constrained decoding; docs/constrained.md): compile worker processes (0: threads
-    # of the engine process, no isolation), per-compile timeout (the worker is killed past it), compiles
-    # waiting for a worker at most, estimated bytes of compiled grammars cached, and bounds on one
-    # constraint checked before compiling (source bytes, bracket / JSON nesting, EBNF rules)
-    grammar_compile_workers: int = 2
-    grammar_compile_timeout_s: float = 30.0
-    grammar_compile_max_queued: int = 64
-    grammar_cache_bytes: int = 512 * 2**20
-    grammar_max_bytes: int = 128 * 1024
-    grammar_max_depth: int = 64
-    grammar_max_rules: int = 1000
     max_samples_per_prompt: int = 128  # the largest n (parallel samples of one prompt); past it: ValueError
     # prompt positions whose logprobs one step computes (all requests together): a request asking for
     # prompt logprobs is prefilled in chunks of at most this many scored positions, so that its logprob
@@ -93,14 +82,6 @@ class EngineConfig:
             raise ValueError(f"max_pinned_tokens_per_program must be >= 0 or None, got {self.max_pinned_tokens_per_program}")
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
-        if self.grammar_compile_workers < 0:
-            raise ValueError(f"grammar_compile_workers must be >= 0, got {self.grammar_compile_workers}")
-        if self.grammar_compile_timeout_s <= 0:
-            raise ValueError(f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s}")
-        for name in ("grammar_compile_max_queued", "grammar_cache_bytes", "grammar_max_bytes",
-                     "grammar_max_depth", "grammar_max_rules"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.grammar_compile_workers < 0:
             raise ValueError(f"grammar_compile_workers must be >= 0, got {self.grammar_compile_workers}")
         if self.grammar_compile_timeout_s <= 0:
