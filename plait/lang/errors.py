@@ -77,7 +77,8 @@ class RoleError(PlaitLangError, ValueError):
 
 
 class GenerationError(PlaitLangError, RuntimeError):
-    """A generation the backend aborted, or output that does not parse as the requested ``dtype``."""
+    """A generation the backend aborted, or output that is not what was asked: it does not parse as the
+    requested ``dtype`` or JSON schema, or it was cut by ``max_tokens`` (see ``gen(on_incomplete=...)``)."""
 
 
 class ProgramBatchError(PlaitLangError, RuntimeError):

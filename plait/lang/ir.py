@@ -58,7 +58,9 @@ class Gen(Node):
 
     ``overrides`` are the sampling parameters given to ``gen`` (``SamplingParams`` field names, already
     validated), as sorted ``(name, value)`` pairs; the run's defaults fill the rest. ``dtype`` is the
-    Python type the text is converted to (its regex is already in ``overrides``).
+    Python type the text is converted to (its regex is already in ``overrides``). ``schema_model``:
+    the pydantic model class given as ``json_schema`` (the output is validated into an instance).
+    ``on_incomplete``: ``"raise"`` or ``"keep"`` (see ``plait.lang.primitives.gen``).
     """
 
     name: str | None
@@ -66,6 +68,8 @@ class Gen(Node):
     dtype: type | None = None
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    schema_model: type | None = None
+    on_incomplete: str = "raise"
 
     def overrides_dict(self) -> dict[str, Any]:
         return dict(self.overrides)

@@ -4,6 +4,7 @@ program builds the node, so a bad argument fails at the line that wrote it."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +15,8 @@ from plait.sampling import SamplingParams
 
 __all__ = [
     "DTYPE_REGEX",
+    "NUMBER_END",
+    "ON_INCOMPLETE",
     "assistant",
     "assistant_begin",
     "assistant_end",
@@ -31,13 +34,24 @@ __all__ = [
     "user_end",
 ]
 
-#: The regex each ``gen(dtype=...)`` constrains the output to.
+#: The value each ``gen(dtype=...)`` must be (the whole text, surrounding whitespace stripped).
 DTYPE_REGEX: dict[type, str] = {
     int: r"-?\d+",
     float: r"-?\d+(\.\d+)?([eE][-+]?\d+)?",
     bool: r"(True|False)",
     str: r'"([^"\\\x00-\x1f]|\\["\\/bfnrt])*"',
 }
+
+#: How a number ends. ``\d+`` alone never ends (another digit is always allowed), so in plain text a
+#: constrained number ran to ``max_tokens``. As in SGLang, an int/float gen is constrained to the
+#: number followed by optional spaces/newlines (``DTYPE_REGEX[t] + NUMBER_END[0]``) and stops at the
+#: first space or newline (``NUMBER_END[1]``, trimmed like any stop string).
+NUMBER_END: tuple[str, tuple[str, ...]] = (r"[ \n]*", (" ", "\n"))
+
+#: What a constrained gen does with output that is incomplete (cut by ``max_tokens``) or does not
+#: parse: ``"raise"`` a ``GenerationError``, or ``"keep"`` the raw text and flag it in
+#: ``meta_info["incomplete"]``.
+ON_INCOMPLETE = ("raise", "keep")
 
 
 def _schema_to_json(json_schema: Any) -> str:
@@ -81,6 +95,7 @@ def gen(
     regex: str | None = None,
     json_schema: Any = None,
     ebnf: str | None = None,
+    on_incomplete: str = "raise",
 ) -> Node:
     """Generate text and store it in variable ``name``.
 
@@ -90,7 +105,11 @@ def gen(
     (``int``, ``float``, ``bool``, ``str``: a regex, and the variable holds the converted value).
     ``choices`` makes this a ``select``. Inside an assistant block the template's stop strings are added.
     ``stop_regex``: a pattern (or a list) that ends the generation where the text matches it, cut there
-    like a stop string.
+    like a stop string. An int/float ends at the first space or newline after the number (see
+    ``NUMBER_END``). ``on_incomplete``: for ``dtype`` and ``json_schema``, output cut by ``max_tokens``
+    or that does not parse (or, with a pydantic model, does not validate) raises ``GenerationError``
+    (``"raise"``) or is kept as raw text with ``meta_info["incomplete"] = True`` (``"keep"``). With a
+    ``json_schema``, ``state.parsed(name)`` is the parsed value (a pydantic model's validated instance).
     """
     if choices is not None:
         return select(name, choices=choices, choices_method=choices_method)
@@ -124,6 +143,12 @@ def gen(
         if regex is not None or json_schema is not None or ebnf is not None:
             raise ValueError("gen: dtype is itself a constraint; give dtype or regex/json_schema/ebnf, not both")
         overrides["regex"] = DTYPE_REGEX[dtype]
+        if dtype in (int, float):
+            overrides["regex"] += NUMBER_END[0]
+            stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+            overrides["stop"] = stops + tuple(s for s in NUMBER_END[1] if s not in stops)
+    if on_incomplete not in ON_INCOMPLETE:
+        raise ValueError(f"gen on_incomplete must be one of {ON_INCOMPLETE}, got {on_incomplete!r}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     for key in ("stop", "stop_regex"):
         if isinstance(overrides.get(key), list):
@@ -134,7 +159,10 @@ def gen(
         raise TypeError(f"gen name must be a str or None, got {type(name).__name__}")
     if isinstance(top_logprobs_num, bool) or not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
         raise ValueError(f"top_logprobs_num must be an int >= 0, got {top_logprobs_num!r}")
-    return Gen(name, normalized, dtype, bool(return_logprob or top_logprobs_num), top_logprobs_num)
+    schema_model = json_schema if isinstance(json_schema, type) and hasattr(json_schema, "model_validate_json") else None
+    return Gen(
+        name, normalized, dtype, bool(return_logprob or top_logprobs_num), top_logprobs_num, schema_model, on_incomplete
+    )
 
 
 def gen_int(name: str | None = None, **kwargs: Any) -> Node:
@@ -148,8 +176,14 @@ def gen_float(name: str | None = None, **kwargs: Any) -> Node:
 
 
 def parse_dtype(text: str, dtype: type) -> Any:
-    """Convert generated ``text`` to ``dtype``; raises ValueError when it does not parse."""
+    """Convert generated ``text`` to ``dtype``; raises ValueError when it does not parse.
+
+    The stripped text must match ``DTYPE_REGEX[dtype]`` whole: Python's ``int``/``float`` accept more
+    (``"1_000"``, ``"nan"``, ``"inf"``) than a gen of that dtype may produce.
+    """
     stripped = text.strip()
+    if dtype in (int, float) and re.fullmatch(DTYPE_REGEX[dtype], stripped) is None:
+        raise ValueError(f"{text!r} is not a {dtype.__name__}")
     if dtype is bool:
         if stripped not in ("True", "False"):
             raise ValueError(f"{text!r} is not True or False")

@@ -107,6 +107,18 @@ class ProgramState:
         """What the backend reported for the ``gen``/``select`` named ``name`` (tokens, logprobs, scores)."""
         return self._executor.get_meta_info(name)
 
+    def parsed(self, name: str) -> Any:
+        """The parsed output of the ``gen(name, json_schema=...)``: the validated instance when the schema
+        is a pydantic model, else the JSON value. Raises ``ValueError`` when there is none (another kind
+        of gen, or output kept unparsed with ``on_incomplete="keep"``)."""
+        meta = self._executor.get_meta_info(name)
+        if not isinstance(meta, dict) or "parsed" not in meta:
+            raise ValueError(
+                f"variable {name!r} has no parsed value: it was not made by gen(..., json_schema=...), or its "
+                "output was incomplete and kept as text (see get_meta_info(name)['incomplete'])"
+            )
+        return meta["parsed"]
+
     def variables(self) -> dict[str, Any]:
         """All variables (after every queued node has run)."""
         self.sync()

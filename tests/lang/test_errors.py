@@ -74,8 +74,8 @@ def test_bad_dtype(dtype):
 
 
 def test_output_that_does_not_parse_as_dtype():
-    backend = MockBackend(default="12 apples", enforce_constraints=False)
-    with pytest.raises(GenerationError, match=r"'12 apples', which is not a int"):
+    backend = MockBackend(default="twelve", enforce_constraints=False)
+    with pytest.raises(GenerationError, match=r"'twelve', which is not a int"):
         pl.function(lambda s: s.__iadd__(pl.gen("n", dtype=int))).run(backend=backend)
 
 

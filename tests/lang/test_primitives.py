@@ -9,7 +9,7 @@ import pytest
 
 import plait as pl
 from plait.lang import MockBackend
-from plait.lang.primitives import DTYPE_REGEX
+from plait.lang.primitives import DTYPE_REGEX, NUMBER_END
 
 
 def run(body, backend, **kwargs):
@@ -66,7 +66,8 @@ def test_dtype_maps_to_regex_and_converts(dtype, output, value):
     backend = MockBackend(default=output)
     state = run(lambda s: s.__iadd__(pl.gen("v", dtype=dtype)), backend)
     assert state["v"] == value and type(state["v"]) is dtype
-    assert mock_regex(backend) == DTYPE_REGEX[dtype]
+    number_end = NUMBER_END[0] if dtype in (int, float) else ""
+    assert mock_regex(backend) == DTYPE_REGEX[dtype] + number_end
     assert state.text() == output
 
 

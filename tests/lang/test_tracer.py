@@ -109,7 +109,7 @@ def test_dtype_and_var_scope_in_trace():
 
     trace = prog.trace(chat_template="default")
     gen = next(n for n in trace.nodes if isinstance(n, Gen))
-    assert gen.dtype is int and dict(gen.overrides)["regex"] == r"-?\d+"
+    assert gen.dtype is int and dict(gen.overrides)["regex"] == r"-?\d+[ \n]*"
     assert ValueRef("scope", "block") in trace.nodes and trace.stopped is None
     assert "dtype=int" in str(trace)
 
