@@ -10,10 +10,11 @@ template and the sampling defaults. With ``symbolic=True`` (tracing) nothing is 
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from plait.lang.backends.base import (
@@ -41,12 +42,30 @@ from plait.lang.ir import (
     VarScopeEnd,
     flatten,
 )
-from plait.lang.gen_output import convert_gen_output
+from plait.lang.primitives import parse_dtype
 from plait.lang.records import CallRecord, RunContext, Segment
 from plait.lang.symbolic import MARK_BEGIN, SymbolicValue
 from plait.sampling import SamplingParams
 
 __all__ = ["Executor"]
+
+
+def branch_seed(seed: int, index: int) -> int:
+    """The seed of fork branch ``index`` of a state sampling with ``seed``.
+
+    The first 8 bytes of BLAKE2b over the ASCII text ``"{seed}/{index}"``, read as a little-endian
+    int and kept to 31 bits (a non-negative int every backend accepts). Deterministic across
+    processes; nested forks derive again from their branch's seed.
+    """
+    digest = hashlib.blake2b(f"{seed}/{index}".encode("ascii"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def branch_defaults(defaults: dict[str, Any], index: int) -> dict[str, Any]:
+    """A fork branch's sampling defaults: the parent's, with a run-level ``seed`` derived per branch."""
+    if defaults.get("seed") is None:
+        return defaults
+    return {**defaults, "seed": branch_seed(defaults["seed"], index)}
 
 
 @dataclass
@@ -74,6 +93,11 @@ class Executor:
         self.role_begin_pos = 0
         self.scope_starts: dict[str, int] = {}
         self.fork_start = 0
+        self.defaults: dict[str, Any] = run.defaults  # a branch's own copy carries its derived seed
+        self.parent: Executor | None = None  # the executor this one was forked from
+        self.branch_index: int | None = None  # this fork's index among its siblings
+        self.written: set[str] = set()  # names set on this executor (a branch: since its fork)
+        self.calls_merged = False  # this branch's calls were added to its parent's record
         self.error: BaseException | None = None
         self.closed = False
         self.finished = False  # the worker has stopped
@@ -152,6 +176,7 @@ class Executor:
     def set_var(self, name: str, value: Any) -> None:
         with self.changed:
             self.variables[name] = value
+            self.written.add(name)
             self.changed.notify_all()
 
     def get_meta_info(self, name: str) -> Any:
@@ -169,8 +194,9 @@ class Executor:
         if n >= 2 and self.text and not self.run.symbolic and self.run.backend is not None:
             self.run.backend.cache_prefix(self.text, self.run.program_id)
         children = []
-        for _ in range(n):
+        for i in range(n):
             child = Executor(self.run)
+            child.parent, child.branch_index, child.defaults = self, i, branch_defaults(self.defaults, i)
             child.text, child.segments, child.messages = self.text, list(self.segments), list(self.messages)
             child.variables, child.meta_info = dict(self.variables), dict(self.meta_info)
             child.cur_role, child.role_begin_pos = self.cur_role, self.role_begin_pos
@@ -179,6 +205,21 @@ class Executor:
         if self.log is not None:
             self.log.append(("fork", [c.log for c in children]))
         return children
+
+    def merge_calls_into_parent(self) -> None:
+        """Add this branch's call records to its parent's, tagged with the branch index (once).
+
+        Called when the branch is joined, and at the end of the run for branches never joined. A
+        parent whose own calls were merged already passes them on to the nearest ancestor that was
+        not (the tag is then the index of that ancestor's branch they came through).
+        """
+        if self.parent is None or self.calls_merged:
+            return
+        self.calls_merged = True
+        node, dest = self, self.parent
+        while dest.calls_merged and dest.parent is not None:
+            node, dest = dest, dest.parent
+        dest.calls.extend(replace(call, branch=node.branch_index) for call in self.calls)
 
     # ------------------------------------------------------------------ worker
     def _work(self) -> None:
@@ -244,6 +285,7 @@ class Executor:
             return
         with self.changed:
             self.variables[name] = value
+            self.written.add(name)
             self.meta_info[name] = meta
             self.changed.notify_all()
         self._events.setdefault(name, threading.Event()).set()
@@ -287,7 +329,7 @@ class Executor:
         self._set_result(name, captured, {})
 
     def _resolve_params(self, node: Gen) -> SamplingParams:
-        merged = {**self.run.defaults, **node.overrides_dict()}
+        merged = {**self.defaults, **node.overrides_dict()}
         stop_str = self.run.template.stop_str
         if self.cur_role == "assistant" and stop_str:
             stops = tuple(merged.get("stop") or ())
@@ -315,10 +357,18 @@ class Executor:
             raise GenerationError(
                 f"backend {backend.name!r} aborted gen {node.name!r}: {finish.get('message', 'no message')}"
             )
-        value, output_meta = convert_gen_output(node, params, result, backend.name)  # dtype / JSON checks
+        value: Any = result.text
+        if node.dtype is not None:
+            try:
+                value = parse_dtype(result.text, node.dtype)
+            except ValueError:
+                raise GenerationError(
+                    f"gen {node.name!r} produced {result.text!r}, which is not a {node.dtype.__name__} "
+                    f"(finish reason {finish.get('type')!r}); raise max_tokens, or use a backend that "
+                    "supports constrained decoding"
+                ) from None
         meta = {
             **result.meta,
-            **output_meta,
             "finish_reason": result.finish_reason,
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,

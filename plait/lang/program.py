@@ -187,6 +187,8 @@ class Program:
                     ex.wait_finished()
                     if error is None and ex.error is not None:
                         error = ex.error
+                for ex in reversed(executors):  # forks never joined: their calls join the root's record
+                    ex.merge_calls_into_parent()
             finally:
                 assert run.backend is not None and run.program_id is not None
                 run.backend.end_program(run.program_id)

@@ -9,7 +9,6 @@ and an HTML view for notebooks.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -252,8 +251,9 @@ class ProgramStateGroup:
     def join(self, mode: str = "gather_variable") -> None:
         """Wait for every branch and merge it back into the source state.
 
-        ``"gather_variable"``: each variable a branch created becomes a list in the source state (one
-        entry per branch that set it, in branch order). ``"concate_and_append"``: the text each branch
+        ``"gather_variable"``: each variable a branch set after the fork (a new name, or one the source
+        already had) becomes a list in the source state of the branches' current values (one entry per
+        branch that set it, in branch order), replacing the source's earlier value. ``"concate_and_append"``: the text each branch
         added is appended to the source state, branch after branch.
         """
         if mode not in ("gather_variable", "concate_and_append"):
@@ -266,20 +266,24 @@ class ProgramStateGroup:
             for ex in executors:
                 ex.sync()
             source.sync()
-            before = set(source.variables)
+            gathered: dict[str, list[Any]] = {}
+            gathered_meta: dict[str, list[Any]] = {}
             for ex in executors:
-                for name in [k for k in ex.variables if k not in before]:
-                    current = source.variables.setdefault(name, [])
-                    current.append(ex.variables[name])
+                for name in [k for k in ex.variables if k in ex.written]:
+                    gathered.setdefault(name, []).append(ex.variables[name])
                     if name in ex.meta_info:
-                        source.meta_info.setdefault(name, []).append(ex.meta_info[name])
+                        gathered_meta.setdefault(name, []).append(ex.meta_info[name])
+            for name, values in gathered.items():
+                source.set_var(name, values)
+                if name in gathered_meta:
+                    source.meta_info[name] = gathered_meta[name]
+                else:
+                    source.meta_info.pop(name, None)
         else:
             source.submit(_AppendForks(executors))
             source.sync()
         # the branches' calls join the source's record (tokens, cache hits, latency of every call)
-        source.calls.extend(
-            dataclasses.replace(call, branch=i) for i, ex in enumerate(executors) for call in ex.calls
-        )
         for ex in executors:
+            ex.merge_calls_into_parent()
             ex.end()
 
