@@ -42,7 +42,7 @@ from plait.lang.ir import (
     VarScopeEnd,
     flatten,
 )
-from plait.lang.primitives import parse_dtype
+from plait.lang.gen_output import convert_gen_output
 from plait.lang.records import CallRecord, RunContext, Segment
 from plait.lang.symbolic import MARK_BEGIN, SymbolicValue
 from plait.sampling import SamplingParams
@@ -357,18 +357,10 @@ class Executor:
             raise GenerationError(
                 f"backend {backend.name!r} aborted gen {node.name!r}: {finish.get('message', 'no message')}"
             )
-        value: Any = result.text
-        if node.dtype is not None:
-            try:
-                value = parse_dtype(result.text, node.dtype)
-            except ValueError:
-                raise GenerationError(
-                    f"gen {node.name!r} produced {result.text!r}, which is not a {node.dtype.__name__} "
-                    f"(finish reason {finish.get('type')!r}); raise max_tokens, or use a backend that "
-                    "supports constrained decoding"
-                ) from None
+        value, output_meta = convert_gen_output(node, params, result, backend.name)  # dtype / JSON checks
         meta = {
             **result.meta,
+            **output_meta,
             "finish_reason": result.finish_reason,
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
