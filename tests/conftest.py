@@ -7,7 +7,23 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+def pytest_configure(config):
+    """Without CUDA, Triton kernels run through its CPU interpreter. ``TRITON_INTERPRET`` is read when a
+    function is decorated, triton's own helpers (``tl.cdiv``) included, so it is set here, before any
+    test module is collected: a module that imported triton first would otherwise leave those helpers
+    compiled-mode and break interpreted kernels that call them (seen when model tests ran before layer
+    tests)."""
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
