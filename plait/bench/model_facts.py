@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from plait.runtime.models.config import MXFP4_BYTES_PER_PARAM
+
 
 def expected_distinct_experts(num_experts: int, top_k: int, tokens: int) -> float:
     """Mean number of distinct experts ``tokens`` tokens touch when each picks ``top_k`` of ``num_experts``
@@ -50,24 +52,21 @@ class ModelFacts:
         cfg = engine.model_config
         elt = torch.empty(0, dtype=engine.runner.dtype).element_size()
         emb = cfg.vocab_size * cfg.hidden_size
-        moe = getattr(cfg, "moe", None)
-        moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers)) if moe is not None else 0
-        total_bytes = cfg.weight_bytes(elt) if hasattr(cfg, "weight_bytes") else cfg.num_parameters() * elt
+        moe = cfg.moe
+        moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+        total_bytes = cfg.weight_bytes(elt)
         expert_bytes = num_experts = top_k = 0
         if moe is not None and moe_layers:
             num_experts, top_k = moe.num_experts, moe.top_k
-            per_expert_params = 3 * cfg.hidden_size * moe.intermediate_size
-            quantized = getattr(cfg, "quantization", None) == "mxfp4"
-            expert_bytes = int(per_expert_params * (0.5 + 1 / 32 if quantized else elt))
+            per_expert_params = moe.expert_parameters(cfg.hidden_size) // num_experts
+            per_param = MXFP4_BYTES_PER_PARAM if cfg.quantization == "mxfp4" else elt
+            expert_bytes = int(per_expert_params * per_param)
             if moe.expert_bias:
                 expert_bytes += (2 * moe.intermediate_size + cfg.hidden_size) * elt
         all_expert_bytes = moe_layers * num_experts * expert_bytes
         dense = total_bytes - all_expert_bytes - (0 if cfg.tie_word_embeddings else emb * elt)
-        active = cfg.num_active_parameters() if hasattr(cfg, "num_active_parameters") else cfg.num_parameters()
-        windows = tuple(
-            cfg.layer_sliding_window(i) if hasattr(cfg, "layer_sliding_window") else None
-            for i in range(cfg.num_layers)
-        )
+        active = cfg.num_active_parameters()
+        windows = tuple(cfg.layer_sliding_window(i) for i in range(cfg.num_layers))
         return cls(
             dense_weight_bytes=int(dense),
             expert_bytes=expert_bytes,
