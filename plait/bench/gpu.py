@@ -315,7 +315,9 @@ FLOOR_NOTES = [
     "FLOPs / matmul rate), avg context = prompt + new tokens / 2; prefill = (2 * GEMM params per token + "
     "causal attention) / matmul rate; rows c, d: prefill floor + decode steps in waves of "
     "max_running_requests. `of floor` = floor time / measured time (1.0 = at the floor).",
-    "Decode tok/s = batch * (N - 1) / (time(N new tokens) - time(1 new token)): the prefill cancels out.",
+    "Decode tok/s = batch * (N - 1) / (time(N new tokens) - time(1 new token)), both runs with the prompts' KV "
+    "already cached (one token of prefill per request), so neither prefill nor decode steps riding along in "
+    "chunked-prefill steps enter the figure.",
     "MoE models: a step reads the dense weights plus, per MoE layer, the experts its tokens are routed to: "
     "top_k at batch 1, E * (1 - (1 - k/E)^B) expected distinct experts at batch B under uniform routing "
     "(random router weights route near-uniformly; real routing is skewed, touching fewer experts, so its "

@@ -194,3 +194,38 @@ def test_program_id_pins_until_end_program(server):
 
 def test_zz_no_slot_leaked(server):
     assert_idle_and_flushed(server)
+
+
+def _http_exchange(sock, path: str) -> bytes:
+    """One ``GET path`` on an open keep-alive socket; returns the status line ("" if the server closed it)."""
+    import socket
+
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b""
+            data += chunk
+    except (ConnectionResetError, socket.timeout):
+        return b""
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head.split(b"\r\n")[0]
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_pool_expiry(server):
+    """A connection idle for 6 s (past httpx's and so openai's 5 s pool expiry, uvicorn's old default
+    keep-alive) is still open: a server closing idle connections as early as clients keep them lets a
+    client reuse one just as it closes, and under load about 1 request in 250 failed with a read error."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        assert _http_exchange(sock, "/health").startswith(b"HTTP/1.1 200")
+        time.sleep(6.0)
+        assert _http_exchange(sock, "/health").startswith(b"HTTP/1.1 200")

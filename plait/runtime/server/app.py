@@ -75,6 +75,9 @@ class ServerConfig:
     served_model_name: str | None = None
     log_level: str = "warning"
     shutdown_timeout: float = 60.0  # seconds SIGTERM waits for in-flight requests
+    # seconds an idle keep-alive connection stays open: longer than clients keep idle pooled connections
+    # (httpx and so openai: 5 s; aiohttp: 15 s), so a client never reuses a connection the server is closing
+    keep_alive_timeout: float = 75.0
     strict_fields: bool = False  # unknown request fields: False ignores them (reported in a header), True: 400
     reasoning_parser: str | None = None  # qwen3 / deepseek-r1 / gpt-oss: reasoning_content apart
     # limits on one request (docs/server.md, Limits): past them the request gets a 4xx naming the limit
@@ -421,7 +424,7 @@ def serve(config: ServerConfig) -> None:
           f"(context {info.context_length}, {info.kv_slots_total} KV slots)", flush=True)
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                             timeout_graceful_shutdown=config.shutdown_timeout + SHUTDOWN_GRACE_S,
-                                            access_log=False))
+                                            timeout_keep_alive=config.keep_alive_timeout, access_log=False))
     server.drain_s = config.shutdown_timeout
     server.on_deadline = lambda: client.fail_pending(
         f"the server is shutting down and the request did not finish within {config.shutdown_timeout:g} s "
