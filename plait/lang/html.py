@@ -177,19 +177,20 @@ def _conversation(segments: list[Segment], start: int, inserts: dict[int, list[s
     """Role boxes and plain text; ``inserts[pos]`` (fork sections) go where the text reached ``pos``.
 
     ``segments`` begin at text position ``start``; a first segment inside an open role (a branch
-    forked inside a role block) opens that role's box.
+    forked inside a role block) opens that role's box, labelled "continued".
     """
     parts: list[str] = []
     block: list[str] | None = None
     role = None
-    if segments and segments[0].role is not None and segments[0].kind != "role_prefix":
+    continued = bool(segments) and segments[0].role is not None and segments[0].kind != "role_prefix"
+    if continued:
         block, role = [], segments[0].role
 
     def emit(html: str) -> None:
         (block if block is not None else parts).append(html)
 
     def box(closed: bool) -> str:
-        label = escape(str(role)) + ("" if closed else " (open)")
+        label = escape(str(role)) + (" (continued)" if continued else "" if closed else " (open)")
         return f'<div class="plait-msg"><div class="plait-role">{label}</div>{"".join(block or [])}</div>'
 
     pending = sorted(inserts.items())
@@ -201,11 +202,11 @@ def _conversation(segments: list[Segment], start: int, inserts: dict[int, list[s
         if seg.kind == "role_prefix":
             if block is not None:  # a box left open (cannot happen in a valid run): close it as is
                 parts.append(box(False))
-            block, role = [_span(seg)], seg.role
+            block, role, continued = [_span(seg)], seg.role, False
         elif seg.kind == "role_suffix" and block is not None:
             block.append(_span(seg))
             parts.append(box(True))
-            block = None
+            block, continued = None, False
         elif block is not None:
             block.append(_span(seg))
         else:

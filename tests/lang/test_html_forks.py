@@ -91,7 +91,8 @@ def test_nested_forks_and_a_fork_inside_a_role_block():
     ]
     branch_1 = html[html.index(" branch 1:"):]
     assert branch_1.index('class="plait-fork"') < branch_1.index("text of branch 10") < branch_1.index("text of branch 11")
-    assert '<div class="plait-role">assistant (open)</div>' in html  # a branch continues the open block
+    assert html.count('<div class="plait-role">assistant (continued)</div>') == 4  # each branch continues the block
+    assert "(open)" not in html
 
 
 def test_branch_count_and_nesting_are_bounded(monkeypatch):
