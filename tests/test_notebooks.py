@@ -1,8 +1,9 @@
 """The notebooks: saved without outputs, and executed headless (nbclient + ipykernel) on the bundled model.
 
 Each notebook runs in its own kernel (one model load each); a cell that raises fails the test with
-the cell's traceback. The checks read the executed outputs: the state's HTML view, the trace, and
-the structure of every constrained output.
+the cell's traceback. The checks read the executed outputs: the state's HTML view (heat map, select
+scores, fork branches, totals), the trace, the structure of every constrained output, and stderr (no
+TqdmWarning anywhere).
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def test_saved_valid_and_without_outputs(name):
 
 @pytest.fixture(scope="module")
 def executed(bundled_model_dir):
-    """Execute a notebook (once per module) and return {cell id: (stdout text, html text)}."""
+    """Execute a notebook (once per module) and return {cell id: (stdout text, html text, stderr text)}."""
     from nbclient import NotebookClient
 
-    cache: dict[str, dict[str, tuple[str, str]]] = {}
+    cache: dict[str, dict[str, tuple[str, str, str]]] = {}
 
-    def run(name: str) -> dict[str, tuple[str, str]]:
+    def run(name: str) -> dict[str, tuple[str, str, str]]:
         if name not in cache:
             nb = read(name)
             NotebookClient(nb, timeout=240, kernel_name="python3",
@@ -51,21 +52,27 @@ def executed(bundled_model_dir):
     return run
 
 
-def _outputs(cell) -> tuple[str, str]:
-    text, html = [], []
+def _outputs(cell) -> tuple[str, str, str]:
+    text, html, err = [], [], []
     for out in cell.outputs:
-        if out.output_type == "stream" and out.name == "stdout":
-            text.append(out.text)
+        if out.output_type == "stream":
+            (text if out.name == "stdout" else err).append(out.text)
         elif out.output_type in ("execute_result", "display_data"):
             html.append(out.data.get("text/html", ""))
             text.append(out.data.get("text/plain", ""))
-    return "".join(text), "".join(html)
+    return "".join(text), "".join(html), "".join(err)
 
 
 def _assert_state_view(html: str) -> None:
     assert html.count('class="plait-msg"') >= 2  # one box per role block
     assert '<span class="plait-gen" title="gen ' in html  # generated text highlighted, named
-    assert "cached tokens" in html  # the calls table
+    assert "cached tokens" in html and "border:1px solid" in html  # the calls table, with borders
+    assert re.search(r'<div class="plait-totals">\d+ calls? \u00b7 \d+ prompt tokens, \d+ cached \(\d+%\)', html)
+
+
+def _assert_no_tqdm_warning(cells) -> None:
+    for cell_id, (_, _, err) in cells.items():
+        assert "TqdmWarning" not in err and "IProgress not found" not in err, f"cell {cell_id}: {err}"
 
 
 @pytest.mark.model
@@ -73,16 +80,28 @@ def test_quickstart_notebook(executed):
     cells = executed("quickstart")
     answers = cells["quick-03"][0].strip().splitlines()
     assert len(answers) == 2 and "Paris" in answers[0]
-    _assert_state_view(cells["quick-05"][1])
+    view = cells["quick-05"][1]
+    _assert_state_view(view)
+    tokens = re.findall(r'<span class="plait-tok" style="background:hsl\((\d+),80%,80%\)" title="p=([\d.]+)  logprob=', view)
+    assert len(tokens) >= 4  # return_logprob=True: the answers are heat maps, a span per token
+    assert all(abs(int(hue) - 120 * float(p)) <= 1 for hue, p in tokens)
     trace = cells["quick-07"][0]
     assert trace.startswith("trace of chat(question_1=<symbolic>, question_2=<symbolic>)")
     assert "arg question_1   <- differs between runs" in trace and "constant prefix (" in trace
     label, scores = cells["quick-09"][0].split(" ", 1)
     assert label in ("positive", "negative") and len(json.loads(scores)) == 2
+    chips = re.findall(r'<span class="plait-choice( plait-chosen)?" title="[^"]*">(?:\u2713 )?(\w+) (-?[\d.]+)</span>', cells["quick-09-view"][1])
+    assert [(bool(chosen), choice) for chosen, choice, _ in chips] == [(label == "positive", "positive"), (label == "negative", "negative")]
+    assert [float(score) for _, _, score in chips] == [round(x, 3) for x in json.loads(scores)]
     assert len(re.findall(r"^- .+$", cells["quick-11"][0], re.MULTILINE)) == 3  # three forked branches joined
+    fork_view = cells["quick-11-view"][1]
+    assert "fork: 3 branches, joined (gather_variable)" in fork_view
+    assert len(re.findall(r"<summary>branch \d: joined \(gather_variable\), 1 call, \d+ output tokens</summary>", fork_view)) == 3
     rows = re.findall(r"^(\w+): (.*)  \((\d+) of (\d+) prompt tokens cached\)$", cells["quick-13"][0], re.MULTILINE)
     assert [r[0] for r in rows] == ["France", "Spain", "Egypt", "Canada"]
     assert all(0 < int(cached) < int(prompt) for _, _, cached, prompt in rows)
+    assert "capital: 100%" in cells["quick-13"][2] and "4/4" in cells["quick-13"][2]  # run_batch's progress bar
+    _assert_no_tqdm_warning(cells)
 
 
 @pytest.mark.model
@@ -102,3 +121,4 @@ def test_structured_output_notebook(executed):
     sections = re.findall(r" -> (\w+)$", cells["struc-10"][0], re.MULTILINE)
     assert len(sections) == 2 and set(sections) <= {"sports", "politics", "science", "business"}
     assert cells["struc-12"][0].startswith("InvalidDtypeError - ")
+    _assert_no_tqdm_warning(cells)

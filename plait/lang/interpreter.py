@@ -98,6 +98,8 @@ class Executor:
         self.branch_index: int | None = None  # this fork's index among its siblings
         self.written: set[str] = set()  # names set on this executor (a branch: since its fork)
         self.calls_merged = False  # this branch's calls were added to its parent's record
+        self.fork_groups: list[list[Executor]] = []  # the branches of each fork made from this one
+        self.join_mode: str | None = None  # how this branch was joined (None: not joined)
         self.error: BaseException | None = None
         self.closed = False
         self.finished = False  # the worker has stopped
@@ -202,6 +204,8 @@ class Executor:
             child.cur_role, child.role_begin_pos = self.cur_role, self.role_begin_pos
             child.scope_starts, child.fork_start = dict(self.scope_starts), len(self.text)
             children.append(child)
+        with self.changed:
+            self.fork_groups.append(children)
         if self.log is not None:
             self.log.append(("fork", [c.log for c in children]))
         return children
@@ -271,13 +275,13 @@ class Executor:
             raise TypeError(f"the interpreter cannot execute {type(node).__name__} nodes")
 
     # ------------------------------------------------------------------ node kinds
-    def _append(self, value: str, kind: str, name: str | None = None) -> None:
+    def _append(self, value: str, kind: str, name: str | None = None, call: CallRecord | None = None) -> None:
         value = str(value)
         if len(value) == 0:
             return
         with self.changed:
             self.text += value
-            self.segments.append(Segment(kind, value, self.cur_role, name))
+            self.segments.append(Segment(kind, value, self.cur_role, name, call))
             self.changed.notify_all()
 
     def _set_result(self, name: str | None, value: Any, meta: dict[str, Any]) -> None:
@@ -344,7 +348,10 @@ class Executor:
             self._set_result(node.name, placeholder, {"sampling_params": params.to_dict()})
             return
         backend = self._backend()
-        call = GenerateCall(self.text, params, node.return_logprob, node.top_logprobs_num, self.run.program_id)
+        top_logprobs_num = node.top_logprobs_num or self.run.top_logprobs_num
+        return_logprob = node.return_logprob or self.run.return_logprob or top_logprobs_num > 0
+        call = GenerateCall(self.text, params, return_logprob, top_logprobs_num, self.run.program_id)
+        first_segment = len(self.segments)
         start = time.monotonic()
         if self.run.stream:
             result = self._stream_gen(backend, call, node.name)
@@ -370,10 +377,21 @@ class Executor:
             "output_top_logprobs": result.output_top_logprobs,
             "sampling_params": params.to_dict(),
         }
-        self.calls.append(
-            CallRecord("gen", node.name, result.prompt_tokens, result.completion_tokens, result.cached_tokens, latency, result.finish_reason)
+        record = CallRecord(
+            "gen", node.name, result.prompt_tokens, result.completion_tokens, result.cached_tokens, latency,
+            result.finish_reason, output_token_logprobs=result.output_token_logprobs,
+            output_top_logprobs=result.output_top_logprobs,
         )
+        self._record_call(record, first_segment)
         self._set_result(node.name, value, meta)
+
+    def _record_call(self, record: CallRecord, first_segment: int) -> None:
+        """Add ``record`` to this state's calls and link the model text it produced to it."""
+        with self.changed:
+            self.calls.append(record)
+            for seg in self.segments[first_segment:]:
+                if seg.kind == record.kind:
+                    seg.call = record
 
     def _stream_gen(self, backend: Backend, call: GenerateCall, name: str | None) -> GenerateResult:
         shown = ""
@@ -408,10 +426,18 @@ class Executor:
                 "use choices_method='token_length_normalized' or a backend that scores without a prefix"
             )
         decision = method(scores)
+        first_segment = len(self.segments)
         self._append(decision.decision, "select", node.name)
         meta = {**decision.meta_info, "latency_s": latency}
         prompt_tokens = sum(s.prompt_tokens for s in scores)
-        self.calls.append(CallRecord("select", node.name, prompt_tokens, 0, sum(s.cached_tokens for s in scores), latency))
+        # the score the method compared: conditional minus unconditional, else the mean token logprob
+        compared = meta.get("normalized_unconditional_prompt_logprobs", meta.get("normalized_prompt_logprobs"))
+        record = CallRecord(
+            "select", node.name, prompt_tokens, 0, sum(s.cached_tokens for s in scores), latency,
+            choices=list(node.choices), choice_scores=None if compared is None else [float(x) for x in compared],
+            chosen=decision.index, choices_method=method.name,
+        )
+        self._record_call(record, first_segment)
         self._set_result(node.name, decision.decision, meta)
 
     def _append_forks(self, forks: list[Executor]) -> None:
@@ -420,7 +446,8 @@ class Executor:
             with fork.changed:
                 new_segments = [s for s in _segments_after(fork.segments, fork.fork_start)]
             for seg in new_segments:
-                self._append(seg.text, seg.kind if seg.kind in ("gen", "select") else "text", seg.name)
+                model_text = seg.kind in ("gen", "select")
+                self._append(seg.text, seg.kind if model_text else "text", seg.name, seg.call if model_text else None)
 
     def _backend(self) -> Backend:
         assert self.run.backend is not None, "a non-symbolic run always has a backend"

@@ -103,7 +103,7 @@ class Program:
                 raise ProgramArgumentError(
                     f"program {self.name!r} got an unexpected argument {key!r}; it takes "
                     f"{self.arg_names or 'no arguments'}, and run() also accepts backend=, stream=, "
-                    f"chat_template= and sampling defaults ({', '.join(sorted(sampling_names))})"
+                    f"chat_template=, return_logprob=, top_logprobs_num= and sampling defaults ({', '.join(sorted(sampling_names))})"
                 )
         if "stop" in defaults and isinstance(defaults["stop"], list):
             defaults["stop"] = tuple(defaults["stop"])
@@ -144,6 +144,8 @@ class Program:
         stream: bool = False,
         chat_template: ChatTemplate | str | None = None,
         use_thread: bool = True,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
         **kwargs: Any,
     ) -> ProgramState:
         """Run the program and return its state.
@@ -152,13 +154,17 @@ class Program:
         / ``text_async_iter()`` yield text as it is produced. Keyword arguments that are sampling
         parameters (``temperature=0``, ``max_new_tokens=64``...) and not program parameters become the
         defaults of every ``gen``. ``use_thread=False`` executes nodes in the calling thread (forks
-        then run one after another).
+        then run one after another). ``return_logprob=True`` asks for the output token logprobs of
+        every ``gen`` (and ``top_logprobs_num`` alternatives per token), as ``gen(return_logprob=True)``
+        does for one: they are in ``get_meta_info(name)`` and the call records, and the notebook view
+        colours each generated token by its probability.
         """
         backend = self._backend(backend)
         program_kwargs, defaults = self._split_kwargs(kwargs)
         bound = self._bind(args, program_kwargs)
         template = self._template(chat_template, backend)
-        run = RunContext(backend, template, f"prog-{uuid.uuid4().hex}", defaults, stream, threaded=use_thread or stream)
+        run = RunContext(backend, template, f"prog-{uuid.uuid4().hex}", defaults, stream, threaded=use_thread or stream,
+                         **_logprob_options(return_logprob, top_logprobs_num))
         backend.begin_program(run.program_id)
         state = ProgramState(Executor(run))
         if stream:
@@ -206,6 +212,8 @@ class Program:
         progress_bar: bool = False,
         chat_template: ChatTemplate | str | None = None,
         raise_on_error: bool = True,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
         **sampling_defaults: Any,
     ) -> list[ProgramState]:
         """Run the program once per kwargs mapping, concurrently; the states come back in input order.
@@ -213,7 +221,10 @@ class Program:
         With more than one item, the text every item starts with (found by tracing) is prefilled once
         with ``backend.cache_prefix`` before the runs fan out (``batch_prefix`` returns it). Failed runs
         raise ``ProgramBatchError`` after all finished (``raise_on_error=False``: check ``state.error()``).
+        ``progress_bar=True`` shows a tqdm bar (a widget in Jupyter when ipywidgets is installed, text
+        otherwise). ``return_logprob`` / ``top_logprobs_num``: as for ``run``.
         """
+        logprob_options = _logprob_options(return_logprob, top_logprobs_num)
         backend = self._backend(backend)
         items = list(batch_kwargs)
         bad = [i for i, item in enumerate(items) if not isinstance(item, Mapping)]
@@ -233,7 +244,7 @@ class Program:
                 prefix = self.batch_prefix(items, chat_template=template)
                 if prefix:
                     backend.cache_prefix(prefix, batch_id)
-            return self._run_all(backend, template, bound, threads, progress_bar, raise_on_error)
+            return self._run_all(backend, template, bound, threads, progress_bar, raise_on_error, logprob_options)
         finally:
             backend.end_program(batch_id)
 
@@ -253,17 +264,18 @@ class Program:
         threads: int,
         progress_bar: bool,
         raise_on_error: bool,
+        logprob_options: dict[str, Any],
     ) -> list[ProgramState]:
         def one(item: tuple[inspect.BoundArguments, dict[str, Any]]) -> tuple[ProgramState, BaseException | None]:
             b, defaults = item
-            run = RunContext(backend, template, f"prog-{uuid.uuid4().hex}", defaults)
+            run = RunContext(backend, template, f"prog-{uuid.uuid4().hex}", defaults, **logprob_options)
             backend.begin_program(run.program_id)
             state = ProgramState(Executor(run))
             return state, self._execute(run, state, b)
 
         bar = None
         if progress_bar:
-            from tqdm.auto import tqdm
+            from plait.progress import tqdm
 
             bar = tqdm(total=len(bound), desc=self.name)
         try:
@@ -318,6 +330,15 @@ class Program:
 
 
 _MISSING = object()
+
+
+def _logprob_options(return_logprob: bool, top_logprobs_num: int) -> dict[str, Any]:
+    """The run-wide logprob request of ``run`` / ``run_batch``, validated."""
+    if not isinstance(return_logprob, bool):
+        raise ValueError(f"return_logprob must be True or False, got {return_logprob!r}")
+    if isinstance(top_logprobs_num, bool) or not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
+        raise ValueError(f"top_logprobs_num must be an int >= 0, got {top_logprobs_num!r}")
+    return {"return_logprob": return_logprob or top_logprobs_num > 0, "top_logprobs_num": top_logprobs_num}
 
 
 def _same(a: Any, b: Any) -> bool:

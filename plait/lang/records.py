@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from plait.lang.backends.base import Backend, ChatTemplate
+from plait.lang.backends.base import Backend, ChatTemplate, LogprobEntry
 
 if TYPE_CHECKING:
     from plait.lang.interpreter import Executor
@@ -20,17 +20,28 @@ class Segment:
 
     ``kind``: ``"text"`` (appended by the program), ``"gen"``/``"select"`` (produced by the model),
     ``"role_prefix"``/``"role_suffix"`` (rendered by the chat template). ``role`` is the open role.
+    ``call``: for model text, the record of the backend call that produced it (set once the call has
+    finished; the HTML view reads its token logprobs and choice scores from it).
     """
 
     kind: str
     text: str
     role: str | None = None
     name: str | None = None
+    call: CallRecord | None = None
 
 
 @dataclass
 class CallRecord:
-    """One backend call of a run: what it cost (from ``GenerateResult`` / ``ChoiceScores``)."""
+    """One backend call of a run: what it cost (from ``GenerateResult`` / ``ChoiceScores``).
+
+    A ``gen`` made with logprobs (``gen(..., return_logprob=True)`` or ``run(..., return_logprob=True)``)
+    keeps them: ``output_token_logprobs`` has one ``(logprob, token_id, token_text)`` entry per output
+    token, ``output_top_logprobs`` the alternatives when ``top_logprobs_num`` was set. A ``select``
+    keeps ``choices``, ``choice_scores`` (the normalized logprob its method compared: the mean token
+    logprob, or the mean conditional minus unconditional logprob), ``chosen`` (the index picked) and
+    ``choices_method``.
+    """
 
     kind: str
     name: str | None
@@ -40,6 +51,12 @@ class CallRecord:
     latency_s: float = 0.0
     finish_reason: dict[str, Any] | None = None
     branch: int | None = None  # the fork branch that made the call (set when the branch is joined)
+    output_token_logprobs: list[LogprobEntry] | None = None
+    output_top_logprobs: list[list[LogprobEntry] | None] | None = None
+    choices: list[str] | None = None
+    choice_scores: list[float] | None = None
+    chosen: int | None = None
+    choices_method: str | None = None
 
 
 @dataclass
@@ -53,5 +70,7 @@ class RunContext:
     stream: bool = False
     symbolic: bool = False
     threaded: bool = True
+    return_logprob: bool = False  # every gen asks for output token logprobs (kept in its CallRecord)
+    top_logprobs_num: int = 0  # and this many alternatives per token (a gen's own setting wins)
     executors: list[Executor] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)

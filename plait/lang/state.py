@@ -260,6 +260,8 @@ class ProgramStateGroup:
             raise ValueError(f"unknown join mode {mode!r}; use 'gather_variable' or 'concate_and_append'")
         executors = [s._executor for s in self.states]
         source = self.source._executor
+        for ex in executors:
+            ex.join_mode = mode
         if source.log is not None:
             source.log.append(("join", mode))
         if mode == "gather_variable":
