@@ -13,7 +13,9 @@ the calls. Floor: the larger of
 
 Usage: python benchmarks/moe_kernel.py [--models gpt-oss-120b,qwen3-30b-a3b] [--tokens 1,64]
        python benchmarks/moe_kernel.py --tune [--models ...] [--tokens ...]
---tune times candidate tilings per shape and token count (coordinate search: block_m, then the up
+For MXFP4 shapes each T is also timed with the other MXFP4 decode (``swap_ab`` flipped) on the same
+tiling. --tune times candidate tilings per shape and token count (coordinate search: swap_ab for
+MXFP4, block_m, then the up
 GEMM's tile, then the down GEMM's, then group_m) and prints the winners as entries for
 ``plait/runtime/kernels/fused_moe_config.py``'s TUNED table.
 """
@@ -152,16 +154,21 @@ def benchmark(models: list[Model], tokens: list[int]) -> list[str]:
         weights = make_weights(model, gen)
         for T in tokens:
             calls = make_calls(model, T, gen)
-            s = time_config(model, weights, calls, None)
             mem_s, flop_s = floor_s(model, T, copy_bw, mm_rate)
             fl = max(mem_s, flop_s)
             distinct = model.num_experts * (1 - (1 - model.top_k / model.num_experts) ** T)
-            lines.append(
-                f"| {model.name} | {T} | {s * 1e6:.1f} | {fl * 1e6:.1f} ({mem_s * 1e6:.1f} / {flop_s * 1e6:.1f}) | "
-                f"{fl / s:.0%} | {distinct * model.expert_bytes / s / 1e9:.0f} | "
-                f"{6 * T * model.top_k * model.hidden * model.intermediate / s / 1e12:.0f} | "
-                f"{get_config(model.shape, T).short()} |")
-            print(lines[-1], flush=True)
+            config = get_config(model.shape, T)
+            variants = [config]
+            if model.weight_format == "mxfp4":  # the same tiling with the other MXFP4 decode
+                variants.append(replace(config, swap_ab=not config.swap_ab))
+            for variant in variants:
+                s = time_config(model, weights, calls, variant)
+                lines.append(
+                    f"| {model.name} | {T} | {s * 1e6:.1f} | {fl * 1e6:.1f} ({mem_s * 1e6:.1f} / {flop_s * 1e6:.1f}) "
+                    f"| {fl / s:.0%} | {distinct * model.expert_bytes / s / 1e9:.0f} | "
+                    f"{6 * T * model.top_k * model.hidden * model.intermediate / s / 1e12:.0f} | "
+                    f"{variant.short()}{'' if variant is config else ' (not the table choice)'} |")
+                print(lines[-1], flush=True)
         del weights
         torch.cuda.empty_cache()
     return lines
@@ -201,6 +208,7 @@ def tune_one(model: Model, weights, calls, T: int) -> tuple[FusedMoeConfig, floa
     rows_per_expert = T * model.top_k / model.num_experts
     decode = rows_per_expert <= 16
     steps = [  # each proposes variations of the best so far
+        lambda b: [replace(b, swap_ab=not b.swap_ab)] if model.weight_format == "mxfp4" else [],
         lambda b: [replace(b, block_m=m) for m in ((16,) if decode else (16, 32, 64, 128))],
         lambda b: [replace(b, up=t) for t in tile_candidates(b.block_m <= 16)],
         lambda b: [replace(b, down=t) for t in tile_candidates(b.block_m <= 16)],
@@ -230,7 +238,8 @@ def tune(models: list[Model], tokens: list[int]) -> list[str]:
             entries.append(
                 f"    ({model.shape!r}, {token_bucket(T)}): FusedMoeConfig({best.block_m}, "
                 f"TileConfig({u.block_n}, {u.block_k}, {u.num_warps}, {u.num_stages}), "
-                f"TileConfig({d.block_n}, {d.block_k}, {d.num_warps}, {d.num_stages}), group_m={best.group_m}),")
+                f"TileConfig({d.block_n}, {d.block_k}, {d.num_warps}, {d.num_stages}), group_m={best.group_m}"
+                + (", swap_ab=True" if best.swap_ab else "") + "),")
             print(entries[-1], flush=True)
         del weights
         torch.cuda.empty_cache()

@@ -35,10 +35,11 @@ class FusedMoeConfig:
     down: TileConfig  # down GEMM (N = H, K = I)
     group_m: int = 1
     scaled_dot: bool = True  # MXFP4, bf16 activations, block_k >= 64: tl.dot_scaled (False: explicit decode)
+    swap_ab: bool = False  # MXFP4: weights decoded in registers as the MMA's first operand (wins over scaled_dot)
 
     def short(self) -> str:
         return (f"M{self.block_m} G{self.group_m} up({self.up.short()}) down({self.down.short()})"
-                + ("" if self.scaled_dot else " decode"))
+                + (" swap" if self.swap_ab else "" if self.scaled_dot else " decode"))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,11 @@ the MMA (Hopper has no FP4 tensor cores). Every expert's weight rows are read by
 (row block, column block), so at decode (one row block per touched expert) each touched byte is
 read once per call.
 
+``FusedMoeConfig.swap_ab`` computes the transposed product instead (weights decoded from bits as the
+MMA's register operand, activations from shared memory: see ``_expert_gemm``). It is tested against
+the reference here but not yet measured on a GPU, so no tuned entry uses it; ``benchmarks/moe_kernel.py``
+times it next to the table's choice for MXFP4 shapes and ``--tune`` tries it.
+
 Grids depend on T, K and the tiling only; the row blocks past ``num_padded`` exit at once. No host
 reads: CUDA-graph capturable.
 
@@ -46,13 +51,17 @@ ACT_SILU, ACT_SWIGLU_OAI = 0, 1
 
 
 @triton.jit
-def _fp4_value(code):
-    """E2M1 code (int32, 0..15) -> float32 value: 4 * |v| is 2m (e = 0) or (2 + m) << e."""
-    e = (code >> 1) & 3
-    m = code & 1
-    quadruple = tl.where(e == 0, 2 * m, (2 + m) << e)
-    v = quadruple.to(tl.float32) * 0.25
-    return tl.where((code & 8) != 0, -v, v)
+def _fp4_pair(byte, scale):
+    """A byte's two E2M1 codes (int32 0..255; low nibble first) times ``scale`` (float32 2^(s - 127)),
+    as float32, from bits: a code's magnitude bits (e1 e0 m) placed at float32 bits 24..22 give
+    exactly code value * 2^-126 (e = 0 lands on the subnormals, 0 and 0.5 * 2^-126), its sign at bit 31;
+    two exact multiplies (2^126, the scale) finish: five integer and two float operations a value."""
+    lo = ((byte << 22) & 0x1C00000) | ((byte << 28) & -2147483648)
+    hi = ((byte << 18) & 0x1C00000) | ((byte << 24) & -2147483648)
+    two_126 = 8.507059173023462e37
+    lo = lo.to(tl.float32, bitcast=True) * two_126 * scale
+    hi = hi.to(tl.float32, bitcast=True) * two_126 * scale
+    return lo, hi
 
 
 @triton.jit
@@ -67,7 +76,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 def _expert_gemm(
     a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, stride_wn, stride_wk, stride_sn,
     BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     """acc [BLOCK_M, NW] = A[rows] @ W[w_rows]^T over all of K, float32.
 
@@ -75,8 +84,17 @@ def _expert_gemm(
     ``w_base``/``s_base`` point at the expert's weight (MXFP4: bytes ``[N, K/2]``, scales
     ``[N, K/32]``). ``SCALED_DOT`` (bf16 A, BLOCK_K >= 64, compiled only): MXFP4 through
     ``tl.dot_scaled``, whose upcast to bf16 is Triton's own; the explicit decode below (the
-    interpreter's path, and fp16/fp32 A) costs ~17 integer and float operations a value, which made
-    it ALU-bound on an H200 (2x slower than dot_scaled at decode)."""
+    interpreter's path, and fp16/fp32 A) is ``_fp4_pair`` (seven operations a value; an earlier
+    decode of ~17 was ALU-bound on an H200, 2x slower than dot_scaled at decode).
+
+    ``SWAP_AB`` (MXFP4 only; ignored for dense weights): the transposed product acc^T [NW, BLOCK_M] =
+    W[w_rows] @ A[rows]^T, so the weights decoded in registers (``_fp4_pair``) are the MMA's first
+    operand, which Hopper's wgmma takes from registers, and the few activation rows the second (from
+    shared memory); NW >= 64 fills a wgmma tile at any BLOCK_M >= 16. The way decode-sized GEMMs with
+    narrow weights are usually arranged on Hopper. Returned transposed back to [BLOCK_M, NW]."""
+    if MXFP4 and SWAP_AB:
+        return _expert_gemm_swapped(a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, stride_wn,
+                                    stride_sn, BLOCK_M, NW, BLOCK_K, IEEE)
     acc = tl.zeros((BLOCK_M, NW), dtype=tl.float32)
     w_ptrs = w_base + w_rows[None, :].to(tl.int64) * stride_wn  # [1, NW]
     w_ok = w_ok[None, :]  # [1, NW]
@@ -101,10 +119,9 @@ def _expert_gemm(
                 s_ptrs = s_base + w_rows[None, :].to(tl.int64) * stride_sn + (kb // 16)[:, None]
                 s = tl.load(s_ptrs, mask=kb_ok[:, None] & w_ok, other=127).to(tl.int32)  # [BLOCK_K/2, NW]
                 scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)  # 2^(s - 127)
-                lo = (_fp4_value(codes & 15) * scale).to(a_even.dtype)  # even k
-                hi = (_fp4_value(codes >> 4) * scale).to(a_even.dtype)  # odd k
-                acc = _dot(a_even, lo, acc, IEEE)
-                acc = _dot(a_odd, hi, acc, IEEE)
+                lo, hi = _fp4_pair(codes, scale)  # even k, odd k
+                acc = _dot(a_even, lo.to(a_even.dtype), acc, IEEE)
+                acc = _dot(a_odd, hi.to(a_even.dtype), acc, IEEE)
         else:
             kk = k0 + tl.arange(0, BLOCK_K)
             kk_ok = kk < K
@@ -112,6 +129,33 @@ def _expert_gemm(
             w = tl.load(w_ptrs + kk[:, None] * stride_wk, mask=kk_ok[:, None] & w_ok, other=0.0)  # [BLOCK_K, NW]
             acc = _dot(a, w.to(a.dtype), acc, IEEE)
     return acc
+
+
+@triton.jit
+def _expert_gemm_swapped(
+    a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, stride_wn, stride_sn,
+    BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    """``_expert_gemm`` for MXFP4 weights with the operands swapped (see its ``SWAP_AB``)."""
+    acc_t = tl.zeros((NW, BLOCK_M), dtype=tl.float32)
+    w_ptrs = w_base + w_rows[:, None].to(tl.int64) * stride_wn  # [NW, 1]
+    s_ptrs = s_base + w_rows[:, None].to(tl.int64) * stride_sn  # [NW, 1]
+    w_ok = w_ok[:, None]  # [NW, 1]
+    for k0 in range(0, K, BLOCK_K):
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds k = 2j (low nibble), 2j + 1 (high)
+        kb_ok = kb < K // 2
+        codes = tl.load(w_ptrs + kb[None, :], mask=w_ok & kb_ok[None, :], other=0).to(tl.int32)  # [NW, BK/2]
+        ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        s = tl.load(s_ptrs + ks[None, :], mask=w_ok & (ks < K // 32)[None, :], other=127).to(tl.int32)
+        scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)  # [NW, BK/32] 2^(s - 127)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
+        a_mask = kb_ok[:, None] & a_ok[None, :]
+        a_even = tl.load(a_rows[None, :] + (2 * kb)[:, None] * stride_ak, mask=a_mask, other=0.0)  # [BK/2, BM]
+        a_odd = tl.load(a_rows[None, :] + (2 * kb + 1)[:, None] * stride_ak, mask=a_mask, other=0.0)
+        lo, hi = _fp4_pair(codes, scale)
+        acc_t = _dot(lo.to(a_even.dtype), a_even, acc_t, IEEE)
+        acc_t = _dot(hi.to(a_even.dtype), a_odd, acc_t, IEEE)
+    return tl.trans(acc_t)
 
 
 @triton.jit
@@ -133,7 +177,7 @@ def _moe_up_kernel(
     num_pairs, top_k, num_m_blocks, H, I, alpha, limit,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_be, stride_om,
     ACT: tl.constexpr, MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _block_coords(num_m_blocks, I, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -156,7 +200,7 @@ def _moe_up_kernel(
     w_rows = tl.where(col_ok, w_rows, 0)
     acc = _expert_gemm(a_rows, pair_ok, stride_xk, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
                        w_rows, col_ok, H, stride_wn, stride_wk, stride_sn,
-                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE)  # [BLOCK_M, 2 * BLOCK_N]
+                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB)  # [BLOCK_M, 2 * BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))  # [BLOCK_M, BLOCK_N] each
@@ -177,7 +221,7 @@ def _moe_down_kernel(
     num_pairs, num_m_blocks, H, I,
     stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_be, stride_ym,
     MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _block_coords(num_m_blocks, H, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -196,7 +240,7 @@ def _moe_down_kernel(
     w_rows = tl.where(col_ok, cols, 0)
     acc = _expert_gemm(a_rows, pair_ok, 1, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
                        w_rows, col_ok, I, stride_wn, stride_wk, stride_sn,
-                       BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE)  # [BLOCK_M, BLOCK_N]
+                       BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB)  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
     weight = tl.load(tw_ptr + tl.where(pair_ok, pairs, 0)).to(tl.float32)  # [BLOCK_M]
@@ -247,7 +291,7 @@ def fused_moe_triton(
         num_pairs, K, num_m_blocks, H, I, swiglu_alpha, swiglu_limit,
         x.stride(0), x.stride(1), swe, swn, swk, sse, ssn, b13.stride(0) if b13 is not None else 0, inter.stride(0),
         ACT=0 if activation == "silu" else 1, MXFP4=mx, SCALED_DOT=mx and scaled_dot and up.block_k >= 64,
-        HAS_BIAS=b13 is not None, IEEE=ieee,
+        HAS_BIAS=b13 is not None, IEEE=ieee, SWAP_AB=mx and config.swap_ab,
         BLOCK_M=bm, BLOCK_N=up.block_n, BLOCK_K=up.block_k, GROUP_M=config.group_m,
         num_warps=up.num_warps, num_stages=up.num_stages,
     )
@@ -258,6 +302,7 @@ def fused_moe_triton(
         num_pairs, num_m_blocks, H, I,
         inter.stride(0), swe, swn, swk, sse, ssn, b2.stride(0) if b2 is not None else 0, y.stride(0),
         MXFP4=mx, SCALED_DOT=mx and scaled_dot and down.block_k >= 64, HAS_BIAS=b2 is not None, IEEE=ieee,
+        SWAP_AB=mx and config.swap_ab,
         BLOCK_M=bm, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=config.group_m,
         num_warps=down.num_warps, num_stages=down.num_stages,
     )

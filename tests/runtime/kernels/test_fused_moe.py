@@ -18,9 +18,12 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from plait.runtime.kernels.fused_moe import fused_moe, fused_moe_ref
 from plait.runtime.kernels.fused_moe_config import FusedMoeConfig, TileConfig
+from plait.runtime.kernels.fused_moe_triton import _fp4_pair
 from plait.runtime.kernels.mxfp4 import Mxfp4Weight, dequantize_mxfp4, quantize_mxfp4
 
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
@@ -187,6 +190,43 @@ def test_kernel_decode_sizes(kernel_device, T):
     check_kernel(kernel_device, T, 8, 64, 64, 2, "mxfp4-fp32", "silu", True, NARROW, seed=T)
 
 
+@triton.jit
+def _decode_fp4_pairs(bytes_ptr, scales_ptr, lo_ptr, hi_ptr, N: tl.constexpr):
+    """The fused MoE kernels' in-register MXFP4 decode (``_fp4_pair``) of N bytes, each under its scale."""
+    offs = tl.arange(0, N)
+    s = tl.load(scales_ptr + offs).to(tl.int32)
+    scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)
+    lo, hi = _fp4_pair(tl.load(bytes_ptr + offs).to(tl.int32), scale)
+    tl.store(lo_ptr + offs, lo)
+    tl.store(hi_ptr + offs, hi)
+
+
+SWAPPED = FusedMoeConfig(16, TileConfig(32, 64), TileConfig(64, 64), swap_ab=True)  # MXFP4 decoded as the A operand
+SWAPPED_WIDE = FusedMoeConfig(32, TileConfig(16, 128, 4, 2), TileConfig(32, 32), group_m=2, swap_ab=True)
+
+
+@pytest.mark.parametrize("weights", ["mxfp4-fp32", "mxfp4-fp16", "fp16"])  # dense weights ignore swap_ab
+def test_kernel_with_swapped_operands_matches_reference(kernel_device, weights):
+    """acc^T = W @ A^T with the weights decoded in registers: ragged K (96 = 1.5 tiles of 64), ragged N,
+    decode sizes (most rows padding) and several rows per expert."""
+    check_kernel(kernel_device, 17, 6, 96, 96, 2, weights, "swiglu_oai", True, SWAPPED)
+    check_kernel(kernel_device, 1, 8, 64, 64, 2, weights, "swiglu_oai", True, SWAPPED, seed=1)
+    check_kernel(kernel_device, 9, 6, 64, 128, 2, weights, "silu", False, SWAPPED_WIDE, seed=2)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # 6 * 2^127 is inf, as in the reference
+def test_fp4_bit_decode_is_exact_for_every_code_and_scale(kernel_device):
+    """Every E2M1 code under scales spanning the E8M0 range (0 = 2^-127, 255 = the largest) decodes
+    exactly as ``dequantize_mxfp4`` does: the kernel's decode from bits equals the float32 table."""
+    codes = torch.arange(256, dtype=torch.uint8).repeat(8)  # every byte (two codes) ...
+    scales = torch.tensor([0, 1, 100, 120, 127, 128, 200, 254], dtype=torch.uint8).repeat_interleave(256)  # x 8 scales
+    lo, hi = torch.empty(2048, device=kernel_device), torch.empty(2048, device=kernel_device)
+    _decode_fp4_pairs[(1,)](codes.to(kernel_device), scales.to(kernel_device), lo, hi, N=2048)
+    # the same bytes as 128 rows of one 32-value block each, every row under one scale
+    ref = dequantize_mxfp4(codes.view(128, 1, 16), scales.view(128, 16)[:, :1], torch.float32)  # [128, 32]
+    assert torch.equal(lo.cpu().view(128, 16), ref[:, 0::2]) and torch.equal(hi.cpu().view(128, 16), ref[:, 1::2])
+
+
 def test_kernel_all_tokens_on_one_expert(kernel_device):
     """17 tokens choose expert 2 first: its rows span two row blocks; the other experts get few."""
     gen = torch.Generator().manual_seed(5)
@@ -281,7 +321,8 @@ def test_gpt_oss_120b_shapes_on_gpu(gpt_oss_120b_experts, T):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [SMALL, GROUPED, NARROW, WIDE], ids=["small", "grouped", "narrow", "wide"])
+@pytest.mark.parametrize("config", [SMALL, GROUPED, NARROW, WIDE, SWAPPED, SWAPPED_WIDE],
+                         ids=["small", "grouped", "narrow", "wide", "swapped", "swapped-wide"])
 @pytest.mark.parametrize("mxfp4", [False, True])
 def test_bf16_tilings_on_gpu(config, mxfp4):
     """bf16 (the interpreter cannot): MXFP4 goes through tl.dot_scaled here (block_k >= 64; GROUPED's
