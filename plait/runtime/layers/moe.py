@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from plait.runtime.kernels.fused_moe import fused_moe, fused_moe_ref
+from plait.runtime.kernels.moe_routing import ROUTINGS, route_topk, route_topk_ref
 from plait.runtime.kernels.mxfp4 import BLOCK_SIZE, Mxfp4Weight, random_mxfp4
 from plait.runtime.layers.linear import Linear
 from plait.runtime.models.config import MoEConfig
@@ -30,8 +31,6 @@ from plait.runtime.models.errors import ModelLoadError
 # None for a tensor holding every expert along dim 0. part: "gate" / "up" (one expert's [I, H]),
 # "w13" ([.., 2I, H] in this layer's gate/up layout), "w2" ([.., H, I]), "b13", "b2".
 ExpertShard = tuple[int | None, str]
-
-ROUTINGS = ("softmax_then_topk", "topk_then_softmax")
 
 
 class MoE(nn.Module):
@@ -82,20 +81,12 @@ class MoE(nn.Module):
     # --- routing and forward -----------------------------------------------------------------------
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (topk_weights [T, K] float32, topk_ids [T, K] int64 global expert ids)."""
+        """x [T, H] -> (topk_weights [T, K] float32, topk_ids [T, K] global expert ids: int32 from the
+        fused routing kernel on CUDA, int64 from its torch reference elsewhere)."""
         logits = self.router(x)  # [T, E]
-        k = self.moe.top_k
-        if self.moe.routing == "softmax_then_topk":
-            probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
-            weights, ids = torch.topk(probs, k, dim=-1)
-            if self.moe.norm_topk_prob:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
-        else:
-            top_logits, ids = torch.topk(logits, k, dim=-1)
-            weights = torch.softmax(top_logits.float(), dim=-1)
-        if self.moe.round_weights:  # the reference uses them in the activation dtype
-            weights = weights.to(x.dtype).float()
-        return weights, ids
+        route = route_topk if logits.is_cuda else route_topk_ref
+        return route(logits, self.moe.top_k, self.moe.routing, self.moe.norm_topk_prob,
+                     x.dtype if self.moe.round_weights else None)
 
     def expert_weights(self) -> tuple[torch.Tensor | Mxfp4Weight, torch.Tensor | Mxfp4Weight]:
         """(w13, w2) as the fused MoE kernel takes them."""
