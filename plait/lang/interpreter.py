@@ -22,6 +22,7 @@ from plait.lang.backends.base import (
     BackendCapabilityError,
     GenerateCall,
     GenerateResult,
+    ToolRequest,
 )
 from plait.lang.errors import (
     ChatTemplateError,
@@ -45,6 +46,8 @@ from plait.lang.ir import (
 from plait.lang.gen_output import convert_gen_output
 from plait.lang.records import CallRecord, RunContext, Segment
 from plait.lang.symbolic import MARK_BEGIN, SymbolicValue
+from plait.lang.tool_interpreter import TOOL_NODES, execute_tool_node
+from plait.lang.tool_primitives import CallTools
 from plait.sampling import SamplingParams
 
 __all__ = ["Executor"]
@@ -93,6 +96,7 @@ class Executor:
         self.role_begin_pos = 0
         self.scope_starts: dict[str, int] = {}
         self.fork_start = 0
+        self.tools: dict[str, Any] = {}  # the tools the prompt declared (pl.system(..., tools=...)), by name
         self.defaults: dict[str, Any] = run.defaults  # a branch's own copy carries its derived seed
         self.parent: Executor | None = None  # the executor this one was forked from
         self.branch_index: int | None = None  # this fork's index among its siblings
@@ -122,7 +126,7 @@ class Executor:
                 "run with prog.run(...) or append to the state the fork was made from"
             )
         for n in flatten([node]):
-            if isinstance(n, (Gen, Select, VarScopeBegin)) and n.name is not None:
+            if isinstance(n, (Gen, Select, VarScopeBegin, CallTools)) and n.name is not None:
                 self._events[n.name] = threading.Event()
         if self.run.threaded:
             self._queue.put(node)
@@ -201,6 +205,7 @@ class Executor:
             child.variables, child.meta_info = dict(self.variables), dict(self.meta_info)
             child.cur_role, child.role_begin_pos = self.cur_role, self.role_begin_pos
             child.scope_starts, child.fork_start = dict(self.scope_starts), len(self.text)
+            child.tools = dict(self.tools)
             children.append(child)
         if self.log is not None:
             self.log.append(("fork", [c.log for c in children]))
@@ -267,6 +272,8 @@ class Executor:
             self._scope_end(node.name)
         elif isinstance(node, _AppendForks):
             self._append_forks(node.forks)
+        elif isinstance(node, TOOL_NODES):
+            execute_tool_node(self, node)
         else:
             raise TypeError(f"the interpreter cannot execute {type(node).__name__} nodes")
 
@@ -336,15 +343,17 @@ class Executor:
             merged["stop"] = stops + tuple(s for s in stop_str if s not in stops)
         return SamplingParams(**merged)
 
-    def _execute_gen(self, node: Gen) -> None:
+    def _execute_gen(self, node: Gen, tools: ToolRequest | None = None) -> GenerateResult | None:
+        """Run a gen (``tools``: the tool-calling turn's request, see ``tool_interpreter``); returns the
+        backend's result (None when tracing)."""
         params = self._resolve_params(node)
         if self.run.symbolic:
             placeholder = SymbolicValue("gen", node.name or "_")
             self._append(placeholder, "gen", node.name)
             self._set_result(node.name, placeholder, {"sampling_params": params.to_dict()})
-            return
+            return None
         backend = self._backend()
-        call = GenerateCall(self.text, params, node.return_logprob, node.top_logprobs_num, self.run.program_id)
+        call = GenerateCall(self.text, params, node.return_logprob, node.top_logprobs_num, self.run.program_id, tools)
         start = time.monotonic()
         if self.run.stream:
             result = self._stream_gen(backend, call, node.name)
@@ -374,6 +383,7 @@ class Executor:
             CallRecord("gen", node.name, result.prompt_tokens, result.completion_tokens, result.cached_tokens, latency, result.finish_reason)
         )
         self._set_result(node.name, value, meta)
+        return result
 
     def _stream_gen(self, backend: Backend, call: GenerateCall, name: str | None) -> GenerateResult:
         shown = ""
