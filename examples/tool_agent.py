@@ -49,7 +49,7 @@ def compare(a: float, b: float) -> str:
 
 @pl.function
 def weather_agent(s, question, max_steps=3):
-    s += pl.system("You answer questions about the weather. Use the tools to look it up.",
+    s += pl.system("You answer questions about the weather. Look it up with the tools, then answer in a sentence.",
                    tools=[get_weather, compare])
     s += pl.user(question)
     # The first turn must call a tool (a 135M model rarely decides to on its own); later turns choose.

@@ -143,7 +143,11 @@ def _turn(ex: Executor, node: CallTools, tools: Sequence[Tool], choice: str,
         overrides["ebnf"] = rendering.syntax.grammar(tools, choice, node.parallel)
     request = ToolRequest(tuple(t.chat_dict() for t in tools), choice, node.parallel)
     ex._role_begin("assistant")
+    first = len(ex.segments)
     result = ex._execute_gen(Gen(None, tuple(sorted(overrides.items()))), tools=request)
+    with ex.changed:  # the turn's text and call record carry the call_tools name (the gen itself stores nothing)
+        for seg in ex.segments[first:]:
+            seg.name = node.name
     ex.calls[-1] = replace(ex.calls[-1], kind="call_tools", name=node.name)
     ex._role_end("assistant")
     content, calls = _read_calls(result, rendering, choice, ex.run.backend.name if ex.run.backend else "")
@@ -163,7 +167,8 @@ def _read_calls(result: GenerateResult, rendering: ToolRendering, choice: str,
         content, parsed = rendering.syntax.parse(result.text)
     except ValueError as exc:
         finish = (result.finish_reason or {}).get("type")
-        hint = "raise max_tokens" if finish == "length" else "use a backend with constrained decoding"
+        hint = ("raise max_tokens, or pass parallel=False if the model repeats its calls" if finish == "length"
+                else "use a backend with constrained decoding")
         raise ToolCallError(f"cannot read the tool calls of the turn {result.text!r} ({exc}; finish reason "
                             f"{finish!r}, backend {backend!r}); {hint}") from None
     return content, [ToolCall("call_" + uuid.uuid4().hex[:24], name, args) for name, args in parsed]
