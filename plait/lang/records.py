@@ -19,7 +19,8 @@ class Segment:
     """A piece of the prompt text and where it came from (for messages and the HTML view).
 
     ``kind``: ``"text"`` (appended by the program), ``"gen"``/``"select"`` (produced by the model),
-    ``"role_prefix"``/``"role_suffix"`` (rendered by the chat template). ``role`` is the open role.
+    ``"role_prefix"``/``"role_suffix"`` (rendered by the chat template), ``"tool"`` (a tool result's
+    content, in a block whose role is ``"tool"``). ``role`` is the open role.
     """
 
     kind: str

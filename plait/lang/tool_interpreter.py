@@ -66,9 +66,11 @@ def _emit_block(ex: Executor, block: RenderedBlock, kind: str) -> None:
 
 def _declare(ex: Executor, node: DeclareTools, rendering: ToolRendering) -> None:
     content = None if node.content is None else str(node.content)  # a traced argument renders as its marker
-    for block in rendering.declaration(ex.run.template, content, node.tools):
+    blocks = rendering.declaration(ex.run.template, content, node.tools)
+    for block in blocks:
         _emit_block(ex, block, "text")
-    ex.messages.append({"role": "system", "content": content or ""})
+    if blocks:  # (a tools API takes the declaration outside the text: nothing to show then)
+        ex.messages.append({"role": "system", "content": content or ""})
     ex.tools.update({t.name: t for t in node.tools})
 
 
@@ -108,7 +110,7 @@ def _call_tools(ex: Executor, node: CallTools, rendering: ToolRendering) -> None
         placeholder = SymbolicValue("tools", node.name or "_")
         _emit(ex, placeholder, "gen", "assistant", node.name)
         ex._role_end("assistant")
-        ex._set_result(node.name, placeholder, {"tools": [t.name for t in tools]})
+        ex._set_result(node.name, placeholder, {"tools": [t.name for t in tools], "tool_calls": placeholder})
         return
     by_name = {t.name: t for t in tools}
     all_results: list[ToolResult] = []
@@ -120,8 +122,8 @@ def _call_tools(ex: Executor, node: CallTools, rendering: ToolRendering) -> None
             break
         steps += 1
         results = run_tool_calls(calls[:MAX_CALLS_PER_TURN], by_name, node.parallel)
-        results += [ToolResult(c, f"Error: only {MAX_CALLS_PER_TURN} calls per turn are run", None,
-                               "too many calls") for c in calls[MAX_CALLS_PER_TURN:]]
+        skipped = f"RuntimeError: only {MAX_CALLS_PER_TURN} calls of one turn are run"
+        results += [ToolResult(c, f"Error: {skipped}", None, skipped) for c in calls[MAX_CALLS_PER_TURN:]]
         all_results.extend(results)
         _append_results(ex, rendering, calls, results)
     assert result is not None

@@ -228,6 +228,15 @@ def test_trace_shows_the_declaration_in_the_constant_prefix_and_the_tool_call():
     assert trace.constant_prefix.endswith("<|im_start|>user\n")
     assert any(isinstance(c, CallTools) for c in trace.calls) and trace.stopped is None
 
+    @pl.function
+    def manual(s):
+        s += pl.system(tools=[add])
+        s += pl.call_tools("turn", execute=False)
+        s += pl.tool_results([(c, 0) for c in s.tool_calls("turn")])
+
+    stopped = manual.trace(chat_template="chatml").stopped
+    assert stopped.startswith("control flow depends on the tools result 'turn'")
+
 
 def test_forks_keep_the_declared_tools_and_streaming_works():
     @pl.function
@@ -246,3 +255,12 @@ def test_forks_keep_the_declared_tools_and_streaming_works():
     streamed = "".join(state.text_iter())
     assert streamed == state.text() and state["answer"] == "42 it is"
     assert re.search(r"<tool_response>\n42\n</tool_response>", streamed)
+
+
+def test_at_most_16_calls_of_one_turn_run():
+    many = "\n".join(call_text("add", a=i, b=0) for i in range(17))
+    mock = MockBackend(default=scripted(many, "Done."))
+    state = weather_agent.run(question="q", backend=mock, max_tokens=400)
+    results = state.get_meta_info("answer")["tool_results"]
+    assert [r.content for r in results[:16]] == [str(i) for i in range(16)]
+    assert results[16].content == "Error: RuntimeError: only 16 calls of one turn are run"
