@@ -264,3 +264,15 @@ def test_at_most_16_calls_of_one_turn_run():
     results = state.get_meta_info("answer")["tool_results"]
     assert [r.content for r in results[:16]] == [str(i) for i in range(16)]
     assert results[16].content == "Error: RuntimeError: only 16 calls of one turn are run"
+
+
+def test_state_system_declares_tools_too():
+    @pl.function
+    def prog(s):
+        s.system("Be brief.", tools=[add])
+        s += pl.user("1+1?")
+        s += pl.call_tools("answer")
+
+    mock = MockBackend(default=scripted(call_text("add", a=1, b=1), "2"))
+    state = prog.run(backend=mock)
+    assert state["answer"] == "2" and state.text().startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
