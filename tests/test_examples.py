@@ -7,6 +7,7 @@ loads a model of its own, does not run); their ``main(backend)`` is called with 
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import runpy
@@ -21,10 +22,11 @@ from hypothesis import strategies as st
 import plait as pl
 from plait.lang import MockBackend, Program
 from plait.lang.ir import Gen, Select
+from plait.lang.tool_primitives import CallTools
 from plait.lang.tracer import ForkNode, JoinNode, StopNode
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
-EXAMPLE_NAMES = ["quickstart", "few_shot_batch", "skeleton_of_thought", "react_agent", "json_extraction"]
+EXAMPLE_NAMES = ["quickstart", "few_shot_batch", "skeleton_of_thought", "react_agent", "json_extraction", "tool_agent"]
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +166,48 @@ def test_react_agent_control_flow_on_a_mock(examples):
     assert state["action_1"] == "finish" and state["answer"] == "42\n" and "action_2" not in state
 
 
+def test_tool_agent_declares_its_tools_in_the_constant_prefix(examples):
+    ns = examples["tool_agent"]
+    trace = ns["weather_agent"].trace(chat_template="chatml")
+    assert trace.stopped is None
+    [call] = trace.calls
+    assert isinstance(call, CallTools) and call.choice == "required" and not call.parallel
+    for tool in (ns["get_weather"], ns["compare"]):
+        assert json.dumps(tool.chat_dict()) in trace.constant_prefix  # prefilled once by run_batch
+
+
+def test_tool_agent_tools(examples):
+    ns = examples["tool_agent"]
+    assert ns["get_weather"]("Oslo") == {"city": "Oslo", "temperature": 3.0, "unit": "celsius", "sky": "snow"}
+    assert ns["get_weather"]("paris", "fahrenheit")["temperature"] == 64.4
+    with pytest.raises(ValueError, match="no weather data for 'Rome'"):
+        ns["get_weather"]("Rome")
+    assert ns["compare"](24.5, 3.0) == "a is larger"
+    props = ns["get_weather"].parameters["properties"]
+    assert props["unit"] == {"enum": ["celsius", "fahrenheit"], "description": "The temperature unit.",
+                             "default": "celsius"}
+
+
+def test_tool_agent_loop_on_a_mock(examples, capsys):
+    """Look up both cities (one of them unknown: the error is fed back), compare, answer."""
+    ns = examples["tool_agent"]
+    script = [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Tokyo"}}\n</tool_call>',
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Atlantis"}}\n</tool_call>',
+        '<tool_call>\n{"name": "compare", "arguments": {"a": 24.5, "b": 3.0}}\n</tool_call>',
+        "Tokyo is warmer.",
+    ]
+
+    def output(call) -> str:
+        return script[call.prompt.count("<|im_start|>assistant\n") - 1]
+
+    state = ns["weather_agent"].run(question="Is it warmer in Tokyo or in Oslo?", backend=MockBackend(default=output))
+    results = state.get_meta_info("answer")["tool_results"]
+    assert [r.call.name for r in results] == ["get_weather", "get_weather", "compare"]
+    assert results[1].content.startswith("Error: ValueError: no weather data for 'Atlantis'")
+    assert results[2].content == "a is larger" and state["answer"] == "Tokyo is warmer."
+
+
 # ---------------------------------------------------------------------------------------------- on the model
 @pytest.fixture(scope="module")
 def runtime(bundled_model_dir):
@@ -241,3 +285,24 @@ def test_json_extraction_runs(examples, runtime, capsys):
     assert len(people) == len(ns["TEXTS"])
     for fields in people:
         assert re.fullmatch(r"name='.+', age=\d+, city='.+', occupation='.+', employment='[a-z-]+'", fields)
+
+
+@pytest.mark.model
+def test_tool_agent_runs(examples, runtime, capsys):
+    ns = examples["tool_agent"]
+    out = run_main(examples, "tool_agent", runtime, capsys)
+    blocks = out.split("Question: ")[1:]
+    assert [b.splitlines()[0] for b in blocks] == ns["QUESTIONS"]
+    for block in blocks:
+        calls = re.findall(r"^  call: (\w+)\((\{.*\})\) -> (.*)$", block, re.MULTILINE)
+        assert calls  # the first turn must call a tool
+        for name, arguments, content in calls:
+            tool = ns[name]
+            arguments = ast.literal_eval(arguments)
+            jsonschema.validate(arguments, tool.parameters)  # the grammar allows valid arguments only
+            try:
+                expected = tool(**arguments)
+            except ValueError as exc:
+                expected = f"Error: ValueError: {exc}"
+            assert content == (expected if isinstance(expected, str) else json.dumps(expected))
+        assert re.search(r"^  answer: .+", block, re.MULTILINE)

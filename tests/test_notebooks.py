@@ -16,7 +16,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = ["quickstart", "structured_output"]
+NOTEBOOKS = ["quickstart", "structured_output", "tools"]
 
 
 def read(name: str):
@@ -121,4 +121,22 @@ def test_structured_output_notebook(executed):
     sections = re.findall(r" -> (\w+)$", cells["struc-10"][0], re.MULTILINE)
     assert len(sections) == 2 and set(sections) <= {"sports", "politics", "science", "business"}
     assert cells["struc-12"][0].startswith("InvalidDtypeError - ")
+    _assert_no_tqdm_warning(cells)
+
+
+@pytest.mark.model
+def test_tools_notebook(executed):
+    cells = executed("tools")
+    schema = json.loads(cells["tools-03"][0])
+    assert schema["required"] == ["city"] and schema["properties"]["unit"]["enum"] == ["celsius", "fahrenheit"]
+    calls = re.findall(r"^get_weather (\{.*\}) -> (.*)$", cells["tools-05"][0], re.MULTILINE)
+    assert calls  # the first turn must call the tool; its arguments are valid for the schema
+    for arguments, result in calls:
+        assert set(json.loads(arguments)) <= {"city", "unit"} and "city" in json.loads(arguments)
+        assert result.startswith("{") or result.startswith("Error: ValueError: no weather data")
+    _assert_state_view(cells["tools-06"][1])
+    assert "&lt;tool_response&gt;" in cells["tools-06"][1]  # the tool turn is part of the conversation
+    names, roles = cells["tools-08"][0].strip().splitlines()
+    assert names == "['get_weather']"
+    assert roles.startswith("['system', 'user', 'assistant', 'tool', 'assistant'")
     _assert_no_tqdm_warning(cells)

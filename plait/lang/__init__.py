@@ -47,6 +47,8 @@ from plait.lang.errors import (
     ProgramBatchError,
     RoleError,
     StateClosedError,
+    ToolCallError,
+    ToolDeclarationError,
     UnknownVariableError,
 )
 from plait.lang.primitives import (
@@ -71,6 +73,8 @@ from plait.lang.program import (
     set_default_backend,
 )
 from plait.lang.state import ProgramState, ProgramStateGroup
+from plait.lang.tool_primitives import call_tools, tool_result, tool_results
+from plait.lang.tools import Tool, ToolCall, ToolResult, tool
 from plait.lang.tracer import ProgramTrace
 
 __all__ = [
@@ -99,10 +103,16 @@ __all__ = [
     "RoleError",
     "Runtime",
     "StateClosedError",
+    "Tool",
+    "ToolCall",
+    "ToolCallError",
+    "ToolDeclarationError",
+    "ToolResult",
     "UnknownVariableError",
     "assistant",
     "assistant_begin",
     "assistant_end",
+    "call_tools",
     "function",
     "gen",
     "gen_float",
@@ -118,6 +128,9 @@ __all__ = [
     "system_end",
     "template_from_renderer",
     "token_length_normalized",
+    "tool",
+    "tool_result",
+    "tool_results",
     "unconditional_likelihood_normalized",
     "user",
     "user_begin",

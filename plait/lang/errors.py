@@ -24,6 +24,8 @@ __all__ = [
     "ProgramBatchError",
     "RoleError",
     "StateClosedError",
+    "ToolCallError",
+    "ToolDeclarationError",
     "UnknownVariableError",
 ]
 
@@ -79,6 +81,17 @@ class RoleError(PlaitLangError, ValueError):
 class GenerationError(PlaitLangError, RuntimeError):
     """A generation the backend aborted, or output that is not what was asked: it does not parse as the
     requested ``dtype`` or JSON schema, or it was cut by ``max_tokens`` (see ``gen(on_incomplete=...)``)."""
+
+
+class ToolDeclarationError(PlaitLangError, ValueError):
+    """A tool that cannot be declared (bad name, a parameter without a type hint or with a hint that has
+    no JSON schema, a schema too large, duplicate names), or ``call_tools`` naming tools the prompt
+    never declared."""
+
+
+class ToolCallError(GenerationError):
+    """A model turn of ``call_tools`` whose tool calls cannot be read: cut by ``max_tokens`` mid-call, or
+    (from a backend without constrained decoding) not in the tool-call format."""
 
 
 class ProgramBatchError(PlaitLangError, RuntimeError):

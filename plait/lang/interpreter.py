@@ -22,6 +22,7 @@ from plait.lang.backends.base import (
     BackendCapabilityError,
     GenerateCall,
     GenerateResult,
+    ToolRequest,
 )
 from plait.lang.errors import (
     ChatTemplateError,
@@ -45,6 +46,8 @@ from plait.lang.ir import (
 from plait.lang.gen_output import convert_gen_output
 from plait.lang.records import CallRecord, RunContext, Segment
 from plait.lang.symbolic import MARK_BEGIN, SymbolicValue
+from plait.lang.tool_interpreter import TOOL_NODES, execute_tool_node
+from plait.lang.tool_primitives import CallTools
 from plait.sampling import SamplingParams
 
 __all__ = ["Executor"]
@@ -93,6 +96,7 @@ class Executor:
         self.role_begin_pos = 0
         self.scope_starts: dict[str, int] = {}
         self.fork_start = 0
+        self.tools: dict[str, Any] = {}  # the tools the prompt declared (pl.system(..., tools=...)), by name
         self.defaults: dict[str, Any] = run.defaults  # a branch's own copy carries its derived seed
         self.parent: Executor | None = None  # the executor this one was forked from
         self.branch_index: int | None = None  # this fork's index among its siblings
@@ -124,7 +128,7 @@ class Executor:
                 "run with prog.run(...) or append to the state the fork was made from"
             )
         for n in flatten([node]):
-            if isinstance(n, (Gen, Select, VarScopeBegin)) and n.name is not None:
+            if isinstance(n, (Gen, Select, VarScopeBegin, CallTools)) and n.name is not None:
                 self._events[n.name] = threading.Event()
         if self.run.threaded:
             self._queue.put(node)
@@ -203,6 +207,7 @@ class Executor:
             child.variables, child.meta_info = dict(self.variables), dict(self.meta_info)
             child.cur_role, child.role_begin_pos = self.cur_role, self.role_begin_pos
             child.scope_starts, child.fork_start = dict(self.scope_starts), len(self.text)
+            child.tools = dict(self.tools)
             children.append(child)
         with self.changed:
             self.fork_groups.append(children)
@@ -271,6 +276,8 @@ class Executor:
             self._scope_end(node.name)
         elif isinstance(node, _AppendForks):
             self._append_forks(node.forks)
+        elif isinstance(node, TOOL_NODES):
+            execute_tool_node(self, node)
         else:
             raise TypeError(f"the interpreter cannot execute {type(node).__name__} nodes")
 
@@ -340,17 +347,19 @@ class Executor:
             merged["stop"] = stops + tuple(s for s in stop_str if s not in stops)
         return SamplingParams(**merged)
 
-    def _execute_gen(self, node: Gen) -> None:
+    def _execute_gen(self, node: Gen, tools: ToolRequest | None = None) -> GenerateResult | None:
+        """Run a gen (``tools``: the tool-calling turn's request, see ``tool_interpreter``); returns the
+        backend's result (None when tracing)."""
         params = self._resolve_params(node)
         if self.run.symbolic:
             placeholder = SymbolicValue("gen", node.name or "_")
             self._append(placeholder, "gen", node.name)
             self._set_result(node.name, placeholder, {"sampling_params": params.to_dict()})
-            return
+            return None
         backend = self._backend()
         top_logprobs_num = node.top_logprobs_num or self.run.top_logprobs_num
         return_logprob = node.return_logprob or self.run.return_logprob or top_logprobs_num > 0
-        call = GenerateCall(self.text, params, return_logprob, top_logprobs_num, self.run.program_id)
+        call = GenerateCall(self.text, params, return_logprob, top_logprobs_num, self.run.program_id, tools)
         first_segment = len(self.segments)
         start = time.monotonic()
         if self.run.stream:
@@ -384,6 +393,7 @@ class Executor:
         )
         self._record_call(record, first_segment)
         self._set_result(node.name, value, meta)
+        return result
 
     def _record_call(self, record: CallRecord, first_segment: int) -> None:
         """Add ``record`` to this state's calls and link the model text it produced to it."""

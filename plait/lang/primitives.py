@@ -229,8 +229,17 @@ def role(name: str, expr: Any = None) -> Node:
     return Seq((RoleBegin(name), to_node(expr), RoleEnd(name)))
 
 
-def system(expr: Any = None) -> Node:
-    """A system block: ``s += pl.system("You are terse.")``."""
+def system(expr: Any = None, *, tools: Sequence[Any] | None = None) -> Node:
+    """A system block: ``s += pl.system("You are terse.")``.
+
+    ``tools=[...]`` (functions, ``@pl.tool`` or ``Tool``) declares tools the model may then call with
+    ``pl.call_tools``; the block is rendered in the chat template's own tool format where it has
+    one (``expr`` must then be a str or None).
+    """
+    if tools is not None:
+        from plait.lang.tool_primitives import declare_tools
+
+        return declare_tools(tools, expr)
     return role("system", expr)
 
 

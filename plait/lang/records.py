@@ -19,7 +19,8 @@ class Segment:
     """A piece of the prompt text and where it came from (for messages and the HTML view).
 
     ``kind``: ``"text"`` (appended by the program), ``"gen"``/``"select"`` (produced by the model),
-    ``"role_prefix"``/``"role_suffix"`` (rendered by the chat template). ``role`` is the open role.
+    ``"role_prefix"``/``"role_suffix"`` (rendered by the chat template), ``"tool"`` (a tool result's
+    content, in a block whose role is ``"tool"``). ``role`` is the open role.
     ``call``: for model text, the record of the backend call that produced it (set once the call has
     finished; the HTML view reads its token logprobs and choice scores from it).
     """

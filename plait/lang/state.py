@@ -17,6 +17,7 @@ from plait.lang.errors import StateClosedError, UnknownVariableError
 from plait.lang.interpreter import Executor, _AppendForks
 from plait.lang.ir import RoleBegin, RoleEnd, VarScopeBegin, VarScopeEnd, to_node
 from plait.lang.primitives import role as _role
+from plait.lang.primitives import system as _system
 from plait.lang.records import CallRecord
 
 if TYPE_CHECKING:
@@ -49,8 +50,12 @@ class ProgramState:
         yield
         self._executor.submit(RoleEnd(name))
 
-    def system(self, expr: Any = None) -> Any:
-        """``s.system("...")`` appends a system block; ``with s.system(): ...`` opens one."""
+    def system(self, expr: Any = None, *, tools: Any = None) -> Any:
+        """``s.system("...")`` appends a system block; ``with s.system(): ...`` opens one.
+        ``tools=[...]`` declares tools (see ``pl.system``)."""
+        if tools is not None:
+            self._executor.submit(_system(expr, tools=tools))
+            return None
         return self._role("system", expr)
 
     def user(self, expr: Any = None) -> Any:
@@ -117,6 +122,14 @@ class ProgramState:
                 "output was incomplete and kept as text (see get_meta_info(name)['incomplete'])"
             )
         return meta["parsed"]
+
+    def tool_calls(self, name: str) -> list[Any]:
+        """The ``ToolCall``s made by ``pl.call_tools(name, ...)``: the calls of its one turn with
+        ``execute=False`` (empty when the model answered), every call run with ``execute=True``."""
+        meta = self._executor.get_meta_info(name)
+        if not isinstance(meta, dict) or "tool_calls" not in meta:
+            raise ValueError(f"variable {name!r} was not made by pl.call_tools(...)")
+        return list(meta["tool_calls"])
 
     def variables(self) -> dict[str, Any]:
         """All variables (after every queued node has run)."""

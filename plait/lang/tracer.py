@@ -36,6 +36,7 @@ from plait.lang.symbolic import (
     TraceDependency,
     split_markers,
 )
+from plait.lang.tool_primitives import CallTools, DeclareTools, ToolResults
 
 if TYPE_CHECKING:
     from plait.lang.program import Program
@@ -102,7 +103,7 @@ class ProgramTrace:
         """The leading nodes that are the same for every argument value (before the first ArgRef/call)."""
         out = []
         for node in self.nodes:
-            if isinstance(node, (ArgRef, ValueRef, Gen, Select, ForkNode, StopNode)):
+            if isinstance(node, (ArgRef, ValueRef, Gen, Select, CallTools, ToolResults, ForkNode, StopNode)):
                 break
             out.append(node)
         return out
@@ -132,6 +133,15 @@ def _describe(node: Any) -> str:
         return f"gen {node.name!r}({params}{dtype})"
     if isinstance(node, Select):
         return f"select {node.name!r} choices={list(node.choices)} method={node.choices_method.name}"
+    if isinstance(node, DeclareTools):
+        return f"<system> declaring tools {[t.name for t in node.tools]} </system>"
+    if isinstance(node, CallTools):
+        tools = "declared tools" if node.tools is None else f"tools={[t.name for t in node.tools]}"
+        params = "".join(f", {k}={v!r}" for k, v in node.overrides)
+        run = f"max_steps={node.max_steps}" if node.execute else "execute=False"
+        return f"call_tools {node.name!r}({tools}, tool_choice={node.choice!r}, {run}{params})"
+    if isinstance(node, ToolResults):
+        return f"tool results for {[r.call.name for r in node.results]}"
     if isinstance(node, RoleBegin):
         return f"<{node.role}>"
     if isinstance(node, RoleEnd):
@@ -180,7 +190,7 @@ def _nodes_from_log(log: list[Any]) -> list[Any]:
 def _calls(nodes: Iterable[Any]) -> list[Node]:
     found: list[Node] = []
     for node in nodes:
-        if isinstance(node, (Gen, Select)):
+        if isinstance(node, (Gen, Select, CallTools)):
             found.append(node)
         elif isinstance(node, ForkNode):
             for branch in node.branches:

@@ -135,10 +135,13 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        **template_kwargs: Any,
     ) -> str:
         """Render ``messages`` to prompt text with ``template`` or the model's chat template.
 
-        Raises ``ValueError`` if neither is available.
+        ``tools`` (OpenAI-format declarations) and ``template_kwargs`` (extra template variables)
+        are passed to the template. Raises ``ValueError`` if there is no template.
         """
         template = template if template is not None else self.chat_template
         if template is None:
@@ -150,6 +153,8 @@ class Tokenizer:
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             chat_template=template,
+            tools=tools,
+            **template_kwargs,
         )
         return str(text)
 

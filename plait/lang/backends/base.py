@@ -30,6 +30,7 @@ __all__ = [
     "GenerateCall",
     "GenerateResult",
     "LogprobEntry",
+    "ToolRequest",
 ]
 
 
@@ -51,13 +52,32 @@ class ChatTemplate:
     ``role_prefix_and_suffix[role] == (prefix, suffix)``: a ``system``/``user``/``assistant`` block
     renders as ``prefix + content + suffix``. ``default_system_prompt`` is inserted when a program's
     first message is not a system message and it is not None. ``stop_str`` are strings that end an
-    assistant turn (added to ``stop`` of a ``gen`` inside an assistant block).
+    assistant turn (added to ``stop`` of a ``gen`` inside an assistant block). ``tools``: how the
+    template shows tool declarations, calls and results (a ``plait.lang.tool_format.ToolRendering``,
+    e.g. the model's own template's); None: plait's plain format.
     """
 
     name: str
     role_prefix_and_suffix: dict[str, tuple[str, str]]
     default_system_prompt: str | None = None
     stop_str: tuple[str, ...] = ()
+    tools: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ToolRequest:
+    """The tools a generation may call (a ``call_tools`` turn).
+
+    ``tools``: OpenAI-format declarations (``{"type": "function", "function": {...}}``); ``choice``:
+    ``"auto"``, ``"required"``, ``"none"`` or a tool's name; ``parallel``: several calls per turn.
+    Backends that generate text need nothing from it (the turn's grammar is in ``params.ebnf`` and the
+    declaration in the prompt); a backend with a tools API of its own (OpenAI) sends it there and
+    reports the calls in ``GenerateResult.tool_calls``.
+    """
+
+    tools: tuple[dict[str, Any], ...]
+    choice: str = "auto"
+    parallel: bool = True
 
 
 @dataclass(frozen=True)
@@ -72,6 +92,7 @@ class GenerateCall:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     program_id: str | None = None
+    tools: ToolRequest | None = None
 
 
 @dataclass
@@ -80,6 +101,8 @@ class GenerateResult:
 
     ``finish_reason`` is SGLang's shape: ``{"type": "stop" | "length" | "abort", ...}``, or None while
     the generation is still running. ``meta`` keeps whatever else the backend reported.
+    ``tool_calls``: calls reported by a backend with a tools API (``[{"id", "name", "arguments"}]``,
+    arguments as JSON text); None when the calls, if any, are in ``text``.
     """
 
     text: str
@@ -92,6 +115,7 @@ class GenerateResult:
     output_token_logprobs: list[LogprobEntry] | None = None
     output_top_logprobs: list[list[LogprobEntry] | None] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass

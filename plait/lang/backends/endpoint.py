@@ -297,12 +297,21 @@ class Endpoint:
         def render(messages: list[dict[str, str]]) -> str:
             return self._request("POST", "/apply_chat_template", {"messages": messages})["text"]
 
+        def render_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+            body = {"messages": messages, "chat_template_kwargs": {"tools_in_user_message": False}}
+            return self._request("POST", "/apply_chat_template", {**body, **({"tools": tools} if tools else {})})["text"]
+
         try:
-            return templates.template_from_renderer(model, render)
+            template = templates.template_from_renderer(model, render)
         except ValueError as exc:
             logger.warning("%s: cannot derive role blocks from the model's chat template (%s); using %r",
                            self.name, exc, _guess_template_name(model))
             return templates.get_chat_template(_guess_template_name(model))
+        if "apply_chat_template_tools" not in self.extensions:
+            return template
+        from plait.lang.tool_format import with_native_tools
+
+        return with_native_tools(template, render_tools)
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

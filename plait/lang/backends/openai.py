@@ -18,6 +18,11 @@ SGLang, ``plait serve``); otherwise they raise ``BackendCapabilityError``, never
 (``cache_prefix``, ``begin_program``, ``end_program``) are no-ops: the server manages its cache.
 
 Logprob entries carry token id -1: the OpenAI API reports token text, not ids.
+
+Tool-calling turns (``call_tools``; ``GenerateCall.tools``) use the chat API's ``tools``,
+``tool_choice`` and ``parallel_tool_calls``; the calls come back in ``GenerateResult.tool_calls``
+and, in the chat markup, in the turn's text (``openai_chat.render_api_calls``), from which later
+requests send them again as assistant ``tool_calls`` with their ``role: "tool"`` results.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ from plait.lang.backends.base import (
     GenerateCall,
     GenerateResult,
     LogprobEntry,
+    ToolRequest,
 )
 from plait.lang.backends.openai_chat import (
     CHAT_MARKUP,
     chat_messages_for_generation,
     has_chat_markup,
+    render_api_calls,
 )
 from plait.sampling import SamplingParams
 
@@ -68,6 +75,17 @@ def _finish_reason(reason: str | None, completion_tokens: int) -> dict[str, Any]
     if reason == "content_filter":
         return {"type": "abort", "message": "stopped by the API's content filter"}
     return {"type": "stop", "matched": None}
+
+
+def _tool_kwargs(tools: ToolRequest) -> dict[str, Any]:
+    """The chat API's tool fields for a tool-calling turn."""
+    choice: Any = tools.choice
+    if choice not in ("auto", "required", "none"):
+        choice = {"type": "function", "function": {"name": choice}}
+    kwargs: dict[str, Any] = {"tools": [dict(t) for t in tools.tools], "tool_choice": choice}
+    if tools.choice != "none":
+        kwargs["parallel_tool_calls"] = tools.parallel
+    return kwargs
 
 
 def _cached_tokens(usage: Any) -> int:
@@ -173,8 +191,14 @@ class OpenAI:
         chat = self._use_chat(call.prompt)
         kwargs = self._sampling_kwargs(call.params, chat)
         kwargs["model"] = self.model
+        if call.tools is not None and not chat:
+            raise BackendCapabilityError(
+                f"{self.name}: tool calls need the chat completions API; put call_tools after role blocks "
+                "and do not pass api='completions'")
         if chat:
             kwargs["messages"] = chat_messages_for_generation(call.prompt)
+            if call.tools is not None:
+                kwargs.update(_tool_kwargs(call.tools))
             if call.return_logprob:
                 kwargs["logprobs"] = True
                 if call.top_logprobs_num:
@@ -193,11 +217,15 @@ class OpenAI:
         """One chat completion or completion; blocks until finished."""
         chat, kwargs = self._request(call, stream=False)
         start = time.perf_counter()
+        tool_calls = None
         if chat:
             resp = self.client.chat.completions.create(**kwargs)
             choice = resp.choices[0]
             text = choice.message.content or ""
             lps, tops = self._chat_logprobs(getattr(choice.logprobs, "content", None), call)
+            if call.tools is not None:
+                tool_calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments or ""}
+                              for c in (choice.message.tool_calls or [])]
         else:
             resp = self.client.completions.create(**kwargs)
             choice = resp.choices[0]
@@ -205,6 +233,9 @@ class OpenAI:
             lps, tops = self._completion_logprobs(choice.logprobs, call)
         usage = resp.usage
         completion_tokens = usage.completion_tokens if usage else 0
+        meta: dict[str, Any] = {"id": resp.id, "endpoint": "chat" if chat else "completions"}
+        if tool_calls is not None:
+            meta["content"], text = text, render_api_calls(text, tool_calls)
         return GenerateResult(
             text=text,
             finished=True,
@@ -215,7 +246,8 @@ class OpenAI:
             latency_s=time.perf_counter() - start,
             output_token_logprobs=lps,
             output_top_logprobs=tops,
-            meta={"id": resp.id, "endpoint": "chat" if chat else "completions"},
+            meta=meta,
+            tool_calls=tool_calls,
         )
 
     def stream(self, call: GenerateCall) -> Iterator[GenerateResult]:
@@ -227,6 +259,7 @@ class OpenAI:
     def _stream(self, chunks: Any, chat: bool, call: GenerateCall) -> Iterator[GenerateResult]:
         start = time.perf_counter()
         text, reason, usage = "", None, None
+        calls: dict[int, dict[str, Any]] = {}  # streamed tool calls by index
         lps: list[LogprobEntry] | None = [] if call.return_logprob else None
         tops: list[list[LogprobEntry] | None] | None = [] if call.return_logprob else None
         try:
@@ -238,6 +271,12 @@ class OpenAI:
                 if chat:
                     piece = choice.delta.content or ""
                     more = self._chat_logprobs(getattr(choice.logprobs, "content", None), call)
+                    for delta in getattr(choice.delta, "tool_calls", None) or []:
+                        entry = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                        entry["id"] = delta.id or entry["id"]
+                        if delta.function is not None:
+                            entry["name"] += delta.function.name or ""
+                            entry["arguments"] += delta.function.arguments or ""
                 else:
                     piece = choice.text or ""
                     more = self._completion_logprobs(choice.logprobs, call)
@@ -250,7 +289,11 @@ class OpenAI:
                     yield self._snapshot(text, None, usage, start, lps, tops, finished=False)
         finally:
             chunks.close()
-        yield self._snapshot(text, reason or "stop", usage, start, lps, tops, finished=True)
+        final = self._snapshot(text, reason or "stop", usage, start, lps, tops, finished=True)
+        if call.tools is not None:
+            final.tool_calls = [calls[i] for i in sorted(calls)]
+            final.meta["content"], final.text = text, render_api_calls(text, final.tool_calls)
+        yield final
 
     @staticmethod
     def _snapshot(text, reason, usage, start, lps, tops, finished: bool) -> GenerateResult:

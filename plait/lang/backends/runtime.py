@@ -263,12 +263,21 @@ class Runtime:
         def render(messages: list[dict[str, str]]) -> str:
             return tok.apply_chat_template(messages, add_generation_prompt=False)
 
+        def render_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+            # Llama 3.1 shows tools in the first user turn unless told otherwise; plait declares them
+            # in the system block (other templates ignore the variable)
+            return tok.apply_chat_template(messages, add_generation_prompt=False, tools=tools,
+                                           tools_in_user_message=False)
+
         try:
-            return templates.template_from_renderer(self.model, render)
+            template = templates.template_from_renderer(self.model, render)
         except ValueError as exc:  # the model's template cannot be split into role prefixes/suffixes
             logger.warning("%s: cannot derive role blocks from the model's chat template (%s); "
                            "using the 'default' template (pass chat_template= to choose one)", self.name, exc)
             return templates.get_chat_template("default")
+        from plait.lang.tool_format import with_native_tools
+
+        return with_native_tools(template, render_tools)
 
     # ------------------------------------------------------------------ lifetime
     def shutdown(self) -> None:

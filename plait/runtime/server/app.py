@@ -228,7 +228,7 @@ async def get_model_info(request: Request) -> Response:
 
 def extensions(state: ServerState) -> list[str]:
     """plait's additions to SGLang's protocol, so clients (``pl.Endpoint``) can feature-detect them."""
-    names = ["apply_chat_template", "abort_request"]
+    names = ["apply_chat_template", "apply_chat_template_tools", "abort_request"]
     if state.info.supports_program_id:
         names += ["program_id", "begin_program", "end_program"]
     return names
@@ -306,11 +306,26 @@ async def apply_chat_template(request: Request) -> Response:
     def render(body: Any) -> str:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise RequestError("send {'messages': [{'role': ..., 'content': ...}, ...]}", param="messages")
-        messages = [openai_api.message_text(m, i) for i, m in enumerate(body["messages"])]
         add = expect_bool("add_generation_prompt", body.get("add_generation_prompt", False))
+        if "tools" in body or "chat_template_kwargs" in body or any(
+                isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in body["messages"]):
+            return _render_with_tools(state, body, add)
+        messages = [openai_api.message_text(m, i) for i, m in enumerate(body["messages"])]
         return state.render_chat(messages, add_generation_prompt=add)
 
     return JSONResponse({"text": await parsed_request(request, render)})
+
+
+def _render_with_tools(state: ServerState, body: dict[str, Any], add_generation_prompt: bool) -> str:
+    """``/apply_chat_template`` with ``tools``, tool messages or ``chat_template_kwargs`` (the
+    ``apply_chat_template_tools`` extension): rendered as chat completions render them."""
+    from plait.runtime.server.chat_prompt import normalize_messages, render_chat, render_options
+    from plait.runtime.server.tools import parse_chat_tools
+
+    options = render_options({"add_generation_prompt": add_generation_prompt,
+                              "chat_template_kwargs": body.get("chat_template_kwargs")})
+    return render_chat(state.tokenizer, normalize_messages(body["messages"]),
+                       parse_chat_tools({"tools": body.get("tools")}), options)
 
 
 async def metrics(request: Request) -> Response:

@@ -195,3 +195,39 @@ def test_openai_backend_against_plait_serve(endpoint, server):
 
 def test_zz_no_slot_leaked(server):
     assert_idle_and_flushed(server)
+
+
+def test_tool_agent_over_http_and_through_the_openai_tools_api(endpoint, server):
+    """The same agent on the Endpoint (grammar sent in /generate, tools rendered by the server's
+    /apply_chat_template) and on the OpenAI backend (the server's tools API): valid calls, run, and
+    the same first call from both (greedy, the same prompt and call format)."""
+    pytest.importorskip("openai")
+    import jsonschema
+
+    import plait as pl
+    from plait.lang.backends.openai import OpenAI
+    from plait.lang.tool_format import NativeToolRendering, tool_rendering_of
+
+    assert isinstance(tool_rendering_of(endpoint.chat_template()), NativeToolRendering)
+
+    @pl.tool
+    def get_weather(city: str) -> str:
+        """Get the weather in a city."""
+        return f"sunny in {city}"
+
+    @pl.function
+    def agent(s):
+        s += pl.system("You answer questions about the weather.", tools=[get_weather])
+        s += pl.user("What is the weather in Paris?")
+        s += pl.call_tools("answer", tool_choice="required", parallel=False, max_steps=1, max_tokens=40)
+
+    openai_backend = OpenAI("smollm2-135m-instruct", base_url=server.url + "/v1", api_key="unused")
+    states = [agent.run(backend=b, temperature=0) for b in (endpoint, openai_backend)]
+    calls = []
+    for state in states:
+        [result] = state.get_meta_info("answer")["tool_results"]
+        jsonschema.validate(result.call.arguments, get_weather.parameters)
+        assert result.content == f"sunny in {result.call.arguments['city']}" and state["answer"]
+        calls.append((result.call.name, result.call.arguments))
+    assert calls[0] == calls[1]
+    assert [m["role"] for m in states[1].messages()] == ["system", "user", "assistant", "tool", "assistant"]

@@ -188,3 +188,34 @@ def test_cache_prefix_leaves_out_a_last_token_that_merges(rt):
     assert rt.engine.stats()["kv_slots_cached"] == len(ids) - 1
     result = rt.generate(GenerateCall(prefix + "Paris", GREEDY))
     assert result.cached_tokens == len(ids) - 1
+
+
+def test_a_tool_agent_on_the_bundled_model(rt):
+    """SmolLM2's template has no tool support: tools are shown in the plain format; the model's call
+    is generated under the grammar (valid for the schema), run, and answered in a last turn."""
+    import jsonschema
+
+    import plait as pl
+    from plait.lang.tool_format import PlainToolRendering, tool_rendering_of
+
+    assert isinstance(tool_rendering_of(rt.chat_template()), PlainToolRendering)
+
+    @pl.tool
+    def get_weather(city: str, days: int = 1) -> str:
+        """Get the weather forecast of a city."""
+        return f"sunny in {city} for {days} day(s)"
+
+    @pl.function
+    def agent(s):
+        s += pl.system("You answer questions about the weather.", tools=[get_weather])
+        s += pl.user("What is the weather in Paris?")
+        s += pl.call_tools("answer", tool_choice="required", parallel=False, max_steps=1, max_tokens=48)
+
+    state = agent.run(backend=rt, temperature=0)
+    meta = state.get_meta_info("answer")
+    [result] = meta["tool_results"]
+    jsonschema.validate(result.call.arguments, get_weather.parameters)
+    assert result.error is None and result.content.startswith("sunny in ")
+    assert f"<tool_response>\n{result.content}\n</tool_response>" in state.text()
+    assert meta["max_steps_reached"] and '<tool_call>\n{"name": "' not in state["answer"]
+    assert [c.kind for c in state.calls] == ["call_tools", "call_tools"]
