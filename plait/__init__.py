@@ -13,9 +13,12 @@ from plait.lang import (
     gen,
     gen_float,
     gen_int,
+    gen_string,
     get_default_backend,
     greedy_token_selection,
+    image,
     select,
+    separate_reasoning,
     set_default_backend,
     system,
     system_begin,
@@ -25,6 +28,7 @@ from plait.lang import (
     user,
     user_begin,
     user_end,
+    video,
 )
 from plait.sampling import SamplingParams
 
@@ -45,9 +49,12 @@ __all__ = [
     "gen",
     "gen_float",
     "gen_int",
+    "gen_string",
     "get_default_backend",
     "greedy_token_selection",
+    "image",
     "select",
+    "separate_reasoning",
     "set_default_backend",
     "system",
     "system_begin",
@@ -57,6 +64,7 @@ __all__ = [
     "user",
     "user_begin",
     "user_end",
+    "video",
 ]
 
 

@@ -40,14 +40,18 @@ from plait.lang.errors import (
     ChatTemplateError,
     EmptyChoicesError,
     GenerationError,
+    InvalidConstraintError,
     InvalidDtypeError,
     NoBackendError,
     PlaitLangError,
+    ProgramAbortedError,
     ProgramArgumentError,
     ProgramBatchError,
+    ProgramTimeoutError,
     RoleError,
     StateClosedError,
     UnknownVariableError,
+    VariableReuseError,
 )
 from plait.lang.primitives import (
     assistant,
@@ -56,6 +60,8 @@ from plait.lang.primitives import (
     gen,
     gen_float,
     gen_int,
+    gen_string,
+    image,
     select,
     system,
     system_begin,
@@ -63,6 +69,7 @@ from plait.lang.primitives import (
     user,
     user_begin,
     user_end,
+    video,
 )
 from plait.lang.program import (
     Program,
@@ -70,6 +77,7 @@ from plait.lang.program import (
     get_default_backend,
     set_default_backend,
 )
+from plait.lang.reasoning import separate_reasoning
 from plait.lang.state import ProgramState, ProgramStateGroup
 from plait.lang.tracer import ProgramTrace
 
@@ -85,21 +93,25 @@ __all__ = [
     "GenerateCall",
     "GenerateResult",
     "GenerationError",
+    "InvalidConstraintError",
     "InvalidDtypeError",
     "MockBackend",
     "NoBackendError",
     "OpenAI",
     "PlaitLangError",
     "Program",
+    "ProgramAbortedError",
     "ProgramArgumentError",
     "ProgramBatchError",
     "ProgramState",
     "ProgramStateGroup",
+    "ProgramTimeoutError",
     "ProgramTrace",
     "RoleError",
     "Runtime",
     "StateClosedError",
     "UnknownVariableError",
+    "VariableReuseError",
     "assistant",
     "assistant_begin",
     "assistant_end",
@@ -107,11 +119,14 @@ __all__ = [
     "gen",
     "gen_float",
     "gen_int",
+    "gen_string",
     "get_chat_template",
     "get_default_backend",
     "greedy_token_selection",
+    "image",
     "register_chat_template",
     "select",
+    "separate_reasoning",
     "set_default_backend",
     "system",
     "system_begin",
@@ -122,6 +137,7 @@ __all__ = [
     "user",
     "user_begin",
     "user_end",
+    "video",
 ]
 
 # Backends written against the protocol in their own modules; imported on first use (Runtime needs torch).
