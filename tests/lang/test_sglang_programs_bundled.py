@@ -36,9 +36,8 @@ IMPORTS = {
 }
 
 RUN = [
-    "test_mt_bench", "test_select", "test_decode_json_regex", "test_decode_json", "test_expert_answer",
-    "test_tool_use", "test_parallel_encoding", "test_stream", "test_stream_logprobs", "test_regex",
-    "test_dtype_gen",
+    "test_mt_bench", "test_select", "test_decode_json_regex", "test_expert_answer", "test_tool_use",
+    "test_parallel_encoding", "test_stream", "test_stream_logprobs", "test_regex",
 ]
 # Programs that must fail, and how: plait's backends serve text-only models.
 FAILS_CLEARLY = {"test_image_qa": (BackendCapabilityError, "image input (example_image.png) is not supported by this model")}
@@ -46,6 +45,12 @@ NOT_RUN = {
     "test_few_shot_qa": "asserts factual answers (Washington, Tokyo...): needs a stronger model than the bundled 135M one",
     "test_decode_int": "asserts factual answers (24 hours, 365 days): needs a stronger model",
     "test_react": "asserts a factual answer (Finland or the States): needs a stronger model",
+    "test_decode_json": "needs a stronger model: it samples at temperature 1 (it sets none), and the 135M model's "
+                        "sampled number or string ran past max_new_tokens=64 in 3 of 8 runs, which plait raises as "
+                        "GenerationError (SGLang's frontend returns the cut value, and json.loads fails)",
+    "test_dtype_gen": "needs a stronger model: it samples at temperature 1, and the 135M model's quoted string ran past "
+                      "max_new_tokens=128 in 1 of 8 runs (GenerationError); dtype gens on this model are covered "
+                      "greedily by tests/lang/test_gen_output_bundled.py",
     "test_parallel_decoding": "left out for time: its 512-token summary takes about a minute on a 2-core CPU "
                               "(fork and join are covered by test_parallel_encoding and tests/lang/test_fork_*)",
     "test_completion_speculative": "API speculative execution (function(num_api_spec_tokens=...)) is a feature of "
