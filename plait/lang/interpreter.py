@@ -21,7 +21,6 @@ from plait.lang.backends.base import (
     Backend,
     BackendCapabilityError,
     GenerateCall,
-    GenerateResult,
 )
 from plait.lang.errors import (
     ChatTemplateError,
@@ -47,6 +46,7 @@ from plait.lang.ir import (
 from plait.lang.gen_output import convert_gen_output
 from plait.lang.reasoning import ReasoningStream, reasoning_sampling, reasoning_var
 from plait.lang.records import CallRecord, RunContext, Segment
+from plait.lang.streaming import stream_gen
 from plait.lang.symbolic import MARK_BEGIN, SymbolicValue
 from plait.sampling import SamplingParams
 
@@ -377,10 +377,10 @@ class Executor:
         splitter = ReasoningStream(node.reasoning, self.text) if node.reasoning is not None else None
         start = time.monotonic()
         if self.run.stream:
-            result = self._stream_gen(backend, call, node.name, splitter)
+            result = stream_gen(self, backend, call, node.name, splitter)
         else:
             result = backend.generate(call)
-            self._raise_if_aborted()
+            self.raise_if_aborted()
             if splitter is not None:
                 splitter.feed(result.text)
                 splitter.finish()
@@ -412,44 +412,8 @@ class Executor:
             self._set_result(reasoning_var(node.name), splitter.reasoning, {})
         self._set_result(node.name, value, meta)
 
-    def _stream_gen(self, backend: Backend, call: GenerateCall, name: str | None,
-                    splitter: ReasoningStream | None) -> GenerateResult:
-        """Consume ``backend.stream(call)``, showing the text as it comes; closes the stream (which aborts the
-        request) when the run is aborted."""
-        shown = ""
-        result: GenerateResult | None = None
-        stream = backend.stream(call)
-        try:
-            for result in stream:
-                if self.run.abort_error is not None:
-                    break
-                if result.text.startswith(shown) and len(result.text) > len(shown):
-                    delta, shown = result.text[len(shown) :], result.text
-                    self._show_streamed(splitter.feed(delta) if splitter is not None else delta, name, splitter, result)
-        finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
-        self._raise_if_aborted()
-        if result is None or not result.finished:
-            raise GenerationError(f"backend {backend.name!r} ended the stream of gen {name!r} without a final result")
-        if splitter is not None:
-            self._show_streamed(splitter.finish(), name, splitter, result)
-            result = replace(result, text=splitter.content)
-        return result
-
-    def _show_streamed(self, visible: str, name: str | None, splitter: ReasoningStream | None,
-                       result: GenerateResult) -> None:
-        with self.changed:  # the text, the variable and its meta change together (for text_iter's readers)
-            self._append(visible, "gen", name)
-            if name is None:
-                return
-            self.set_var(name, splitter.content if splitter is not None else result.text)
-            self.stream_meta[name] = _snapshot_meta(result)
-            if splitter is not None:
-                self.set_var(reasoning_var(name), splitter.reasoning)
-
-    def _raise_if_aborted(self) -> None:
+    def raise_if_aborted(self) -> None:
+        """Raise the run's abort error if it was aborted (after a backend call returned)."""
         if self.run.abort_error is not None:
             raise self.run.abort_error
 
@@ -508,19 +472,6 @@ def _produced_names(node: Node) -> list[str]:
             return [node.name, reasoning_var(node.name)]
         return [node.name]
     return []
-
-
-def _snapshot_meta(result: GenerateResult) -> dict[str, Any]:
-    """What a streaming gen reports so far (cumulative logprobs), for ``text_iter(..., return_meta_data=True)``."""
-    return {
-        **result.meta,
-        "finish_reason": result.finish_reason,
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "cached_tokens": result.cached_tokens,
-        "output_token_logprobs": result.output_token_logprobs,
-        "output_top_logprobs": result.output_top_logprobs,
-    }
 
 
 def _segments_after(segments: list[Segment], start: int) -> list[Segment]:

@@ -1,4 +1,5 @@
-"""Reading a state's text as it is produced: ``state.text_iter()`` and ``state.text_async_iter()``.
+"""Streaming: a streamed gen showing its text as it comes (``stream_gen``), and reading a state's text as it
+is produced (``state.text_iter()`` and ``state.text_async_iter()``).
 
 A reader waits on the executor's condition for the text (or one variable's text) to grow, and yields the
 new piece. With ``return_meta_data=True`` it yields ``(piece, meta_info)``: what the backend reported for
@@ -14,16 +15,72 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from plait.lang.errors import ProgramAbortedError, UnknownVariableError
+from plait.lang.backends.base import Backend, GenerateCall, GenerateResult
+from plait.lang.errors import GenerationError, ProgramAbortedError, UnknownVariableError
 from plait.lang.lifecycle import abort_run
+from plait.lang.reasoning import ReasoningStream, reasoning_var
 
 if TYPE_CHECKING:
     from plait.lang.interpreter import Executor
     from plait.lang.state import ProgramState
 
-__all__ = ["text_async_iter", "text_iter"]
+__all__ = ["stream_gen", "text_async_iter", "text_iter"]
+
+
+def stream_gen(ex: Executor, backend: Backend, call: GenerateCall, name: str | None,
+               splitter: ReasoningStream | None) -> GenerateResult:
+    """Consume ``backend.stream(call)`` for a gen of ``ex``, showing the text as it comes (and splitting off
+    the reasoning with ``splitter``); closes the stream, which aborts the request, when the run is aborted.
+    Returns the final result (its text the answer when ``splitter`` is given)."""
+    shown = ""
+    result: GenerateResult | None = None
+    stream = backend.stream(call)
+    try:
+        for result in stream:
+            if ex.run.abort_error is not None:
+                break
+            if result.text.startswith(shown) and len(result.text) > len(shown):
+                delta, shown = result.text[len(shown) :], result.text
+                _show(ex, splitter.feed(delta) if splitter is not None else delta, name, splitter, result)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    ex.raise_if_aborted()
+    if result is None or not result.finished:
+        raise GenerationError(f"backend {backend.name!r} ended the stream of gen {name!r} without a final result")
+    if splitter is not None:
+        _show(ex, splitter.finish(), name, splitter, result)
+        result = replace(result, text=splitter.content)
+    return result
+
+
+def _show(ex: Executor, visible: str, name: str | None, splitter: ReasoningStream | None,
+          result: GenerateResult) -> None:
+    with ex.changed:  # the text, the variable and its meta change together (for text_iter's readers)
+        ex._append(visible, "gen", name)
+        if name is None:
+            return
+        ex.set_var(name, splitter.content if splitter is not None else result.text)
+        ex.stream_meta[name] = _snapshot_meta(result)
+        if splitter is not None:
+            ex.set_var(reasoning_var(name), splitter.reasoning)
+
+
+def _snapshot_meta(result: GenerateResult) -> dict[str, Any]:
+    """What a streaming gen reports so far (cumulative logprobs), for ``text_iter(..., return_meta_data=True)``."""
+    return {
+        **result.meta,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "cached_tokens": result.cached_tokens,
+        "output_token_logprobs": result.output_token_logprobs,
+        "output_top_logprobs": result.output_top_logprobs,
+    }
 
 Chunk = tuple[str, dict[str, Any] | None]
 
