@@ -77,11 +77,11 @@ def wind_down(run: RunContext, error: BaseException | None) -> BaseException | N
             if run.abort_error is not None:
                 threading.Thread(target=_finish_quietly, args=(run, executors[i:]), name="plait-wind-down",
                                  daemon=True).start()
-                return run.abort_error
+                return error if error is not None else run.abort_error
         if error is None and ex.error is not None:
             error = ex.error
     _finish(run, [])
-    return run.abort_error or error
+    return error if error is not None else run.abort_error
 
 
 def _finish_quietly(run: RunContext, pending: list[Executor]) -> None:
@@ -102,9 +102,7 @@ def _finish(run: RunContext, pending: list[Executor]) -> None:
     finally:
         if run.deadline is not None:
             run.deadline.cancel()
-        try:
-            if run.backend is not None and run.program_id is not None:
-                run.backend.end_program(run.program_id)
-        finally:
-            with run.lock:
-                run.ended = True
+        with run.lock:  # every call has returned: nothing is left to abort
+            run.ended = True
+        if run.backend is not None and run.program_id is not None:
+            run.backend.end_program(run.program_id)

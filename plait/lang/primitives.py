@@ -176,19 +176,20 @@ def gen(
     )
 
 
-def gen_int(name: str | None = None, **kwargs: Any) -> Node:
-    """``gen(name, dtype=int, ...)``."""
-    return gen(name, dtype=int, **kwargs)
+def gen_int(name: str | None = None, max_tokens: int | None = None, **kwargs: Any) -> Node:
+    """``gen(name, max_tokens, dtype=int, ...)`` (``max_tokens`` second, as in SGLang)."""
+    return gen(name, max_tokens, dtype=int, **kwargs)
 
 
-def gen_float(name: str | None = None, **kwargs: Any) -> Node:
-    """``gen(name, dtype=float, ...)``."""
-    return gen(name, dtype=float, **kwargs)
+def gen_float(name: str | None = None, max_tokens: int | None = None, **kwargs: Any) -> Node:
+    """``gen(name, max_tokens, dtype=float, ...)``."""
+    return gen(name, max_tokens, dtype=float, **kwargs)
 
 
-def gen_string(name: str | None = None, **kwargs: Any) -> Node:
-    """``gen(name, dtype=str, ...)``: a quoted JSON string; the variable holds the decoded str."""
-    return gen(name, dtype=str, **kwargs)
+def gen_string(name: str | None = None, max_tokens: int | None = None, **kwargs: Any) -> Node:
+    """``gen(name, max_tokens, dtype=str, ...)`` (SGLang's): a quoted JSON string; the variable holds the
+    decoded str."""
+    return gen(name, max_tokens, dtype=str, **kwargs)
 
 
 def parse_dtype(text: str, dtype: type) -> Any:

@@ -17,7 +17,9 @@ def test_gen_string_is_a_quoted_json_string(mock):
     state = pl.function(lambda s: s.__iadd__("City: " + pl.gen_string("city", max_tokens=4))).run(backend=backend)
     assert state["city"] == "Paris" and state.text() == 'City: "Paris"'
     assert backend.calls_of("generate")[0].params.regex == pl.lang.primitives.DTYPE_REGEX[str]
-    assert inspect.signature(pl.gen_string).parameters["name"].default is None
+    for typed in (pl.gen_int, pl.gen_float, pl.gen_string):  # SGLang's order: name, max_tokens, ...
+        assert list(inspect.signature(typed).parameters)[:2] == ["name", "max_tokens"]
+    assert pl.gen_string("s", 7).overrides_dict()["max_new_tokens"] == 7
 
 
 def test_select_takes_sglangs_positional_order():
