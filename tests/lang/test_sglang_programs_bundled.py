@@ -77,16 +77,16 @@ def _source_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "test" / "test_programs.py"
 
 
-def _port(source: str) -> tuple[str, int]:
-    """``source`` with the lines of ``IMPORTS`` replaced (indentation kept), and how many were replaced."""
-    lines, changed = [], 0
+def _port(source: str) -> tuple[str, set[str]]:
+    """``source`` with the lines of ``IMPORTS`` replaced (indentation kept), and which of them were found."""
+    lines, found = [], set()
     for line in source.splitlines():
         stripped = line.strip()
         if stripped in IMPORTS:
             line = line[: len(line) - len(line.lstrip())] + IMPORTS[stripped]
-            changed += 1
+            found.add(stripped)
         lines.append(line)
-    return "\n".join(lines) + "\n", changed
+    return "\n".join(lines) + "\n", found
 
 
 def _sglang_imports(tree: ast.AST) -> list[str]:
@@ -103,9 +103,9 @@ def _sglang_imports(tree: ast.AST) -> list[str]:
 def ported() -> dict:
     """The namespace of the ported module: every ``test_*`` program, bound to plait."""
     path = _source_path()
-    source, changed = _port(path.read_text())
+    source, found = _port(path.read_text())
     tree = ast.parse(source)
-    assert changed >= len(IMPORTS), "an import of the SGLang programs changed; update IMPORTS"
+    assert found == set(IMPORTS), f"imports of the SGLang programs changed (missing {set(IMPORTS) - found}); update IMPORTS"
     for node in tree.body:  # no sglang import left, except in programs that are not run
         if isinstance(node, ast.FunctionDef) and node.name in NOT_RUN:
             continue
