@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -140,36 +140,47 @@ class Endpoint:
     def stream(self, call: GenerateCall) -> Iterator[GenerateResult]:
         """Cumulative snapshots over SSE; closing the iterator early closes the connection, which
         aborts the request on the server."""
-        rid = uuid.uuid4().hex
-        request = self._http.build_request("POST", "/generate", json={**self._body(call, rid), "stream": True})
+        rid = self._track(call.program_id)
         try:
-            response = self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise ConnectionError(f"{self.name}: cannot reach the server ({exc})") from exc
-        try:
-            with self._constraint_errors(call):
-                self._check(response)
+            request = self._http.build_request("POST", "/generate", json={**self._body(call, rid), "stream": True})
+            try:
+                response = self._http.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise ConnectionError(f"{self.name}: cannot reach the server ({exc})") from exc
+            try:
+                with self._constraint_errors(call):
+                    self._check(response)
+            except BaseException:
+                response.close()
+                raise
         except BaseException:
-            response.close()
+            self._untrack(call.program_id, rid)
             raise
-        return self._events(response)
+        return self._events(response, lambda: self._untrack(call.program_id, rid))
 
     @contextmanager
     def _tracked(self, call: GenerateCall) -> Iterator[str]:
         """A request id for ``call``, known to ``abort_program`` while the call runs."""
-        rid, pid = uuid.uuid4().hex, call.program_id
-        if pid is not None:
-            with self._lock:
-                self._in_flight.setdefault(pid, set()).add(rid)
+        rid = self._track(call.program_id)
         try:
             yield rid
         finally:
-            if pid is not None:
-                with self._lock:
-                    rids = self._in_flight.get(pid, set())
-                    rids.discard(rid)
-                    if not rids:
-                        self._in_flight.pop(pid, None)
+            self._untrack(call.program_id, rid)
+
+    def _track(self, program_id: str | None) -> str:
+        rid = uuid.uuid4().hex
+        if program_id is not None:
+            with self._lock:
+                self._in_flight.setdefault(program_id, set()).add(rid)
+        return rid
+
+    def _untrack(self, program_id: str | None, rid: str) -> None:
+        if program_id is not None:
+            with self._lock:
+                rids = self._in_flight.get(program_id, set())
+                rids.discard(rid)
+                if not rids:
+                    self._in_flight.pop(program_id, None)
 
     @contextmanager
     def _constraint_errors(self, call: GenerateCall) -> Iterator[None]:
@@ -183,14 +194,15 @@ class Endpoint:
             raise mapped from None
 
     def abort_program(self, program_id: str) -> None:
-        """Abort the blocking generations of ``program_id`` in flight (``/abort_request``); streams are
-        aborted by closing them."""
+        """Abort the generations of ``program_id`` in flight (``/abort_request``); a stream also ends when
+        it is closed."""
         with self._lock:
             rids = list(self._in_flight.get(program_id, ()))
         for rid in rids:
             self._request("POST", "/abort_request", {"rid": rid})
 
-    def _events(self, response: httpx.Response) -> Iterator[GenerateResult]:
+    def _events(self, response: httpx.Response, done: Callable[[], None] | None = None) -> Iterator[GenerateResult]:
+        """The stream's snapshots; ``done()`` is called when it ends (the request is no longer in flight)."""
         out_lps: list = []
         out_tops: list = []
         try:
@@ -219,6 +231,8 @@ class Endpoint:
                 yield self._result({**event, "meta_info": meta})
         finally:
             response.close()
+            if done is not None:
+                done()
 
     @staticmethod
     def _result(out: dict[str, Any]) -> GenerateResult:
