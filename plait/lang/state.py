@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from plait.lang import streaming
 from plait.lang.errors import ProgramAbortedError, StateClosedError
 from plait.lang.interpreter import Executor, _AppendForks
-from plait.lang.lifecycle import abort_run
 from plait.lang.ir import RoleBegin, RoleEnd, VarScopeBegin, VarScopeEnd, to_node
+from plait.lang.lifecycle import abort_run
 from plait.lang.primitives import role as _role
 from plait.lang.records import CallRecord
 

@@ -8,7 +8,7 @@ the gen so far (``completion_tokens``...), with the output logprobs of this piec
 far, as SGLang's ``text_async_iter`` does. Tokens that add no text (yet) are reported with the next piece.
 
 A reader that stops before the end (``break``, ``close()``, garbage collection, a cancelled task) aborts
-the run: ``state.abort()``, so the backend stops generating for a reader that left.
+the run as ``state.abort()`` does, so the backend stops generating for a reader that left.
 """
 
 from __future__ import annotations
