@@ -17,9 +17,12 @@ from plait.lang import (
     gen,
     gen_float,
     gen_int,
+    gen_string,
     get_default_backend,
     greedy_token_selection,
+    image,
     select,
+    separate_reasoning,
     set_default_backend,
     system,
     system_begin,
@@ -32,6 +35,7 @@ from plait.lang import (
     user,
     user_begin,
     user_end,
+    video,
 )
 from plait.sampling import SamplingParams
 
@@ -56,9 +60,12 @@ __all__ = [
     "gen",
     "gen_float",
     "gen_int",
+    "gen_string",
     "get_default_backend",
     "greedy_token_selection",
+    "image",
     "select",
+    "separate_reasoning",
     "set_default_backend",
     "system",
     "system_begin",
@@ -71,6 +78,7 @@ __all__ = [
     "user",
     "user_begin",
     "user_end",
+    "video",
 ]
 
 

@@ -40,16 +40,20 @@ from plait.lang.errors import (
     ChatTemplateError,
     EmptyChoicesError,
     GenerationError,
+    InvalidConstraintError,
     InvalidDtypeError,
     NoBackendError,
     PlaitLangError,
+    ProgramAbortedError,
     ProgramArgumentError,
     ProgramBatchError,
+    ProgramTimeoutError,
     RoleError,
     StateClosedError,
     ToolCallError,
     ToolDeclarationError,
     UnknownVariableError,
+    VariableReuseError,
 )
 from plait.lang.primitives import (
     assistant,
@@ -58,6 +62,8 @@ from plait.lang.primitives import (
     gen,
     gen_float,
     gen_int,
+    gen_string,
+    image,
     select,
     system,
     system_begin,
@@ -65,6 +71,7 @@ from plait.lang.primitives import (
     user,
     user_begin,
     user_end,
+    video,
 )
 from plait.lang.program import (
     Program,
@@ -72,6 +79,7 @@ from plait.lang.program import (
     get_default_backend,
     set_default_backend,
 )
+from plait.lang.reasoning import separate_reasoning
 from plait.lang.state import ProgramState, ProgramStateGroup
 from plait.lang.tool_primitives import call_tools, tool_result, tool_results
 from plait.lang.tools import Tool, ToolCall, ToolResult, tool
@@ -89,16 +97,19 @@ __all__ = [
     "GenerateCall",
     "GenerateResult",
     "GenerationError",
+    "InvalidConstraintError",
     "InvalidDtypeError",
     "MockBackend",
     "NoBackendError",
     "OpenAI",
     "PlaitLangError",
     "Program",
+    "ProgramAbortedError",
     "ProgramArgumentError",
     "ProgramBatchError",
     "ProgramState",
     "ProgramStateGroup",
+    "ProgramTimeoutError",
     "ProgramTrace",
     "RoleError",
     "Runtime",
@@ -109,6 +120,7 @@ __all__ = [
     "ToolDeclarationError",
     "ToolResult",
     "UnknownVariableError",
+    "VariableReuseError",
     "assistant",
     "assistant_begin",
     "assistant_end",
@@ -117,11 +129,14 @@ __all__ = [
     "gen",
     "gen_float",
     "gen_int",
+    "gen_string",
     "get_chat_template",
     "get_default_backend",
     "greedy_token_selection",
+    "image",
     "register_chat_template",
     "select",
+    "separate_reasoning",
     "set_default_backend",
     "system",
     "system_begin",
@@ -135,6 +150,7 @@ __all__ = [
     "user",
     "user_begin",
     "user_end",
+    "video",
 ]
 
 # Backends written against the protocol in their own modules; imported on first use (Runtime needs torch).

@@ -1,37 +1,76 @@
 """Typed errors of the language. Every message says what went wrong and what to do instead.
 
 All errors derive from ``PlaitLangError`` and also from the matching builtin (``KeyError``,
-``ValueError``, ``TypeError``, ``RuntimeError``), so existing ``except`` clauses keep working.
-``BackendCapabilityError`` is defined by the Backend protocol (``plait.lang.backends.base``) and
-re-exported here.
+``ValueError``, ``TypeError``, ``RuntimeError``, ``TimeoutError``), so existing ``except`` clauses
+keep working. ``BackendCapabilityError`` is also exported by the Backend protocol
+(``plait.lang.backends.base``), which backends import it from. This module imports nothing of plait.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from plait.lang.backends.base import BackendCapabilityError
-
 __all__ = [
     "BackendCapabilityError",
     "ChatTemplateError",
     "EmptyChoicesError",
     "GenerationError",
+    "InvalidConstraintError",
     "InvalidDtypeError",
     "NoBackendError",
     "PlaitLangError",
+    "ProgramAbortedError",
     "ProgramArgumentError",
     "ProgramBatchError",
+    "ProgramTimeoutError",
     "RoleError",
     "StateClosedError",
     "ToolCallError",
     "ToolDeclarationError",
     "UnknownVariableError",
+    "VariableReuseError",
 ]
 
 
 class PlaitLangError(Exception):
     """Base class of the language's errors."""
+
+
+class BackendCapabilityError(PlaitLangError, RuntimeError):
+    """The backend cannot do what the program asks (e.g. ``select`` on an API without logprobs, an
+    image for a text-only model).
+
+    The message says what was asked, which backend refused, and what to use instead.
+    """
+
+
+class InvalidConstraintError(PlaitLangError, ValueError):
+    """A ``regex`` / ``json_schema`` / ``ebnf`` constraint (or a ``stop_regex``) that is malformed or uses a
+    feature constrained decoding does not support. Raised by ``gen()`` where it is written, and by every
+    backend for a constraint only its compiler refuses."""
+
+
+class VariableReuseError(PlaitLangError, ValueError):
+    """A second ``gen`` / ``select`` / ``var_scope`` with a name that an earlier one of the same run
+    (or of the same fork branch) already set. ``@pl.function(name_reuse="overwrite")`` allows it."""
+
+
+class ProgramAbortedError(PlaitLangError, RuntimeError):
+    """The run was aborted (``state.abort()``, or the caller stopped reading its ``text_iter``); its
+    in-flight backend calls were aborted and its remaining nodes were not executed."""
+
+
+class ProgramTimeoutError(ProgramAbortedError, TimeoutError):
+    """The run (or ``run_batch``) did not finish within ``timeout=``; it was aborted.
+
+    From ``run_batch``: ``states`` holds every state (in input order) and ``errors`` maps the failed
+    positions to their exceptions, as in ``ProgramBatchError``.
+    """
+
+    def __init__(self, message: str, states: list | None = None, errors: dict[int, BaseException] | None = None):
+        super().__init__(message)
+        self.states = states
+        self.errors = errors
 
 
 class UnknownVariableError(PlaitLangError, KeyError):

@@ -30,9 +30,11 @@ from plait.lang.errors import (
     RoleError,
     StateClosedError,
     UnknownVariableError,
+    VariableReuseError,
 )
 from plait.lang.ir import (
     Gen,
+    Media,
     Node,
     RoleBegin,
     RoleEnd,
@@ -44,7 +46,9 @@ from plait.lang.ir import (
     flatten,
 )
 from plait.lang.gen_output import convert_gen_output
+from plait.lang.reasoning import ReasoningStream, reasoning_sampling, reasoning_var
 from plait.lang.records import CallRecord, RunContext, Segment
+from plait.lang.streaming import stream_gen
 from plait.lang.symbolic import MARK_BEGIN, SymbolicValue
 from plait.lang.tool_interpreter import TOOL_NODES, execute_tool_node
 from plait.lang.tool_primitives import CallTools
@@ -101,6 +105,8 @@ class Executor:
         self.parent: Executor | None = None  # the executor this one was forked from
         self.branch_index: int | None = None  # this fork's index among its siblings
         self.written: set[str] = set()  # names set on this executor (a branch: since its fork)
+        self.produced: set[str] = set()  # names of the gens/selects/var_scopes submitted here (reuse check)
+        self.stream_meta: dict[str, dict[str, Any]] = {}  # a streaming gen's latest meta, per variable
         self.calls_merged = False  # this branch's calls were added to its parent's record
         self.fork_groups: list[list[Executor]] = []  # the branches of each fork made from this one
         self.join_mode: str | None = None  # how this branch was joined (None: not joined)
@@ -127,9 +133,10 @@ class Executor:
                 "this program state is closed (its run has finished or the fork was joined); start a new "
                 "run with prog.run(...) or append to the state the fork was made from"
             )
-        for n in flatten([node]):
-            if isinstance(n, (Gen, Select, VarScopeBegin, CallTools)) and n.name is not None:
-                self._events[n.name] = threading.Event()
+        names = [name for n in flatten([node]) for name in _produced_names(n)]
+        self._check_new_names(names)
+        for name in names:
+            self._events[name] = threading.Event()
         if self.run.threaded:
             self._queue.put(node)
         else:
@@ -153,18 +160,37 @@ class Executor:
             else:
                 self._mark_finished()
 
-    def wait_finished(self) -> None:
-        """After ``end``: wait until the worker has executed everything queued and stopped."""
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        """After ``end``: wait until the worker has executed everything queued and stopped (at most
+        ``timeout`` seconds); returns whether it has."""
         if self.run.threaded:
-            self._worker.join()
+            self._worker.join(timeout)
+            return not self._worker.is_alive()
+        return True
 
     def fail(self, exc: BaseException) -> None:
-        """Record ``exc`` as this executor's error and wake everyone waiting on it."""
+        """Record ``exc`` as this executor's error (the first one stays) and wake everyone waiting on it."""
         with self.changed:
-            self.error = exc
+            if self.error is None:
+                self.error = exc
             self.changed.notify_all()
         for event in list(self._events.values()):
             event.set()
+
+    def _check_new_names(self, names: list[str]) -> None:
+        """Raise ``VariableReuseError`` if a name is produced twice in this state (unless the run allows it)."""
+        if self.run.name_reuse == "overwrite":
+            return
+        seen: set[str] = set()
+        for name in names:
+            if name in self.produced or name in seen:
+                raise VariableReuseError(
+                    f"variable {name!r} is already set by an earlier gen/select/var_scope of this run; a second one "
+                    f"would overwrite it. Give each a distinct name (e.g. f'{name}_{{i}}' in a loop), or allow it "
+                    "with @pl.function(name_reuse='overwrite') (SGLang's behaviour: the latest value wins)"
+                )
+            seen.add(name)
+        self.produced |= seen
 
     def known_names(self) -> set[str]:
         return set(self.variables) | set(self._events)
@@ -278,6 +304,8 @@ class Executor:
             self._append_forks(node.forks)
         elif isinstance(node, TOOL_NODES):
             execute_tool_node(self, node)
+        elif isinstance(node, Media):
+            self._refuse_media(node)
         else:
             raise TypeError(f"the interpreter cannot execute {type(node).__name__} nodes")
 
@@ -340,7 +368,7 @@ class Executor:
         self._set_result(name, captured, {})
 
     def _resolve_params(self, node: Gen) -> SamplingParams:
-        merged = {**self.defaults, **node.overrides_dict()}
+        merged = reasoning_sampling(node.reasoning, {**self.defaults, **node.overrides_dict()})
         stop_str = self.run.template.stop_str
         if self.cur_role == "assistant" and stop_str:
             stops = tuple(merged.get("stop") or ())
@@ -354,6 +382,8 @@ class Executor:
         if self.run.symbolic:
             placeholder = SymbolicValue("gen", node.name or "_")
             self._append(placeholder, "gen", node.name)
+            if node.reasoning is not None and node.name is not None:
+                self._set_result(reasoning_var(node.name), SymbolicValue("gen", reasoning_var(node.name)), {})
             self._set_result(node.name, placeholder, {"sampling_params": params.to_dict()})
             return None
         backend = self._backend()
@@ -361,11 +391,17 @@ class Executor:
         return_logprob = node.return_logprob or self.run.return_logprob or top_logprobs_num > 0
         call = GenerateCall(self.text, params, return_logprob, top_logprobs_num, self.run.program_id, tools)
         first_segment = len(self.segments)
+        splitter = ReasoningStream(node.reasoning, self.text) if node.reasoning is not None else None
         start = time.monotonic()
         if self.run.stream:
-            result = self._stream_gen(backend, call, node.name)
+            result = stream_gen(self, backend, call, node.name, splitter)
         else:
             result = backend.generate(call)
+            self.raise_if_aborted()
+            if splitter is not None:
+                splitter.feed(result.text)
+                splitter.finish()
+                result = replace(result, text=splitter.content)
             self._append(result.text, "gen", node.name)
         latency = result.latency_s or (time.monotonic() - start)
         finish = result.finish_reason or {}
@@ -392,6 +428,8 @@ class Executor:
             output_top_logprobs=result.output_top_logprobs,
         )
         self._record_call(record, first_segment)
+        if splitter is not None and node.name is not None:
+            self._set_result(reasoning_var(node.name), splitter.reasoning, {})
         self._set_result(node.name, value, meta)
         return result
 
@@ -403,18 +441,19 @@ class Executor:
                 if seg.kind == record.kind:
                     seg.call = record
 
-    def _stream_gen(self, backend: Backend, call: GenerateCall, name: str | None) -> GenerateResult:
-        shown = ""
-        result: GenerateResult | None = None
-        for result in backend.stream(call):
-            if result.text.startswith(shown) and len(result.text) > len(shown):
-                self._append(result.text[len(shown) :], "gen", name)
-                shown = result.text
-                if name is not None:
-                    self.set_var(name, shown)
-        if result is None or not result.finished:
-            raise GenerationError(f"backend {backend.name!r} ended the stream of gen {name!r} without a final result")
-        return result
+    def raise_if_aborted(self) -> None:
+        """Raise the run's abort error if it was aborted (after a backend call returned)."""
+        if self.run.abort_error is not None:
+            raise self.run.abort_error
+
+    def _refuse_media(self, node: Media) -> None:
+        backend = self.run.backend
+        model = getattr(backend, "model", None)
+        where = "plait's backends serve" if backend is None else f"backend {backend.name!r}{f' ({model})' if model else ''} serves"
+        raise BackendCapabilityError(
+            f"{node.kind} input ({node.source}) is not supported by this model: {where} text-only models "
+            f"through text prompts; remove the pl.{node.kind}(...) or describe its content in text"
+        )
 
     def _execute_select(self, node: Select) -> None:
         method = node.choices_method
@@ -462,6 +501,15 @@ class Executor:
     def _backend(self) -> Backend:
         assert self.run.backend is not None, "a non-symbolic run always has a backend"
         return self.run.backend
+
+
+def _produced_names(node: Node) -> list[str]:
+    """The variables executing ``node`` sets (a gen's reasoning variable too)."""
+    if isinstance(node, (Gen, Select, VarScopeBegin, CallTools)) and node.name is not None:
+        if isinstance(node, Gen) and node.reasoning is not None:
+            return [node.name, reasoning_var(node.name)]
+        return [node.name]
+    return []
 
 
 def _segments_after(segments: list[Segment], start: int) -> list[Segment]:

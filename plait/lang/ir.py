@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ROLES",
     "Gen",
+    "Media",
     "Node",
     "RoleBegin",
     "RoleEnd",
@@ -60,7 +61,9 @@ class Gen(Node):
     validated), as sorted ``(name, value)`` pairs; the run's defaults fill the rest. ``dtype`` is the
     Python type the text is converted to (its regex is already in ``overrides``). ``schema_model``:
     the pydantic model class given as ``json_schema`` (the output is validated into an instance).
-    ``on_incomplete``: ``"raise"`` or ``"keep"`` (see ``plait.lang.primitives.gen``).
+    ``on_incomplete``: ``"raise"`` or ``"keep"`` (see ``plait.lang.primitives.gen``). ``reasoning``: the
+    reasoning parser (``plait.reasoning.PARSERS``) that splits the output into the answer (the variable)
+    and the reasoning (variable ``name + "_reasoning_content"``), set by ``pl.separate_reasoning``.
     """
 
     name: str | None
@@ -70,6 +73,7 @@ class Gen(Node):
     top_logprobs_num: int = 0
     schema_model: type | None = None
     on_incomplete: str = "raise"
+    reasoning: str | None = None
 
     def overrides_dict(self) -> dict[str, Any]:
         return dict(self.overrides)
@@ -82,6 +86,15 @@ class Select(Node):
     name: str | None
     choices: tuple[str, ...]
     choices_method: ChoicesMethod
+
+
+@dataclass(frozen=True)
+class Media(Node):
+    """An image or video input (``pl.image`` / ``pl.video``), ``kind`` "image" or "video". plait's backends
+    serve text-only models: executing it raises ``BackendCapabilityError``."""
+
+    kind: str
+    source: str
 
 
 @dataclass(frozen=True)
@@ -150,3 +163,15 @@ def flatten(nodes: Iterable[Node]) -> list[Node]:
         else:
             out.append(node)
     return out
+
+
+_SGLANG_REGEX_NAMES = ("REGEX_INT", "REGEX_FLOAT", "REGEX_BOOL", "REGEX_STR")
+
+
+def __getattr__(name: str) -> Any:
+    """SGLang's regex constants (``from sglang.lang.ir import REGEX_INT``), defined in ``primitives``."""
+    if name in _SGLANG_REGEX_NAMES:
+        from plait.lang import primitives
+
+        return getattr(primitives, name)
+    raise AttributeError(f"module 'plait.lang.ir' has no attribute {name!r}")

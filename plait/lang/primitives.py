@@ -5,24 +5,31 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from plait.lang.choices import ChoicesMethod, resolve_choices_method
+from plait.lang.constraints import check_fields, check_json_schema
 from plait.lang.errors import EmptyChoicesError, InvalidDtypeError, RoleError
-from plait.lang.ir import ROLES, Gen, Node, RoleBegin, RoleEnd, Select, Seq, to_node
+from plait.lang.ir import ROLES, Gen, Media, Node, RoleBegin, RoleEnd, Select, Seq, to_node
 from plait.sampling import SamplingParams
 
 __all__ = [
     "DTYPE_REGEX",
     "NUMBER_END",
     "ON_INCOMPLETE",
+    "REGEX_BOOL",
+    "REGEX_FLOAT",
+    "REGEX_INT",
+    "REGEX_STR",
     "assistant",
     "assistant_begin",
     "assistant_end",
     "gen",
     "gen_float",
     "gen_int",
+    "gen_string",
+    "image",
     "parse_dtype",
     "role",
     "select",
@@ -32,6 +39,7 @@ __all__ = [
     "user",
     "user_begin",
     "user_end",
+    "video",
 ]
 
 #: The value each ``gen(dtype=...)`` must be (the whole text, surrounding whitespace stripped).
@@ -53,22 +61,23 @@ NUMBER_END: tuple[str, tuple[str, ...]] = (r"[ \n]*", (" ", "\n"))
 #: ``meta_info["incomplete"]``.
 ON_INCOMPLETE = ("raise", "keep")
 
+#: SGLang's names (``sglang.lang.ir.REGEX_INT``...) for the regex of each dtype, as a gen of that dtype
+#: is constrained (numbers with their end ``NUMBER_END[0]``). Also importable from ``plait.lang.ir``.
+#: Unlike SGLang's ``REGEX_STR`` (``"[\w\d\s]*"``, which admits control characters), ``REGEX_STR`` is
+#: exactly a JSON string.
+REGEX_INT = DTYPE_REGEX[int] + NUMBER_END[0]
+REGEX_FLOAT = DTYPE_REGEX[float] + NUMBER_END[0]
+REGEX_BOOL = DTYPE_REGEX[bool]
+REGEX_STR = DTYPE_REGEX[str]
+
 
 def _schema_to_json(json_schema: Any) -> str:
     """A JSON string from a dict, a JSON string, or a pydantic model class."""
     if isinstance(json_schema, type) and hasattr(json_schema, "model_json_schema"):  # pydantic v2
-        return json.dumps(json_schema.model_json_schema())
+        return check_json_schema(json.dumps(json_schema.model_json_schema()))
     if isinstance(json_schema, type) and hasattr(json_schema, "schema_json"):  # pydantic v1
-        return json_schema.schema_json()
-    if isinstance(json_schema, Mapping):
-        return json.dumps(dict(json_schema))
-    if isinstance(json_schema, str):
-        try:
-            json.loads(json_schema)
-        except ValueError as exc:
-            raise ValueError(f"json_schema is not valid JSON ({exc}); pass a dict, a JSON string or a pydantic model") from None
-        return json_schema
-    raise ValueError(f"json_schema must be a dict, a JSON string or a pydantic model class, got {type(json_schema).__name__}")
+        return check_json_schema(json_schema.schema_json())
+    return check_json_schema(json_schema)
 
 
 def gen(
@@ -105,7 +114,8 @@ def gen(
     (``int``, ``float``, ``bool``, ``str``: a regex, and the variable holds the converted value).
     ``choices`` makes this a ``select``. Inside an assistant block the template's stop strings are added.
     ``stop_regex``: a pattern (or a list) that ends the generation where the text matches it, cut there
-    like a stop string. An int/float ends at the first space or newline after the number (see
+    like a stop string. A regex or JSON schema that is malformed or uses what constrained decoding cannot
+    serve (see ``plait.lang.constraints``) raises ``InvalidConstraintError`` here. An int/float ends at the first space or newline after the number (see
     ``NUMBER_END``). ``on_incomplete``: for ``dtype`` and ``json_schema``, output cut by ``max_tokens``
     or that does not parse (or, with a pydantic model, does not validate) raises ``GenerationError``
     (``"raise"``) or is kept as raw text with ``meta_info["incomplete"] = True`` (``"keep"``). With a
@@ -115,6 +125,7 @@ def gen(
         return select(name, choices=choices, choices_method=choices_method)
     if choices_method is not None:
         raise ValueError("choices_method only applies with choices=[...]; pass both or use pl.select")
+    check_fields({"regex": regex, "ebnf": ebnf, "stop_regex": stop_regex})
     overrides: dict[str, Any] = {
         "max_new_tokens": max_tokens,
         "min_new_tokens": min_tokens,
@@ -165,14 +176,20 @@ def gen(
     )
 
 
-def gen_int(name: str | None = None, **kwargs: Any) -> Node:
-    """``gen(name, dtype=int, ...)``."""
-    return gen(name, dtype=int, **kwargs)
+def gen_int(name: str | None = None, max_tokens: int | None = None, **kwargs: Any) -> Node:
+    """``gen(name, max_tokens, dtype=int, ...)`` (``max_tokens`` second, as in SGLang)."""
+    return gen(name, max_tokens, dtype=int, **kwargs)
 
 
-def gen_float(name: str | None = None, **kwargs: Any) -> Node:
-    """``gen(name, dtype=float, ...)``."""
-    return gen(name, dtype=float, **kwargs)
+def gen_float(name: str | None = None, max_tokens: int | None = None, **kwargs: Any) -> Node:
+    """``gen(name, max_tokens, dtype=float, ...)``."""
+    return gen(name, max_tokens, dtype=float, **kwargs)
+
+
+def gen_string(name: str | None = None, max_tokens: int | None = None, **kwargs: Any) -> Node:
+    """``gen(name, max_tokens, dtype=str, ...)`` (SGLang's): a quoted JSON string; the variable holds the
+    decoded str."""
+    return gen(name, max_tokens, dtype=str, **kwargs)
 
 
 def parse_dtype(text: str, dtype: type) -> Any:
@@ -199,11 +216,12 @@ def parse_dtype(text: str, dtype: type) -> Any:
 def select(
     name: str | None = None,
     choices: Sequence[str] | None = None,
-    choices_method: ChoicesMethod | str | None = None,
     temperature: float = 0.0,
+    choices_method: ChoicesMethod | str | None = None,
 ) -> Node:
     """Append the most likely of ``choices`` (scored by ``choices_method``) and store it in ``name``.
 
+    The arguments are in SGLang's order (``select(name, choices, temperature, choices_method)``).
     Scores are kept in ``s.get_meta_info(name)``. ``temperature`` is accepted for SGLang
     compatibility; only 0 (deterministic choice) is supported.
     """
@@ -218,6 +236,17 @@ def select(
     if temperature != 0.0:
         raise ValueError("select supports only temperature=0 (the best-scoring choice); sample with gen(...) instead")
     return Select(name, tuple(choices), resolve_choices_method(choices_method))
+
+
+def image(expr: Any) -> Node:
+    """An image input (SGLang's ``sgl.image(path)``). plait's backends serve text-only models: running a
+    program that appends one raises ``BackendCapabilityError`` ("not supported by this model")."""
+    return Media("image", expr if isinstance(expr, str) else f"<{type(expr).__name__}>")
+
+
+def video(path: str, num_frames: int) -> Node:
+    """A video input (SGLang's ``sgl.video(path, num_frames)``); refused like ``image`` when run."""
+    return Media("video", f"{path} ({num_frames} frames)")
 
 
 def role(name: str, expr: Any = None) -> Node:

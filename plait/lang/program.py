@@ -13,15 +13,24 @@ import functools
 import inspect
 import multiprocessing
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from plait.lang.backends.base import Backend, ChatTemplate
 from plait.lang.chat_template import resolve_chat_template
-from plait.lang.errors import NoBackendError, ProgramArgumentError, ProgramBatchError
+from plait.lang.constraints import check_fields
+from plait.lang.errors import (
+    NoBackendError,
+    ProgramArgumentError,
+    ProgramBatchError,
+    ProgramTimeoutError,
+)
 from plait.lang.interpreter import Executor
+from plait.lang.lifecycle import abort_run, check_timeout, start_deadline, wind_down
 from plait.lang.records import RunContext
 from plait.lang.state import ProgramState
 from plait.lang.tracer import ProgramTrace, trace_program
@@ -51,19 +60,33 @@ def get_default_backend() -> Backend | None:
         return _default_backend
 
 
-def function(func: Callable[..., Any] | None = None, *, chat_template: ChatTemplate | str | None = None) -> Any:
-    """Decorate ``def prog(s, ...)`` into a ``Program``; ``@pl.function(chat_template="chatml")`` too."""
+#: ``name_reuse`` values: a second gen/select/var_scope of a name in one run (or one fork branch)
+#: raises ``VariableReuseError`` (``"error"``), or replaces the earlier value (``"overwrite"``, SGLang's way).
+NAME_REUSE = ("error", "overwrite")
+
+
+def function(func: Callable[..., Any] | None = None, *, chat_template: ChatTemplate | str | None = None,
+             name_reuse: str = "error") -> Any:
+    """Decorate ``def prog(s, ...)`` into a ``Program``; ``@pl.function(chat_template="chatml")`` too.
+
+    ``name_reuse="overwrite"`` lets a later gen/select/var_scope reuse a name (the latest value wins, as in
+    SGLang); by default that is a ``VariableReuseError``.
+    """
     if func is None:
-        return lambda f: Program(f, chat_template=chat_template)
-    return Program(func, chat_template=chat_template)
+        return lambda f: Program(f, chat_template=chat_template, name_reuse=name_reuse)
+    return Program(func, chat_template=chat_template, name_reuse=name_reuse)
 
 
 class Program:
     """A decorated program function. Call ``run``, ``run_batch`` or ``trace``."""
 
-    def __init__(self, func: Callable[..., Any], chat_template: ChatTemplate | str | None = None) -> None:
+    def __init__(self, func: Callable[..., Any], chat_template: ChatTemplate | str | None = None,
+                 name_reuse: str = "error") -> None:
         if not callable(func):
             raise TypeError(f"@pl.function decorates a function, got {type(func).__name__}")
+        if name_reuse not in NAME_REUSE:
+            raise ValueError(f"name_reuse must be one of {NAME_REUSE}, got {name_reuse!r}")
+        self.name_reuse = name_reuse
         self.func = func
         self.chat_template = resolve_chat_template(chat_template) if chat_template is not None else None
         self.signature = inspect.signature(func)
@@ -107,6 +130,7 @@ class Program:
                 )
         if "stop" in defaults and isinstance(defaults["stop"], list):
             defaults["stop"] = tuple(defaults["stop"])
+        check_fields(defaults)  # a bad regex / JSON schema: InvalidConstraintError, as from gen()
         SamplingParams(**defaults)  # validate now: a ValueError naming the bad field
         return program_kwargs, defaults
 
@@ -146,6 +170,7 @@ class Program:
         use_thread: bool = True,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        timeout: float | None = None,
         **kwargs: Any,
     ) -> ProgramState:
         """Run the program and return its state.
@@ -157,16 +182,22 @@ class Program:
         then run one after another). ``return_logprob=True`` asks for the output token logprobs of
         every ``gen`` (and ``top_logprobs_num`` alternatives per token), as ``gen(return_logprob=True)``
         does for one: they are in ``get_meta_info(name)`` and the call records, and the notebook view
-        colours each generated token by its probability.
+        colours each generated token by its probability. ``timeout``: seconds after which the run is
+        aborted (its calls in flight too) and ``ProgramTimeoutError`` raised (with ``stream=True``:
+        raised by the state's readers).
         """
+        timeout = check_timeout(timeout)
         backend = self._backend(backend)
         program_kwargs, defaults = self._split_kwargs(kwargs)
         bound = self._bind(args, program_kwargs)
         template = self._template(chat_template, backend)
         run = RunContext(backend, template, f"prog-{uuid.uuid4().hex}", defaults, stream, threaded=use_thread or stream,
-                         **_logprob_options(return_logprob, top_logprobs_num))
+                         name_reuse=self.name_reuse, **_logprob_options(return_logprob, top_logprobs_num))
         backend.begin_program(run.program_id)
         state = ProgramState(Executor(run))
+        if timeout is not None:
+            start_deadline(run, timeout, ProgramTimeoutError(
+                f"program {self.name!r} did not finish within timeout={timeout:g} s; it was aborted"))
         if stream:
             threading.Thread(target=self._execute, args=(run, state, bound), name=f"plait-{self.name}", daemon=True).start()
             return state
@@ -176,28 +207,18 @@ class Program:
         return state
 
     def _execute(self, run: RunContext, state: ProgramState, bound: inspect.BoundArguments) -> BaseException | None:
-        """Call the function, finish every executor of the run, end the program; returns the first error."""
+        """Call the function, finish every executor of the run, end the program; returns the first error.
+
+        An aborted run (``state.abort()``, ``timeout=``) returns its abort error at once; the calls still in
+        flight are waited for, and ``end_program`` sent, in the background (``plait.lang.lifecycle``).
+        """
         root = state._executor
         error: BaseException | None = None
         try:
             state.ret_value = self.func(state, *bound.args[1:], **bound.kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller (raised or kept in the state)
             error = exc
-        finally:
-            try:
-                with run.lock:
-                    executors = list(run.executors)
-                for ex in executors:
-                    ex.end()
-                for ex in executors:
-                    ex.wait_finished()
-                    if error is None and ex.error is not None:
-                        error = ex.error
-                for ex in reversed(executors):  # forks never joined: their calls join the root's record
-                    ex.merge_calls_into_parent()
-            finally:
-                assert run.backend is not None and run.program_id is not None
-                run.backend.end_program(run.program_id)
+        error = wind_down(run, error)
         if error is not None and root.error is None:
             root.fail(error)
         return error
@@ -214,6 +235,7 @@ class Program:
         raise_on_error: bool = True,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        timeout: float | None = None,
         **sampling_defaults: Any,
     ) -> list[ProgramState]:
         """Run the program once per kwargs mapping, concurrently; the states come back in input order.
@@ -222,9 +244,12 @@ class Program:
         with ``backend.cache_prefix`` before the runs fan out (``batch_prefix`` returns it). Failed runs
         raise ``ProgramBatchError`` after all finished (``raise_on_error=False``: check ``state.error()``).
         ``progress_bar=True`` shows a tqdm bar (a widget in Jupyter when ipywidgets is installed, text
-        otherwise). ``return_logprob`` / ``top_logprobs_num``: as for ``run``.
+        otherwise). ``return_logprob`` / ``top_logprobs_num``: as for ``run``. ``timeout``: seconds for
+        the whole batch; runs not finished by then are aborted (``state.error()`` is a
+        ``ProgramTimeoutError``), and ``ProgramTimeoutError`` is raised (``.states``, ``.errors``).
         """
         logprob_options = _logprob_options(return_logprob, top_logprobs_num)
+        timeout = check_timeout(timeout)
         backend = self._backend(backend)
         items = list(batch_kwargs)
         bad = [i for i, item in enumerate(items) if not isinstance(item, Mapping)]
@@ -237,6 +262,7 @@ class Program:
             item_kwargs, item_defaults = self._split_kwargs(item)
             bound.append((self._bind((), item_kwargs), {**defaults, **item_defaults}))
         threads = self._num_threads(num_threads, len(items))
+        deadline = None if timeout is None else time.monotonic() + timeout
         batch_id = f"batch-{uuid.uuid4().hex}"
         backend.begin_program(batch_id)
         try:
@@ -244,7 +270,8 @@ class Program:
                 prefix = self.batch_prefix(items, chat_template=template)
                 if prefix:
                     backend.cache_prefix(prefix, batch_id)
-            return self._run_all(backend, template, bound, threads, progress_bar, raise_on_error, logprob_options)
+            return self._run_all(backend, template, bound, threads, progress_bar, raise_on_error, logprob_options,
+                                 deadline)
         finally:
             backend.end_program(batch_id)
 
@@ -265,12 +292,28 @@ class Program:
         progress_bar: bool,
         raise_on_error: bool,
         logprob_options: dict[str, Any],
+        deadline: float | None = None,
     ) -> list[ProgramState]:
+        runs: list[RunContext] = []  # the runs started so far (aborted when the deadline passes)
+        runs_lock = threading.Lock()
+        expired = threading.Event()
+        timed_out = f"run_batch of {self.name!r} did not finish within its timeout; this run was aborted"
+
         def one(item: tuple[inspect.BoundArguments, dict[str, Any]]) -> tuple[ProgramState, BaseException | None]:
             b, defaults = item
-            run = RunContext(backend, template, f"prog-{uuid.uuid4().hex}", defaults, **logprob_options)
-            backend.begin_program(run.program_id)
+            run = RunContext(backend, template, f"prog-{uuid.uuid4().hex}", defaults, name_reuse=self.name_reuse,
+                             **logprob_options)
             state = ProgramState(Executor(run))
+            with runs_lock:
+                late = expired.is_set() or (deadline is not None and time.monotonic() >= deadline)
+                runs.append(run)
+            if late:  # never started: nothing to abort on the backend
+                error = ProgramTimeoutError(timed_out)
+                run.abort_error, run.ended = error, True
+                state._executor.fail(error)
+                state._executor.end()
+                return state, error
+            backend.begin_program(run.program_id)
             return state, self._execute(run, state, b)
 
         bar = None
@@ -284,6 +327,14 @@ class Program:
                 if bar is not None:
                     for f in futures:
                         f.add_done_callback(lambda _: bar.update(1))
+                if deadline is not None:
+                    _, pending = wait_futures(futures, timeout=max(deadline - time.monotonic(), 0.0))
+                    if pending:
+                        with runs_lock:
+                            expired.set()
+                            started = list(runs)
+                        for run in started:
+                            abort_run(run, ProgramTimeoutError(timed_out))
                 results = [f.result() for f in futures]
         finally:
             if bar is not None:
@@ -291,6 +342,11 @@ class Program:
         states = [s for s, _ in results]
         errors = {i: e for i, (_, e) in enumerate(results) if e is not None}
         if errors and raise_on_error:
+            timeouts = sum(isinstance(e, ProgramTimeoutError) for e in errors.values())
+            if timeouts:
+                raise ProgramTimeoutError(
+                    f"run_batch of {self.name!r}: {timeouts} of {len(states)} runs did not finish within the "
+                    "timeout and were aborted; inspect .errors / .states", states, errors)
             raise ProgramBatchError(states, errors)
         return states
 

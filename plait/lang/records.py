@@ -62,7 +62,12 @@ class CallRecord:
 
 @dataclass
 class RunContext:
-    """What every executor of one program run shares."""
+    """What every executor of one program run shares.
+
+    ``name_reuse``: ``"error"`` (a second gen/select/var_scope of a name raises) or ``"overwrite"``.
+    ``abort_error``: set once when the run is aborted (``plait.lang.lifecycle.abort_run``); ``ended``: the
+    run is over (every call returned, ``end_program`` sent); ``deadline``: the timer of ``timeout=``.
+    """
 
     backend: Backend | None
     template: ChatTemplate
@@ -75,3 +80,7 @@ class RunContext:
     top_logprobs_num: int = 0  # and this many alternatives per token (a gen's own setting wins)
     executors: list[Executor] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    name_reuse: str = "error"
+    abort_error: BaseException | None = None
+    ended: bool = False
+    deadline: threading.Timer | None = None

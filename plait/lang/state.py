@@ -8,14 +8,15 @@ and an HTML view for notebooks.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from plait.lang.errors import StateClosedError, UnknownVariableError
+from plait.lang import streaming
+from plait.lang.errors import ProgramAbortedError, StateClosedError
 from plait.lang.interpreter import Executor, _AppendForks
 from plait.lang.ir import RoleBegin, RoleEnd, VarScopeBegin, VarScopeEnd, to_node
+from plait.lang.lifecycle import abort_run
 from plait.lang.primitives import role as _role
 from plait.lang.primitives import system as _system
 from plait.lang.records import CallRecord
@@ -170,50 +171,33 @@ class ProgramState:
         """True once the run is over and nothing more will be appended."""
         return self._executor.finished
 
-    # ------------------------------------------------------------------ streaming
-    def _next_chunk(self, var: str | None, shown: int, timeout: float | None = None) -> str | None:
-        """The text past ``shown`` (of the whole text or of ``var``) once there is some; None at the end."""
-        ex = self._executor
-        with ex.changed:
-            while True:
-                if var is None:
-                    current = ex.text
-                    done = ex.finished or ex.error is not None
-                else:
-                    current = ex.variables.get(var, "")
-                    current = current if isinstance(current, str) else str(current)
-                    done = (var in ex.variables and ex.var_done(var)) or ex.finished or ex.error is not None
-                if len(current) > shown:
-                    return current[shown:]
-                if done:
-                    if ex.error is not None:
-                        raise ex.error
-                    if var is not None and var not in ex.known_names():
-                        raise UnknownVariableError(var, ex.known_names())
-                    return None
-                if not ex.changed.wait(timeout) and timeout is not None:
-                    return ""
+    def abort(self) -> bool:
+        """Abort the run this state belongs to (forks included); returns False if it had ended already.
 
-    def text_iter(self, var: str | None = None) -> Iterator[str]:
-        """Yield the text (or variable ``var``'s text) as it is produced, until the run ends.
-
-        Without ``stream=True`` the run is already over and this yields everything at once.
+        Calls in flight are aborted on the backend (Runtime, Endpoint, MockBackend; a streamed gen's stream
+        is closed on every backend), nodes not yet executed are dropped, and the program's next append or
+        read, ``run()``, ``sync()`` and ``text_iter()`` raise ``ProgramAbortedError``. The program's own
+        Python code is not interrupted.
         """
-        shown = 0
-        while (chunk := self._next_chunk(var, shown)) is not None:
-            shown += len(chunk)
-            yield chunk
+        return abort_run(self._executor.run, ProgramAbortedError(
+            "the run was aborted with state.abort(); its calls in flight were aborted and the rest of the "
+            "program was not executed"))
 
-    async def text_async_iter(self, var: str | None = None) -> AsyncIterator[str]:
-        """``text_iter`` for asyncio: ``async for chunk in state.text_async_iter("answer")``."""
-        shown = 0
-        while True:
-            chunk = await asyncio.to_thread(self._next_chunk, var, shown, 0.5)
-            if chunk is None:
-                return
-            if chunk:
-                shown += len(chunk)
-                yield chunk
+    # ------------------------------------------------------------------ streaming
+    def text_iter(self, var_name: str | None = None, return_meta_data: bool = False) -> Iterator[Any]:
+        """Yield the text (or variable ``var_name``'s text) as it is produced, until the run ends.
+
+        Without ``stream=True`` the run is already over and this yields everything at once. With
+        ``return_meta_data=True`` (a variable must be named) it yields ``(text, meta_info)`` pairs: the
+        gen's meta so far, with the logprobs of this piece's tokens (see ``plait.lang.streaming``).
+        Stopping early (``break``) aborts the run; an error of the run is raised.
+        """
+        return streaming.text_iter(self, var_name, return_meta_data)
+
+    def text_async_iter(self, var_name: str | None = None, return_meta_data: bool = False) -> AsyncIterator[Any]:
+        """``text_iter`` for asyncio: ``async for chunk in state.text_async_iter("answer")`` (SGLang's
+        signature: ``return_meta_data=True`` yields ``(text, meta_info)``)."""
+        return streaming.text_async_iter(self, var_name, return_meta_data)
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:

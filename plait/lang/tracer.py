@@ -19,6 +19,7 @@ from plait.lang.backends.base import ChatTemplate
 from plait.lang.interpreter import Executor
 from plait.lang.ir import (
     Gen,
+    Media,
     Node,
     RoleBegin,
     RoleEnd,
@@ -130,7 +131,10 @@ def _describe(node: Any) -> str:
     if isinstance(node, Gen):
         params = ", ".join(f"{k}={v!r}" for k, v in node.overrides)
         dtype = f", dtype={node.dtype.__name__}" if node.dtype else ""
-        return f"gen {node.name!r}({params}{dtype})"
+        reasoning = f", separate_reasoning={node.reasoning!r}" if node.reasoning else ""
+        return f"gen {node.name!r}({params}{dtype}{reasoning})"
+    if isinstance(node, Media):
+        return f"{node.kind} {node.source!r}"
     if isinstance(node, Select):
         return f"select {node.name!r} choices={list(node.choices)} method={node.choices_method.name}"
     if isinstance(node, DeclareTools):
@@ -227,7 +231,8 @@ def trace_program(
             shown[name] = repr(bound.arguments[name])
         else:
             shown[name] = f"{param.default!r} (default)"
-    run = RunContext(None, template, None, dict(defaults or {}), symbolic=True, threaded=False)
+    run = RunContext(None, template, None, dict(defaults or {}), symbolic=True, threaded=False,
+                     name_reuse=program.name_reuse)
     root = Executor(run)
     state = ProgramState(root)
     stopped: str | None = None

@@ -8,11 +8,13 @@ return the same shape SGLang's Engine returns: ``{"text", "output_ids", "meta_in
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -43,6 +45,17 @@ from plait.runtime.tokenizer import Tokenizer
 from plait.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# Engines not shut down yet. At interpreter exit they are shut down before Python finalizes: a loop thread
+# still computing then (a program exiting with a stream open) would be killed inside torch's C++ code,
+# which aborts the process ("terminate called without an active exception").
+_LIVE_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_live_engines() -> None:
+    for engine in list(_LIVE_ENGINES):
+        engine.shutdown()
 
 
 class _Handle:
@@ -135,6 +148,7 @@ class Engine:
         self._inflight: InFlightStep | None = None
         self._thread = threading.Thread(target=self._loop, name="plait-engine", daemon=True)
         self._thread.start()
+        _LIVE_ENGINES.add(self)
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -369,6 +383,7 @@ class Engine:
 
     def shutdown(self) -> None:
         """Abort everything in flight, stop the loop thread and free the model's and KV cache's memory."""
+        _LIVE_ENGINES.discard(self)
         with self._cv:
             self._stopped = True
             self._cv.notify()

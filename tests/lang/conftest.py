@@ -18,3 +18,14 @@ def _no_default_backend():
 @pytest.fixture
 def mock() -> MockBackend:
     return MockBackend({"capital of France": " Paris", "Count": " one two three four five"}, default=" ok")
+
+
+@pytest.fixture(scope="session")
+def shared_runtime(bundled_model_dir):
+    """One Runtime on the bundled model, shared by the language tests that need a real model but no
+    particular engine settings (float32: greedy results do not depend on the batch's shape)."""
+    from plait.lang.backends.runtime import Runtime
+
+    runtime = Runtime(model=str(bundled_model_dir), dtype="float32", max_total_tokens=8192)
+    yield runtime
+    runtime.shutdown()

@@ -49,6 +49,15 @@ def test_gen_stop_and_max_tokens(rt):
     assert state.text() == prompt + state["capital"]
 
 
+def test_gen_stop_regex_cuts_where_the_pattern_matches(rt):
+    prompt = "Count with me: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
+    count = pl.function(lambda s: s.__iadd__(prompt + pl.gen("rest", max_tokens=24, stop_regex=r"1[5-9],")))
+    state = count.run(backend=rt, **GREEDY)
+    full = engine_text(rt, prompt, max_new_tokens=24)
+    assert "15," in full and state["rest"] == full[: full.index("15,")]
+    assert state.get_meta_info("rest")["finish_reason"] == {"type": "stop", "matched": r"1[5-9],"}
+
+
 @pytest.mark.parametrize("method", ["token_length_normalized", "greedy_token_selection", "unconditional_likelihood_normalized"])
 def test_select_methods(rt, method):
     @pl.function

@@ -11,6 +11,12 @@ Every call may carry ``program_id``: the id of the program run it belongs to. Be
 ``begin_program(pid)`` and ``end_program(pid)`` a backend that supports it keeps that run's prefix
 resident in its KV cache (program-aware caching); others ignore it.
 
+Optional, outside the protocol class (so backends written before it still are backends):
+``abort_program(program_id)`` aborts that run's calls in flight; a blocking ``generate`` then returns
+(its finish reason ``{"type": "abort"}``) at once. The language calls it when a run is aborted
+(``state.abort()``, a reader leaving ``text_iter``, ``timeout=``); Runtime, Endpoint and MockBackend have it.
+A request constraint the backend's compiler refuses raises ``InvalidConstraintError``.
+
 This module imports neither torch nor anything under ``plait.runtime``.
 """
 
@@ -20,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from plait.lang.errors import BackendCapabilityError
 from plait.sampling import SamplingParams
 
 __all__ = [
@@ -32,13 +39,6 @@ __all__ = [
     "LogprobEntry",
     "ToolRequest",
 ]
-
-
-class BackendCapabilityError(RuntimeError):
-    """The backend cannot do what the program asks (e.g. ``select`` on an API without logprobs).
-
-    The message says what was asked, which backend refused, and what to use instead.
-    """
 
 
 # (logprob, token_id, token_text) — the entry shape of SGLang's meta_info logprob lists.

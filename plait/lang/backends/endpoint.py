@@ -8,6 +8,10 @@ are used where the server lists them in ``/get_server_info`` under ``plait_exten
 and ``/apply_chat_template`` (the model's own chat template). Against a plain SGLang server those
 calls are skipped and the chat template is chosen by model name.
 
+Every generation carries a request id (``rid``, SGLang's field), so ``abort_program(program_id)`` can abort
+a run's generations in flight through ``/abort_request`` (plait serve and SGLang have it); a stream is
+also aborted by closing it. A 400 about the request's constraint is raised as ``InvalidConstraintError``.
+
 Only httpx and the standard library: ``plait.lang`` must work without torch.
 """
 
@@ -16,7 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -27,6 +33,7 @@ from plait.lang.backends.base import (
     GenerateCall,
     GenerateResult,
 )
+from plait.lang.constraints import constraint_refusal
 from plait.sampling import SamplingParams
 
 __all__ = ["Endpoint"]
@@ -75,6 +82,7 @@ class Endpoint:
         self._template_name = chat_template
         self._template: ChatTemplate | None = None
         self._lock = threading.Lock()
+        self._in_flight: dict[str, set[str]] = {}  # program id -> request ids of its generations in flight
         self.model_info = self._request("GET", "/get_model_info")
         try:
             server_info = self._request("GET", "/get_server_info")
@@ -114,36 +122,87 @@ class Endpoint:
         """Only what differs from the defaults, so that servers lacking a field accept the request."""
         return {k: v for k, v in params.to_dict().items() if v != _DEFAULTS.get(k)}
 
-    def _body(self, call: GenerateCall) -> dict[str, Any]:
+    def _body(self, call: GenerateCall, rid: str) -> dict[str, Any]:
         if call.params.n != 1:
             raise ValueError(f"a GenerateCall continues one prompt once; got n={call.params.n} "
                              "(use fork(n) in the program for several samples)")
         body = {"text": call.prompt, "sampling_params": self._sampling(call.params),
                 "return_logprob": call.return_logprob, "top_logprobs_num": call.top_logprobs_num,
-                "return_text_in_logprobs": True, **self._program(call.program_id)}
+                "return_text_in_logprobs": True, "rid": rid, **self._program(call.program_id)}
         return body
 
     # ------------------------------------------------------------------ generation
     def generate(self, call: GenerateCall) -> GenerateResult:
         """Continue ``call.prompt``; blocks until finished."""
-        return self._result(self._request("POST", "/generate", self._body(call)))
+        with self._tracked(call) as rid, self._constraint_errors(call):
+            return self._result(self._request("POST", "/generate", self._body(call, rid)))
 
     def stream(self, call: GenerateCall) -> Iterator[GenerateResult]:
         """Cumulative snapshots over SSE; closing the iterator early closes the connection, which
         aborts the request on the server."""
-        request = self._http.build_request("POST", "/generate", json={**self._body(call), "stream": True})
+        rid = self._track(call.program_id)
         try:
-            response = self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise ConnectionError(f"{self.name}: cannot reach the server ({exc})") from exc
-        try:
-            self._check(response)
+            request = self._http.build_request("POST", "/generate", json={**self._body(call, rid), "stream": True})
+            try:
+                response = self._http.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise ConnectionError(f"{self.name}: cannot reach the server ({exc})") from exc
+            try:
+                with self._constraint_errors(call):
+                    self._check(response)
+            except BaseException:
+                response.close()
+                raise
         except BaseException:
-            response.close()
+            self._untrack(call.program_id, rid)
             raise
-        return self._events(response)
+        return self._events(response, lambda: self._untrack(call.program_id, rid))
 
-    def _events(self, response: httpx.Response) -> Iterator[GenerateResult]:
+    @contextmanager
+    def _tracked(self, call: GenerateCall) -> Iterator[str]:
+        """A request id for ``call``, known to ``abort_program`` while the call runs."""
+        rid = self._track(call.program_id)
+        try:
+            yield rid
+        finally:
+            self._untrack(call.program_id, rid)
+
+    def _track(self, program_id: str | None) -> str:
+        rid = uuid.uuid4().hex
+        if program_id is not None:
+            with self._lock:
+                self._in_flight.setdefault(program_id, set()).add(rid)
+        return rid
+
+    def _untrack(self, program_id: str | None, rid: str) -> None:
+        if program_id is not None:
+            with self._lock:
+                rids = self._in_flight.get(program_id, set())
+                rids.discard(rid)
+                if not rids:
+                    self._in_flight.pop(program_id, None)
+
+    @contextmanager
+    def _constraint_errors(self, call: GenerateCall) -> Iterator[None]:
+        """A refusal of the request's constraint as ``InvalidConstraintError`` (other refusals unchanged)."""
+        try:
+            yield
+        except ValueError as exc:
+            mapped = constraint_refusal(str(exc), call.params, self.name)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    def abort_program(self, program_id: str) -> None:
+        """Abort the generations of ``program_id`` in flight (``/abort_request``); a stream also ends when
+        it is closed."""
+        with self._lock:
+            rids = list(self._in_flight.get(program_id, ()))
+        for rid in rids:
+            self._request("POST", "/abort_request", {"rid": rid})
+
+    def _events(self, response: httpx.Response, done: Callable[[], None] | None = None) -> Iterator[GenerateResult]:
+        """The stream's snapshots; ``done()`` is called when it ends (the request is no longer in flight)."""
         out_lps: list = []
         out_tops: list = []
         try:
@@ -172,6 +231,8 @@ class Endpoint:
                 yield self._result({**event, "meta_info": meta})
         finally:
             response.close()
+            if done is not None:
+                done()
 
     @staticmethod
     def _result(out: dict[str, Any]) -> GenerateResult:

@@ -3,7 +3,10 @@
 It implements the whole protocol without a model. Outputs come from rules (a pattern searched in the
 prompt -> the text to generate); the rule whose match ends latest in the prompt wins, so the most
 recent question decides. Tokens are whitespace-delimited words (a word with its leading spaces), so
-``max_new_tokens`` and token counts are predictable. Every call is recorded in ``calls``.
+``max_new_tokens`` and token counts are predictable. Every call is recorded in ``calls``. With
+``token_delay_s`` each token takes that long, and ``abort_program(pid)`` ends that program's calls in flight
+with ``finish_reason={"type": "abort"}``, as a real backend's abort does. Constraints are checked like
+``gen()`` checks them (``InvalidConstraintError``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from plait.lang.backends.base import (
     GenerateCall,
     GenerateResult,
 )
+from plait.lang.constraints import check_params
 
 __all__ = ["MockBackend", "mock_tokens"]
 
@@ -81,6 +85,7 @@ class MockBackend:
         self.token_delay_s = token_delay_s
         self.calls: list[tuple[str, Any]] = []
         self.open_programs: set[str] = set()
+        self.aborted_programs: set[str] = set()
         self._seen: set[str] = set()
         self._lock = threading.Lock()
 
@@ -114,6 +119,7 @@ class MockBackend:
 
     def _complete(self, call: GenerateCall) -> tuple[list[str], dict[str, Any]]:
         """The output tokens after stop strings and max_new_tokens, and the finish reason."""
+        check_params(call.params)
         text = self._output_for(call)
         params = call.params
         finish: dict[str, Any] = {"type": "stop", "matched": None}
@@ -174,12 +180,18 @@ class MockBackend:
         )
 
     # ------------------------------------------------------------------ protocol
+    def _aborted(self, call: GenerateCall) -> bool:
+        with self._lock:
+            return call.program_id is not None and call.program_id in self.aborted_programs
+
     def generate(self, call: GenerateCall) -> GenerateResult:
         start = time.monotonic()
         self._record("generate", call)
         tokens, finish = self._complete(call)
-        if self.token_delay_s:
-            time.sleep(self.token_delay_s * len(tokens))
+        for i in range(len(tokens) if self.token_delay_s else 0):
+            time.sleep(self.token_delay_s)
+            if self._aborted(call):
+                return self._result(call, tokens[: i + 1], {"type": "abort", "message": "aborted"}, start)
         result = self._result(call, tokens, finish, start)
         self._remember(call.prompt + result.text)
         return result
@@ -191,6 +203,9 @@ class MockBackend:
         for i in range(1, len(tokens)):
             if self.token_delay_s:
                 time.sleep(self.token_delay_s)
+            if self._aborted(call):
+                yield self._result(call, tokens[:i], {"type": "abort", "message": "aborted"}, start)
+                return
             yield self._result(call, tokens[:i], None, start)
         result = self._result(call, tokens, finish, start)
         self._remember(call.prompt + result.text)
@@ -256,5 +271,11 @@ class MockBackend:
         self._record("end_program", program_id)
         with self._lock:
             self.open_programs.discard(program_id)
+
+    def abort_program(self, program_id: str) -> None:
+        """End the calls of ``program_id`` in flight (at their next token) with an abort finish reason."""
+        self._record("abort_program", program_id)
+        with self._lock:
+            self.aborted_programs.add(program_id)
 
 

@@ -17,7 +17,9 @@ SGLang, ``plait serve``); otherwise they raise ``BackendCapabilityError``, never
 ``json_schema`` goes through ``response_format`` on chat completions. The KV-cache hooks
 (``cache_prefix``, ``begin_program``, ``end_program``) are no-ops: the server manages its cache.
 
-Logprob entries carry token id -1: the OpenAI API reports token text, not ids.
+Logprob entries carry token id -1: the OpenAI API reports token text, not ids. A 400 about the request's
+constraint (``regex``, ``json_schema``...) is raised as ``InvalidConstraintError``, as on other backends.
+The API cannot abort a request: a blocking call of an aborted run ends on its own; a stream is closed.
 
 Tool-calling turns (``call_tools``; ``GenerateCall.tools``) use the chat API's ``tools``,
 ``tool_choice`` and ``parallel_tool_calls``; the calls come back in ``GenerateResult.tool_calls``
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from plait.lang.backends.base import (
@@ -47,6 +50,7 @@ from plait.lang.backends.openai_chat import (
     has_chat_markup,
     render_api_calls,
 )
+from plait.lang.constraints import constraint_refusal
 from plait.sampling import SamplingParams
 
 __all__ = ["OpenAI"]
@@ -219,7 +223,8 @@ class OpenAI:
         start = time.perf_counter()
         tool_calls = None
         if chat:
-            resp = self.client.chat.completions.create(**kwargs)
+            with self._constraint_errors(call):
+                resp = self.client.chat.completions.create(**kwargs)
             choice = resp.choices[0]
             text = choice.message.content or ""
             lps, tops = self._chat_logprobs(getattr(choice.logprobs, "content", None), call)
@@ -227,7 +232,8 @@ class OpenAI:
                 tool_calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments or ""}
                               for c in (choice.message.tool_calls or [])]
         else:
-            resp = self.client.completions.create(**kwargs)
+            with self._constraint_errors(call):
+                resp = self.client.completions.create(**kwargs)
             choice = resp.choices[0]
             text = choice.text
             lps, tops = self._completion_logprobs(choice.logprobs, call)
@@ -254,7 +260,21 @@ class OpenAI:
         """Cumulative snapshots; closing the iterator early closes the HTTP stream (the server aborts)."""
         chat, kwargs = self._request(call, stream=True)
         create = self.client.chat.completions.create if chat else self.client.completions.create
-        return self._stream(create(**kwargs), chat, call)
+        with self._constraint_errors(call):
+            chunks = create(**kwargs)
+        return self._stream(chunks, chat, call)
+
+    @contextmanager
+    def _constraint_errors(self, call: GenerateCall) -> Iterator[None]:
+        """The API's refusal (400/422) of the request's constraint as ``InvalidConstraintError``."""
+        try:
+            yield
+        except Exception as exc:
+            if getattr(exc, "status_code", None) in (400, 422):
+                mapped = constraint_refusal(str(getattr(exc, "message", exc)), call.params, self.name)
+                if mapped is not None:
+                    raise mapped from exc
+            raise
 
     def _stream(self, chunks: Any, chat: bool, call: GenerateCall) -> Iterator[GenerateResult]:
         start = time.perf_counter()

@@ -11,6 +11,10 @@ from where the choice starts. The prefix and each ``prefix + choice`` are tokeni
 the choice starts after their common token prefix, so a token that merges across the boundary (a
 prefix ending in a space, a choice starting with a letter) is scored as part of the choice.
 
+Every generation carries a request id, so ``abort_program(program_id)`` can abort a run's calls in flight
+(``state.abort()``, a reader leaving ``text_iter``, ``timeout=``). A constraint the engine's grammar
+compiler refuses raises ``InvalidConstraintError``, as ``gen()`` does for what it can check itself.
+
 This module imports the runtime (torch) only when a ``Runtime`` is created.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from plait.lang.backends.base import (
@@ -28,6 +33,7 @@ from plait.lang.backends.base import (
     GenerateCall,
     GenerateResult,
 )
+from plait.lang.errors import InvalidConstraintError
 
 if TYPE_CHECKING:
     from plait.runtime.engine import Engine
@@ -73,6 +79,17 @@ def _to_result(out: dict[str, Any]) -> GenerateResult:
     )
 
 
+@contextmanager
+def _constraint_errors(backend_name: str) -> Iterator[None]:
+    """The engine's ``ConstraintError`` (a constraint its compiler refuses) as ``InvalidConstraintError``."""
+    from plait.runtime.constrained.spec import ConstraintError
+
+    try:
+        yield
+    except ConstraintError as exc:
+        raise InvalidConstraintError(f"{backend_name}: {exc}") from None
+
+
 class Runtime:
     """The in-process backend: a ``plait.Engine`` serving the language's calls. Thread-safe.
 
@@ -107,24 +124,63 @@ class Runtime:
         self._chat_template_name = chat_template
         self._chat_template: ChatTemplate | None = None
         self._lock = threading.Lock()
+        self._in_flight: dict[str, set[str]] = {}  # program id -> request ids of its generations in flight
+        self._aborted: set[str] = set()  # programs aborted and not ended yet: new calls end at once
 
     # ------------------------------------------------------------------ generation
     def generate(self, call: GenerateCall) -> GenerateResult:
         """Continue ``call.prompt``; blocks until finished."""
-        out = self.engine.generate(call.prompt, call.params, **self._engine_kwargs(call))
-        return _to_result(out)
+        kwargs = self._engine_kwargs(call)
+        with self._request(call) as rid, _constraint_errors(self.name):
+            if rid is None:
+                return GenerateResult("", finish_reason={"type": "abort", "message": "the program was aborted"})
+            return _to_result(self.engine.generate(call.prompt, call.params, rid=rid, **kwargs))
 
     def stream(self, call: GenerateCall) -> Iterator[GenerateResult]:
         """Cumulative snapshots of ``call``; closing the iterator early aborts the request."""
         return self._stream(call, self._engine_kwargs(call))  # bad arguments raise here, not at next()
 
     def _stream(self, call: GenerateCall, kwargs: dict[str, Any]) -> Iterator[GenerateResult]:
-        chunks = self.engine.generate(call.prompt, call.params, stream=True, **kwargs)
+        with self._request(call) as rid, _constraint_errors(self.name):
+            if rid is None:
+                yield GenerateResult("", finish_reason={"type": "abort", "message": "the program was aborted"})
+                return
+            chunks = self.engine.generate(call.prompt, call.params, stream=True, rid=rid, **kwargs)
+            try:
+                for out in chunks:
+                    yield _to_result(out)
+            finally:  # closing the engine's stream aborts the request if it is still running
+                chunks.close()
+
+    @contextmanager
+    def _request(self, call: GenerateCall) -> Iterator[str | None]:
+        """A request id for ``call``, known to ``abort_program`` while the call runs; None if its program
+        was aborted already."""
+        rid, pid = self.engine.new_rid(), call.program_id
+        with self._lock:
+            if pid is not None and pid in self._aborted:
+                rid = None
+            elif pid is not None:
+                self._in_flight.setdefault(pid, set()).add(rid)
         try:
-            for out in chunks:
-                yield _to_result(out)
-        finally:  # closing the engine's stream aborts the request if it is still running
-            chunks.close()
+            yield rid
+        finally:
+            if pid is not None and rid is not None:
+                with self._lock:
+                    rids = self._in_flight.get(pid)
+                    if rids is not None:
+                        rids.discard(rid)
+                        if not rids:
+                            del self._in_flight[pid]
+
+    def abort_program(self, program_id: str) -> None:
+        """Abort the generations of ``program_id`` in flight (they finish with ``{"type": "abort"}``) and end
+        any it starts until ``end_program``."""
+        with self._lock:
+            self._aborted.add(program_id)
+            rids = list(self._in_flight.get(program_id, ()))
+        for rid in rids:
+            self.engine.abort(rid)
 
     def _engine_kwargs(self, call: GenerateCall) -> dict[str, Any]:
         if call.params.n != 1:
@@ -240,6 +296,8 @@ class Runtime:
 
     def end_program(self, program_id: str) -> None:
         """Release the run's pinned prefixes."""
+        with self._lock:
+            self._aborted.discard(program_id)
         self.engine.end_program(program_id)
 
     # ------------------------------------------------------------------ chat template

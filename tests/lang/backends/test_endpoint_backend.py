@@ -193,6 +193,79 @@ def test_openai_backend_against_plait_serve(endpoint, server):
     assert ours_scores[key] == pytest.approx(native_scores[key], abs=1e-3)
 
 
+# The same constraint mistake must raise the same error on every backend. Sent straight to a backend (as a
+# program's gen() would refuse it first): each backend's own refusal, mapped to InvalidConstraintError.
+CONSTRAINT_MISTAKES = {
+    "regex-syntax": {"regex": "(unclosed"},
+    "regex-look-ahead": {"regex": r"(?=a)a"},
+    "schema-unknown-type": {"json_schema": '{"type": "object", "properties": {"a": {"type": "strng"}}}'},
+    "schema-dangling-ref": {"json_schema": '{"$ref": "#/$defs/missing"}'},
+    # Python's re accepts it, the grammar compilers do not: only a backend with a compiler can tell
+    "regex-compiler-only": {"regex": "a{,3}"},
+}
+BACKENDS = ["mock", "runtime", "endpoint", "openai"]
+
+
+@pytest.fixture
+def any_backend(request, server):
+    from plait.lang import MockBackend
+    from plait.lang.backends.openai import OpenAI
+
+    name = request.param
+    if name == "mock":
+        return MockBackend()
+    if name == "runtime":
+        return request.getfixturevalue("shared_runtime")
+    if name == "endpoint":
+        return request.getfixturevalue("endpoint")
+    pytest.importorskip("openai")
+    return OpenAI("smollm2-135m-instruct", base_url=server.url + "/v1", api_key="unused", extra_sampling=True)
+
+
+@pytest.mark.parametrize("any_backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("mistake", sorted(CONSTRAINT_MISTAKES))
+def test_the_same_constraint_mistake_raises_the_same_error(any_backend, mistake):
+    import plait as pl
+    from plait.lang import InvalidConstraintError
+
+    fields = CONSTRAINT_MISTAKES[mistake]
+    if mistake == "regex-compiler-only" and any_backend.name == "mock":
+        pytest.skip("the mock has no grammar compiler: Python's re accepts this regex")
+    call = GenerateCall("The answer:", SamplingParams(max_new_tokens=4, **fields))
+    with pytest.raises(InvalidConstraintError):
+        any_backend.generate(call)
+    with pytest.raises(InvalidConstraintError):
+        list(any_backend.stream(call))
+    prog = pl.function(lambda s: s.__iadd__("The answer:" + pl.gen("a", max_tokens=4, **fields)))
+    with pytest.raises(InvalidConstraintError):  # in a program: at gen() where the front end can tell
+        prog.run(backend=any_backend)
+
+
+def test_a_timed_out_run_aborts_its_request_on_the_server(endpoint, server):
+    import plait as pl
+    from plait.lang import ProgramTimeoutError
+
+    story = pl.function(lambda s: s.__iadd__("Story:" + pl.gen("story", max_tokens=2000, ignore_eos=True)))
+    before = server.stats()["generated_tokens"]
+    started = time.monotonic()
+    with pytest.raises(ProgramTimeoutError):
+        story.run(backend=endpoint, timeout=1.0)  # a blocking /generate: aborted through /abort_request
+    assert time.monotonic() - started < 3
+    deadline = time.monotonic() + 5
+    while server.stats()["running"]:
+        assert time.monotonic() < deadline, "the request still runs on the server"
+        time.sleep(0.05)
+    assert server.stats()["generated_tokens"] - before < 200
+    state = story.run(backend=endpoint, stream=True)
+    for i, _ in enumerate(state.text_iter("story")):  # leaving the stream closes it: the server aborts
+        if i == 2:
+            break
+    deadline = time.monotonic() + 5
+    while server.stats()["running"]:
+        assert time.monotonic() < deadline, "the streamed request still runs on the server"
+        time.sleep(0.05)
+
+
 def test_zz_no_slot_leaked(server):
     assert_idle_and_flushed(server)
 
