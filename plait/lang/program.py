@@ -221,6 +221,9 @@ class Program:
         error = wind_down(run, error)
         if error is not None and root.error is None:
             root.fail(error)
+        with root.changed:  # readers of a streamed run may now take the root's end as the run's end
+            run.outcome_known = True
+            root.changed.notify_all()
         return error
 
     # ------------------------------------------------------------------ run_batch

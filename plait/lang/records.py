@@ -83,4 +83,7 @@ class RunContext:
     name_reuse: str = "error"
     abort_error: BaseException | None = None
     ended: bool = False
+    # the program function has returned and its error, if any, is on the root executor: until then a
+    # root that has finished executing is not the end of the run (an error may still be recorded)
+    outcome_known: bool = False
     deadline: threading.Timer | None = None

@@ -90,13 +90,16 @@ def next_chunk(ex: Executor, var: str | None, shown: int, timeout: float | None 
     at that point; None at the end; ``("", None)`` when ``timeout`` passed first."""
     with ex.changed:
         while True:
+            # a root's executor finishes before its program function's error (a failed fork's, raised by
+            # join) is recorded: its end is the run's end only once the outcome is known
+            finished = ex.finished and (ex.parent is not None or ex.run.outcome_known or ex.run.symbolic)
             if var is None:
                 current = ex.text
-                done = ex.finished or ex.error is not None
+                done = finished or ex.error is not None
             else:
                 current = ex.variables.get(var, "")
                 current = current if isinstance(current, str) else str(current)
-                done = (var in ex.variables and ex.var_done(var)) or ex.finished or ex.error is not None
+                done = (var in ex.variables and ex.var_done(var)) or finished or ex.error is not None
             if len(current) > shown:
                 if var is None:
                     return current[shown:], None

@@ -168,3 +168,37 @@ def test_run_batch_timeout_aborts_what_is_left(slow):
     states = answer.run_batch(items, backend=fast_and_slow, num_threads=1, timeout=0.3, raise_on_error=False)
     assert states[0].error() is None and isinstance(states[2].error(), ProgramTimeoutError)
     assert len(fast_and_slow.calls_of("generate")) == 3 + 2  # the third item of the 1-thread batch never started
+
+
+class _FailsInBranch(MockBackend):
+    """A backend whose calls fail when the prompt contains "boom"."""
+
+    def generate(self, call):
+        if "boom" in call.prompt:
+            raise RuntimeError("backend failed in a branch")
+        return super().generate(call)
+
+    def stream(self, call):
+        if "boom" in call.prompt:
+            raise RuntimeError("backend failed in a branch")
+        yield from super().stream(call)
+
+
+def test_a_failed_branch_raised_by_join_reaches_the_stream_reader():
+    """The root executor finishes before the program function's error (a branch's, raised by join())
+    is recorded; the reader must get the error, never a quiet end (it was lost in 18 of 20 runs)."""
+
+    @pl.function
+    def prog(s):
+        s += "start "
+        forks = s.fork(2)
+        for i, f in enumerate(forks):
+            f += ("boom " if i == 1 else "fine ") + pl.gen("x", max_tokens=3)
+        forks.join()
+        s += pl.gen("y", max_tokens=3)
+
+    for _ in range(20):
+        state = prog.run(backend=_FailsInBranch(default=" ok"), stream=True)
+        with pytest.raises(RuntimeError, match="failed in a branch"):
+            for _ in state.text_iter():
+                pass
