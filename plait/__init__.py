@@ -43,6 +43,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Endpoint",
+    "RuntimeEndpoint",
     "Engine",
     "OpenAI",
     "ProgramState",
@@ -87,7 +88,7 @@ def __getattr__(name: str):
         from plait.runtime.engine import Engine
 
         return Engine
-    if name in ("Runtime", "Endpoint", "OpenAI"):  # backends in their own modules (Runtime needs torch)
+    if name in ("Runtime", "Endpoint", "RuntimeEndpoint", "OpenAI"):  # backends in their own modules (torch)
         import plait.lang
 
         return getattr(plait.lang, name)

@@ -94,6 +94,7 @@ __all__ = [
     "ChoicesMethod",
     "EmptyChoicesError",
     "Endpoint",
+    "RuntimeEndpoint",
     "GenerateCall",
     "GenerateResult",
     "GenerationError",
@@ -161,7 +162,11 @@ _LAZY_BACKENDS = {
 }
 
 
+_ALIASES = {"RuntimeEndpoint": "Endpoint"}  # SGLang's name for a served model's backend
+
+
 def __getattr__(name: str) -> Any:
+    name = _ALIASES.get(name, name)
     module = _LAZY_BACKENDS.get(name)
     if module is None:
         raise AttributeError(f"module 'plait.lang' has no attribute {name!r}")

@@ -136,3 +136,11 @@ def test_return_meta_data_needs_a_variable(mock):
         state.text_iter(return_meta_data=True)
     with pytest.raises(ValueError, match="name its variable"):
         state.text_async_iter(return_meta_data=True)
+
+
+def test_runtime_endpoint_is_sglangs_name_for_the_endpoint_backend():
+    """``sgl.set_default_backend(sgl.RuntimeEndpoint(url))`` ports by changing the import."""
+    import plait.lang
+
+    assert pl.RuntimeEndpoint is pl.Endpoint and plait.lang.RuntimeEndpoint is plait.lang.Endpoint
+    assert "RuntimeEndpoint" in pl.__all__ and "RuntimeEndpoint" in plait.lang.__all__
