@@ -3,6 +3,8 @@ lazily built token trie; masks are computed per step, compilation is near-instan
 
 from __future__ import annotations
 
+import copy
+import logging
 import threading
 from typing import Any
 
@@ -17,6 +19,8 @@ from plait.runtime.constrained.backends.base import (
 )
 from plait.runtime.constrained.spec import ConstraintKind, ConstraintSpec
 from plait.runtime.constrained.vocab import TokenizerInfo
+
+logger = logging.getLogger(__name__)
 
 # json.dumps' separators and no other whitespace: the format models see most, and whitespace can never
 # run away. Every byte between two values is forced, which makes jump-forward effective.
@@ -45,7 +49,10 @@ def lark_from_ebnf(text: str) -> str:
 
 class _Vocabulary:
     """A tokenizer as llguidance's ``TokenizerWrapper`` reads it: every token's bytes (special tokens as
-    ``0xff`` + name, ids past the tokenizer empty), the special and end ids, and ``__call__`` encoding."""
+    ``0xff`` + name, ids past the tokenizer empty), the special and end ids, and ``__call__`` encoding.
+
+    The fallback for tokenizers llguidance cannot read natively: llguidance calls ``__call__`` back
+    (holding the GIL) whenever it tokenizes text, mask computation included."""
 
     def __init__(self, info: TokenizerInfo):
         hf = info.tokenizer.hf
@@ -66,6 +73,67 @@ class _Vocabulary:
         if not isinstance(text, str):  # llguidance probes for byte input: say no
             raise TypeError("text must be str")
         return self._encode(text)
+
+
+# Texts whose tokenization the native tokenizer must reproduce exactly before it replaces the wrapper:
+# merges across spaces, newlines, digits, JSON punctuation, multi-byte characters and special-token text.
+_ENCODE_PROBES = ("Hello world", ' {"name": "Zoë", "age": 42}\n', "日本語 text\n\n  \t", "3.14159e-10",
+                  "<|im_end|>x </s>", "ééé ♥ 🙂", "  leading and trailing  ")
+
+
+def _native_mismatch(native: Any, vocab: _Vocabulary, info: TokenizerInfo) -> str | None:
+    """Why the natively built ``native`` LLTokenizer would behave differently from the ``vocab`` wrapper
+    (the first difference found), or None when they agree on every id's bytes and specialness, the end
+    ids, the vocabulary width and the encoding of the probe texts."""
+    if native.vocab_size != info.vocab_size:
+        return f"vocab_size {native.vocab_size} != {info.vocab_size}"
+    if info.stop_ids and sorted(native.eos_tokens) != sorted(info.stop_ids):
+        return f"end ids {sorted(native.eos_tokens)} != {sorted(info.stop_ids)}"
+    for i, data in enumerate(vocab.tokens):
+        special = bool(native.is_special_token(i))
+        got = native.decode_bytes([i])
+        if data[:1] == b"\xff":  # a special token: llguidance decodes it to its name
+            ok = special and got == data[1:]
+        elif not data:  # never allowed: past the tokenizer (llguidance names these "<[id]>") or unnamed
+            ok = special and got == f"<[{i}]>".encode()
+        else:
+            ok = not special and got == data
+        if not ok:
+            return f"token {i}: {got!r} (special={special}) != {data!r}"
+    for text in _ENCODE_PROBES:
+        if list(native.tokenize_str(text)) != vocab(text):
+            return f"encoding of {text!r} differs"
+    return None
+
+
+def build_lltokenizer(llg: Any, info: TokenizerInfo, native: bool = True) -> tuple[Any, str]:
+    """The LLTokenizer of ``info`` and how it was built: ``"native"`` or ``"wrapper"``.
+
+    ``native``: from the Hugging Face *fast* tokenizer's JSON, read by llguidance's Rust side, so that
+    tokenizing text during mask computation never calls back into Python. It is used only when it
+    matches plait's own token-bytes table id for id (bytes, special tokens, ids past the tokenizer), the
+    end ids and the canonical encoding of probe texts. Otherwise -- a slow tokenizer, or a JSON whose
+    decoder llguidance reads differently (transformers 5.17's GGUF import of SmolLM2: ByteFallback +
+    ByteLevel decoders made it read byte-level tokens wrongly) -- the ``_Vocabulary`` wrapper built from
+    that table is used. ``native=False`` forces the wrapper."""
+    vocab = _Vocabulary(info)
+    eos = sorted(info.stop_ids) or None
+    backend_tokenizer = getattr(info.tokenizer.hf, "backend_tokenizer", None)
+    if native and backend_tokenizer is not None:
+        try:
+            copied = copy.copy(backend_tokenizer)  # padding and truncation off, as llguidance.hf does
+            copied.no_padding()
+            copied.no_truncation()
+            tok = llg.LLTokenizer(copied.to_str(), n_vocab=info.vocab_size, eos_token=eos)
+        except Exception as exc:  # noqa: BLE001 -- llguidance raises several types for unreadable JSON
+            logger.info("llguidance cannot read the tokenizer natively (%s); using the Python wrapper", exc)
+        else:
+            why = _native_mismatch(tok, vocab, info)
+            if why is None:
+                return tok, "native"
+            logger.info("llguidance reads the tokenizer differently (%s); using the Python wrapper", why)
+    tok = llg.LLTokenizer(llg.TokenizerWrapper(vocab), n_vocab=info.vocab_size, eos_token=eos)
+    return tok, "wrapper"
 
 
 class LLGuidanceMatcher(TokenMatcher):
@@ -116,21 +184,25 @@ class LLGuidanceBackend(GrammarBackend):
         self._llg = _import()
         self._lock = threading.Lock()
         self._tokenizers: dict[int, Any] = {}
+        self._kinds: dict[int, str] = {}
+        self.native_vocabulary = True  # False: always the Python wrapper (benchmarks, comparisons)
 
     def tokenizer_for(self, info: TokenizerInfo) -> Any:
-        """The LLTokenizer of ``info`` (about 0.5 s to build; once per tokenizer)."""
+        """The LLTokenizer of ``info`` (about 0.5 s to build; once per tokenizer): native when llguidance
+        reads the tokenizer exactly as plait's token table says, else the Python wrapper
+        (``build_lltokenizer``); ``vocabulary_kind`` says which."""
         with self._lock:
             tok = self._tokenizers.get(id(info))
             if tok is None:
-                # From our own token-bytes table, not the tokenizer's JSON: llguidance infers the byte
-                # mapping from the JSON's decoder, and some conversions (transformers 5.17's GGUF import
-                # of SmolLM2: ByteFallback + ByteLevel decoders) make it read byte-level tokens wrongly.
-                tok = self._llg.LLTokenizer(
-                    self._llg.TokenizerWrapper(_Vocabulary(info)), n_vocab=info.vocab_size,
-                    eos_token=sorted(info.stop_ids) or None,
-                )
+                tok, kind = build_lltokenizer(self._llg, info, native=self.native_vocabulary)
                 self._tokenizers[id(info)] = tok
+                self._kinds[id(info)] = kind
             return tok
+
+    def vocabulary_kind(self, info: TokenizerInfo) -> str:
+        """``"native"`` or ``"wrapper"``: how ``tokenizer_for(info)`` was built (building it if needed)."""
+        self.tokenizer_for(info)
+        return self._kinds[id(info)]
 
     def grammar_text(self, spec: ConstraintSpec) -> str:
         """The llguidance grammar (JSON text) for ``spec``."""
