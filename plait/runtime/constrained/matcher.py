@@ -38,13 +38,23 @@ class GrammarState:
         self.forced_count = 0  # tokens appended by jump-forward (reported in meta_info)
         stop = sorted(t for t in stop_ids if 0 <= t < info.vocab_size)
         never = sorted((info.stop_ids | info.special_ids) - set(stop))
-        self._stop_words, self._stop_bits = self._split(stop)
-        self._never_words, self._never_bits = self._split([t for t in never if t < info.vocab_size])
+        self._stop = self._split(stop)
+        self._never = self._split([t for t in never if t < info.vocab_size])
 
     @staticmethod
-    def _split(ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        arr = np.asarray(ids, dtype=np.int64)
-        return arr >> 5, (np.ones_like(arr, dtype=np.uint32) << (arr & 31).astype(np.uint32))
+    def _split(ids: list[int]) -> tuple[tuple[int, np.int32, np.int32], ...]:
+        """``(word, bits, ~bits)`` for each int32 word of a bitmask row that holds any of ``ids``, the
+        masks as int32 scalars (bit 31 is the sign), so that ``fill_bitmask`` sets or clears a word in
+        one numpy operation: a few words each (usually one), where ``np.bitwise_or.at`` cost
+        microseconds per call."""
+        words: dict[int, int] = {}
+        for t in ids:
+            words[t >> 5] = words.get(t >> 5, 0) | (1 << (t & 31))
+
+        def signed(value: int) -> np.int32:
+            return np.int32(value - (1 << 32) if value >= 1 << 31 else value)
+
+        return tuple((w, signed(bits), signed(~bits & 0xFFFFFFFF)) for w, bits in sorted(words.items()))
 
     @property
     def backend(self) -> str:
@@ -58,12 +68,15 @@ class GrammarState:
     def fill_bitmask(self, row: torch.Tensor) -> None:
         """Write this request's allowed next tokens into ``row`` (int32 [ceil(V / 32)], CPU)."""
         self.matcher.fill_bitmask(row)
-        words = row.numpy().view(np.uint32)
-        np.bitwise_and.at(words, self._never_words, ~self._never_bits)
+        words = row.numpy()
+        for w, _, clear in self._never:
+            words[w] &= clear
         if self.matcher.can_terminate():
-            np.bitwise_or.at(words, self._stop_words, self._stop_bits)
+            for w, bits, _ in self._stop:
+                words[w] |= bits
         else:
-            np.bitwise_and.at(words, self._stop_words, ~self._stop_bits)
+            for w, _, clear in self._stop:
+                words[w] &= clear
 
     def accept_token(self, token: int) -> dict[str, Any] | None:
         """Advance by a generated (non-stop) token. Returns a finish reason: ``stop`` when the grammar is

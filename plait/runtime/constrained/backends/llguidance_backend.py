@@ -179,13 +179,14 @@ class LLGuidanceGrammar(CompiledGrammar):
 
 class LLGuidanceBackend(GrammarBackend):
     name = "llguidance"
+    # False: always the Python wrapper vocabulary (for comparisons: benchmarks/llguidance_overhead.py)
+    native_vocabulary = True
 
     def __init__(self) -> None:
         self._llg = _import()
         self._lock = threading.Lock()
         self._tokenizers: dict[int, Any] = {}
         self._kinds: dict[int, str] = {}
-        self.native_vocabulary = True  # False: always the Python wrapper (benchmarks, comparisons)
 
     def tokenizer_for(self, info: TokenizerInfo) -> Any:
         """The LLTokenizer of ``info`` (about 0.5 s to build; once per tokenizer): native when llguidance
