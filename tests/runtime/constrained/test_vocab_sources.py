@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from plait.runtime.constrained import GrammarCompiler, GrammarState, TokenizerInfo
+from plait.runtime.constrained.backends.llguidance_backend import LLGuidanceBackend
 from plait.runtime.constrained.spec import ConstraintKind, ConstraintSpec
 from tests.runtime.constrained.conftest import walk
 
@@ -32,6 +33,8 @@ def fallback_decoder_info(bundled_model_dir):
 
 def test_llguidance_with_a_byte_fallback_decoder(fallback_decoder_info):
     info = fallback_decoder_info
+    # llguidance reading this JSON itself would mis-map byte-level tokens: the wrapper over plait's table
+    assert LLGuidanceBackend().vocabulary_kind(info) == "wrapper"
     compiler = GrammarCompiler(info, backend="llguidance")
     try:
         schema = '{"type": "object", "properties": {"born": {"type": "string", "format": "date"}}, "required": ["born"]}'
