@@ -7,9 +7,9 @@ and jump-forward (forced tokens, see ``jump_forward.py``).
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
-import numpy as np
 import torch
 
 from plait.runtime.constrained.backends.base import CompiledGrammar
@@ -38,23 +38,32 @@ class GrammarState:
         self.forced_count = 0  # tokens appended by jump-forward (reported in meta_info)
         stop = sorted(t for t in stop_ids if 0 <= t < info.vocab_size)
         never = sorted((info.stop_ids | info.special_ids) - set(stop))
-        self._stop = self._split(stop)
-        self._never = self._split([t for t in never if t < info.vocab_size])
+        self._when_accepting, self._when_not = self._word_masks(stop, [t for t in never if t < info.vocab_size])
+        touched = [w for w, *_ in self._when_accepting]
+        # a ctypes view of the row's first words, up to the last one edited (no copy, no numpy array)
+        self._words_type = ctypes.c_int32 * (max(touched) + 1) if touched else None
+        self._min_words = max(touched) + 1 if touched else 0
 
     @staticmethod
-    def _split(ids: list[int]) -> tuple[tuple[int, np.int32, np.int32], ...]:
-        """``(word, bits, ~bits)`` for each int32 word of a bitmask row that holds any of ``ids``, the
-        masks as int32 scalars (bit 31 is the sign), so that ``fill_bitmask`` sets or clears a word in
-        one numpy operation: a few words each (usually one), where ``np.bitwise_or.at`` cost
-        microseconds per call."""
-        words: dict[int, int] = {}
-        for t in ids:
-            words[t >> 5] = words.get(t >> 5, 0) | (1 << (t & 31))
+    def _word_masks(stop: list[int], never: list[int]) -> tuple[tuple, tuple]:
+        """The bitmask words ``fill_bitmask`` edits on top of the backend's mask, per grammar state:
+        ``((word, keep, add), ...)`` where the grammar can end (``never`` ids cleared, ``stop`` ids set)
+        and ``((word, keep), ...)`` where it cannot (both cleared); the masks as signed 32-bit ints. A few
+        words (usually one), edited one by one: ``np.bitwise_or.at`` cost microseconds per call."""
+        stop_bits: dict[int, int] = {}
+        never_bits: dict[int, int] = {}
+        for ids, bits in ((stop, stop_bits), (never, never_bits)):
+            for t in ids:
+                bits[t >> 5] = bits.get(t >> 5, 0) | (1 << (t & 31))
 
-        def signed(value: int) -> np.int32:
-            return np.int32(value - (1 << 32) if value >= 1 << 31 else value)
+        def i32(value: int) -> int:
+            value &= 0xFFFFFFFF
+            return value - (1 << 32) if value >= 1 << 31 else value
 
-        return tuple((w, signed(bits), signed(~bits & 0xFFFFFFFF)) for w, bits in sorted(words.items()))
+        words = sorted(set(stop_bits) | set(never_bits))
+        accepting = tuple((w, i32(~never_bits.get(w, 0)), i32(stop_bits.get(w, 0))) for w in words)
+        not_accepting = tuple((w, i32(~(never_bits.get(w, 0) | stop_bits.get(w, 0)))) for w in words)
+        return accepting, not_accepting
 
     @property
     def backend(self) -> str:
@@ -66,17 +75,20 @@ class GrammarState:
         return self.matcher.can_terminate()
 
     def fill_bitmask(self, row: torch.Tensor) -> None:
-        """Write this request's allowed next tokens into ``row`` (int32 [ceil(V / 32)], CPU)."""
+        """Write this request's allowed next tokens into ``row`` (int32 [ceil(V / 32)], CPU, contiguous)."""
+        if not (row.is_cpu and row.dtype is torch.int32 and row.is_contiguous() and row.numel() >= self._min_words):
+            raise ValueError(f"a bitmask row must be a contiguous int32 CPU tensor of at least {self._min_words} "
+                             f"words, not {row.dtype} {tuple(row.shape)} on {row.device}")
         self.matcher.fill_bitmask(row)
-        words = row.numpy()
-        for w, _, clear in self._never:
-            words[w] &= clear
+        if self._words_type is None:
+            return
+        words = self._words_type.from_address(row.data_ptr())
         if self.matcher.can_terminate():
-            for w, bits, _ in self._stop:
-                words[w] |= bits
+            for w, keep, add in self._when_accepting:
+                words[w] = (words[w] & keep) | add
         else:
-            for w, _, clear in self._stop:
-                words[w] &= clear
+            for w, keep in self._when_not:
+                words[w] &= keep
 
     def accept_token(self, token: int) -> dict[str, Any] | None:
         """Advance by a generated (non-stop) token. Returns a finish reason: ``stop`` when the grammar is

@@ -65,3 +65,11 @@ def test_stop_and_never_bits(fill, accepting):
     never = {0, 31, 63, 64}
     expected = (backend - never - {95, 30, 62}) | ({95, 30, 62} if accepting else set())
     assert _bits(row) == expected
+
+
+@pytest.mark.parametrize("row", [torch.zeros(4, dtype=torch.int64), torch.zeros(3, dtype=torch.int32),
+                                 torch.zeros(8, dtype=torch.int32)[::2]])
+def test_a_row_of_the_wrong_kind_is_refused(row):
+    info = TokenizerInfo(None, VOCAB, [b"x"] * VOCAB, special_ids=frozenset({99}), stop_ids=frozenset({99}))
+    with pytest.raises(ValueError, match="contiguous int32 CPU tensor of at least 4 words"):
+        GrammarState(_Grammar(-1, True), info, frozenset({98})).fill_bitmask(row)
