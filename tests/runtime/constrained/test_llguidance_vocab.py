@@ -140,5 +140,8 @@ def test_a_tokenizer_llguidance_reads_differently_falls_back(padded_info, monkey
     assert llguidance_backend._native_mismatch(native, vocab, padded_info) is None
     vocab.tokens[300] = b"\xc2" + vocab.tokens[300]  # as if llguidance misread one byte-level token
     assert "token 300" in llguidance_backend._native_mismatch(native, vocab, padded_info)
+    no_end = TokenizerInfo(padded_info.tokenizer, padded_info.vocab_size, padded_info.token_bytes,
+                           padded_info.special_ids, frozenset())
+    assert llguidance_backend._native_mismatch(native, vocab, no_end) == "no end ids"
     monkeypatch.setattr(llguidance_backend, "_native_mismatch", lambda *a: "differs")
     assert llguidance_backend.build_lltokenizer(llg, padded_info)[1] == "wrapper"

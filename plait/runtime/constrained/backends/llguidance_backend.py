@@ -87,7 +87,9 @@ def _native_mismatch(native: Any, vocab: _Vocabulary, info: TokenizerInfo) -> st
     ids, the vocabulary width and the encoding of the probe texts."""
     if native.vocab_size != info.vocab_size:
         return f"vocab_size {native.vocab_size} != {info.vocab_size}"
-    if info.stop_ids and sorted(native.eos_tokens) != sorted(info.stop_ids):
+    if not info.stop_ids:  # llguidance would take the JSON's end token, the wrapper has none
+        return "no end ids"
+    if sorted(native.eos_tokens) != sorted(info.stop_ids):
         return f"end ids {sorted(native.eos_tokens)} != {sorted(info.stop_ids)}"
     for i, data in enumerate(vocab.tokens):
         special = bool(native.is_special_token(i))
