@@ -70,7 +70,8 @@ def _specs() -> list[tuple[ConstraintSpec, list[str]]]:
         (ConstraintSpec(ConstraintKind.CHOICES, json.dumps(["yes", "no", "maybe so"])), ["maybe so"]),
         (ConstraintSpec(ConstraintKind.GRAMMAR, 'start: "Answer: " NUM " " WORD\nNUM: /[0-9]+/\nWORD: /[a-zé]+/'),
          ["Answer: 42 café"]),
-        (ConstraintSpec(ConstraintKind.GRAMMAR, 'root ::= "[" item ("," item)* "]"\nitem ::= [0-9]+ | "\\"" [a-z]* "\\""'),
+        (ConstraintSpec(ConstraintKind.GRAMMAR,
+                        'root ::= "[" item ("," item)* "]"\nitem ::= [0-9]+ | "\\"" [a-z]* "\\""'),
          ['[1,"ab",23]']),
         # special tokens and an id past the tokenizer, named in the grammar
         (ConstraintSpec(ConstraintKind.GRAMMAR, 'start: "x" (<|im_start|> | <[49160]>) "y"'), ["xy"]),
@@ -118,7 +119,8 @@ def test_native_tokenizer_never_calls_python(backends, padded_info, monkeypatch)
     """The wrapper's encoder is called back during mask computation; the native tokenizer's never is."""
     calls = []
     original = llguidance_backend._Vocabulary.__call__
-    monkeypatch.setattr(llguidance_backend._Vocabulary, "__call__", lambda self, text: calls.append(text) or original(self, text))
+    monkeypatch.setattr(llguidance_backend._Vocabulary, "__call__",
+                        lambda self, text: calls.append(text) or original(self, text))
     counts = []
     for backend in backends:  # native, then wrapper
         calls.clear()
