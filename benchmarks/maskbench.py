@@ -17,8 +17,11 @@ Two sides:
 - llguidance: the same package called directly with its default JSON options
   (``grammar_from_json_schema`` + ``LLMatcher`` on the same token table).
 
-Failure kinds: ``compile`` (refused or failed to compile), ``timeout`` (plait's compile timeout),
-``valid_rejected``, ``invalid_accepted``. Compile time is per schema; mask time is per token.
+Failure kinds: ``limit`` (plait refuses the schema before compiling: past ``GrammarLimits``, e.g. the
+128 KiB ``grammar_max_bytes``; ``--max-bytes`` raises it), ``compile`` (refused or failed to compile),
+``timeout`` (plait's compile timeout), ``valid_rejected``, ``invalid_accepted``. Compile time is per
+schema (plait: spec normalization and the compile; llguidance: schema translation and the matcher);
+mask time is per token.
 """
 
 from __future__ import annotations
@@ -37,10 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from plait.runtime.constrained import ConstraintError, GrammarCompiler, GrammarState, spec_from_params  # noqa: E402
+from plait.runtime.constrained.limits import GrammarLimits  # noqa: E402
 from plait.runtime.constrained.vocab import TokenizerInfo  # noqa: E402
 from plait.sampling import SamplingParams  # noqa: E402
 
-KINDS = ("compile", "timeout", "valid_rejected", "invalid_accepted")
+class LimitError(Exception):
+    """plait refused the schema before compiling it (its limits, or a malformed schema)."""
+
+
+KINDS = ("limit", "compile", "timeout", "valid_rejected", "invalid_accepted")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -95,6 +103,9 @@ class Side:
         except TimeoutError as exc:
             self.detail = str(exc)
             return "timeout"
+        except LimitError as exc:
+            self.detail = str(exc)
+            return "limit"
         except Exception as exc:  # noqa: BLE001 -- any refusal or library error is a compile failure
             self.detail = str(exc)[:200]
             return "compile"
@@ -109,13 +120,17 @@ class Side:
 class PlaitSide(Side):
     name = "plait"
 
-    def __init__(self, info: TokenizerInfo, backend: str, timeout_s: float):
+    def __init__(self, info: TokenizerInfo, backend: str, timeout_s: float, limits: GrammarLimits):
         super().__init__(info)
+        self.limits = limits
         self.compiler = GrammarCompiler(info, backend=backend, timeout_s=timeout_s, cache_size=4, max_workers=1)
         self.stop_ids = frozenset(info.stop_ids)
 
     def compile(self, schema: object):
-        spec = spec_from_params(SamplingParams(json_schema=json.dumps(schema)))
+        try:
+            spec = spec_from_params(SamplingParams(json_schema=json.dumps(schema)), self.limits)
+        except ConstraintError as exc:
+            raise LimitError(str(exc)) from None
         try:
             grammar = self.compiler.compile(spec)
         except ConstraintError as exc:
@@ -167,8 +182,8 @@ class LLGuidanceSide(Side):
         return bool(matcher.is_accepting())
 
 
-def run(data_dir: Path, sample: int | None, seed: int, backend: str, timeout_s: float,
-        info: TokenizerInfo | None = None, verbose: bool = False) -> dict:
+def run(data_dir: Path, sample: int | None, seed: int, backend: str = "llguidance", timeout_s: float = 30.0,
+        limits: GrammarLimits | None = None, info: TokenizerInfo | None = None, verbose: bool = False) -> dict:
     """Walk the cases through both sides; returns {side: {"tried", "pass", kinds..., "failed": [...],
     "compile_s", "mask_s"}}."""
     if info is None:
@@ -176,7 +191,7 @@ def run(data_dir: Path, sample: int | None, seed: int, backend: str, timeout_s: 
         from plait.runtime.tokenizer import Tokenizer
 
         info = TokenizerInfo.from_tokenizer(Tokenizer.from_dir(ensure_preset_dir("smollm2-135m-instruct")))
-    plait_side = PlaitSide(info, backend, timeout_s)
+    plait_side = PlaitSide(info, backend, timeout_s, limits or GrammarLimits())
     plait_side.compiler.backend_named("llguidance")  # load the backend outside the timed compiles
     from plait.runtime.constrained.backends.llguidance_backend import LLGuidanceBackend
 
@@ -204,12 +219,12 @@ def run(data_dir: Path, sample: int | None, seed: int, backend: str, timeout_s: 
 
 
 def table(results: dict) -> str:
-    lines = ["| side | tried | pass | compile | timeout | valid rejected | invalid accepted "
+    lines = ["| side | tried | pass | limit | compile | timeout | valid rejected | invalid accepted "
              "| compile p50 / p99 ms | mask p50 / p99 us |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
         c, m = r["compile_s"], r["mask_s"]
-        lines.append(f"| {name} | {r['tried']} | {r['pass']} | {r['compile']} | {r['timeout']} | {r['valid_rejected']} "
+        lines.append(f"| {name} | {r['tried']} | {r['pass']} | {r['limit']} | {r['compile']} | {r['timeout']} | {r['valid_rejected']} "
                      f"| {r['invalid_accepted']} | {pct(c, 50) * 1e3:.2f} / {pct(c, 99) * 1e3:.1f} "
                      f"| {pct(m, 50) * 1e6:.1f} / {pct(m, 99) * 1e6:.0f} |")
     return "\n".join(lines)
@@ -223,14 +238,17 @@ def main() -> None:
     ap.add_argument("--backend", default="llguidance", help="plait's backend choice (llguidance, or auto: "
                     "with the outlines fallback)")
     ap.add_argument("--timeout", type=float, default=30.0, help="plait's compile timeout, seconds")
+    ap.add_argument("--max-bytes", type=int, default=GrammarLimits().max_bytes,
+                    help="plait's grammar_max_bytes (default: the engine's)")
     ap.add_argument("--show-failures", action="store_true", help="list each failed schema and why")
     args = ap.parse_args()
     import llguidance
 
     start = time.perf_counter()
-    results = run(args.data_dir, args.sample, args.seed, args.backend, args.timeout, verbose=True)
+    results = run(args.data_dir, args.sample, args.seed, args.backend, args.timeout,
+                  GrammarLimits(max_bytes=args.max_bytes), verbose=True)
     print(f"MaskBench, {platform.machine()} {platform.system()}, llguidance {llguidance.__version__}, "
-          f"plait backend {args.backend}, sample {args.sample or 'all'} (seed {args.seed}), "
+          f"plait backend {args.backend}, grammar_max_bytes {args.max_bytes}, sample {args.sample or 'all'} (seed {args.seed}), "
           f"{time.perf_counter() - start:.0f} s")
     print(table(results))
     plait_failed = {f[0] for f in results["plait"]["failed"]}
