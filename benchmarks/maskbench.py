@@ -224,7 +224,8 @@ def table(results: dict) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
         c, m = r["compile_s"], r["mask_s"]
-        lines.append(f"| {name} | {r['tried']} | {r['pass']} | {r['limit']} | {r['compile']} | {r['timeout']} | {r['valid_rejected']} "
+        lines.append(f"| {name} | {r['tried']} | {r['pass']} | {r['limit']} | {r['compile']} | {r['timeout']} "
+                     f"| {r['valid_rejected']} "
                      f"| {r['invalid_accepted']} | {pct(c, 50) * 1e3:.2f} / {pct(c, 99) * 1e3:.1f} "
                      f"| {pct(m, 50) * 1e6:.1f} / {pct(m, 99) * 1e6:.0f} |")
     return "\n".join(lines)
@@ -248,7 +249,8 @@ def main() -> None:
     results = run(args.data_dir, args.sample, args.seed, args.backend, args.timeout,
                   GrammarLimits(max_bytes=args.max_bytes), verbose=True)
     print(f"MaskBench, {platform.machine()} {platform.system()}, llguidance {llguidance.__version__}, "
-          f"plait backend {args.backend}, grammar_max_bytes {args.max_bytes}, sample {args.sample or 'all'} (seed {args.seed}), "
+          f"plait backend {args.backend}, grammar_max_bytes {args.max_bytes}, "
+          f"sample {args.sample or 'all'} (seed {args.seed}), "
           f"{time.perf_counter() - start:.0f} s")
     print(table(results))
     plait_failed = {f[0] for f in results["plait"]["failed"]}
