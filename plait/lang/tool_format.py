@@ -140,8 +140,10 @@ class CallSyntax:
                 lines.append(f"more: ({_lit(self.separator)} call)*")
         lines.append(f"call: {_lit(self.open)} call_body")
         lines.append("call_body: " + " | ".join(f"fn_{i}" for i in range(len(callable_tools))))
+        # at most one more space per boundary, as response_format's JSON style (docs/constrained.md): with
+        # no free whitespace, llguidance's mask refuses tokens that span the end of a forced stretch
         style = {"item_separator": "," if self.compact else ", ", "key_separator": ":" if self.compact else ": ",
-                 "whitespace_flexible": False}
+                 "whitespace_pattern": "[ ]?"}
         for i, tool in enumerate(callable_tools):
             lines.append(f"fn_{i}: {_lit(tool.name + self.infix)} args_{i} {_lit(self.close)}")
             lines.append(f"args_{i}: %json {_schema_for_lark(tool.parameters, style)}")

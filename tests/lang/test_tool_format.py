@@ -351,3 +351,34 @@ def test_a_tool_program_renders_exactly_as_the_model_template_does(tokenizer, na
     expected = render_tools(conversation_messages(state), [get_weather.chat_dict(), add.chat_dict()])
     bos = tool_rendering_of(chat).bos
     assert expected.startswith(bos) and state.text() == expected[len(bos):]
+
+
+def test_grammar_mask_allows_json_dumps_arguments_token_by_token(tokenizer):
+    """The mask (not only consume) allows each token of a json.dumps call, also where a token spans the
+    end of a forced stretch (``": "`` + a pattern's first characters), in both JSON styles."""
+    llguidance = pytest.importorskip("llguidance")
+    import torch
+
+    from plait.runtime.constrained.backends.llguidance_backend import LLGuidanceBackend
+    from plait.runtime.constrained.vocab import TokenizerInfo
+
+    info = TokenizerInfo.from_tokenizer(tokenizer)
+    lltok = LLGuidanceBackend().tokenizer_for(info)
+
+    @pl.tool
+    def shebang(line: str) -> str:
+        """A script's first line."""
+        return line
+
+    shebang.parameters["properties"]["line"]["pattern"] = "^#!"
+    for syntax, text in [(HERMES, '<tool_call>\n{"name": "shebang", "arguments": {"line": "#!"}}\n</tool_call>'),
+                         (CallSyntax('{"name": "', '", "parameters": ', "}", content_separator=None, compact=True),
+                          '{"name": "shebang", "parameters": {"line":"#!"}}')]:
+        matcher = llguidance.LLMatcher(lltok, llguidance.LLMatcher.grammar_from_lark(
+            syntax.grammar([shebang], "required", False)), log_level=0)
+        row = torch.zeros(info.bitmask_words, dtype=torch.int32)
+        for token in info.encode(text):
+            matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+            assert (int(row[token >> 5]) >> (token & 31)) & 1, (text, info.token_bytes[token])
+            assert matcher.consume_token(token)
+        assert matcher.is_accepting()

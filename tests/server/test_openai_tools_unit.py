@@ -137,3 +137,27 @@ def test_thinking_before_calls(matcher_factory):
     assert not matcher_factory(opened, CALL_PARIS)
     auto = tool_grammar(parse_chat_tools({"tools": [WEATHER]}), "open")
     assert matcher_factory(auto, "hm</think>\n\nNo call needed.") and not matcher_factory(auto, "No call.")
+
+
+def test_call_arguments_are_allowed_token_by_token_by_the_mask(bundled_model_dir):
+    """The mask (not only consume) allows a json.dumps call whose tokens span the end of a forced
+    stretch: ``": "`` + a pattern's first characters (the arguments use response_format's JSON style)."""
+    llguidance = pytest.importorskip("llguidance")
+    import torch
+
+    from plait.runtime.constrained.backends.llguidance_backend import LLGuidanceBackend
+    from plait.runtime.constrained.vocab import TokenizerInfo
+    from plait.runtime.tokenizer import Tokenizer
+
+    info = TokenizerInfo.from_tokenizer(Tokenizer.from_dir(bundled_model_dir))
+    tool = {"type": "function", "function": {"name": "run", "parameters": {
+        "type": "object", "properties": {"p": {"type": "string", "pattern": "^#!"}}, "required": ["p"]}}}
+    g = grammar(tools=[tool], tool_choice="required", parallel_tool_calls=False)
+    matcher = llguidance.LLMatcher(LLGuidanceBackend().tokenizer_for(info), llguidance.LLMatcher.grammar_from_lark(g),
+                                   log_level=0)
+    row = torch.zeros(info.bitmask_words, dtype=torch.int32)
+    for token in info.encode('<tool_call>\n{"name": "run", "arguments": {"p": "#!"}}\n</tool_call>'):
+        matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+        assert (int(row[token >> 5]) >> (token & 31)) & 1, info.token_bytes[token]
+        assert matcher.consume_token(token)
+    assert matcher.is_accepting()

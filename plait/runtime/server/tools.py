@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from plait.runtime.constrained.backends.llguidance_backend import JSON_OPTIONS
 from plait.runtime.server.protocol import RequestError
 
 __all__ = ["FunctionTool", "ToolCallParser", "ToolChoice", "parse_chat_tools", "tool_grammar"]
@@ -33,8 +34,8 @@ __all__ = ["FunctionTool", "ToolCallParser", "ToolChoice", "parse_chat_tools", "
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 MAX_TOOLS = 128
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-# json.dumps' separators, no free whitespace: the same JSON style as response_format (docs/constrained.md)
-_JSON_STYLE = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+# the same JSON style as response_format (json.dumps' separators, bounded whitespace; docs/constrained.md)
+_JSON_STYLE = JSON_OPTIONS
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,16 @@ from plait.runtime.constrained.vocab import TokenizerInfo
 
 logger = logging.getLogger(__name__)
 
-# json.dumps' separators and no other whitespace: the format models see most, and whitespace can never
-# run away. Every byte between two values is forced, which makes jump-forward effective.
-JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+# json.dumps' separators (", " and ": ", the format models see most) and at most one more space at each
+# boundary between JSON tokens: whitespace can never run away. The optional space is what keeps every
+# json.dumps document tokenizable: where bytes are forced, llguidance's mask allows only the forced
+# bytes' own canonical tokenization, and with no free whitespace ("whitespace_flexible": False) a
+# forced stretch runs across token boundaries (`"` + `}`, `": "` + a pattern's first characters), so
+# a document whose tokens merge the end of that stretch with the next bytes was refused (`{"p": "#!"}`
+# under pattern "^#!"). A possible space ends each forced stretch where a JSON token ends, as in
+# llguidance's default whitespace. Separators and keys are still forced once they have begun.
+WHITESPACE_PATTERN = "[ ]?"
+JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_pattern": WHITESPACE_PATTERN}
 
 
 def _import() -> Any:
@@ -221,21 +228,29 @@ class LLGuidanceBackend(GrammarBackend):
 
     def prepare(self, spec: ConstraintSpec, info: TokenizerInfo) -> str:
         """The validated llguidance grammar text of ``spec`` (the slow part: EBNF conversion, JSON
-        schema translation, validation), after checking that a matcher builds and allows some output."""
-        tok = self.tokenizer_for(info)
+        schema translation, the grammar's compilation), after checking that it allows some output.
+        The grammar is compiled once: building the matcher is the validation."""
+        return self._checked(spec, info)[0]
+
+    def load(self, spec: ConstraintSpec, payload: str, info: TokenizerInfo) -> CompiledGrammar:
+        return LLGuidanceGrammar(spec, self._matcher(self.tokenizer_for(info), payload), payload)
+
+    def compile(self, spec: ConstraintSpec, info: TokenizerInfo) -> CompiledGrammar:
+        """In this process: the matcher that validated the grammar becomes the compiled grammar's
+        prototype (one compilation, not ``prepare``'s and then ``load``'s)."""
+        grammar, matcher = self._checked(spec, info)
+        return LLGuidanceGrammar(spec, matcher, grammar)
+
+    def _checked(self, spec: ConstraintSpec, info: TokenizerInfo) -> tuple[str, Any]:
+        """(grammar text, its matcher at the start) once the matcher built without error and its first
+        mask allows some token or the empty output."""
         grammar = self.grammar_text(spec)
-        is_error, messages = self._llg.LLMatcher.validate_grammar_with_warnings(grammar, tok)
-        if is_error:
-            raise UnsupportedConstraint(f"llguidance: {messages[0] if messages else 'invalid grammar'}")
-        matcher = self._matcher(tok, grammar)
+        matcher = self._matcher(self.tokenizer_for(info), grammar)
         row = torch.zeros(info.bitmask_words, dtype=torch.int32)
         matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
         if matcher.is_error() or not (bool(row.any()) or matcher.is_accepting()):
             raise UnsupportedConstraint("llguidance: the constraint matches no output at all")
-        return grammar
-
-    def load(self, spec: ConstraintSpec, payload: str, info: TokenizerInfo) -> CompiledGrammar:
-        return LLGuidanceGrammar(spec, self._matcher(self.tokenizer_for(info), payload), payload)
+        return grammar, matcher
 
     def _matcher(self, tok: Any, grammar: str) -> Any:
         try:

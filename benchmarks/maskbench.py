@@ -1,0 +1,266 @@
+"""MaskBench: plait's constrained path and raw llguidance side by side on the public JSON-schema mask
+benchmark (the ``maskbench/data`` files of the JSONSchemaBench repository).
+
+    python benchmarks/maskbench.py DATA_DIR [--sample N --seed S] [--backend llguidance|auto]
+
+``DATA_DIR`` holds the unpacked ``*.json`` files (each: ``schema`` and ``tests``, a list of
+``{"data", "valid"}``). The pass rule is upstream's: each instance is serialized with
+``json.dumps(data, ensure_ascii=False)`` (separators ``", "`` / ``": "``), tokenized without special
+tokens by the bundled model's tokenizer, and walked token by token: compute the mask, check the
+token's bit, consume it. A schema passes when it compiles, every valid instance is accepted to the end
+(in an accepting state), and every invalid instance is refused at some token or ends non-accepting.
+
+Two sides:
+
+- plait: ``spec_from_params`` (plait's limits and normalization), ``GrammarCompiler.compile`` (in this
+  process, with the compile timeout), ``GrammarState`` (mask with stop-token bits, ``accept_token``).
+- llguidance: the same package called directly with its default JSON options
+  (``grammar_from_json_schema`` + ``LLMatcher`` on the same token table).
+
+Failure kinds: ``limit`` (plait refuses the schema before compiling: past ``GrammarLimits``, e.g. the
+128 KiB ``grammar_max_bytes``; ``--max-bytes`` raises it), ``compile`` (refused or failed to compile),
+``timeout`` (plait's compile timeout), ``valid_rejected``, ``invalid_accepted``. Compile time is per
+schema (plait: spec normalization and the compile; llguidance: schema translation and the matcher);
+mask time is per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from plait.runtime.constrained import ConstraintError, GrammarCompiler, GrammarState, spec_from_params  # noqa: E402
+from plait.runtime.constrained.limits import GrammarLimits  # noqa: E402
+from plait.runtime.constrained.vocab import TokenizerInfo  # noqa: E402
+from plait.sampling import SamplingParams  # noqa: E402
+
+class LimitError(Exception):
+    """plait refused the schema before compiling it (its limits, or a malformed schema)."""
+
+
+KINDS = ("limit", "compile", "timeout", "valid_rejected", "invalid_accepted")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))] if values else float("nan")
+
+
+def load_cases(data_dir: Path, sample: int | None, seed: int) -> list[tuple[str, dict]]:
+    """(file name, parsed file) for every ``*.json`` in ``data_dir``, or a seeded sample of them."""
+    files = sorted(data_dir.glob("*.json"))
+    if not files:
+        raise SystemExit(f"no *.json files in {data_dir} (unpack the MaskBench archive there)")
+    if sample is not None and sample < len(files):
+        files = sorted(random.Random(seed).sample(files, sample))
+    return [(f.name, json.loads(f.read_text(encoding="utf-8"))) for f in files]
+
+
+def instances(case: dict, info: TokenizerInfo) -> list[tuple[list[int], bool]]:
+    """(tokens, valid) of each test instance, serialized and tokenized as upstream does."""
+    return [(info.encode(json.dumps(t["data"], indent=None, ensure_ascii=False)), bool(t["valid"]))
+            for t in case.get("tests", [])]
+
+
+class Side:
+    """One way of constraining: ``compile(schema)`` -> matcher factory; matchers walk tokens."""
+
+    name = ""
+
+    def __init__(self, info: TokenizerInfo):
+        self.info = info
+        self.row = torch.zeros(info.bitmask_words, dtype=torch.int32)
+        self.mask_s: list[float] = []
+        self.compile_s: list[float] = []
+
+    def walk(self, matcher, tokens: list[int]) -> bool:
+        """Whether every token is allowed by the mask and consumed, ending in an accepting state."""
+        row = self.row
+        for token in tokens:
+            start = time.perf_counter()
+            self.fill(matcher, row)
+            self.mask_s.append(time.perf_counter() - start)
+            if not (int(row[token >> 5]) >> (token & 31)) & 1 or not self.consume(matcher, token):
+                return False
+        return self.accepting(matcher)
+
+    def run(self, schema: object, tests: list[tuple[list[int], bool]]) -> str | None:
+        """None when the schema passes, else its failure kind (and the detail in ``self.detail``)."""
+        self.detail = ""
+        start = time.perf_counter()
+        try:
+            new_matcher = self.compile(schema)
+        except TimeoutError as exc:
+            self.detail = str(exc)
+            return "timeout"
+        except LimitError as exc:
+            self.detail = str(exc)
+            return "limit"
+        except Exception as exc:  # noqa: BLE001 -- any refusal or library error is a compile failure
+            self.detail = str(exc)[:200]
+            return "compile"
+        self.compile_s.append(time.perf_counter() - start)
+        for i, (tokens, valid) in enumerate(tests):
+            if self.walk(new_matcher(), tokens) != valid:
+                self.detail = f"instance {i}"
+                return "valid_rejected" if valid else "invalid_accepted"
+        return None
+
+
+class PlaitSide(Side):
+    name = "plait"
+
+    def __init__(self, info: TokenizerInfo, backend: str, timeout_s: float, limits: GrammarLimits):
+        super().__init__(info)
+        self.limits = limits
+        self.compiler = GrammarCompiler(info, backend=backend, timeout_s=timeout_s, cache_size=4, max_workers=1)
+        self.stop_ids = frozenset(info.stop_ids)
+
+    def compile(self, schema: object):
+        try:
+            spec = spec_from_params(SamplingParams(json_schema=json.dumps(schema)), self.limits)
+        except ConstraintError as exc:
+            raise LimitError(str(exc)) from None
+        try:
+            grammar = self.compiler.compile(spec)
+        except ConstraintError as exc:
+            if "took longer than" in str(exc):
+                raise TimeoutError(str(exc)) from None
+            raise
+        return lambda: GrammarState(grammar, self.info, self.stop_ids, jump_forward=False)
+
+    @staticmethod
+    def fill(state: GrammarState, row: torch.Tensor) -> None:
+        state.fill_bitmask(row)
+
+    @staticmethod
+    def consume(state: GrammarState, token: int) -> bool:
+        reason = state.accept_token(token)
+        return reason is None or reason["type"] != "abort"
+
+    @staticmethod
+    def accepting(state: GrammarState) -> bool:
+        return state.complete
+
+
+class LLGuidanceSide(Side):
+    name = "llguidance"
+
+    def __init__(self, info: TokenizerInfo, tokenizer):
+        super().__init__(info)
+        import llguidance
+
+        self.llg, self.tokenizer = llguidance, tokenizer
+
+    def compile(self, schema: object):
+        grammar = self.llg.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+        matcher = self.llg.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(matcher.get_error())
+        return matcher.deep_copy
+
+    @staticmethod
+    def fill(matcher, row: torch.Tensor) -> None:
+        matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+
+    @staticmethod
+    def consume(matcher, token: int) -> bool:
+        return bool(matcher.consume_token(token)) and not matcher.is_error()
+
+    @staticmethod
+    def accepting(matcher) -> bool:
+        return bool(matcher.is_accepting())
+
+
+def run(data_dir: Path, sample: int | None, seed: int, backend: str = "llguidance", timeout_s: float = 30.0,
+        limits: GrammarLimits | None = None, info: TokenizerInfo | None = None, verbose: bool = False) -> dict:
+    """Walk the cases through both sides; returns {side: {"tried", "pass", kinds..., "failed": [...],
+    "compile_s", "mask_s"}}."""
+    if info is None:
+        from plait.runtime.models.registry import ensure_preset_dir
+        from plait.runtime.tokenizer import Tokenizer
+
+        info = TokenizerInfo.from_tokenizer(Tokenizer.from_dir(ensure_preset_dir("smollm2-135m-instruct")))
+    plait_side = PlaitSide(info, backend, timeout_s, limits or GrammarLimits())
+    plait_side.compiler.backend_named("llguidance")  # load the backend outside the timed compiles
+    from plait.runtime.constrained.backends.llguidance_backend import LLGuidanceBackend
+
+    sides = [plait_side, LLGuidanceSide(info, LLGuidanceBackend().tokenizer_for(info))]
+    results = {s.name: {"tried": 0, "pass": 0, **{k: 0 for k in KINDS}, "failed": []} for s in sides}
+    cases = load_cases(data_dir, sample, seed)
+    for n, (name, case) in enumerate(cases, 1):
+        tests = instances(case, info)
+        for side in sides:
+            res = results[side.name]
+            res["tried"] += 1
+            kind = side.run(case["schema"], tests)
+            if kind is None:
+                res["pass"] += 1
+            else:
+                res[kind] += 1
+                res["failed"].append((name, kind, side.detail))
+        if verbose and n % 500 == 0:
+            print(f"  {n}/{len(cases)} " + ", ".join(f"{k} {v['pass']}" for k, v in results.items()), file=sys.stderr)
+    plait_side.compiler.shutdown()
+    for side in sides:
+        results[side.name]["compile_s"] = side.compile_s
+        results[side.name]["mask_s"] = side.mask_s
+    return results
+
+
+def table(results: dict) -> str:
+    lines = ["| side | tried | pass | limit | compile | timeout | valid rejected | invalid accepted "
+             "| compile p50 / p99 ms | mask p50 / p99 us |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        c, m = r["compile_s"], r["mask_s"]
+        lines.append(f"| {name} | {r['tried']} | {r['pass']} | {r['limit']} | {r['compile']} | {r['timeout']} "
+                     f"| {r['valid_rejected']} "
+                     f"| {r['invalid_accepted']} | {pct(c, 50) * 1e3:.2f} / {pct(c, 99) * 1e3:.1f} "
+                     f"| {pct(m, 50) * 1e6:.1f} / {pct(m, 99) * 1e6:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("data_dir", type=Path, help="folder of the unpacked MaskBench *.json files")
+    ap.add_argument("--sample", type=int, default=None, help="run N schemas drawn with --seed (default: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="llguidance", help="plait's backend choice (llguidance, or auto: "
+                    "with the outlines fallback)")
+    ap.add_argument("--timeout", type=float, default=30.0, help="plait's compile timeout, seconds")
+    ap.add_argument("--max-bytes", type=int, default=GrammarLimits().max_bytes,
+                    help="plait's grammar_max_bytes (default: the engine's)")
+    ap.add_argument("--show-failures", action="store_true", help="list each failed schema and why")
+    args = ap.parse_args()
+    import llguidance
+
+    start = time.perf_counter()
+    results = run(args.data_dir, args.sample, args.seed, args.backend, args.timeout,
+                  GrammarLimits(max_bytes=args.max_bytes), verbose=True)
+    print(f"MaskBench, {platform.machine()} {platform.system()}, llguidance {llguidance.__version__}, "
+          f"plait backend {args.backend}, grammar_max_bytes {args.max_bytes}, "
+          f"sample {args.sample or 'all'} (seed {args.seed}), "
+          f"{time.perf_counter() - start:.0f} s")
+    print(table(results))
+    plait_failed = {f[0] for f in results["plait"]["failed"]}
+    llg_failed = {f[0] for f in results["llguidance"]["failed"]}
+    print(f"plait fails, llguidance passes: {len(plait_failed - llg_failed)}; "
+          f"llguidance fails, plait passes: {len(llg_failed - plait_failed)}")
+    for name, kind, detail in results["plait"]["failed"]:
+        if args.show_failures or name not in llg_failed:
+            print(f"  plait {kind}: {name} {detail}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""llguidance's JSON formatting and compilation: json.dumps documents are never refused token by token
+(MaskBench regressions), whitespace stays bounded, separators and keys are still forced, and a grammar
+is compiled once."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from plait.runtime.constrained import ConstraintKind, ConstraintSpec, GrammarCompiler, GrammarState
+from tests.runtime.constrained.conftest import walk
+
+pytestmark = pytest.mark.model  # the bundled model's tokenizer
+
+EOS = 2  # SmolLM2's <|im_end|>
+
+
+def _obj(props: dict, required: bool = False) -> dict:
+    return {"type": "object", "properties": props, "required": list(props) if required else [],
+            "additionalProperties": False}
+
+
+# A valid json.dumps document that the fixed-separator options refused at a token spanning the end of a
+# forced stretch and the free bytes after it (MaskBench schemas plait failed and llguidance passed).
+REGRESSIONS = [
+    # `": "` + `"#!` are forced; the document's tokens are ` "#` + `!"`, so ` "#` crosses the stretch's end
+    ({"properties": {"p": {"type": "string", "pattern": "^#!"}}}, {"p": "#!"}),
+    # the const's closing quote and the braces are forced; the document's `"}` token spans quote + brace
+    (_obj({"a": _obj({"b": _obj({"c": {"const": "x"}})}), "z": {"type": "integer"}}), {"a": {"b": {"c": "x"}}, "z": 1}),
+    (_obj({"a": _obj({"b": _obj({"c": {"const": "hello world"}})}), "name": {"type": "integer"}}),
+     {"a": {"b": {"c": "hello world"}}, "name": 7}),
+]
+
+
+def _state(compilers, info, schema) -> GrammarState:
+    grammar = compilers["llguidance"].compile(ConstraintSpec(ConstraintKind.JSON_SCHEMA, json.dumps(schema)))
+    return GrammarState(grammar, info, frozenset({EOS}), jump_forward=False)
+
+
+@pytest.mark.parametrize("schema, doc", REGRESSIONS)
+def test_json_dumps_documents_are_accepted_token_by_token(compilers, tokenizer_info, schema, doc):
+    state = _state(compilers, tokenizer_info, schema)
+    assert walk(state, tokenizer_info, json.dumps(doc, ensure_ascii=False)) == (True, True)
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"p": "a", "q": [1, 2]}', True),       # json.dumps
+    ('{ "p": "a", "q": [ 1, 2 ] }', True),   # one more space at a boundary
+    ('{"p":  "a"}', True),
+    ('{"p":   "a"}', False),                 # but never two more
+    ('{"p": "a",  "q": []}', True),
+    ('{"p": "a",   "q": []}', False),
+    ('{"p":\n"a"}', False),                  # no newlines
+    ('{"p":"a"}', False),                    # the separators are json.dumps'
+])
+def test_whitespace_is_bounded(compilers, tokenizer_info, text, ok):
+    schema = {"type": "object", "properties": {"p": {"type": "string"}, "q": {"type": "array", "items": {"type": "integer"}}}}
+    state = _state(compilers, tokenizer_info, schema)
+    accepted, complete = walk(state, tokenizer_info, text)
+    assert (accepted and complete) == ok
+
+
+def test_separators_and_keys_are_still_forced(compilers, tokenizer_info):
+    """Forced stretches end where a space may follow; what a JSON token has begun is forced."""
+    schema = _obj({"name": {"type": "string"}, "age": {"type": "integer"}}, required=True)
+    for prefix, forced in [("", b"{"), ('{"', b'name"'), ('{"name":', b" "), ('{"name": "Bob"', b""),
+                           ('{"name": "Bob",', b" "), ('{"name": "Bob", "', b'age"')]:
+        state = _state(compilers, tokenizer_info, schema)
+        assert walk(state, tokenizer_info, prefix)[0]
+        assert state.matcher.forced_bytes() == forced, prefix
+
+
+def _count_compiles(backend, monkeypatch) -> list[str]:
+    """Replace the backend's llguidance module by one that records each grammar compilation (a matcher
+    built, or a grammar validated) and otherwise behaves the same."""
+    real = backend._llg
+    calls: list[str] = []
+
+    def matcher(*args, **kwargs):
+        calls.append("LLMatcher")
+        return real.LLMatcher(*args, **kwargs)
+
+    def validate(*args, **kwargs):
+        calls.append("validate")
+        return real.LLMatcher.validate_grammar_with_warnings(*args, **kwargs)
+
+    for name in ("grammar_from_json_schema", "grammar_from_regex", "grammar_from_lark"):
+        setattr(matcher, name, getattr(real.LLMatcher, name))
+    matcher.validate_grammar_with_warnings = validate
+    matcher.validate_grammar = validate
+    monkeypatch.setattr(backend, "_llg", SimpleNamespace(LLMatcher=matcher, LLTokenizer=real.LLTokenizer,
+                                                         TokenizerWrapper=real.TokenizerWrapper))
+    return calls
+
+
+@pytest.mark.parametrize("kind, source", [
+    (ConstraintKind.JSON_SCHEMA, '{"type":"object","properties":{"a":{"type":"integer"}}}'),
+    (ConstraintKind.REGEX, r"[a-z]{3}\d"),
+    (ConstraintKind.GRAMMAR, 'start: "x" NUM\nNUM: /[0-9]+/'),
+])
+def test_a_grammar_is_compiled_once(tokenizer_info, monkeypatch, kind, source):
+    compiler = GrammarCompiler(tokenizer_info, backend="llguidance")
+    try:
+        backend = compiler.backend_named("llguidance")
+        backend.tokenizer_for(tokenizer_info)
+        calls = _count_compiles(backend, monkeypatch)
+        grammar = compiler.compile(ConstraintSpec(kind, source))
+        assert calls == ["LLMatcher"]  # in this process: the validating matcher is the grammar's prototype
+        state = GrammarState(grammar, tokenizer_info, frozenset({EOS}))
+        assert state.matcher.forced_bytes() is not None
+        calls.clear()
+        spec = ConstraintSpec(kind, source + " ")  # a compile worker's half, then the engine's
+        payload = backend.prepare(spec, tokenizer_info)
+        assert calls == ["LLMatcher"]
+        backend.load(spec, payload, tokenizer_info)
+        assert calls == ["LLMatcher", "LLMatcher"]
+    finally:
+        compiler.shutdown()

@@ -1,0 +1,50 @@
+"""benchmarks/maskbench.py on a few MaskBench-format files written here (the real data is not in the
+repository): the pass rule, the failure kinds, the sample and the table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from plait.runtime.constrained.limits import GrammarLimits
+
+pytestmark = pytest.mark.model  # the bundled model's tokenizer
+
+ROOT = Path(__file__).resolve().parents[3]
+CASES = {
+    # the regression: a json.dumps document whose tokens span a forced stretch's end
+    "shebang.json": {"schema": {"properties": {"p": {"type": "string", "pattern": "^#!"}}},
+                     "tests": [{"data": {"p": "#!"}, "valid": True}, {"data": {"p": "#?"}, "valid": False}]},
+    "int.json": {"schema": {"type": "integer", "minimum": 3},
+                 "tests": [{"data": 5, "valid": True}, {"data": 2, "valid": False}]},
+    "no_tests.json": {"schema": {"type": "boolean"}},
+    # a wrong label: the valid-marked instance breaks the schema, so both sides reject it
+    "mislabelled.json": {"schema": {"type": "string", "maxLength": 2}, "tests": [{"data": "abcd", "valid": True}]},
+    "too_big.json": {"schema": {"type": "object", "description": "x" * 300}, "tests": []},
+}
+
+
+@pytest.fixture(scope="module")
+def maskbench():
+    spec = importlib.util.spec_from_file_location("benchmarks_maskbench", ROOT / "benchmarks" / "maskbench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # importable: runs nothing
+    return module
+
+
+def test_pass_rule_kinds_and_table(maskbench, tokenizer_info, tmp_path):
+    for name, case in CASES.items():
+        (tmp_path / name).write_text(json.dumps(case))
+    results = maskbench.run(tmp_path, None, 0, limits=GrammarLimits(max_bytes=200), info=tokenizer_info)
+    plait, llg = results["plait"], results["llguidance"]
+    assert (plait["tried"], plait["pass"], plait["limit"], plait["valid_rejected"]) == (5, 3, 1, 1)
+    assert (llg["tried"], llg["pass"], llg["valid_rejected"]) == (5, 4, 1)
+    assert {f[0] for f in plait["failed"]} == {"mislabelled.json", "too_big.json"}
+    assert len(plait["compile_s"]) == 4 and plait["mask_s"]
+    table = maskbench.table(results)
+    assert table.splitlines()[2].startswith("| plait | 5 | 3 | 1 | 0 | 0 | 1 | 0 |")
+    sampled = maskbench.load_cases(tmp_path, 2, seed=1)
+    assert len(sampled) == 2 and sampled == maskbench.load_cases(tmp_path, 2, seed=1)
