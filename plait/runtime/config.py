@@ -48,7 +48,7 @@ class EngineConfig:
     grammar_compile_timeout_s: float = 30.0
     grammar_compile_max_queued: int = 64
     grammar_cache_bytes: int = 512 * 2**20
-    grammar_max_bytes: int = 128 * 1024
+    grammar_max_bytes: int = 256 * 1024
     grammar_max_depth: int = 64
     grammar_max_rules: int = 1000
     max_samples_per_prompt: int = 128  # the largest n (parallel samples of one prompt); past it: ValueError

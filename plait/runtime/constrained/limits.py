@@ -29,7 +29,7 @@ class GrammarLimits:
     """Bounds on one constraint (``EngineConfig``: ``grammar_max_bytes``, ``grammar_max_depth``,
     ``grammar_max_rules``)."""
 
-    max_bytes: int = 128 * 1024  # source text of a regex, schema (compact JSON), grammar or choice list
+    max_bytes: int = 256 * 1024  # source text of a regex, schema (compact JSON), grammar or choice list
     max_depth: int = 64  # JSON container nesting of a schema; bracket nesting of a regex or grammar
     max_rules: int = 1000  # rule and terminal definitions of an EBNF / Lark grammar
 

@@ -86,7 +86,7 @@ def test_limits_are_checked_before_compiling():
     with pytest.raises(ConstraintError, match="5002 rules.*grammar_max_rules"):
         spec_from_params(SamplingParams(ebnf=chained_ebnf(5000)))  # the 5000-rule chained EBNF
     with pytest.raises(ConstraintError, match="grammar_max_bytes"):
-        spec_from_params(SamplingParams(regex="a" * 200_000))
+        spec_from_params(SamplingParams(regex="a" * 300_000))
     with pytest.raises(ConstraintError, match="nests deeper than 64 levels"):
         spec_from_params(SamplingParams(regex="(" * 5000 + "a" + ")" * 5000))  # RecursionError in re before
     with pytest.raises(ConstraintError, match="nests deeper"):
