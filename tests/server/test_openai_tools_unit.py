@@ -120,6 +120,15 @@ def test_parser_streams_content_then_calls(step):
     assert all(c["id"].startswith("call_") for c in calls)
 
 
+@pytest.mark.parametrize("step", [1, 2, 5, 1000])
+def test_streamed_and_whole_arguments_are_the_same_text(step):
+    """The grammar allows a space before the arguments' value: however the text is cut into deltas (the
+    header can be read before the space arrives), the arguments start at the value, as when parsed whole."""
+    output = '<tool_call>\n{ "name": "get_weather", "arguments":  { "city": "Paris" } }\n</tool_call>'
+    _, calls = feed_all(ToolCallParser(), [output[i:i + step] for i in range(0, len(output), step)])
+    assert [c["arguments"] for c in calls] == ['{ "city": "Paris" }']
+
+
 def test_parser_holds_back_a_tag_prefix_and_releases_it_at_the_end():
     parser = ToolCallParser()
     assert parser.feed("a <tool_ca") == ("a ", [])

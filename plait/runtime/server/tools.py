@@ -317,6 +317,10 @@ class ToolCallParser:
 
     def _arguments(self, pieces: list[ToolCallPiece]) -> bool:
         """Pass argument characters through until the arguments' JSON value closes."""
+        if not self.calls[-1].arguments:  # whitespace before the value: the header may have matched
+            self.pending = self.pending.lstrip()  # before it arrived (streaming), so drop it here
+            if not self.pending:
+                return False
         end = None
         for i, char in enumerate(self.pending):
             if self.in_string:
