@@ -20,7 +20,7 @@ def mock() -> MockBackend:
     return MockBackend({"capital of France": " Paris", "Count": " one two three four five"}, default=" ok")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # freed when the language tests end: later packages build their own engines
 def shared_runtime(bundled_model_dir):
     """One Runtime on the bundled model, shared by the language tests that need a real model but no
     particular engine settings (float32: greedy results do not depend on the batch's shape)."""
