@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import TYPE_CHECKING
 
-from plait.lang.records import CallRecord, Segment
+from plait.lang.records import CallRecord, Segment, segments_from
 
 if TYPE_CHECKING:
     from plait.lang.interpreter import Executor
@@ -239,23 +239,13 @@ def _snapshot(ex: Executor) -> _Snapshot:
                          ex.fork_start, ex.join_mode, ex.finished)
 
 
-def _segments_from(segments: list[Segment], start: int) -> list[Segment]:
-    """The segments at text positions >= ``start`` (segments never straddle a fork point)."""
-    pos, out = 0, []
-    for seg in segments:
-        if pos >= start:
-            out.append(seg)
-        pos += len(seg.text)
-    return out
-
-
 def _body(snap: _Snapshot, start: int, depth: int) -> str:
     """The conversation from text position ``start``, with this executor's forks at their points."""
     inserts: dict[int, list[str]] = {}
     for group in snap.forks:
         if group:
             inserts.setdefault(group[0].fork_start, []).append(_fork_section(group, depth))
-    return _conversation(_segments_from(snap.segments, start), start, inserts)
+    return _conversation(segments_from(snap.segments, start), start, inserts)
 
 
 def _error_line(error: BaseException | None) -> str:

@@ -47,7 +47,7 @@ from plait.lang.ir import (
 )
 from plait.lang.gen_output import convert_gen_output
 from plait.lang.reasoning import ReasoningStream, reasoning_sampling, reasoning_var
-from plait.lang.records import CallRecord, RunContext, Segment
+from plait.lang.records import CallRecord, RunContext, Segment, segments_from
 from plait.lang.streaming import stream_gen
 from plait.lang.symbolic import MARK_BEGIN, SymbolicValue
 from plait.lang.tool_interpreter import TOOL_NODES, execute_tool_node
@@ -493,7 +493,7 @@ class Executor:
         for fork in forks:
             fork.sync()
             with fork.changed:
-                new_segments = [s for s in _segments_after(fork.segments, fork.fork_start)]
+                new_segments = [s for s in segments_from(fork.segments, fork.fork_start)]
             for seg in new_segments:
                 model_text = seg.kind in ("gen", "select")
                 self._append(seg.text, seg.kind if model_text else "text", seg.name, seg.call if model_text else None)
@@ -510,13 +510,3 @@ def _produced_names(node: Node) -> list[str]:
             return [node.name, reasoning_var(node.name)]
         return [node.name]
     return []
-
-
-def _segments_after(segments: list[Segment], start: int) -> list[Segment]:
-    """The segments covering text positions >= ``start`` (segments never straddle a fork point)."""
-    pos, out = 0, []
-    for seg in segments:
-        if pos >= start:
-            out.append(seg)
-        pos += len(seg.text)
-    return out

@@ -87,3 +87,13 @@ class RunContext:
     # root that has finished executing is not the end of the run (an error may still be recorded)
     outcome_known: bool = False
     deadline: threading.Timer | None = None
+
+
+def segments_from(segments: list[Segment], start: int) -> list[Segment]:
+    """The segments at text positions >= ``start`` (segments never straddle a fork point)."""
+    pos, out = 0, []
+    for seg in segments:
+        if pos >= start:
+            out.append(seg)
+        pos += len(seg.text)
+    return out

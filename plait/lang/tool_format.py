@@ -26,6 +26,7 @@ from typing import Any
 
 from plait.lang.backends.base import ChatTemplate
 from plait.lang.tools import Tool, ToolCall, ToolResult
+from plait.tool_text import tools_system_prompt as system_prompt_for
 
 __all__ = [
     "HERMES",
@@ -193,14 +194,9 @@ class ToolRendering:
 
 
 def tools_system_prompt(tools: Sequence[Tool]) -> str:
-    """How tools are described to a model whose template has no tool support (Hermes style)."""
-    listing = "\n".join(json.dumps(t.chat_dict()) for t in tools)
-    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-            "You are provided with function signatures within <tools></tools> XML tags:\n"
-            f"<tools>\n{listing}\n</tools>\n\n"
-            "For each function call, return a json object with function name and arguments within "
-            "<tool_call></tool_call> XML tags:\n<tool_call>\n"
-            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+    """How tools are described to a model whose template has no tool support (Hermes style; the same
+    text ``plait serve`` renders)."""
+    return system_prompt_for(t.chat_dict() for t in tools)
 
 
 class PlainToolRendering(ToolRendering):

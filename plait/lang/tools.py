@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from plait.lang.errors import ToolDeclarationError
+from plait.tool_text import function_tool_dict
 
 __all__ = [
     "MAX_SCHEMA_BYTES",
@@ -109,11 +110,7 @@ class Tool:
 
     def chat_dict(self) -> dict[str, Any]:
         """The tool as OpenAI's chat API and chat templates take it (``{"type": "function", ...}``)."""
-        function: dict[str, Any] = {"name": self.name}
-        if self.description:
-            function["description"] = self.description
-        function["parameters"] = self.parameters
-        return {"type": "function", "function": function}
+        return function_tool_dict(self.name, self.description, self.parameters)
 
     @classmethod
     def from_function(cls, func: Callable[..., Any], name: str | None = None,

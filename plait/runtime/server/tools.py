@@ -28,6 +28,8 @@ from typing import Any
 
 from plait.runtime.constrained.backends.llguidance_backend import JSON_OPTIONS
 from plait.runtime.server.protocol import RequestError
+from plait.tool_text import function_tool_dict
+from plait.tool_text import tools_system_prompt as system_prompt_for
 
 __all__ = ["FunctionTool", "ToolCallParser", "ToolChoice", "parse_chat_tools", "tool_grammar"]
 
@@ -48,11 +50,7 @@ class FunctionTool:
 
     def chat_dict(self) -> dict[str, Any]:
         """The tool as chat templates and OpenAI's chat API show it."""
-        function: dict[str, Any] = {"name": self.name}
-        if self.description:
-            function["description"] = self.description
-        function["parameters"] = self.parameters
-        return {"type": "function", "function": function}
+        return function_tool_dict(self.name, self.description, self.parameters)
 
 
 @dataclass(frozen=True)
@@ -206,13 +204,7 @@ def tool_grammar(choice: ToolChoice, thinking: str | None = None) -> str | None:
 # ------------------------------------------------------------------------------------------ prompt
 def tools_system_prompt(tools: tuple[FunctionTool, ...]) -> str:
     """How tools are described to a model whose chat template has no tool support (Hermes style)."""
-    listing = "\n".join(json.dumps(t.chat_dict()) for t in tools)
-    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-            "You are provided with function signatures within <tools></tools> XML tags:\n"
-            f"<tools>\n{listing}\n</tools>\n\n"
-            "For each function call, return a json object with function name and arguments within "
-            "<tool_call></tool_call> XML tags:\n<tool_call>\n"
-            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+    return system_prompt_for(t.chat_dict() for t in tools)
 
 
 def render_call(name: str, arguments: Any) -> str:
