@@ -178,7 +178,11 @@ def tile_candidates(decode: bool) -> list[TileConfig]:
     """Tilings tried for one GEMM: narrow ones with long K chunks for decode, wide ones for prefill."""
     if decode:
         return [TileConfig(*c) for c in ((32, 128, 4, 3), (64, 128, 4, 3), (32, 256, 4, 3), (64, 256, 4, 3),
-                                         (128, 128, 4, 3), (16, 256, 4, 3), (64, 128, 4, 5), (32, 128, 2, 4))]
+                                         (128, 128, 4, 3), (16, 256, 4, 3), (64, 128, 4, 5), (32, 128, 2, 4),
+                                         (32, 128, 4, 3, 2), (32, 128, 4, 3, 4), (64, 128, 4, 3, 4),
+                                         (64, 256, 4, 3, 4), (128, 128, 4, 3, 8), (64, 128, 4, 4, 8),
+                                         (16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3),
+                                         (16, 128, 4, 3, 2), (32, 64, 2, 3))]
     return [TileConfig(*c) for c in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3),
                                      (128, 128, 8, 3), (256, 64, 8, 3), (64, 64, 4, 5), (128, 128, 8, 4))]
 
@@ -237,8 +241,9 @@ def tune(models: list[Model], tokens: list[int]) -> list[str]:
             u, d = best.up, best.down
             entries.append(
                 f"    ({model.shape!r}, {token_bucket(T)}): FusedMoeConfig({best.block_m}, "
-                f"TileConfig({u.block_n}, {u.block_k}, {u.num_warps}, {u.num_stages}), "
-                f"TileConfig({d.block_n}, {d.block_k}, {d.num_warps}, {d.num_stages}), group_m={best.group_m}"
+                f"TileConfig({u.block_n}, {u.block_k}, {u.num_warps}, {u.num_stages}, {u.split_k}), "
+                f"TileConfig({d.block_n}, {d.block_k}, {d.num_warps}, {d.num_stages}, {d.split_k}), "
+                f"group_m={best.group_m}"
                 + (", swap_ab=True" if best.swap_ab else "") + "),")
             print(entries[-1], flush=True)
         del weights

@@ -15,15 +15,23 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TileConfig:
-    """One GEMM's tiling: output columns and reduction chunk per program, warps, pipeline stages."""
+    """One GEMM's tiling: output columns and reduction chunk per program, warps, pipeline stages, and
+    ``split_k``: the reduction split over that many programs (float32 partial sums, added by a small
+    second pass), for decode where too few programs stream the weights to hide memory latency."""
 
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1
+
+    def __post_init__(self) -> None:
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
     def short(self) -> str:
-        return f"N{self.block_n} K{self.block_k} w{self.num_warps} s{self.num_stages}"
+        return (f"N{self.block_n} K{self.block_k} w{self.num_warps} s{self.num_stages}"
+                + (f" split{self.split_k}" if self.split_k > 1 else ""))
 
 
 @dataclass(frozen=True)
@@ -69,10 +77,13 @@ _QWEN3_30B_A3B = MoeShape(128, 2048, 768, 8, "bfloat16")
 # Winners of `python benchmarks/moe_kernel.py --tune` on an H200 (one run each; margins over the
 # default were 0-15% at decode, 20-40% at 4096 tokens): {(MoeShape, token bucket): config}.
 TUNED: dict[tuple[MoeShape, int], FusedMoeConfig] = {
-    (_GPT_OSS_120B, 1): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 256, 4, 3)),
+    # T=1-256 re-tuned 2026-11-30 with split-K and the PTX bf16 decode of swapped operands: T=1 73.9 us
+    # (previous entry 88.1), T=64 1,093 (1,516), T=128 1,232 (default 1,690), T=256 1,470 (1,570)
+    (_GPT_OSS_120B, 1): FusedMoeConfig(16, TileConfig(32, 128, 4, 3, 4), TileConfig(64, 128, 4, 3, 4), swap_ab=True),
     (_GPT_OSS_120B, 8): FusedMoeConfig(16, TileConfig(32, 128, 2, 4), TileConfig(32, 128, 2, 4)),
-    (_GPT_OSS_120B, 64): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 3)),
-    (_GPT_OSS_120B, 256): FusedMoeConfig(16, TileConfig(32, 128, 2, 4), TileConfig(32, 128, 2, 4)),
+    (_GPT_OSS_120B, 64): FusedMoeConfig(16, TileConfig(32, 64, 2, 3), TileConfig(128, 64, 4, 3), swap_ab=True),
+    (_GPT_OSS_120B, 128): FusedMoeConfig(16, TileConfig(32, 64, 2, 3), TileConfig(128, 64, 4, 3), swap_ab=True),
+    (_GPT_OSS_120B, 256): FusedMoeConfig(16, TileConfig(32, 64, 2, 3), TileConfig(32, 64, 2, 3)),
     (_GPT_OSS_120B, 1024): FusedMoeConfig(64, TileConfig(64, 128, 4, 3), TileConfig(64, 128, 4, 3)),
     (_GPT_OSS_120B, 4096): FusedMoeConfig(128, TileConfig(64, 64, 4, 5), TileConfig(128, 64, 4, 4)),
     (_QWEN3_30B_A3B, 1): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 3)),

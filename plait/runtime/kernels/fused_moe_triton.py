@@ -18,22 +18,24 @@ the MMA (Hopper has no FP4 tensor cores). Every expert's weight rows are read by
 (row block, column block), so at decode (one row block per touched expert) each touched byte is
 read once per call.
 
-``FusedMoeConfig.swap_ab`` computes the transposed product instead (weights decoded from bits as the
-MMA's register operand, activations from shared memory: see ``_expert_gemm``). On an H200 with the
-table's tilings it ran at the same 0.6-1.1 TB/s as ``tl.dot_scaled`` (5% faster at T=1, 3-16% slower
-at 64-256 tokens), so no tuned entry uses it; ``benchmarks/moe_kernel.py`` times it next to the
-table's choice for MXFP4 shapes and ``--tune`` tries it.
+``FusedMoeConfig.swap_ab`` computes the transposed product instead (weights decoded in registers as
+the MMA's first operand, activations from shared memory: see ``_expert_gemm``). Compiled with bf16
+activations on sm_90 the decode is PTX straight to bf16 (``_fp4_pair_bf16``: about three operations a
+value); elsewhere ``_fp4_pair`` in float32. ``TileConfig.split_k`` splits a GEMM's reduction over
+programs: float32 partials, summed with the activation by ``_moe_up_finish_kernel`` (up) or with the
+choices in one torch reduction (down).
 
 Grids depend on T, K and the tiling only; the row blocks past ``num_padded`` exit at once. No host
 reads: CUDA-graph capturable.
 
 Measured on an H200 (``benchmarks/moe_kernel.py``, tuned table): bf16 experts (Qwen3-30B-A3B) run at
 86% of the bytes floor at 8-64 tokens, 46% at 1 token (four launches of fixed cost against 18 us of
-weights), 36% of the FLOP floor at 4096. MXFP4 experts (GPT-OSS-120B) run at only 14-24% of their
-floor at every size: ``tl.dot_scaled`` on Hopper upcasts through registers and shared memory each
-tile with no pipelining of the packed loads, so programs stream ~0.6-1 TB/s. Closing that needs a
-pre-swizzled weight layout or an upcast written for the MMA operand layout (what triton_kernels'
-matmul_ogs does), not more tiling.
+weights), 36% of the FLOP floor at 4096. MXFP4 experts (GPT-OSS-120B) at 17-32% of their floor at
+decode sizes (T=1 73.9 us against 12.6; swapped operands with the PTX decode and split-K where the
+table says). What binds is not the decode alone: with no decode at all (bytes cast to bf16, wrong
+values) the same kernel still ran at 0.9-1.7 TB/s; a CUDA-core variant without MMAs (decode once,
+float32 products per row) was 1.8-4x slower. Closing the rest needs a weight layout pre-swizzled for
+the MMA operand (what triton_kernels' matmul_ogs does) and pipelined packed loads, not more tiling.
 """
 
 from __future__ import annotations
@@ -65,6 +67,39 @@ def _fp4_pair(byte, scale):
     return lo, hi
 
 
+# Four bytes (eight E2M1 codes) -> bf16 pairs, in PTX (compiled only; sm_90 for mul.bf16x2). Per 16-bit
+# lane: magnitude bits e1 e0 m at bf16 bits 8..6 (code value * 2^-126, e = 0 on the subnormals) and the
+# sign at bit 15: two shifts, an and, a lop3 ((a & mask) | b) per bf16x2; then two exact multiplies, by
+# 2^126 and by the scale (bf16 2^(s - 127), per byte). About three operations a value against
+# ``_fp4_pair``'s seven plus the float32 -> bf16 conversion. $0,$1 the low nibbles' values (bytes 0,1 and
+# 2,3), $2,$3 the high nibbles', $4 the four bytes, $5,$6 their scales.
+_FP4_BF16_ASM = tl.constexpr("""
+{
+.reg .b32 t0, t1, a, b, two126;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+mov.b32 two126, 0x7E807E80;
+shl.b32 a, t0, 6; shl.b32 b, t0, 12; and.b32 b, b, 0x80008000; lop3.b32 $0, a, 0x01C001C0, b, 0xEA;
+shl.b32 a, t1, 6; shl.b32 b, t1, 12; and.b32 b, b, 0x80008000; lop3.b32 $1, a, 0x01C001C0, b, 0xEA;
+shl.b32 a, t0, 2; shl.b32 b, t0, 8; and.b32 b, b, 0x80008000; lop3.b32 $2, a, 0x01C001C0, b, 0xEA;
+shl.b32 a, t1, 2; shl.b32 b, t1, 8; and.b32 b, b, 0x80008000; lop3.b32 $3, a, 0x01C001C0, b, 0xEA;
+mul.rn.bf16x2 $0, $0, two126; mul.rn.bf16x2 $1, $1, two126;
+mul.rn.bf16x2 $2, $2, two126; mul.rn.bf16x2 $3, $3, two126;
+mul.rn.bf16x2 $0, $0, $5; mul.rn.bf16x2 $1, $1, $6;
+mul.rn.bf16x2 $2, $2, $5; mul.rn.bf16x2 $3, $3, $6;
+}
+""")
+
+
+@triton.jit
+def _fp4_pair_bf16(codes, s):
+    """``_fp4_pair`` for bf16 MMAs, compiled only: ``codes`` uint8 bytes, ``s`` their uint8 E8M0 scales
+    (same shape); the low and high nibbles' values as bf16, exactly (products of a power of two)."""
+    scale = tl.where(s == 0, 0x40, s.to(tl.int32) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return tl.inline_asm_elementwise(_FP4_BF16_ASM, "=r,=r,=r,=r,r,r,r", [codes, scale],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     """acc += a @ b; float32 inputs at full precision (not TF32)."""
@@ -75,11 +110,12 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _expert_gemm(
-    a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, stride_wn, stride_wk, stride_sn,
+    a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, k_begin, k_end, stride_wn, stride_wk, stride_sn,
     BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr,
-    IEEE: tl.constexpr, SWAP_AB: tl.constexpr,
+    IEEE: tl.constexpr, SWAP_AB: tl.constexpr, BF16_ASM: tl.constexpr,
 ):
-    """acc [BLOCK_M, NW] = A[rows] @ W[w_rows]^T over all of K, float32.
+    """acc [BLOCK_M, NW] = A[rows] @ W[w_rows]^T over k in [k_begin, k_end) (k_begin a multiple of
+    BLOCK_K; K bounds the loads), float32.
 
     ``a_rows`` [BLOCK_M] pointers to the A rows, ``w_rows`` [NW] the weight rows, ``w_ok`` [NW];
     ``w_base``/``s_base`` point at the expert's weight (MXFP4: bytes ``[N, K/2]``, scales
@@ -94,12 +130,12 @@ def _expert_gemm(
     shared memory); NW >= 64 fills a wgmma tile at any BLOCK_M >= 16. The way decode-sized GEMMs with
     narrow weights are usually arranged on Hopper. Returned transposed back to [BLOCK_M, NW]."""
     if MXFP4 and SWAP_AB:
-        return _expert_gemm_swapped(a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, stride_wn,
-                                    stride_sn, BLOCK_M, NW, BLOCK_K, IEEE)
+        return _expert_gemm_swapped(a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, k_begin, k_end,
+                                    stride_wn, stride_sn, BLOCK_M, NW, BLOCK_K, IEEE, BF16_ASM)
     acc = tl.zeros((BLOCK_M, NW), dtype=tl.float32)
     w_ptrs = w_base + w_rows[None, :].to(tl.int64) * stride_wn  # [1, NW]
     w_ok = w_ok[None, :]  # [1, NW]
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         if MXFP4:
             kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds k = 2j (low nibble), 2j + 1 (high)
             kb_ok = kb < K // 2
@@ -116,11 +152,14 @@ def _expert_gemm(
                 a_mask = a_ok[:, None] & kb_ok[None, :]
                 a_even = tl.load(a_rows[:, None] + (2 * kb)[None, :] * stride_ak, mask=a_mask, other=0.0)
                 a_odd = tl.load(a_rows[:, None] + (2 * kb + 1)[None, :] * stride_ak, mask=a_mask, other=0.0)
-                codes = codes.to(tl.int32)
                 s_ptrs = s_base + w_rows[None, :].to(tl.int64) * stride_sn + (kb // 16)[:, None]
-                s = tl.load(s_ptrs, mask=kb_ok[:, None] & w_ok, other=127).to(tl.int32)  # [BLOCK_K/2, NW]
-                scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)  # 2^(s - 127)
-                lo, hi = _fp4_pair(codes, scale)  # even k, odd k
+                s = tl.load(s_ptrs, mask=kb_ok[:, None] & w_ok, other=127)  # [BLOCK_K/2, NW]
+                if BF16_ASM:
+                    lo, hi = _fp4_pair_bf16(codes, s)
+                else:
+                    s = s.to(tl.int32)
+                    scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)  # 2^(s - 127)
+                    lo, hi = _fp4_pair(codes.to(tl.int32), scale)  # even k, odd k
                 acc = _dot(a_even, lo.to(a_even.dtype), acc, IEEE)
                 acc = _dot(a_odd, hi.to(a_even.dtype), acc, IEEE)
         else:
@@ -134,26 +173,31 @@ def _expert_gemm(
 
 @triton.jit
 def _expert_gemm_swapped(
-    a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, stride_wn, stride_sn,
-    BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, k_begin, k_end, stride_wn, stride_sn,
+    BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, BF16_ASM: tl.constexpr,
 ):
     """``_expert_gemm`` for MXFP4 weights with the operands swapped (see its ``SWAP_AB``)."""
     acc_t = tl.zeros((NW, BLOCK_M), dtype=tl.float32)
     w_ptrs = w_base + w_rows[:, None].to(tl.int64) * stride_wn  # [NW, 1]
     s_ptrs = s_base + w_rows[:, None].to(tl.int64) * stride_sn  # [NW, 1]
     w_ok = w_ok[:, None]  # [NW, 1]
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds k = 2j (low nibble), 2j + 1 (high)
         kb_ok = kb < K // 2
-        codes = tl.load(w_ptrs + kb[None, :], mask=w_ok & kb_ok[None, :], other=0).to(tl.int32)  # [NW, BK/2]
+        codes = tl.load(w_ptrs + kb[None, :], mask=w_ok & kb_ok[None, :], other=0)  # uint8 [NW, BK/2]
         ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-        s = tl.load(s_ptrs + ks[None, :], mask=w_ok & (ks < K // 32)[None, :], other=127).to(tl.int32)
-        scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)  # [NW, BK/32] 2^(s - 127)
-        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
+        s = tl.load(s_ptrs + ks[None, :], mask=w_ok & (ks < K // 32)[None, :], other=127)  # [NW, BK/32]
         a_mask = kb_ok[:, None] & a_ok[None, :]
         a_even = tl.load(a_rows[None, :] + (2 * kb)[:, None] * stride_ak, mask=a_mask, other=0.0)  # [BK/2, BM]
         a_odd = tl.load(a_rows[None, :] + (2 * kb + 1)[:, None] * stride_ak, mask=a_mask, other=0.0)
-        lo, hi = _fp4_pair(codes, scale)
+        if BF16_ASM:
+            s = tl.reshape(tl.broadcast_to(s[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
+            lo, hi = _fp4_pair_bf16(codes, s)
+        else:
+            s = s.to(tl.int32)
+            scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)  # [NW, BK/32] 2^(s - 127)
+            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
+            lo, hi = _fp4_pair(codes.to(tl.int32), scale)
         acc_t = _dot(lo.to(a_even.dtype), a_even, acc_t, IEEE)
         acc_t = _dot(hi.to(a_even.dtype), a_odd, acc_t, IEEE)
     return tl.trans(acc_t)
@@ -161,26 +205,43 @@ def _expert_gemm_swapped(
 
 @triton.jit
 def _block_coords(num_m_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's (row block, column block), row blocks walked ``GROUP_M`` at a time."""
-    pid = tl.program_id(0)
+    """This program's (row block, column block, split), row blocks walked ``GROUP_M`` at a time; the
+    grid is ``SPLIT_K`` copies of the (row block x column block) grid, split-major."""
     num_n = tl.cdiv(N, BLOCK_N)
+    per_split = num_m_blocks * num_n
+    split = tl.program_id(0) // per_split
+    pid = tl.program_id(0) % per_split
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
     group_rows = tl.minimum(num_m_blocks - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    return pid_m, pid_n
+    return pid_m, pid_n, split
+
+
+@triton.jit
+def _split_range(split, K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The reduction range [k_begin, k_end) of split ``split`` of ``SPLIT_K`` (whole BLOCK_K chunks)."""
+    if SPLIT_K == 1:
+        return 0, K
+    chunk = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = split * chunk
+    return k_begin, tl.minimum(K, k_begin + chunk)
 
 
 @triton.jit
 def _moe_up_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
+    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     num_pairs, top_k, num_m_blocks, H, I, alpha, limit,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_be, stride_om,
     ACT: tl.constexpr, MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, BF16_ASM: tl.constexpr,
 ):
-    pid_m, pid_n = _block_coords(num_m_blocks, I, BLOCK_N, GROUP_M)
+    """``SPLIT_K > 1``: each split stores its float32 partial product (gate and up interleaved, the bias
+    added by split 0) to ``part_ptr`` ``[SPLIT_K, num_pairs, 2I]``; ``_moe_up_finish_kernel`` sums the
+    splits and applies the activation."""
+    pid_m, pid_n, split = _block_coords(num_m_blocks, I, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -199,11 +260,18 @@ def _moe_up_kernel(
     else:  # swiglu_oai: gate rows 2c, up rows 2c + 1
         w_rows = 2 * col + (j % 2)
     w_rows = tl.where(col_ok, w_rows, 0)
+    k_begin, k_end = _split_range(split, H, SPLIT_K, BLOCK_K)
     acc = _expert_gemm(a_rows, pair_ok, stride_xk, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
-                       w_rows, col_ok, H, stride_wn, stride_wk, stride_sn,
-                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB)  # [BLOCK_M, 2 * BLOCK_N]
+                       w_rows, col_ok, H, k_begin, k_end, stride_wn, stride_wk, stride_sn,
+                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB, BF16_ASM)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
+        if split == 0:
+            acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
+    if SPLIT_K > 1:
+        pc = pid_n * 2 * BLOCK_N + j  # interleaved column: 2c gate, 2c + 1 up
+        part = part_ptr + (split * num_pairs + pairs.to(tl.int64))[:, None] * (2 * I) + pc[None, :]
+        tl.store(part, acc, mask=pair_ok[:, None] & col_ok[None, :])
+        return
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))  # [BLOCK_M, BLOCK_N] each
     if ACT == 0:
         act = gate / (1.0 + tl.exp(-gate)) * up
@@ -217,14 +285,42 @@ def _moe_up_kernel(
 
 
 @triton.jit
+def _moe_up_finish_kernel(
+    part_ptr, out_ptr, num_pairs, I, alpha, limit, stride_om,
+    ACT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Split-K up GEMM, second pass: sum the ``SPLIT_K`` partials of one pair (grid: pairs x I / BLOCK)
+    and apply the activation, as the up kernel does without a split."""
+    pair = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < I
+    gate = tl.zeros((BLOCK,), dtype=tl.float32)
+    up = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        row = part_ptr + (split * num_pairs + pair) * (2 * I)
+        gate += tl.load(row + 2 * cols, mask=ok, other=0.0)
+        up += tl.load(row + 2 * cols + 1, mask=ok, other=0.0)
+    if ACT == 0:
+        act = gate / (1.0 + tl.exp(-gate)) * up
+    else:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        act = (up + 1.0) * (gate / (1.0 + tl.exp(-alpha * gate)))
+    tl.store(out_ptr + pair * stride_om + cols, act.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _moe_down_kernel(
     a_ptr, w_ptr, s_ptr, b_ptr, tw_ptr, y_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     num_pairs, num_m_blocks, H, I,
     stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_be, stride_ym,
     MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, BF16_ASM: tl.constexpr,
 ):
-    pid_m, pid_n = _block_coords(num_m_blocks, H, BLOCK_N, GROUP_M)
+    """``SPLIT_K > 1``: ``y_ptr`` is float32 ``[SPLIT_K, num_pairs, H]``, one weighted partial per split
+    (the bias in split 0's); the caller sums the splits with the choices."""
+    pid_m, pid_n, split = _block_coords(num_m_blocks, H, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -232,18 +328,20 @@ def _moe_down_kernel(
     pair_ok = pairs < num_pairs
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
-    y = y_ptr + pairs.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+    y = y_ptr + (split * num_pairs + pairs.to(tl.int64))[:, None] * stride_ym + cols[None, :]
     y_mask = pair_ok[:, None] & col_ok[None, :]
     if expert < 0:  # experts held elsewhere contribute nothing
         tl.store(y, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=y_mask)
         return
     a_rows = a_ptr + tl.where(pair_ok, pairs, 0).to(tl.int64) * stride_am  # [BLOCK_M] intermediate rows
     w_rows = tl.where(col_ok, cols, 0)
+    k_begin, k_end = _split_range(split, I, SPLIT_K, BLOCK_K)
     acc = _expert_gemm(a_rows, pair_ok, 1, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
-                       w_rows, col_ok, I, stride_wn, stride_wk, stride_sn,
-                       BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB)  # [BLOCK_M, BLOCK_N]
+                       w_rows, col_ok, I, k_begin, k_end, stride_wn, stride_wk, stride_sn,
+                       BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB, BF16_ASM)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
+        if split == 0:
+            acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
     weight = tl.load(tw_ptr + tl.where(pair_ok, pairs, 0)).to(tl.float32)  # [BLOCK_M]
     tl.store(y, (acc * weight[:, None]).to(y_ptr.dtype.element_ty), mask=y_mask)
 
@@ -278,35 +376,49 @@ def fused_moe_triton(
     num_pairs = T * K
     num_m_blocks = block_expert.shape[0]
     inter = torch.empty(num_pairs, I, dtype=x.dtype, device=x.device)  # [T*K, I], row per pair
-    y = torch.empty(num_pairs, H, dtype=x.dtype, device=x.device)  # [T*K, H], row per pair
+    up: TileConfig = config.up
+    down: TileConfig = config.down
+    # [T*K, H], row per pair; with a split down GEMM float32 [split, T*K, H]
+    y = (torch.empty(down.split_k, num_pairs, H, dtype=torch.float32, device=x.device) if down.split_k > 1
+         else torch.empty(num_pairs, H, dtype=x.dtype, device=x.device))
+    part = (torch.empty(up.split_k, num_pairs, 2 * I, dtype=torch.float32, device=x.device) if up.split_k > 1
+            else inter)
     ieee = x.dtype == torch.float32
-    scaled_dot = x.dtype == torch.bfloat16 and config.scaled_dot and os.environ.get("TRITON_INTERPRET") != "1"
+    compiled = os.environ.get("TRITON_INTERPRET") != "1" and x.is_cuda
+    scaled_dot = x.dtype == torch.bfloat16 and config.scaled_dot and compiled
+    # the PTX decode (mul.bf16x2) needs sm_90; the interpreter and older cards decode in float32
+    bf16_asm = x.dtype == torch.bfloat16 and compiled and torch.cuda.get_device_capability(x.device) >= (9, 0)
     tw = topk_weights.reshape(-1).contiguous()  # [T*K]
     b13 = b13.contiguous() if b13 is not None else None  # the kernels index biases with unit stride
     b2 = b2.contiguous() if b2 is not None else None
 
     w, s, swe, swn, swk, sse, ssn, mx = _weight_args(w13)
-    up: TileConfig = config.up
-    _moe_up_kernel[(num_m_blocks * triton.cdiv(I, up.block_n),)](
-        x, w, s, b13 if b13 is not None else x, inter, sorted_ids, block_expert, num_padded,
+    _moe_up_kernel[(up.split_k * num_m_blocks * triton.cdiv(I, up.block_n),)](
+        x, w, s, b13 if b13 is not None else x, inter, part, sorted_ids, block_expert, num_padded,
         num_pairs, K, num_m_blocks, H, I, swiglu_alpha, swiglu_limit,
         x.stride(0), x.stride(1), swe, swn, swk, sse, ssn, b13.stride(0) if b13 is not None else 0, inter.stride(0),
         ACT=0 if activation == "silu" else 1, MXFP4=mx, SCALED_DOT=mx and scaled_dot and up.block_k >= 64,
         HAS_BIAS=b13 is not None, IEEE=ieee, SWAP_AB=mx and config.swap_ab,
-        BLOCK_M=bm, BLOCK_N=up.block_n, BLOCK_K=up.block_k, GROUP_M=config.group_m,
-        num_warps=up.num_warps, num_stages=up.num_stages,
+        BLOCK_M=bm, BLOCK_N=up.block_n, BLOCK_K=up.block_k, GROUP_M=config.group_m, SPLIT_K=up.split_k,
+        BF16_ASM=bf16_asm, num_warps=up.num_warps, num_stages=up.num_stages,
     )
+    if up.split_k > 1:
+        _moe_up_finish_kernel[(num_pairs, triton.cdiv(I, 256))](
+            part, inter, num_pairs, I, swiglu_alpha, swiglu_limit, inter.stride(0),
+            ACT=0 if activation == "silu" else 1, SPLIT_K=up.split_k, BLOCK=256,
+        )
     w, s, swe, swn, swk, sse, ssn, mx = _weight_args(w2)
-    down: TileConfig = config.down
-    _moe_down_kernel[(num_m_blocks * triton.cdiv(H, down.block_n),)](
+    _moe_down_kernel[(down.split_k * num_m_blocks * triton.cdiv(H, down.block_n),)](
         inter, w, s, b2 if b2 is not None else x, tw, y, sorted_ids, block_expert, num_padded,
         num_pairs, num_m_blocks, H, I,
-        inter.stride(0), swe, swn, swk, sse, ssn, b2.stride(0) if b2 is not None else 0, y.stride(0),
+        inter.stride(0), swe, swn, swk, sse, ssn, b2.stride(0) if b2 is not None else 0, y.stride(-2),
         MXFP4=mx, SCALED_DOT=mx and scaled_dot and down.block_k >= 64, HAS_BIAS=b2 is not None, IEEE=ieee,
         SWAP_AB=mx and config.swap_ab,
-        BLOCK_M=bm, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=config.group_m,
-        num_warps=down.num_warps, num_stages=down.num_stages,
+        BLOCK_M=bm, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=config.group_m, SPLIT_K=down.split_k,
+        BF16_ASM=bf16_asm, num_warps=down.num_warps, num_stages=down.num_stages,
     )
+    if down.split_k > 1:  # the splits and the choices in one float32 reduction
+        return y.view(down.split_k, T, K, H).sum(dim=(0, 2)).to(x.dtype)
     if K == 1:
         return y
     return y.view(T, K, H).sum(dim=1)  # float32 accumulation inside torch's reduction

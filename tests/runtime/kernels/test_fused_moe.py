@@ -23,7 +23,7 @@ import triton.language as tl
 
 from plait.runtime.kernels.fused_moe import fused_moe, fused_moe_ref
 from plait.runtime.kernels.fused_moe_config import FusedMoeConfig, TileConfig
-from plait.runtime.kernels.fused_moe_triton import _fp4_pair
+from plait.runtime.kernels.fused_moe_triton import _fp4_pair, _fp4_pair_bf16
 from plait.runtime.kernels.mxfp4 import Mxfp4Weight, dequantize_mxfp4, quantize_mxfp4
 
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
@@ -214,6 +214,29 @@ def test_kernel_with_swapped_operands_matches_reference(kernel_device, weights):
     check_kernel(kernel_device, 9, 6, 64, 128, 2, weights, "silu", False, SWAPPED_WIDE, seed=2)
 
 
+# split-K: K=96 over 3 splits of one 32-chunk each; K=64 into 4 splits of 32 leaves two empty (bias once)
+SPLIT = FusedMoeConfig(16, TileConfig(32, 32, 4, 2, split_k=3), TileConfig(64, 32, 4, 2, split_k=4))
+SPLIT_UP = FusedMoeConfig(16, TileConfig(32, 32, 4, 2, split_k=2), TileConfig(64, 64))
+SPLIT_DOWN = FusedMoeConfig(32, TileConfig(16, 64), TileConfig(32, 32, 4, 2, split_k=2), swap_ab=True)
+
+
+@pytest.mark.parametrize("config", [SPLIT, SPLIT_UP, SPLIT_DOWN], ids=["both", "up", "down-swapped"])
+def test_kernel_with_split_k_matches_reference(kernel_device, config):
+    """The reduction split over programs (float32 partials, summed by a second pass): ragged K, a split
+    with no chunk at all, bias added once, decode sizes, experts held elsewhere, top-1 (no choice sum)."""
+    check_kernel(kernel_device, 17, 6, 96, 96, 2, "mxfp4-fp32", "swiglu_oai", True, config)
+    check_kernel(kernel_device, 1, 8, 64, 64, 2, "fp16", "silu", True, config, seed=1)
+    ids = torch.tensor([[0, -1], [9, 4], [3, 1], [-1, 8]])
+    out, _ = check_kernel(kernel_device, 4, 4, 64, 64, 2, "fp32", "silu", True, config, ids=ids)
+    assert torch.equal(out[3].cpu(), torch.zeros(64))
+    check_kernel(kernel_device, 5, 8, 64, 64, 1, "mxfp4-fp16", "swiglu_oai", True, config, seed=2)
+
+
+def test_split_k_must_be_positive():
+    with pytest.raises(ValueError, match="split_k"):
+        TileConfig(32, 64, split_k=0)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # 6 * 2^127 is inf, as in the reference
 def test_fp4_bit_decode_is_exact_for_every_code_and_scale(kernel_device):
     """Every E2M1 code under scales spanning the E8M0 range (0 = 2^-127, 255 = the largest) decodes
@@ -224,6 +247,30 @@ def test_fp4_bit_decode_is_exact_for_every_code_and_scale(kernel_device):
     _decode_fp4_pairs[(1,)](codes.to(kernel_device), scales.to(kernel_device), lo, hi, N=2048)
     # the same bytes as 128 rows of one 32-value block each, every row under one scale
     ref = dequantize_mxfp4(codes.view(128, 1, 16), scales.view(128, 16)[:, :1], torch.float32)  # [128, 32]
+    assert torch.equal(lo.cpu().view(128, 16), ref[:, 0::2]) and torch.equal(hi.cpu().view(128, 16), ref[:, 1::2])
+
+
+@triton.jit
+def _decode_fp4_pairs_bf16(bytes_ptr, scales_ptr, lo_ptr, hi_ptr, N: tl.constexpr):
+    """The PTX bf16 decode (``_fp4_pair_bf16``) of N bytes, each under its scale."""
+    offs = tl.arange(0, N)
+    lo, hi = _fp4_pair_bf16(tl.load(bytes_ptr + offs), tl.load(scales_ptr + offs))
+    tl.store(lo_ptr + offs, lo)
+    tl.store(hi_ptr + offs, hi)
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_fp4_ptx_bf16_decode_is_exact_for_every_code_and_scale():
+    """The compiled decode straight to bf16 (shifts, lop3, two bf16x2 multiplies; subnormal bf16
+    intermediates and results included) equals ``dequantize_mxfp4`` to bf16 for every byte and scale."""
+    _cuda()
+    codes = torch.arange(256, dtype=torch.uint8).repeat(8)
+    scales = torch.tensor([0, 1, 2, 100, 127, 128, 200, 254], dtype=torch.uint8).repeat_interleave(256)
+    lo = torch.empty(2048, device="cuda", dtype=torch.bfloat16)
+    hi = torch.empty_like(lo)
+    _decode_fp4_pairs_bf16[(1,)](codes.cuda(), scales.cuda(), lo, hi, N=2048)
+    ref = dequantize_mxfp4(codes.view(128, 1, 16), scales.view(128, 16)[:, :1], torch.float32).bfloat16()
     assert torch.equal(lo.cpu().view(128, 16), ref[:, 0::2]) and torch.equal(hi.cpu().view(128, 16), ref[:, 1::2])
 
 
@@ -321,8 +368,8 @@ def test_gpt_oss_120b_shapes_on_gpu(gpt_oss_120b_experts, T):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [SMALL, GROUPED, NARROW, WIDE, SWAPPED, SWAPPED_WIDE],
-                         ids=["small", "grouped", "narrow", "wide", "swapped", "swapped-wide"])
+@pytest.mark.parametrize("config", [SMALL, GROUPED, NARROW, WIDE, SWAPPED, SWAPPED_WIDE, SPLIT, SPLIT_DOWN],
+                         ids=["small", "grouped", "narrow", "wide", "swapped", "swapped-wide", "split", "split-down"])
 @pytest.mark.parametrize("mxfp4", [False, True])
 def test_bf16_tilings_on_gpu(config, mxfp4):
     """bf16 (the interpreter cannot): MXFP4 goes through tl.dot_scaled here (block_k >= 64; GROUPED's
