@@ -13,6 +13,7 @@ schema matches no document, and would otherwise be accepted and abort after the 
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -49,10 +50,31 @@ _OPEN = {"(": ")", "[": "]", "{": "}"}
 _CLOSE = {")", "]", "}"}
 
 
+# JSON string literals (the unrolled form: no per-character alternation) and the brackets left outside them
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _check_json_nesting(text: str, limits: GrammarLimits) -> None:
+    """``check_nesting`` for JSON in C-speed steps: drop the string literals, keep the brackets, take the
+    running depth's maximum (a character loop in Python cost ~0.35 ms for a 3.6 KB schema, a fifth of
+    the backend's own compile). Depth is exact over any valid prefix of the text, which is all that
+    ``json.loads`` recurses into (it stops at the first error; an unterminated string keeps its brackets,
+    so they count)."""
+    brackets = _BRACKETS.findall(_JSON_STRING.sub("", text))
+    deepest = max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+    if deepest > limits.max_depth:
+        raise _LimitError(f"the json_schema nests deeper than {limits.max_depth} levels (grammar_max_depth)")
+
+
 def check_nesting(text: str, what: str, limits: GrammarLimits) -> None:
     """Bracket nesting of ``text`` within ``max_depth``, by one iterative scan. ``what`` is ``json_schema``
     (``[`` / ``{`` outside strings count), ``regex`` (groups count; character classes and escapes are
     skipped) or ``ebnf`` (all brackets outside quoted literals count)."""
+    if what == "json_schema":
+        _check_json_nesting(text, limits)
+        return
     opening = "[{" if what == "json_schema" else "([{"
     quotes = "" if what == "regex" else ('"' if what == "json_schema" else "\"'")
     depth = deepest = 0
@@ -92,6 +114,7 @@ def check_grammar_rules(text: str, limits: GrammarLimits) -> None:
 
 
 _ALIAS_LISTS = ("allOf", "anyOf", "oneOf")
+_ALIAS_KEYS = ("$ref", *_ALIAS_LISTS)
 
 
 def _resolve(root: Any, ref: str) -> Any:
@@ -143,6 +166,8 @@ def check_ref_cycles(schema: Any) -> None:
             stack.extend(value)
     state: dict[int, int] = {}  # id(node) -> 1 on the current path, 2 done
     for start in nodes:
+        if not any(key in start for key in _ALIAS_KEYS):
+            continue  # no alias: it cannot be on a cycle (most nodes; skipping them halves the check)
         if state.get(id(start)):
             continue
         path: list[tuple[dict, list[tuple[str, Any]]]] = [(start, _alias_targets(schema, start))]

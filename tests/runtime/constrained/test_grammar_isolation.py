@@ -114,6 +114,20 @@ def test_deeply_nested_schemas_are_refused_up_front():
     assert spec_from_params(SamplingParams(json_schema=deep_schema(20))) is not None
 
 
+def test_json_nesting_ignores_brackets_in_strings_and_counts_past_a_broken_string():
+    """The scan that bounds json.loads' recursion: brackets inside string literals (escaped quotes
+    included) do not count; an unterminated string's brackets do (it is not JSON anyway)."""
+    limits = GrammarLimits(max_depth=3)
+    inside = json.dumps({"a": {"pattern": '[[[[{{{{\\"[[[[', "enum": ["]]]]", "\\"]}})
+    assert spec_from_params(SamplingParams(json_schema=inside), limits) is not None
+    with pytest.raises(ConstraintError, match="nests deeper than 3"):
+        spec_from_params(SamplingParams(json_schema='{"a": {"b": {"c": {}}}}'), limits)
+    with pytest.raises(ConstraintError, match="nests deeper than 3"):
+        spec_from_params(SamplingParams(json_schema='{"a": "unterminated [[[[[['), limits)
+    with pytest.raises(ConstraintError, match="not valid JSON"):  # closers first do not hide openers' depth
+        spec_from_params(SamplingParams(json_schema="]]]]" + "[" * 3 + "]" * 3), limits)
+
+
 @pytest.mark.parametrize("schema", [
     {"$ref": "#"},
     {"allOf": [{"$ref": "#"}]},
