@@ -11,8 +11,8 @@ first) and by their count (``cache_size``). A failed compilation is not cached (
 a retry can succeed).
 
 Backend choice: ``DEFAULT_BACKENDS`` (measured; see docs/constrained.md) gives the order per kind;
-when the first backend refuses a spec (a feature it lacks) the next one is tried, and if every
-backend refuses, the error lists every reason.
+the first backend that is installed serves the kind, and its refusal of a spec (a feature it lacks)
+is final: trying the next one rescued nothing on MaskBench (``prepare_first``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from plait.runtime.constrained.vocab import TokenizerInfo
 __all__ = ["BACKEND_NAMES", "DEFAULT_BACKENDS", "GrammarCompiler", "load_backend"]
 
 BACKEND_NAMES = ("llguidance", "outlines")
-# Order in which backends are tried per kind of spec (benchmarks/constrained.py measured it).
+# Backends per kind of spec, in order of preference: the first installed one serves (benchmarks/constrained.py
+# measured the order; benchmarks/outlines_fallback.py that a second opinion after a refusal does not help).
 DEFAULT_BACKENDS: dict[ConstraintKind, tuple[str, ...]] = {
     ConstraintKind.JSON_SCHEMA: ("llguidance", "outlines"),
     ConstraintKind.REGEX: ("llguidance", "outlines"),
@@ -73,7 +74,7 @@ class GrammarCompiler:
 
     Args:
         info: the tokenizer's view for grammars (``TokenizerInfo``).
-        backend: ``"auto"`` (``DEFAULT_BACKENDS`` with fallback) or one backend name (no fallback).
+        backend: ``"auto"`` (the first installed backend of ``DEFAULT_BACKENDS``) or one backend name.
         timeout_s: how long one compilation may take (in workers: it is then killed).
         cache_size: compiled grammars kept at most.
         max_workers: compile threads, or worker processes with ``isolate``.

@@ -43,6 +43,22 @@ def test_fallback_to_outlines_when_llguidance_is_missing(tokenizer_info, monkeyp
         compiler.shutdown()
 
 
+def test_a_refusal_by_the_installed_backend_is_final(tokenizer_info, monkeypatch):
+    """llguidance refuses a lookahead: outlines-core (next in DEFAULT_BACKENDS) is not asked, since a
+    second opinion rescued nothing on MaskBench and can take seconds; the error is llguidance's."""
+    from plait.runtime.constrained.backends.outlines_backend import OutlinesBackend
+
+    asked = []
+    monkeypatch.setattr(OutlinesBackend, "compile", lambda self, spec, info: asked.append(spec))
+    compiler = GrammarCompiler(tokenizer_info)
+    try:
+        with pytest.raises(ConstraintError, match="(?s)llguidance.*not supported"):
+            compiler.compile(ConstraintSpec(ConstraintKind.REGEX, "a(?=b)"))
+        assert asked == []
+    finally:
+        compiler.shutdown()
+
+
 def test_failed_compilation_is_not_cached(compilers):
     bad = ConstraintSpec(ConstraintKind.GRAMMAR, "start: undefined_rule")
     for _ in range(2):
