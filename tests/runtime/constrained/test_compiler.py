@@ -130,3 +130,23 @@ def test_forced_tokens_are_canonical_at_both_boundaries(tokenizer_info):
         assert canonical_forced_tokens(info, b'name": 1', quote, budget=10) == []
     assert canonical_forced_tokens(info, text.encode(), None, budget=1) == forced[:1]
     assert canonical_forced_tokens(info, "é".encode()[:1], None, budget=10) == []  # half a character
+
+
+def test_json_options_spliced_into_the_schema_equal_the_overrides():
+    """The options go into the schema text as its ``x-guidance`` member (no parse and rewrite of the
+    schema): the same grammar as llguidance's ``overrides``; a schema with its own member still gets
+    the overrides' precedence."""
+    import json
+
+    llguidance = pytest.importorskip("llguidance")
+    from plait.runtime.constrained.backends.llguidance_backend import JSON_OPTIONS, json_schema_grammar
+
+    def schema_of(grammar: str) -> dict:
+        return json.loads(grammar)["grammars"][0]["json_schema"]
+
+    for text in ('{}', ' {"type":"object","properties":{"b":{"type":"integer"},"a":{"type":"string"}}}',
+                 '{"x-guidance":{"whitespace_flexible":true,"item_separator":","},"type":"array"}'):
+        ours = schema_of(json_schema_grammar(llguidance, text))
+        theirs = schema_of(llguidance.LLMatcher.grammar_from_json_schema(text, overrides=JSON_OPTIONS))
+        assert ours == theirs and list(ours.get("properties", {})) == list(theirs.get("properties", {}))
+        assert ours["x-guidance"]["item_separator"] == ", "

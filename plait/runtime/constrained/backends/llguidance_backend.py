@@ -4,6 +4,7 @@ lazily built token trie; masks are computed per step, compilation is near-instan
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import threading
 from typing import Any
@@ -32,6 +33,22 @@ logger = logging.getLogger(__name__)
 # llguidance's default whitespace. Separators and keys are still forced once they have begun.
 WHITESPACE_PATTERN = "[ ]?"
 JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_pattern": WHITESPACE_PATTERN}
+# The options as the schema's own "x-guidance" member, spliced into the schema text (llguidance reads it
+# there; passing ``overrides`` makes it parse and rewrite the whole schema: 0.07 ms against 0.01 for a
+# 3.6 KB schema).
+_OPTIONS_MEMBER = '"x-guidance":' + json.dumps(JSON_OPTIONS, separators=(",", ":"))
+
+
+def json_schema_grammar(llg: Any, schema_text: str) -> str:
+    """llguidance's grammar for a JSON schema (text) under ``JSON_OPTIONS``. The options go in as the
+    schema's first member when the text is an object without its own ``x-guidance`` (whose options
+    the overrides must win over: then, and for ``true``, through ``overrides``)."""
+    body = schema_text.lstrip()
+    if body.startswith("{") and '"x-guidance"' not in body:
+        rest = body[1:].lstrip()
+        spliced = "{" + _OPTIONS_MEMBER + ("" if rest.startswith("}") else ",") + rest
+        return llg.LLMatcher.grammar_from_json_schema(spliced)
+    return llg.LLMatcher.grammar_from_json_schema(schema_text, overrides=JSON_OPTIONS)
 
 
 def _import() -> Any:
@@ -219,7 +236,7 @@ class LLGuidanceBackend(GrammarBackend):
         matcher_cls = self._llg.LLMatcher
         if spec.kind is ConstraintKind.JSON_SCHEMA:
             try:
-                return matcher_cls.grammar_from_json_schema(spec.source, overrides=JSON_OPTIONS)
+                return json_schema_grammar(self._llg, spec.source)
             except ValueError as exc:
                 raise UnsupportedConstraint(str(exc)) from None
         if spec.kind in (ConstraintKind.REGEX, ConstraintKind.CHOICES):
