@@ -693,10 +693,17 @@ class Engine:
             req.on_output({"finished": False, "output": build_output(req, self.tokenizer)})
 
     def _jump_forward(self, req: Request, prev_token: int) -> None:
-        """Append the tokens the grammar forces next (no sampling; their KV is computed in one extend)."""
+        """Append the tokens the grammar forces next, or the ending that fits the token budget when it is
+        about to run out (no sampling; their KV is computed in one extend)."""
         budget = min(req.params.max_new_tokens - len(req.output_ids), self.context_length - req.total_len)
-        for token in req.grammar.forced_tokens(prev_token, budget):
-            req.grammar.forced_count += 1
+        grammar = req.grammar
+        tokens = grammar.forced_tokens(prev_token, budget)
+        closing = grammar.closing  # an ending for the budget (budget.py), not jump-forward
+        for token in tokens:
+            if closing:
+                grammar.closing_count += 1
+            else:
+                grammar.forced_count += 1
             req.stream, stream = False, req.stream  # one snapshot for the whole jump, not one per token
             try:
                 self._append_token(req, token, jump_forward=False)

@@ -7,7 +7,8 @@ never blocks; ``grammar_for``: waits; both cached, ``ConstraintError`` on failur
 and gives each request its ``GrammarState``.
 
 Settings (attributes, change them before submitting requests): ``jump_forward`` (append forced tokens
-without sampling them; default on), ``compiler.backend`` (see compiler.py). The rest are engine
+without sampling them; default on), ``budget_margin`` (end valid within ``max_new_tokens``, see
+budget.py: the margin in tokens, default 3; None turns it off), ``compiler.backend`` (see compiler.py). The rest are engine
 settings (``EngineConfig.grammar_*``).
 """
 
@@ -58,6 +59,7 @@ class ConstrainedDecoding:
         self._lock = threading.Lock()
         self._compiler: GrammarCompiler | None = None
         self.jump_forward = True
+        self.budget_margin: int | None = 3
 
     @property
     def compiler(self) -> GrammarCompiler:
@@ -109,7 +111,8 @@ class ConstrainedDecoding:
 
     def new_state(self, grammar: CompiledGrammar, stop_ids: frozenset[int]) -> GrammarState:
         """A fresh per-request state; ``stop_ids`` are the request's EOS and stop_token_ids."""
-        return GrammarState(grammar, self.compiler.info, stop_ids, jump_forward=self.jump_forward)
+        return GrammarState(grammar, self.compiler.info, stop_ids, jump_forward=self.jump_forward,
+                            budget_margin=self.budget_margin)
 
     def shutdown(self) -> None:
         if self._compiler is not None:

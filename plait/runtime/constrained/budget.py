@@ -1,0 +1,307 @@
+"""Ending within the token budget: the shortest completion of a grammar state, and when to force it.
+
+When ``max_new_tokens`` is about to run out inside a constrained value (a string, a number, an object
+with required keys left), the output would be cut mid-value. ``shortest_completion`` finds a short
+sequence of tokens that takes the matcher from its current state to a state where the grammar may end;
+``BudgetSteering`` (used by ``GrammarState``) decides when the remaining budget calls for it, and the
+engine then appends those tokens without sampling, as it does for jump-forward.
+
+The search works on any ``TokenMatcher`` (llguidance and outlines-core; JSON schema, regex, Lark) with
+nothing but its mask, ``consume`` and ``rollback``: a depth-first, branch-and-bound search over a small
+ranked set of candidate tokens (the longest token that starts the bytes the grammar forces, then tokens
+made of closing characters, empty values, digits, single characters), bounded in depth, nodes visited
+and time. It is a heuristic: the ending it finds is short, not provably shortest, and when it finds
+none within its bounds the request goes on as without steering.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from plait.runtime.constrained.backends.base import TokenMatcher
+from plait.runtime.constrained.vocab import TokenizerInfo
+
+__all__ = ["BudgetSteering", "ClosingCandidates", "shortest_completion"]
+
+_CLOSERS = frozenset(b"\"'}])>")
+_EMPTY_VALUES = (b'""', b"[]", b"{}", b"null", b"true", b"false", b"0")
+_SEPARATORS = frozenset(b",:; ")
+_SPACE_GROUP = 6
+_FORCED_CACHE_SIZE = 4096
+
+
+class ClosingCandidates:
+    """The tokens the search tries, best first (computed once per tokenizer).
+
+    Ranks: tokens made only of closing characters (``"``, ``}``, ``]``, ``)``, ...; longer first: one
+    token closes more), empty values (``""``, ``[]``, ``{}``, ``null``, ``0``, ...), closers followed or
+    led by separators (``",``, ``},``, ``, "``), single digits, single letters, other single printable
+    ASCII characters."""
+
+    def __init__(self, info: TokenizerInfo):
+        ranked: list[tuple[tuple, int]] = []
+        for tid, data in enumerate(info.token_bytes):
+            if not data or tid in info.special_ids:
+                continue
+            rank = self._rank(data)
+            if rank is not None:
+                ranked.append((rank, tid))
+        ranked.sort()
+        self.ids = np.array([tid for _, tid in ranked], dtype=np.int64)
+        self.groups = np.array([rank[0] for rank, _ in ranked], dtype=np.int64)
+        # forced bytes -> their first canonical token (encoding is the costly part of a search step)
+        self.forced_first: dict[bytes, int | None] = {}
+        self.words = self.ids >> 5  # the bitmask word of each candidate
+        self.bits = (self.ids & 31).astype(np.int32)
+
+    @staticmethod
+    def _rank(data: bytes) -> tuple | None:
+        if len(data) > 4 or not all(32 <= b < 127 for b in data):
+            return None
+        if any(b == 32 and data[i - 1] not in b",:" for i, b in enumerate(data) if i):
+            return None  # a space leads a token or follows a separator (` "`, `", "`), never more
+        if len(data) == 1 and data[0] in _CLOSERS:
+            return (0, data)
+        if data.lstrip(b" ") in _EMPTY_VALUES and data.count(b" ") <= 1:
+            return (1, _EMPTY_VALUES.index(data.lstrip(b" ")), data)
+        if data != b" " and all(b in _CLOSERS or b in _SEPARATORS for b in data):
+            # `"}`, `"]}`, `",` ...: a string's quote first (JSON), more closers first, no leading space
+            return (2, data[:1] == b" ", data[:1] != b'"', -sum(b in _CLOSERS for b in data), len(data), data)
+        if len(data) == 1:
+            char = chr(data[0])
+            group = 3 if char.isdigit() else 4 if char.isalpha() else 5 if char != " " else 6
+            return (group, data)
+        return None
+
+    def allowed(self, row: torch.Tensor, per_group: int) -> list[int]:
+        """The candidates ``row`` (a filled bitmask) allows, best first, at most ``per_group`` of each rank
+        group (one letter stands for the others where any letter is allowed); a lone space only when
+        nothing else is allowed."""
+        words = row.numpy()[self.words]
+        ok = ((words >> self.bits) & 1).astype(bool)
+        ids, groups = self.ids[ok], self.groups[ok]
+        out: list[int] = []
+        for group in range(_SPACE_GROUP):
+            out.extend(ids[groups == group][:per_group].tolist())
+        return out or ids[groups == _SPACE_GROUP][:1].tolist()
+
+
+def candidates_for(info: TokenizerInfo) -> ClosingCandidates:
+    """The tokenizer's ``ClosingCandidates`` (built on first use, then kept on ``info``)."""
+    cands = getattr(info, "_closing_candidates", None)
+    if cands is None:
+        cands = ClosingCandidates(info)
+        info._closing_candidates = cands
+    return cands
+
+
+@dataclass
+class SearchLimits:
+    """Bounds of one search: tokens deep, matcher states visited, seconds, and branches per state."""
+
+    max_tokens: int = 128
+    max_nodes: int = 200
+    max_seconds: float = 0.005
+    branching: int = 2
+    per_group: int = 2
+
+
+def _forced_token(info: TokenizerInfo, matcher: TokenMatcher, cands: ClosingCandidates) -> int | None:
+    """The first canonical token of the bytes the grammar forces next, if any."""
+    forced = matcher.forced_bytes()
+    if not forced:
+        return None
+    cached = cands.forced_first.get(forced, -1)
+    if cached != -1:
+        return cached
+    try:
+        text = forced.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = forced[: exc.start].decode("utf-8")
+    ids = info.encode(text) if text else []
+    first = ids[0] if ids else None
+    if len(cands.forced_first) >= _FORCED_CACHE_SIZE:
+        cands.forced_first.clear()
+    cands.forced_first[forced] = first
+    return first
+
+
+def _weight(data: bytes | None) -> int:
+    return len(data or b"") - (data or b"").count(b" ")
+
+
+def _retokenized(matcher: TokenMatcher, info: TokenizerInfo, path: list[int]) -> list[int]:
+    """``path``'s text in the tokenizer's own tokenization when the grammar accepts it and it is
+    shorter (the search builds an ending a token at a time: `"` then `:` where the tokenizer writes
+    `":`); else ``path``."""
+    try:
+        text = info.bytes_of(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return path
+    tokens = info.encode(text)
+    if len(tokens) >= len(path) or info.bytes_of(tokens) != info.bytes_of(path):
+        return path
+    consumed = 0
+    try:
+        for token in tokens:
+            if matcher.is_terminated() or not matcher.consume(token):
+                return path
+            consumed += 1
+        return tokens if matcher.can_terminate() else path
+    finally:
+        matcher.rollback(consumed)
+
+
+def _popcount(row: torch.Tensor) -> int:
+    return int(np.bitwise_count(row.numpy().view(np.uint32)).sum())
+
+
+def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: SearchLimits | None = None,
+                        row: torch.Tensor | None = None) -> list[int] | None:
+    """A short token sequence that takes ``matcher`` from its state to one where the grammar may end
+    (``[]`` if it may end already), or None when none was found within ``limits``. The matcher is left
+    in the state it was in (every token the search consumes is rolled back).
+
+    Where the grammar forces bytes, the only child is their first canonical token. Elsewhere the
+    allowed candidates (``ClosingCandidates``, at most ``limits.lookahead``) are each tried one token
+    deep and ordered by progress: a child where the grammar may end first, then the child that allows
+    the fewest tokens (closing a string or a number leaves a handful of structural tokens allowed;
+    writing more of it leaves thousands); the best ``limits.branching`` are searched depth-first, with
+    branch-and-bound on the best length found."""
+    limits = limits or SearchLimits()
+    if matcher.can_terminate():
+        return []
+    cands = candidates_for(info)
+    if row is None:
+        row = torch.empty(info.bitmask_words, dtype=torch.int32)
+    deadline = time.perf_counter() + limits.max_seconds
+    best: list[int] | None = None
+    path: list[int] = []
+    nodes = 0
+
+    def children() -> list[int]:
+        """This state's children, best first."""
+        nonlocal nodes
+        matcher.fill_bitmask(row)
+        forced = _forced_token(info, matcher, cands)
+        if forced is not None and (int(row[forced >> 5]) >> (forced & 31)) & 1:
+            return [forced]
+        by_score: dict[int, int] = {}  # allowed-token count after the child -> the child's token
+        for token in cands.allowed(row, limits.per_group):
+            if not matcher.consume(token):
+                continue
+            nodes += 1
+            ends = matcher.can_terminate()
+            if not ends:
+                matcher.fill_bitmask(row)
+                score = _popcount(row)
+            matcher.rollback(1)
+            if ends:  # no shorter ending below this state
+                return [token]
+            # children after which as many tokens are allowed are likely the same state: keep the one
+            # that writes more non-space bytes in its token (the earlier-ranked one of equals)
+            kept = by_score.get(score)
+            if kept is None or _weight(info.token_bytes[token]) > _weight(info.token_bytes[kept]):
+                by_score[score] = token
+        return [by_score[score] for score in sorted(by_score)[: limits.branching]]
+
+    def visit() -> bool:
+        """Search below the current state; False once a bound is hit (the search stops)."""
+        nonlocal best, nodes
+        nodes += 1
+        if nodes > limits.max_nodes or time.perf_counter() > deadline:
+            return False
+        if matcher.can_terminate():
+            best = list(path)
+            return True
+        bound = limits.max_tokens if best is None else len(best) - 1
+        if len(path) >= bound:  # a completion from here would be no shorter than the best one
+            return True
+        for token in children():
+            if not matcher.consume(token):
+                continue
+            path.append(token)
+            try:
+                going = visit()
+            finally:
+                path.pop()
+                matcher.rollback(1)
+            if not going:
+                return False
+        return True
+
+    visit()
+    return best if not best else _retokenized(matcher, info, best)
+
+
+# Below this many tokens left, a request's closing is checked (a first search); far from the end nothing runs.
+FIRST_CHECK_BUDGET = 512
+
+
+class BudgetSteering:
+    """When to end a constrained request early so that it ends valid (one per request).
+
+    ``closing_tokens(matcher, budget)`` is asked after every token (with ``budget`` the tokens the
+    request may still append). It searches for a short ending only when the budget is near that
+    ending's length: the first search runs once ``budget <= FIRST_CHECK_BUDGET``; after a search that
+    found an ending of ``need`` tokens (its length, plus a stop token when the request has one), the
+    next runs once the slack ``budget - need`` has halved, and every token once it is within
+    ``2 * margin``. When the slack is at most ``margin`` it returns the ending (to append without
+    sampling) and is done. ``margin`` covers what one sampled token can add to the ending (an opening
+    bracket, a new key); it grows to the largest increase seen between two searches one token apart.
+
+    An ending that is found ends with the request's stop token when one fits (the request then
+    finishes with ``{"type": "stop", "matched": <stop id>}``, or ``matched: None`` where the grammar
+    allows nothing more), else without it (``"length"``, ``incomplete`` False). When no ending is found
+    within the search's bounds the request goes on unchanged.
+    """
+
+    def __init__(self, info: TokenizerInfo, stop_id: int | None, margin: int = 3,
+                 limits: SearchLimits | None = None):
+        self.info = info
+        self.stop_id = stop_id
+        self.margin = margin
+        self.limits = limits or SearchLimits()
+        self.closed = False  # an ending was returned
+        self.searches = 0
+        self.search_seconds = 0.0
+        self.search_max_seconds = 0.0
+        self._next_check = FIRST_CHECK_BUDGET
+        self._last: tuple[int, int] | None = None  # (budget, ending length) at the last search
+        self._row: torch.Tensor | None = None
+
+    def closing_tokens(self, matcher: TokenMatcher, budget: int) -> list[int]:
+        """The tokens to append now to end within ``budget`` (empty: let the model go on)."""
+        if self.closed or budget <= 0 or budget > self._next_check:
+            return []
+        if self._row is None:
+            self._row = torch.empty(self.info.bitmask_words, dtype=torch.int32)
+        # the search builds its ending a token at a time and then re-tokenizes it (shorter): let it go
+        # deeper than the budget; an ending longer than the budget once re-tokenized does not fit
+        depth = min(2 * budget + 8, self.limits.max_tokens)
+        limits = SearchLimits(depth, self.limits.max_nodes, self.limits.max_seconds, self.limits.branching,
+                              self.limits.per_group)
+        start = time.perf_counter()
+        path = shortest_completion(matcher, self.info, limits, self._row)
+        elapsed = time.perf_counter() - start
+        self.search_seconds += elapsed
+        self.search_max_seconds = max(self.search_max_seconds, elapsed)
+        self.searches += 1
+        if path is None or len(path) > budget:  # none found, or none that fits: look again after a quarter
+            self._next_check = budget - max(1, budget // 4)
+            self._last = None
+            return []
+        if self._last is not None and self._last[0] - budget == 1:  # one token since the last search
+            self.margin = max(self.margin, len(path) - (self._last[1] - 1))
+        self._last = (budget, len(path))
+        with_stop = self.stop_id is not None and len(path) < budget
+        slack = budget - len(path) - with_stop
+        if slack <= self.margin:
+            self.closed = True
+            return path + [self.stop_id] if with_stop else path
+        self._next_check = budget - 1 if slack <= 2 * self.margin else budget - max(1, (slack - self.margin) // 2)
+        return []
