@@ -131,7 +131,7 @@ def main() -> None:
         jobs += [(name, spec, base + slack, seed) for slack in args.slack for seed in range(args.seeds)]
     print(f"\n{len(jobs)} requests ({len(SPECS)} specs x slack {args.slack} x {args.seeds} seeds), "
           f"temperature {args.temperature}\n")
-    for label, margin in (("steering off", None), ("steering on", 3)):
+    for label, margin in (("steering off", None), ("steering on", 1)):
         searches.clear()
         start = time.perf_counter()
         outs = run(engine, jobs, margin, args.temperature)

@@ -30,7 +30,6 @@ __all__ = ["BudgetSteering", "ClosingCandidates", "shortest_completion"]
 _CLOSERS = frozenset(b"\"'}])>")
 _EMPTY_VALUES = (b'""', b"[]", b"{}", b"null", b"true", b"false", b"0")
 _SEPARATORS = frozenset(b",:; ")
-_SPACE_GROUP = 6
 _FORCED_CACHE_SIZE = 4096
 
 
@@ -73,21 +72,20 @@ class ClosingCandidates:
             return (2, data[:1] == b" ", data[:1] != b'"', -sum(b in _CLOSERS for b in data), len(data), data)
         if len(data) == 1:
             char = chr(data[0])
-            group = 3 if char.isdigit() else 4 if char.isalpha() else 5 if char != " " else 6
+            group = 3 if char.isdigit() else 4 if char.isalpha() else 5
             return (group, data)
         return None
 
-    def allowed(self, row: torch.Tensor, per_group: int) -> list[int]:
-        """The candidates ``row`` (a filled bitmask) allows, best first, at most ``per_group`` of each rank
-        group (one letter stands for the others where any letter is allowed); a lone space only when
-        nothing else is allowed."""
+    def allowed(self, row: torch.Tensor, per_group: tuple[int, ...]) -> list[int]:
+        """The candidates ``row`` (a filled bitmask) allows, best first, at most ``per_group[g]`` of
+        rank group ``g`` (one digit or letter stands for the others where any is allowed)."""
         words = row.numpy()[self.words]
         ok = ((words >> self.bits) & 1).astype(bool)
         ids, groups = self.ids[ok], self.groups[ok]
         out: list[int] = []
-        for group in range(_SPACE_GROUP):
-            out.extend(ids[groups == group][:per_group].tolist())
-        return out or ids[groups == _SPACE_GROUP][:1].tolist()
+        for group, count in enumerate(per_group):
+            out.extend(ids[groups == group][:count].tolist())
+        return out
 
 
 def candidates_for(info: TokenizerInfo) -> ClosingCandidates:
@@ -107,7 +105,9 @@ class SearchLimits:
     max_nodes: int = 200
     max_seconds: float = 0.005
     branching: int = 2
-    per_group: int = 2
+    # candidates tried per rank group of ClosingCandidates: closers, empty values, closer/separator
+    # combinations, digits, letters, other single characters
+    per_group: tuple[int, ...] = (3, 2, 2, 1, 1, 3)
 
 
 def _forced_token(info: TokenizerInfo, matcher: TokenMatcher, cands: ClosingCandidates) -> int | None:
@@ -167,7 +167,7 @@ def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: Sear
     in the state it was in (every token the search consumes is rolled back).
 
     Where the grammar forces bytes, the only child is their first canonical token. Elsewhere the
-    allowed candidates (``ClosingCandidates``, at most ``limits.lookahead``) are each tried one token
+    allowed candidates (``ClosingCandidates``, at most ``limits.per_group`` per group) are each tried one token
     deep and ordered by progress: a child where the grammar may end first, then the child that allows
     the fewest tokens (closing a string or a number leaves a handful of structural tokens allowed;
     writing more of it leaves thousands); the best ``limits.branching`` are searched depth-first, with
@@ -183,15 +183,17 @@ def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: Sear
     path: list[int] = []
     nodes = 0
 
-    def children() -> list[int]:
-        """This state's children, best first."""
+    def children(mask: torch.Tensor | None) -> list[tuple[int, torch.Tensor | None]]:
+        """This state's children, best first, with their masks where computed (``mask``: this state's)."""
         nonlocal nodes
-        matcher.fill_bitmask(row)
+        if mask is None:
+            matcher.fill_bitmask(row)
+            mask = row
         forced = _forced_token(info, matcher, cands)
-        if forced is not None and (int(row[forced >> 5]) >> (forced & 31)) & 1:
-            return [forced]
-        by_score: dict[int, int] = {}  # allowed-token count after the child -> the child's token
-        for token in cands.allowed(row, limits.per_group):
+        if forced is not None and (int(mask[forced >> 5]) >> (forced & 31)) & 1:
+            return [(forced, None)]
+        by_score: dict[int, tuple[int, torch.Tensor]] = {}  # allowed-token count after the child -> child
+        for token in cands.allowed(mask, limits.per_group):
             if not matcher.consume(token):
                 continue
             nodes += 1
@@ -201,16 +203,16 @@ def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: Sear
                 score = _popcount(row)
             matcher.rollback(1)
             if ends:  # no shorter ending below this state
-                return [token]
+                return [(token, None)]
             # children after which as many tokens are allowed are likely the same state: keep the one
             # that writes more non-space bytes in its token (the earlier-ranked one of equals)
             kept = by_score.get(score)
-            if kept is None or _weight(info.token_bytes[token]) > _weight(info.token_bytes[kept]):
-                by_score[score] = token
+            if kept is None or _weight(info.token_bytes[token]) > _weight(info.token_bytes[kept[0]]):
+                by_score[score] = (token, row.clone())
         return [by_score[score] for score in sorted(by_score)[: limits.branching]]
 
-    def visit() -> bool:
-        """Search below the current state; False once a bound is hit (the search stops)."""
+    def visit(mask: torch.Tensor | None = None) -> bool:
+        """Search below the current state (``mask``: its mask, if known); False once a bound is hit."""
         nonlocal best, nodes
         nodes += 1
         if nodes > limits.max_nodes or time.perf_counter() > deadline:
@@ -221,12 +223,12 @@ def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: Sear
         bound = limits.max_tokens if best is None else len(best) - 1
         if len(path) >= bound:  # a completion from here would be no shorter than the best one
             return True
-        for token in children():
+        for token, child_mask in children(mask):
             if not matcher.consume(token):
                 continue
             path.append(token)
             try:
-                going = visit()
+                going = visit(child_mask)
             finally:
                 path.pop()
                 matcher.rollback(1)
@@ -238,70 +240,115 @@ def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: Sear
     return best if not best else _retokenized(matcher, info, best)
 
 
-# Below this many tokens left, a request's closing is checked (a first search); far from the end nothing runs.
+# Below this many tokens left, a request's ending is looked for (a first search); far from the end nothing runs.
 FIRST_CHECK_BUDGET = 512
 
 
 class BudgetSteering:
-    """When to end a constrained request early so that it ends valid (one per request).
+    """Ending a constrained request valid within its token budget (one per request).
 
-    ``closing_tokens(matcher, budget)`` is asked after every token (with ``budget`` the tokens the
-    request may still append). It searches for a short ending only when the budget is near that
-    ending's length: the first search runs once ``budget <= FIRST_CHECK_BUDGET``; after a search that
-    found an ending of ``need`` tokens (its length, plus a stop token when the request has one), the
-    next runs once the slack ``budget - need`` has halved, and every token once it is within
-    ``2 * margin``. When the slack is at most ``margin`` it returns the ending (to append without
-    sampling) and is done. ``margin`` covers what one sampled token can add to the ending (an opening
-    bracket, a new key); it grows to the largest increase seen between two searches one token apart.
+    The engine asks ``closing_tokens(matcher, budget)`` once the tokens of a step are appended
+    (``budget``: how many the request may still append) and ``vet(matcher, token, budget)`` before it
+    appends a sampled token. An *ending* is what ``shortest_completion`` finds, plus the request's stop
+    token where it fits; its *slack* is ``budget - len(ending)``.
 
-    An ending that is found ends with the request's stop token when one fits (the request then
-    finishes with ``{"type": "stop", "matched": <stop id>}``, or ``matched: None`` where the grammar
-    allows nothing more), else without it (``"length"``, ``incomplete`` False). When no ending is found
-    within the search's bounds the request goes on unchanged.
+    - Far from the end nothing runs. The first search runs once ``budget <= FIRST_CHECK_BUDGET``; the
+      next once the slack has halved, and so on.
+    - Once the slack is at most ``zone`` tokens, every sampled token is vetted: the ending after it is
+      searched before it is appended (that search is the next step's check, so it costs one search per
+      token, not two). A token after which no ending fits (an opening bracket, a new key with required
+      values) is replaced by the current state's ending, appended without sampling.
+    - Once the slack is at most ``margin``, the ending is appended without sampling (unless the output
+      is complete already: then the model goes on, its tokens vetted, until it stops or the budget
+      ends).
+
+    The request then finishes with ``{"type": "stop", "matched": <stop id>}`` (or ``matched: None``
+    where the grammar allows nothing more), or with ``"length"`` and a complete output when not even
+    the stop token fits. When no ending is found within the search's bounds, the request goes on as
+    without steering (it may end incomplete, flagged as before).
     """
 
-    def __init__(self, info: TokenizerInfo, stop_id: int | None, margin: int = 3,
+    def __init__(self, info: TokenizerInfo, stop_id: int | None, margin: int = 1, zone: int = 16,
                  limits: SearchLimits | None = None):
         self.info = info
         self.stop_id = stop_id
         self.margin = margin
+        self.zone = zone
         self.limits = limits or SearchLimits()
-        self.closed = False  # an ending was returned
+        self.closed = False  # an ending was returned: nothing more to do
+        self.replaced = 0  # sampled tokens replaced by the ending (vet)
         self.searches = 0
         self.search_seconds = 0.0
         self.search_max_seconds = 0.0
         self._next_check = FIRST_CHECK_BUDGET
-        self._last: tuple[int, int] | None = None  # (budget, ending length) at the last search
+        self._ending: list[int] | None = None  # a fitting ending of the matcher's current state (zone only)
+        self._vetted: tuple[int, list[int]] | None = None  # (token, its state's ending) from vet
         self._row: torch.Tensor | None = None
 
-    def closing_tokens(self, matcher: TokenMatcher, budget: int) -> list[int]:
-        """The tokens to append now to end within ``budget`` (empty: let the model go on)."""
-        if self.closed or budget <= 0 or budget > self._next_check:
-            return []
+    def _search(self, matcher: TokenMatcher, budget: int) -> list[int] | None:
+        """An ending of the matcher's state that fits ``budget`` (without the stop token), or None."""
         if self._row is None:
             self._row = torch.empty(self.info.bitmask_words, dtype=torch.int32)
         # the search builds its ending a token at a time and then re-tokenizes it (shorter): let it go
         # deeper than the budget; an ending longer than the budget once re-tokenized does not fit
-        depth = min(2 * budget + 8, self.limits.max_tokens)
-        limits = SearchLimits(depth, self.limits.max_nodes, self.limits.max_seconds, self.limits.branching,
-                              self.limits.per_group)
+        limits = SearchLimits(min(2 * budget + 8, self.limits.max_tokens), self.limits.max_nodes,
+                              self.limits.max_seconds, self.limits.branching, self.limits.per_group)
         start = time.perf_counter()
         path = shortest_completion(matcher, self.info, limits, self._row)
         elapsed = time.perf_counter() - start
+        self.searches += 1
         self.search_seconds += elapsed
         self.search_max_seconds = max(self.search_max_seconds, elapsed)
-        self.searches += 1
-        if path is None or len(path) > budget:  # none found, or none that fits: look again after a quarter
-            self._next_check = budget - max(1, budget // 4)
-            self._last = None
+        return path if path is not None and len(path) <= budget else None
+
+    def _with_stop(self, path: list[int], budget: int) -> list[int]:
+        return path + [self.stop_id] if self.stop_id is not None and len(path) < budget else path
+
+    def consumed(self, token: int) -> None:
+        """The matcher consumed ``token``: an ending known for the state before it no longer applies."""
+        vetted, self._vetted = self._vetted, None
+        self._ending = vetted[1] if vetted is not None and vetted[0] == token else None
+
+    def vet(self, matcher: TokenMatcher, token: int, budget: int) -> list[int] | None:
+        """Before a sampled ``token`` is appended with ``budget`` tokens left: None to append it, or
+        the ending to append instead when no ending fits after it (only near the end, see above)."""
+        ending = self._ending
+        if self.closed or ending is None or not matcher.consume(token):
+            return None
+        try:
+            after = self._search(matcher, budget - 1)
+        finally:
+            matcher.rollback(1)
+        if after is not None and len(self._with_stop(after, budget - 1)) <= budget - 1:
+            self._vetted = (token, after)
+            return None
+        replacement = self._with_stop(ending, budget)
+        if not replacement:  # complete already and no stop token to end with: the token stays
+            return None
+        self.closed = True
+        self.replaced += 1
+        return replacement
+
+    def closing_tokens(self, matcher: TokenMatcher, budget: int) -> list[int]:
+        """The tokens to append now to end within ``budget`` (empty: let the model go on)."""
+        path, self._ending = self._ending, None
+        if self.closed or budget <= 0:
             return []
-        if self._last is not None and self._last[0] - budget == 1:  # one token since the last search
-            self.margin = max(self.margin, len(path) - (self._last[1] - 1))
-        self._last = (budget, len(path))
-        with_stop = self.stop_id is not None and len(path) < budget
-        slack = budget - len(path) - with_stop
-        if slack <= self.margin:
+        if path is None:
+            if budget > self._next_check:
+                return []
+            path = self._search(matcher, budget)
+        if path is None:  # none found, or none that fits: look again after a quarter of the budget
+            self._next_check = budget - max(1, budget // 4)
+            return []
+        ending = self._with_stop(path, budget)
+        slack = budget - len(ending)
+        if slack <= self.margin and path:  # (already complete: let the model go on, vetting its tokens)
             self.closed = True
-            return path + [self.stop_id] if with_stop else path
-        self._next_check = budget - 1 if slack <= 2 * self.margin else budget - max(1, (slack - self.margin) // 2)
+            return ending
+        if slack <= self.zone:  # vet the next token against this ending
+            self._ending = path
+            self._next_check = budget - 1
+        else:
+            self._next_check = budget - max(1, (slack - self.zone) // 2)
         return []

@@ -35,7 +35,7 @@ class GrammarState:
     """
 
     def __init__(self, grammar: CompiledGrammar, info: TokenizerInfo, stop_ids: frozenset[int],
-                 jump_forward: bool = True, budget_margin: int | None = 3):
+                 jump_forward: bool = True, budget_margin: int | None = 1):
         self.grammar = grammar
         self.info = info
         self.matcher = grammar.new_matcher()
@@ -99,9 +99,22 @@ class GrammarState:
             for w, keep in self._when_not:
                 words[w] &= keep
 
+    def ending_instead_of(self, token: int, budget: int) -> list[int] | None:
+        """Before a sampled (non-stop) ``token`` is appended with ``budget`` tokens left: None to append
+        it, or the tokens to append instead (an ending that fits the budget, the last one possibly a
+        stop token) when no ending would fit after it (``BudgetSteering.vet``)."""
+        if self.steering is None:
+            return None
+        ending = self.steering.vet(self.matcher, token, budget)
+        if ending is not None:
+            self.closing = True
+        return ending
+
     def accept_token(self, token: int) -> dict[str, Any] | None:
         """Advance by a generated (non-stop) token. Returns a finish reason: ``stop`` when the grammar is
         complete and allows nothing more, ``abort`` when the token is refused; None to go on."""
+        if self.steering is not None:
+            self.steering.consumed(token)
         if not self.matcher.consume(token):
             detail = self.matcher.error() or f"token {token} is not allowed here"
             return {"type": "abort", "message": f"constrained decoding ({self.backend}): {detail}"}
@@ -112,11 +125,11 @@ class GrammarState:
             return {"type": "stop", "matched": None}
         return None
 
-    def forced_tokens(self, prev_token: int | None, budget: int) -> list[int]:
+    def forced_tokens(self, prev_token: int | None, budget: int, jump: bool = True) -> list[int]:
         """Tokens to append next without sampling, with ``budget`` tokens left to the request: an ending
         that fits the budget when it is about to run out (``closing`` is then True; the last token may
-        be a stop token), else the canonical tokens the grammar forces next (empty when jump-forward
-        is off or nothing is forced)."""
+        be a stop token), else (``jump``) the canonical tokens the grammar forces next (empty when
+        jump-forward is off or nothing is forced)."""
         self.closing = False
         if budget <= 0:
             return []
@@ -125,7 +138,7 @@ class GrammarState:
             if ending:
                 self.closing = True
                 return ending
-        if not self.jump_forward:
+        if not (jump and self.jump_forward):
             return []
         return canonical_forced_tokens(self.info, self.matcher.forced_bytes(), prev_token, budget)
 

@@ -8,7 +8,7 @@ and gives each request its ``GrammarState``.
 
 Settings (attributes, change them before submitting requests): ``jump_forward`` (append forced tokens
 without sampling them; default on), ``budget_margin`` (end valid within ``max_new_tokens``, see
-budget.py: the margin in tokens, default 3; None turns it off), ``compiler.backend`` (see compiler.py). The rest are engine
+budget.py: the margin in tokens, default 1; None turns it off), ``compiler.backend`` (see compiler.py). The rest are engine
 settings (``EngineConfig.grammar_*``).
 """
 
@@ -59,7 +59,7 @@ class ConstrainedDecoding:
         self._lock = threading.Lock()
         self._compiler: GrammarCompiler | None = None
         self.jump_forward = True
-        self.budget_margin: int | None = 3
+        self.budget_margin: int | None = 1
 
     @property
     def compiler(self) -> GrammarCompiler:
