@@ -31,6 +31,7 @@ _CLOSERS = frozenset(b"\"'}])>")
 _EMPTY_VALUES = (b'""', b"[]", b"{}", b"null", b"true", b"false", b"0")
 _SEPARATORS = frozenset(b",:; ")
 _FORCED_CACHE_SIZE = 4096
+_GROUPS = 6  # rank groups of ClosingCandidates
 
 
 class ClosingCandidates:
@@ -51,7 +52,9 @@ class ClosingCandidates:
                 ranked.append((rank, tid))
         ranked.sort()
         self.ids = np.array([tid for _, tid in ranked], dtype=np.int64)
-        self.groups = np.array([rank[0] for rank, _ in ranked], dtype=np.int64)
+        groups = np.array([rank[0] for rank, _ in ranked], dtype=np.int64)
+        # candidates are sorted by group: group g is ids[bounds[g]:bounds[g + 1]]
+        self.bounds = np.searchsorted(groups, np.arange(_GROUPS + 1)).tolist()
         # forced bytes -> their first canonical token (encoding is the costly part of a search step)
         self.forced_first: dict[bytes, int | None] = {}
         self.words = self.ids >> 5  # the bitmask word of each candidate
@@ -79,12 +82,12 @@ class ClosingCandidates:
     def allowed(self, row: torch.Tensor, per_group: tuple[int, ...]) -> list[int]:
         """The candidates ``row`` (a filled bitmask) allows, best first, at most ``per_group[g]`` of
         rank group ``g`` (one digit or letter stands for the others where any is allowed)."""
-        words = row.numpy()[self.words]
-        ok = ((words >> self.bits) & 1).astype(bool)
-        ids, groups = self.ids[ok], self.groups[ok]
+        ok = (row.numpy()[self.words] >> self.bits) & 1
         out: list[int] = []
         for group, count in enumerate(per_group):
-            out.extend(ids[groups == group][:count].tolist())
+            if count and group < len(self.bounds) - 1:
+                start, end = self.bounds[group], self.bounds[group + 1]
+                out.extend(self.ids[start + np.flatnonzero(ok[start:end])[:count]].tolist())
         return out
 
 

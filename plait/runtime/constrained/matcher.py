@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from plait.runtime.constrained.backends.base import CompiledGrammar
-from plait.runtime.constrained.budget import BudgetSteering
+from plait.runtime.constrained.budget import BudgetSteering, SearchLimits
 from plait.runtime.constrained.jump_forward import canonical_forced_tokens
 from plait.runtime.constrained.vocab import TokenizerInfo
 
@@ -32,10 +32,11 @@ class GrammarState:
         jump_forward: append forced tokens without sampling them.
         budget_margin: end within the token budget (``BudgetSteering``) with this margin; None: never
             steer (the output is cut where the budget runs out).
+        budget_limits: the bounds of each search for an ending (``SearchLimits``; default 5 ms, 200 states).
     """
 
     def __init__(self, grammar: CompiledGrammar, info: TokenizerInfo, stop_ids: frozenset[int],
-                 jump_forward: bool = True, budget_margin: int | None = 1):
+                 jump_forward: bool = True, budget_margin: int | None = 1, budget_limits: SearchLimits | None = None):
         self.grammar = grammar
         self.info = info
         self.matcher = grammar.new_matcher()
@@ -44,7 +45,8 @@ class GrammarState:
         self.closing_count = 0  # tokens appended to end within the budget (reported in meta_info)
         stop = sorted(t for t in stop_ids if 0 <= t < info.vocab_size)
         ends = [t for t in stop if t in info.stop_ids] or stop  # the ending's stop token: an EOS if allowed
-        self.steering = None if budget_margin is None else BudgetSteering(info, ends[0] if ends else None, budget_margin)
+        self.steering = None if budget_margin is None else BudgetSteering(
+            info, ends[0] if ends else None, budget_margin, limits=budget_limits)
         self.closing = False  # the last forced_tokens() were an ending for the budget, not jump-forward
         never = sorted((info.stop_ids | info.special_ids) - set(stop))
         self._when_accepting, self._when_not = self._word_masks(stop, [t for t in never if t < info.vocab_size])
