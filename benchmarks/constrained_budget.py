@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--slack", type=int, nargs="+", default=[1, 4, 10])
     ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--search-ms", type=float, default=None,
+                    help="time bound of one search (default: the engine's, SearchLimits().max_seconds)")
     args = ap.parse_args()
 
     searches: list[budget_mod.BudgetSteering] = []
@@ -121,6 +123,9 @@ def main() -> None:
 
     budget_mod.BudgetSteering.__init__ = tracked_init
     engine = Engine(model=str(ensure_preset_dir("smollm2-135m-instruct")), dtype="float32")
+    if args.search_ms is not None:
+        engine.constrained.budget_limits = SearchLimits(max_seconds=args.search_ms / 1e3)
+    print(f"search bounds: {engine.constrained.budget_limits}")
     jobs = []
     for name, spec in SPECS:
         base = min_tokens(engine, spec)
@@ -140,8 +145,10 @@ def main() -> None:
         reasons = collections.Counter(out["meta_info"]["finish_reason"]["type"] for out in outs)
         honest = all(out["meta_info"]["incomplete"] == (not v) for v, out in zip(ok, outs))
         steered = sum(out["meta_info"].get("budget_closed", False) for out in outs)
+        replaced = sum(s.replaced for s in searches)
         print(f"{label:13s}: valid {sum(ok)}/{len(ok)} ({100 * sum(ok) / len(ok):.1f}%)  finish {dict(reasons)}  "
-              f"steered {steered}  incomplete == invalid: {honest}  wall {wall:.1f} s")
+              f"steered {steered} (a sampled token replaced: {replaced})  incomplete == invalid: {honest}  "
+              f"wall {wall:.1f} s")
         per_slack = collections.defaultdict(list)
         for (name, _, budget, _), v in zip(jobs, ok):
             per_slack[budget - min_tokens_cache[name]].append(v)

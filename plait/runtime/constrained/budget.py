@@ -197,6 +197,8 @@ def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: Sear
             return [(forced, None)]
         by_score: dict[int, tuple[int, torch.Tensor]] = {}  # allowed-token count after the child -> child
         for token in cands.allowed(mask, limits.per_group):
+            if time.perf_counter() > deadline:
+                break
             if not matcher.consume(token):
                 continue
             nodes += 1
