@@ -91,7 +91,8 @@ def min_tokens(engine: Engine, spec: dict) -> int | None:
     """The length of the shortest ending found from the grammar's start (generous bounds)."""
     grammar = engine.constrained.grammar_for(SamplingParams(**spec))
     state = engine.constrained.new_state(grammar, frozenset())
-    path = shortest_completion(state.matcher, state.info, SearchLimits(max_tokens=256, max_nodes=20000, max_seconds=2.0))
+    roomy = SearchLimits(max_tokens=256, max_nodes=20000, max_seconds=2.0)
+    path = shortest_completion(state.matcher, state.info, roomy)
     return None if path is None else len(path)
 
 
@@ -127,6 +128,7 @@ def main() -> None:
         engine.constrained.budget_limits = SearchLimits(max_seconds=args.search_ms / 1e3)
     print(f"search bounds: {engine.constrained.budget_limits}")
     jobs = []
+    min_tokens_cache: dict[str, int] = {}
     for name, spec in SPECS:
         base = min_tokens(engine, spec)
         print(f"{name:16s} shortest ending from the start: {base} tokens")
@@ -136,7 +138,7 @@ def main() -> None:
         jobs += [(name, spec, base + slack, seed) for slack in args.slack for seed in range(args.seeds)]
     print(f"\n{len(jobs)} requests ({len(SPECS)} specs x slack {args.slack} x {args.seeds} seeds), "
           f"temperature {args.temperature}\n")
-    for label, margin in (("steering off", None), ("steering on", 1)):
+    for label, margin in (("steering off", None), ("steering on", engine.constrained.budget_margin)):
         searches.clear()
         start = time.perf_counter()
         outs = run(engine, jobs, margin, args.temperature)
@@ -159,13 +161,13 @@ def main() -> None:
         if used:
             total = sum(s.search_seconds for s in used)
             count = sum(s.searches for s in used)
-            print(f"   search: {count} searches over {len(used)} requests (max {max(s.searches for s in used)} per "
-                  f"request), mean {total / count * 1e3:.2f} ms, slowest {max(s.search_max_seconds for s in used) * 1e3:.2f} ms; "
+            most = max(s.searches for s in used)
+            slowest = max(s.search_max_seconds for s in used)
+            print(f"   search: {count} searches over {len(used)} requests (max {most} per request), "
+                  f"mean {total / count * 1e3:.2f} ms, slowest {slowest * 1e3:.2f} ms; "
                   f"{total:.2f} s in all ({100 * total / wall:.1f}% of the wall time)")
     engine.shutdown()
 
-
-min_tokens_cache: dict[str, int] = {}
 
 if __name__ == "__main__":
     main()

@@ -7,10 +7,10 @@ sequence of tokens that takes the matcher from its current state to a state wher
 engine then appends those tokens without sampling, as it does for jump-forward.
 
 The search works on any ``TokenMatcher`` (llguidance and outlines-core; JSON schema, regex, Lark) with
-nothing but its mask, ``consume`` and ``rollback``: a depth-first, branch-and-bound search over a small
-ranked set of candidate tokens (the longest token that starts the bytes the grammar forces, then tokens
-made of closing characters, empty values, digits, single characters), bounded in depth, nodes visited
-and time. It is a heuristic: the ending it finds is short, not provably shortest, and when it finds
+nothing but its mask, ``consume``, ``rollback`` and forced bytes: a depth-first, branch-and-bound
+search over a small ranked set of candidate tokens (the first canonical token of the bytes the grammar
+forces, else closing characters, empty values, digits, single characters), bounded in depth, matcher
+states visited and time. It is a heuristic: the ending it finds is short, not provably shortest, and when it finds
 none within its bounds the request goes on as without steering.
 """
 
@@ -25,7 +25,8 @@ import torch
 from plait.runtime.constrained.backends.base import TokenMatcher
 from plait.runtime.constrained.vocab import TokenizerInfo
 
-__all__ = ["BudgetSteering", "ClosingCandidates", "shortest_completion"]
+__all__ = ["FIRST_CHECK_BUDGET", "BudgetSteering", "ClosingCandidates", "SearchLimits", "candidates_for",
+           "shortest_completion"]
 
 _CLOSERS = frozenset(b"\"'}])>")
 _EMPTY_VALUES = (b'""', b"[]", b"{}", b"null", b"true", b"false", b"0")
@@ -37,10 +38,11 @@ _GROUPS = 6  # rank groups of ClosingCandidates
 class ClosingCandidates:
     """The tokens the search tries, best first (computed once per tokenizer).
 
-    Ranks: tokens made only of closing characters (``"``, ``}``, ``]``, ``)``, ...; longer first: one
-    token closes more), empty values (``""``, ``[]``, ``{}``, ``null``, ``0``, ...), closers followed or
-    led by separators (``",``, ``},``, ``, "``), single digits, single letters, other single printable
-    ASCII characters."""
+    Rank groups, tokens of at most 4 printable ASCII bytes: 0 a single closing character (``"``, ``}``,
+    ``]``, ``)``, ...); 1 an empty value, possibly after a space (``""``, `` []``, ``{}``, ``null``,
+    ``0``, ...); 2 closers and separators together (``"}``, ``"]}``, ``",``, ``", "``; a string's quote
+    first, more closers first); 3 a digit; 4 a letter; 5 any other single character (``@``, ``.``,
+    ``-``, a space). A space appears only first or after ``,`` / ``:`` (never two)."""
 
     def __init__(self, info: TokenizerInfo):
         ranked: list[tuple[tuple, int]] = []

@@ -155,8 +155,9 @@ def test_streaming_constrained_snapshots_are_cumulative(engine):
 # Tight budgets (a few tokens over the shortest ending from the start) at temperature 0.7: without
 # steering the model runs out mid-value; with it every output ends valid (budget.py).
 NESTED = {"type": "object", "properties": {
-    "user": {"type": "object", "properties": {"id": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}}},
-             "required": ["id", "tags"]}, "active": {"type": "boolean"}}, "required": ["user", "active"]}
+    "user": {"type": "object", "required": ["id", "tags"], "properties": {
+        "id": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}}}},
+    "active": {"type": "boolean"}}, "required": ["user", "active"]}
 EMAIL = r"[a-z]{3,}@[a-z]+\.com"
 TIGHT = [({"json_schema": PERSON}, 16), ({"json_schema": PERSON}, 20), ({"json_schema": NESTED}, 24),
          ({"regex": EMAIL}, 7), ({"ebnf": 'start: "(" WORD (" + " WORD)* ")"\nWORD: /[a-z]{2,5}/'}, 6)]
