@@ -139,7 +139,14 @@ def _weight(data: bytes | None) -> int:
     return len(data or b"") - (data or b"").count(b" ")
 
 
-def _retokenized(matcher: TokenMatcher, info: TokenizerInfo, path: list[int]) -> list[int]:
+def _allows(matcher: TokenMatcher, row: torch.Tensor, token: int) -> bool:
+    """Whether the matcher's mask allows ``token`` (checked before consuming: llguidance's matcher
+    enters a permanent error state when it is given a token it does not allow)."""
+    matcher.fill_bitmask(row)
+    return bool((int(row[token >> 5]) >> (token & 31)) & 1)
+
+
+def _retokenized(matcher: TokenMatcher, info: TokenizerInfo, path: list[int], row: torch.Tensor) -> list[int]:
     """``path``'s text in the tokenizer's own tokenization when the grammar accepts it and it is
     shorter (the search builds an ending a token at a time: `"` then `:` where the tokenizer writes
     `":`); else ``path``."""
@@ -153,7 +160,7 @@ def _retokenized(matcher: TokenMatcher, info: TokenizerInfo, path: list[int]) ->
     consumed = 0
     try:
         for token in tokens:
-            if matcher.is_terminated() or not matcher.consume(token):
+            if matcher.is_terminated() or not _allows(matcher, row, token) or not matcher.consume(token):
                 return path
             consumed += 1
         return tokens if matcher.can_terminate() else path
@@ -244,7 +251,7 @@ def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: Sear
         return True
 
     visit()
-    return best if not best else _retokenized(matcher, info, best)
+    return best if not best else _retokenized(matcher, info, best, row)
 
 
 # Below this many tokens left, a request's ending is looked for (a first search); far from the end nothing runs.
@@ -320,8 +327,12 @@ class BudgetSteering:
         """Before a sampled ``token`` is appended with ``budget`` tokens left: None to append it, or
         the ending to append instead when no ending fits after it (only near the end, see above)."""
         ending = self._ending
-        if self.closed or ending is None or not matcher.consume(token):
+        if self.closed or ending is None:
             return None
+        if self._row is None:
+            self._row = torch.empty(self.info.bitmask_words, dtype=torch.int32)
+        if not _allows(matcher, self._row, token) or not matcher.consume(token):
+            return None  # refused: accept_token says so
         try:
             after = self._search(matcher, budget - 1)
         finally:

@@ -143,3 +143,24 @@ def test_already_complete_output_is_not_cut_short(compilers, tokenizer_info):
     steering = _steering(tokenizer_info)
     assert steering.closing_tokens(state.matcher, 2) == [] and not steering.closed
     assert steering.vet(state.matcher, tokenizer_info.encode("d")[0], 2) is None
+
+
+def test_search_never_feeds_the_matcher_a_refused_token(compilers, tokenizer_info):
+    # the canonical re-tokenization of an ending can differ from what the grammar allows token by token;
+    # a refused token would leave llguidance's matcher in an error state for good
+    for prefix in ('{"id": 12, "customer": {"name": "Ada', '{"id": 1, "customer": {"name": "A", "email": "a'):
+        state = _state(compilers, "llguidance", ConstraintKind.JSON_SCHEMA, ORDER, tokenizer_info, prefix)
+        shortest_completion(state.matcher, tokenizer_info, ROOMY)
+        assert state.matcher.error() is None
+    refused = _state(compilers, "llguidance", ConstraintKind.REGEX, r"\d+", tokenizer_info, "1")
+    steering = _steering(tokenizer_info)
+    assert steering.closing_tokens(refused.matcher, 3) == []  # complete, slack small: vetting
+    assert steering.vet(refused.matcher, tokenizer_info.encode("a")[0], 3) is None
+    assert refused.matcher.error() is None
+
+
+def test_without_a_stop_token_the_ending_stands_alone(compilers, tokenizer_info):
+    state = _state(compilers, "llguidance", ConstraintKind.REGEX, EMAIL, tokenizer_info, "abcd@x")
+    path, _ = _ending(state, tokenizer_info)
+    steering = BudgetSteering(tokenizer_info, None, margin=1, limits=ROOMY)  # ignore_eos: no stop token
+    assert steering.closing_tokens(state.matcher, len(path) + 1) == path
