@@ -73,7 +73,7 @@ class ClosingCandidates:
         if data.lstrip(b" ") in _EMPTY_VALUES and data.count(b" ") <= 1:
             return (1, _EMPTY_VALUES.index(data.lstrip(b" ")), data)
         if data != b" " and all(b in _CLOSERS or b in _SEPARATORS for b in data):
-            # `"}`, `"]}`, `",` ...: a string's quote first (JSON), more closers first, no leading space
+            # `"}`, `"]}`, `",` ...: a string's quote first (JSON), a leading space last, more closers first
             return (2, data[:1] == b" ", data[:1] != b'"', -sum(b in _CLOSERS for b in data), len(data), data)
         if len(data) == 1:
             char = chr(data[0])
