@@ -658,6 +658,8 @@ class Engine:
             self._settle(step)
 
     def _append_token(self, req: Request, token: int, jump_forward: bool = True) -> None:
+        if jump_forward and req.grammar is not None and self._replaced_by_ending(req, token):
+            return
         req.output_ids.append(token)
         self._counters["generated_tokens"] += 1
         if req.first_token_at is None:
@@ -692,11 +694,28 @@ class Engine:
         if req.stream and req.on_output is not None and not req.finished:
             req.on_output({"finished": False, "output": build_output(req, self.tokenizer)})
 
+    def _budget(self, req: Request) -> int:
+        """How many more tokens ``req`` may append (``max_new_tokens``, the context length)."""
+        return min(req.params.max_new_tokens - len(req.output_ids), self.context_length - req.total_len)
+
     def _jump_forward(self, req: Request, prev_token: int) -> None:
-        """Append the tokens the grammar forces next (no sampling; their KV is computed in one extend)."""
-        budget = min(req.params.max_new_tokens - len(req.output_ids), self.context_length - req.total_len)
-        for token in req.grammar.forced_tokens(prev_token, budget):
-            req.grammar.forced_count += 1
+        """Append the tokens the grammar forces next, or the ending that fits the token budget when it is
+        about to run out (no sampling; their KV is computed in one extend). After forced tokens the
+        ending is checked again (the state moved), without forcing more."""
+        grammar = req.grammar
+        tokens = grammar.forced_tokens(prev_token, self._budget(req))
+        self._append_forced(req, tokens, grammar.closing)
+        if tokens and not grammar.closing and grammar.steering is not None and not req.finished:
+            self._append_forced(req, grammar.forced_tokens(tokens[-1], self._budget(req), jump=False), True)
+
+    def _append_forced(self, req: Request, tokens: list[int], closing: bool) -> None:
+        """Append tokens chosen without sampling: jump-forward's, or an ending for the budget (``closing``)."""
+        grammar = req.grammar
+        for token in tokens:
+            if closing:
+                grammar.closing_count += 1
+            else:
+                grammar.forced_count += 1
             req.stream, stream = False, req.stream  # one snapshot for the whole jump, not one per token
             try:
                 self._append_token(req, token, jump_forward=False)
@@ -704,6 +723,22 @@ class Engine:
                 req.stream = stream
             if req.finished:
                 return
+
+    def _replaced_by_ending(self, req: Request, token: int) -> bool:
+        """Near the end of the token budget, a sampled token after which no ending of the grammar fits is
+        not appended: the ending that fits is, instead (``BudgetSteering.vet``). True if so."""
+        if token in req.eos_token_ids or token in req.params.stop_token_ids:
+            return False
+        ending = req.grammar.ending_instead_of(token, self._budget(req))
+        if ending is None:
+            return False
+        if req.return_logprob and req.output_token_logprobs and req.output_token_logprobs[-1][1] == token:
+            req.output_token_logprobs.pop()  # recorded when it was sampled; it is not in the output
+            req.output_top_logprobs.pop()
+        self._append_forced(req, ending, closing=True)
+        if req.stream and req.on_output is not None and not req.finished:
+            req.on_output({"finished": False, "output": build_output(req, self.tokenizer)})
+        return True
 
     def _finish(self, req: Request, reason: dict[str, Any]) -> None:
         self.scheduler.finish(req, reason)

@@ -39,6 +39,8 @@ def build_output(req: Request, tokenizer) -> dict[str, Any]:
         # max_new_tokens ("length") -- and how many tokens jump-forward appended without sampling
         meta["incomplete"] = not req.grammar.complete
         meta["forced_tokens"] = req.grammar.forced_count
+        # tokens appended without sampling so that the output ends valid within max_new_tokens
+        meta["budget_closed"] = req.grammar.budget_closed
         meta["healed_tokens"] = req.healed_tokens  # prompt tokens backed off by token healing
     if req.first_token_at is not None:
         meta["ttft"] = req.first_token_at - req.created_at

@@ -2,7 +2,8 @@
 
 Wraps a backend ``TokenMatcher`` with what the engine needs: the request's own stop tokens allowed
 exactly where the grammar may end, a finish reason when the grammar is complete or a token is refused,
-and jump-forward (forced tokens, see ``jump_forward.py``).
+jump-forward (forced tokens, see ``jump_forward.py``) and the ending forced when the token budget runs
+out (``budget.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from plait.runtime.constrained.backends.base import CompiledGrammar
+from plait.runtime.constrained.budget import BudgetSteering, SearchLimits
 from plait.runtime.constrained.jump_forward import canonical_forced_tokens
 from plait.runtime.constrained.vocab import TokenizerInfo
 
@@ -28,15 +30,24 @@ class GrammarState:
         stop_ids: the request's stop tokens (EOS unless ``ignore_eos``, plus ``stop_token_ids``); they
             are allowed only where the grammar can end. Other end-of-sequence tokens never are.
         jump_forward: append forced tokens without sampling them.
+        budget_margin: end within the token budget (``BudgetSteering``) with this margin; None: never
+            steer (the output is cut where the budget runs out).
+        budget_limits: the bounds of each search for an ending (``SearchLimits``; default 5 ms, 200 states).
     """
 
-    def __init__(self, grammar: CompiledGrammar, info: TokenizerInfo, stop_ids: frozenset[int], jump_forward: bool = True):
+    def __init__(self, grammar: CompiledGrammar, info: TokenizerInfo, stop_ids: frozenset[int],
+                 jump_forward: bool = True, budget_margin: int | None = 1, budget_limits: SearchLimits | None = None):
         self.grammar = grammar
         self.info = info
         self.matcher = grammar.new_matcher()
         self.jump_forward = jump_forward
         self.forced_count = 0  # tokens appended by jump-forward (reported in meta_info)
+        self.closing_count = 0  # tokens appended to end within the budget (reported in meta_info)
         stop = sorted(t for t in stop_ids if 0 <= t < info.vocab_size)
+        ends = [t for t in stop if t in info.stop_ids] or stop  # the ending's stop token: an EOS if allowed
+        self.steering = None if budget_margin is None else BudgetSteering(
+            info, ends[0] if ends else None, budget_margin, limits=budget_limits)
+        self.closing = False  # the last forced_tokens() were an ending for the budget, not jump-forward
         never = sorted((info.stop_ids | info.special_ids) - set(stop))
         self._when_accepting, self._when_not = self._word_masks(stop, [t for t in never if t < info.vocab_size])
         touched = [w for w, *_ in self._when_accepting]
@@ -90,9 +101,22 @@ class GrammarState:
             for w, keep in self._when_not:
                 words[w] &= keep
 
+    def ending_instead_of(self, token: int, budget: int) -> list[int] | None:
+        """Before a sampled (non-stop) ``token`` is appended with ``budget`` tokens left: None to append
+        it, or the tokens to append instead (an ending that fits the budget, the last one possibly a
+        stop token) when no ending would fit after it (``BudgetSteering.vet``)."""
+        if self.steering is None:
+            return None
+        ending = self.steering.vet(self.matcher, token, budget)
+        if ending is not None:
+            self.closing = True
+        return ending
+
     def accept_token(self, token: int) -> dict[str, Any] | None:
         """Advance by a generated (non-stop) token. Returns a finish reason: ``stop`` when the grammar is
         complete and allows nothing more, ``abort`` when the token is refused; None to go on."""
+        if self.steering is not None:
+            self.steering.consumed(token)
         if not self.matcher.consume(token):
             detail = self.matcher.error() or f"token {token} is not allowed here"
             return {"type": "abort", "message": f"constrained decoding ({self.backend}): {detail}"}
@@ -103,8 +127,24 @@ class GrammarState:
             return {"type": "stop", "matched": None}
         return None
 
-    def forced_tokens(self, prev_token: int | None, budget: int) -> list[int]:
-        """Canonical tokens the grammar forces next (empty when jump-forward is off or nothing is forced)."""
-        if not self.jump_forward or budget <= 0:
+    def forced_tokens(self, prev_token: int | None, budget: int, jump: bool = True) -> list[int]:
+        """Tokens to append next without sampling, with ``budget`` tokens left to the request: an ending
+        that fits the budget when it is about to run out (``closing`` is then True; the last token may
+        be a stop token), else (``jump``) the canonical tokens the grammar forces next (empty when
+        jump-forward is off or nothing is forced)."""
+        self.closing = False
+        if budget <= 0:
+            return []
+        if self.steering is not None:
+            ending = self.steering.closing_tokens(self.matcher, budget)
+            if ending:
+                self.closing = True
+                return ending
+        if not (jump and self.jump_forward):
             return []
         return canonical_forced_tokens(self.info, self.matcher.forced_bytes(), prev_token, budget)
+
+    @property
+    def budget_closed(self) -> bool:
+        """Whether tokens were appended to end within the token budget."""
+        return self.closing_count > 0

@@ -7,7 +7,9 @@ never blocks; ``grammar_for``: waits; both cached, ``ConstraintError`` on failur
 and gives each request its ``GrammarState``.
 
 Settings (attributes, change them before submitting requests): ``jump_forward`` (append forced tokens
-without sampling them; default on), ``compiler.backend`` (see compiler.py). The rest are engine
+without sampling them; default on), ``budget_margin`` (end valid within ``max_new_tokens``, see
+budget.py: the margin in tokens, default 1; None turns it off), ``budget_limits`` (the bounds of one
+search for an ending: ``budget.SearchLimits``), ``compiler.backend`` (see compiler.py). The rest are engine
 settings (``EngineConfig.grammar_*``).
 """
 
@@ -19,6 +21,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from plait.runtime.constrained.backends.base import CompiledGrammar
+from plait.runtime.constrained.budget import SearchLimits, candidates_for
 from plait.runtime.constrained.compiler import DEFAULT_CACHE_BYTES, DEFAULT_TIMEOUT_S, GrammarCompiler
 from plait.runtime.constrained.limits import GrammarLimits
 from plait.runtime.constrained.matcher import GrammarState
@@ -58,6 +61,8 @@ class ConstrainedDecoding:
         self._lock = threading.Lock()
         self._compiler: GrammarCompiler | None = None
         self.jump_forward = True
+        self.budget_margin: int | None = 1
+        self.budget_limits = SearchLimits()
 
     @property
     def compiler(self) -> GrammarCompiler:
@@ -67,6 +72,7 @@ class ConstrainedDecoding:
                 if self._tokenizer is None:
                     raise ConstraintError("constrained decoding needs a tokenizer; this model has none")
                 info = TokenizerInfo.from_tokenizer(self._tokenizer, self._vocab_size)
+                candidates_for(info)  # the budget search's candidate tokens (~30 ms): now, not mid-step
                 self._compiler = GrammarCompiler(
                     info, backend=self._backend, timeout_s=self._timeout_s, max_workers=self._workers,
                     cache_bytes=self._cache_bytes, isolate=self._isolate, max_queued=self._max_queued)
@@ -109,7 +115,8 @@ class ConstrainedDecoding:
 
     def new_state(self, grammar: CompiledGrammar, stop_ids: frozenset[int]) -> GrammarState:
         """A fresh per-request state; ``stop_ids`` are the request's EOS and stop_token_ids."""
-        return GrammarState(grammar, self.compiler.info, stop_ids, jump_forward=self.jump_forward)
+        return GrammarState(grammar, self.compiler.info, stop_ids, jump_forward=self.jump_forward,
+                            budget_margin=self.budget_margin, budget_limits=self.budget_limits)
 
     def shutdown(self) -> None:
         if self._compiler is not None:

@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 
 from plait.runtime.constrained import ConstraintError
+from plait.runtime.constrained.budget import SearchLimits
 from plait.runtime.engine import Engine
 from plait.sampling import JSON_OBJECT
 from tests.runtime.constrained.schema_corpus import CASES
@@ -93,6 +94,7 @@ def test_cut_by_max_tokens_is_length_and_incomplete(engine):
     assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 6}
     assert out["meta_info"]["incomplete"] is True
     assert len(out["output_ids"]) == 6
+    assert out["meta_info"]["budget_closed"] is False  # no ending of PERSON fits in 6 tokens: cut as before
 
 
 def test_any_json_object_and_stop_tokens(engine):
@@ -148,3 +150,61 @@ def test_streaming_constrained_snapshots_are_cumulative(engine):
     assert chunks[-1]["meta_info"]["finish_reason"]["type"] in ("stop", "length")
     for a, b in itertools.pairwise(chunks):
         assert b["output_ids"][: len(a["output_ids"])] == a["output_ids"]
+
+
+# Tight budgets (a few tokens over the shortest ending from the start) at temperature 0.7: without
+# steering the model runs out mid-value; with it every output ends valid (budget.py).
+NESTED = {"type": "object", "properties": {
+    "user": {"type": "object", "required": ["id", "tags"], "properties": {
+        "id": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}}}},
+    "active": {"type": "boolean"}}, "required": ["user", "active"]}
+EMAIL = r"[a-z]{3,}@[a-z]+\.com"
+TIGHT = [({"json_schema": PERSON}, 16), ({"json_schema": PERSON}, 20), ({"json_schema": NESTED}, 24),
+         ({"regex": EMAIL}, 7), ({"ebnf": 'start: "(" WORD (" + " WORD)* ")"\nWORD: /[a-z]{2,5}/'}, 6)]
+
+
+def _tight_batch(engine, margin, **kwargs):
+    engine.constrained.budget_margin = margin
+    # bounded by states visited only, so that a slow or busy machine finds the same endings
+    engine.constrained.budget_limits = SearchLimits(max_seconds=10.0)
+    try:
+        prompt = _chat(engine, "Write a long and detailed answer in the requested format.")
+        params = [{**spec, "max_new_tokens": budget, "temperature": 0.7, "seed": seed}
+                  for spec, budget in TIGHT for seed in (1, 2)]
+        return engine.generate([prompt] * len(params), params, **kwargs)
+    finally:
+        engine.constrained.budget_margin = 1
+        engine.constrained.budget_limits = SearchLimits()
+
+
+def _valid(spec: dict, text: str) -> bool:
+    if "json_schema" in spec:
+        try:
+            jsonschema.validate(json.loads(text), spec["json_schema"])
+        except ValueError:  # JSONDecodeError and ValidationError both are
+            return False
+        return True
+    if "regex" in spec:
+        return re.fullmatch(spec["regex"], text) is not None
+    return re.fullmatch(r"\([a-z]{2,5}( \+ [a-z]{2,5})*\)", text) is not None
+
+
+def test_tight_budgets_end_valid_with_honest_finish_reasons(engine):
+    specs = [spec for spec, _ in TIGHT for _ in (1, 2)]
+    budgets = [budget for _, budget in TIGHT for _ in (1, 2)]
+    off = _tight_batch(engine, None)
+    assert not all(_valid(s, o["text"]) for s, o in zip(specs, off))  # the model alone runs out mid-value
+    for spec, out in zip(specs, off):
+        assert out["meta_info"]["budget_closed"] is False
+        assert out["meta_info"]["incomplete"] is not _valid(spec, out["text"])
+    on = _tight_batch(engine, 1, return_logprob=True)
+    for spec, budget, out in zip(specs, budgets, on):
+        meta = out["meta_info"]
+        assert _valid(spec, out["text"]), (spec, out["text"])
+        assert meta["incomplete"] is False and meta["finish_reason"]["type"] == "stop"
+        assert len(out["output_ids"]) <= budget
+        # logprobs are those of sampled tokens that are in the output (a replaced token's entry is dropped)
+        it = iter(out["output_ids"])
+        assert all(any(t == tid for t in it) for _, tid, _ in meta["output_token_logprobs"])
+    assert sum(out["meta_info"]["budget_closed"] for out in on) >= len(on) // 2
+    assert_no_leak(engine)

@@ -1,0 +1,372 @@
+"""Ending within the token budget: the shortest completion of a grammar state, and when to force it.
+
+When ``max_new_tokens`` is about to run out inside a constrained value (a string, a number, an object
+with required keys left), the output would be cut mid-value. ``shortest_completion`` finds a short
+sequence of tokens that takes the matcher from its current state to a state where the grammar may end;
+``BudgetSteering`` (used by ``GrammarState``) decides when the remaining budget calls for it, and the
+engine then appends those tokens without sampling, as it does for jump-forward.
+
+The search works on any ``TokenMatcher`` (llguidance and outlines-core; JSON schema, regex, Lark) with
+nothing but its mask, ``consume``, ``rollback`` and forced bytes: a depth-first, branch-and-bound
+search over a small ranked set of candidate tokens (the first canonical token of the bytes the grammar
+forces, else closing characters, empty values, digits, single characters), bounded in depth, matcher
+states visited and time. It is a heuristic: the ending it finds is short, not provably shortest, and when it finds
+none within its bounds the request goes on as without steering.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from plait.runtime.constrained.backends.base import TokenMatcher
+from plait.runtime.constrained.vocab import TokenizerInfo
+
+__all__ = ["FIRST_CHECK_BUDGET", "BudgetSteering", "ClosingCandidates", "SearchLimits", "candidates_for",
+           "shortest_completion"]
+
+_CLOSERS = frozenset(b"\"'}])>")
+_EMPTY_VALUES = (b'""', b"[]", b"{}", b"null", b"true", b"false", b"0")
+_SEPARATORS = frozenset(b",:; ")
+_FORCED_CACHE_SIZE = 4096
+_GROUPS = 6  # rank groups of ClosingCandidates
+
+
+class ClosingCandidates:
+    """The tokens the search tries, best first (computed once per tokenizer).
+
+    Rank groups, tokens of at most 4 printable ASCII bytes: 0 a single closing character (``"``, ``}``,
+    ``]``, ``)``, ...); 1 an empty value, possibly after a space (``""``, `` []``, ``{}``, ``null``,
+    ``0``, ...); 2 closers and separators together (``"}``, ``"]}``, ``",``, ``", "``; a string's quote
+    first, more closers first); 3 a digit; 4 a letter; 5 any other single character (``@``, ``.``,
+    ``-``, a space). A space appears only first or after ``,`` / ``:`` (never two)."""
+
+    def __init__(self, info: TokenizerInfo):
+        ranked: list[tuple[tuple, int]] = []
+        for tid, data in enumerate(info.token_bytes):
+            if not data or tid in info.special_ids:
+                continue
+            rank = self._rank(data)
+            if rank is not None:
+                ranked.append((rank, tid))
+        ranked.sort()
+        self.ids = np.array([tid for _, tid in ranked], dtype=np.int64)
+        groups = np.array([rank[0] for rank, _ in ranked], dtype=np.int64)
+        # candidates are sorted by group: group g is ids[bounds[g]:bounds[g + 1]]
+        self.bounds = np.searchsorted(groups, np.arange(_GROUPS + 1)).tolist()
+        # forced bytes -> their first canonical token (encoding is the costly part of a search step)
+        self.forced_first: dict[bytes, int | None] = {}
+        self.words = self.ids >> 5  # the bitmask word of each candidate
+        self.bits = (self.ids & 31).astype(np.int32)
+
+    @staticmethod
+    def _rank(data: bytes) -> tuple | None:
+        if len(data) > 4 or not all(32 <= b < 127 for b in data):
+            return None
+        if any(b == 32 and data[i - 1] not in b",:" for i, b in enumerate(data) if i):
+            return None  # a space leads a token or follows a separator (` "`, `", "`), never more
+        if len(data) == 1 and data[0] in _CLOSERS:
+            return (0, data)
+        if data.lstrip(b" ") in _EMPTY_VALUES and data.count(b" ") <= 1:
+            return (1, _EMPTY_VALUES.index(data.lstrip(b" ")), data)
+        if data != b" " and all(b in _CLOSERS or b in _SEPARATORS for b in data):
+            # `"}`, `"]}`, `",` ...: a string's quote first (JSON), a leading space last, more closers first
+            return (2, data[:1] == b" ", data[:1] != b'"', -sum(b in _CLOSERS for b in data), len(data), data)
+        if len(data) == 1:
+            char = chr(data[0])
+            group = 3 if char.isdigit() else 4 if char.isalpha() else 5
+            return (group, data)
+        return None
+
+    def allowed(self, row: torch.Tensor, per_group: tuple[int, ...]) -> list[int]:
+        """The candidates ``row`` (a filled bitmask) allows, best first, at most ``per_group[g]`` of
+        rank group ``g`` (one digit or letter stands for the others where any is allowed)."""
+        ok = (row.numpy()[self.words] >> self.bits) & 1
+        out: list[int] = []
+        for group, count in enumerate(per_group):
+            if count and group < len(self.bounds) - 1:
+                start, end = self.bounds[group], self.bounds[group + 1]
+                out.extend(self.ids[start + np.flatnonzero(ok[start:end])[:count]].tolist())
+        return out
+
+
+def candidates_for(info: TokenizerInfo) -> ClosingCandidates:
+    """The tokenizer's ``ClosingCandidates`` (built on first use, then kept on ``info``)."""
+    cands = getattr(info, "_closing_candidates", None)
+    if cands is None:
+        cands = ClosingCandidates(info)
+        info._closing_candidates = cands
+    return cands
+
+
+@dataclass
+class SearchLimits:
+    """Bounds of one search: tokens deep, matcher states visited, seconds, and branches per state."""
+
+    max_tokens: int = 128
+    max_nodes: int = 200
+    max_seconds: float = 0.005
+    branching: int = 2
+    # candidates tried per rank group of ClosingCandidates: closers, empty values, closer/separator
+    # combinations, digits, letters, other single characters
+    per_group: tuple[int, ...] = (3, 2, 2, 1, 1, 3)
+
+
+def _forced_token(info: TokenizerInfo, matcher: TokenMatcher, cands: ClosingCandidates) -> int | None:
+    """The first canonical token of the bytes the grammar forces next, if any."""
+    forced = matcher.forced_bytes()
+    if not forced:
+        return None
+    cached = cands.forced_first.get(forced, -1)
+    if cached != -1:
+        return cached
+    try:
+        text = forced.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = forced[: exc.start].decode("utf-8")
+    ids = info.encode(text) if text else []
+    first = ids[0] if ids else None
+    if len(cands.forced_first) >= _FORCED_CACHE_SIZE:
+        cands.forced_first.clear()
+    cands.forced_first[forced] = first
+    return first
+
+
+def _weight(data: bytes | None) -> int:
+    return len(data or b"") - (data or b"").count(b" ")
+
+
+def _allows(matcher: TokenMatcher, row: torch.Tensor, token: int) -> bool:
+    """Whether the matcher's mask allows ``token`` (checked before consuming: llguidance's matcher
+    enters a permanent error state when it is given a token it does not allow)."""
+    matcher.fill_bitmask(row)
+    return bool((int(row[token >> 5]) >> (token & 31)) & 1)
+
+
+def _retokenized(matcher: TokenMatcher, info: TokenizerInfo, path: list[int], row: torch.Tensor) -> list[int]:
+    """``path``'s text in the tokenizer's own tokenization when the grammar accepts it and it is
+    shorter (the search builds an ending a token at a time: `"` then `:` where the tokenizer writes
+    `":`); else ``path``."""
+    try:
+        text = info.bytes_of(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return path
+    tokens = info.encode(text)
+    if len(tokens) >= len(path) or info.bytes_of(tokens) != info.bytes_of(path):
+        return path
+    consumed = 0
+    try:
+        for token in tokens:
+            if matcher.is_terminated() or not _allows(matcher, row, token) or not matcher.consume(token):
+                return path
+            consumed += 1
+        return tokens if matcher.can_terminate() else path
+    finally:
+        matcher.rollback(consumed)
+
+
+def _popcount(row: torch.Tensor) -> int:
+    return int(np.bitwise_count(row.numpy().view(np.uint32)).sum())
+
+
+def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: SearchLimits | None = None,
+                        row: torch.Tensor | None = None) -> list[int] | None:
+    """A short token sequence that takes ``matcher`` from its state to one where the grammar may end
+    (``[]`` if it may end already), or None when none was found within ``limits``. The matcher is left
+    in the state it was in (every token the search consumes is rolled back).
+
+    Where the grammar forces bytes, the only child is their first canonical token. Elsewhere the
+    allowed candidates (``ClosingCandidates``, at most ``limits.per_group`` per group) are each tried one token
+    deep and ordered by progress: a child where the grammar may end first, then the child that allows
+    the fewest tokens (closing a string or a number leaves a handful of structural tokens allowed;
+    writing more of it leaves thousands); the best ``limits.branching`` are searched depth-first, with
+    branch-and-bound on the best length found."""
+    limits = limits or SearchLimits()
+    if matcher.can_terminate():
+        return []
+    cands = candidates_for(info)
+    if row is None:
+        row = torch.empty(info.bitmask_words, dtype=torch.int32)
+    deadline = time.perf_counter() + limits.max_seconds
+    best: list[int] | None = None
+    path: list[int] = []
+    nodes = 0
+
+    def children(mask: torch.Tensor | None) -> list[tuple[int, torch.Tensor | None]]:
+        """This state's children, best first, with their masks where computed (``mask``: this state's)."""
+        nonlocal nodes
+        if mask is None:
+            matcher.fill_bitmask(row)
+            mask = row
+        forced = _forced_token(info, matcher, cands)
+        if forced is not None and (int(mask[forced >> 5]) >> (forced & 31)) & 1:
+            return [(forced, None)]
+        by_score: dict[int, tuple[int, torch.Tensor]] = {}  # allowed-token count after the child -> child
+        for token in cands.allowed(mask, limits.per_group):
+            if time.perf_counter() > deadline:
+                break
+            if not matcher.consume(token):
+                continue
+            nodes += 1
+            ends = matcher.can_terminate()
+            if not ends:
+                matcher.fill_bitmask(row)
+                score = _popcount(row)
+            matcher.rollback(1)
+            if ends:  # no shorter ending below this state
+                return [(token, None)]
+            # children after which as many tokens are allowed are likely the same state: keep the one
+            # that writes more non-space bytes in its token (the earlier-ranked one of equals)
+            kept = by_score.get(score)
+            if kept is None or _weight(info.token_bytes[token]) > _weight(info.token_bytes[kept[0]]):
+                by_score[score] = (token, row.clone())
+        return [by_score[score] for score in sorted(by_score)[: limits.branching]]
+
+    def visit(mask: torch.Tensor | None = None) -> bool:
+        """Search below the current state (``mask``: its mask, if known); False once a bound is hit."""
+        nonlocal best, nodes
+        nodes += 1
+        if nodes > limits.max_nodes or time.perf_counter() > deadline:
+            return False
+        if matcher.can_terminate():
+            best = list(path)
+            return True
+        bound = limits.max_tokens if best is None else len(best) - 1
+        if len(path) >= bound:  # a completion from here would be no shorter than the best one
+            return True
+        for token, child_mask in children(mask):
+            if not matcher.consume(token):
+                continue
+            path.append(token)
+            try:
+                going = visit(child_mask)
+            finally:
+                path.pop()
+                matcher.rollback(1)
+            if not going:
+                return False
+        return True
+
+    visit()
+    return best if not best else _retokenized(matcher, info, best, row)
+
+
+# Below this many tokens left, a request's ending is looked for (a first search); far from the end nothing runs.
+FIRST_CHECK_BUDGET = 512
+
+
+class BudgetSteering:
+    """Ending a constrained request valid within its token budget (one per request).
+
+    The engine asks ``closing_tokens(matcher, budget)`` once the tokens of a step are appended
+    (``budget``: how many the request may still append) and ``vet(matcher, token, budget)`` before it
+    appends a sampled token. An *ending* is what ``shortest_completion`` finds, plus the request's stop
+    token where it fits; its *slack* is ``budget - len(ending)``.
+
+    - Far from the end nothing runs. The first search runs once ``budget <= FIRST_CHECK_BUDGET``; the
+      next once the slack has halved, and so on.
+    - Once the slack is at most ``zone`` tokens, every sampled token is vetted: the ending after it is
+      searched before it is appended (that search is the next step's check, so it costs one search per
+      token, not two). A token after which no ending fits (an opening bracket, a new key with required
+      values) is replaced by the current state's ending, appended without sampling.
+    - Once the slack is at most ``margin``, the ending is appended without sampling (unless the output
+      is complete already: then the model goes on, its tokens vetted, until it stops or the budget
+      ends).
+
+    The request then finishes with ``{"type": "stop", "matched": <stop id>}`` (or ``matched: None``
+    where the grammar allows nothing more), or with ``"length"`` and a complete output when not even
+    the stop token fits. When no ending is found within the search's bounds, the request goes on as
+    without steering (it may end incomplete, flagged as before).
+    """
+
+    def __init__(self, info: TokenizerInfo, stop_id: int | None, margin: int = 1, zone: int = 16,
+                 limits: SearchLimits | None = None):
+        self.info = info
+        self.stop_id = stop_id
+        self.margin = margin
+        self.zone = zone
+        self.limits = limits or SearchLimits()
+        self.closed = False  # an ending was returned: nothing more to do
+        self.replaced = 0  # sampled tokens replaced by the ending (vet)
+        self.searches = 0
+        self.search_seconds = 0.0
+        self.search_max_seconds = 0.0
+        self._next_check = FIRST_CHECK_BUDGET
+        self._ending: list[int] | None = None  # a fitting ending of the matcher's current state (zone only)
+        self._vetted: tuple[int, list[int]] | None = None  # (token, its state's ending) from vet
+        self._row: torch.Tensor | None = None
+
+    def _search(self, matcher: TokenMatcher, budget: int) -> list[int] | None:
+        """An ending of the matcher's state that fits ``budget`` (without the stop token), or None."""
+        if self._row is None:
+            self._row = torch.empty(self.info.bitmask_words, dtype=torch.int32)
+        # the search builds its ending a token at a time and then re-tokenizes it (shorter): let it go
+        # deeper than the budget; an ending longer than the budget once re-tokenized does not fit
+        limits = SearchLimits(min(2 * budget + 8, self.limits.max_tokens), self.limits.max_nodes,
+                              self.limits.max_seconds, self.limits.branching, self.limits.per_group)
+        start = time.perf_counter()
+        path = shortest_completion(matcher, self.info, limits, self._row)
+        elapsed = time.perf_counter() - start
+        self.searches += 1
+        self.search_seconds += elapsed
+        self.search_max_seconds = max(self.search_max_seconds, elapsed)
+        return path if path is not None and len(path) <= budget else None
+
+    def _with_stop(self, path: list[int], budget: int) -> list[int]:
+        return path + [self.stop_id] if self.stop_id is not None and len(path) < budget else path
+
+    def consumed(self, token: int) -> None:
+        """The matcher consumed ``token``: an ending known for the state before it no longer applies."""
+        vetted, self._vetted = self._vetted, None
+        self._ending = vetted[1] if vetted is not None and vetted[0] == token else None
+
+    def vet(self, matcher: TokenMatcher, token: int, budget: int) -> list[int] | None:
+        """Before a sampled ``token`` is appended with ``budget`` tokens left: None to append it, or
+        the ending to append instead when no ending fits after it (only near the end, see above)."""
+        ending = self._ending
+        if self.closed or ending is None:
+            return None
+        if self._row is None:
+            self._row = torch.empty(self.info.bitmask_words, dtype=torch.int32)
+        if not _allows(matcher, self._row, token) or not matcher.consume(token):
+            return None  # refused: accept_token says so
+        try:
+            after = self._search(matcher, budget - 1)
+        finally:
+            matcher.rollback(1)
+        if after is not None and len(self._with_stop(after, budget - 1)) <= budget - 1:
+            self._vetted = (token, after)
+            return None
+        replacement = self._with_stop(ending, budget)
+        if not replacement:  # complete already and no stop token to end with: the token stays
+            return None
+        self.closed = True
+        self.replaced += 1
+        return replacement
+
+    def closing_tokens(self, matcher: TokenMatcher, budget: int) -> list[int]:
+        """The tokens to append now to end within ``budget`` (empty: let the model go on)."""
+        path, self._ending = self._ending, None
+        if self.closed or budget <= 0:
+            return []
+        if path is None:
+            if budget > self._next_check:
+                return []
+            path = self._search(matcher, budget)
+        if path is None:  # none found, or none that fits: look again after a quarter of the budget
+            self._next_check = budget - max(1, budget // 4)
+            return []
+        ending = self._with_stop(path, budget)
+        slack = budget - len(ending)
+        if slack <= self.margin and path:  # (already complete: let the model go on, vetting its tokens)
+            self.closed = True
+            return ending
+        if slack <= self.zone:  # vet the next token against this ending
+            self._ending = path
+            self._next_check = budget - 1
+        else:
+            self._next_check = budget - max(1, (slack - self.zone) // 2)
+        return []
