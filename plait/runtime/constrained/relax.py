@@ -52,14 +52,15 @@ RELAXED_LEVELS = 2  # 0: tightest; 1: also drops min/maxProperties and if/then/e
 # Compile errors that name a relaxable feature (llguidance's and outlines-core's wording).
 _RELAXABLE = re.compile(
     r"Unimplemented keys|oneOf constraints are not supported|Unknown format|min/maxProperties only supported"
-    r"|look-?arounds? .*not supported"
+    r"|look-?arounds?.*not supported|backreferences are not supported"
     r"|does not support the JSON schema keyword '(?:"
     + "|".join(re.escape(k) for k in (*DROPPED_KEYWORDS, "oneOf", "if", "then", "else", "format",
                                       "minProperties", "maxProperties"))
     + r")'"
 )
-# regex constructs llguidance cannot compile (look-around, word boundaries): a "pattern" using them is dropped
-_LOOKAROUND = re.compile(r"\(\?<?[=!]|\\[bB]")
+# regex constructs llguidance cannot compile (look-around, word boundaries, backreferences): a "pattern"
+# using them is dropped
+_LOOKAROUND = re.compile(r"\(\?<?[=!]|\\[bB1-9]")
 _SCHEMA_KEYS = ("additionalProperties", "items", "additionalItems", "not", "if", "then", "else", "contains",
                 "propertyNames", "unevaluatedProperties", "unevaluatedItems")
 _SCHEMA_LIST_KEYS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")

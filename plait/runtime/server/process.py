@@ -202,7 +202,7 @@ class _EngineServer:
             extra["cache_namespace"] = spec["cache_namespace"]
         forwarders: dict[int, _Forwarder] = {}  # one per request of this rid (n > 1 or a batch make several)
 
-        def on_output(index: int, event: dict[str, Any]) -> None:  # on the engine thread
+        def on_output(index: int, event: dict[str, Any]) -> None:  # the engine thread (or its validation thread)
             forwarder = forwarders.get(index)
             if forwarder is None:
                 forwarder = forwarders[index] = _Forwarder(self.outbox, rid, index)
