@@ -105,8 +105,9 @@ def test_any_json_object_and_stop_tokens(engine):
 
 
 def test_bad_constraints_are_value_errors_and_engine_keeps_serving(engine):
-    with pytest.raises(ConstraintError, match="credit-card"):
-        engine.generate("x", {"json_schema": {"type": "string", "format": "credit-card"}})
+    with pytest.raises(ConstraintError, match="disjoint"):  # refused by every backend, not relaxable
+        engine.generate("x", {"json_schema": {"type": "object", "patternProperties": {"a": {}, "b": {}},
+                                              "additionalProperties": False}})
     with pytest.raises(ValueError, match="regex"):
         engine.generate("x", {"regex": "(unclosed"})
     with pytest.raises(ValueError, match="json_schema"):
@@ -148,3 +149,60 @@ def test_streaming_constrained_snapshots_are_cumulative(engine):
     assert chunks[-1]["meta_info"]["finish_reason"]["type"] in ("stop", "length")
     for a, b in itertools.pairwise(chunks):
         assert b["output_ids"][: len(a["output_ids"])] == a["output_ids"]
+
+
+# llguidance refuses "oneOf" and "not": the schema compiles relaxed (oneOf as anyOf, not dropped) and each
+# finished document is validated against it (runtime/relaxed.py)
+PET = {"type": "object", "properties": {"kind": {"oneOf": [{"const": "cat"}, {"const": "dog"}]},
+                                        "name": {"type": "string", "maxLength": 12, "not": {"const": ""}}},
+       "required": ["kind", "name"], "additionalProperties": False}
+
+
+def test_relaxed_schema_is_validated_and_reported(engine):
+    prompt = _chat(engine, "Describe a pet as JSON with its kind and name.")
+    outs = engine.generate([prompt] * 2, [{"temperature": 0, "max_new_tokens": 40, "json_schema": PET},
+                                          {"temperature": 0.9, "seed": 5, "max_new_tokens": 40, "json_schema": PET}])
+    streamed = list(engine.generate(prompt, {"temperature": 0, "max_new_tokens": 40, "json_schema": PET}, stream=True))
+    assert len(streamed) == 1  # validated before anything is sent: one final event
+    for out in [*outs, streamed[0]]:
+        meta = out["meta_info"]
+        assert meta["schema_relaxed"] == ["not", "oneOf"]
+        assert 1 <= meta["schema_attempts"] <= engine.config.grammar_relaxed_max_attempts
+        if meta["schema_valid"]:
+            jsonschema.validate(json.loads(out["text"]), PET)
+        else:  # every attempt failed: said so, never passed off as valid
+            assert meta["schema_attempts"] == engine.config.grammar_relaxed_max_attempts and meta["schema_error"]
+    assert streamed[0]["text"] == outs[0]["text"]
+    exact = engine.generate(prompt, {"temperature": 0, "max_new_tokens": 40, "json_schema": PERSON})
+    assert not any(k.startswith("schema_") for k in exact["meta_info"])  # exact schemas: nothing new
+    assert_no_leak(engine)
+
+
+def test_relaxed_schema_invalid_every_attempt_says_so(engine):
+    never = {"type": "integer", "minimum": 0, "maximum": 9, "not": {"type": "integer"}}  # no document validates
+    out = engine.generate(_chat(engine, "A digit."), {"temperature": 0, "max_new_tokens": 8, "json_schema": never})
+    meta = out["meta_info"]
+    assert meta["schema_relaxed"] == ["not"] and meta["schema_valid"] is False
+    assert meta["schema_attempts"] == engine.config.grammar_relaxed_max_attempts == 3
+    assert "not" in meta["schema_error"]
+    assert meta["finish_reason"]["type"] == "stop" and 0 <= json.loads(out["text"]) <= 9  # honest finish reason
+    assert_no_leak(engine)
+
+
+def test_relaxed_retry_at_temperature_0_samples_again(engine, monkeypatch):
+    from plait.runtime.constrained.relax import SchemaValidator
+    from plait.runtime.relaxed import RETRY_MIN_TEMPERATURE
+
+    calls = []
+    real = SchemaValidator.error
+    monkeypatch.setattr(SchemaValidator, "error", lambda self, text: calls.append(text) or (
+        "rejected by the test" if len(calls) == 1 else real(self, text)))
+    seen = []
+    original_add = engine.scheduler.add_request
+    monkeypatch.setattr(engine.scheduler, "add_request", lambda req: seen.append(req.params) or original_add(req))
+    out = engine.generate(_chat(engine, "A digit."),
+                          {"temperature": 0, "max_new_tokens": 8, "json_schema": {"type": "integer", "not": {"const": 5}}})
+    assert out["meta_info"]["schema_attempts"] == 2 and len(calls) == 2
+    assert [p.temperature for p in seen] == [0, RETRY_MIN_TEMPERATURE]
+    assert out["meta_info"]["schema_valid"] is (json.loads(out["text"]) != 5)
+    assert_no_leak(engine)
