@@ -1,8 +1,8 @@
 """Requests under a relaxed JSON schema: validate the finished document, resample until it validates.
 
 A JSON schema that no backend compiles exactly is compiled relaxed (``constrained/relax.py``): the grammar
-accepts a superset of the schema's documents. When such a request finishes, its document (the healed
-text, if any, then the output text) is validated against the original schema with ``jsonschema`` on a
+accepts a superset of the schema's documents. When such a request finishes, its document (the output
+text) is validated against the original schema with ``jsonschema`` on a
 validation thread (never on the engine loop). If it does not validate and attempts remain (engine setting
 ``grammar_relaxed_max_attempts``, default 3, counting the first), the request is generated again from its
 prompt (the prefix cache holds the prompt's KV, so a retry recomputes only what was generated), sampled at
@@ -75,7 +75,7 @@ class RelaxedValidation:
         self._pool.shutdown(wait=True)
 
     def _check(self, req: Request) -> None:
-        error = req.relaxation.validator.error(req.healed_text + req.text)
+        error = req.relaxation.validator.error(req.text)  # the document (a healed prefix is prompt text)
         with self._lock:
             self._held.pop(req.rid, None)
             aborted = req.rid in self._aborted
