@@ -17,6 +17,14 @@ Two sides:
 - llguidance: the same package called directly with its default JSON options
   (``grammar_from_json_schema`` + ``LLMatcher`` on the same token table).
 
+A schema that no backend compiles exactly compiles relaxed in plait (docs/constrained.md, "Relaxed
+schemas"); for the exact pass figure that is a ``compile`` failure, as before. The second figure,
+*usable*, counts the schemas that pass exactly, plus those whose relaxed grammar accepts every valid
+instance and whose validator (``jsonschema`` against the original schema) passes each of them: a valid
+document can be produced and is recognised as valid. An invalid instance that the relaxed grammar accepts
+and the validator passes would be delivered as valid: those are counted (``invalid delivered as
+valid``, must be 0) and the schema is not usable.
+
 Failure kinds: ``limit`` (plait refuses the schema before compiling: past ``GrammarLimits``, e.g. the
 128 KiB ``grammar_max_bytes``; ``--max-bytes`` raises it), ``compile`` (refused or failed to compile),
 ``timeout`` (plait's compile timeout), ``valid_rejected``, ``invalid_accepted``. Compile time is per
@@ -46,6 +54,10 @@ from plait.sampling import SamplingParams  # noqa: E402
 
 class LimitError(Exception):
     """plait refused the schema before compiling it (its limits, or a malformed schema)."""
+
+
+class RelaxedOnly(Exception):
+    """plait compiled the schema only relaxed: not an exact pass (the grammar is in ``PlaitSide.relaxed``)."""
 
 
 KINDS = ("limit", "compile", "timeout", "valid_rejected", "invalid_accepted")
@@ -106,6 +118,9 @@ class Side:
         except LimitError as exc:
             self.detail = str(exc)
             return "limit"
+        except RelaxedOnly as exc:
+            self.detail = str(exc)
+            return "compile"
         except Exception as exc:  # noqa: BLE001 -- any refusal or library error is a compile failure
             self.detail = str(exc)[:200]
             return "compile"
@@ -125,8 +140,10 @@ class PlaitSide(Side):
         self.limits = limits
         self.compiler = GrammarCompiler(info, backend=backend, timeout_s=timeout_s, cache_size=4, max_workers=1)
         self.stop_ids = frozenset(info.stop_ids)
+        self.relaxed = None  # the last schema's grammar when it compiled only relaxed
 
     def compile(self, schema: object):
+        self.relaxed = None
         try:
             spec = spec_from_params(SamplingParams(json_schema=json.dumps(schema)), self.limits)
         except ConstraintError as exc:
@@ -137,7 +154,25 @@ class PlaitSide(Side):
             if "took longer than" in str(exc):
                 raise TimeoutError(str(exc)) from None
             raise
+        if grammar.relaxation is not None:
+            self.relaxed = grammar
+            raise RelaxedOnly(f"compiles only relaxed: {', '.join(grammar.relaxation.keywords)}")
         return lambda: GrammarState(grammar, self.info, self.stop_ids, jump_forward=False)
+
+    def usable_relaxed(self, tests: list[tuple[list[int], bool]], texts: list[str]) -> tuple[bool, int, str]:
+        """For the schema that compiled only relaxed: (usable, invalid instances the grammar accepts and the
+        validator passes, why not usable). Usable: every valid instance is accepted and validates."""
+        grammar, why, delivered = self.relaxed, "", 0
+        validator = grammar.relaxation.validator
+        for i, ((tokens, valid), text) in enumerate(zip(tests, texts)):
+            accepted = self.walk(GrammarState(grammar, self.info, self.stop_ids, jump_forward=False), tokens)
+            validates = accepted and validator.error(text) is None
+            if valid and not validates and not why:
+                why = f"valid instance {i} {'not validated' if accepted else 'refused by the relaxed grammar'}"
+            if not valid and validates:
+                delivered += 1
+                why = why or f"invalid instance {i} accepted and validated"
+        return not why, delivered, why
 
     @staticmethod
     def fill(state: GrammarState, row: torch.Tensor) -> None:
@@ -185,7 +220,8 @@ class LLGuidanceSide(Side):
 def run(data_dir: Path, sample: int | None, seed: int, backend: str = "llguidance", timeout_s: float = 30.0,
         limits: GrammarLimits | None = None, info: TokenizerInfo | None = None, verbose: bool = False) -> dict:
     """Walk the cases through both sides; returns {side: {"tried", "pass", kinds..., "failed": [...],
-    "compile_s", "mask_s"}}."""
+    "compile_s", "mask_s"}}; plait's also has "relaxed" (schemas compiled only relaxed), "usable" (exact
+    passes plus usable relaxed ones), "invalid_delivered" and "not_usable" (relaxed: [(name, why)])."""
     if info is None:
         from plait.runtime.models.registry import ensure_preset_dir
         from plait.runtime.tokenizer import Tokenizer
@@ -197,6 +233,7 @@ def run(data_dir: Path, sample: int | None, seed: int, backend: str = "llguidanc
 
     sides = [plait_side, LLGuidanceSide(info, LLGuidanceBackend().tokenizer_for(info))]
     results = {s.name: {"tried": 0, "pass": 0, **{k: 0 for k in KINDS}, "failed": []} for s in sides}
+    results["plait"].update(relaxed=0, usable=0, invalid_delivered=0, not_usable=[])
     cases = load_cases(data_dir, sample, seed)
     for n, (name, case) in enumerate(cases, 1):
         tests = instances(case, info)
@@ -209,6 +246,16 @@ def run(data_dir: Path, sample: int | None, seed: int, backend: str = "llguidanc
             else:
                 res[kind] += 1
                 res["failed"].append((name, kind, side.detail))
+            if side is plait_side:
+                res["usable"] += kind is None
+                if kind is not None and plait_side.relaxed is not None:
+                    res["relaxed"] += 1
+                    texts = [json.dumps(t["data"], indent=None, ensure_ascii=False) for t in case.get("tests", [])]
+                    usable, delivered, why = plait_side.usable_relaxed(tests, texts)
+                    res["usable"] += usable
+                    res["invalid_delivered"] += delivered
+                    if not usable:
+                        res["not_usable"].append((name, why))
         if verbose and n % 500 == 0:
             print(f"  {n}/{len(cases)} " + ", ".join(f"{k} {v['pass']}" for k, v in results.items()), file=sys.stderr)
     plait_side.compiler.shutdown()
@@ -255,6 +302,12 @@ def main() -> None:
     print(table(results))
     plait_failed = {f[0] for f in results["plait"]["failed"]}
     llg_failed = {f[0] for f in results["llguidance"]["failed"]}
+    p = results["plait"]
+    print(f"plait exact passes: {p['pass']} of {p['tried']}; usable (exact, or relaxed with every valid instance "
+          f"accepted and validated): {p['usable']} of {p['tried']} ({p['relaxed']} compiled only relaxed, "
+          f"{p['relaxed'] - len(p['not_usable'])} of them usable); invalid delivered as valid: {p['invalid_delivered']}")
+    for name, why in p["not_usable"] if args.show_failures else p["not_usable"][:20]:
+        print(f"  relaxed, not usable: {name} {why}")
     print(f"plait fails, llguidance passes: {len(plait_failed - llg_failed)}; "
           f"llguidance fails, plait passes: {len(llg_failed - plait_failed)}")
     for name, kind, detail in results["plait"]["failed"]:

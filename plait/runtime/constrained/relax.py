@@ -11,7 +11,8 @@ number of times when it does not validate (see docs/constrained.md, "Relaxed sch
 - ``relax_schema(schema, level)``: the relaxed schema and the names of the keywords relaxed. Level 0 is the
   tightest (``oneOf`` as ``anyOf``; ``if``/``then``/``else`` as ``anyOf`` of ``then`` and ``else`` when
   both are given; ``minProperties``/``maxProperties`` dropped only where some listed property is
-  optional); level 1 drops those too.
+  optional; a ``pattern`` with a look-around, ``\\b`` or a backreference dropped); level 1 drops the
+  conditionals and min/maxProperties everywhere.
 - ``is_relaxable(message)``: whether a compile error is a refusal of a relaxable feature (never a syntax
   error, a limit, an unsatisfiable schema, ...).
 - ``Relaxation``: what a grammar compiled from a relaxed schema carries: the original schema, the relaxed
