@@ -334,6 +334,7 @@ class Engine:
         with self._cv:
             if rid in self._awaiting_grammar:  # not queued yet: cancel its admission
                 self._awaiting_grammar[rid] = True
+        self.relaxed.abort(rid)  # a document being validated (relaxed schema) is not sampled again
         self._post("abort", rid)
 
     def begin_program(self, program_id: str) -> None:
@@ -578,7 +579,6 @@ class Engine:
             if payload.grammar is not None:  # text the grammar forces at the start is appended now
                 self._jump_forward(payload, payload.prompt_ids[-1])
         elif kind == "abort":  # a request id, or the base id of an n > 1 group
-            self.relaxed.abort(payload)  # one being validated is not sampled again
             for req in self.scheduler.find_all(payload):
                 self._finish(req, {"type": "abort", "message": "aborted"})
         elif kind == "flush":

@@ -6,8 +6,9 @@ text) is validated against the original schema with ``jsonschema`` on a
 validation thread (never on the engine loop). If it does not validate and attempts remain (engine setting
 ``grammar_relaxed_max_attempts``, default 3, counting the first), the request is generated again from its
 prompt (the prefix cache holds the prompt's KV, so a retry recomputes only what was generated), sampled at
-``temperature`` at least ``RETRY_MIN_TEMPERATURE`` and, with a ``seed``, ``seed + attempt - 1`` (a retry
-at temperature 0 would repeat the same document). The final output reports ``meta_info["schema_relaxed"]``
+``temperature`` at least ``RETRY_MIN_TEMPERATURE`` and, with a ``seed``, ``seed + RETRY_SEED_STRIDE *
+(attempt - 1)`` (a retry at temperature 0 would repeat the same document; the stride keeps clear of the
+``seed + k`` of an ``n > 1`` request's samples). The final output reports ``meta_info["schema_relaxed"]``
 (the keywords relaxed), ``["schema_attempts"]`` and ``["schema_valid"]`` (with ``["schema_error"]`` when
 False): a document that fails its schema is never returned as valid.
 
@@ -27,11 +28,12 @@ from plait.runtime.request import Request
 if TYPE_CHECKING:
     from plait.runtime.engine import Engine
 
-__all__ = ["RETRY_MIN_TEMPERATURE", "RelaxedValidation"]
+__all__ = ["RETRY_MIN_TEMPERATURE", "RETRY_SEED_STRIDE", "RelaxedValidation", "retry_of"]
 
 logger = logging.getLogger(__name__)
 
 RETRY_MIN_TEMPERATURE = 0.7
+RETRY_SEED_STRIDE = 1_000_003
 
 
 class RelaxedValidation:
@@ -91,11 +93,11 @@ class RelaxedValidation:
 
 def retry_of(engine: "Engine", req: Request) -> Request:
     """A fresh request for the next attempt of ``req``: same id, prompt, options and grammar; sampled at
-    temperature >= ``RETRY_MIN_TEMPERATURE`` and, with a seed, the next seed."""
+    temperature >= ``RETRY_MIN_TEMPERATURE`` and, with a seed, ``RETRY_SEED_STRIDE`` further."""
     params = req.params
     attempt = req.schema_attempts + 1
     params = params.replace(temperature=max(params.temperature, RETRY_MIN_TEMPERATURE),
-                            seed=None if params.seed is None else params.seed + 1)
+                            seed=None if params.seed is None else params.seed + RETRY_SEED_STRIDE)
     grammar = req.grammar
     retry = Request(
         rid=req.rid, group_rid=req.group_rid, prompt_ids=list(req.prompt_ids), params=params,

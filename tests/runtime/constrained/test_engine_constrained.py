@@ -210,3 +210,37 @@ def test_relaxed_retry_at_temperature_0_samples_again(engine, monkeypatch):
     assert [p.temperature for p in seen] == [0, RETRY_MIN_TEMPERATURE]
     assert out["meta_info"]["schema_valid"] is (json.loads(out["text"]) != 5)
     assert_no_leak(engine)
+
+
+def test_relaxed_request_aborted_while_validated_is_not_sampled_again(engine, monkeypatch):
+    import threading
+
+    from plait.runtime.constrained.relax import SchemaValidator
+    from plait.runtime.relaxed import RETRY_SEED_STRIDE
+
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking_error(self, text):
+        entered.set()
+        release.wait(10)
+        return "rejected by the test"
+
+    monkeypatch.setattr(SchemaValidator, "error", blocking_error)
+    seen = []
+    original_add = engine.scheduler.add_request
+    monkeypatch.setattr(engine.scheduler, "add_request", lambda req: seen.append(req.params.seed) or original_add(req))
+    params = {"temperature": 0, "seed": 11, "max_new_tokens": 8, "json_schema": {"type": "integer", "not": {"const": 5}}}
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=engine.generate("A digit:", params, rid="held")))
+    worker.start()
+    assert entered.wait(30)
+    engine.abort("held")  # while its first document is being validated
+    release.set()
+    worker.join(30)
+    meta = result["out"]["meta_info"]
+    assert meta["schema_attempts"] == 1 and meta["schema_valid"] is False and seen == [11]
+    # not aborted: every attempt is made, each with its own seed
+    out = engine.generate("A digit:", params)
+    assert out["meta_info"]["schema_attempts"] == 3 and out["meta_info"]["schema_valid"] is False
+    assert seen[1:] == [11, 11 + RETRY_SEED_STRIDE, 11 + 2 * RETRY_SEED_STRIDE]
+    assert_no_leak(engine)
