@@ -185,7 +185,10 @@ class SchemaValidator:
 
     The draft is the schema's ``$schema`` when it names one; otherwise draft 2020-12 that also reads the
     older forms backends accept (``dependencies``, ``items`` as a list with ``additionalItems``). Formats
-    are checked where ``jsonschema`` knows them (unknown formats are annotations). Documents larger than
+    are checked where ``jsonschema`` knows them, and the standard formats whose checks need packages
+    ``jsonschema`` does not require (``uri``, ``iri``, their ``-reference`` forms, ``uri-template``,
+    ``date-time``, ``time``, ``duration``, ``hostname``, ``json-pointer``, ``relative-json-pointer``) with
+    the syntax checks of ``FALLBACK_FORMATS``; other formats are annotations, not checked. Documents larger than
     ``max_bytes`` are not validated (reported invalid, with the reason).
     """
 
@@ -199,7 +202,7 @@ class SchemaValidator:
         with self._lock:
             if self._validator is None:
                 cls = _validator_class(self.schema)
-                self._validator = cls(self.schema, format_checker=cls.FORMAT_CHECKER)
+                self._validator = cls(self.schema, format_checker=_format_checker(cls))
             return self._validator
 
     def error(self, text: str) -> str | None:
@@ -220,6 +223,63 @@ class SchemaValidator:
             return None
         where = "/".join(str(p) for p in err.absolute_path)
         return f"at /{where}: {err.message}"[:500]
+
+
+_URI_CHARS = r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?#\[\]]|%[0-9A-Fa-f]{2})"
+_IRI_CHARS = r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?#\[\]\u00a0-\ud7ff\ue000-\ufffd\U00010000-\U0010fffd]|%[0-9A-Fa-f]{2})"
+_SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*:"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_OFFSET = r"(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?" + _OFFSET
+_POINTER = r"(?:/(?:[^/~]|~[01])*)*"
+
+
+def _reference(chars: str):
+    """A URI / IRI reference check (RFC 3986 / 3987 syntax): absolute, or relative without a colon in
+    its first segment."""
+    absolute, any_chars = re.compile(f"{_SCHEME}{chars}*"), re.compile(f"{chars}*")
+
+    def check(value: str) -> bool:
+        if absolute.fullmatch(value):
+            return True
+        return bool(any_chars.fullmatch(value)) and ":" not in re.split(r"[/?#]", value, maxsplit=1)[0]
+
+    return check
+
+
+def _regex_check(pattern: str):
+    compiled = re.compile(pattern)
+    return lambda value: bool(compiled.fullmatch(value))
+
+
+# Syntax checks for the standard formats whose jsonschema checks need optional packages (rfc3987,
+# rfc3339-validator, fqdn, uri-template, isoduration, jsonpointer); used only where jsonschema has none.
+FALLBACK_FORMATS = {
+    "uri": _regex_check(f"{_SCHEME}{_URI_CHARS}*"),
+    "uri-reference": _reference(_URI_CHARS),
+    "iri": _regex_check(f"{_SCHEME}{_IRI_CHARS}*"),
+    "iri-reference": _reference(_IRI_CHARS),
+    "uri-template": _regex_check(r"(?:[^\x00-\x20\"'%<>\\^`{|}]|%[0-9A-Fa-f]{2}|\{[^{}\s]+\})*"),
+    "date-time": _regex_check(r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])[Tt ]" + _TIME),
+    "time": _regex_check(_TIME),
+    "duration": _regex_check(r"P(?:[0-9]+W|(?=[0-9]|T[0-9])(?:[0-9]+Y)?(?:[0-9]+M)?(?:[0-9]+D)?"
+                             r"(?:T(?=[0-9])(?:[0-9]+H)?(?:[0-9]+M)?(?:[0-9]+(?:\.[0-9]+)?S)?)?)"),
+    "hostname": _regex_check(rf"(?=.{{1,253}}\.?$){_LABEL}(?:\.{_LABEL})*\.?"),
+    "json-pointer": _regex_check(_POINTER),
+    "relative-json-pointer": _regex_check(rf"(?:0|[1-9][0-9]*)(?:#|{_POINTER})"),
+}
+
+
+def _format_checker(cls: Any) -> Any:
+    """``cls``'s format checker plus ``FALLBACK_FORMATS`` where it has no check of its own."""
+    from jsonschema import FormatChecker
+
+    checker = FormatChecker(())
+    checker.checkers = dict(cls.FORMAT_CHECKER.checkers)
+    for name, check in FALLBACK_FORMATS.items():
+        if name not in checker.checkers:
+            checker.checks(name)(lambda value, check=check: not isinstance(value, str) or check(value))
+    return checker
 
 
 _DEFAULT_CLASS: Any = None

@@ -141,6 +141,29 @@ def test_validator_drafts_formats_and_bounds():
     assert "could not be applied" in SchemaValidator({"type": "string", "pattern": "("}).error('"a"')
 
 
+@pytest.mark.parametrize("fmt,good,bad", [
+    ("uri", ["http://a.b/c?d#e", "urn:isbn:1"], ["Invalid URI", "http://example.com/{", "/relative"]),
+    ("uri-reference", ["/a/b", "../x?y", "http://x"], ["://", "a b"]),
+    ("iri", ["http://\u00fc.de"], ["not-an-iri"]),
+    ("uri-template", ["http://x/{id}"], ["http://x/{"]),
+    ("date-time", ["2024-01-01T10:00:00.5+01:00"], ["2024-13-01T10:00:00Z", "2024-01-01"]),
+    ("time", ["10:00:00Z"], ["10:00"]),
+    ("duration", ["P1D", "PT1H30M", "P1W"], ["invalid-duration", "P", "PT"]),
+    ("hostname", ["a.b.com", "localhost"], ["-x.com", "a..b"]),
+    ("json-pointer", ["", "/a/~0b"], ["a"]),
+    ("relative-json-pointer", ["0#", "1/a"], ["x"]),
+])
+def test_validator_checks_standard_formats_without_optional_packages(fmt, good, bad):
+    for schema in ({"type": "string", "format": fmt},
+                   {"$schema": "http://json-schema.org/draft-07/schema#", "type": "string", "format": fmt}):
+        v = SchemaValidator(schema)
+        for value in good:
+            assert v.error(json.dumps(value)) is None, (fmt, value)
+        for value in bad:
+            assert v.error(json.dumps(value)) is not None, (fmt, value)
+    assert SchemaValidator({"format": fmt}).error("3") is None  # formats apply to strings only
+
+
 def test_compile_path_relaxes_only_relaxable_refusals(compilers):
     schema = {"type": "object", "properties": {"n": {"oneOf": [I, S]}, "s": {"type": "string", "not": {"const": "x"}}}}
     grammar = compilers["llguidance"].compile(_spec(schema))
