@@ -86,8 +86,11 @@ class RelaxedValidation:
         if error is not None and not aborted and req.schema_attempts < self.max_attempts:
             logger.debug("request %s: attempt %d does not validate (%s); sampling again",
                          req.rid, req.schema_attempts, error)
-            if self._engine._requeue(retry_of(self._engine, req)):
-                return
+            try:
+                if self._engine._requeue(retry_of(self._engine, req)):
+                    return
+            except Exception:  # noqa: BLE001 -- the request must still get its final event
+                logger.exception("request %s: could not queue the next attempt; returning this one", req.rid)
         self._engine._emit_final(req)
 
 
