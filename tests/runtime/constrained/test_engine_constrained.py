@@ -244,3 +244,16 @@ def test_relaxed_request_aborted_while_validated_is_not_sampled_again(engine, mo
     assert out["meta_info"]["schema_attempts"] == 3 and out["meta_info"]["schema_valid"] is False
     assert seen[1:] == [11, 11 + RETRY_SEED_STRIDE, 11 + 2 * RETRY_SEED_STRIDE]
     assert_no_leak(engine)
+
+
+def test_relaxed_retry_that_cannot_be_queued_still_delivers(engine, monkeypatch):
+    import plait.runtime.relaxed as relaxed
+
+    def broken(engine, req):
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(relaxed, "retry_of", broken)
+    never = {"type": "integer", "minimum": 0, "maximum": 9, "not": {"type": "integer"}}
+    out = engine.generate("A digit:", {"temperature": 0, "max_new_tokens": 4, "json_schema": never})
+    assert out["meta_info"]["schema_attempts"] == 1 and out["meta_info"]["schema_valid"] is False
+    assert_no_leak(engine)
