@@ -23,7 +23,13 @@ schemas"); for the exact pass figure that is a ``compile`` failure, as before. T
 instance and whose validator (``jsonschema`` against the original schema) passes each of them: a valid
 document can be produced and is recognised as valid. An invalid instance that the relaxed grammar accepts
 and the validator passes would be delivered as valid: those are counted (``invalid delivered as
-valid``, must be 0) and the schema is not usable.
+valid``, must be 0) and the schema is not usable. llguidance fixes the order of an object's properties
+(its JSON schema docs: "order of properties is fixed to the order in schema"; with ``anyOf`` branches,
+sibling properties first), so an instance whose keys come in another order is refused although the
+same document with its keys reordered is valid and can be generated; a third figure, *usable in key
+order*, also counts a relaxed schema whose refused valid instances are accepted once their object keys
+are put in an order the grammar allows (``KeyOrderWalk``: a backtracking search over key orders,
+bounded).
 
 Failure kinds: ``limit`` (plait refuses the schema before compiling: past ``GrammarLimits``, e.g. the
 128 KiB ``grammar_max_bytes``; ``--max-bytes`` raises it), ``compile`` (refused or failed to compile),
@@ -132,6 +138,90 @@ class Side:
         return None
 
 
+class KeyOrderWalk:
+    """Whether a matcher accepts a JSON value with its objects' keys in some order (the first order the
+    grammar allows, found by backtracking with ``rollback``; at most ``budget`` steps)."""
+
+    def __init__(self, info: TokenizerInfo, budget: int = 20000):
+        self.info, self.budget = info, budget
+        self.row = torch.zeros(info.bitmask_words, dtype=torch.int32)
+
+    def accepts(self, matcher, value: object) -> bool:
+        self.left = self.budget
+        try:
+            return self._value(matcher, value) is not None and matcher.can_terminate()
+        except (_OutOfBudget, RuntimeError):  # RuntimeError: a rollback the matcher could not do
+            return False
+
+    def _feed(self, m, text: str) -> int | None:
+        """Consume ``text``'s tokens: their count, or None (and ``m`` unchanged) if one is refused."""
+        ids, row = self.info.encode(text), self.row
+        for i, token in enumerate(ids):
+            m.fill_bitmask(row)  # checked first: a refused token may leave the matcher in error
+            if not (int(row[token >> 5]) >> (token & 31)) & 1 or not m.consume(token):
+                if i:
+                    m.rollback(i)
+                return None
+        return len(ids)
+
+    def _value(self, m, v: object) -> int | None:
+        self.left -= 1
+        if self.left < 0:
+            raise _OutOfBudget
+        if isinstance(v, dict):
+            n = self._feed(m, "{")
+            if n is None:
+                return None
+            rest = self._members(m, v, list(v), True)
+            if rest is None:
+                m.rollback(n)
+                return None
+            return n + rest
+        if isinstance(v, list):
+            used = self._feed(m, "[")
+            if used is None:
+                return None
+            for i, item in enumerate(v):
+                step = self._item(m, item, i > 0)
+                if step is None:
+                    m.rollback(used)
+                    return None
+                used += step
+            end = self._feed(m, "]")
+            if end is None:
+                m.rollback(used)
+                return None
+            return used + end
+        return self._feed(m, json.dumps(v, ensure_ascii=False))
+
+    def _item(self, m, item: object, separated: bool) -> int | None:
+        a = self._feed(m, ", ") if separated else 0
+        if a is None:
+            return None
+        b = self._value(m, item)
+        if b is None and a:
+            m.rollback(a)
+        return None if b is None else a + b
+
+    def _members(self, m, v: dict, keys: list, first: bool) -> int | None:
+        if not keys:
+            return self._feed(m, "}")
+        for key in keys:
+            a = self._feed(m, ("" if first else ", ") + json.dumps(key, ensure_ascii=False) + ": ")
+            if a is None:
+                continue
+            b = self._value(m, v[key])
+            c = None if b is None else self._members(m, v, [k for k in keys if k != key], False)
+            if c is not None:
+                return a + b + c
+            m.rollback(a + (b or 0))
+        return None
+
+
+class _OutOfBudget(Exception):
+    pass
+
+
 class PlaitSide(Side):
     name = "plait"
 
@@ -141,6 +231,7 @@ class PlaitSide(Side):
         self.compiler = GrammarCompiler(info, backend=backend, timeout_s=timeout_s, cache_size=4, max_workers=1)
         self.stop_ids = frozenset(info.stop_ids)
         self.relaxed = None  # the last schema's grammar when it compiled only relaxed
+        self.key_order = KeyOrderWalk(info)
 
     def compile(self, schema: object):
         self.relaxed = None
@@ -159,20 +250,23 @@ class PlaitSide(Side):
             raise RelaxedOnly(f"compiles only relaxed: {', '.join(grammar.relaxation.keywords)}")
         return lambda: GrammarState(grammar, self.info, self.stop_ids, jump_forward=False)
 
-    def usable_relaxed(self, tests: list[tuple[list[int], bool]], texts: list[str]) -> tuple[bool, int, str]:
-        """For the schema that compiled only relaxed: (usable, invalid instances the grammar accepts and the
-        validator passes, why not usable). Usable: every valid instance is accepted and validates."""
-        grammar, why, delivered = self.relaxed, "", 0
+    def usable_relaxed(self, tests: list[tuple[list[int], bool]], data: list) -> tuple[bool, bool, int, str]:
+        """For the schema that compiled only relaxed: (usable, usable in key order, invalid instances the
+        grammar accepts and the validator passes, why not usable). Usable: every valid instance is
+        accepted and validates; in key order: the same once refused instances' keys are reordered."""
+        grammar, why, delivered, reordered = self.relaxed, "", 0, True
         validator = grammar.relaxation.validator
-        for i, ((tokens, valid), text) in enumerate(zip(tests, texts)):
+        for i, ((tokens, valid), value) in enumerate(zip(tests, data)):
+            text = json.dumps(value, indent=None, ensure_ascii=False)
             accepted = self.walk(GrammarState(grammar, self.info, self.stop_ids, jump_forward=False), tokens)
-            validates = accepted and validator.error(text) is None
-            if valid and not validates and not why:
-                why = f"valid instance {i} {'not validated' if accepted else 'refused by the relaxed grammar'}"
-            if not valid and validates:
+            validates = validator.error(text) is None
+            if valid and not (accepted and validates):
+                why = why or f"valid instance {i} {'not validated' if accepted else 'refused by the relaxed grammar'}"
+                reordered = reordered and validates and not accepted and self.key_order.accepts(grammar.new_matcher(), value)
+            if not valid and accepted and validates:
                 delivered += 1
                 why = why or f"invalid instance {i} accepted and validated"
-        return not why, delivered, why
+        return not why, not delivered and reordered, delivered, why
 
     @staticmethod
     def fill(state: GrammarState, row: torch.Tensor) -> None:
@@ -233,7 +327,7 @@ def run(data_dir: Path, sample: int | None, seed: int, backend: str = "llguidanc
 
     sides = [plait_side, LLGuidanceSide(info, LLGuidanceBackend().tokenizer_for(info))]
     results = {s.name: {"tried": 0, "pass": 0, **{k: 0 for k in KINDS}, "failed": []} for s in sides}
-    results["plait"].update(relaxed=0, usable=0, invalid_delivered=0, not_usable=[])
+    results["plait"].update(relaxed=0, usable=0, usable_key_order=0, invalid_delivered=0, not_usable=[])
     cases = load_cases(data_dir, sample, seed)
     for n, (name, case) in enumerate(cases, 1):
         tests = instances(case, info)
@@ -248,11 +342,13 @@ def run(data_dir: Path, sample: int | None, seed: int, backend: str = "llguidanc
                 res["failed"].append((name, kind, side.detail))
             if side is plait_side:
                 res["usable"] += kind is None
+                res["usable_key_order"] += kind is None
                 if kind is not None and plait_side.relaxed is not None:
                     res["relaxed"] += 1
-                    texts = [json.dumps(t["data"], indent=None, ensure_ascii=False) for t in case.get("tests", [])]
-                    usable, delivered, why = plait_side.usable_relaxed(tests, texts)
+                    data = [t["data"] for t in case.get("tests", [])]
+                    usable, key_order, delivered, why = plait_side.usable_relaxed(tests, data)
                     res["usable"] += usable
+                    res["usable_key_order"] += key_order
                     res["invalid_delivered"] += delivered
                     if not usable:
                         res["not_usable"].append((name, why))
@@ -306,6 +402,8 @@ def main() -> None:
     print(f"plait exact passes: {p['pass']} of {p['tried']}; usable (exact, or relaxed with every valid instance "
           f"accepted and validated): {p['usable']} of {p['tried']} ({p['relaxed']} compiled only relaxed, "
           f"{p['relaxed'] - len(p['not_usable'])} of them usable); invalid delivered as valid: {p['invalid_delivered']}")
+    print(f"usable in key order (also counting relaxed schemas whose refused valid instances are accepted with "
+          f"their keys in an order the grammar allows): {p['usable_key_order']} of {p['tried']}")
     for name, why in p["not_usable"] if args.show_failures else p["not_usable"][:20]:
         print(f"  relaxed, not usable: {name} {why}")
     print(f"plait fails, llguidance passes: {len(plait_failed - llg_failed)}; "
