@@ -77,7 +77,8 @@ class EngineEvent:
 class _Forwarder:
     """Stands in for the engine's per-request handle: turns each snapshot into a delta on the outbox.
 
-    ``put`` runs on the engine thread, so it only slices lists and appends to the outbox.
+    ``put`` runs on the engine thread (or, for a relaxed JSON schema, its validation thread), so it only
+    slices lists and appends to the outbox.
     """
 
     def __init__(self, outbox: _Outbox, rid: str, index: int):
