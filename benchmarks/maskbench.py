@@ -29,7 +29,7 @@ sibling properties first), so an instance whose keys come in another order is re
 same document with its keys reordered is valid and can be generated; a third figure, *usable in key
 order*, also counts a relaxed schema whose refused valid instances are accepted once their object keys
 are put in an order the grammar allows (``KeyOrderWalk``: a backtracking search over key orders,
-bounded).
+bounded by steps and by 1 s per instance, so it undercounts).
 
 Failure kinds: ``limit`` (plait refuses the schema before compiling: past ``GrammarLimits``, e.g. the
 128 KiB ``grammar_max_bytes``; ``--max-bytes`` raises it), ``compile`` (refused or failed to compile),
@@ -140,14 +140,15 @@ class Side:
 
 class KeyOrderWalk:
     """Whether a matcher accepts a JSON value with its objects' keys in some order (the first order the
-    grammar allows, found by backtracking with ``rollback``; at most ``budget`` steps)."""
+    grammar allows, found by backtracking with ``rollback``; at most ``budget`` steps and ``limit_s``
+    seconds, past which the value counts as refused)."""
 
-    def __init__(self, info: TokenizerInfo, budget: int = 20000):
-        self.info, self.budget = info, budget
+    def __init__(self, info: TokenizerInfo, budget: int = 5000, limit_s: float = 1.0):
+        self.info, self.budget, self.limit_s = info, budget, limit_s
         self.row = torch.zeros(info.bitmask_words, dtype=torch.int32)
 
     def accepts(self, matcher, value: object) -> bool:
-        self.left = self.budget
+        self.left, self.deadline = self.budget, time.perf_counter() + self.limit_s
         try:
             return self._value(matcher, value) is not None and matcher.can_terminate()
         except (_OutOfBudget, RuntimeError):  # RuntimeError: a rollback the matcher could not do
@@ -165,9 +166,7 @@ class KeyOrderWalk:
         return len(ids)
 
     def _value(self, m, v: object) -> int | None:
-        self.left -= 1
-        if self.left < 0:
-            raise _OutOfBudget
+        self._spend()
         if isinstance(v, dict):
             n = self._feed(m, "{")
             if n is None:
@@ -194,6 +193,11 @@ class KeyOrderWalk:
             return used + end
         return self._feed(m, json.dumps(v, ensure_ascii=False))
 
+    def _spend(self) -> None:
+        self.left -= 1
+        if self.left < 0 or time.perf_counter() > self.deadline:
+            raise _OutOfBudget
+
     def _item(self, m, item: object, separated: bool) -> int | None:
         a = self._feed(m, ", ") if separated else 0
         if a is None:
@@ -207,6 +211,7 @@ class KeyOrderWalk:
         if not keys:
             return self._feed(m, "}")
         for key in keys:
+            self._spend()
             a = self._feed(m, ("" if first else ", ") + json.dumps(key, ensure_ascii=False) + ": ")
             if a is None:
                 continue
