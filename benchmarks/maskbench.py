@@ -17,6 +17,20 @@ Two sides:
 - llguidance: the same package called directly with its default JSON options
   (``grammar_from_json_schema`` + ``LLMatcher`` on the same token table).
 
+A schema that no backend compiles exactly compiles relaxed in plait (docs/constrained.md, "Relaxed
+schemas"); for the exact pass figure that is a ``compile`` failure, as before. The second figure,
+*usable*, counts the schemas that pass exactly, plus those whose relaxed grammar accepts every valid
+instance and whose validator (``jsonschema`` against the original schema) passes each of them: a valid
+document can be produced and is recognised as valid. An invalid instance that the relaxed grammar accepts
+and the validator passes would be delivered as valid: those are counted (``invalid delivered as
+valid``, must be 0) and the schema is not usable. llguidance fixes the order of an object's properties
+(its JSON schema docs: "order of properties is fixed to the order in schema"; with ``anyOf`` branches,
+sibling properties first), so an instance whose keys come in another order is refused although the
+same document with its keys reordered is valid and can be generated; a third figure, *usable in key
+order*, also counts a relaxed schema whose refused valid instances are accepted once their object keys
+are put in an order the grammar allows (``KeyOrderWalk``: a backtracking search over key orders,
+bounded by steps and by 1 s per instance, so it undercounts).
+
 Failure kinds: ``limit`` (plait refuses the schema before compiling: past ``GrammarLimits``, e.g. the
 128 KiB ``grammar_max_bytes``; ``--max-bytes`` raises it), ``compile`` (refused or failed to compile),
 ``timeout`` (plait's compile timeout), ``valid_rejected``, ``invalid_accepted``. Compile time is per
@@ -46,6 +60,10 @@ from plait.sampling import SamplingParams  # noqa: E402
 
 class LimitError(Exception):
     """plait refused the schema before compiling it (its limits, or a malformed schema)."""
+
+
+class RelaxedOnly(Exception):
+    """plait compiled the schema only relaxed: not an exact pass (the grammar is in ``PlaitSide.relaxed``)."""
 
 
 KINDS = ("limit", "compile", "timeout", "valid_rejected", "invalid_accepted")
@@ -106,6 +124,9 @@ class Side:
         except LimitError as exc:
             self.detail = str(exc)
             return "limit"
+        except RelaxedOnly as exc:
+            self.detail = str(exc)
+            return "compile"
         except Exception as exc:  # noqa: BLE001 -- any refusal or library error is a compile failure
             self.detail = str(exc)[:200]
             return "compile"
@@ -117,6 +138,95 @@ class Side:
         return None
 
 
+class KeyOrderWalk:
+    """Whether a matcher accepts a JSON value with its objects' keys in some order (the first order the
+    grammar allows, found by backtracking with ``rollback``; at most ``budget`` steps and ``limit_s``
+    seconds, past which the value counts as refused)."""
+
+    def __init__(self, info: TokenizerInfo, budget: int = 5000, limit_s: float = 1.0):
+        self.info, self.budget, self.limit_s = info, budget, limit_s
+        self.row = torch.zeros(info.bitmask_words, dtype=torch.int32)
+
+    def accepts(self, matcher, value: object) -> bool:
+        self.left, self.deadline = self.budget, time.perf_counter() + self.limit_s
+        try:
+            return self._value(matcher, value) is not None and matcher.can_terminate()
+        except (_OutOfBudget, RuntimeError):  # RuntimeError: a rollback the matcher could not do
+            return False
+
+    def _feed(self, m, text: str) -> int | None:
+        """Consume ``text``'s tokens: their count, or None (and ``m`` unchanged) if one is refused."""
+        ids, row = self.info.encode(text), self.row
+        for i, token in enumerate(ids):
+            m.fill_bitmask(row)  # checked first: a refused token may leave the matcher in error
+            if not (int(row[token >> 5]) >> (token & 31)) & 1 or not m.consume(token):
+                if i:
+                    m.rollback(i)
+                return None
+        return len(ids)
+
+    def _value(self, m, v: object) -> int | None:
+        self._spend()
+        if isinstance(v, dict):
+            n = self._feed(m, "{")
+            if n is None:
+                return None
+            rest = self._members(m, v, list(v), True)
+            if rest is None:
+                m.rollback(n)
+                return None
+            return n + rest
+        if isinstance(v, list):
+            used = self._feed(m, "[")
+            if used is None:
+                return None
+            for i, item in enumerate(v):
+                step = self._item(m, item, i > 0)
+                if step is None:
+                    m.rollback(used)
+                    return None
+                used += step
+            end = self._feed(m, "]")
+            if end is None:
+                m.rollback(used)
+                return None
+            return used + end
+        return self._feed(m, json.dumps(v, ensure_ascii=False))
+
+    def _spend(self) -> None:
+        self.left -= 1
+        if self.left < 0 or time.perf_counter() > self.deadline:
+            raise _OutOfBudget
+
+    def _item(self, m, item: object, separated: bool) -> int | None:
+        a = self._feed(m, ", ") if separated else 0
+        if a is None:
+            return None
+        b = self._value(m, item)
+        if b is None and a:
+            m.rollback(a)
+        return None if b is None else a + b
+
+    def _members(self, m, v: dict, keys: list, first: bool) -> int | None:
+        if not keys:
+            return self._feed(m, "}")
+        for key in keys:
+            self._spend()
+            a = self._feed(m, ("" if first else ", ") + json.dumps(key, ensure_ascii=False) + ": ")
+            if a is None:
+                continue
+            b = self._value(m, v[key])
+            c = None if b is None else self._members(m, v, [k for k in keys if k != key], False)
+            if c is not None:
+                return a + b + c
+            m.rollback(a + (b or 0))
+        return None
+
+
+class _OutOfBudget(Exception):
+    pass
+
+
 class PlaitSide(Side):
     name = "plait"
 
@@ -125,8 +235,11 @@ class PlaitSide(Side):
         self.limits = limits
         self.compiler = GrammarCompiler(info, backend=backend, timeout_s=timeout_s, cache_size=4, max_workers=1)
         self.stop_ids = frozenset(info.stop_ids)
+        self.relaxed = None  # the last schema's grammar when it compiled only relaxed
+        self.key_order = KeyOrderWalk(info)
 
     def compile(self, schema: object):
+        self.relaxed = None
         try:
             spec = spec_from_params(SamplingParams(json_schema=json.dumps(schema)), self.limits)
         except ConstraintError as exc:
@@ -137,7 +250,28 @@ class PlaitSide(Side):
             if "took longer than" in str(exc):
                 raise TimeoutError(str(exc)) from None
             raise
+        if grammar.relaxation is not None:
+            self.relaxed = grammar
+            raise RelaxedOnly(f"compiles only relaxed: {', '.join(grammar.relaxation.keywords)}")
         return lambda: GrammarState(grammar, self.info, self.stop_ids, jump_forward=False)
+
+    def usable_relaxed(self, tests: list[tuple[list[int], bool]], data: list) -> tuple[bool, bool, int, str]:
+        """For the schema that compiled only relaxed: (usable, usable in key order, invalid instances the
+        grammar accepts and the validator passes, why not usable). Usable: every valid instance is
+        accepted and validates; in key order: the same once refused instances' keys are reordered."""
+        grammar, why, delivered, reordered = self.relaxed, "", 0, True
+        validator = grammar.relaxation.validator
+        for i, ((tokens, valid), value) in enumerate(zip(tests, data)):
+            text = json.dumps(value, indent=None, ensure_ascii=False)
+            accepted = self.walk(GrammarState(grammar, self.info, self.stop_ids, jump_forward=False), tokens)
+            validates = validator.error(text) is None
+            if valid and not (accepted and validates):
+                why = why or f"valid instance {i} {'not validated' if accepted else 'refused by the relaxed grammar'}"
+                reordered = reordered and validates and not accepted and self.key_order.accepts(grammar.new_matcher(), value)
+            if not valid and accepted and validates:
+                delivered += 1
+                why = why or f"invalid instance {i} accepted and validated"
+        return not why, not delivered and reordered, delivered, why
 
     @staticmethod
     def fill(state: GrammarState, row: torch.Tensor) -> None:
@@ -185,7 +319,8 @@ class LLGuidanceSide(Side):
 def run(data_dir: Path, sample: int | None, seed: int, backend: str = "llguidance", timeout_s: float = 30.0,
         limits: GrammarLimits | None = None, info: TokenizerInfo | None = None, verbose: bool = False) -> dict:
     """Walk the cases through both sides; returns {side: {"tried", "pass", kinds..., "failed": [...],
-    "compile_s", "mask_s"}}."""
+    "compile_s", "mask_s"}}; plait's also has "relaxed" (schemas compiled only relaxed), "usable" (exact
+    passes plus usable relaxed ones), "invalid_delivered" and "not_usable" (relaxed: [(name, why)])."""
     if info is None:
         from plait.runtime.models.registry import ensure_preset_dir
         from plait.runtime.tokenizer import Tokenizer
@@ -197,6 +332,7 @@ def run(data_dir: Path, sample: int | None, seed: int, backend: str = "llguidanc
 
     sides = [plait_side, LLGuidanceSide(info, LLGuidanceBackend().tokenizer_for(info))]
     results = {s.name: {"tried": 0, "pass": 0, **{k: 0 for k in KINDS}, "failed": []} for s in sides}
+    results["plait"].update(relaxed=0, usable=0, usable_key_order=0, invalid_delivered=0, not_usable=[])
     cases = load_cases(data_dir, sample, seed)
     for n, (name, case) in enumerate(cases, 1):
         tests = instances(case, info)
@@ -209,6 +345,18 @@ def run(data_dir: Path, sample: int | None, seed: int, backend: str = "llguidanc
             else:
                 res[kind] += 1
                 res["failed"].append((name, kind, side.detail))
+            if side is plait_side:
+                res["usable"] += kind is None
+                res["usable_key_order"] += kind is None
+                if kind is not None and plait_side.relaxed is not None:
+                    res["relaxed"] += 1
+                    data = [t["data"] for t in case.get("tests", [])]
+                    usable, key_order, delivered, why = plait_side.usable_relaxed(tests, data)
+                    res["usable"] += usable
+                    res["usable_key_order"] += key_order
+                    res["invalid_delivered"] += delivered
+                    if not usable:
+                        res["not_usable"].append((name, why))
         if verbose and n % 500 == 0:
             print(f"  {n}/{len(cases)} " + ", ".join(f"{k} {v['pass']}" for k, v in results.items()), file=sys.stderr)
     plait_side.compiler.shutdown()
@@ -255,6 +403,14 @@ def main() -> None:
     print(table(results))
     plait_failed = {f[0] for f in results["plait"]["failed"]}
     llg_failed = {f[0] for f in results["llguidance"]["failed"]}
+    p = results["plait"]
+    print(f"plait exact passes: {p['pass']} of {p['tried']}; usable (exact, or relaxed with every valid instance "
+          f"accepted and validated): {p['usable']} of {p['tried']} ({p['relaxed']} compiled only relaxed, "
+          f"{p['relaxed'] - len(p['not_usable'])} of them usable); invalid delivered as valid: {p['invalid_delivered']}")
+    print(f"usable in key order (also counting relaxed schemas whose refused valid instances are accepted with "
+          f"their keys in an order the grammar allows): {p['usable_key_order']} of {p['tried']}")
+    for name, why in p["not_usable"] if args.show_failures else p["not_usable"][:20]:
+        print(f"  relaxed, not usable: {name} {why}")
     print(f"plait fails, llguidance passes: {len(plait_failed - llg_failed)}; "
           f"llguidance fails, plait passes: {len(llg_failed - plait_failed)}")
     for name, kind, detail in results["plait"]["failed"]:

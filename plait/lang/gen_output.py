@@ -2,9 +2,11 @@
 ``json_schema``, the JSON text, with the parsed value (validated into the pydantic model given as the
 schema) in ``meta_info["parsed"]`` (``state.parsed(name)``).
 
-Output that is incomplete (cut by ``max_tokens``, or reported incomplete by a constrained backend) or
-that does not parse raises ``GenerationError``, or with ``gen(..., on_incomplete="keep")`` is stored as
-the raw text with ``meta_info["incomplete"] = True``. Nothing wrong is returned silently.
+Output that is incomplete (cut by ``max_tokens``, or reported incomplete by a constrained backend), that
+does not parse, or that the runtime reports as not valid under its schema (``meta_info["schema_valid"]``
+False: a relaxed schema whose every attempt failed validation, see docs/constrained.md) raises
+``GenerationError``, or with ``gen(..., on_incomplete="keep")`` is stored as the raw text with
+``meta_info["incomplete"] = True`` (``schema_valid`` stays False). Nothing wrong is returned silently.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def convert_gen_output(node: Gen, params: SamplingParams, result: GenerateResult
         problem = f"which is not a {node.dtype.__name__}" if node.dtype is not None else f"which is not valid JSON for the schema ({_first_line(exc)})"
     if problem is None and (number_cut or flagged):
         problem = "which is incomplete"
+    if problem is None and result.meta.get("schema_valid") is False:
+        problem = f"which does not validate against its schema ({result.meta.get('schema_error') or 'no reason given'})"
     if problem is None:
         if node.dtype is not None:
             return value, {"incomplete": False}

@@ -51,6 +51,9 @@ class EngineConfig:
     grammar_max_bytes: int = 256 * 1024
     grammar_max_depth: int = 64
     grammar_max_rules: int = 1000
+    # a JSON schema compiled relaxed (docs/constrained.md, "Relaxed schemas"): attempts per request, the first
+    # included, until the document validates against the original schema
+    grammar_relaxed_max_attempts: int = 3
     max_samples_per_prompt: int = 128  # the largest n (parallel samples of one prompt); past it: ValueError
     # prompt positions whose logprobs one step computes (all requests together): a request asking for
     # prompt logprobs is prefilled in chunks of at most this many scored positions, so that its logprob
@@ -86,6 +89,8 @@ class EngineConfig:
             raise ValueError(f"grammar_compile_workers must be >= 0, got {self.grammar_compile_workers}")
         if self.grammar_compile_timeout_s <= 0:
             raise ValueError(f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s}")
+        if self.grammar_relaxed_max_attempts < 1:
+            raise ValueError(f"grammar_relaxed_max_attempts must be >= 1, got {self.grammar_relaxed_max_attempts}")
         for name in ("grammar_compile_max_queued", "grammar_cache_bytes", "grammar_max_bytes",
                      "grammar_max_depth", "grammar_max_rules"):
             if getattr(self, name) < 1:

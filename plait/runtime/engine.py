@@ -33,6 +33,7 @@ from plait.runtime.kvcache.radix import RadixCache
 from plait.runtime.models.registry import resolve_model
 from plait.runtime.outputs import build_output
 from plait.runtime.overlap import InFlightStep, launch_sampling, overlappable
+from plait.runtime.relaxed import RelaxedValidation
 from plait.runtime.request import Request, RequestStatus
 from plait.runtime.scheduler import ScheduledItem, Scheduler
 from plait.runtime.step import (
@@ -134,6 +135,8 @@ class Engine:
             limits=GrammarLimits(cfg.grammar_max_bytes, cfg.grammar_max_depth, cfg.grammar_max_rules),
         )
         self.token_healing = TokenHealer(self.constrained)  # `.enabled = False` turns token healing off
+        # requests under a relaxed JSON schema: validated (and resampled) off the engine thread when they finish
+        self.relaxed = RelaxedValidation(self, cfg.grammar_relaxed_max_attempts)
         # requests whose grammar compiles (submit with on_admitted) are prepared here once it is done
         self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plait-admit")
         self._awaiting_grammar: dict[str, bool] = {}  # rid -> aborted, while its grammar compiles
@@ -331,6 +334,7 @@ class Engine:
         with self._cv:
             if rid in self._awaiting_grammar:  # not queued yet: cancel its admission
                 self._awaiting_grammar[rid] = True
+        self.relaxed.abort(rid)  # a document being validated (relaxed schema) is not sampled again
         self._post("abort", rid)
 
     def begin_program(self, program_id: str) -> None:
@@ -390,6 +394,7 @@ class Engine:
         self._thread.join(timeout=30)
         self.constrained.shutdown()  # pending compilations fail: their admissions report it
         self._admission.shutdown(wait=True)
+        self.relaxed.shutdown()  # validations in progress deliver their requests
         if not self._thread.is_alive():
             self.runner.release()  # the model and KV cache memory is free for the next engine
 
@@ -411,21 +416,35 @@ class Engine:
         gi = normalize_inputs(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
                               top_logprobs_num, rid)
         for req in gi.requests:
-            req.stream = stream
+            # a relaxed schema's document is validated before anything is sent: one (final) event
+            req.stream = stream and req.relaxation is None
             req.program_id = program_id
             req.cache_namespace = cache_namespace
             req.return_text_in_logprobs = return_text_in_logprobs
-            # Incremental detokenization only where text is needed before the end (streams, stop
-            # strings, token healing: the healed text is left out); other requests decode once when they finish.
-            params = req.params
-            if self.tokenizer is not None and (stream or params.stop or params.stop_regex or req.healed_text):
-                req.detokenizer = new_detokenizer(
-                    self.tokenizer, req.prompt_ids, req.healed_text, stop=params.stop, stop_regex=params.stop_regex,
-                    skip_special_tokens=params.skip_special_tokens, no_stop_trim=params.no_stop_trim,
-                )
-            elif params.stop or params.stop_regex:
-                raise ValueError("stop strings and stop_regex need a tokenizer; this model has none (use stop_token_ids)")
+            self._attach_detokenizer(req)
         return gi
+
+    def _attach_detokenizer(self, req: Request) -> None:
+        """Incremental detokenization only where text is needed before the end (streams, stop strings,
+        token healing: the healed text is left out); other requests decode once when they finish."""
+        params = req.params
+        if self.tokenizer is not None and (req.stream or params.stop or params.stop_regex or req.healed_text):
+            req.detokenizer = new_detokenizer(
+                self.tokenizer, req.prompt_ids, req.healed_text, stop=params.stop, stop_regex=params.stop_regex,
+                skip_special_tokens=params.skip_special_tokens, no_stop_trim=params.no_stop_trim,
+            )
+        elif params.stop or params.stop_regex:
+            raise ValueError("stop strings and stop_regex need a tokenizer; this model has none (use stop_token_ids)")
+
+    def _requeue(self, req: Request) -> bool:
+        """Queue ``req`` (the next attempt of a relaxed request whose id is still active) unless the engine
+        stopped; from any thread. False when it was not queued."""
+        with self._cv:
+            if self._stopped or self._dead:
+                return False
+            self._inbox.append(("add", req))
+            self._cv.notify()
+        return True
 
     def _submit(self, requests: list[Request], handles: list[_Handle]) -> None:
         with self._cv:
@@ -756,9 +775,17 @@ class Engine:
             if isinstance(matched, int) and ids and ids[-1] == matched and not req.params.no_stop_trim:
                 ids = ids[:-1]  # a stop token is not part of the text
             req.text = self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
-        self._counters["finished"] += 1
-        self._counters["cached_tokens"] += req.cached_tokens
-        with self._cv:
+        if req.relaxation is not None:
+            self.relaxed.hold(req)  # validated off this thread; delivered (or sampled again) from there
+            return
+        self._emit_final(req)
+
+    def _emit_final(self, req: Request) -> None:
+        """Count ``req`` finished and send its final event (the engine thread, or the validation thread
+        for a relaxed schema's request)."""
+        with self._cv:  # two threads may count here
+            self._counters["finished"] += 1
+            self._counters["cached_tokens"] += req.cached_tokens
             self._active.discard(req.rid)
         if req.on_output is not None:
             req.on_output({"finished": True, "output": build_output(req, self.tokenizer)})

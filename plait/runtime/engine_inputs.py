@@ -155,6 +155,7 @@ def normalize_inputs(
                         healing.grammar, eos | frozenset(params.stop_token_ids)),
                     healed_tokens=healing.tokens,
                     healed_text=healing.text,
+                    relaxation=getattr(grammar, "relaxation", None),
                 )
             )
     return GenerateInput(requests=requests, is_batch=is_batch or len(requests) > 1)

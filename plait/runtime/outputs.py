@@ -42,6 +42,13 @@ def build_output(req: Request, tokenizer) -> dict[str, Any]:
         # tokens appended without sampling so that the output ends valid within max_new_tokens
         meta["budget_closed"] = req.grammar.budget_closed
         meta["healed_tokens"] = req.healed_tokens  # prompt tokens backed off by token healing
+    if req.relaxation is not None:
+        # generated under a relaxed JSON schema (runtime/relaxed.py): validated against the original
+        meta["schema_relaxed"] = list(req.relaxation.keywords)
+        meta["schema_attempts"] = req.schema_attempts
+        meta["schema_valid"] = req.schema_valid
+        if req.schema_error is not None:
+            meta["schema_error"] = req.schema_error
     if req.first_token_at is not None:
         meta["ttft"] = req.first_token_at - req.created_at
     end = req.finished_at if req.finished_at is not None else time.perf_counter()

@@ -60,6 +60,12 @@ class Request:
     # text, which the output starts with and the returned text leaves out
     healed_tokens: int = 0
     healed_text: str = ""
+    # a relaxed JSON schema (constrained/relax.py, runtime/relaxed.py): what was relaxed, which attempt this
+    # is (1 = the first), and once validated whether the document is valid against the original (and why not)
+    relaxation: Any = None
+    schema_attempts: int = 1
+    schema_valid: bool | None = None
+    schema_error: str | None = None
     text: str = ""
     sent_text_len: int = 0
     sent_ids_len: int = 0

@@ -97,6 +97,21 @@ def test_json_flagged_incomplete_by_the_backend_raises():
         run(lambda s: s.__iadd__(pl.gen("j", json_schema=SCHEMA)), Flagging(default='{"name": "Ada"}'))
 
 
+def test_json_reported_invalid_under_a_relaxed_schema_raises():
+    class Invalid(MockBackend):
+        def generate(self, call):
+            result = super().generate(call)
+            # as the runtime reports a relaxed schema whose every attempt failed validation
+            result.meta.update(schema_relaxed=["not"], schema_attempts=3, schema_valid=False, schema_error="at /: nope")
+            return result
+
+    with pytest.raises(GenerationError, match="does not validate against its schema.*nope"):
+        run(lambda s: s.__iadd__(pl.gen("j", json_schema=SCHEMA)), Invalid(default='{"name": "Ada"}'))
+    state = run(lambda s: s.__iadd__(pl.gen("j", json_schema=SCHEMA, on_incomplete="keep")), Invalid(default='{"name": "Ada"}'))
+    meta = state.get_meta_info("j")
+    assert state["j"] == '{"name": "Ada"}' and meta["incomplete"] is True and meta["schema_valid"] is False
+
+
 def test_complete_json_is_parsed():
     backend = MockBackend(default='{"name": "Ada", "age": 36}')
     state = run(lambda s: s.__iadd__(pl.gen("j", json_schema=SCHEMA)), backend)

@@ -77,6 +77,17 @@ def test_stream_is_cumulative_text_with_deltas(server):
     assert indexes == {0, 1}
 
 
+def test_relaxed_schema_reports_validation_and_streams_one_event(server):
+    schema = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"], "not": {"const": "cow"}}},
+              "required": ["kind"], "additionalProperties": False}  # llguidance refuses "not": relaxed
+    body = {"text": "A pet as JSON:", "sampling_params": {"temperature": 0, "max_new_tokens": 20, "json_schema": schema}}
+    meta = server.post("/generate", body).json()["meta_info"]
+    assert meta["schema_relaxed"] == ["not"] and meta["schema_valid"] is True and meta["schema_attempts"] == 1
+    with httpx.stream("POST", server.url + "/generate", json={**body, "stream": True}, timeout=60) as r:
+        events = sse_events(r)
+    assert len(events) == 1 and events[0]["meta_info"]["schema_valid"] is True  # sent once validated
+
+
 def test_logprob_entries(server):
     out = server.post("/generate", {
         "text": PROMPTS[0], "sampling_params": {"max_new_tokens": 3, "temperature": 0}, "return_logprob": True,

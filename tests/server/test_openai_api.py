@@ -95,6 +95,15 @@ def test_json_and_regex_output(client):
         pytest.fail(f"constrained decoding refused: {exc}")
     if out.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(out.choices[0].message.content)["age"], int)
+    assert "schema_valid" not in out.choices[0].model_extra  # exact schema: nothing added
+    relaxed = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "A pet as JSON."}], max_tokens=30, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": {
+            "type": "object", "properties": {"kind": {"enum": ["cat", "dog"], "not": {"const": "cow"}}},
+            "required": ["kind"], "additionalProperties": False}}})
+    extra = relaxed.choices[0].model_extra  # "not" is relaxed (dropped), the answer validated
+    assert extra["schema_relaxed"] == ["not"] and extra["schema_valid"] is True
+    assert json.loads(relaxed.choices[0].message.content)["kind"] in ("cat", "dog")
     regex = client.completions.create(model=MODEL, prompt="Phone:", max_tokens=12, temperature=0,
                                       extra_body={"regex": r"\d{3}-\d{4}"})
     assert len(regex.choices[0].text) == 8 and regex.choices[0].text[3] == "-"

@@ -22,6 +22,7 @@ lower CPU priority than the engine (``os.nice``).
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -37,9 +38,10 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from plait.runtime.constrained.backends.base import BackendUnavailable, UnsupportedConstraint
-from plait.runtime.constrained.spec import ConstraintError, ConstraintSpec
+from plait.runtime.constrained.relax import RELAXED_LEVELS, is_relaxable, relax_schema
+from plait.runtime.constrained.spec import ConstraintError, ConstraintKind, ConstraintSpec
 
-__all__ = ["CompileWorkerPool", "prepare_first"]
+__all__ = ["CompileWorkerPool", "prepare_first", "prepare_relaxing"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,40 @@ def prepare_first(spec: ConstraintSpec, names: tuple[str, ...], attempt: Callabl
     raise ConstraintError(f"cannot serve the {spec.describe()} constraint: " + "; ".join(reasons))
 
 
+def prepare_relaxing(spec: ConstraintSpec, names: tuple[str, ...],
+                     attempt: Callable[[ConstraintSpec, str], Any]) -> tuple[str, Any, tuple[str, list[str]] | None]:
+    """``prepare_first`` of ``spec``; when every backend refuses a JSON schema for a relaxable feature
+    (``relax.is_relaxable``: never a syntax error, a limit or an unsatisfiable schema), the same with the
+    tightest relaxed schema that compiles (``relax.relax_schema``, levels 0 then 1). Returns (backend name,
+    result, None) or (backend name, result, (relaxed schema's JSON text, keywords relaxed)). Raises the
+    exact schema's ``ConstraintError`` (with the relaxed attempt's reason) when nothing compiles."""
+    try:
+        name, result = prepare_first(spec, names, lambda n: attempt(spec, n))
+        return name, result, None
+    except ConstraintError as exc:
+        if spec.kind is not ConstraintKind.JSON_SCHEMA or not is_relaxable(str(exc)):
+            raise
+        original = exc
+    schema, tried, last = spec.schema, set(), ""
+    for level in range(RELAXED_LEVELS):
+        relaxed, keywords = relax_schema(schema, level)
+        source = json.dumps(relaxed, separators=(",", ":"))
+        if not keywords or source in tried:
+            continue
+        tried.add(source)
+        relaxed_spec = ConstraintSpec(ConstraintKind.JSON_SCHEMA, source)
+        try:
+            name, result = prepare_first(relaxed_spec, names, lambda n: attempt(relaxed_spec, n))
+        except ConstraintError as exc:
+            last = str(exc)
+            continue
+        return name, result, (source, keywords)
+    if last:
+        raise ConstraintError(f"{original}; the schema relaxed (see docs/constrained.md) is refused too: "
+                              f"{last.split(': ', 1)[-1]}") from None
+    raise original
+
+
 # ------------------------------------------------------------------------------------- worker process
 def _exit_with_parent(parent_pid: int) -> None:
     """End this worker once the engine process is gone (even in the middle of a hung compile)."""
@@ -77,7 +113,8 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def _worker_main(conn: Connection, info_bytes: bytes, hook: Callable[[ConstraintSpec], None] | None) -> None:
     """A worker: unpickle the tokenizer view, say ``ready``, then answer ``(job_id, spec, names)``
-    messages with ``(job_id, True, backend name, payload)`` or ``(job_id, False, message)``."""
+    messages with ``(job_id, True, backend name, payload, relaxed)`` (``relaxed``: see ``prepare_relaxing``)
+    or ``(job_id, False, message)``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine decides when workers end
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
@@ -107,7 +144,7 @@ def _worker_main(conn: Connection, info_bytes: bytes, hook: Callable[[Constraint
             try:
                 if hook is not None:
                     hook(spec)
-                answer.append((job_id, True, *prepare_first(spec, names, lambda n: backend_named(n).prepare(spec, info))))
+                answer.append((job_id, True, *prepare_relaxing(spec, names, lambda s, n: backend_named(n).prepare(s, info))))
             except ConstraintError as exc:
                 answer.append((job_id, False, str(exc)))
             except Exception as exc:  # noqa: BLE001 -- a library bug must become that request's error
@@ -151,7 +188,7 @@ class CompileWorkerPool:
         hook: called in the worker before each compile (tests use it to simulate a crash or a hang).
     """
 
-    def __init__(self, info: Any, load: Callable[[ConstraintSpec, str, Any], Any], workers: int = 2,
+    def __init__(self, info: Any, load: Callable[[ConstraintSpec, str, Any, Any], Any], workers: int = 2,
                  timeout_s: float = 30.0, max_queued: int = 64,
                  hook: Callable[[ConstraintSpec], None] | None = None) -> None:
         if workers < 1:
@@ -316,7 +353,7 @@ class CompileWorkerPool:
             self._fail(job, ConstraintError(message[2]))
             return
         try:
-            job.future.set_result(self._load(job.spec, message[2], message[3]))
+            job.future.set_result(self._load(job.spec, message[2], message[3], message[4]))
         except ConstraintError as exc:
             self._fail(job, exc)
         except Exception as exc:  # noqa: BLE001 -- a load failure fails that request only

@@ -12,7 +12,9 @@ a retry can succeed).
 
 Backend choice: ``DEFAULT_BACKENDS`` (measured; see docs/constrained.md) gives the order per kind;
 the first backend that is installed serves the kind, and its refusal of a spec (a feature it lacks)
-is final: trying the next one rescued nothing on MaskBench (``prepare_first``).
+is final: trying the next one rescued nothing on MaskBench (``prepare_first``). A JSON schema refused
+only for relaxable keywords is compiled relaxed (``relax.py``; the grammar's ``relaxation`` says so;
+see ``prepare_relaxing``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from plait.runtime.constrained.backends.base import (
     CompiledGrammar,
     GrammarBackend,
 )
-from plait.runtime.constrained.compile_worker import CompileWorkerPool, prepare_first
+from plait.runtime.constrained.compile_worker import CompileWorkerPool, prepare_relaxing
+from plait.runtime.constrained.relax import Relaxation
 from plait.runtime.constrained.spec import (
     ConstraintError,
     ConstraintKind,
@@ -182,9 +185,13 @@ class GrammarCompiler:
                 del self._cache[key]
                 self._cached_bytes -= self._sizes.pop(key)
 
-    def _load(self, spec: ConstraintSpec, name: str, payload: Any) -> CompiledGrammar:
-        """A worker's result as this process's compiled grammar."""
-        return self.backend_named(name).load(spec, payload, self.info)
+    def _load(self, spec: ConstraintSpec, name: str, payload: Any,
+              relaxed: tuple[str, list[str]] | None = None) -> CompiledGrammar:
+        """A worker's result as this process's compiled grammar (of the relaxed schema, when relaxed)."""
+        if relaxed is None:
+            return self.backend_named(name).load(spec, payload, self.info)
+        relaxed_spec = ConstraintSpec(ConstraintKind.JSON_SCHEMA, relaxed[0])
+        return _with_relaxation(self.backend_named(name).load(relaxed_spec, payload, self.info), spec, relaxed)
 
     def backend_named(self, name: str) -> GrammarBackend:
         """The backend instance named ``name`` (created once); ``BackendUnavailable`` if not installed."""
@@ -204,4 +211,13 @@ class GrammarCompiler:
         return (self.backend,) if self.backend != "auto" else DEFAULT_BACKENDS[kind]
 
     def _compile_now(self, spec: ConstraintSpec) -> CompiledGrammar:
-        return prepare_first(spec, self._order(spec.kind), lambda n: self.backend_named(n).compile(spec, self.info))[1]
+        _, grammar, relaxed = prepare_relaxing(spec, self._order(spec.kind),
+                                               lambda s, n: self.backend_named(n).compile(s, self.info))
+        return grammar if relaxed is None else _with_relaxation(grammar, spec, relaxed)
+
+
+def _with_relaxation(grammar: CompiledGrammar, spec: ConstraintSpec, relaxed: tuple[str, list[str]]) -> CompiledGrammar:
+    """``grammar`` (compiled from the relaxed schema: its ``spec`` is the relaxed one) marked with the
+    original schema and the keywords relaxed (``relax.Relaxation``)."""
+    grammar.relaxation = Relaxation(spec.schema, relaxed[1], relaxed[0])
+    return grammar

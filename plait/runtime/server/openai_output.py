@@ -18,6 +18,15 @@ from plait.runtime.server.tools import ToolCallParser, ToolCallPiece, ToolChoice
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
+_SCHEMA_KEYS = ("schema_relaxed", "schema_attempts", "schema_valid", "schema_error")
+
+
+def schema_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """A relaxed JSON schema's report (docs/constrained.md, "Relaxed schemas"), added to a finished choice
+    next to ``matched_stop``; empty for every other request."""
+    return {k: meta[k] for k in _SCHEMA_KEYS if k in meta}
+
+
 def finish_reason(meta: dict[str, Any]) -> str | None:
     reason = meta.get("finish_reason")
     return None if reason is None else _FINISH.get(reason.get("type"), reason.get("type"))
@@ -193,6 +202,7 @@ class ResponseBuilder:
             choice["text"] = echo + event.text
         choice["finish_reason"] = self._finish(index, event.meta_info)
         choice["matched_stop"] = (event.meta_info.get("finish_reason") or {}).get("matched")
+        choice.update(schema_fields(event.meta_info))
         self.record_usage(job_index, event.index, event.meta_info)
         return choice
 
@@ -219,6 +229,7 @@ class ResponseBuilder:
             last = out[-1]["choices"][0]
             last["finish_reason"] = self._finish(index, event.meta_info)
             last["matched_stop"] = (event.meta_info.get("finish_reason") or {}).get("matched")
+            last.update(schema_fields(event.meta_info))
         if self.req.continuous_usage:
             for chunk in out:
                 chunk["usage"] = self._running_usage(event.meta_info)

@@ -77,7 +77,8 @@ class EngineEvent:
 class _Forwarder:
     """Stands in for the engine's per-request handle: turns each snapshot into a delta on the outbox.
 
-    ``put`` runs on the engine thread, so it only slices lists and appends to the outbox.
+    ``put`` runs on the engine thread (or, for a relaxed JSON schema, its validation thread), so it only
+    slices lists and appends to the outbox.
     """
 
     def __init__(self, outbox: _Outbox, rid: str, index: int):
@@ -202,7 +203,7 @@ class _EngineServer:
             extra["cache_namespace"] = spec["cache_namespace"]
         forwarders: dict[int, _Forwarder] = {}  # one per request of this rid (n > 1 or a batch make several)
 
-        def on_output(index: int, event: dict[str, Any]) -> None:  # on the engine thread
+        def on_output(index: int, event: dict[str, Any]) -> None:  # the engine thread (or its validation thread)
             forwarder = forwarders.get(index)
             if forwarder is None:
                 forwarder = forwarders[index] = _Forwarder(self.outbox, rid, index)

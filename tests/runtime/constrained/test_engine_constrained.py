@@ -107,8 +107,9 @@ def test_any_json_object_and_stop_tokens(engine):
 
 
 def test_bad_constraints_are_value_errors_and_engine_keeps_serving(engine):
-    with pytest.raises(ConstraintError, match="credit-card"):
-        engine.generate("x", {"json_schema": {"type": "string", "format": "credit-card"}})
+    with pytest.raises(ConstraintError, match="disjoint"):  # refused by every backend, not relaxable
+        engine.generate("x", {"json_schema": {"type": "object", "patternProperties": {"a": {}, "b": {}},
+                                              "additionalProperties": False}})
     with pytest.raises(ValueError, match="regex"):
         engine.generate("x", {"regex": "(unclosed"})
     with pytest.raises(ValueError, match="json_schema"):
@@ -207,4 +208,111 @@ def test_tight_budgets_end_valid_with_honest_finish_reasons(engine):
         it = iter(out["output_ids"])
         assert all(any(t == tid for t in it) for _, tid, _ in meta["output_token_logprobs"])
     assert sum(out["meta_info"]["budget_closed"] for out in on) >= len(on) // 2
+
+
+# llguidance refuses "oneOf" and "not": the schema compiles relaxed (oneOf as anyOf, not dropped) and each
+# finished document is validated against it (runtime/relaxed.py)
+PET = {"type": "object", "properties": {"kind": {"oneOf": [{"const": "cat"}, {"const": "dog"}]},
+                                        "name": {"type": "string", "maxLength": 12, "not": {"const": ""}}},
+       "required": ["kind", "name"], "additionalProperties": False}
+
+
+def test_relaxed_schema_is_validated_and_reported(engine):
+    prompt = _chat(engine, "Describe a pet as JSON with its kind and name.")
+    healed = "A pet as JSON:"  # token healing backs off ":" (the document is still the output text alone)
+    outs = engine.generate([prompt, prompt, healed],
+                           [{"temperature": 0, "max_new_tokens": 40, "json_schema": PET},
+                            {"temperature": 0.9, "seed": 5, "max_new_tokens": 40, "json_schema": PET},
+                            {"temperature": 0, "max_new_tokens": 40, "json_schema": PET}])
+    assert outs[2]["meta_info"]["healed_tokens"] == 1
+    streamed = list(engine.generate(prompt, {"temperature": 0, "max_new_tokens": 40, "json_schema": PET}, stream=True))
+    assert len(streamed) == 1  # validated before anything is sent: one final event
+    for out in [*outs, streamed[0]]:
+        meta = out["meta_info"]
+        assert meta["schema_relaxed"] == ["not", "oneOf"]
+        assert 1 <= meta["schema_attempts"] <= engine.config.grammar_relaxed_max_attempts
+        assert meta["finish_reason"]["type"] == "stop"
+        assert meta["schema_valid"] is jsonschema.Draft202012Validator(PET).is_valid(json.loads(out["text"]))
+        if not meta["schema_valid"]:  # every attempt failed: said so, never passed off as valid
+            assert meta["schema_attempts"] == engine.config.grammar_relaxed_max_attempts and meta["schema_error"]
+    assert streamed[0]["text"] == outs[0]["text"]
+    exact = engine.generate(prompt, {"temperature": 0, "max_new_tokens": 40, "json_schema": PERSON})
+    assert not any(k.startswith("schema_") for k in exact["meta_info"])  # exact schemas: nothing new
+    assert_no_leak(engine)
+
+
+def test_relaxed_schema_invalid_every_attempt_says_so(engine):
+    never = {"type": "integer", "minimum": 0, "maximum": 9, "not": {"type": "integer"}}  # no document validates
+    out = engine.generate(_chat(engine, "A digit."), {"temperature": 0, "max_new_tokens": 8, "json_schema": never})
+    meta = out["meta_info"]
+    assert meta["schema_relaxed"] == ["not"] and meta["schema_valid"] is False
+    assert meta["schema_attempts"] == engine.config.grammar_relaxed_max_attempts == 3
+    assert "not" in meta["schema_error"]
+    assert meta["finish_reason"]["type"] == "stop" and 0 <= json.loads(out["text"]) <= 9  # honest finish reason
+    assert_no_leak(engine)
+
+
+def test_relaxed_retry_at_temperature_0_samples_again(engine, monkeypatch):
+    from plait.runtime.constrained.relax import SchemaValidator
+    from plait.runtime.relaxed import RETRY_MIN_TEMPERATURE
+
+    calls = []
+    real = SchemaValidator.error
+    monkeypatch.setattr(SchemaValidator, "error", lambda self, text: calls.append(text) or (
+        "rejected by the test" if len(calls) == 1 else real(self, text)))
+    seen = []
+    original_add = engine.scheduler.add_request
+    monkeypatch.setattr(engine.scheduler, "add_request", lambda req: seen.append(req.params) or original_add(req))
+    out = engine.generate(_chat(engine, "A digit."),
+                          {"temperature": 0, "max_new_tokens": 8, "json_schema": {"type": "integer", "not": {"const": 5}}})
+    assert out["meta_info"]["schema_attempts"] == 2 and len(calls) == 2
+    assert [p.temperature for p in seen] == [0, RETRY_MIN_TEMPERATURE]
+    assert out["meta_info"]["schema_valid"] is (json.loads(out["text"]) != 5)
+    assert_no_leak(engine)
+
+
+def test_relaxed_request_aborted_while_validated_is_not_sampled_again(engine, monkeypatch):
+    import threading
+
+    from plait.runtime.constrained.relax import SchemaValidator
+    from plait.runtime.relaxed import RETRY_SEED_STRIDE
+
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking_error(self, text):
+        entered.set()
+        release.wait(10)
+        return "rejected by the test"
+
+    monkeypatch.setattr(SchemaValidator, "error", blocking_error)
+    seen = []
+    original_add = engine.scheduler.add_request
+    monkeypatch.setattr(engine.scheduler, "add_request", lambda req: seen.append(req.params.seed) or original_add(req))
+    params = {"temperature": 0, "seed": 11, "max_new_tokens": 8, "json_schema": {"type": "integer", "not": {"const": 5}}}
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=engine.generate("A digit:", params, rid="held")))
+    worker.start()
+    assert entered.wait(30)
+    engine.abort("held")  # while its first document is being validated
+    release.set()
+    worker.join(30)
+    meta = result["out"]["meta_info"]
+    assert meta["schema_attempts"] == 1 and meta["schema_valid"] is False and seen == [11]
+    # not aborted: every attempt is made, each with its own seed
+    out = engine.generate("A digit:", params)
+    assert out["meta_info"]["schema_attempts"] == 3 and out["meta_info"]["schema_valid"] is False
+    assert seen[1:] == [11, 11 + RETRY_SEED_STRIDE, 11 + 2 * RETRY_SEED_STRIDE]
+    assert_no_leak(engine)
+
+
+def test_relaxed_retry_that_cannot_be_queued_still_delivers(engine, monkeypatch):
+    import plait.runtime.relaxed as relaxed
+
+    def broken(engine, req):
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(relaxed, "retry_of", broken)
+    never = {"type": "integer", "minimum": 0, "maximum": 9, "not": {"type": "integer"}}
+    out = engine.generate("A digit:", {"temperature": 0, "max_new_tokens": 4, "json_schema": never})
+    assert out["meta_info"]["schema_attempts"] == 1 and out["meta_info"]["schema_valid"] is False
     assert_no_leak(engine)

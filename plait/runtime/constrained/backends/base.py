@@ -70,6 +70,9 @@ class CompiledGrammar(ABC):
     backend_name: str
     spec: ConstraintSpec
     nbytes: int = 0  # estimated memory held (the compiler's cache is bounded by the sum)
+    # set when compiled from a relaxed JSON schema (relax.Relaxation: the original schema, the keywords
+    # relaxed, its validator); ``spec`` is then the relaxed schema's. None: the spec is enforced exactly.
+    relaxation: Any = None
 
     @abstractmethod
     def new_matcher(self) -> TokenMatcher:
