@@ -41,6 +41,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_memory_after_each_module():
+    """After each test module: collect its cycles and hand freed heap back to the OS (glibc keeps freed
+    chunks of many threads' arenas), so that one module's engines do not raise the whole run's peak."""
+    yield
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 @pytest.fixture(scope="session")
 def bundled_model_dir():
     from plait.runtime.models.registry import ensure_preset_dir

@@ -60,9 +60,13 @@ class ServerProcess:
 
 
 def start_server(*args: str, api_key: str | None = None, timeout: float = 180.0) -> ServerProcess:
-    """``plait serve`` with the bundled model on a free port; returns once ``/health`` answers 200."""
+    """``plait serve`` with the bundled model on a free port; returns once ``/health`` answers 200.
+
+    Its KV cache is 0.25 GB (about 5,600 slots) unless ``args`` size it: the default 1 GB per server
+    process pushed the test run's peak memory past its budget, and no test needs more."""
     port = free_port()
-    command = [sys.executable, "-m", "plait.cli", "serve", "--model", MODEL, "--port", str(port), *args]
+    kv = [] if any(a in ("--max-total-tokens", "--kv-cache-gb") for a in args) else ["--kv-cache-gb", "0.25"]
+    command = [sys.executable, "-m", "plait.cli", "serve", "--model", MODEL, "--port", str(port), *kv, *args]
     if api_key:
         command += ["--api-key", api_key]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
