@@ -62,10 +62,11 @@ class ServerProcess:
 def start_server(*args: str, api_key: str | None = None, timeout: float = 180.0) -> ServerProcess:
     """``plait serve`` with the bundled model on a free port; returns once ``/health`` answers 200.
 
-    Its KV cache is 0.25 GB (about 5,600 slots) unless ``args`` size it: the default 1 GB per server
-    process pushed the test run's peak memory past its budget, and no test needs more."""
+    Its KV cache holds 10,240 tokens (0.44 GB, above the model's 8,192-token context, which the tests
+    of context-length errors need) unless ``args`` size it: the default 1 GB per server process pushed
+    the test run's peak memory past its budget."""
     port = free_port()
-    kv = [] if any(a in ("--max-total-tokens", "--kv-cache-gb") for a in args) else ["--kv-cache-gb", "0.25"]
+    kv = [] if any(a in ("--max-total-tokens", "--kv-cache-gb") for a in args) else ["--max-total-tokens", "10240"]
     command = [sys.executable, "-m", "plait.cli", "serve", "--model", MODEL, "--port", str(port), *kv, *args]
     if api_key:
         command += ["--api-key", api_key]

@@ -60,6 +60,7 @@ class ConstrainedDecoding:
         self.limits = limits or GrammarLimits()
         self._lock = threading.Lock()
         self._compiler: GrammarCompiler | None = None
+        self._closed = False
         self.jump_forward = True
         self.budget_margin: int | None = 1
         self.budget_limits = SearchLimits()
@@ -68,6 +69,8 @@ class ConstrainedDecoding:
     def compiler(self) -> GrammarCompiler:
         """The grammar compiler (built, with the tokenizer's grammar view, on first use)."""
         with self._lock:
+            if self._closed:
+                raise ConstraintError("constrained decoding is shut down (the engine is stopping)")
             if self._compiler is None:
                 if self._tokenizer is None:
                     raise ConstraintError("constrained decoding needs a tokenizer; this model has none")
@@ -119,5 +122,11 @@ class ConstrainedDecoding:
                             budget_margin=self.budget_margin, budget_limits=self.budget_limits)
 
     def shutdown(self) -> None:
-        if self._compiler is not None:
-            self._compiler.shutdown()
+        """Stop the compiler's workers. A compiler still being built (``warm_up``) is waited for and
+        stopped too: its worker processes, started after a shutdown that missed them, would outlive the
+        engine's exit (which waits for them while they wait for it to end)."""
+        with self._lock:  # held by a build in progress
+            self._closed = True
+            compiler = self._compiler
+        if compiler is not None:
+            compiler.shutdown()

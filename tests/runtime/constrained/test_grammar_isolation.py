@@ -236,3 +236,22 @@ def test_warm_up_starts_the_compiler_before_the_first_request(bundled_model_dir)
     finally:
         service._compiler.shutdown()
     assert ConstrainedDecoding(None, 10).warm_up() is None  # no tokenizer: nothing to start
+
+
+def test_shutdown_during_warm_up_stops_the_workers_it_starts(bundled_model_dir):
+    """A server stopped right after it started: shutdown waits for the compiler being built and stops
+    it (its workers would otherwise outlive the engine, whose exit waits for them: plait serve hung on
+    SIGTERM); afterwards no compiler can be built."""
+    from plait.runtime.constrained import ConstrainedDecoding
+    from plait.runtime.tokenizer import Tokenizer
+
+    service = ConstrainedDecoding(Tokenizer.from_dir(bundled_model_dir), 49152, workers=1)
+    thread = service.warm_up()
+    time.sleep(0.05)  # the build has begun (it holds the service's lock) and has not finished
+    service.shutdown()
+    thread.join(120)
+    # stopped once built, or (had shutdown come first) never built
+    assert service._compiler is None or service._compiler.workers._closed
+    with pytest.raises(ConstraintError, match="shut down"):
+        service.compiler
+
