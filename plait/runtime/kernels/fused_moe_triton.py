@@ -101,6 +101,25 @@ def _fp4_pair_bf16(codes, s):
 
 
 @triton.jit
+def _e8m0_scale(s):
+    """E8M0 exponents (uint8) as float32 ``2^(s - 127)``, from bits (s = 0 is the subnormal 2^-127)."""
+    s = s.to(tl.int32)
+    return tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _activation(gate, up, alpha, limit, ACT: tl.constexpr):
+    """The gated activation in float32: silu(gate) * up (``ACT`` 0), or GPT-OSS's clamped SwiGLU (1)."""
+    if ACT == 0:
+        act = gate / (1.0 + tl.exp(-gate)) * up
+    else:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        act = (up + 1.0) * (gate / (1.0 + tl.exp(-alpha * gate)))
+    return act
+
+
+@triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     """acc += a @ b; float32 inputs at full precision (not TF32)."""
     if IEEE:
@@ -157,9 +176,7 @@ def _expert_gemm(
                 if BF16_ASM:
                     lo, hi = _fp4_pair_bf16(codes, s)
                 else:
-                    s = s.to(tl.int32)
-                    scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)  # 2^(s - 127)
-                    lo, hi = _fp4_pair(codes.to(tl.int32), scale)  # even k, odd k
+                    lo, hi = _fp4_pair(codes.to(tl.int32), _e8m0_scale(s))  # even k, odd k
                 acc = _dot(a_even, lo.to(a_even.dtype), acc, IEEE)
                 acc = _dot(a_odd, hi.to(a_even.dtype), acc, IEEE)
         else:
@@ -194,8 +211,7 @@ def _expert_gemm_swapped(
             s = tl.reshape(tl.broadcast_to(s[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
             lo, hi = _fp4_pair_bf16(codes, s)
         else:
-            s = s.to(tl.int32)
-            scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)  # [NW, BK/32] 2^(s - 127)
+            scale = _e8m0_scale(s)  # [NW, BK/32]
             scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
             lo, hi = _fp4_pair(codes.to(tl.int32), scale)
         acc_t = _dot(lo.to(a_even.dtype), a_even, acc_t, IEEE)
@@ -273,12 +289,7 @@ def _moe_up_kernel(
         tl.store(part, acc, mask=pair_ok[:, None] & col_ok[None, :])
         return
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))  # [BLOCK_M, BLOCK_N] each
-    if ACT == 0:
-        act = gate / (1.0 + tl.exp(-gate)) * up
-    else:
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-        act = (up + 1.0) * (gate / (1.0 + tl.exp(-alpha * gate)))
+    act = _activation(gate, up, alpha, limit, ACT)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out = out_ptr + pairs.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(out, act.to(out_ptr.dtype.element_ty), mask=pair_ok[:, None] & (cols < I)[None, :])
@@ -300,12 +311,7 @@ def _moe_up_finish_kernel(
         row = part_ptr + (split * num_pairs + pair) * (2 * I)
         gate += tl.load(row + 2 * cols, mask=ok, other=0.0)
         up += tl.load(row + 2 * cols + 1, mask=ok, other=0.0)
-    if ACT == 0:
-        act = gate / (1.0 + tl.exp(-gate)) * up
-    else:
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-        act = (up + 1.0) * (gate / (1.0 + tl.exp(-alpha * gate)))
+    act = _activation(gate, up, alpha, limit, ACT)
     tl.store(out_ptr + pair * stride_om + cols, act.to(out_ptr.dtype.element_ty), mask=ok)
 
 

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from plait.runtime.kernels.fused_moe import fused_moe, fused_moe_ref
 from plait.runtime.kernels.fused_moe_config import FusedMoeConfig, TileConfig
-from plait.runtime.kernels.fused_moe_triton import _fp4_pair, _fp4_pair_bf16
+from plait.runtime.kernels.fused_moe_triton import _e8m0_scale, _fp4_pair, _fp4_pair_bf16
 from plait.runtime.kernels.mxfp4 import Mxfp4Weight, dequantize_mxfp4, quantize_mxfp4
 
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
@@ -194,9 +194,7 @@ def test_kernel_decode_sizes(kernel_device, T):
 def _decode_fp4_pairs(bytes_ptr, scales_ptr, lo_ptr, hi_ptr, N: tl.constexpr):
     """The fused MoE kernels' in-register MXFP4 decode (``_fp4_pair``) of N bytes, each under its scale."""
     offs = tl.arange(0, N)
-    s = tl.load(scales_ptr + offs).to(tl.int32)
-    scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)
-    lo, hi = _fp4_pair(tl.load(bytes_ptr + offs).to(tl.int32), scale)
+    lo, hi = _fp4_pair(tl.load(bytes_ptr + offs).to(tl.int32), _e8m0_scale(tl.load(scales_ptr + offs)))
     tl.store(lo_ptr + offs, lo)
     tl.store(hi_ptr + offs, hi)
 
