@@ -71,7 +71,7 @@ def prepare_first(spec: ConstraintSpec, names: tuple[str, ...], attempt: Callabl
 
 def prepare_relaxing(spec: ConstraintSpec, names: tuple[str, ...],
                      attempt: Callable[[ConstraintSpec, str], Any]) -> tuple[str, Any, tuple[str, list[str]] | None]:
-    """``prepare_first`` of ``spec``; when every backend refuses a JSON schema for a relaxable feature
+    """``prepare_first`` of ``spec``; when the backend refuses a JSON schema for a relaxable feature
     (``relax.is_relaxable``: never a syntax error, a limit or an unsatisfiable schema), the same with the
     tightest relaxed schema that compiles (``relax.relax_schema``, levels 0 then 1). Returns (backend name,
     result, None) or (backend name, result, (relaxed schema's JSON text, keywords relaxed)). Raises the

@@ -75,8 +75,8 @@ def check_nesting(text: str, what: str, limits: GrammarLimits) -> None:
     if what == "json_schema":
         _check_json_nesting(text, limits)
         return
-    opening = "[{" if what == "json_schema" else "([{"
-    quotes = "" if what == "regex" else ('"' if what == "json_schema" else "\"'")
+    opening = "([{"
+    quotes = "" if what == "regex" else "\"'"
     depth = deepest = 0
     quote: str | None = None
     escaped = in_class = False  # in a regex character class, brackets are literal
