@@ -13,8 +13,9 @@ the calls. Floor: the larger of
 
 Usage: python benchmarks/moe_kernel.py [--models gpt-oss-120b,qwen3-30b-a3b] [--tokens 1,64]
        python benchmarks/moe_kernel.py --tune [--models ...] [--tokens ...]
-For MXFP4 shapes each T is also timed with the other MXFP4 decode (``swap_ab`` flipped) on the same
-tiling. --tune times candidate tilings per shape and token count (coordinate search: swap_ab for
+MXFP4 experts are K-swizzled as the engine holds them on a GPU (``mxfp4.swizzle_k``); for MXFP4 shapes
+each T is also timed with the other MXFP4 decode (``swap_ab`` flipped) on the same tiling, and with the
+table's tiling on codes in the natural (checkpoint) order. --tune times candidate tilings per shape and token count (coordinate search: swap_ab for
 MXFP4, block_m, then the up
 GEMM's tile, then the down GEMM's, then group_m) and prints the winners as entries for
 ``plait/runtime/kernels/fused_moe_config.py``'s TUNED table.
@@ -31,7 +32,7 @@ import torch
 
 from plait.runtime.kernels.fused_moe import fused_moe
 from plait.runtime.kernels.fused_moe_config import FusedMoeConfig, MoeShape, TileConfig, get_config, token_bucket
-from plait.runtime.kernels.mxfp4 import random_mxfp4
+from plait.runtime.kernels.mxfp4 import Mxfp4Weight, random_mxfp4, unswizzle_k
 
 ROUTINGS = 8
 
@@ -94,9 +95,11 @@ def _median_s(fn, reps: int) -> float:
 
 
 def make_weights(model: Model, gen: torch.Generator):
+    """(w13, w2, b13, b2) on the GPU; MXFP4 codes K-swizzled, as the engine's MoE layer holds them."""
     E, H, I = model.num_experts, model.hidden, model.intermediate
     if model.weight_format == "mxfp4":
-        w13, w2 = random_mxfp4(E, 2 * I, H, gen, "cuda"), random_mxfp4(E, H, I, gen, "cuda")
+        w13 = random_mxfp4(E, 2 * I, H, gen, "cuda").swizzled()
+        w2 = random_mxfp4(E, H, I, gen, "cuda").swizzled()
     else:
         w13 = torch.randn(E, 2 * I, H, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
         w2 = torch.randn(E, H, I, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
@@ -152,24 +155,30 @@ def benchmark(models: list[Model], tokens: list[int]) -> list[str]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model in models:
         weights = make_weights(model, gen)
+        natural = None
+        if model.weight_format == "mxfp4":
+            w13, w2, b13, b2 = weights
+            natural = (Mxfp4Weight(unswizzle_k(w13.blocks), w13.scales), Mxfp4Weight(unswizzle_k(w2.blocks), w2.scales),
+                       b13, b2)
         for T in tokens:
             calls = make_calls(model, T, gen)
             mem_s, flop_s = floor_s(model, T, copy_bw, mm_rate)
             fl = max(mem_s, flop_s)
             distinct = model.num_experts * (1 - (1 - model.top_k / model.num_experts) ** T)
             config = get_config(model.shape, T)
-            variants = [config]
-            if model.weight_format == "mxfp4":  # the same tiling with the other MXFP4 decode
-                variants.append(replace(config, swap_ab=not config.swap_ab))
-            for variant in variants:
-                s = time_config(model, weights, calls, variant)
+            variants = [(config, weights, "")]
+            if model.weight_format == "mxfp4":  # the other MXFP4 decode; the codes in natural order
+                variants.append((replace(config, swap_ab=not config.swap_ab), weights, " (not the table choice)"))
+                variants.append((config, natural, " (codes in natural order)"))
+            for variant, held, note in variants:
+                s = time_config(model, held, calls, variant)
                 lines.append(
                     f"| {model.name} | {T} | {s * 1e6:.1f} | {fl * 1e6:.1f} ({mem_s * 1e6:.1f} / {flop_s * 1e6:.1f}) "
                     f"| {fl / s:.0%} | {distinct * model.expert_bytes / s / 1e9:.0f} | "
                     f"{6 * T * model.top_k * model.hidden * model.intermediate / s / 1e12:.0f} | "
-                    f"{variant.short()}{'' if variant is config else ' (not the table choice)'} |")
+                    f"{variant.short()}{note} |")
                 print(lines[-1], flush=True)
-        del weights
+        del weights, natural
         torch.cuda.empty_cache()
     return lines
 
@@ -182,7 +191,8 @@ def tile_candidates(decode: bool) -> list[TileConfig]:
                                          (32, 128, 4, 3, 2), (32, 128, 4, 3, 4), (64, 128, 4, 3, 4),
                                          (64, 256, 4, 3, 4), (128, 128, 4, 3, 8), (64, 128, 4, 4, 8),
                                          (16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3),
-                                         (16, 128, 4, 3, 2), (32, 64, 2, 3))]
+                                         (16, 128, 4, 3, 2), (32, 64, 2, 3), (64, 128, 4, 3, 2), (64, 256, 4, 4, 2),
+                                         (128, 64, 4, 3, 2), (128, 128, 4, 3, 2), (64, 64, 4, 4))]
     return [TileConfig(*c) for c in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3),
                                      (128, 128, 8, 3), (256, 64, 8, 3), (64, 64, 4, 5), (128, 128, 8, 4))]
 

@@ -112,6 +112,9 @@ class ModelRunner:
                 raise ModelLoadError(
                     f"checkpoint in {source.weights_dir} lacks {len(missing)} tensor(s), e.g. {missing[:3]}"
                 )
+        for module in model.modules():  # layout changes that need the loaded weights (MXFP4 experts)
+            if hasattr(module, "prepare_for_kernels"):
+                module.prepare_for_kernels()
         model.rotary.build_cache(self.device, self.dtype)
         if self.device.type == "cpu" and self.config.cpu_prepack:
             model.prepack()

@@ -77,13 +77,15 @@ _QWEN3_30B_A3B = MoeShape(128, 2048, 768, 8, "bfloat16")
 # Winners of `python benchmarks/moe_kernel.py --tune` on an H200 (one run each; margins over the
 # default were 0-15% at decode, 20-40% at 4096 tokens): {(MoeShape, token bucket): config}.
 TUNED: dict[tuple[MoeShape, int], FusedMoeConfig] = {
-    # T=1-256 re-tuned 2026-11-30 with split-K and the PTX bf16 decode of swapped operands: T=1 73.9 us
-    # (previous entry 88.1), T=64 1,093 (1,516), T=128 1,232 (default 1,690), T=256 1,470 (1,570)
-    (_GPT_OSS_120B, 1): FusedMoeConfig(16, TileConfig(32, 128, 4, 3, 4), TileConfig(64, 128, 4, 3, 4), swap_ab=True),
+    # T=1-256 re-tuned 2026-11-30 on K-swizzled codes (mxfp4.swizzle_k) with the scales converted before
+    # their broadcast: T=1 67.2 us (previous entry, natural codes: 73.9), T=64 973 (1,093), T=128 1,089
+    # (1,232), T=256 1,156 (1,470). 4-warp tiles win everywhere (the wgmma register operand that the
+    # swizzle feeds); T=8 is untuned since then.
+    (_GPT_OSS_120B, 1): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2), TileConfig(64, 128, 4, 3, 2), swap_ab=True),
     (_GPT_OSS_120B, 8): FusedMoeConfig(16, TileConfig(32, 128, 2, 4), TileConfig(32, 128, 2, 4)),
-    (_GPT_OSS_120B, 64): FusedMoeConfig(16, TileConfig(32, 64, 2, 3), TileConfig(128, 64, 4, 3), swap_ab=True),
-    (_GPT_OSS_120B, 128): FusedMoeConfig(16, TileConfig(32, 64, 2, 3), TileConfig(128, 64, 4, 3), swap_ab=True),
-    (_GPT_OSS_120B, 256): FusedMoeConfig(16, TileConfig(32, 64, 2, 3), TileConfig(32, 64, 2, 3)),
+    (_GPT_OSS_120B, 64): FusedMoeConfig(16, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
+    (_GPT_OSS_120B, 128): FusedMoeConfig(16, TileConfig(64, 64, 4, 4), TileConfig(64, 64, 4, 3), swap_ab=True),
+    (_GPT_OSS_120B, 256): FusedMoeConfig(16, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 1024): FusedMoeConfig(64, TileConfig(64, 128, 4, 3), TileConfig(64, 128, 4, 3)),
     (_GPT_OSS_120B, 4096): FusedMoeConfig(128, TileConfig(64, 64, 4, 5), TileConfig(128, 64, 4, 4)),
     (_QWEN3_30B_A3B, 1): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 3)),

@@ -92,10 +92,16 @@ mul.rn.bf16x2 $2, $2, $5; mul.rn.bf16x2 $3, $3, $6;
 
 
 @triton.jit
-def _fp4_pair_bf16(codes, s):
-    """``_fp4_pair`` for bf16 MMAs, compiled only: ``codes`` uint8 bytes, ``s`` their uint8 E8M0 scales
-    (same shape); the low and high nibbles' values as bf16, exactly (products of a power of two)."""
-    scale = tl.where(s == 0, 0x40, s.to(tl.int32) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+def _e8m0_bf16(s):
+    """E8M0 exponents (uint8) as bf16 ``2^(s - 127)``, from bits (s = 0 is the subnormal 2^-127)."""
+    return tl.where(s == 0, 0x40, s.to(tl.int32) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _fp4_pair_bf16(codes, scale):
+    """``_fp4_pair`` for bf16 MMAs, compiled only: ``codes`` uint8 bytes, ``scale`` their bf16 scales
+    (``_e8m0_bf16``; same shape, convert before broadcasting a scale over its bytes); the low and high
+    nibbles' values as bf16, exactly (products of a power of two)."""
     return tl.inline_asm_elementwise(_FP4_BF16_ASM, "=r,=r,=r,=r,r,r,r", [codes, scale],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
@@ -131,7 +137,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 def _expert_gemm(
     a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, k_begin, k_end, stride_wn, stride_wk, stride_sn,
     BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr,
-    IEEE: tl.constexpr, SWAP_AB: tl.constexpr, BF16_ASM: tl.constexpr,
+    IEEE: tl.constexpr, SWAP_AB: tl.constexpr, BF16_ASM: tl.constexpr, SWIZZLED: tl.constexpr,
 ):
     """acc [BLOCK_M, NW] = A[rows] @ W[w_rows]^T over k in [k_begin, k_end) (k_begin a multiple of
     BLOCK_K; K bounds the loads), float32.
@@ -147,10 +153,14 @@ def _expert_gemm(
     W[w_rows] @ A[rows]^T, so the weights decoded in registers (``_fp4_pair``) are the MMA's first
     operand, which Hopper's wgmma takes from registers, and the few activation rows the second (from
     shared memory); NW >= 64 fills a wgmma tile at any BLOCK_M >= 16. The way decode-sized GEMMs with
-    narrow weights are usually arranged on Hopper. Returned transposed back to [BLOCK_M, NW]."""
+    narrow weights are usually arranged on Hopper. Returned transposed back to [BLOCK_M, NW].
+
+    ``SWIZZLED`` (MXFP4, BLOCK_K a multiple of 64): the codes are stored K-swizzled (``mxfp4.swizzle_k``);
+    each tile is loaded as stored (contiguous) and put back in logical order in registers
+    (``_unswizzle_k``), which for the swapped product is where the MMA wants the bytes anyway."""
     if MXFP4 and SWAP_AB:
         return _expert_gemm_swapped(a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, k_begin, k_end,
-                                    stride_wn, stride_sn, BLOCK_M, NW, BLOCK_K, IEEE, BF16_ASM)
+                                    stride_wn, stride_sn, BLOCK_M, NW, BLOCK_K, IEEE, BF16_ASM, SWIZZLED)
     acc = tl.zeros((BLOCK_M, NW), dtype=tl.float32)
     w_ptrs = w_base + w_rows[None, :].to(tl.int64) * stride_wn  # [1, NW]
     w_ok = w_ok[None, :]  # [1, NW]
@@ -159,6 +169,8 @@ def _expert_gemm(
             kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds k = 2j (low nibble), 2j + 1 (high)
             kb_ok = kb < K // 2
             codes = tl.load(w_ptrs + kb[:, None], mask=kb_ok[:, None] & w_ok, other=0)  # [BLOCK_K/2, NW]
+            if SWIZZLED:  # spans are whole in a tile (k0, K multiples of 64): the mask is the same
+                codes = tl.trans(_unswizzle_k(tl.trans(codes), NW, BLOCK_K))
             if SCALED_DOT:
                 kk = k0 + tl.arange(0, BLOCK_K)
                 a = tl.load(a_rows[:, None] + kk[None, :] * stride_ak, mask=a_ok[:, None] & (kk < K)[None, :],
@@ -174,7 +186,7 @@ def _expert_gemm(
                 s_ptrs = s_base + w_rows[None, :].to(tl.int64) * stride_sn + (kb // 16)[:, None]
                 s = tl.load(s_ptrs, mask=kb_ok[:, None] & w_ok, other=127)  # [BLOCK_K/2, NW]
                 if BF16_ASM:
-                    lo, hi = _fp4_pair_bf16(codes, s)
+                    lo, hi = _fp4_pair_bf16(codes, _e8m0_bf16(s))
                 else:
                     lo, hi = _fp4_pair(codes.to(tl.int32), _e8m0_scale(s))  # even k, odd k
                 acc = _dot(a_even, lo.to(a_even.dtype), acc, IEEE)
@@ -189,33 +201,46 @@ def _expert_gemm(
 
 
 @triton.jit
+def _unswizzle_k(codes, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A K-swizzled tile of codes ``[ROWS, BLOCK_K/2]`` (as stored) in logical byte order: within each
+    32-byte span, position ``8c + i`` holds logical byte ``4i + c``. A reshape and a transpose: for the
+    swapped MMA operand the compiler lays the stored tile out so that this moves no data."""
+    codes = tl.reshape(codes, (ROWS, BLOCK_K // 64, 4, 8))
+    return tl.reshape(tl.permute(codes, (0, 1, 3, 2)), (ROWS, BLOCK_K // 2))
+
+
+@triton.jit
 def _expert_gemm_swapped(
     a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, k_begin, k_end, stride_wn, stride_sn,
     BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, BF16_ASM: tl.constexpr,
+    SWIZZLED: tl.constexpr,
 ):
-    """``_expert_gemm`` for MXFP4 weights with the operands swapped (see its ``SWAP_AB``)."""
+    """``_expert_gemm`` for MXFP4 weights with the operands swapped (see its ``SWAP_AB``): each byte's
+    two values are joined back into k order (even, odd), one ``[NW, BLOCK_K]`` operand per MMA."""
     acc_t = tl.zeros((NW, BLOCK_M), dtype=tl.float32)
     w_ptrs = w_base + w_rows[:, None].to(tl.int64) * stride_wn  # [NW, 1]
     s_ptrs = s_base + w_rows[:, None].to(tl.int64) * stride_sn  # [NW, 1]
     w_ok = w_ok[:, None]  # [NW, 1]
     for k0 in range(k_begin, k_end, BLOCK_K):
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds k = 2j (low nibble), 2j + 1 (high)
-        kb_ok = kb < K // 2
-        codes = tl.load(w_ptrs + kb[None, :], mask=w_ok & kb_ok[None, :], other=0)  # uint8 [NW, BK/2]
+        codes = tl.load(w_ptrs + kb[None, :], mask=w_ok & (kb < K // 2)[None, :], other=0)  # uint8 [NW, BK/2]
+        if SWIZZLED:
+            codes = _unswizzle_k(codes, NW, BLOCK_K)
         ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         s = tl.load(s_ptrs + ks[None, :], mask=w_ok & (ks < K // 32)[None, :], other=127)  # [NW, BK/32]
-        a_mask = kb_ok[:, None] & a_ok[None, :]
-        a_even = tl.load(a_rows[None, :] + (2 * kb)[:, None] * stride_ak, mask=a_mask, other=0.0)  # [BK/2, BM]
-        a_odd = tl.load(a_rows[None, :] + (2 * kb + 1)[:, None] * stride_ak, mask=a_mask, other=0.0)
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows[None, :] + kk[:, None] * stride_ak, mask=(kk < K)[:, None] & a_ok[None, :],
+                    other=0.0)  # [BK, BM]
         if BF16_ASM:
-            s = tl.reshape(tl.broadcast_to(s[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
-            lo, hi = _fp4_pair_bf16(codes, s)
+            scale = _e8m0_bf16(s)  # [NW, BK/32], converted once per 16 bytes
+            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
+            lo, hi = _fp4_pair_bf16(codes, scale)
         else:
             scale = _e8m0_scale(s)  # [NW, BK/32]
             scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
             lo, hi = _fp4_pair(codes.to(tl.int32), scale)
-        acc_t = _dot(lo.to(a_even.dtype), a_even, acc_t, IEEE)
-        acc_t = _dot(hi.to(a_even.dtype), a_odd, acc_t, IEEE)
+        w = tl.reshape(tl.join(lo.to(a.dtype), hi.to(a.dtype)), (NW, BLOCK_K))  # k = 2j, 2j + 1
+        acc_t = _dot(w, a, acc_t, IEEE)
     return tl.trans(acc_t)
 
 
@@ -252,7 +277,7 @@ def _moe_up_kernel(
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_be, stride_om,
     ACT: tl.constexpr, MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, BF16_ASM: tl.constexpr,
+    SPLIT_K: tl.constexpr, BF16_ASM: tl.constexpr, SWIZZLED: tl.constexpr,
 ):
     """``SPLIT_K > 1``: each split stores its float32 partial product (gate and up interleaved, the bias
     added by split 0) to ``part_ptr`` ``[SPLIT_K, num_pairs, 2I]``; ``_moe_up_finish_kernel`` sums the
@@ -279,7 +304,7 @@ def _moe_up_kernel(
     k_begin, k_end = _split_range(split, H, SPLIT_K, BLOCK_K)
     acc = _expert_gemm(a_rows, pair_ok, stride_xk, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
                        w_rows, col_ok, H, k_begin, k_end, stride_wn, stride_wk, stride_sn,
-                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB, BF16_ASM)
+                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB, BF16_ASM, SWIZZLED)
     if HAS_BIAS:
         if split == 0:
             acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
@@ -322,7 +347,7 @@ def _moe_down_kernel(
     stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_be, stride_ym,
     MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, BF16_ASM: tl.constexpr,
+    SPLIT_K: tl.constexpr, BF16_ASM: tl.constexpr, SWIZZLED: tl.constexpr,
 ):
     """``SPLIT_K > 1``: ``y_ptr`` is float32 ``[SPLIT_K, num_pairs, H]``, one weighted partial per split
     (the bias in split 0's); the caller sums the splits with the choices."""
@@ -344,7 +369,7 @@ def _moe_down_kernel(
     k_begin, k_end = _split_range(split, I, SPLIT_K, BLOCK_K)
     acc = _expert_gemm(a_rows, pair_ok, 1, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
                        w_rows, col_ok, I, k_begin, k_end, stride_wn, stride_wk, stride_sn,
-                       BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB, BF16_ASM)
+                       BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB, BF16_ASM, SWIZZLED)
     if HAS_BIAS:
         if split == 0:
             acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
@@ -352,14 +377,18 @@ def _moe_down_kernel(
     tl.store(y, (acc * weight[:, None]).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def _weight_args(w):
-    """(weight pointer tensor, scales tensor, stride_e, stride_n, stride_k, scale stride_e, stride_n, mxfp4)."""
+def _weight_args(w, tile: TileConfig):
+    """(weight pointer tensor, scales tensor, stride_e, stride_n, stride_k, scale stride_e, stride_n, mxfp4,
+    K-swizzled)."""
     if isinstance(w, Mxfp4Weight):
         blocks, scales = w.blocks, w.scales
         if blocks.stride(3) != 1 or blocks.stride(2) != 16 or scales.stride(2) != 1:
             raise ValueError("MXFP4 blocks must be contiguous along K (strides [.., .., 16, 1]) and scales too")
-        return blocks, scales, blocks.stride(0), blocks.stride(1), 1, scales.stride(0), scales.stride(1), True
-    return w, w, w.stride(0), w.stride(1), w.stride(2), 0, 0, False
+        if w.k_swizzled and tile.block_k % 64:
+            raise ValueError(f"K-swizzled MXFP4 weights need block_k a multiple of 64, got {tile.block_k}")
+        return (blocks, scales, blocks.stride(0), blocks.stride(1), 1, scales.stride(0), scales.stride(1), True,
+                w.k_swizzled)
+    return w, w, w.stride(0), w.stride(1), w.stride(2), 0, 0, False, False
 
 
 def fused_moe_triton(
@@ -398,7 +427,7 @@ def fused_moe_triton(
     b13 = b13.contiguous() if b13 is not None else None  # the kernels index biases with unit stride
     b2 = b2.contiguous() if b2 is not None else None
 
-    w, s, swe, swn, swk, sse, ssn, mx = _weight_args(w13)
+    w, s, swe, swn, swk, sse, ssn, mx, swz = _weight_args(w13, up)
     _moe_up_kernel[(up.split_k * num_m_blocks * triton.cdiv(I, up.block_n),)](
         x, w, s, b13 if b13 is not None else x, inter, part, sorted_ids, block_expert, num_padded,
         num_pairs, K, num_m_blocks, H, I, swiglu_alpha, swiglu_limit,
@@ -406,14 +435,14 @@ def fused_moe_triton(
         ACT=0 if activation == "silu" else 1, MXFP4=mx, SCALED_DOT=mx and scaled_dot and up.block_k >= 64,
         HAS_BIAS=b13 is not None, IEEE=ieee, SWAP_AB=mx and config.swap_ab,
         BLOCK_M=bm, BLOCK_N=up.block_n, BLOCK_K=up.block_k, GROUP_M=config.group_m, SPLIT_K=up.split_k,
-        BF16_ASM=bf16_asm, num_warps=up.num_warps, num_stages=up.num_stages,
+        BF16_ASM=bf16_asm, SWIZZLED=swz, num_warps=up.num_warps, num_stages=up.num_stages,
     )
     if up.split_k > 1:
         _moe_up_finish_kernel[(num_pairs, triton.cdiv(I, 256))](
             part, inter, num_pairs, I, swiglu_alpha, swiglu_limit, inter.stride(0),
             ACT=0 if activation == "silu" else 1, SPLIT_K=up.split_k, BLOCK=256,
         )
-    w, s, swe, swn, swk, sse, ssn, mx = _weight_args(w2)
+    w, s, swe, swn, swk, sse, ssn, mx, swz = _weight_args(w2, down)
     _moe_down_kernel[(down.split_k * num_m_blocks * triton.cdiv(H, down.block_n),)](
         inter, w, s, b2 if b2 is not None else x, tw, y, sorted_ids, block_expert, num_padded,
         num_pairs, num_m_blocks, H, I,
@@ -421,7 +450,7 @@ def fused_moe_triton(
         MXFP4=mx, SCALED_DOT=mx and scaled_dot and down.block_k >= 64, HAS_BIAS=b2 is not None, IEEE=ieee,
         SWAP_AB=mx and config.swap_ab,
         BLOCK_M=bm, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=config.group_m, SPLIT_K=down.split_k,
-        BF16_ASM=bf16_asm, num_warps=down.num_warps, num_stages=down.num_stages,
+        BF16_ASM=bf16_asm, SWIZZLED=swz, num_warps=down.num_warps, num_stages=down.num_stages,
     )
     if down.split_k > 1:  # the splits and the choices in one float32 reduction
         return y.view(down.split_k, T, K, H).sum(dim=(0, 2)).to(x.dtype)

@@ -13,6 +13,13 @@ The element ``W[e, n, k] = FP4_VALUES[code] * 2^(scales[e, n, k // 32] - 127)``.
 
 This module is plain torch: the GPU keeps ``Mxfp4Weight`` (about 0.53 bytes per element) and the
 fused MoE kernel decodes tiles in registers; ``dequantize_mxfp4`` is the reference and the CPU path.
+
+On the GPU the codes are kept *K-swizzled* (``swizzle_k``): within every 32 bytes of a row (two scale
+groups, 64 elements) the byte at position ``8c + i`` holds the logical byte ``4i + c`` (c < 4, i < 8).
+A Hopper MMA taking its first operand from registers gives lane ``c`` of each quad the element pairs
+``k = 2c, 2c + 1`` and ``2c + 8, 2c + 9`` of every 16: the logical bytes ``c, c + 4, c + 8, ...``. Stored
+so, each lane's bytes of a row are 8 contiguous bytes, read with one vector load, where the natural
+order needs a load per byte. Scales keep their layout (one per logical 32 elements).
 """
 
 from __future__ import annotations
@@ -37,14 +44,20 @@ FP4_VALUES = (
 # are ~25x smaller: they keep activations finite by shrinking them; this is closer to trained experts).
 RANDOM_SCALE_EXPONENTS = (-9, -7)
 
+SWIZZLE_SPAN = 32  # bytes of a row permuted together by swizzle_k (two scale groups)
+
 
 @dataclass
 class Mxfp4Weight:
     """Expert weights ``[E, N, K]`` in MXFP4: ``blocks`` uint8 ``[E, N, K/32, 16]``, ``scales`` uint8
-    ``[E, N, K/32]``. What the experts keep on the GPU; there is no dequantized copy."""
+    ``[E, N, K/32]``. What the experts keep on the GPU; there is no dequantized copy.
+
+    ``k_swizzled``: the bytes of each row are in ``swizzle_k``'s order (the GPU layout); ``blocks``
+    keeps its shape, but its ``[K/32, 16]`` split no longer matches the scale groups."""
 
     blocks: torch.Tensor
     scales: torch.Tensor
+    k_swizzled: bool = False
 
     def __post_init__(self) -> None:
         if self.blocks.dtype != torch.uint8 or self.scales.dtype != torch.uint8:
@@ -53,6 +66,8 @@ class Mxfp4Weight:
             raise ValueError(f"MXFP4 blocks are [E, N, K/32, 16], got {tuple(self.blocks.shape)}")
         if tuple(self.blocks.shape[:-1]) != tuple(self.scales.shape):
             raise ValueError(f"MXFP4 scales {tuple(self.scales.shape)} do not match blocks {tuple(self.blocks.shape)}")
+        if self.k_swizzled and self.blocks.shape[-2] % 2:
+            raise ValueError(f"K-swizzled MXFP4 needs K a multiple of 64, got {self.shape[-1]}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -70,14 +85,43 @@ class Mxfp4Weight:
         return self.blocks.device
 
     def to(self, device: torch.device | str) -> Mxfp4Weight:
-        return Mxfp4Weight(self.blocks.to(device), self.scales.to(device))
+        return Mxfp4Weight(self.blocks.to(device), self.scales.to(device), self.k_swizzled)
 
     def expert(self, e: int) -> Mxfp4Weight:
         """Expert ``e`` alone, as a one-expert weight ``[1, N, K]`` (a view)."""
-        return Mxfp4Weight(self.blocks[e:e + 1], self.scales[e:e + 1])
+        return Mxfp4Weight(self.blocks[e:e + 1], self.scales[e:e + 1], self.k_swizzled)
+
+    def swizzled(self) -> Mxfp4Weight:
+        """The same weight in the K-swizzled layout (a copy; ``self`` if it already is)."""
+        if self.k_swizzled:
+            return self
+        return Mxfp4Weight(swizzle_k(self.blocks), self.scales, True)
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        return dequantize_mxfp4(self.blocks, self.scales, dtype)
+        blocks = unswizzle_k(self.blocks) if self.k_swizzled else self.blocks
+        return dequantize_mxfp4(blocks, self.scales, dtype)
+
+
+def _swizzle_span_view(blocks: torch.Tensor) -> torch.Tensor:
+    """``[..., N, K/32, 16]`` -> ``[..., N, K/64, 32]`` (a view), checking K is a multiple of 64."""
+    if blocks.dim() < 2 or blocks.shape[-1] != BLOCK_SIZE // 2 or blocks.shape[-2] % 2:
+        raise ValueError(f"K-swizzling needs blocks [..., K/32, 16] with K a multiple of 64, got {tuple(blocks.shape)}")
+    return blocks.reshape(*blocks.shape[:-2], blocks.shape[-2] // 2, SWIZZLE_SPAN)
+
+
+def swizzle_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Codes in the natural order -> the K-swizzled order (module docstring), as a new tensor of the
+    same shape: within each 32-byte span, logical byte ``4i + c`` moves to position ``8c + i``."""
+    spans = _swizzle_span_view(blocks)
+    out = spans.unflatten(-1, (8, 4)).transpose(-1, -2).reshape(spans.shape)  # [.., i, c] -> [.., c, i]
+    return out.reshape(blocks.shape)
+
+
+def unswizzle_k(blocks: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``swizzle_k``."""
+    spans = _swizzle_span_view(blocks)
+    out = spans.unflatten(-1, (4, 8)).transpose(-1, -2).reshape(spans.shape)  # [.., c, i] -> [.., i, c]
+    return out.reshape(blocks.shape)
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

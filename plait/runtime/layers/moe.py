@@ -5,7 +5,9 @@ Expert weights are held as ``w13 [E, 2I, H]`` (gate and up projections: gate row
 "silu"; interleaved gate/up rows for GPT-OSS's "swiglu_oai") and ``w2 [E, H, I]``, plus optional biases
 ``b13 [E, 2I]`` and ``b2 [E, H]``. The storage format is a property of the weights, not of the model:
 in the model dtype (parameters ``w13``, ``w2``) or MXFP4 (uint8 ``w13_blocks [E, 2I, H/32, 16]``,
-``w13_scales [E, 2I, H/32]``, ``w2_blocks``, ``w2_scales``), decoded inside the kernel.
+``w13_scales [E, 2I, H/32]``, ``w2_blocks``, ``w2_scales``), decoded inside the kernel. After loading,
+``prepare_for_kernels`` puts MXFP4 codes on a GPU in the K-swizzled byte order the kernel reads fastest
+(``mxfp4.swizzle_k``); ``expert_weights`` says which order they are in.
 
 Parallelism later: a layer holds the local experts ``[expert_start, expert_end)`` and the local slice
 ``[intermediate_start, intermediate_end)`` of the intermediate dimension (default: everything). The
@@ -22,7 +24,7 @@ from torch import nn
 
 from plait.runtime.kernels.fused_moe import fused_moe, fused_moe_ref
 from plait.runtime.kernels.moe_routing import ROUTINGS, route_topk, route_topk_ref
-from plait.runtime.kernels.mxfp4 import BLOCK_SIZE, Mxfp4Weight, random_mxfp4
+from plait.runtime.kernels.mxfp4 import BLOCK_SIZE, Mxfp4Weight, random_mxfp4, swizzle_k
 from plait.runtime.layers.linear import Linear
 from plait.runtime.models.config import MoEConfig
 from plait.runtime.models.errors import ModelLoadError
@@ -72,6 +74,7 @@ class MoE(nn.Module):
             raise ValueError(f"unsupported expert weight format {quantization!r}; plait supports mxfp4")
         self.b13 = self._param((E, 2 * I)) if moe.expert_bias else None
         self.b2 = self._param((E, H)) if moe.expert_bias else None
+        self.k_swizzled = False  # MXFP4 codes in mxfp4.swizzle_k's order (set by prepare_for_kernels)
 
     def _param(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> nn.Parameter:
         param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
@@ -91,8 +94,25 @@ class MoE(nn.Module):
     def expert_weights(self) -> tuple[torch.Tensor | Mxfp4Weight, torch.Tensor | Mxfp4Weight]:
         """(w13, w2) as the fused MoE kernel takes them."""
         if self.quantization == "mxfp4":
-            return Mxfp4Weight(self.w13_blocks, self.w13_scales), Mxfp4Weight(self.w2_blocks, self.w2_scales)
+            return (Mxfp4Weight(self.w13_blocks, self.w13_scales, self.k_swizzled),
+                    Mxfp4Weight(self.w2_blocks, self.w2_scales, self.k_swizzled))
         return self.w13, self.w2
+
+    def prepare_for_kernels(self, swizzle: bool | None = None) -> None:
+        """Once the weights are loaded: MXFP4 codes move, in place and one expert at a time (no full-size
+        temporary), to the K-swizzled order (``mxfp4.swizzle_k``) in which the fused kernel's loads are
+        vector loads. ``swizzle``: None = where the kernel runs (CUDA). Needs both reduction sizes (H, the
+        local I) to be multiples of 64; else, for dense experts or when already done, nothing changes."""
+        if swizzle is None:
+            swizzle = self.quantization == "mxfp4" and self.w13_blocks.is_cuda
+        if not swizzle or self.quantization != "mxfp4" or self.k_swizzled:
+            return
+        if self.w13_blocks.shape[-2] % 2 or self.w2_blocks.shape[-2] % 2:
+            return  # K not a multiple of 64: the natural order (the kernel reads both)
+        for blocks in (self.w13_blocks, self.w2_blocks):
+            for e in range(blocks.shape[0]):
+                blocks.data[e].copy_(swizzle_k(blocks.data[e]))
+        self.k_swizzled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
@@ -122,6 +142,8 @@ class MoE(nn.Module):
     def _load_expert_tensor(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ExpertShard) -> None:
         """Copy a checkpoint tensor (one expert's or all experts') into this layer's local part of ``param``."""
         expert, part = shard_id
+        if self.k_swizzled:
+            raise ModelLoadError("expert weights were already prepared for the kernels; load them before that")
         if loaded.is_floating_point() != param.is_floating_point():
             raise ModelLoadError(
                 f"checkpoint expert tensor is {loaded.dtype} but the layer holds {param.dtype} "

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from plait.runtime.kernels.fused_moe import fused_moe, fused_moe_ref
 from plait.runtime.kernels.fused_moe_config import FusedMoeConfig, TileConfig
-from plait.runtime.kernels.fused_moe_triton import _e8m0_scale, _fp4_pair, _fp4_pair_bf16
+from plait.runtime.kernels.fused_moe_triton import _e8m0_bf16, _e8m0_scale, _fp4_pair, _fp4_pair_bf16
 from plait.runtime.kernels.mxfp4 import Mxfp4Weight, dequantize_mxfp4, quantize_mxfp4
 
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
@@ -212,6 +212,38 @@ def test_kernel_with_swapped_operands_matches_reference(kernel_device, weights):
     check_kernel(kernel_device, 9, 6, 64, 128, 2, weights, "silu", False, SWAPPED_WIDE, seed=2)
 
 
+# K-swizzled MXFP4 (the GPU layout): block_k a multiple of 64; H=128 (two swizzle spans) and I=192 (a
+# ragged last tile at block_k 128)
+SWIZZLED_CONFIGS = {
+    "swapped": FusedMoeConfig(16, TileConfig(32, 64), TileConfig(64, 64), swap_ab=True),
+    "swapped-wide": FusedMoeConfig(32, TileConfig(16, 128, 4, 2), TileConfig(32, 128), group_m=2, swap_ab=True),
+    "plain": FusedMoeConfig(16, TileConfig(32, 64), TileConfig(64, 128)),
+    "split": FusedMoeConfig(16, TileConfig(32, 64, 4, 2, split_k=2), TileConfig(64, 64, 4, 2, split_k=3),
+                            swap_ab=True),
+}
+
+
+@pytest.mark.parametrize("config", list(SWIZZLED_CONFIGS.values()), ids=list(SWIZZLED_CONFIGS))
+def test_kernel_reads_k_swizzled_weights(kernel_device, config):
+    """The kernels read codes in swizzle_k's order as the same weights: the reference runs on the
+    natural order."""
+    for T, dtype, activation in ((9, torch.float32, "swiglu_oai"), (2, torch.float16, "silu")):
+        x, w13, w2, tw, ids, b13, b2 = make_problem(T, 6, 128, 192, 2, dtype=dtype, mxfp4=True, bias=True,
+                                                    device=kernel_device)
+        out = fused_moe(x, w13.swizzled(), w2.swizzled(), tw, ids, b13=b13, b2=b2, activation=activation,
+                        config=config)
+        ref = fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2, activation=activation)
+        assert rel_err(out, ref) < REL_TOL[dtype], (T, dtype)
+
+
+def test_k_swizzled_weights_need_block_k_a_multiple_of_64(kernel_device):
+    x, w13, w2, tw, ids, b13, b2 = make_problem(2, 4, 64, 64, 2, dtype=torch.float32, mxfp4=True, bias=False,
+                                                device=kernel_device)
+    with pytest.raises(ValueError, match="block_k a multiple of 64"):
+        fused_moe(x, w13.swizzled(), w2.swizzled(), tw, ids, config=FusedMoeConfig(16, TileConfig(32, 32),
+                                                                                     TileConfig(32, 64)))
+
+
 # split-K: K=96 over 3 splits of one 32-chunk each; K=64 into 4 splits of 32 leaves two empty (bias once)
 SPLIT = FusedMoeConfig(16, TileConfig(32, 32, 4, 2, split_k=3), TileConfig(64, 32, 4, 2, split_k=4))
 SPLIT_UP = FusedMoeConfig(16, TileConfig(32, 32, 4, 2, split_k=2), TileConfig(64, 64))
@@ -252,7 +284,7 @@ def test_fp4_bit_decode_is_exact_for_every_code_and_scale(kernel_device):
 def _decode_fp4_pairs_bf16(bytes_ptr, scales_ptr, lo_ptr, hi_ptr, N: tl.constexpr):
     """The PTX bf16 decode (``_fp4_pair_bf16``) of N bytes, each under its scale."""
     offs = tl.arange(0, N)
-    lo, hi = _fp4_pair_bf16(tl.load(bytes_ptr + offs), tl.load(scales_ptr + offs))
+    lo, hi = _fp4_pair_bf16(tl.load(bytes_ptr + offs), _e8m0_bf16(tl.load(scales_ptr + offs)))
     tl.store(lo_ptr + offs, lo)
     tl.store(hi_ptr + offs, hi)
 
@@ -335,13 +367,14 @@ def _cuda():
 
 @pytest.fixture(scope="module")
 def gpt_oss_120b_experts():
-    """GPT-OSS-120B's expert shapes (E=128, H=I=2880) in MXFP4, random, with bf16 biases."""
+    """GPT-OSS-120B's expert shapes (E=128, H=I=2880) in MXFP4 (K-swizzled), random, with bf16 biases."""
     from plait.runtime.kernels.mxfp4 import random_mxfp4
 
     device = _cuda()
     gen = torch.Generator(device=device).manual_seed(0)
     E, H, I = 128, 2880, 2880
     w13, w2 = random_mxfp4(E, 2 * I, H, gen, device), random_mxfp4(E, H, I, gen, device)
+    w13, w2 = w13.swizzled(), w2.swizzled()  # as the engine holds them on a GPU
     b13 = (torch.randn(E, 2 * I, device=device, generator=gen) * 0.1).bfloat16()
     b2 = (torch.randn(E, H, device=device, generator=gen) * 0.1).bfloat16()
     yield w13, w2, b13, b2
@@ -377,6 +410,20 @@ def test_bf16_tilings_on_gpu(config, mxfp4):
         x, w13, w2, tw, ids, b13, b2 = make_problem(T, 8, 96, 96, 4, dtype=torch.bfloat16, mxfp4=mxfp4, bias=True,
                                                     device=device)
         out = fused_moe(x, w13, w2, tw, ids, b13=b13, b2=b2, activation=activation, config=config)
+        ref = fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2, activation=activation)
+        assert rel_err(out, ref) < REL_TOL[torch.bfloat16], (T, activation)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", list(SWIZZLED_CONFIGS.values()), ids=list(SWIZZLED_CONFIGS))
+def test_k_swizzled_tilings_on_gpu(config):
+    """bf16 activations (the PTX decode) on K-swizzled codes, against the reference on natural codes."""
+    device = _cuda()
+    for T, activation in ((3, "swiglu_oai"), (70, "silu")):
+        x, w13, w2, tw, ids, b13, b2 = make_problem(T, 8, 128, 192, 4, dtype=torch.bfloat16, mxfp4=True, bias=True,
+                                                    device=device)
+        out = fused_moe(x, w13.swizzled(), w2.swizzled(), tw, ids, b13=b13, b2=b2, activation=activation,
+                        config=config)
         ref = fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2, activation=activation)
         assert rel_err(out, ref) < REL_TOL[torch.bfloat16], (T, activation)
 

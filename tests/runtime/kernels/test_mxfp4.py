@@ -12,6 +12,8 @@ from plait.runtime.kernels.mxfp4 import (
     dequantize_mxfp4,
     quantize_mxfp4,
     random_mxfp4,
+    swizzle_k,
+    unswizzle_k,
 )
 
 mxfp4_hf = pytest.importorskip("transformers.integrations.mxfp4")
@@ -100,3 +102,35 @@ def test_mxfp4_weight_validates_its_tensors():
         Mxfp4Weight(torch.zeros(1, 2, 1, 16, dtype=torch.uint8), torch.zeros(1, 2, 2, dtype=torch.uint8))
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize_mxfp4(torch.zeros(1, 2, 48))
+
+
+def test_swizzle_k_places_each_lanes_bytes_together():
+    """Within each 32-byte span, logical byte 4i + c sits at 8c + i: lane c of a quad (which the Hopper
+    MMA gives the element pairs 2c, 2c + 1 and 2c + 8, 2c + 9 of every 16) finds its bytes contiguous."""
+    blocks = torch.arange(128, dtype=torch.uint8).reshape(1, 2, 4, 16)  # two rows of 64 bytes (K = 128)
+    stored = swizzle_k(blocks).reshape(2, 2, 32)  # [row, span, position]
+    for row in range(2):
+        for span in range(2):
+            for c in range(4):
+                for i in range(8):
+                    assert int(stored[row, span, 8 * c + i]) == 64 * row + 32 * span + 4 * i + c
+    assert torch.equal(unswizzle_k(swizzle_k(blocks)), blocks)
+    assert swizzle_k(blocks).shape == blocks.shape
+
+
+def test_swizzled_weight_dequantizes_to_the_same_values():
+    w = random_mxfp4(3, 8, 192, torch.Generator().manual_seed(0))
+    sw = w.swizzled()
+    assert sw.k_swizzled and not w.k_swizzled and sw.swizzled() is sw
+    assert not torch.equal(sw.blocks, w.blocks)
+    assert torch.equal(sw.dequantize(torch.float32), w.dequantize(torch.float32))
+    assert torch.equal(sw.expert(1).dequantize(torch.float32), w.expert(1).dequantize(torch.float32))
+    assert sw.to("cpu").k_swizzled
+
+
+def test_swizzle_needs_k_a_multiple_of_64():
+    w = random_mxfp4(1, 4, 96)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        w.swizzled()
+    with pytest.raises(ValueError, match="multiple of 64"):
+        Mxfp4Weight(w.blocks, w.scales, k_swizzled=True)

@@ -117,3 +117,24 @@ def test_format_mismatch_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="checkpoint's format"):
         layer.w13_blocks.weight_loader(layer.w13_blocks, torch.zeros(E, 2 * I, H // 32, 16), (None, "w13"))
     assert isinstance(layer.expert_weights()[0], Mxfp4Weight)
+
+
+def test_prepare_for_kernels_swizzles_mxfp4_codes_and_keeps_the_output():
+    """On a GPU the runner calls prepare_for_kernels after loading; forced here on the CPU: the codes
+    change order, the layer computes the same output, and loading afterwards is refused."""
+    from plait.runtime.models.errors import ModelLoadError
+
+    ckpt = _checkpoint(OAI)
+    layer = _layer(OAI, ckpt, "mxfp4")
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(3))
+    before, blocks = layer(x), layer.w13_blocks.data.clone()
+    layer.prepare_for_kernels()  # the default acts only where the kernel runs (CUDA)
+    assert not layer.k_swizzled and torch.equal(layer.w13_blocks.data, blocks)
+    layer.prepare_for_kernels(swizzle=True)
+    assert layer.k_swizzled and not torch.equal(layer.w13_blocks.data, blocks)
+    assert all(w.k_swizzled for w in layer.expert_weights())
+    assert torch.equal(layer(x), before)
+    layer.prepare_for_kernels(swizzle=True)  # idempotent
+    assert torch.equal(layer(x), before)
+    with pytest.raises(ModelLoadError, match="already prepared"):
+        layer.w2_blocks.weight_loader(layer.w2_blocks, layer.w2_blocks.data.clone(), (None, "w2"))
