@@ -100,7 +100,9 @@ def default_config(shape: MoeShape, num_tokens: int) -> FusedMoeConfig:
     """A reasonable tiling where nothing was measured, by rows per expert (T*K/E)."""
     rows_per_expert = num_tokens * shape.top_k / max(shape.num_experts, 1)
     if rows_per_expert <= 16:  # decode: stream the weights with many narrow programs
-        return FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 3), group_m=1)
+        # MXFP4: the swapped product (weights as the register operand) won at every decode size measured
+        return FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 3), group_m=1,
+                              swap_ab=shape.weight_format == "mxfp4")
     if rows_per_expert <= 64:
         return FusedMoeConfig(32, TileConfig(64, 128, 4, 3), TileConfig(64, 128, 4, 3), group_m=4)
     return FusedMoeConfig(64, TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 3), group_m=8)

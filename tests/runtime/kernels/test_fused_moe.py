@@ -262,6 +262,24 @@ def test_kernel_with_split_k_matches_reference(kernel_device, config):
     check_kernel(kernel_device, 5, 8, 64, 64, 1, "mxfp4-fp16", "swiglu_oai", True, config, seed=2)
 
 
+@pytest.mark.parametrize("config", [SMALL, SWAPPED, SPLIT_DOWN], ids=["small", "swapped", "split-down"])
+def test_direct_row_blocks_equal_the_aligned_layout(kernel_device, config, monkeypatch):
+    """Up to DIRECT_MAX_PAIRS pairs each pair is its own row block (no alignment): the same output as the
+    moe_align layout, with pairs sharing an expert, ids out of range, and int64 ids."""
+    from plait.runtime.kernels import fused_moe_triton
+
+    ids = torch.tensor([[2, 2], [5, -1], [2, 7], [9, 0]])  # E=8: expert 2 thrice, -1 and 9 held elsewhere
+    x, w13, w2, tw, ids, b13, b2 = make_problem(4, 8, 64, 64, 2, dtype=torch.float32, mxfp4=True, bias=True,
+                                                ids=ids, device=kernel_device)
+    assert ids.dtype == torch.int64 and ids.numel() <= fused_moe_triton.DIRECT_MAX_PAIRS
+    direct = fused_moe(x, w13, w2, tw, ids, b13=b13, b2=b2, activation="swiglu_oai", config=config)
+    monkeypatch.setattr(fused_moe_triton, "DIRECT_MAX_PAIRS", 0)
+    aligned = fused_moe(x, w13, w2, tw, ids, b13=b13, b2=b2, activation="swiglu_oai", config=config)
+    ref = fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2, activation="swiglu_oai")
+    assert rel_err(direct, ref) < REL_TOL[torch.float32] and rel_err(aligned, ref) < REL_TOL[torch.float32]
+    assert torch.allclose(direct, aligned, rtol=1e-6, atol=1e-6)
+
+
 def test_split_k_must_be_positive():
     with pytest.raises(ValueError, match="split_k"):
         TileConfig(32, 64, split_k=0)
