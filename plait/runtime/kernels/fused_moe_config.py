@@ -80,9 +80,11 @@ TUNED: dict[tuple[MoeShape, int], FusedMoeConfig] = {
     # T=1-256 re-tuned 2026-11-30 on K-swizzled codes (mxfp4.swizzle_k) with the scales converted before
     # their broadcast: T=1 67.2 us (previous entry, natural codes: 73.9), T=64 973 (1,093), T=128 1,089
     # (1,232), T=256 1,156 (1,470). 4-warp tiles win everywhere (the wgmma register operand that the
-    # swizzle feeds); T=8 is untuned since then.
+    # swizzle feeds). Then (one row block per pair up to 16 pairs, no alignment pass): T=1 53.1 us, T=4
+    # 157.9 (default tiling 167.1), T=8 288.0 (previous entry 419.7).
     (_GPT_OSS_120B, 1): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2), TileConfig(64, 128, 4, 3, 2), swap_ab=True),
-    (_GPT_OSS_120B, 8): FusedMoeConfig(16, TileConfig(32, 128, 2, 4), TileConfig(32, 128, 2, 4)),
+    (_GPT_OSS_120B, 4): FusedMoeConfig(16, TileConfig(32, 256, 4, 3), TileConfig(128, 128, 4, 3), swap_ab=True),
+    (_GPT_OSS_120B, 8): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 5), swap_ab=True),
     (_GPT_OSS_120B, 64): FusedMoeConfig(16, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 128): FusedMoeConfig(16, TileConfig(64, 64, 4, 4), TileConfig(64, 64, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 256): FusedMoeConfig(16, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
