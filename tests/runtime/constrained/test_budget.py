@@ -246,3 +246,14 @@ def test_the_plan_moves_on_with_its_own_tokens_and_is_dropped_by_others(compiler
     assert steering.closing_tokens(state.matcher, budget - 1) == [] and steering.searches == 1
     steering.consumed(tokenizer_info.encode("x")[0])  # another token: the plan no longer applies
     assert steering._plan is None
+
+
+@pytest.mark.parametrize("prefix", ["", "Ab", "Ab cd"])
+def test_a_space_the_grammar_requires_is_still_searched_first(compilers, tokenizer_info, prefix):
+    # whitespace goes last only where it is layout (a structural token allowed, or right after a space):
+    # between words of this regex it is the way to an ending and keeps its rank
+    words = r"[A-Z][a-z]+( [a-z]+){2,}\."
+    state = _state(compilers, "llguidance", ConstraintKind.REGEX, words, tokenizer_info, prefix)
+    path = shortest_completion(state.matcher, tokenizer_info)  # the engine's per-step bounds
+    assert path is not None and len(path) <= 6, path
+    assert re.fullmatch(words, prefix + tokenizer_info.bytes_of(path).decode())
