@@ -27,8 +27,8 @@ import torch
 from plait.runtime.constrained.backends.base import CompiledGrammar, TokenMatcher
 from plait.runtime.constrained.vocab import TokenizerInfo
 
-__all__ = ["FIRST_CHECK_BUDGET", "START_LIMITS", "BudgetSteering", "ClosingCandidates", "SearchLimits", "candidates_for",
-           "shortest_completion", "start_ending"]
+__all__ = ["FIRST_CHECK_BUDGET", "MAX_ESCALATION", "START_LIMITS", "BudgetSteering", "ClosingCandidates",
+           "SearchLimits", "candidates_for", "shortest_completion", "start_ending"]
 
 _CLOSERS = frozenset(b"\"'}])>")
 _EMPTY_VALUES = (b'""', b"[]", b"{}", b"null", b"true", b"false", b"0")
@@ -74,7 +74,8 @@ class ClosingCandidates:
         # `:`, `,`, `""`, `[]`, ...: JSON's structure; not `null` or a letter)
         self.structural = np.zeros(info.vocab_size, dtype=bool)
         punctuation = _CLOSERS | (_SEPARATORS - {32})
-        self.structural[[tid for tid in self.ids.tolist() if any(b in punctuation for b in info.token_bytes[tid])]] = True
+        punctuated = [tid for tid in self.ids.tolist() if any(b in punctuation for b in info.token_bytes[tid])]
+        self.structural[punctuated] = True
 
     @staticmethod
     def _rank(data: bytes) -> tuple | None:
@@ -280,6 +281,10 @@ def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: Sear
 # Below this many tokens left, a request's ending is looked for (a first search); far from the end nothing runs.
 FIRST_CHECK_BUDGET = 512
 
+# After a check finds no ending that fits, the next step looks again with twice the bounds (matcher states
+# and time), up to this many times the engine's; then a quarter of the budget later with the engine's.
+MAX_ESCALATION = 8
+
 # Bounds of the generous search from a grammar's start state, run once per compiled grammar (``start_ending``)
 # for the requests whose budget is tight from their first token: bounded by matcher states (deterministic);
 # the time bound is a safety net for a machine far slower than usual.
@@ -320,7 +325,9 @@ class BudgetSteering:
       slack within ``zone``, a generous one (``start_limits``), so that a budget only a token or two over
       the shortest ending is followed from token 0.
     - Far from the end nothing runs. The first search runs once ``budget <= FIRST_CHECK_BUDGET`` (unless
-      a plan is known); the next once the slack has halved, and so on.
+      a plan is known); the next once the slack has halved, and so on. A check that finds no ending
+      that fits is repeated at the next step with twice the bounds, up to ``MAX_ESCALATION`` times
+      ``limits``; then a quarter of the budget later.
     - Once the slack is at most ``zone`` tokens, every sampled token is vetted: the ending after it is
       searched before it is appended (that search is the next step's check, so it costs one search per
       token, not two; none for the plan's own next token). A token after which no ending fits (an opening
@@ -351,6 +358,7 @@ class BudgetSteering:
         self.search_seconds = 0.0
         self.search_max_seconds = 0.0
         self._next_check = FIRST_CHECK_BUDGET
+        self._escalation = 1  # the next check's bounds, in multiples of ``limits``
         self._plan: list[int] | None = None  # the shortest ending known for the matcher's current state
         self._vetted: tuple[int, list[int]] | None = None  # (token, its state's ending) from vet
         self._row: torch.Tensor | None = None
@@ -369,14 +377,15 @@ class BudgetSteering:
                 path = roomy
         self._plan = path
 
-    def _search(self, matcher: TokenMatcher, budget: int) -> list[int] | None:
-        """An ending of the matcher's state that fits ``budget`` (without the stop token), or None."""
+    def _search(self, matcher: TokenMatcher, budget: int, scale: int = 1) -> list[int] | None:
+        """An ending of the matcher's state that fits ``budget`` (without the stop token), or None
+        (``scale``: a multiple of the bounds on matcher states and time)."""
         if self._row is None:
             self._row = torch.empty(self.info.bitmask_words, dtype=torch.int32)
         # the search builds its ending a token at a time and then re-tokenizes it (shorter): let it go
         # deeper than the budget; an ending longer than the budget once re-tokenized does not fit
-        limits = SearchLimits(min(2 * budget + 8, self.limits.max_tokens), self.limits.max_nodes,
-                              self.limits.max_seconds, self.limits.branching, self.limits.per_group)
+        limits = SearchLimits(min(2 * budget + 8, self.limits.max_tokens), self.limits.max_nodes * scale,
+                              self.limits.max_seconds * scale, self.limits.branching, self.limits.per_group)
         start = time.perf_counter()
         path = shortest_completion(matcher, self.info, limits, self._row)
         elapsed = time.perf_counter() - start
@@ -432,12 +441,20 @@ class BudgetSteering:
         if path is None or len(path) > budget:
             if budget > self._next_check:
                 return []
-            found = self._search(matcher, budget)
+            found = self._search(matcher, budget, self._escalation)
             if found is not None and (path is None or len(found) < len(path)):
                 path = self._plan = found
-        if path is None or len(path) > budget:  # none found, or none that fits: look again after a quarter
-            self._next_check = budget - max(1, budget // 4)
+        if path is None or len(path) > budget:
+            # none found within the bounds, or none that fits: look again at the next step with twice
+            # the bounds; past MAX_ESCALATION, a quarter of the budget later with the engine's
+            if self._escalation < MAX_ESCALATION:
+                self._escalation *= 2
+                self._next_check = budget - 1
+            else:
+                self._escalation = 1
+                self._next_check = budget - max(1, budget // 4)
             return []
+        self._escalation = 1
         ending = self._with_stop(path, budget)
         slack = budget - len(ending)
         if slack <= self.margin and path:  # (already complete: let the model go on, vetting its tokens)

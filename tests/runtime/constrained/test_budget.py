@@ -15,6 +15,7 @@ from plait.runtime.constrained import ConstraintKind, ConstraintSpec, GrammarSta
 from plait.runtime.constrained import budget as budget_mod
 from plait.runtime.constrained.budget import (
     FIRST_CHECK_BUDGET,
+    MAX_ESCALATION,
     START_LIMITS,
     BudgetSteering,
     SearchLimits,
@@ -257,3 +258,21 @@ def test_a_space_the_grammar_requires_is_still_searched_first(compilers, tokeniz
     path = shortest_completion(state.matcher, tokenizer_info)  # the engine's per-step bounds
     assert path is not None and len(path) <= 6, path
     assert re.fullmatch(words, prefix + tokenizer_info.bytes_of(path).decode())
+
+
+def test_a_check_that_finds_nothing_looks_again_at_the_next_step_with_twice_the_bounds(compilers, tokenizer_info):
+    prefix = '{"id": 12, "customer": {"name": "Ada Lov'
+    state = _state(compilers, "llguidance", ConstraintKind.JSON_SCHEMA, ORDER, tokenizer_info, prefix)
+    tight = SearchLimits(max_nodes=32, max_seconds=10.0)  # too few states here; twice as many are enough
+    assert shortest_completion(state.matcher, tokenizer_info, tight) is None
+    assert shortest_completion(state.matcher, tokenizer_info, SearchLimits(max_nodes=64, max_seconds=10.0))
+    steering = BudgetSteering(tokenizer_info, min(tokenizer_info.stop_ids), limits=tight)
+    assert steering.closing_tokens(state.matcher, 100) == [] and steering.searches == 1 and steering._plan is None
+    assert steering.closing_tokens(state.matcher, 99) == [] and steering.searches == 2  # at once, twice the bounds
+    assert steering._plan is not None and steering._escalation == 1
+    # where no ending fits at all (this one needs 12 tokens), the bounds grow up to MAX_ESCALATION times
+    # the engine's, then the next check waits a quarter of the budget (11 -> 8 (x8) -> 6)
+    hopeless = BudgetSteering(tokenizer_info, min(tokenizer_info.stop_ids), limits=tight)
+    for budget in range(11, 6, -1):
+        assert hopeless.closing_tokens(state.matcher, budget) == []
+    assert MAX_ESCALATION == 8 and hopeless.searches == 4 and hopeless._escalation == 1
