@@ -288,7 +288,7 @@ MAX_ESCALATION = 8
 # Bounds of the generous search from a grammar's start state, run once per compiled grammar (``start_ending``)
 # for the requests whose budget is tight from their first token: bounded by matcher states (deterministic);
 # the time bound is a safety net for a machine far slower than usual.
-START_LIMITS = SearchLimits(max_tokens=256, max_nodes=20000, max_seconds=2.0)
+START_LIMITS = SearchLimits(max_tokens=256, max_nodes=20000, max_seconds=5.0)
 
 _start_lock = threading.Lock()
 # compiled grammar -> {bounds: the ending found from its start state within them}
