@@ -9,9 +9,11 @@ engine then appends those tokens without sampling, as it does for jump-forward.
 The search works on any ``TokenMatcher`` (llguidance and outlines-core; JSON schema, regex, Lark) with
 nothing but its mask, ``consume``, ``rollback`` and forced bytes: a depth-first, branch-and-bound
 search over a small ranked set of candidate tokens (the first canonical token of the bytes the grammar
-forces, else closing characters, empty values, digits, single characters), bounded in depth, matcher
-states visited and time. It is a heuristic: the ending it finds is short, not provably shortest, and when it finds
-none within its bounds the request goes on as without steering.
+forces, else closing characters, empty values, digits, single characters), bounded in depth and
+matcher states visited (deterministic), with a time bound as a safety net. It is a heuristic: the
+ending it finds is short, not provably shortest. ``start_ending`` caches the ending of a grammar's start
+state (searched once per grammar), which ``BudgetSteering.prepare`` plans before a request's first
+token. When no ending that fits is known, the request goes on as without steering.
 """
 
 from __future__ import annotations
@@ -281,14 +283,15 @@ def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: Sear
 # Below this many tokens left, a request's ending is looked for (a first search); far from the end nothing runs.
 FIRST_CHECK_BUDGET = 512
 
-# After a check finds no ending that fits, the next step looks again with twice the bounds (matcher states
-# and time), up to this many times the engine's; then a quarter of the budget later with the engine's.
-MAX_ESCALATION = 8
+# After a check finds no ending that fits, the next step looks again with twice the matcher states, up to
+# this many times the engine's bound; then a quarter of the budget later with the engine's. The time bound
+# (a safety net) is not scaled: it bounds what one step may cost the engine thread.
+MAX_ESCALATION = 4
 
 # Bounds of the generous search from a grammar's start state, run once per compiled grammar (``start_ending``)
 # for the requests whose budget is tight from their first token: bounded by matcher states (deterministic);
 # the time bound is a safety net for a machine far slower than usual.
-START_LIMITS = SearchLimits(max_tokens=256, max_nodes=20000, max_seconds=5.0)
+START_LIMITS = SearchLimits(max_tokens=256, max_nodes=20000, max_seconds=2.0)
 
 _start_lock = threading.Lock()
 # compiled grammar -> {bounds: the ending found from its start state within them}
@@ -326,8 +329,8 @@ class BudgetSteering:
       the shortest ending is followed from token 0.
     - Far from the end nothing runs. The first search runs once ``budget <= FIRST_CHECK_BUDGET`` (unless
       a plan is known); the next once the slack has halved, and so on. A check that finds no ending
-      that fits is repeated at the next step with twice the bounds, up to ``MAX_ESCALATION`` times
-      ``limits``; then a quarter of the budget later.
+      that fits is repeated at the next step with twice the matcher states, up to ``MAX_ESCALATION``
+      times ``limits.max_nodes``; then a quarter of the budget later.
     - Once the slack is at most ``zone`` tokens, every sampled token is vetted: the ending after it is
       searched before it is appended (that search is the next step's check, so it costs one search per
       token, not two; none for the plan's own next token). A token after which no ending fits (an opening
@@ -379,13 +382,13 @@ class BudgetSteering:
 
     def _search(self, matcher: TokenMatcher, budget: int, scale: int = 1) -> list[int] | None:
         """An ending of the matcher's state that fits ``budget`` (without the stop token), or None
-        (``scale``: a multiple of the bounds on matcher states and time)."""
+        (``scale``: a multiple of the bound on matcher states)."""
         if self._row is None:
             self._row = torch.empty(self.info.bitmask_words, dtype=torch.int32)
         # the search builds its ending a token at a time and then re-tokenizes it (shorter): let it go
         # deeper than the budget; an ending longer than the budget once re-tokenized does not fit
         limits = SearchLimits(min(2 * budget + 8, self.limits.max_tokens), self.limits.max_nodes * scale,
-                              self.limits.max_seconds * scale, self.limits.branching, self.limits.per_group)
+                              self.limits.max_seconds, self.limits.branching, self.limits.per_group)
         start = time.perf_counter()
         path = shortest_completion(matcher, self.info, limits, self._row)
         elapsed = time.perf_counter() - start

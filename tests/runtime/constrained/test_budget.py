@@ -271,8 +271,8 @@ def test_a_check_that_finds_nothing_looks_again_at_the_next_step_with_twice_the_
     assert steering.closing_tokens(state.matcher, 99) == [] and steering.searches == 2  # at once, twice the bounds
     assert steering._plan is not None and steering._escalation == 1
     # where no ending fits at all (this one needs 12 tokens), the bounds grow up to MAX_ESCALATION times
-    # the engine's, then the next check waits a quarter of the budget (11 -> 8 (x8) -> 6)
+    # the engine's, then the next check waits a quarter of the budget (11, 10 (x2), 9 (x4), then 7)
     hopeless = BudgetSteering(tokenizer_info, min(tokenizer_info.stop_ids), limits=tight)
-    for budget in range(11, 6, -1):
+    for budget in range(11, 7, -1):
         assert hopeless.closing_tokens(state.matcher, budget) == []
-    assert MAX_ESCALATION == 8 and hopeless.searches == 4 and hopeless._escalation == 1
+    assert MAX_ESCALATION == 4 and hopeless.searches == 3 and hopeless._escalation == 1
