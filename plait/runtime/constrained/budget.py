@@ -248,8 +248,10 @@ def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: Sear
         # Elsewhere (a regex's required space between words) it is ranked like any other token.
         layout = ((path and not info.token_bytes[path[-1]].strip())
                   or any(token < len(cands.structural) and cands.structural[token] for token in allowed))
-        order = sorted(by_score, key=lambda score: (layout and not info.token_bytes[by_score[score][0]].strip(), score))
-        return [by_score[score] for score in order[: limits.branching]]
+        def rank(score: int) -> tuple[bool, int]:
+            return layout and not info.token_bytes[by_score[score][0]].strip(), score
+
+        return [by_score[score] for score in sorted(by_score, key=rank)[: limits.branching]]
 
     def visit(mask: torch.Tensor | None = None) -> bool:
         """Search below the current state (``mask``: its mask, if known); False once a bound is hit."""
@@ -407,15 +409,18 @@ class BudgetSteering:
         plan, self._plan = self._plan, None
         if plan and plan[0] == token:
             self._plan = plan[1:]
-        if vetted is not None and vetted[0] == token and (self._plan is None or len(vetted[1]) < len(self._plan)):
-            self._plan = vetted[1]
+        if vetted is not None and vetted[0] == token:
+            if self._plan is None or len(vetted[1]) < len(self._plan):
+                self._plan = vetted[1]
 
     def vet(self, matcher: TokenMatcher, token: int, budget: int) -> list[int] | None:
         """Before a sampled ``token`` is appended with ``budget`` tokens left: None to append it, or
         the ending to append instead when no ending fits after it (only near the end, see above)."""
         plan = self._plan
-        if self.closed or plan is None or budget - len(self._with_stop(plan, budget)) > self.zone:
-            return None
+        if self.closed or plan is None or len(plan) > budget:
+            return None  # nothing to vet against: no plan that fits
+        if budget - len(self._with_stop(plan, budget)) > self.zone:
+            return None  # far from the end
         if plan and plan[0] == token:
             return None  # the plan's own next token: the rest of the plan fits after it
         if self._row is None:

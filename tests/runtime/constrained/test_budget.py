@@ -276,3 +276,14 @@ def test_a_check_that_finds_nothing_looks_again_at_the_next_step_with_twice_the_
     for budget in range(11, 7, -1):
         assert hopeless.closing_tokens(state.matcher, budget) == []
     assert MAX_ESCALATION == 4 and hopeless.searches == 3 and hopeless._escalation == 1
+
+
+def test_a_plan_that_no_longer_fits_is_never_appended(compilers, tokenizer_info):
+    prefix = '{"id": 1, "customer": {"name": "A", "email": "a@b.c"}, "items": ['
+    state = _state(compilers, "llguidance", ConstraintKind.JSON_SCHEMA, ORDER, tokenizer_info, prefix)
+    path, _ = _ending(state, tokenizer_info)
+    steering = _steering(tokenizer_info)
+    steering._plan = path * 3  # known, but longer than what is left
+    opener = tokenizer_info.encode('{"')[0]
+    assert steering.vet(state.matcher, opener, len(path) + 1) is None and steering.replaced == 0
+    assert steering.searches == 0
