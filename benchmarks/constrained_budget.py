@@ -9,8 +9,13 @@ found with ``shortest_completion`` (generous bounds: ``min_tokens``); each reque
 ending the search found; the true minimum may be shorter). Every (spec, budget, seed) request runs
 in one batch with steering off (``engine.constrained.budget_margin = None``) and on (the default).
 Reported: the share of outputs that parse and validate (JSON: ``json.loads`` + ``jsonschema``; regex:
-``re.fullmatch``), finish reasons, how many requests were steered, and the cost of the search per
-search (each runs on the engine thread in the step that appends the request's previous token).
+``re.fullmatch``), finish reasons, how many requests were steered, the cost of the search per
+search (each runs on the engine thread in the step that appends the request's previous token), and
+the cost of planning the start state's ending when a request is admitted (``BudgetSteering.prepare``,
+on the caller's thread; a generous search once per grammar, cached after).
+
+``--busy N`` keeps N processes spinning on the CPU during both runs (a loaded machine: the searches
+are bounded by matcher states, so the outputs should not change; only their wall time does).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import multiprocessing
 import re
 import sys
 import time
@@ -106,6 +112,11 @@ def run(engine: Engine, jobs: list[tuple], margin: int | None, temperature: floa
     return engine.generate(prompts, params)
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -113,6 +124,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--search-ms", type=float, default=None,
                     help="time bound of one search (default: the engine's, SearchLimits().max_seconds)")
+    ap.add_argument("--busy", type=int, default=0, help="processes spinning on the CPU during the runs")
     args = ap.parse_args()
 
     searches: list[budget_mod.BudgetSteering] = []
@@ -123,6 +135,15 @@ def main() -> None:
         searches.append(self)
 
     budget_mod.BudgetSteering.__init__ = tracked_init
+    prepares: list[float] = []  # seconds of each request's BudgetSteering.prepare
+    prepare = budget_mod.BudgetSteering.prepare
+
+    def timed_prepare(self, *a, **k):
+        start = time.perf_counter()
+        prepare(self, *a, **k)
+        prepares.append(time.perf_counter() - start)
+
+    budget_mod.BudgetSteering.prepare = timed_prepare
     engine = Engine(model=str(ensure_preset_dir("smollm2-135m-instruct")), dtype="float32")
     if args.search_ms is not None:
         engine.constrained.budget_limits = SearchLimits(max_seconds=args.search_ms / 1e3)
@@ -138,8 +159,14 @@ def main() -> None:
         jobs += [(name, spec, base + slack, seed) for slack in args.slack for seed in range(args.seeds)]
     print(f"\n{len(jobs)} requests ({len(SPECS)} specs x slack {args.slack} x {args.seeds} seeds), "
           f"temperature {args.temperature}\n")
+    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.busy)]
+    for proc in spinners:
+        proc.start()
+    if spinners:
+        print(f"{len(spinners)} processes spinning on the CPU during the runs\n")
     for label, margin in (("steering off", None), ("steering on", engine.constrained.budget_margin)):
         searches.clear()
+        prepares.clear()
         start = time.perf_counter()
         outs = run(engine, jobs, margin, args.temperature)
         wall = time.perf_counter() - start
@@ -166,6 +193,12 @@ def main() -> None:
             print(f"   search: {count} searches over {len(used)} requests (max {most} per request), "
                   f"mean {total / count * 1e3:.2f} ms, slowest {slowest * 1e3:.2f} ms; "
                   f"{total:.2f} s in all ({100 * total / wall:.1f}% of the wall time)")
+        if prepares:
+            print(f"   planned at admission (start state's ending, off the engine thread): {len(prepares)} requests, "
+                  f"{sum(prepares):.2f} s in all, slowest {max(prepares) * 1e3:.1f} ms (a grammar's first, "
+                  f"generous search), median {sorted(prepares)[len(prepares) // 2] * 1e3:.2f} ms")
+    for proc in spinners:
+        proc.terminate()
     engine.shutdown()
 
 

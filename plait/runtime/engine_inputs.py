@@ -152,7 +152,7 @@ def normalize_inputs(
                     logprob_start_len=logprob_start_len if return_logprob else -1,
                     top_logprobs_num=top_logprobs_num if return_logprob else 0,
                     grammar=None if grammar is None else engine.constrained.new_state(
-                        healing.grammar, eos | frozenset(params.stop_token_ids)),
+                        healing.grammar, eos | frozenset(params.stop_token_ids), params.max_new_tokens),
                     healed_tokens=healing.tokens,
                     healed_text=healing.text,
                     relaxation=getattr(grammar, "relaxation", None),

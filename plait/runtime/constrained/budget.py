@@ -9,24 +9,28 @@ engine then appends those tokens without sampling, as it does for jump-forward.
 The search works on any ``TokenMatcher`` (llguidance and outlines-core; JSON schema, regex, Lark) with
 nothing but its mask, ``consume``, ``rollback`` and forced bytes: a depth-first, branch-and-bound
 search over a small ranked set of candidate tokens (the first canonical token of the bytes the grammar
-forces, else closing characters, empty values, digits, single characters), bounded in depth, matcher
-states visited and time. It is a heuristic: the ending it finds is short, not provably shortest, and when it finds
-none within its bounds the request goes on as without steering.
+forces, else closing characters, empty values, digits, single characters), bounded in depth and
+matcher states visited (deterministic), with a time bound as a safety net. It is a heuristic: the
+ending it finds is short, not provably shortest. ``start_ending`` caches the ending of a grammar's start
+state (searched once per grammar), which ``BudgetSteering.prepare`` plans before a request's first
+token. When no ending that fits is known, the request goes on as without steering.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import torch
 
-from plait.runtime.constrained.backends.base import TokenMatcher
+from plait.runtime.constrained.backends.base import CompiledGrammar, TokenMatcher
 from plait.runtime.constrained.vocab import TokenizerInfo
 
-__all__ = ["FIRST_CHECK_BUDGET", "BudgetSteering", "ClosingCandidates", "SearchLimits", "candidates_for",
-           "shortest_completion"]
+__all__ = ["FIRST_CHECK_BUDGET", "MAX_ESCALATION", "START_LIMITS", "BudgetSteering", "ClosingCandidates",
+           "SearchLimits", "candidates_for", "shortest_completion", "start_ending"]
 
 _CLOSERS = frozenset(b"\"'}])>")
 _EMPTY_VALUES = (b'""', b"[]", b"{}", b"null", b"true", b"false", b"0")
@@ -61,6 +65,19 @@ class ClosingCandidates:
         self.forced_first: dict[bytes, int | None] = {}
         self.words = self.ids >> 5  # the bitmask word of each candidate
         self.bits = (self.ids & 31).astype(np.int32)
+        # a candidate with a leading space -> the position of its twin without it (-1: none); where the
+        # twin is allowed too the spaced one is left out (optional whitespace only costs tokens)
+        position = {info.token_bytes[tid]: i for i, tid in enumerate(self.ids.tolist())}
+        self.unspaced = np.array([position.get(info.token_bytes[tid][1:], -1)
+                                  if info.token_bytes[tid][:1] == b" " else -1 for tid in self.ids.tolist()],
+                                 dtype=np.int64)
+        self._spaced = np.flatnonzero(self.unspaced >= 0)
+        # token id -> whether it is a candidate with a closing or separating character (`"`, `}`, `]`,
+        # `:`, `,`, `""`, `[]`, ...: JSON's structure; not `null` or a letter)
+        self.structural = np.zeros(info.vocab_size, dtype=bool)
+        punctuation = _CLOSERS | (_SEPARATORS - {32})
+        punctuated = [tid for tid in self.ids.tolist() if any(b in punctuation for b in info.token_bytes[tid])]
+        self.structural[punctuated] = True
 
     @staticmethod
     def _rank(data: bytes) -> tuple | None:
@@ -85,6 +102,8 @@ class ClosingCandidates:
         """The candidates ``row`` (a filled bitmask) allows, best first, at most ``per_group[g]`` of
         rank group ``g`` (one digit or letter stands for the others where any is allowed)."""
         ok = (row.numpy()[self.words] >> self.bits) & 1
+        twins = self.unspaced[self._spaced]
+        ok[self._spaced[ok[twins] == 1]] = 0
         out: list[int] = []
         for group, count in enumerate(per_group):
             if count and group < len(self.bounds) - 1:
@@ -108,7 +127,7 @@ class SearchLimits:
 
     max_tokens: int = 128
     max_nodes: int = 200
-    max_seconds: float = 0.005
+    max_seconds: float = 0.05  # a safety net: matcher states bound a search first, the same on any machine
     branching: int = 2
     # candidates tried per rank group of ClosingCandidates: closers, empty values, closer/separator
     # combinations, digits, letters, other single characters
@@ -205,7 +224,8 @@ def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: Sear
         if forced is not None and (int(mask[forced >> 5]) >> (forced & 31)) & 1:
             return [(forced, None)]
         by_score: dict[int, tuple[int, torch.Tensor]] = {}  # allowed-token count after the child -> child
-        for token in cands.allowed(mask, limits.per_group):
+        allowed = cands.allowed(mask, limits.per_group)
+        for token in allowed:
             if time.perf_counter() > deadline:
                 break
             if not matcher.consume(token):
@@ -223,7 +243,15 @@ def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: Sear
             kept = by_score.get(score)
             if kept is None or _weight(info.token_bytes[token]) > _weight(info.token_bytes[kept[0]]):
                 by_score[score] = (token, row.clone())
-        return [by_score[score] for score in sorted(by_score)[: limits.branching]]
+        # where a structural token is allowed (a closer, a separator, `""`, `[]`...) or right after
+        # whitespace, a token of whitespace alone is layout (JSON's optional spaces): it goes last.
+        # Elsewhere (a regex's required space between words) it is ranked like any other token.
+        layout = ((path and not info.token_bytes[path[-1]].strip())
+                  or any(token < len(cands.structural) and cands.structural[token] for token in allowed))
+        def rank(score: int) -> tuple[bool, int]:
+            return layout and not info.token_bytes[by_score[score][0]].strip(), score
+
+        return [by_score[score] for score in sorted(by_score, key=rank)[: limits.branching]]
 
     def visit(mask: torch.Tensor | None = None) -> bool:
         """Search below the current state (``mask``: its mask, if known); False once a bound is hit."""
@@ -257,6 +285,33 @@ def shortest_completion(matcher: TokenMatcher, info: TokenizerInfo, limits: Sear
 # Below this many tokens left, a request's ending is looked for (a first search); far from the end nothing runs.
 FIRST_CHECK_BUDGET = 512
 
+# After a check finds no ending that fits, the next step looks again with twice the matcher states, up to
+# this many times the engine's bound; then a quarter of the budget later with the engine's. The time bound
+# (a safety net) is not scaled: it bounds what one step may cost the engine thread.
+MAX_ESCALATION = 4
+
+# Bounds of the generous search from a grammar's start state, run once per compiled grammar (``start_ending``)
+# for the requests whose budget is tight from their first token: bounded by matcher states (deterministic);
+# the time bound is a safety net for a machine far slower than usual.
+START_LIMITS = SearchLimits(max_tokens=256, max_nodes=20000, max_seconds=2.0)
+
+_start_lock = threading.Lock()
+# compiled grammar -> {bounds: the ending found from its start state within them}
+_start_endings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def start_ending(grammar: CompiledGrammar, info: TokenizerInfo, limits: SearchLimits) -> list[int] | None:
+    """``shortest_completion`` from the start state of ``grammar`` within ``limits``, computed once per
+    (grammar, bounds) and kept as long as the grammar is (a start state's ending does not depend on the
+    request). Thread-safe: concurrent callers wait for the one search."""
+    key = astuple(limits)
+    with _start_lock:
+        known = _start_endings.setdefault(grammar, {})
+        if key not in known:
+            known[key] = shortest_completion(grammar.new_matcher(), info, limits)
+        path = known[key]
+    return None if path is None else list(path)
+
 
 class BudgetSteering:
     """Ending a constrained request valid within its token budget (one per request).
@@ -266,46 +321,75 @@ class BudgetSteering:
     appends a sampled token. An *ending* is what ``shortest_completion`` finds, plus the request's stop
     token where it fits; its *slack* is ``budget - len(ending)``.
 
-    - Far from the end nothing runs. The first search runs once ``budget <= FIRST_CHECK_BUDGET``; the
-      next once the slack has halved, and so on.
+    - A *plan*, the shortest ending known for the matcher's current state, is kept while the request
+      stays on it: when the request appends the plan's first token the rest is the plan of the new state
+      (no search); any other token drops it (or replaces it with the ending its vetting found).
+    - Before the first token (``prepare``, on the thread that admits the request, not the engine's),
+      a request whose budget is at most ``FIRST_CHECK_BUDGET`` gets the ending of the grammar's start
+      state as its plan (``start_ending``, once per grammar, bounded by ``limits``); where that leaves a
+      slack within ``zone``, a generous one (``start_limits``), so that a budget only a token or two over
+      the shortest ending is followed from token 0.
+    - Far from the end nothing runs. The first search runs once ``budget <= FIRST_CHECK_BUDGET`` (unless
+      a plan is known); the next once the slack has halved, and so on. A check that finds no ending
+      that fits is repeated at the next step with twice the matcher states, up to ``MAX_ESCALATION``
+      times ``limits.max_nodes``; then a quarter of the budget later.
     - Once the slack is at most ``zone`` tokens, every sampled token is vetted: the ending after it is
       searched before it is appended (that search is the next step's check, so it costs one search per
-      token, not two). A token after which no ending fits (an opening bracket, a new key with required
-      values) is replaced by the current state's ending, appended without sampling.
+      token, not two; none for the plan's own next token). A token after which no ending fits (an opening
+      bracket, a new key with required values), or none is found within the bounds, is replaced by the
+      plan, appended without sampling. So once a plan that fits is known, the output ends valid whatever
+      later searches find.
     - Once the slack is at most ``margin``, the ending is appended without sampling (unless the output
       is complete already: then the model goes on, its tokens vetted, until it stops or the budget
       ends).
 
     The request then finishes with ``{"type": "stop", "matched": <stop id>}`` (or ``matched: None``
     where the grammar allows nothing more), or with ``"length"`` and a complete output when not even
-    the stop token fits. When no ending is found within the search's bounds, the request goes on as
-    without steering (it may end incomplete, flagged as before).
+    the stop token fits. When no ending that fits is known (none found within the search's bounds, or
+    none exists), the request goes on as without steering (it may end incomplete, flagged as before).
     """
 
     def __init__(self, info: TokenizerInfo, stop_id: int | None, margin: int = 1, zone: int = 16,
-                 limits: SearchLimits | None = None):
+                 limits: SearchLimits | None = None, start_limits: SearchLimits | None = None):
         self.info = info
         self.stop_id = stop_id
         self.margin = margin
         self.zone = zone
         self.limits = limits or SearchLimits()
+        self.start_limits = start_limits or START_LIMITS
         self.closed = False  # an ending was returned: nothing more to do
         self.replaced = 0  # sampled tokens replaced by the ending (vet)
         self.searches = 0
         self.search_seconds = 0.0
         self.search_max_seconds = 0.0
         self._next_check = FIRST_CHECK_BUDGET
-        self._ending: list[int] | None = None  # a fitting ending of the matcher's current state (zone only)
+        self._escalation = 1  # the next check's bounds, in multiples of ``limits``
+        self._plan: list[int] | None = None  # the shortest ending known for the matcher's current state
         self._vetted: tuple[int, list[int]] | None = None  # (token, its state's ending) from vet
         self._row: torch.Tensor | None = None
 
-    def _search(self, matcher: TokenMatcher, budget: int) -> list[int] | None:
-        """An ending of the matcher's state that fits ``budget`` (without the stop token), or None."""
+    def prepare(self, grammar: CompiledGrammar, budget: int) -> None:
+        """Before the request's first token, with ``budget`` tokens for it (``max_new_tokens``): where
+        the first check would run at token 0, plan the start state's ending (cached per grammar, see
+        the class). Call it on a thread other than the engine's: a generous search can take a while
+        the first time a grammar is seen (up to ``start_limits``)."""
+        if budget > FIRST_CHECK_BUDGET or budget <= 0:
+            return
+        path = start_ending(grammar, self.info, self.limits)
+        if path is None or budget - len(self._with_stop(path, budget)) <= self.zone:
+            roomy = start_ending(grammar, self.info, self.start_limits)
+            if roomy is not None and (path is None or len(roomy) < len(path)):
+                path = roomy
+        self._plan = path
+
+    def _search(self, matcher: TokenMatcher, budget: int, scale: int = 1) -> list[int] | None:
+        """An ending of the matcher's state that fits ``budget`` (without the stop token), or None
+        (``scale``: a multiple of the bound on matcher states)."""
         if self._row is None:
             self._row = torch.empty(self.info.bitmask_words, dtype=torch.int32)
         # the search builds its ending a token at a time and then re-tokenizes it (shorter): let it go
         # deeper than the budget; an ending longer than the budget once re-tokenized does not fit
-        limits = SearchLimits(min(2 * budget + 8, self.limits.max_tokens), self.limits.max_nodes,
+        limits = SearchLimits(min(2 * budget + 8, self.limits.max_tokens), self.limits.max_nodes * scale,
                               self.limits.max_seconds, self.limits.branching, self.limits.per_group)
         start = time.perf_counter()
         path = shortest_completion(matcher, self.info, limits, self._row)
@@ -319,16 +403,26 @@ class BudgetSteering:
         return path + [self.stop_id] if self.stop_id is not None and len(path) < budget else path
 
     def consumed(self, token: int) -> None:
-        """The matcher consumed ``token``: an ending known for the state before it no longer applies."""
+        """The matcher consumed ``token``: the plan moves on with it (the plan's next token), or is
+        replaced by the ending ``vet`` found after it, or is dropped."""
         vetted, self._vetted = self._vetted, None
-        self._ending = vetted[1] if vetted is not None and vetted[0] == token else None
+        plan, self._plan = self._plan, None
+        if plan and plan[0] == token:
+            self._plan = plan[1:]
+        if vetted is not None and vetted[0] == token:
+            if self._plan is None or len(vetted[1]) < len(self._plan):
+                self._plan = vetted[1]
 
     def vet(self, matcher: TokenMatcher, token: int, budget: int) -> list[int] | None:
         """Before a sampled ``token`` is appended with ``budget`` tokens left: None to append it, or
         the ending to append instead when no ending fits after it (only near the end, see above)."""
-        ending = self._ending
-        if self.closed or ending is None:
-            return None
+        plan = self._plan
+        if self.closed or plan is None or len(plan) > budget:
+            return None  # nothing to vet against: no plan that fits
+        if budget - len(self._with_stop(plan, budget)) > self.zone:
+            return None  # far from the end
+        if plan and plan[0] == token:
+            return None  # the plan's own next token: the rest of the plan fits after it
         if self._row is None:
             self._row = torch.empty(self.info.bitmask_words, dtype=torch.int32)
         if not _allows(matcher, self._row, token) or not matcher.consume(token):
@@ -340,7 +434,7 @@ class BudgetSteering:
         if after is not None and len(self._with_stop(after, budget - 1)) <= budget - 1:
             self._vetted = (token, after)
             return None
-        replacement = self._with_stop(ending, budget)
+        replacement = self._with_stop(plan, budget)
         if not replacement:  # complete already and no stop token to end with: the token stays
             return None
         self.closed = True
@@ -349,23 +443,32 @@ class BudgetSteering:
 
     def closing_tokens(self, matcher: TokenMatcher, budget: int) -> list[int]:
         """The tokens to append now to end within ``budget`` (empty: let the model go on)."""
-        path, self._ending = self._ending, None
         if self.closed or budget <= 0:
             return []
-        if path is None:
+        path = self._plan
+        if path is None or len(path) > budget:
             if budget > self._next_check:
                 return []
-            path = self._search(matcher, budget)
-        if path is None:  # none found, or none that fits: look again after a quarter of the budget
-            self._next_check = budget - max(1, budget // 4)
+            found = self._search(matcher, budget, self._escalation)
+            if found is not None and (path is None or len(found) < len(path)):
+                path = self._plan = found
+        if path is None or len(path) > budget:
+            # none found within the bounds, or none that fits: look again at the next step with twice
+            # the bounds; past MAX_ESCALATION, a quarter of the budget later with the engine's
+            if self._escalation < MAX_ESCALATION:
+                self._escalation *= 2
+                self._next_check = budget - 1
+            else:
+                self._escalation = 1
+                self._next_check = budget - max(1, budget // 4)
             return []
+        self._escalation = 1
         ending = self._with_stop(path, budget)
         slack = budget - len(ending)
         if slack <= self.margin and path:  # (already complete: let the model go on, vetting its tokens)
             self.closed = True
             return ending
         if slack <= self.zone:  # vet the next token against this ending
-            self._ending = path
             self._next_check = budget - 1
         else:
             self._next_check = budget - max(1, (slack - self.zone) // 2)

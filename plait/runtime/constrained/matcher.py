@@ -32,7 +32,7 @@ class GrammarState:
         jump_forward: append forced tokens without sampling them.
         budget_margin: end within the token budget (``BudgetSteering``) with this margin; None: never
             steer (the output is cut where the budget runs out).
-        budget_limits: the bounds of each search for an ending (``SearchLimits``; default 5 ms, 200 states).
+        budget_limits: the bounds of each search for an ending (``SearchLimits``; default 200 states, 50 ms).
     """
 
     def __init__(self, grammar: CompiledGrammar, info: TokenizerInfo, stop_ids: frozenset[int],

@@ -116,10 +116,17 @@ class ConstrainedDecoding:
             return None
         return self.compiler.submit(spec)
 
-    def new_state(self, grammar: CompiledGrammar, stop_ids: frozenset[int]) -> GrammarState:
-        """A fresh per-request state; ``stop_ids`` are the request's EOS and stop_token_ids."""
-        return GrammarState(grammar, self.compiler.info, stop_ids, jump_forward=self.jump_forward,
-                            budget_margin=self.budget_margin, budget_limits=self.budget_limits)
+    def new_state(self, grammar: CompiledGrammar, stop_ids: frozenset[int],
+                  max_new_tokens: int | None = None) -> GrammarState:
+        """A fresh per-request state; ``stop_ids`` are the request's EOS and stop_token_ids. With
+        ``max_new_tokens`` (the request's budget) and budget steering on, the ending of the grammar's
+        start state is planned now, on the caller's thread (``BudgetSteering.prepare``: searched once
+        per grammar, then cached), so that the engine's loop does not search for it at token 0."""
+        state = GrammarState(grammar, self.compiler.info, stop_ids, jump_forward=self.jump_forward,
+                             budget_margin=self.budget_margin, budget_limits=self.budget_limits)
+        if state.steering is not None and max_new_tokens is not None:
+            state.steering.prepare(grammar, max_new_tokens)
+        return state
 
     def shutdown(self) -> None:
         """Stop the compiler's workers. A compiler still being built (``warm_up``) is waited for and

@@ -12,11 +12,16 @@ import pytest
 import torch
 
 from plait.runtime.constrained import ConstraintKind, ConstraintSpec, GrammarState
+from plait.runtime.constrained import budget as budget_mod
 from plait.runtime.constrained.budget import (
     FIRST_CHECK_BUDGET,
+    MAX_ESCALATION,
+    START_LIMITS,
     BudgetSteering,
     SearchLimits,
+    candidates_for,
     shortest_completion,
+    start_ending,
 )
 
 # generous bounds: these tests are about what the search finds, not about the machine's speed
@@ -164,3 +169,121 @@ def test_without_a_stop_token_the_ending_stands_alone(compilers, tokenizer_info)
     path, _ = _ending(state, tokenizer_info)
     steering = BudgetSteering(tokenizer_info, None, margin=1, limits=ROOMY)  # ignore_eos: no stop token
     assert steering.closing_tokens(state.matcher, len(path) + 1) == path
+
+
+def test_a_spaced_candidate_is_left_out_where_its_unspaced_twin_is_allowed(tokenizer_info):
+    cands = candidates_for(tokenizer_info)
+    empty, spaced = tokenizer_info.encode('""'), tokenizer_info.encode(' ""')
+    assert len(empty) == 1 and len(spaced) == 1
+    row = torch.zeros(tokenizer_info.bitmask_words, dtype=torch.int32)
+    for token in (empty[0], spaced[0]):
+        row[token >> 5] |= 1 << (token & 31)
+    assert cands.allowed(row, (3, 2, 2, 1, 1, 3)) == empty  # optional whitespace only costs a token
+    row.zero_()
+    row[spaced[0] >> 5] |= 1 << (spaced[0] & 31)
+    assert cands.allowed(row, (3, 2, 2, 1, 1, 3)) == spaced  # alone, the spaced one stays
+
+
+def test_json_endings_write_no_optional_whitespace(compilers, tokenizer_info):
+    state = _state(compilers, "llguidance", ConstraintKind.JSON_SCHEMA, ORDER, tokenizer_info, "")
+    path = shortest_completion(state.matcher, tokenizer_info)  # the engine's per-step bounds
+    text = tokenizer_info.bytes_of(path).decode()
+    jsonschema.validate(json.loads(text), ORDER)
+    # was 30 tokens: '{"id" : 0 , "customer" :  {"name" : "" , ...' (a space token before each `:`)
+    assert " :" not in text and " ," not in text and len(path) <= 25, (len(path), text)
+
+
+def test_start_ending_is_searched_once_per_grammar(compilers, tokenizer_info, monkeypatch):
+    grammar = compilers["llguidance"].compile(ConstraintSpec(ConstraintKind.REGEX, EMAIL))
+    calls = []
+    search = budget_mod.shortest_completion
+    monkeypatch.setattr(budget_mod, "shortest_completion", lambda *a: calls.append(1) or search(*a))
+    first = start_ending(grammar, tokenizer_info, ROOMY)
+    assert first and re.fullmatch(EMAIL, tokenizer_info.bytes_of(first).decode())
+    assert start_ending(grammar, tokenizer_info, ROOMY) == first and len(calls) == 1
+    start_ending(grammar, tokenizer_info, SearchLimits(max_nodes=1))  # other bounds: searched for them
+    assert len(calls) == 2
+
+
+def test_a_budget_tight_from_the_start_follows_the_planned_start_ending(compilers, tokenizer_info):
+    # per-step searches that find nothing (one matcher state): only the plan made before token 0 can help
+    grammar = compilers["llguidance"].compile(ConstraintSpec(ConstraintKind.JSON_SCHEMA, json.dumps(ORDER)))
+    plan = start_ending(grammar, tokenizer_info, START_LIMITS)
+    stop = min(tokenizer_info.stop_ids)
+    budget = len(plan) + 1
+
+    def steering(planned: bool) -> tuple[GrammarState, BudgetSteering]:
+        state = GrammarState(grammar, tokenizer_info, frozenset(tokenizer_info.stop_ids),
+                             budget_limits=SearchLimits(max_nodes=1))
+        if planned:
+            state.steering.prepare(grammar, budget)
+        return state, state.steering
+
+    state, unplanned = steering(False)
+    assert unplanned.closing_tokens(state.matcher, budget) == []  # nothing known, nothing found: cut later
+    state, planned = steering(True)
+    assert planned.closing_tokens(state.matcher, budget) == plan + [stop] and planned.searches == 0
+    jsonschema.validate(json.loads(tokenizer_info.bytes_of(plan).decode()), ORDER)
+    # a roomy budget needs no plan from the start (the first search runs when it is due)
+    state, roomy = steering(False)
+    roomy.prepare(grammar, FIRST_CHECK_BUDGET + 1)
+    assert roomy._plan is None
+
+
+def test_the_plan_moves_on_with_its_own_tokens_and_is_dropped_by_others(compilers, tokenizer_info):
+    prefix = '{"id": 1, "customer": {"name": "A", "email": "a@b.c"}, "items": [], "note": "ok'
+    state = _state(compilers, "llguidance", ConstraintKind.JSON_SCHEMA, ORDER, tokenizer_info, prefix)
+    steering = _steering(tokenizer_info)
+    path, _ = _ending(state, tokenizer_info)
+    budget = len(path) + 3
+    assert steering.closing_tokens(state.matcher, budget) == [] and steering.searches == 1  # slack 2: vetting
+    if len(path) == 1:  # make the plan two tokens long: the rest must stay planned
+        path = tokenizer_info.encode('"}')
+        steering._plan = list(path)
+    assert steering.vet(state.matcher, path[0], budget) is None and steering.searches == 1  # no search
+    state.accept_token(path[0])
+    steering.consumed(path[0])
+    assert steering._plan == path[1:]
+    assert steering.closing_tokens(state.matcher, budget - 1) == [] and steering.searches == 1
+    steering.consumed(tokenizer_info.encode("x")[0])  # another token: the plan no longer applies
+    assert steering._plan is None
+
+
+@pytest.mark.parametrize("prefix", ["", "Ab", "Ab cd"])
+def test_a_space_the_grammar_requires_is_still_searched_first(compilers, tokenizer_info, prefix):
+    # whitespace goes last only where it is layout (a structural token allowed, or right after a space):
+    # between words of this regex it is the way to an ending and keeps its rank
+    words = r"[A-Z][a-z]+( [a-z]+){2,}\."
+    state = _state(compilers, "llguidance", ConstraintKind.REGEX, words, tokenizer_info, prefix)
+    path = shortest_completion(state.matcher, tokenizer_info)  # the engine's per-step bounds
+    assert path is not None and len(path) <= 6, path
+    assert re.fullmatch(words, prefix + tokenizer_info.bytes_of(path).decode())
+
+
+def test_a_check_that_finds_nothing_looks_again_at_the_next_step_with_twice_the_bounds(compilers, tokenizer_info):
+    prefix = '{"id": 12, "customer": {"name": "Ada Lov'
+    state = _state(compilers, "llguidance", ConstraintKind.JSON_SCHEMA, ORDER, tokenizer_info, prefix)
+    tight = SearchLimits(max_nodes=32, max_seconds=10.0)  # too few states here; twice as many are enough
+    assert shortest_completion(state.matcher, tokenizer_info, tight) is None
+    assert shortest_completion(state.matcher, tokenizer_info, SearchLimits(max_nodes=64, max_seconds=10.0))
+    steering = BudgetSteering(tokenizer_info, min(tokenizer_info.stop_ids), limits=tight)
+    assert steering.closing_tokens(state.matcher, 100) == [] and steering.searches == 1 and steering._plan is None
+    assert steering.closing_tokens(state.matcher, 99) == [] and steering.searches == 2  # at once, twice the bounds
+    assert steering._plan is not None and steering._escalation == 1
+    # where no ending fits at all (this one needs 12 tokens), the bounds grow up to MAX_ESCALATION times
+    # the engine's, then the next check waits a quarter of the budget (11, 10 (x2), 9 (x4), then 7)
+    hopeless = BudgetSteering(tokenizer_info, min(tokenizer_info.stop_ids), limits=tight)
+    for budget in range(11, 7, -1):
+        assert hopeless.closing_tokens(state.matcher, budget) == []
+    assert MAX_ESCALATION == 4 and hopeless.searches == 3 and hopeless._escalation == 1
+
+
+def test_a_plan_that_no_longer_fits_is_never_appended(compilers, tokenizer_info):
+    prefix = '{"id": 1, "customer": {"name": "A", "email": "a@b.c"}, "items": ['
+    state = _state(compilers, "llguidance", ConstraintKind.JSON_SCHEMA, ORDER, tokenizer_info, prefix)
+    path, _ = _ending(state, tokenizer_info)
+    steering = _steering(tokenizer_info)
+    steering._plan = path * 3  # known, but longer than what is left
+    opener = tokenizer_info.encode('{"')[0]
+    assert steering.vet(state.matcher, opener, len(path) + 1) is None and steering.replaced == 0
+    assert steering.searches == 0

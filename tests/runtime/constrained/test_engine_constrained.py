@@ -11,9 +11,9 @@ import jsonschema
 import pytest
 
 from plait.runtime.constrained import ConstraintError
-from plait.runtime.constrained.budget import SearchLimits
+from plait.runtime.constrained.budget import START_LIMITS, SearchLimits, start_ending
 from plait.runtime.engine import Engine
-from plait.sampling import JSON_OBJECT
+from plait.sampling import JSON_OBJECT, SamplingParams
 from tests.runtime.constrained.schema_corpus import CASES
 from tests.runtime.engine_helpers import assert_no_leak
 
@@ -208,6 +208,26 @@ def test_tight_budgets_end_valid_with_honest_finish_reasons(engine):
         it = iter(out["output_ids"])
         assert all(any(t == tid for t in it) for _, tid, _ in meta["output_token_logprobs"])
     assert sum(out["meta_info"]["budget_closed"] for out in on) >= len(on) // 2
+
+
+def test_a_budget_tight_from_the_first_token_follows_the_start_ending_planned_at_admission(engine):
+    # per-step searches that visit one matcher state find nothing: only the start state's ending, planned
+    # when the request is admitted (once per grammar, START_LIMITS), can end these outputs valid
+    grammar = engine.constrained.grammar_for(SamplingParams(json_schema=NESTED))
+    plan = start_ending(grammar, engine.constrained.compiler.info, START_LIMITS)
+    prompt = _chat(engine, "Write a long and detailed answer in the requested format.")
+    params = [{"json_schema": NESTED, "max_new_tokens": len(plan) + slack, "temperature": 0.7, "seed": seed}
+              for slack in (1, 3) for seed in (1, 2)]
+    engine.constrained.budget_limits = SearchLimits(max_nodes=1)
+    try:
+        outs = engine.generate([prompt] * len(params), params)
+    finally:
+        engine.constrained.budget_limits = SearchLimits()
+    for param, out in zip(params, outs):
+        assert _valid({"json_schema": NESTED}, out["text"]), out["text"]
+        assert out["meta_info"]["incomplete"] is False and out["meta_info"]["budget_closed"] is True
+        assert out["meta_info"]["finish_reason"]["type"] == "stop"
+        assert len(out["output_ids"]) <= param["max_new_tokens"]
 
 
 # llguidance refuses "oneOf" and "not": the schema compiles relaxed (oneOf as anyOf, not dropped) and each
