@@ -260,10 +260,11 @@ class Engine:
         args = (prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num,
                 return_text_in_logprobs, rid, stream, program_id, cache_namespace)
         pending = self._pending_grammars(sampling_params) if on_admitted is not None else []
-        if pending:
+        if pending or (on_admitted is not None and self._start_plans_pending(sampling_params)):
             self._admit_when_compiled(pending, args, on_output, on_admitted)
             return []
-        gi = self._prepare(*args)
+        # with on_admitted the caller must not block: start plans only from cached endings (see above)
+        gi = self._prepare(*args, plan_search=on_admitted is None)
         sinks = [_CallbackSink(on_output, index) for index in range(len(gi.requests))]
         self._submit(gi.requests, sinks)
         if on_admitted is not None:
@@ -287,10 +288,26 @@ class Engine:
                     futures.append(future)
         return futures
 
+    def _start_plans_pending(self, sampling_params: Any) -> bool:
+        """Whether a constrained request of ``sampling_params`` (compiled already) would search for its
+        budget plan from the grammar's start state (``ConstrainedDecoding.start_plan_pending``): then it is
+        prepared on the admission thread, not on the caller's."""
+        if sampling_params is None:
+            return False
+        items = [sampling_params] if isinstance(sampling_params, (dict, SamplingParams)) else sampling_params
+        if not isinstance(items, (list, tuple)):
+            return False
+        for item in items:
+            params = SamplingParams.from_dict(item) if isinstance(item, dict) else item
+            if isinstance(params, SamplingParams) and self.constrained.start_plan_pending(params):
+                return True
+        return False
+
     def _admit_when_compiled(self, pending: list[Future], args: tuple, on_output: Callable[[int, dict], None],
                              on_admitted: Callable[[Exception | None], None]) -> None:
-        """Prepare and queue the requests once every compilation in ``pending`` is done (on the admission
-        thread: token healing may build a grammar); report the outcome through ``on_admitted``."""
+        """Prepare and queue the requests once every compilation in ``pending`` is done (none: at once),
+        on the admission thread (token healing may build a grammar, a budget plan may search); report the
+        outcome through ``on_admitted``."""
         rid = args[7]
         keys = [rid] if isinstance(rid, str) else list(rid) if isinstance(rid, (list, tuple)) else []
         with self._cv:
@@ -316,7 +333,7 @@ class Engine:
                     return
                 on_admitted(None)
 
-        def one_done(_: Future) -> None:  # on the compiler's thread: hand the rest to the admission thread
+        def one_done(_: Future | None) -> None:  # on the compiler's thread: hand the rest to the admission thread
             with lock:
                 remaining[0] -= 1
                 if remaining[0]:
@@ -326,6 +343,9 @@ class Engine:
             except RuntimeError as exc:  # shut down
                 on_admitted(exc)
 
+        if not pending:
+            remaining[0] = 1
+            one_done(None)
         for future in pending:
             future.add_done_callback(one_done)
 
@@ -407,14 +427,14 @@ class Engine:
     # ------------------------------------------------------------------ request intake
     def _prepare(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
                  top_logprobs_num, return_text_in_logprobs, rid, stream, program_id=None,
-                 cache_namespace=None) -> GenerateInput:
+                 cache_namespace=None, plan_search: bool = True) -> GenerateInput:
         if self._stopped or self._dead:
             raise RuntimeError("the engine has been shut down" if self._stopped else "the engine loop has died")
         if program_id is not None:
             _check_program_id(program_id)
         _check_cache_namespace(cache_namespace)
         gi = normalize_inputs(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                              top_logprobs_num, rid)
+                              top_logprobs_num, rid, plan_search)
         for req in gi.requests:
             # a relaxed schema's document is validated before anything is sent: one (final) event
             req.stream = stream and req.relaxation is None

@@ -98,8 +98,11 @@ def normalize_inputs(
     logprob_start_len: int,
     top_logprobs_num: int,
     rid: Any,
+    plan_search: bool = True,
 ) -> GenerateInput:
-    """Build one Request per (prompt, n) after checking every argument against the engine's limits."""
+    """Build one Request per (prompt, n) after checking every argument against the engine's limits.
+    ``plan_search``: a constrained request's start plan may be searched here (``new_state``); False on a
+    thread that must not block, which then plans only from cached endings."""
     id_lists, is_batch = _prompts_to_ids(engine, prompt, input_ids)
     params_list = [
         SamplingParams.from_dict(p) for p in _per_prompt(sampling_params, len(id_lists), "sampling_params", (dict, SamplingParams))
@@ -152,7 +155,8 @@ def normalize_inputs(
                     logprob_start_len=logprob_start_len if return_logprob else -1,
                     top_logprobs_num=top_logprobs_num if return_logprob else 0,
                     grammar=None if grammar is None else engine.constrained.new_state(
-                        healing.grammar, eos | frozenset(params.stop_token_ids), params.max_new_tokens),
+                        healing.grammar, eos | frozenset(params.stop_token_ids), params.max_new_tokens,
+                        plan_search),
                     healed_tokens=healing.tokens,
                     healed_text=healing.text,
                     relaxation=getattr(grammar, "relaxation", None),

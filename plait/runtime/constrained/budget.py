@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from concurrent.futures import Future
 from dataclasses import astuple, dataclass
 
 import numpy as np
@@ -303,14 +304,32 @@ _start_endings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def start_ending(grammar: CompiledGrammar, info: TokenizerInfo, limits: SearchLimits) -> list[int] | None:
     """``shortest_completion`` from the start state of ``grammar`` within ``limits``, computed once per
     (grammar, bounds) and kept as long as the grammar is (a start state's ending does not depend on the
-    request). Thread-safe: concurrent callers wait for the one search."""
+    request). Thread-safe: concurrent callers of one (grammar, bounds) wait for its one search; searches of
+    other grammars or bounds run at the same time (no lock is held while searching)."""
     key = astuple(limits)
     with _start_lock:
         known = _start_endings.setdefault(grammar, {})
-        if key not in known:
-            known[key] = shortest_completion(grammar.new_matcher(), info, limits)
-        path = known[key]
+        entry = known.get(key)
+        owner = entry is None
+        if owner:
+            entry = known[key] = Future()
+    if owner:
+        try:
+            entry.set_result(shortest_completion(grammar.new_matcher(), info, limits))
+        except BaseException as exc:
+            with _start_lock:
+                known.pop(key, None)  # not cached: the next caller searches again
+            entry.set_exception(exc)
+            raise
+    path = entry.result()
     return None if path is None else list(path)
+
+
+def start_ending_known(grammar: CompiledGrammar, limits: SearchLimits) -> bool:
+    """Whether ``start_ending(grammar, ..., limits)`` is cached (returns without searching)."""
+    with _start_lock:
+        entry = _start_endings.get(grammar, {}).get(astuple(limits))
+    return entry is not None and entry.done() and entry.exception() is None
 
 
 class BudgetSteering:
@@ -368,19 +387,41 @@ class BudgetSteering:
         self._vetted: tuple[int, list[int]] | None = None  # (token, its state's ending) from vet
         self._row: torch.Tensor | None = None
 
-    def prepare(self, grammar: CompiledGrammar, budget: int) -> None:
+    def prepare(self, grammar: CompiledGrammar, budget: int, search: bool = True) -> None:
         """Before the request's first token, with ``budget`` tokens for it (``max_new_tokens``): where
         the first check would run at token 0, plan the start state's ending (cached per grammar, see
-        the class). Call it on a thread other than the engine's: a generous search can take a while
-        the first time a grammar is seen (up to ``start_limits``)."""
-        if budget > FIRST_CHECK_BUDGET or budget <= 0:
+        the class). With ``search`` call it on a thread other than the engine's and its command loop:
+        a generous search can take a while the first time a grammar is seen (up to ``start_limits``).
+        ``search=False`` uses only endings already cached (none: no plan; the per-step checks remain)."""
+        if not self.needs_start_plan(budget):
+            return
+        if not search and not start_ending_known(grammar, self.limits):
             return
         path = start_ending(grammar, self.info, self.limits)
         if path is None or budget - len(self._with_stop(path, budget)) <= self.zone:
-            roomy = start_ending(grammar, self.info, self.start_limits)
-            if roomy is not None and (path is None or len(roomy) < len(path)):
-                path = roomy
+            if search or start_ending_known(grammar, self.start_limits):
+                roomy = start_ending(grammar, self.info, self.start_limits)
+                if roomy is not None and (path is None or len(roomy) < len(path)):
+                    path = roomy
         self._plan = path
+
+    @staticmethod
+    def needs_start_plan(budget: int) -> bool:
+        """Whether a request with ``budget`` tokens is planned from its start state (``prepare``)."""
+        return 0 < budget <= FIRST_CHECK_BUDGET
+
+    def start_plan_cached(self, grammar: CompiledGrammar, budget: int) -> bool:
+        """Whether ``prepare(grammar, budget)`` would find every ending it looks at cached (no search).
+        Counts a stop token into the ending, so it may call for the generous search where ``prepare``
+        (knowing the request's stop token) would not: never the other way round."""
+        if not self.needs_start_plan(budget):
+            return True
+        if not start_ending_known(grammar, self.limits):
+            return False
+        path = start_ending(grammar, self.info, self.limits)  # cached: no search
+        if path is None or budget - len(path) - 1 <= self.zone:
+            return start_ending_known(grammar, self.start_limits)
+        return True
 
     def _search(self, matcher: TokenMatcher, budget: int, scale: int = 1) -> list[int] | None:
         """An ending of the matcher's state that fits ``budget`` (without the stop token), or None

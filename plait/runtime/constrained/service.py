@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from plait.runtime.constrained.backends.base import CompiledGrammar
-from plait.runtime.constrained.budget import SearchLimits, candidates_for
+from plait.runtime.constrained.budget import BudgetSteering, SearchLimits, candidates_for
 from plait.runtime.constrained.compiler import DEFAULT_CACHE_BYTES, DEFAULT_TIMEOUT_S, GrammarCompiler
 from plait.runtime.constrained.limits import GrammarLimits
 from plait.runtime.constrained.matcher import GrammarState
@@ -117,16 +117,31 @@ class ConstrainedDecoding:
         return self.compiler.submit(spec)
 
     def new_state(self, grammar: CompiledGrammar, stop_ids: frozenset[int],
-                  max_new_tokens: int | None = None) -> GrammarState:
+                  max_new_tokens: int | None = None, plan_search: bool = True) -> GrammarState:
         """A fresh per-request state; ``stop_ids`` are the request's EOS and stop_token_ids. With
         ``max_new_tokens`` (the request's budget) and budget steering on, the ending of the grammar's
         start state is planned now, on the caller's thread (``BudgetSteering.prepare``: searched once
-        per grammar, then cached), so that the engine's loop does not search for it at token 0."""
+        per grammar, then cached), so that the engine's loop does not search for it at token 0.
+        ``plan_search=False`` (a caller that must not block: a server's command loop) plans only from
+        endings already cached (``start_plan_pending`` says when to plan elsewhere first)."""
         state = GrammarState(grammar, self.compiler.info, stop_ids, jump_forward=self.jump_forward,
                              budget_margin=self.budget_margin, budget_limits=self.budget_limits)
         if state.steering is not None and max_new_tokens is not None:
-            state.steering.prepare(grammar, max_new_tokens)
+            state.steering.prepare(grammar, max_new_tokens, search=plan_search)
         return state
+
+    def start_plan_pending(self, params: SamplingParams) -> bool:
+        """Whether a request with ``params`` would make ``new_state`` search for its start plan: budget
+        steering on, a budget tight from the first token, its grammar compiled, and a start ending that
+        ``BudgetSteering.prepare`` would look at not cached yet. Never searches or blocks
+        (a compile still pending is False here: the caller waits for it anyway)."""
+        if self.budget_margin is None or not BudgetSteering.needs_start_plan(params.max_new_tokens):
+            return False
+        future = self.grammar_future(params)
+        if future is None or not future.done() or future.exception() is not None:
+            return False
+        steering = BudgetSteering(self.compiler.info, None, self.budget_margin, limits=self.budget_limits)
+        return not steering.start_plan_cached(future.result(), params.max_new_tokens)
 
     def shutdown(self) -> None:
         """Stop the compiler's workers. A compiler still being built (``warm_up``) is waited for and

@@ -230,6 +230,60 @@ def test_a_budget_tight_from_the_start_follows_the_planned_start_ending(compiler
     assert roomy._plan is None
 
 
+def test_prepare_without_search_plans_only_from_cached_endings(compilers, tokenizer_info, monkeypatch):
+    """A caller that must not block (a server's command loop) plans from cached start endings only."""
+    grammar = compilers["llguidance"].compile(ConstraintSpec(ConstraintKind.REGEX, "[a-z]{3,9}@[a-z]{2,5}\\.org"))
+    calls = []
+    search = budget_mod.shortest_completion
+    monkeypatch.setattr(budget_mod, "shortest_completion", lambda *a: calls.append(1) or search(*a))
+
+    def planned(search_allowed: bool) -> list[int] | None:
+        state = GrammarState(grammar, tokenizer_info, frozenset(tokenizer_info.stop_ids))
+        state.steering.prepare(grammar, 12, search=search_allowed)
+        return state.steering._plan
+
+    assert not budget_mod.start_ending_known(grammar, SearchLimits())
+    assert planned(False) is None and calls == []  # nothing cached: no plan, no search
+    plan = planned(True)
+    assert plan and calls and budget_mod.start_ending_known(grammar, SearchLimits())
+    searched = len(calls)
+    assert planned(False) == plan and len(calls) == searched  # cached now: the same plan, no search
+
+
+def test_start_endings_of_other_grammars_do_not_wait_for_each_other(compilers, tokenizer_info, monkeypatch):
+    """No lock is held while one grammar's start ending is searched: another grammar's search (or a
+    cached lookup) goes on meanwhile; callers of the same grammar wait for its one search."""
+    import threading
+
+    slow = compilers["llguidance"].compile(ConstraintSpec(ConstraintKind.REGEX, "[0-9]{4}-[a-z]{3}"))
+    fast = compilers["llguidance"].compile(ConstraintSpec(ConstraintKind.REGEX, "[0-9]{2}x"))
+    entered, release = threading.Event(), threading.Event()
+    search = budget_mod.shortest_completion
+
+    def gated(matcher, info, limits, *rest):
+        if matcher is gated.slow_matcher:
+            entered.set()
+            assert release.wait(10)
+        return search(matcher, info, limits, *rest)
+
+    new_matcher = slow.new_matcher
+    monkeypatch.setattr(slow, "new_matcher", lambda: setattr(gated, "slow_matcher", new_matcher()) or gated.slow_matcher,
+                        raising=False)
+    monkeypatch.setattr(budget_mod, "shortest_completion", gated)
+    results = {}
+    slow_thread = threading.Thread(target=lambda: results.update(slow=start_ending(slow, tokenizer_info, ROOMY)))
+    slow_thread.start()
+    assert entered.wait(10)
+    waiter = threading.Thread(target=lambda: results.update(again=start_ending(slow, tokenizer_info, ROOMY)))
+    waiter.start()
+    assert start_ending(fast, tokenizer_info, ROOMY)  # not blocked by the slow search in progress
+    assert "again" not in results  # the second caller of the slow grammar waits for its one search
+    release.set()
+    slow_thread.join(10)
+    waiter.join(10)
+    assert results["slow"] and results["again"] == results["slow"]
+
+
 def test_the_plan_moves_on_with_its_own_tokens_and_is_dropped_by_others(compilers, tokenizer_info):
     prefix = '{"id": 1, "customer": {"name": "A", "email": "a@b.c"}, "items": [], "note": "ok'
     state = _state(compilers, "llguidance", ConstraintKind.JSON_SCHEMA, ORDER, tokenizer_info, prefix)

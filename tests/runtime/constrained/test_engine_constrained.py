@@ -230,6 +230,37 @@ def test_a_budget_tight_from_the_first_token_follows_the_start_ending_planned_at
         assert len(out["output_ids"]) <= param["max_new_tokens"]
 
 
+def test_submit_plans_a_tight_budget_on_the_admission_thread_not_the_callers(engine):
+    """A server's command loop calls submit(on_admitted=...) and must not block: a compiled grammar whose
+    start ending is not cached yet is planned on the admission thread (submit returns [] at once); once
+    cached, the next request goes straight in and plans from the cache."""
+    import threading
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "integer"}},
+              "required": ["city", "zip"]}
+    engine.constrained.grammar_for(SamplingParams(json_schema=schema))  # compiled and cached
+    params = {"json_schema": schema, "max_new_tokens": 40, "temperature": 0.7, "seed": 3}
+    assert engine.constrained.start_plan_pending(SamplingParams.from_dict(params))
+    prompt = _chat(engine, "Write a long and detailed answer in the requested format.")
+    done, admitted, outputs = threading.Event(), [], []
+
+    def on_output(index, event):
+        if event["finished"]:
+            outputs.append(event["output"])
+            done.set()
+
+    caller = threading.current_thread()
+    assert engine.submit(prompt, params, on_output=on_output, rid="plan-1",
+                         on_admitted=lambda err: admitted.append((err, threading.current_thread()))) == []
+    assert done.wait(120) and admitted[0][0] is None and admitted[0][1] is not caller
+    assert _valid({"json_schema": schema}, outputs[0]["text"]), outputs[0]["text"]
+    assert not engine.constrained.start_plan_pending(SamplingParams.from_dict(params))
+    done.clear()
+    assert engine.submit(prompt, {**params, "seed": 4}, on_output=on_output, rid="plan-2",
+                         on_admitted=lambda err: admitted.append((err, None))) == ["plan-2"]
+    assert done.wait(120) and _valid({"json_schema": schema}, outputs[1]["text"]), outputs[1]["text"]
+
+
 # llguidance refuses "oneOf" and "not": the schema compiles relaxed (oneOf as anyOf, not dropped) and each
 # finished document is validated against it (runtime/relaxed.py)
 PET = {"type": "object", "properties": {"kind": {"oneOf": [{"const": "cat"}, {"const": "dog"}]},
