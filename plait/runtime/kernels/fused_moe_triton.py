@@ -24,7 +24,7 @@ the MMA's first operand, activations from shared memory: see ``_expert_gemm``). 
 activations on sm_90 the decode is PTX straight to bf16 (``_fp4_pair_bf16``: about three operations a
 value); elsewhere ``_fp4_pair`` in float32. ``TileConfig.split_k`` splits a GEMM's reduction over
 programs: float32 partials, summed with the activation by ``_moe_up_finish_kernel`` (up) or with the
-choices in one torch reduction (down).
+choices in ``_moe_down_finish_kernel`` (down).
 
 Grids depend on T, K and the tiling only; the row blocks past ``num_padded`` exit at once. No host
 reads: CUDA-graph capturable.
@@ -366,6 +366,22 @@ def _moe_up_finish_kernel(
 
 
 @triton.jit
+def _moe_down_finish_kernel(part_ptr, out_ptr, num_tokens, top_k, H, stride_om,
+                            SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """Split-K down GEMM, second pass: a token's output is the float32 sum of its choices' weighted
+    partials over the splits (``part_ptr`` ``[SPLIT_K, T*K, H]``), rounded once (grid: T x H / BLOCK). One
+    launch where torch needed a reduction and a cast."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < H
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(top_k):
+        for split in tl.static_range(SPLIT_K):
+            acc += tl.load(part_ptr + ((split * num_tokens + token) * top_k + k) * H + cols, mask=ok, other=0.0)
+    tl.store(out_ptr + token * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _moe_down_kernel(
     a_ptr, w_ptr, s_ptr, b_ptr, tw_ptr, y_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     num_pairs, num_m_blocks, num_experts, H, I,
@@ -483,8 +499,11 @@ def fused_moe_triton(
         BLOCK_M=bm, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=config.group_m, SPLIT_K=down.split_k,
         BF16_ASM=bf16_asm, SWIZZLED=swz, DIRECT=direct, num_warps=down.num_warps, num_stages=down.num_stages,
     )
-    if down.split_k > 1:  # the splits and the choices in one float32 reduction
-        return y.view(down.split_k, T, K, H).sum(dim=(0, 2)).to(x.dtype)
+    if down.split_k > 1:  # the splits and the choices in one float32 sum, rounded once
+        out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+        _moe_down_finish_kernel[(T, triton.cdiv(H, 1024))](y, out, T, K, H, out.stride(0),
+                                                           SPLIT_K=down.split_k, BLOCK=1024)
+        return out
     if K == 1:
         return y
     return y.view(T, K, H).sum(dim=1)  # float32 accumulation inside torch's reduction
