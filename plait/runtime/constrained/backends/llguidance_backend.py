@@ -165,6 +165,8 @@ def build_lltokenizer(llg: Any, info: TokenizerInfo, native: bool = True) -> tup
 class LLGuidanceMatcher(TokenMatcher):
     def __init__(self, matcher: Any):
         self._m = matcher
+        self.fill_ptr = matcher.unsafe_compute_mask_ptr  # (address, nbytes): the mask written in place
+        self.has_error = matcher.is_error
 
     def consume(self, token: int) -> bool:
         return bool(self._m.consume_token(token))
@@ -192,10 +194,17 @@ class LLGuidanceMatcher(TokenMatcher):
 class LLGuidanceGrammar(CompiledGrammar):
     backend_name = "llguidance"
 
-    def __init__(self, spec: ConstraintSpec, prototype: Any, grammar_text: str | None = None):
+    def __init__(self, spec: ConstraintSpec, prototype: Any, grammar_text: str | None = None,
+                 end_ids: frozenset[int] | None = None):
         self.spec = spec
         self._prototype = prototype
         self.grammar_text = grammar_text  # llguidance's grammar (JSON text), when known
+        # ``end_ids``: what llguidance's mask sets where the grammar can end (``LLGuidanceBackend.end_ids``).
+        # No other special token can be allowed by a JSON schema, regex or choice list: llguidance gives
+        # special tokens bytes that start with 0xff, never valid UTF-8, and refuses regexes that could
+        # match invalid UTF-8. A Lark grammar can name special tokens (``<|...|>``): not claimed there.
+        if spec.kind in (ConstraintKind.JSON_SCHEMA, ConstraintKind.REGEX, ConstraintKind.CHOICES):
+            self.mask_end_ids = end_ids
         # measured: ~130 KB per compiled JSON schema of a few fields; the text's size stands for the rest
         self.nbytes = 128 * 1024 + 16 * len(grammar_text or "")
 
@@ -213,18 +222,37 @@ class LLGuidanceBackend(GrammarBackend):
         self._lock = threading.Lock()
         self._tokenizers: dict[int, Any] = {}
         self._kinds: dict[int, str] = {}
+        self._end_ids: dict[int, frozenset[int] | None] = {}
 
     def tokenizer_for(self, info: TokenizerInfo) -> Any:
         """The LLTokenizer of ``info`` (about 0.5 s to build; once per tokenizer): native when llguidance
         reads the tokenizer exactly as plait's token table says, else the Python wrapper
-        (``build_lltokenizer``); ``vocabulary_kind`` says which."""
+        (``build_lltokenizer``); ``vocabulary_kind`` says which, ``end_ids`` which ids its masks set
+        where a grammar can end."""
         with self._lock:
             tok = self._tokenizers.get(id(info))
             if tok is None:
                 tok, kind = build_lltokenizer(self._llg, info, native=self.native_vocabulary)
+                self._end_ids[id(info)] = self._probe_end_ids(tok, info)
                 self._tokenizers[id(info)] = tok
                 self._kinds[id(info)] = kind
             return tok
+
+    def end_ids(self, info: TokenizerInfo) -> frozenset[int] | None:
+        """The ids llguidance's mask sets where a grammar can end (probed with the tokenizer: ``_probe_end_ids``)."""
+        self.tokenizer_for(info)
+        return self._end_ids[id(info)]
+
+    def _probe_end_ids(self, tok: Any, info: TokenizerInfo) -> frozenset[int] | None:
+        """The bits of the empty regex's mask (it allows nothing but ending): llguidance sets every
+        end-of-sequence id of its tokenizer there, which ``build_lltokenizer`` makes ``info.stop_ids``;
+        None when the probe finds anything else."""
+        matcher = self._llg.LLMatcher(tok, self._llg.LLMatcher.grammar_from_regex(""), log_level=0)
+        row = torch.zeros(info.bitmask_words, dtype=torch.int32)
+        matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+        words = [w & 0xFFFFFFFF for w in row.tolist()]
+        ids = frozenset(32 * i + b for i, w in enumerate(words) if w for b in range(32) if w >> b & 1)
+        return ids if ids and ids == info.stop_ids and matcher.is_accepting() else None
 
     def vocabulary_kind(self, info: TokenizerInfo) -> str:
         """``"native"`` or ``"wrapper"``: how ``tokenizer_for(info)`` was built (building it if needed)."""
@@ -250,13 +278,13 @@ class LLGuidanceBackend(GrammarBackend):
         return self._checked(spec, info)[0]
 
     def load(self, spec: ConstraintSpec, payload: str, info: TokenizerInfo) -> CompiledGrammar:
-        return LLGuidanceGrammar(spec, self._matcher(self.tokenizer_for(info), payload), payload)
+        return LLGuidanceGrammar(spec, self._matcher(self.tokenizer_for(info), payload), payload, self.end_ids(info))
 
     def compile(self, spec: ConstraintSpec, info: TokenizerInfo) -> CompiledGrammar:
         """In this process: the matcher that validated the grammar becomes the compiled grammar's
         prototype (one compilation, not ``prepare``'s and then ``load``'s)."""
         grammar, matcher = self._checked(spec, info)
-        return LLGuidanceGrammar(spec, matcher, grammar)
+        return LLGuidanceGrammar(spec, matcher, grammar, self.end_ids(info))
 
     def _checked(self, spec: ConstraintSpec, info: TokenizerInfo) -> tuple[str, Any]:
         """(grammar text, its matcher at the start) once the matcher built without error and its first
