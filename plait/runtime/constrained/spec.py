@@ -83,7 +83,11 @@ def _normalize_schema(text: str) -> str:
         )
     if schema is False:
         raise ConstraintError("sampling parameter 'json_schema' is false: no document can match it")
-    check_ref_cycles(schema)
+    if "$ref" in text or "\\u" in text:
+        # A cycle goes through a "$ref" (parsed JSON is a tree: allOf / anyOf members alone never lead
+        # back), and that key is in the text as is unless written with \u escapes. Most schemas have
+        # neither: the walk over every node is skipped.
+        check_ref_cycles(schema)
     # One compact text per schema, so equal schemas share one compiled grammar. Keys keep their order:
     # the order of "properties" is the order the fields are generated in.
     return json.dumps(schema, separators=(",", ":"))

@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -138,6 +139,42 @@ def test_json_nesting_ignores_brackets_in_strings_and_counts_past_a_broken_strin
 def test_cyclic_refs_are_refused_up_front(schema):
     with pytest.raises(ConstraintError, match="cyclic"):
         spec_from_params(SamplingParams(json_schema=schema))
+
+
+@pytest.mark.parametrize("text", ['{"\\u0024ref": "#"}', '{"allOf": [{"$\\u0072ef": "#"}]}'])
+def test_cyclic_refs_written_with_escapes_are_refused(text):
+    """The cycle check runs only for a text that names "$ref" or has \\u escapes; escaped keys are caught."""
+    with pytest.raises(ConstraintError, match="cyclic"):
+        spec_from_params(SamplingParams(json_schema=text))
+
+
+def test_schemas_without_refs_skip_the_cycle_walk(monkeypatch):
+    from plait.runtime.constrained import spec as spec_module
+
+    def walk(schema):
+        raise AssertionError("walked")
+
+    monkeypatch.setattr(spec_module, "check_ref_cycles", walk)
+    schema = {"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"allOf": [{"type": "string"}]}]}}}
+    assert spec_from_params(SamplingParams(json_schema=schema)) is not None
+    with pytest.raises(AssertionError, match="walked"):
+        spec_from_params(SamplingParams(json_schema={"$defs": {"a": {"type": "string"}}, "$ref": "#/$defs/a"}))
+
+
+def test_json_nesting_scan_skipped_when_the_brackets_are_too_few(monkeypatch):
+    """At most max_depth opening brackets cannot nest deeper: no scan; one more and the scan decides."""
+    from plait.runtime.constrained import limits as limits_module
+
+    limits = GrammarLimits(max_depth=3)
+    scans = []
+    real = limits_module._JSON_STRING
+    monkeypatch.setattr(limits_module, "_JSON_STRING", SimpleNamespace(sub=lambda *a: scans.append(1) or real.sub(*a)))
+    assert spec_from_params(SamplingParams(json_schema='{"a": [{"b": 1}]}'), limits) is not None
+    assert not scans
+    with pytest.raises(ConstraintError, match="nests deeper than 3"):
+        spec_from_params(SamplingParams(json_schema='{"a": [{"b": [1]}]}'), limits)
+    assert scans == [1]
+    assert spec_from_params(SamplingParams(json_schema='{"a": [{"b": 1}], "c": "[[["}'), limits) is not None
 
 
 def test_recursive_schemas_that_produce_output_are_fine(compilers):
