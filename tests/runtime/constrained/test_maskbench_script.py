@@ -64,5 +64,7 @@ def test_pass_rule_kinds_and_table(maskbench, tokenizer_info, tmp_path):
     assert len(plait["compile_s"]) == 4 and plait["mask_s"]
     table = maskbench.table(results)
     assert table.splitlines()[2].startswith("| plait | 9 | 3 | 1 | 4 | 0 | 1 | 0 |")
+    assert 0 < len(plait["first_s"]) <= len(plait["compile_s"])  # schemas compiled with an instance walked
+    assert len(table.splitlines()[0].split("|")) == len(table.splitlines()[2].split("|"))
     sampled = maskbench.load_cases(tmp_path, 2, seed=1)
     assert len(sampled) == 2 and sampled == maskbench.load_cases(tmp_path, 2, seed=1)
