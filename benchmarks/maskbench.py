@@ -15,7 +15,10 @@ Two sides:
 - plait: ``spec_from_params`` (plait's limits and normalization), ``GrammarCompiler.compile`` (in this
   process, with the compile timeout), ``GrammarState`` (mask with stop-token bits, ``accept_token``).
 - llguidance: the same package called directly with its default JSON options
-  (``grammar_from_json_schema`` + ``LLMatcher`` on the same token table).
+  (``grammar_from_json_schema`` + ``LLMatcher`` on the same token table). ``--llguidance-options plait``
+  gives it plait's JSON options instead (``json_schema_grammar``: fixed separators, at most one space
+  between JSON tokens): the same grammar on both sides, so that the difference is plait's own work
+  rather than the cost of its grammar.
 
 A schema that no backend compiles exactly compiles relaxed in plait (docs/constrained.md, "Relaxed
 schemas"); for the exact pass figure that is a ``compile`` failure, as before. The second figure,
@@ -306,14 +309,21 @@ class PlaitSide(Side):
 class LLGuidanceSide(Side):
     name = "llguidance"
 
-    def __init__(self, info: TokenizerInfo, tokenizer):
+    def __init__(self, info: TokenizerInfo, tokenizer, options: str = "default"):
         super().__init__(info)
         import llguidance
 
+        from plait.runtime.constrained.backends.llguidance_backend import json_schema_grammar
+
         self.llg, self.tokenizer = llguidance, tokenizer
+        self.grammar = llguidance.LLMatcher.grammar_from_json_schema
+        if options == "plait":
+            self.grammar = lambda text: json_schema_grammar(llguidance, text)
+        elif options != "default":
+            raise ValueError(f"llguidance options are 'default' or 'plait', not {options!r}")
 
     def compile(self, schema: object):
-        grammar = self.llg.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+        grammar = self.grammar(json.dumps(schema))
         matcher = self.llg.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(matcher.get_error())
@@ -333,7 +343,8 @@ class LLGuidanceSide(Side):
 
 
 def run(data_dir: Path, sample: int | None, seed: int, backend: str = "llguidance", timeout_s: float = 30.0,
-        limits: GrammarLimits | None = None, info: TokenizerInfo | None = None, verbose: bool = False) -> dict:
+        limits: GrammarLimits | None = None, info: TokenizerInfo | None = None, verbose: bool = False,
+        llguidance_options: str = "default") -> dict:
     """Walk the cases through both sides; returns {side: {"tried", "pass", kinds..., "failed": [...],
     "compile_s", "first_s", "mask_s"}}; plait's also has "relaxed" (schemas compiled only relaxed), "usable" (exact
     passes plus usable relaxed ones), "invalid_delivered" and "not_usable" (relaxed: [(name, why)])."""
@@ -346,7 +357,7 @@ def run(data_dir: Path, sample: int | None, seed: int, backend: str = "llguidanc
     plait_side.compiler.backend_named("llguidance")  # load the backend outside the timed compiles
     from plait.runtime.constrained.backends.llguidance_backend import LLGuidanceBackend
 
-    sides = [plait_side, LLGuidanceSide(info, LLGuidanceBackend().tokenizer_for(info))]
+    sides = [plait_side, LLGuidanceSide(info, LLGuidanceBackend().tokenizer_for(info), llguidance_options)]
     warm_up = {"type": "object", "properties": {"a": {"type": "string"}}}
     for side in sides:  # untimed: plait's token table and compile thread, both sides' first grammar
         side.run(warm_up, [(info.encode('{"a": "x"}'), True)])
@@ -412,15 +423,18 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=30.0, help="plait's compile timeout, seconds")
     ap.add_argument("--max-bytes", type=int, default=GrammarLimits().max_bytes,
                     help="plait's grammar_max_bytes (default: the engine's)")
+    ap.add_argument("--llguidance-options", choices=("default", "plait"), default="default",
+                    help="raw llguidance's JSON options: its defaults, or plait's (the same grammar on both sides)")
     ap.add_argument("--show-failures", action="store_true", help="list each failed schema and why")
     args = ap.parse_args()
     import llguidance
 
     start = time.perf_counter()
     results = run(args.data_dir, args.sample, args.seed, args.backend, args.timeout,
-                  GrammarLimits(max_bytes=args.max_bytes), verbose=True)
+                  GrammarLimits(max_bytes=args.max_bytes), verbose=True, llguidance_options=args.llguidance_options)
     print(f"MaskBench, {platform.machine()} {platform.system()}, llguidance {llguidance.__version__}, "
-          f"plait backend {args.backend}, grammar_max_bytes {args.max_bytes}, "
+          f"plait backend {args.backend}, llguidance options {args.llguidance_options}, "
+          f"grammar_max_bytes {args.max_bytes}, "
           f"sample {args.sample or 'all'} (seed {args.seed}), "
           f"{time.perf_counter() - start:.0f} s")
     print(table(results))
