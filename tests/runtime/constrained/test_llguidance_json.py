@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from plait.runtime.constrained import ConstraintKind, ConstraintSpec, GrammarCompiler, GrammarState
+from plait.runtime.constrained.backends.base import UnsupportedConstraint
 from tests.runtime.constrained.conftest import walk
 
 pytestmark = pytest.mark.model  # the bundled model's tokenizer
@@ -171,3 +172,14 @@ def test_an_error_state_allows_nothing(tokenizer_info, compilers):
     row = torch.full((tokenizer_info.bitmask_words,), -1, dtype=torch.int32)
     state.fill_bitmask(row)
     assert not bool(row.any())
+
+
+@pytest.mark.parametrize("kind, source", [(ConstraintKind.GRAMMAR, 'start: a\na: a "x"'),
+                                          (ConstraintKind.REGEX, "[^\\x00-\\x{10FFFF}]")])
+def test_a_grammar_that_allows_nothing_is_refused_at_compile(compilers, kind, source):
+    """The check on the first mask (no token allowed, not accepting) refuses it; the empty output alone
+    is fine."""
+    backend = compilers["llguidance"].backend_named("llguidance")
+    with pytest.raises(UnsupportedConstraint, match="matches no output at all"):
+        backend.compile(ConstraintSpec(kind, source), compilers["llguidance"].info)
+    assert backend.compile(ConstraintSpec(ConstraintKind.REGEX, ""), compilers["llguidance"].info)
