@@ -37,7 +37,8 @@ JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_patte
 # The options as the schema's own "x-guidance" member, spliced into the schema text (llguidance reads it
 # there; passing ``overrides`` makes it parse and rewrite the whole schema: 0.07 ms against 0.01 for a
 # 3.6 KB schema). It goes last, where ``overrides`` puts it: the member's place matters to llguidance
-# (spliced first, it refused valid documents of draft-04 schemas whose "$ref" has sibling keywords).
+# (spliced first, it refused valid documents of 3 MaskBench schemas that it accepts with the options
+# last, all draft-04, one a "$ref" with sibling keywords).
 _OPTIONS_MEMBER = '"x-guidance":' + json.dumps(JSON_OPTIONS, separators=(",", ":"))
 
 
