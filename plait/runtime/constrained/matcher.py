@@ -54,6 +54,12 @@ class GrammarState:
         # a ctypes view of the row's first words, up to the last one edited (no copy, no numpy array)
         self._words_type = ctypes.c_int32 * (max(touched) + 1) if touched else None
         self._min_words = max(touched) + 1 if touched else 0
+        # The backend's own fast paths (TokenMatcher.fill_ptr / has_error), and whether its mask already
+        # has this request's stop bits right (the stop tokens are exactly CompiledGrammar.mask_end_ids):
+        # then nothing is edited, except in an error state (where llguidance allows its end tokens).
+        self._fill_ptr = self.matcher.fill_ptr if self.matcher.has_error is not None else None
+        self._has_error = self.matcher.has_error
+        self._exact = self._fill_ptr is not None and grammar.mask_end_ids is not None and set(stop) == grammar.mask_end_ids
 
     @staticmethod
     def _word_masks(stop: list[int], never: list[int]) -> tuple[tuple, tuple]:
@@ -87,10 +93,15 @@ class GrammarState:
 
     def fill_bitmask(self, row: torch.Tensor) -> None:
         """Write this request's allowed next tokens into ``row`` (int32 [ceil(V / 32)], CPU, contiguous)."""
-        if not (row.is_cpu and row.dtype is torch.int32 and row.is_contiguous() and row.numel() >= self._min_words):
+        if not (row.dtype is torch.int32 and row.is_cpu and row.is_contiguous() and row.numel() >= self._min_words):
             raise ValueError(f"a bitmask row must be a contiguous int32 CPU tensor of at least {self._min_words} "
                              f"words, not {row.dtype} {tuple(row.shape)} on {row.device}")
-        self.matcher.fill_bitmask(row)
+        if self._fill_ptr is None:
+            self.matcher.fill_bitmask(row)
+        else:
+            self._fill_ptr(row.data_ptr(), row.numel() << 2)
+            if self._exact and not self._has_error():
+                return
         if self._words_type is None:
             return
         words = self._words_type.from_address(row.data_ptr())

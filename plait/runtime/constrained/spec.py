@@ -12,6 +12,8 @@ from __future__ import annotations
 import enum
 import json
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,28 +85,83 @@ def _normalize_schema(text: str) -> str:
         )
     if schema is False:
         raise ConstraintError("sampling parameter 'json_schema' is false: no document can match it")
-    check_ref_cycles(schema)
+    if "$ref" in text or "\\u" in text:
+        # A cycle goes through a "$ref" (parsed JSON is a tree: allOf / anyOf members alone never lead
+        # back), and that key is in the text as is unless written with \u escapes. Most schemas have
+        # neither: the walk over every node is skipped.
+        check_ref_cycles(schema)
     # One compact text per schema, so equal schemas share one compiled grammar. Keys keep their order:
     # the order of "properties" is the order the fields are generated in.
     return json.dumps(schema, separators=(",", ":"))
+
+
+class _SpecCache:
+    """Specs already checked and normalized, per (kind, source text as given, limits): a request that
+    repeats a constraint (the usual case: one schema for every request of an application) skips the
+    checks and the JSON round trip (0.05 ms for a typical schema, a few ms for a 100 KB one). Bounded
+    by the texts' total length and by count, least recently used dropped first; refusals are not kept."""
+
+    def __init__(self, max_chars: int = 16 * 2**20, max_entries: int = 1024):
+        self.max_chars, self.max_entries = max_chars, max_entries
+        self._lock = threading.Lock()
+        self._specs: OrderedDict[tuple[str, str, GrammarLimits], ConstraintSpec] = OrderedDict()
+        self._chars = 0
+
+    def get(self, key: tuple[str, str, GrammarLimits]) -> ConstraintSpec | None:
+        with self._lock:
+            spec = self._specs.get(key)
+            if spec is not None:
+                self._specs.move_to_end(key)
+            return spec
+
+    def clear(self) -> None:
+        with self._lock:
+            self._specs.clear()
+            self._chars = 0
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def put(self, key: tuple[str, str, GrammarLimits], spec: ConstraintSpec) -> None:
+        size = len(key[1]) + len(spec.source)
+        if size > self.max_chars:
+            return
+        with self._lock:
+            if key in self._specs:
+                return
+            self._specs[key] = spec
+            self._chars += size
+            while self._chars > self.max_chars or len(self._specs) > self.max_entries:
+                (_, old_source, _), old = self._specs.popitem(last=False)
+                self._chars -= len(old_source) + len(old.source)
+
+
+_SPECS = _SpecCache()
 
 
 def spec_from_params(params: SamplingParams, limits: GrammarLimits | None = None) -> ConstraintSpec | None:
     """The constraint of ``params``, validated and normalized; None when unconstrained.
 
     Raises ``ConstraintError`` for a constraint that is malformed or past ``limits`` (default
-    ``GrammarLimits()``) before any backend sees it.
+    ``GrammarLimits()``) before any backend sees it. A constraint seen before (the same text and limits)
+    is served from a cache of checked specs.
     """
     constraint = params.constraint
     if constraint is None:
         return None
     name, value = constraint
+    key = (name, value, limits or GrammarLimits())
+    spec = _SPECS.get(key)
+    if spec is not None:
+        return spec
     try:
-        return _checked_spec(name, value, limits or GrammarLimits())
+        spec = _checked_spec(name, value, key[2])
     except ValueError as exc:  # the limits' own error type, and ConstraintError itself
         if isinstance(exc, ConstraintError):
             raise
         raise ConstraintError(f"sampling parameter {name!r}: {exc}") from None
+    _SPECS.put(key, spec)
+    return spec
 
 
 def _checked_spec(name: str, value: str, limits: GrammarLimits) -> ConstraintSpec:

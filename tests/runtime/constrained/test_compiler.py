@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -149,4 +150,32 @@ def test_json_options_spliced_into_the_schema_equal_the_overrides():
         ours = schema_of(json_schema_grammar(llguidance, text))
         theirs = schema_of(llguidance.LLMatcher.grammar_from_json_schema(text, overrides=JSON_OPTIONS))
         assert ours == theirs and list(ours.get("properties", {})) == list(theirs.get("properties", {}))
+        assert list(ours) == list(theirs)  # the member's place too: it matters to llguidance (below)
         assert ours["x-guidance"]["item_separator"] == ", "
+
+
+def test_draft_04_ref_with_sibling_keywords(compilers, tokenizer_info):
+    """A draft-04 schema whose "$ref" has sibling keywords (MaskBench's Github_medium---o77739): its valid
+    document is accepted (with the options member spliced first, llguidance refused it)."""
+    from plait.runtime.constrained import GrammarState
+    from tests.runtime.constrained.conftest import walk
+
+    draft = "http://json-schema.org/draft-04/schema#"
+    schema = {
+        "$schema": draft,
+        "definitions": {
+            "insurance": {"$schema": draft, "type": "object", "properties": {"company": {"type": "string"}},
+                          "required": ["company"]},
+            "car": {"$schema": draft, "type": "object", "$ref": "#/definitions/vehicle",
+                    "properties": {"insurance": {"$ref": "#/definitions/insurance"},
+                                   "four_wheel_drive": {"type": "boolean"}}},
+            "vehicle": {"$schema": draft, "type": "object", "properties": {"reg_number": {"type": "string"}},
+                        "required": ["reg_number"]},
+        },
+        "type": "object", "$ref": "#/definitions/car", "properties": {"track": {"type": "string"}},
+    }
+    grammar = compilers["llguidance"].compile(spec_from_params(SamplingParams(json_schema=schema)))
+    state = GrammarState(grammar, tokenizer_info, frozenset({2}), jump_forward=False)
+    document = {"reg_number": "ABC123", "insurance": {"company": "Allstate"}, "four_wheel_drive": True,
+                "track": "Nurburgring"}
+    assert walk(state, tokenizer_info, json.dumps(document)) == (True, True)

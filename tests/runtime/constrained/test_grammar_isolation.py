@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -138,6 +139,73 @@ def test_json_nesting_ignores_brackets_in_strings_and_counts_past_a_broken_strin
 def test_cyclic_refs_are_refused_up_front(schema):
     with pytest.raises(ConstraintError, match="cyclic"):
         spec_from_params(SamplingParams(json_schema=schema))
+
+
+@pytest.mark.parametrize("text", ['{"\\u0024ref": "#"}', '{"allOf": [{"$\\u0072ef": "#"}]}'])
+def test_cyclic_refs_written_with_escapes_are_refused(text):
+    """The cycle check runs only for a text that names "$ref" or has \\u escapes; escaped keys are caught."""
+    with pytest.raises(ConstraintError, match="cyclic"):
+        spec_from_params(SamplingParams(json_schema=text))
+
+
+def test_schemas_without_refs_skip_the_cycle_walk(monkeypatch):
+    from plait.runtime.constrained import spec as spec_module
+
+    monkeypatch.setattr(spec_module, "_SPECS", spec_module._SpecCache())  # checked afresh, not from the cache
+
+    def walk(schema):
+        raise AssertionError("walked")
+
+    monkeypatch.setattr(spec_module, "check_ref_cycles", walk)
+    schema = {"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"allOf": [{"type": "string"}]}]}}}
+    assert spec_from_params(SamplingParams(json_schema=schema)) is not None
+    with pytest.raises(AssertionError, match="walked"):
+        spec_from_params(SamplingParams(json_schema={"$defs": {"a": {"type": "string"}}, "$ref": "#/$defs/a"}))
+
+
+def test_json_nesting_scan_skipped_when_the_brackets_are_too_few(monkeypatch):
+    """At most max_depth opening brackets cannot nest deeper: no scan; one more and the scan decides."""
+    from plait.runtime.constrained import limits as limits_module
+    from plait.runtime.constrained import spec as spec_module
+
+    limits = GrammarLimits(max_depth=3)
+    scans = []
+    real = limits_module._JSON_STRING
+    monkeypatch.setattr(spec_module, "_SPECS", spec_module._SpecCache())
+    monkeypatch.setattr(limits_module, "_JSON_STRING", SimpleNamespace(sub=lambda *a: scans.append(1) or real.sub(*a)))
+    assert spec_from_params(SamplingParams(json_schema='{"a": [{"b": 1}]}'), limits) is not None
+    assert not scans
+    with pytest.raises(ConstraintError, match="nests deeper than 3"):
+        spec_from_params(SamplingParams(json_schema='{"a": [{"b": [1]}]}'), limits)
+    assert scans == [1]
+    assert spec_from_params(SamplingParams(json_schema='{"a": [{"b": 1}], "c": "[[["}'), limits) is not None
+
+
+def test_checked_specs_are_cached_per_text_and_limits(monkeypatch):
+    """A constraint seen before is not checked again (same text, same limits); other limits, another
+    text or a refusal are. The cache is bounded by count (and by the texts' length)."""
+    from plait.runtime.constrained import spec as spec_module
+
+    cache = spec_module._SpecCache(max_entries=2)
+    monkeypatch.setattr(spec_module, "_SPECS", cache)
+    checks = []
+    real = spec_module._checked_spec
+    monkeypatch.setattr(spec_module, "_checked_spec", lambda *a: checks.append(a[1]) or real(*a))
+    schema = '{"type": "object", "properties": {"a": {"type": "integer"}}}'
+    first = spec_from_params(SamplingParams(json_schema=schema))
+    assert spec_from_params(SamplingParams(json_schema=schema)) is first and len(checks) == 1
+    assert first.source == '{"type":"object","properties":{"a":{"type":"integer"}}}'
+    spec_from_params(SamplingParams(json_schema=schema), GrammarLimits(max_depth=5))
+    assert len(checks) == 2  # other limits: checked against them
+    for _ in range(2):
+        with pytest.raises(ConstraintError, match="nests deeper than 1"):
+            spec_from_params(SamplingParams(json_schema=schema), GrammarLimits(max_depth=1))
+    assert len(checks) == 4  # refusals are not kept
+    spec_from_params(SamplingParams(regex="a+"))
+    assert len(cache) == 2 and spec_from_params(SamplingParams(json_schema=schema)) is not first  # dropped
+    small = spec_module._SpecCache(max_chars=10)
+    small.put(("regex", "a" * 20, GrammarLimits()), spec_from_params(SamplingParams(regex="b")))
+    assert len(small) == 0  # longer than the whole cache: not kept
 
 
 def test_recursive_schemas_that_produce_output_are_fine(compilers):

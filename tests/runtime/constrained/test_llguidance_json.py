@@ -8,8 +8,10 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from plait.runtime.constrained import ConstraintKind, ConstraintSpec, GrammarCompiler, GrammarState
+from plait.runtime.constrained.backends.base import UnsupportedConstraint
 from tests.runtime.constrained.conftest import walk
 
 pytestmark = pytest.mark.model  # the bundled model's tokenizer
@@ -118,3 +120,66 @@ def test_a_grammar_is_compiled_once(tokenizer_info, monkeypatch, kind, source):
         assert calls == ["LLMatcher", "LLMatcher"]
     finally:
         compiler.shutdown()
+
+
+def _rows_both_ways(state: GrammarState, info, text: str) -> list[tuple[list[int], list[int]]]:
+    """At each token of ``text`` (and at its end): the mask as ``fill_bitmask`` writes it, and with the
+    stop and special bits fixed by GrammarState itself (the path taken when the backend's end bits are
+    not the request's)."""
+    fast = torch.zeros(info.bitmask_words, dtype=torch.int32)
+    slow = torch.zeros(info.bitmask_words, dtype=torch.int32)
+    rows = []
+    for token in [*info.encode(text), None]:
+        state.fill_bitmask(fast)
+        state._exact = False
+        state.fill_bitmask(slow)
+        state._exact = True
+        rows.append((fast.tolist(), slow.tolist()))
+        if token is not None:
+            assert state.accept_token(token) is None or state.complete
+    return rows
+
+
+def test_llguidance_end_bits_are_exact_for_json_regex_and_choices(tokenizer_info, compilers):
+    """llguidance's masks allow the tokenizer's end ids exactly where the grammar can end and no other
+    special token: for a request whose stop tokens are those, fill_bitmask leaves its mask as written --
+    the same rows, bit for bit, as fixing the bits in Python."""
+    backend = compilers["llguidance"].backend_named("llguidance")
+    assert backend.end_ids(tokenizer_info) == tokenizer_info.stop_ids == frozenset({EOS})
+    cases = [
+        (ConstraintKind.JSON_SCHEMA, '{"type":"object","properties":{"a":{"type":"integer"},"b":{"type":"array",'
+                                     '"items":{"type":"string"}}},"required":["a"]}', '{"a": 12, "b": ["x", "yz"]}'),
+        (ConstraintKind.REGEX, r"[a-z]+( [0-9]{1,3})?", "abc 12"),
+        (ConstraintKind.CHOICES, '["yes", "yes please", "no"]', "yes please"),
+    ]
+    for kind, source, text in cases:
+        grammar = compilers["llguidance"].compile(ConstraintSpec(kind, source))
+        assert grammar.mask_end_ids == frozenset({EOS})
+        state = GrammarState(grammar, tokenizer_info, frozenset({EOS}), jump_forward=False)
+        assert state._exact
+        rows = _rows_both_ways(state, tokenizer_info, text)
+        assert all(fast == slow for fast, slow in rows)
+        assert (rows[-1][0][EOS >> 5] >> (EOS & 31)) & 1 and not (rows[0][0][EOS >> 5] >> (EOS & 31)) & 1
+    lark = compilers["llguidance"].compile(ConstraintSpec(ConstraintKind.GRAMMAR, 'start: "x" NUM\nNUM: /[0-9]+/'))
+    assert lark.mask_end_ids is None  # a Lark grammar may name special tokens: GrammarState fixes the bits
+
+
+def test_an_error_state_allows_nothing(tokenizer_info, compilers):
+    """After a refused token llguidance's mask allows its end tokens; the request's row allows nothing."""
+    grammar = compilers["llguidance"].compile(ConstraintSpec(ConstraintKind.REGEX, "ab"))
+    state = GrammarState(grammar, tokenizer_info, frozenset({EOS}), jump_forward=False)
+    assert state.accept_token(tokenizer_info.encode("zz")[0])["type"] == "abort"
+    row = torch.full((tokenizer_info.bitmask_words,), -1, dtype=torch.int32)
+    state.fill_bitmask(row)
+    assert not bool(row.any())
+
+
+@pytest.mark.parametrize("kind, source", [(ConstraintKind.GRAMMAR, 'start: a\na: a "x"'),
+                                          (ConstraintKind.REGEX, "[^\\x00-\\x{10FFFF}]")])
+def test_a_grammar_that_allows_nothing_is_refused_at_compile(compilers, kind, source):
+    """The check on the first mask (no token allowed, not accepting) refuses it; the empty output alone
+    is fine."""
+    backend = compilers["llguidance"].backend_named("llguidance")
+    with pytest.raises(UnsupportedConstraint, match="matches no output at all"):
+        backend.compile(ConstraintSpec(kind, source), compilers["llguidance"].info)
+    assert backend.compile(ConstraintSpec(ConstraintKind.REGEX, ""), compilers["llguidance"].info)

@@ -64,5 +64,21 @@ def test_pass_rule_kinds_and_table(maskbench, tokenizer_info, tmp_path):
     assert len(plait["compile_s"]) == 4 and plait["mask_s"]
     table = maskbench.table(results)
     assert table.splitlines()[2].startswith("| plait | 9 | 3 | 1 | 4 | 0 | 1 | 0 |")
+    assert 0 < len(plait["first_s"]) <= len(plait["compile_s"])  # schemas compiled with an instance walked
+    assert len(table.splitlines()[0].split("|")) == len(table.splitlines()[2].split("|"))
     sampled = maskbench.load_cases(tmp_path, 2, seed=1)
     assert len(sampled) == 2 and sampled == maskbench.load_cases(tmp_path, 2, seed=1)
+
+
+def test_llguidance_side_with_plaits_options(maskbench, tokenizer_info):
+    """--llguidance-options plait: raw llguidance compiles plait's grammar (a space at most between JSON
+    tokens, so a newline is refused) instead of its default one (free whitespace)."""
+    from plait.runtime.constrained.backends.llguidance_backend import LLGuidanceBackend
+
+    tokenizer = LLGuidanceBackend().tokenizer_for(tokenizer_info)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    newline = [(tokenizer_info.encode('{\n"a": 1}'), True)]
+    assert maskbench.LLGuidanceSide(tokenizer_info, tokenizer).run(schema, newline) is None
+    assert maskbench.LLGuidanceSide(tokenizer_info, tokenizer, "plait").run(schema, newline) == "valid_rejected"
+    with pytest.raises(ValueError, match="options"):
+        maskbench.LLGuidanceSide(tokenizer_info, tokenizer, "other")

@@ -73,3 +73,55 @@ def test_a_row_of_the_wrong_kind_is_refused(row):
     info = TokenizerInfo(None, VOCAB, [b"x"] * VOCAB, special_ids=frozenset({99}), stop_ids=frozenset({99}))
     with pytest.raises(ValueError, match="contiguous int32 CPU tensor of at least 4 words"):
         GrammarState(_Grammar(-1, True), info, frozenset({98})).fill_bitmask(row)
+
+
+class _PtrMatcher(_Matcher):
+    """A matcher with the fast paths: writes ``fill`` through ``fill_ptr``; ``can_terminate`` must not be
+    asked when the backend's own end bits are exact."""
+
+    def __init__(self, fill: int, accepting: bool, error: bool = False):
+        super().__init__(fill, accepting)
+        self.error_state, self.asked = error, 0
+        self.fill_ptr = self._fill_ptr
+        self.has_error = lambda: self.error_state
+
+    def _fill_ptr(self, address: int, nbytes: int) -> None:
+        import ctypes
+
+        words = (ctypes.c_int32 * (nbytes // 4)).from_address(address)
+        for i in range(nbytes // 4):
+            words[i] = self.fill
+
+    def can_terminate(self) -> bool:
+        self.asked += 1
+        return self.accepting
+
+
+class _PtrGrammar(_Grammar):
+    def __init__(self, fill: int, accepting: bool, end_ids: frozenset[int] | None, error: bool = False):
+        super().__init__(fill, accepting)
+        self.mask_end_ids, self.error = end_ids, error
+
+    def new_matcher(self) -> TokenMatcher:
+        return _PtrMatcher(self.fill, self.accepting, self.error)
+
+
+def test_backend_end_bits_taken_as_they_are_when_they_are_the_requests_stop_tokens():
+    info = TokenizerInfo(None, VOCAB, [b"x"] * VOCAB, special_ids=frozenset({0, 31}), stop_ids=frozenset({31}))
+    state = GrammarState(_PtrGrammar(0x55555555, False, frozenset({31})), info, frozenset({31}))
+    row = torch.zeros((VOCAB + 31) // 32, dtype=torch.int32)
+    state.fill_bitmask(row)
+    assert state.matcher.asked == 0  # no bit fixing: the backend's mask is written and left alone
+    assert _bits(row) == {i for i in range(VOCAB) if i % 2 == 0}  # bit 0 (special) too: the backend's word
+
+
+@pytest.mark.parametrize("end_ids, error", [(frozenset({31, 95}), False), (None, False), (frozenset({31}), True)])
+def test_bits_fixed_when_the_backend_end_bits_are_not_the_requests(end_ids, error):
+    """Other end ids than the request's stop tokens (ignore_eos, stop_token_ids), none declared, or an
+    error state (llguidance then allows its end tokens): fixed as without the fast path."""
+    info = TokenizerInfo(None, VOCAB, [b"x"] * VOCAB, special_ids=frozenset({0, 31}), stop_ids=frozenset({31}))
+    state = GrammarState(_PtrGrammar(-1, False, end_ids, error), info, frozenset({31}))
+    row = torch.zeros((VOCAB + 31) // 32, dtype=torch.int32)
+    state.fill_bitmask(row)
+    assert state.matcher.asked == 1
+    assert _bits(row) == set(range(VOCAB)) - {0, 31}

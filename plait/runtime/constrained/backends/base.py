@@ -12,6 +12,7 @@ end-of-sequence tokens: the request decides which stop tokens are allowed where 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +33,14 @@ class UnsupportedConstraint(Exception):
 
 
 class TokenMatcher(ABC):
-    """One request's position in a compiled grammar."""
+    """One request's position in a compiled grammar.
+
+    Optional fast paths for ``GrammarState`` (per token, a Python call less each), both set or both None:
+    ``fill_ptr(address, nbytes)`` writes what ``fill_bitmask`` writes, at a raw address of ``nbytes``
+    writable bytes; ``has_error()`` says whether ``error()`` would return a message."""
+
+    fill_ptr: Callable[[int, int], Any] | None = None
+    has_error: Callable[[], bool] | None = None
 
     @abstractmethod
     def consume(self, token: int) -> bool:
@@ -73,6 +81,10 @@ class CompiledGrammar(ABC):
     # set when compiled from a relaxed JSON schema (relax.Relaxation: the original schema, the keywords
     # relaxed, its validator); ``spec`` is then the relaxed schema's. None: the spec is enforced exactly.
     relaxation: Any = None
+    # The token ids the matchers' own masks set exactly where ``can_terminate()`` (outside an error
+    # state), never setting any other special or end-of-sequence id; None when not known. A request whose
+    # stop tokens are exactly these needs no bit fixing on top of the backend's mask (``GrammarState``).
+    mask_end_ids: frozenset[int] | None = None
 
     @abstractmethod
     def new_matcher(self) -> TokenMatcher:
