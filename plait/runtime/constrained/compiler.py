@@ -112,7 +112,7 @@ class GrammarCompiler:
         self._cached_bytes = 0
         self._sizes: dict[ConstraintSpec, int] = {}
         self._backends: dict[str, GrammarBackend | BackendUnavailable] = {}
-        self.compile_seconds: dict[ConstraintSpec, float] = {}
+        self.compile_seconds: dict[ConstraintSpec, float] = {}  # of the cached grammars (evicted with them)
         self.workers: CompileWorkerPool | None = None
         self._pool: ThreadPoolExecutor | None = None
         if isolate:
@@ -184,6 +184,7 @@ class GrammarCompiler:
             if key in self._sizes:  # finished (in-flight compilations stay: requests wait on them)
                 del self._cache[key]
                 self._cached_bytes -= self._sizes.pop(key)
+                self.compile_seconds.pop(key, None)
 
     def _load(self, spec: ConstraintSpec, name: str, payload: Any,
               relaxed: tuple[str, list[str]] | None = None) -> CompiledGrammar:
