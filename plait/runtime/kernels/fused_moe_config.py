@@ -82,10 +82,14 @@ TUNED: dict[tuple[MoeShape, int], FusedMoeConfig] = {
     # their broadcast: T=1 67.2 us (previous entry, natural codes: 73.9), T=64 973 (1,093), T=128 1,089
     # (1,232), T=256 1,156 (1,470). 4-warp tiles win everywhere (the wgmma register operand that the
     # swizzle feeds). Then (one row block per pair up to 16 pairs, no alignment pass): T=1 53.1 us, T=4
-    # 157.9 (default tiling 167.1), T=8 288.0 (previous entry 419.7).
+    # 157.9 (default tiling 167.1), T=8 288.0 (previous entry 419.7); then T=2 87.0 (default 98.1), T=16
+    # 472.7 (480.0), T=32 712.2 (731.1).
     (_GPT_OSS_120B, 1): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2), TileConfig(64, 128, 4, 3, 2), swap_ab=True),
+    (_GPT_OSS_120B, 2): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(128, 128, 4, 3, 2), swap_ab=True),
     (_GPT_OSS_120B, 4): FusedMoeConfig(16, TileConfig(32, 256, 4, 3), TileConfig(128, 128, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 8): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 5), swap_ab=True),
+    (_GPT_OSS_120B, 16): FusedMoeConfig(16, TileConfig(64, 64, 4, 4), TileConfig(64, 64, 4, 4), swap_ab=True),
+    (_GPT_OSS_120B, 32): FusedMoeConfig(16, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 4), swap_ab=True),
     (_GPT_OSS_120B, 64): FusedMoeConfig(16, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 128): FusedMoeConfig(16, TileConfig(64, 64, 4, 4), TileConfig(64, 64, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 256): FusedMoeConfig(16, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
