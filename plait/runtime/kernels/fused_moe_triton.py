@@ -20,23 +20,26 @@ the MMA (Hopper has no FP4 tensor cores). Every expert's weight rows are read by
 read once per call.
 
 ``FusedMoeConfig.swap_ab`` computes the transposed product instead (weights decoded in registers as
-the MMA's first operand, activations from shared memory: see ``_expert_gemm``). Compiled with bf16
-activations on sm_90 the decode is PTX straight to bf16 (``_fp4_pair_bf16``: about three operations a
-value); elsewhere ``_fp4_pair`` in float32. ``TileConfig.split_k`` splits a GEMM's reduction over
+the MMA's first operand, activations from shared memory: see ``_expert_gemm``); each byte's two values
+are joined back into k order there, one MMA per tile. Compiled with bf16 activations on sm_90 the
+decode is PTX straight to bf16 (``_fp4_pair_bf16``: about three operations a value); elsewhere
+``_fp4_pair`` in float32. K-swizzled codes (``mxfp4.swizzle_k``, how the MoE layer holds them on a
+GPU) are loaded as stored and put in logical order by a reshape and a transpose (``_unswizzle_k``),
+which for the swapped operand moves no data. ``TileConfig.split_k`` splits a GEMM's reduction over
 programs: float32 partials, summed with the activation by ``_moe_up_finish_kernel`` (up) or with the
-choices in ``_moe_down_finish_kernel`` (down).
+choices by ``_moe_down_finish_kernel`` (down).
 
 Grids depend on T, K and the tiling only; the row blocks past ``num_padded`` exit at once. No host
 reads: CUDA-graph capturable.
 
-Measured on an H200 (``benchmarks/moe_kernel.py``, tuned table): bf16 experts (Qwen3-30B-A3B) run at
-86% of the bytes floor at 8-64 tokens, 46% at 1 token (four launches of fixed cost against 18 us of
-weights), 36% of the FLOP floor at 4096. MXFP4 experts (GPT-OSS-120B) at 17-32% of their floor at
-decode sizes (T=1 73.9 us against 12.6; swapped operands with the PTX decode and split-K where the
-table says). What binds is not the decode alone: with no decode at all (bytes cast to bf16, wrong
-values) the same kernel still ran at 0.9-1.7 TB/s; a CUDA-core variant without MMAs (decode once,
-float32 products per row) was 1.8-4x slower. Closing the rest needs a weight layout pre-swizzled for
-the MMA operand (what triton_kernels' matmul_ogs does) and pipelined packed loads, not more tiling.
+Measured on an H200 (``benchmarks/moe_kernel.py``, tuned table; benchmarks/RESULTS.md): bf16 experts
+(Qwen3-30B-A3B) run at 86% of the bytes floor at 8-64 tokens, 46% at 1 token, 36% of the FLOP floor at
+4096. MXFP4 experts (GPT-OSS-120B, K-swizzled) at 24-36% of their floor at decode sizes (T=1 51.8 us
+against 12.5, T=64 973 against 347). Read from the sm_90 compile, what binds now: per K step the scales'
+layout conversion and the activation tile go through shared memory (three to four barriers), the
+step waits for its MMAs, and ~125 registers a thread leave four programs an SM. Earlier measurements:
+with no decode at all the natural-order kernel still ran at 0.9-1.7 TB/s; a CUDA-core variant
+without MMAs was 1.8-4x slower.
 """
 
 from __future__ import annotations
