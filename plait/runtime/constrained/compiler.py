@@ -20,7 +20,6 @@ see ``prepare_relaxing``).
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -112,7 +111,6 @@ class GrammarCompiler:
         self._cached_bytes = 0
         self._sizes: dict[ConstraintSpec, int] = {}
         self._backends: dict[str, GrammarBackend | BackendUnavailable] = {}
-        self.compile_seconds: dict[ConstraintSpec, float] = {}  # of the cached grammars (evicted with them)
         self.workers: CompileWorkerPool | None = None
         self._pool: ThreadPoolExecutor | None = None
         if isolate:
@@ -129,13 +127,12 @@ class GrammarCompiler:
             if fut is not None:
                 self._cache.move_to_end(spec)
                 return fut
-            start = time.perf_counter()
             if self.workers is not None:
                 fut = self.workers.submit(spec, self._order(spec.kind))
             else:
                 fut = self._pool.submit(self._compile_now, spec)
             self._cache[spec] = fut
-        fut.add_done_callback(lambda f, s=spec, t=start: self._settle(s, f, t))
+        fut.add_done_callback(lambda f, s=spec: self._settle(s, f))
         return fut
 
     def compile(self, spec: ConstraintSpec, timeout_s: float | None = None) -> CompiledGrammar:
@@ -162,7 +159,7 @@ class GrammarCompiler:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ internals
-    def _settle(self, spec: ConstraintSpec, fut: Future, start: float) -> None:
+    def _settle(self, spec: ConstraintSpec, fut: Future) -> None:
         """A compilation ended: forget a failure; account a success and evict past the bounds."""
         failed = fut.cancelled() or fut.exception() is not None
         with self._lock:
@@ -171,7 +168,6 @@ class GrammarCompiler:
             if failed:
                 del self._cache[spec]
                 return
-            self.compile_seconds[spec] = time.perf_counter() - start
             self._sizes[spec] = max(0, int(getattr(fut.result(), "nbytes", 0)))
             self._cached_bytes += self._sizes[spec]
             self._evict()
@@ -184,7 +180,6 @@ class GrammarCompiler:
             if key in self._sizes:  # finished (in-flight compilations stay: requests wait on them)
                 del self._cache[key]
                 self._cached_bytes -= self._sizes.pop(key)
-                self.compile_seconds.pop(key, None)
 
     def _load(self, spec: ConstraintSpec, name: str, payload: Any,
               relaxed: tuple[str, list[str]] | None = None) -> CompiledGrammar:

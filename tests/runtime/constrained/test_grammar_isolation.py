@@ -222,7 +222,6 @@ def test_the_cache_is_bounded_by_bytes(tokenizer_info):
         sizes = [compiler.compile(s).nbytes for s in specs]
         assert 0 < compiler.cached_bytes <= 400 * 1024 < sum(sizes)
         assert specs[-1] in compiler._cache and specs[0] not in compiler._cache  # least recently used went first
-        assert set(compiler.compile_seconds) == set(compiler._sizes)  # per-spec accounting leaves with the grammar
     finally:
         compiler.shutdown()
 
