@@ -259,8 +259,9 @@ class Engine:
         """
         args = (prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num,
                 return_text_in_logprobs, rid, stream, program_id, cache_namespace)
-        pending = self._pending_grammars(sampling_params) if on_admitted is not None else []
-        if pending or (on_admitted is not None and self._start_plans_pending(sampling_params)):
+        params_list = self._sampling_params_list(sampling_params) if on_admitted is not None else []
+        pending = self._pending_grammars(params_list)
+        if pending or self._start_plans_pending(params_list):
             self._admit_when_compiled(pending, args, on_output, on_admitted)
             return []
         # with on_admitted the caller must not block: start plans only from cached endings (see above)
@@ -271,37 +272,33 @@ class Engine:
             on_admitted(None)
         return [req.rid for req in gi.requests]
 
-    def _pending_grammars(self, sampling_params: Any) -> list[Future]:
-        """Compilations (started now if not cached) that the constraints of ``sampling_params`` still wait
-        for. A constraint that is malformed or past the limits raises ``ConstraintError`` here."""
+    @staticmethod
+    def _sampling_params_list(sampling_params: Any) -> list[SamplingParams]:
+        """``sampling_params`` (one or a list, dicts or ``SamplingParams``) as ``SamplingParams``; items
+        of a bad type are left out (``_prepare`` says so)."""
         if sampling_params is None:
             return []
         items = [sampling_params] if isinstance(sampling_params, (dict, SamplingParams)) else sampling_params
         if not isinstance(items, (list, tuple)):
-            return []  # a bad type: _prepare says so
+            return []
+        parsed = (SamplingParams.from_dict(item) if isinstance(item, dict) else item for item in items)
+        return [params for params in parsed if isinstance(params, SamplingParams)]
+
+    def _pending_grammars(self, params_list: list[SamplingParams]) -> list[Future]:
+        """Compilations (started now if not cached) that the constraints of ``params_list`` still wait
+        for. A constraint that is malformed or past the limits raises ``ConstraintError`` here."""
         futures = []
-        for item in items:
-            params = SamplingParams.from_dict(item) if isinstance(item, dict) else item
-            if isinstance(params, SamplingParams):
-                future = self.constrained.grammar_future(params)
-                if future is not None and not future.done():
-                    futures.append(future)
+        for params in params_list:
+            future = self.constrained.grammar_future(params)
+            if future is not None and not future.done():
+                futures.append(future)
         return futures
 
-    def _start_plans_pending(self, sampling_params: Any) -> bool:
-        """Whether a constrained request of ``sampling_params`` (compiled already) would search for its
+    def _start_plans_pending(self, params_list: list[SamplingParams]) -> bool:
+        """Whether a constrained request of ``params_list`` (compiled already) would search for its
         budget plan from the grammar's start state (``ConstrainedDecoding.start_plan_pending``): then it is
         prepared on the admission thread, not on the caller's."""
-        if sampling_params is None:
-            return False
-        items = [sampling_params] if isinstance(sampling_params, (dict, SamplingParams)) else sampling_params
-        if not isinstance(items, (list, tuple)):
-            return False
-        for item in items:
-            params = SamplingParams.from_dict(item) if isinstance(item, dict) else item
-            if isinstance(params, SamplingParams) and self.constrained.start_plan_pending(params):
-                return True
-        return False
+        return any(self.constrained.start_plan_pending(params) for params in params_list)
 
     def _admit_when_compiled(self, pending: list[Future], args: tuple, on_output: Callable[[int, dict], None],
                              on_admitted: Callable[[Exception | None], None]) -> None:
@@ -313,7 +310,7 @@ class Engine:
         with self._cv:
             for key in keys:
                 self._awaiting_grammar[key] = False  # True once aborted
-        remaining = [len(pending)]
+        remaining = [max(len(pending), 1)]  # nothing to wait for: admitted at once (below)
         lock = threading.Lock()
 
         def admit() -> None:
@@ -344,7 +341,6 @@ class Engine:
                 on_admitted(exc)
 
         if not pending:
-            remaining[0] = 1
             one_done(None)
         for future in pending:
             future.add_done_callback(one_done)

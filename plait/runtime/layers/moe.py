@@ -103,9 +103,9 @@ class MoE(nn.Module):
         temporary), to the K-swizzled order (``mxfp4.swizzle_k``) in which the fused kernel's loads are
         vector loads. ``swizzle``: None = where the kernel runs (CUDA). Needs both reduction sizes (H, the
         local I) to be multiples of 64; else, for dense experts or when already done, nothing changes."""
-        if swizzle is None:
-            swizzle = self.quantization == "mxfp4" and self.w13_blocks.is_cuda
-        if not swizzle or self.quantization != "mxfp4" or self.k_swizzled:
+        if self.quantization != "mxfp4" or self.k_swizzled:
+            return
+        if not (self.w13_blocks.is_cuda if swizzle is None else swizzle):
             return
         if self.w13_blocks.shape[-2] % 2 or self.w2_blocks.shape[-2] % 2:
             return  # K not a multiple of 64: the natural order (the kernel reads both)
