@@ -83,24 +83,27 @@ TUNED: dict[tuple[MoeShape, int], FusedMoeConfig] = {
     # (1,232), T=256 1,156 (1,470). 4-warp tiles win everywhere (the wgmma register operand that the
     # swizzle feeds). Then (one row block per pair up to 16 pairs, no alignment pass): T=1 53.1 us, T=4
     # 157.9 (default tiling 167.1), T=8 288.0 (previous entry 419.7); then T=2 87.0 (default 98.1), T=16
-    # 472.7 (480.0), T=32 712.2 (731.1).
+    # 472.7 (480.0), T=32 712.2 (731.1). Then (the scales' 2^126 folded, unmasked weight loads, no K masks
+    # where K % block_k == 0): T=1 48.1, T=2 80.7, T=64 837.7, T=256 1,027.2 on the same entries; re-tuned
+    # T=4 138.2 us (146.9 on the previous entry), T=8 247.4 (268.5), T=16 397.6 (411.9), T=32 593.6 (613.2).
     (_GPT_OSS_120B, 1): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2), TileConfig(64, 128, 4, 3, 2), swap_ab=True),
     (_GPT_OSS_120B, 2): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(128, 128, 4, 3, 2), swap_ab=True),
-    (_GPT_OSS_120B, 4): FusedMoeConfig(16, TileConfig(32, 256, 4, 3), TileConfig(128, 128, 4, 3), swap_ab=True),
-    (_GPT_OSS_120B, 8): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 5), swap_ab=True),
-    (_GPT_OSS_120B, 16): FusedMoeConfig(16, TileConfig(64, 64, 4, 4), TileConfig(64, 64, 4, 4), swap_ab=True),
-    (_GPT_OSS_120B, 32): FusedMoeConfig(16, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 4), swap_ab=True),
+    (_GPT_OSS_120B, 4): FusedMoeConfig(16, TileConfig(128, 64, 4, 3), TileConfig(128, 128, 4, 3), swap_ab=True),
+    (_GPT_OSS_120B, 8): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 4), swap_ab=True),
+    (_GPT_OSS_120B, 16): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 4), swap_ab=True),
+    (_GPT_OSS_120B, 32): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 64): FusedMoeConfig(16, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 128): FusedMoeConfig(16, TileConfig(64, 64, 4, 4), TileConfig(64, 64, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 256): FusedMoeConfig(16, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 1024): FusedMoeConfig(64, TileConfig(64, 128, 4, 3), TileConfig(64, 128, 4, 3)),
     (_GPT_OSS_120B, 4096): FusedMoeConfig(128, TileConfig(64, 64, 4, 5), TileConfig(128, 64, 4, 4)),
     # GPT-OSS-20B tuned 2026-11-30 (K-swizzled codes): T=1 54.1 us (default 63.6), T=64 313.3 (the
-    # default), T=128 424.5 (428.4), T=256 503.0 (668.6)
+    # default), T=128 424.5 (428.4), T=256 503.0 (668.6). Re-tuned after the folded scales: T=1 47.8 (same
+    # entry), T=64 268.4 (294.4 on the previous entry), T=128 358.2 (375.6), T=256 422.6 (432.8).
     (_GPT_OSS_20B, 1): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2), TileConfig(64, 128, 4, 3, 2), swap_ab=True),
-    (_GPT_OSS_20B, 64): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 3), swap_ab=True),
-    (_GPT_OSS_20B, 128): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 64, 4, 4), swap_ab=True),
-    (_GPT_OSS_20B, 256): FusedMoeConfig(32, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), group_m=4,
+    (_GPT_OSS_20B, 64): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 4), swap_ab=True),
+    (_GPT_OSS_20B, 128): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
+    (_GPT_OSS_20B, 256): FusedMoeConfig(64, TileConfig(64, 64, 4, 3), TileConfig(128, 64, 4, 4), group_m=8,
                                         swap_ab=True),
     (_QWEN3_30B_A3B, 1): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 3)),
     (_QWEN3_30B_A3B, 8): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 3)),

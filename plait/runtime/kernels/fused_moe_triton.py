@@ -34,12 +34,17 @@ reads: CUDA-graph capturable.
 
 Measured on an H200 (``benchmarks/moe_kernel.py``, tuned table; benchmarks/RESULTS.md): bf16 experts
 (Qwen3-30B-A3B) run at 86% of the bytes floor at 8-64 tokens, 46% at 1 token, 36% of the FLOP floor at
-4096. MXFP4 experts (GPT-OSS-120B, K-swizzled) at 24-36% of their floor at decode sizes (T=1 51.8 us
-against 12.5, T=64 973 against 347). Read from the sm_90 compile, what binds now: per K step the scales'
-layout conversion and the activation tile go through shared memory (three to four barriers), the
-step waits for its MMAs, and ~125 registers a thread leave four programs an SM. Earlier measurements:
-with no decode at all the natural-order kernel still ran at 0.9-1.7 TB/s; a CUDA-core variant
-without MMAs was 1.8-4x slower.
+4096. MXFP4 experts (GPT-OSS-120B, K-swizzled) at 26-42% of their floor at decode sizes (T=1 48.1 us
+against 12.6, T=64 837.7 against 350). Nsight Compute on the swapped kernels: at 1 token the up GEMM
+(31 us of 52) is latency-bound, 164 registers a thread leaving 3 programs an SM, 0.9 waves, issue
+slots 46% busy; from 16 tokens on the integer pipe binds (62% busy, 13 instructions per weight byte,
+two thirds of them the decode and its byte permutes). So the decode's instruction count is the
+lever: the scales' 2^126 folded in (``FOLD``) and unmasked weight loads cut the loop by 20% (425 ->
+340 instructions a K step, sm_90 SASS). A word-level decode without byte permutes (~6 instructions
+per two values) was tried; Triton 3.6 then routed the decoded tile to the MMA layout through shared
+memory or warp shuffles (its layouts follow the load, not the MMA), which cost more than it saved.
+Earlier measurements: with no decode at all the natural-order kernel still ran at 0.9-1.7 TB/s; a
+CUDA-core variant without MMAs was 1.8-4x slower.
 """
 
 from __future__ import annotations
@@ -101,6 +106,31 @@ mul.rn.bf16x2 $2, $2, $5; mul.rn.bf16x2 $3, $3, $6;
 """)
 
 
+# ``_FP4_BF16_ASM`` with the 2^126 folded into the scale ($5, $6 are bf16 ``2^(s - 1)``, from
+# ``_e8m0_bf16_folded``): one multiply a value fewer, the same exact result (a single rounding of an
+# exact product either way). Valid where every scale exponent is at most 128 (``Mxfp4Weight.small_scales``).
+_FP4_BF16_FOLDED_ASM = tl.constexpr("""
+{
+.reg .b32 t0, t1, a, b;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+shl.b32 a, t0, 6; shl.b32 b, t0, 12; and.b32 b, b, 0x80008000; lop3.b32 $0, a, 0x01C001C0, b, 0xEA;
+shl.b32 a, t1, 6; shl.b32 b, t1, 12; and.b32 b, b, 0x80008000; lop3.b32 $1, a, 0x01C001C0, b, 0xEA;
+shl.b32 a, t0, 2; shl.b32 b, t0, 8; and.b32 b, b, 0x80008000; lop3.b32 $2, a, 0x01C001C0, b, 0xEA;
+shl.b32 a, t1, 2; shl.b32 b, t1, 8; and.b32 b, b, 0x80008000; lop3.b32 $3, a, 0x01C001C0, b, 0xEA;
+mul.rn.bf16x2 $0, $0, $5; mul.rn.bf16x2 $1, $1, $6;
+mul.rn.bf16x2 $2, $2, $5; mul.rn.bf16x2 $3, $3, $6;
+}
+""")
+
+
+@triton.jit
+def _e8m0_bf16_folded(s):
+    """E8M0 exponents (uint8, at most 128) as bf16 ``2^(s - 1)``: the scale times the 2^126 of the bit
+    decode (exponent field s + 126; s = 0, the subnormal 2^-127, gives 2^-1 as it should)."""
+    return ((s.to(tl.int32) + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
 @triton.jit
 def _e8m0_bf16(s):
     """E8M0 exponents (uint8) as bf16 ``2^(s - 127)``, from bits (s = 0 is the subnormal 2^-127)."""
@@ -108,10 +138,13 @@ def _e8m0_bf16(s):
 
 
 @triton.jit
-def _fp4_pair_bf16(codes, scale):
+def _fp4_pair_bf16(codes, scale, FOLD: tl.constexpr = False):
     """``_fp4_pair`` for bf16 MMAs, compiled only: ``codes`` uint8 bytes, ``scale`` their bf16 scales
-    (``_e8m0_bf16``; same shape, convert before broadcasting a scale over its bytes); the low and high
-    nibbles' values as bf16, exactly (products of a power of two)."""
+    (``_e8m0_bf16``, or ``_e8m0_bf16_folded`` with ``FOLD``; same shape, convert before broadcasting a
+    scale over its bytes); the low and high nibbles' values as bf16, exactly (products of a power of two)."""
+    if FOLD:
+        return tl.inline_asm_elementwise(_FP4_BF16_FOLDED_ASM, "=r,=r,=r,=r,r,r,r", [codes, scale],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     return tl.inline_asm_elementwise(_FP4_BF16_ASM, "=r,=r,=r,=r,r,r,r", [codes, scale],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
@@ -147,7 +180,8 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 def _expert_gemm(
     a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, k_begin, k_end, stride_wn, stride_wk, stride_sn,
     BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr,
-    IEEE: tl.constexpr, SWAP_AB: tl.constexpr, BF16_ASM: tl.constexpr, SWIZZLED: tl.constexpr,
+    IEEE: tl.constexpr, SWAP_AB: tl.constexpr, BF16_ASM: tl.constexpr, SWIZZLED: tl.constexpr, FOLD: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """acc [BLOCK_M, NW] = A[rows] @ W[w_rows]^T over k in [k_begin, k_end) (k_begin a multiple of
     BLOCK_K; K bounds the loads), float32.
@@ -170,7 +204,8 @@ def _expert_gemm(
     (``_unswizzle_k``), which for the swapped product is where the MMA wants the bytes anyway."""
     if MXFP4 and SWAP_AB:
         return _expert_gemm_swapped(a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, k_begin, k_end,
-                                    stride_wn, stride_sn, BLOCK_M, NW, BLOCK_K, IEEE, BF16_ASM, SWIZZLED)
+                                    stride_wn, stride_sn, BLOCK_M, NW, BLOCK_K, IEEE, BF16_ASM, SWIZZLED, FOLD,
+                                    EVEN_K)
     acc = tl.zeros((BLOCK_M, NW), dtype=tl.float32)
     w_ptrs = w_base + w_rows[None, :].to(tl.int64) * stride_wn  # [1, NW]
     w_ok = w_ok[None, :]  # [1, NW]
@@ -223,28 +258,41 @@ def _unswizzle_k(codes, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
 def _expert_gemm_swapped(
     a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, k_begin, k_end, stride_wn, stride_sn,
     BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, BF16_ASM: tl.constexpr,
-    SWIZZLED: tl.constexpr,
+    SWIZZLED: tl.constexpr, FOLD: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """``_expert_gemm`` for MXFP4 weights with the operands swapped (see its ``SWAP_AB``): each byte's
-    two values are joined back into k order (even, odd), one ``[NW, BLOCK_K]`` operand per MMA."""
+    two values are joined back into k order (even, odd), one ``[NW, BLOCK_K]`` operand per MMA.
+
+    Weight loads are unmasked along rows (the callers clamp columns past N to row 0, whose products are
+    never stored) and, with ``EVEN_K`` (K a multiple of BLOCK_K), along K too; the activation rows stay
+    masked (a decode block holds one real pair in 16 rows: unmasked, each step loads up to 16x the
+    activations; measured on an H200 at GPT-OSS-120B's shapes, 16-28% slower at 1-64 tokens). ``FOLD``
+    (``Mxfp4Weight.small_scales``): the decode's 2^126 is folded into the scales."""
     acc_t = tl.zeros((NW, BLOCK_M), dtype=tl.float32)
     w_ptrs = w_base + w_rows[:, None].to(tl.int64) * stride_wn  # [NW, 1]
     s_ptrs = s_base + w_rows[:, None].to(tl.int64) * stride_sn  # [NW, 1]
-    w_ok = w_ok[:, None]  # [NW, 1]
     for k0 in range(k_begin, k_end, BLOCK_K):
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds k = 2j (low nibble), 2j + 1 (high)
-        codes = tl.load(w_ptrs + kb[None, :], mask=w_ok & (kb < K // 2)[None, :], other=0)  # uint8 [NW, BK/2]
+        ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        kk = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            codes = tl.load(w_ptrs + kb[None, :])  # uint8 [NW, BK/2]
+            s = tl.load(s_ptrs + ks[None, :])  # [NW, BK/32]
+            a = tl.load(a_rows[None, :] + kk[:, None] * stride_ak, mask=a_ok[None, :], other=0.0)  # [BK, BM]
+        else:
+            codes = tl.load(w_ptrs + kb[None, :], mask=(kb < K // 2)[None, :], other=0)
+            s = tl.load(s_ptrs + ks[None, :], mask=(ks < K // 32)[None, :], other=127)
+            a = tl.load(a_rows[None, :] + kk[:, None] * stride_ak, mask=(kk < K)[:, None] & a_ok[None, :],
+                        other=0.0)
         if SWIZZLED:
             codes = _unswizzle_k(codes, NW, BLOCK_K)
-        ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-        s = tl.load(s_ptrs + ks[None, :], mask=w_ok & (ks < K // 32)[None, :], other=127)  # [NW, BK/32]
-        kk = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_rows[None, :] + kk[:, None] * stride_ak, mask=(kk < K)[:, None] & a_ok[None, :],
-                    other=0.0)  # [BK, BM]
         if BF16_ASM:
-            scale = _e8m0_bf16(s)  # [NW, BK/32], converted once per 16 bytes
+            if FOLD:
+                scale = _e8m0_bf16_folded(s)  # [NW, BK/32], converted once per 16 bytes
+            else:
+                scale = _e8m0_bf16(s)
             scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
-            lo, hi = _fp4_pair_bf16(codes, scale)
+            lo, hi = _fp4_pair_bf16(codes, scale, FOLD)
         else:
             scale = _e8m0_scale(s)  # [NW, BK/32]
             scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
@@ -306,6 +354,7 @@ def _moe_up_kernel(
     ACT: tl.constexpr, MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, BF16_ASM: tl.constexpr, SWIZZLED: tl.constexpr, DIRECT: tl.constexpr,
+    FOLD: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """``SPLIT_K > 1``: each split stores its float32 partial product (gate and up interleaved, the bias
     added by split 0) to ``part_ptr`` ``[SPLIT_K, num_pairs, 2I]``; ``_moe_up_finish_kernel`` sums the
@@ -332,7 +381,7 @@ def _moe_up_kernel(
     k_begin, k_end = _split_range(split, H, SPLIT_K, BLOCK_K)
     acc = _expert_gemm(a_rows, pair_ok, stride_xk, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
                        w_rows, col_ok, H, k_begin, k_end, stride_wn, stride_wk, stride_sn,
-                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB, BF16_ASM, SWIZZLED)
+                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB, BF16_ASM, SWIZZLED, FOLD, EVEN_K)
     if HAS_BIAS:
         if split == 0:
             acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
@@ -392,6 +441,7 @@ def _moe_down_kernel(
     MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, BF16_ASM: tl.constexpr, SWIZZLED: tl.constexpr, DIRECT: tl.constexpr,
+    FOLD: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """``SPLIT_K > 1``: ``y_ptr`` is float32 ``[SPLIT_K, num_pairs, H]``, one weighted partial per split
     (the bias in split 0's); the caller sums the splits with the choices."""
@@ -413,7 +463,7 @@ def _moe_down_kernel(
     k_begin, k_end = _split_range(split, I, SPLIT_K, BLOCK_K)
     acc = _expert_gemm(a_rows, pair_ok, 1, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
                        w_rows, col_ok, I, k_begin, k_end, stride_wn, stride_wk, stride_sn,
-                       BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB, BF16_ASM, SWIZZLED)
+                       BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB, BF16_ASM, SWIZZLED, FOLD, EVEN_K)
     if HAS_BIAS:
         if split == 0:
             acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
@@ -423,7 +473,7 @@ def _moe_down_kernel(
 
 def _weight_args(w, tile: TileConfig):
     """(weight pointer tensor, scales tensor, stride_e, stride_n, stride_k, scale stride_e, stride_n, mxfp4,
-    K-swizzled)."""
+    K-swizzled, scales small enough to fold the decode's 2^126 into them)."""
     if isinstance(w, Mxfp4Weight):
         blocks, scales = w.blocks, w.scales
         if blocks.stride(3) != 1 or blocks.stride(2) != 16 or scales.stride(2) != 1:
@@ -431,8 +481,8 @@ def _weight_args(w, tile: TileConfig):
         if w.k_swizzled and tile.block_k % 64:
             raise ValueError(f"K-swizzled MXFP4 weights need block_k a multiple of 64, got {tile.block_k}")
         return (blocks, scales, blocks.stride(0), blocks.stride(1), 1, scales.stride(0), scales.stride(1), True,
-                w.k_swizzled)
-    return w, w, w.stride(0), w.stride(1), w.stride(2), 0, 0, False, False
+                w.k_swizzled, w.small_scales)
+    return w, w, w.stride(0), w.stride(1), w.stride(2), 0, 0, False, False, False
 
 
 def fused_moe_triton(
@@ -477,7 +527,7 @@ def fused_moe_triton(
     b13 = b13.contiguous() if b13 is not None else None  # the kernels index biases with unit stride
     b2 = b2.contiguous() if b2 is not None else None
 
-    w, s, swe, swn, swk, sse, ssn, mx, swz = _weight_args(w13, up)
+    w, s, swe, swn, swk, sse, ssn, mx, swz, fold = _weight_args(w13, up)
     _moe_up_kernel[(up.split_k * num_m_blocks * triton.cdiv(I, up.block_n),)](
         x, w, s, b13 if b13 is not None else x, inter, part, sorted_ids, block_expert, num_padded,
         num_pairs, K, num_m_blocks, E, H, I, swiglu_alpha, swiglu_limit,
@@ -485,14 +535,15 @@ def fused_moe_triton(
         ACT=0 if activation == "silu" else 1, MXFP4=mx, SCALED_DOT=mx and scaled_dot and up.block_k >= 64,
         HAS_BIAS=b13 is not None, IEEE=ieee, SWAP_AB=mx and config.swap_ab,
         BLOCK_M=bm, BLOCK_N=up.block_n, BLOCK_K=up.block_k, GROUP_M=config.group_m, SPLIT_K=up.split_k,
-        BF16_ASM=bf16_asm, SWIZZLED=swz, DIRECT=direct, num_warps=up.num_warps, num_stages=up.num_stages,
+        BF16_ASM=bf16_asm, SWIZZLED=swz, DIRECT=direct, FOLD=fold and bf16_asm, EVEN_K=H % up.block_k == 0,
+        num_warps=up.num_warps, num_stages=up.num_stages,
     )
     if up.split_k > 1:
         _moe_up_finish_kernel[(num_pairs, triton.cdiv(I, 256))](
             part, inter, num_pairs, I, swiglu_alpha, swiglu_limit, inter.stride(0),
             ACT=0 if activation == "silu" else 1, SPLIT_K=up.split_k, BLOCK=256,
         )
-    w, s, swe, swn, swk, sse, ssn, mx, swz = _weight_args(w2, down)
+    w, s, swe, swn, swk, sse, ssn, mx, swz, fold = _weight_args(w2, down)
     _moe_down_kernel[(down.split_k * num_m_blocks * triton.cdiv(H, down.block_n),)](
         inter, w, s, b2 if b2 is not None else x, tw, y, sorted_ids, block_expert, num_padded,
         num_pairs, num_m_blocks, E, H, I,
@@ -500,7 +551,8 @@ def fused_moe_triton(
         MXFP4=mx, SCALED_DOT=mx and scaled_dot and down.block_k >= 64, HAS_BIAS=b2 is not None, IEEE=ieee,
         SWAP_AB=mx and config.swap_ab,
         BLOCK_M=bm, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=config.group_m, SPLIT_K=down.split_k,
-        BF16_ASM=bf16_asm, SWIZZLED=swz, DIRECT=direct, num_warps=down.num_warps, num_stages=down.num_stages,
+        BF16_ASM=bf16_asm, SWIZZLED=swz, DIRECT=direct, FOLD=fold and bf16_asm, EVEN_K=I % down.block_k == 0,
+        num_warps=down.num_warps, num_stages=down.num_stages,
     )
     if down.split_k > 1:  # the splits and the choices in one float32 sum, rounded once
         out = torch.empty(T, H, dtype=x.dtype, device=x.device)

@@ -45,6 +45,13 @@ FP4_VALUES = (
 RANDOM_SCALE_EXPONENTS = (-9, -7)
 
 SWIZZLE_SPAN = 32  # bytes of a row permuted together by swizzle_k (two scale groups)
+SMALL_SCALE_MAX = 128  # E8M0 exponents up to this (scales <= 2) keep 2^(s - 1) a normal bf16
+
+
+def has_small_scales(scales: torch.Tensor) -> bool:
+    """Whether every E8M0 exponent is at most ``SMALL_SCALE_MAX`` (one reduction and a host read: call
+    when weights are prepared, not per step). Trained and random MXFP4 weights have scales far below 2."""
+    return scales.numel() == 0 or int(scales.max()) <= SMALL_SCALE_MAX
 
 
 @dataclass
@@ -53,11 +60,15 @@ class Mxfp4Weight:
     ``[E, N, K/32]``. What the experts keep on the GPU; there is no dequantized copy.
 
     ``k_swizzled``: the bytes of each row are in ``swizzle_k``'s order (the GPU layout); ``blocks``
-    keeps its shape, but its ``[K/32, 16]`` split no longer matches the scale groups."""
+    keeps its shape, but its ``[K/32, 16]`` split no longer matches the scale groups.
+    ``small_scales``: every scale exponent is known to be at most ``SMALL_SCALE_MAX`` (a scale of at most
+    2; ``has_small_scales``), which lets the kernel's bit decode fold a constant factor into the scale;
+    False when unknown."""
 
     blocks: torch.Tensor
     scales: torch.Tensor
     k_swizzled: bool = False
+    small_scales: bool = False
 
     def __post_init__(self) -> None:
         if self.blocks.dtype != torch.uint8 or self.scales.dtype != torch.uint8:
@@ -85,17 +96,18 @@ class Mxfp4Weight:
         return self.blocks.device
 
     def to(self, device: torch.device | str) -> Mxfp4Weight:
-        return Mxfp4Weight(self.blocks.to(device), self.scales.to(device), self.k_swizzled)
+        return Mxfp4Weight(self.blocks.to(device), self.scales.to(device), self.k_swizzled, self.small_scales)
 
     def expert(self, e: int) -> Mxfp4Weight:
         """Expert ``e`` alone, as a one-expert weight ``[1, N, K]`` (a view)."""
-        return Mxfp4Weight(self.blocks[e:e + 1], self.scales[e:e + 1], self.k_swizzled)
+        return Mxfp4Weight(self.blocks[e:e + 1], self.scales[e:e + 1], self.k_swizzled, self.small_scales)
 
     def swizzled(self) -> Mxfp4Weight:
-        """The same weight in the K-swizzled layout (a copy; ``self`` if it already is)."""
+        """The same weight in the K-swizzled layout, its scales checked (``has_small_scales``): the form
+        the kernels read fastest (a copy; ``self`` if it already is)."""
         if self.k_swizzled:
             return self
-        return Mxfp4Weight(swizzle_k(self.blocks), self.scales, True)
+        return Mxfp4Weight(swizzle_k(self.blocks), self.scales, True, has_small_scales(self.scales))
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         blocks = unswizzle_k(self.blocks) if self.k_swizzled else self.blocks

@@ -24,7 +24,7 @@ from torch import nn
 
 from plait.runtime.kernels.fused_moe import fused_moe, fused_moe_ref
 from plait.runtime.kernels.moe_routing import ROUTINGS, route_topk, route_topk_ref
-from plait.runtime.kernels.mxfp4 import BLOCK_SIZE, Mxfp4Weight, random_mxfp4, swizzle_k
+from plait.runtime.kernels.mxfp4 import BLOCK_SIZE, Mxfp4Weight, has_small_scales, random_mxfp4, swizzle_k
 from plait.runtime.layers.linear import Linear
 from plait.runtime.models.config import MoEConfig
 from plait.runtime.models.errors import ModelLoadError
@@ -75,6 +75,7 @@ class MoE(nn.Module):
         self.b13 = self._param((E, 2 * I)) if moe.expert_bias else None
         self.b2 = self._param((E, H)) if moe.expert_bias else None
         self.k_swizzled = False  # MXFP4 codes in mxfp4.swizzle_k's order (set by prepare_for_kernels)
+        self.small_scales = (False, False)  # per weight (w13, w2): mxfp4.has_small_scales (prepare_for_kernels)
 
     def _param(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> nn.Parameter:
         param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
@@ -94,19 +95,22 @@ class MoE(nn.Module):
     def expert_weights(self) -> tuple[torch.Tensor | Mxfp4Weight, torch.Tensor | Mxfp4Weight]:
         """(w13, w2) as the fused MoE kernel takes them."""
         if self.quantization == "mxfp4":
-            return (Mxfp4Weight(self.w13_blocks, self.w13_scales, self.k_swizzled),
-                    Mxfp4Weight(self.w2_blocks, self.w2_scales, self.k_swizzled))
+            return (Mxfp4Weight(self.w13_blocks, self.w13_scales, self.k_swizzled, self.small_scales[0]),
+                    Mxfp4Weight(self.w2_blocks, self.w2_scales, self.k_swizzled, self.small_scales[1]))
         return self.w13, self.w2
 
     def prepare_for_kernels(self, swizzle: bool | None = None) -> None:
         """Once the weights are loaded: MXFP4 codes move, in place and one expert at a time (no full-size
         temporary), to the K-swizzled order (``mxfp4.swizzle_k``) in which the fused kernel's loads are
-        vector loads. ``swizzle``: None = where the kernel runs (CUDA). Needs both reduction sizes (H, the
-        local I) to be multiples of 64; else, for dense experts or when already done, nothing changes."""
+        vector loads, and the scales are checked once (``mxfp4.has_small_scales``: the kernel's decode can
+        then fold a constant into them). ``swizzle``: None = where the kernel runs (CUDA). Needs both
+        reduction sizes (H, the local I) to be multiples of 64; else, for dense experts or when already
+        done, the codes stay as they are."""
         if self.quantization != "mxfp4" or self.k_swizzled:
             return
         if not (self.w13_blocks.is_cuda if swizzle is None else swizzle):
             return
+        self.small_scales = (has_small_scales(self.w13_scales), has_small_scales(self.w2_scales))
         if self.w13_blocks.shape[-2] % 2 or self.w2_blocks.shape[-2] % 2:
             return  # K not a multiple of 64: the natural order (the kernel reads both)
         for blocks in (self.w13_blocks, self.w2_blocks):

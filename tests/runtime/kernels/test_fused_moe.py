@@ -23,7 +23,13 @@ import triton.language as tl
 
 from plait.runtime.kernels.fused_moe import fused_moe, fused_moe_ref
 from plait.runtime.kernels.fused_moe_config import FusedMoeConfig, TileConfig
-from plait.runtime.kernels.fused_moe_triton import _e8m0_bf16, _e8m0_scale, _fp4_pair, _fp4_pair_bf16
+from plait.runtime.kernels.fused_moe_triton import (
+    _e8m0_bf16,
+    _e8m0_bf16_folded,
+    _e8m0_scale,
+    _fp4_pair,
+    _fp4_pair_bf16,
+)
 from plait.runtime.kernels.mxfp4 import Mxfp4Weight, dequantize_mxfp4, quantize_mxfp4
 
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
@@ -299,10 +305,12 @@ def test_fp4_bit_decode_is_exact_for_every_code_and_scale(kernel_device):
 
 
 @triton.jit
-def _decode_fp4_pairs_bf16(bytes_ptr, scales_ptr, lo_ptr, hi_ptr, N: tl.constexpr):
-    """The PTX bf16 decode (``_fp4_pair_bf16``) of N bytes, each under its scale."""
-    offs = tl.arange(0, N)
-    lo, hi = _fp4_pair_bf16(tl.load(bytes_ptr + offs), _e8m0_bf16(tl.load(scales_ptr + offs)))
+def _decode_fp4_pairs_bf16(bytes_ptr, scales_ptr, lo_ptr, hi_ptr, N: tl.constexpr, FOLD: tl.constexpr = False):
+    """The PTX bf16 decode (``_fp4_pair_bf16``) of N bytes a program, each under its scale; ``FOLD``: the
+    variant with the 2^126 folded into the scales."""
+    offs = tl.program_id(0) * N + tl.arange(0, N)
+    s = tl.load(scales_ptr + offs)
+    lo, hi = _fp4_pair_bf16(tl.load(bytes_ptr + offs), _e8m0_bf16_folded(s) if FOLD else _e8m0_bf16(s), FOLD)
     tl.store(lo_ptr + offs, lo)
     tl.store(hi_ptr + offs, hi)
 
@@ -320,6 +328,24 @@ def test_fp4_ptx_bf16_decode_is_exact_for_every_code_and_scale():
     _decode_fp4_pairs_bf16[(1,)](codes.cuda(), scales.cuda(), lo, hi, N=2048)
     ref = dequantize_mxfp4(codes.view(128, 1, 16), scales.view(128, 16)[:, :1], torch.float32).bfloat16()
     assert torch.equal(lo.cpu().view(128, 16), ref[:, 0::2]) and torch.equal(hi.cpu().view(128, 16), ref[:, 1::2])
+
+
+@pytest.mark.gpu
+def test_fp4_ptx_folded_decode_is_exact_for_every_code_and_small_scale():
+    """The folded decode (one multiply by bf16 2^(s - 1)) equals ``dequantize_mxfp4`` to bf16 for every
+    byte and every scale exponent it is used for (0 .. SMALL_SCALE_MAX), subnormal results included."""
+    from plait.runtime.kernels.mxfp4 import SMALL_SCALE_MAX
+
+    _cuda()
+    scales = torch.arange(SMALL_SCALE_MAX + 1, dtype=torch.uint8).repeat_interleave(256)  # 129 x every byte
+    codes = torch.arange(256, dtype=torch.uint8).repeat(SMALL_SCALE_MAX + 1)
+    n = codes.numel()  # 129 * 256: a multiple of the 256 bytes a program decodes
+    lo = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+    hi = torch.empty_like(lo)
+    _decode_fp4_pairs_bf16[(n // 256,)](codes.cuda(), scales.cuda(), lo, hi, N=256, FOLD=True)
+    rows = n // 16
+    ref = dequantize_mxfp4(codes.view(rows, 1, 16), scales.view(rows, 16)[:, :1], torch.float32).bfloat16()
+    assert torch.equal(lo.cpu().view(rows, 16), ref[:, 0::2]) and torch.equal(hi.cpu().view(rows, 16), ref[:, 1::2])
 
 
 def test_kernel_all_tokens_on_one_expert(kernel_device):
@@ -434,14 +460,19 @@ def test_bf16_tilings_on_gpu(config, mxfp4):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", list(SWIZZLED_CONFIGS.values()), ids=list(SWIZZLED_CONFIGS))
-def test_k_swizzled_tilings_on_gpu(config):
-    """bf16 activations (the PTX decode) on K-swizzled codes, against the reference on natural codes."""
+@pytest.mark.parametrize("large_scales", [False, True], ids=["folded", "large-scales"])
+def test_k_swizzled_tilings_on_gpu(config, large_scales):
+    """bf16 activations (the PTX decode) on K-swizzled codes, against the reference on natural codes;
+    with scales past SMALL_SCALE_MAX (x 2^10 here) the decode keeps its separate 2^126 multiply."""
     device = _cuda()
     for T, activation in ((3, "swiglu_oai"), (70, "silu")):
         x, w13, w2, tw, ids, b13, b2 = make_problem(T, 8, 128, 192, 4, dtype=torch.bfloat16, mxfp4=True, bias=True,
                                                     device=device)
-        out = fused_moe(x, w13.swizzled(), w2.swizzled(), tw, ids, b13=b13, b2=b2, activation=activation,
-                        config=config)
+        if large_scales:
+            w13, w2 = (Mxfp4Weight(w.blocks, w.scales + 10) for w in (w13, w2))
+        sw13, sw2 = w13.swizzled(), w2.swizzled()
+        assert sw13.small_scales != large_scales and sw2.small_scales != large_scales
+        out = fused_moe(x, sw13, sw2, tw, ids, b13=b13, b2=b2, activation=activation, config=config)
         ref = fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2, activation=activation)
         assert rel_err(out, ref) < REL_TOL[torch.bfloat16], (T, activation)
 

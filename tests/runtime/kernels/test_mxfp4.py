@@ -8,8 +8,10 @@ import torch
 from plait.runtime.kernels.mxfp4 import (
     FP4_VALUES,
     RANDOM_SCALE_EXPONENTS,
+    SMALL_SCALE_MAX,
     Mxfp4Weight,
     dequantize_mxfp4,
+    has_small_scales,
     quantize_mxfp4,
     random_mxfp4,
     swizzle_k,
@@ -126,6 +128,20 @@ def test_swizzled_weight_dequantizes_to_the_same_values():
     assert torch.equal(sw.dequantize(torch.float32), w.dequantize(torch.float32))
     assert torch.equal(sw.expert(1).dequantize(torch.float32), w.expert(1).dequantize(torch.float32))
     assert sw.to("cpu").k_swizzled
+
+
+def test_small_scales_are_checked_once_when_swizzled():
+    """``swizzled`` (how weights are prepared for the kernels) records whether every scale exponent is at
+    most ``SMALL_SCALE_MAX``, which lets the kernel fold a constant into the scales; views keep the flag."""
+    w = random_mxfp4(2, 4, 128, torch.Generator().manual_seed(1))
+    assert has_small_scales(w.scales) and not w.small_scales  # unknown until checked
+    sw = w.swizzled()
+    assert sw.small_scales and sw.expert(1).small_scales and sw.to("cpu").small_scales
+    big = Mxfp4Weight(w.blocks, w.scales.clone(), False)
+    big.scales[1, 3, 0] = SMALL_SCALE_MAX + 1
+    assert not has_small_scales(big.scales) and not big.swizzled().small_scales
+    big.scales[1, 3, 0] = SMALL_SCALE_MAX
+    assert has_small_scales(big.scales)
 
 
 def test_swizzle_needs_k_a_multiple_of_64():

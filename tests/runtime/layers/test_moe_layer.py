@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from plait.runtime.kernels.fused_moe import fused_moe_ref
-from plait.runtime.kernels.mxfp4 import Mxfp4Weight, quantize_mxfp4
+from plait.runtime.kernels.mxfp4 import Mxfp4Weight, has_small_scales, quantize_mxfp4
 from plait.runtime.layers.moe import MoE, per_expert_target
 from plait.runtime.models.config import MoEConfig
 
@@ -133,6 +133,7 @@ def test_prepare_for_kernels_swizzles_mxfp4_codes_and_keeps_the_output():
     layer.prepare_for_kernels(swizzle=True)
     assert layer.k_swizzled and not torch.equal(layer.w13_blocks.data, blocks)
     assert all(w.k_swizzled for w in layer.expert_weights())
+    assert all(w.small_scales == has_small_scales(w.scales) for w in layer.expert_weights())
     assert torch.equal(layer(x), before)
     layer.prepare_for_kernels(swizzle=True)  # idempotent
     assert torch.equal(layer(x), before)
