@@ -85,14 +85,15 @@ TUNED: dict[tuple[MoeShape, int], FusedMoeConfig] = {
     # 157.9 (default tiling 167.1), T=8 288.0 (previous entry 419.7); then T=2 87.0 (default 98.1), T=16
     # 472.7 (480.0), T=32 712.2 (731.1). Then (the scales' 2^126 folded, unmasked weight loads, no K masks
     # where K % block_k == 0): T=1 48.1, T=2 80.7, T=64 837.7, T=256 1,027.2 on the same entries; re-tuned
-    # T=4 138.2 us (146.9 on the previous entry), T=8 247.4 (268.5), T=16 397.6 (411.9), T=32 593.6 (613.2).
+    # T=4 138.2 us (146.9 on the previous entry), T=8 247.4 (268.5), T=16 397.6 (411.9), T=32 593.6 (613.2),
+    # T=64 809.6 (838.6).
     (_GPT_OSS_120B, 1): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2), TileConfig(64, 128, 4, 3, 2), swap_ab=True),
     (_GPT_OSS_120B, 2): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(128, 128, 4, 3, 2), swap_ab=True),
     (_GPT_OSS_120B, 4): FusedMoeConfig(16, TileConfig(128, 64, 4, 3), TileConfig(128, 128, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 8): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 4), swap_ab=True),
     (_GPT_OSS_120B, 16): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 4), swap_ab=True),
     (_GPT_OSS_120B, 32): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
-    (_GPT_OSS_120B, 64): FusedMoeConfig(16, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
+    (_GPT_OSS_120B, 64): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 128): FusedMoeConfig(16, TileConfig(64, 64, 4, 4), TileConfig(64, 64, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 256): FusedMoeConfig(16, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 1024): FusedMoeConfig(64, TileConfig(64, 128, 4, 3), TileConfig(64, 128, 4, 3)),
