@@ -14,8 +14,9 @@ the calls. Floor: the larger of
 Usage: python benchmarks/moe_kernel.py [--models gpt-oss-120b,qwen3-30b-a3b] [--tokens 1,64]
        python benchmarks/moe_kernel.py --tune [--models ...] [--tokens ...]
 MXFP4 experts are K-swizzled as the engine holds them on a GPU (``mxfp4.swizzle_k``); for MXFP4 shapes
-each T is also timed with the other MXFP4 decode (``swap_ab`` flipped) on the same tiling, and with the
-table's tiling on codes in the natural (checkpoint) order. --tune times candidate tilings per shape and token count (coordinate search: swap_ab for
+each T is also timed with the other implementation of the swapped GEMM (``fused_moe_triton.USE_GLUON``
+flipped: the Gluon kernel where it applies), with the other MXFP4 decode (``swap_ab`` flipped) on the
+same tiling, and with the table's tiling on codes in the natural (checkpoint) order. --tune times candidate tilings per shape and token count (coordinate search: swap_ab for
 MXFP4, block_m, then the up
 GEMM's tile, then the down GEMM's, then group_m) and prints the winners as entries for
 ``plait/runtime/kernels/fused_moe_config.py``'s TUNED table.
@@ -30,6 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from plait.runtime.kernels import fused_moe_triton
 from plait.runtime.kernels.fused_moe import fused_moe
 from plait.runtime.kernels.fused_moe_config import FusedMoeConfig, MoeShape, TileConfig, get_config, token_bucket
 from plait.runtime.kernels.mxfp4 import Mxfp4Weight, random_mxfp4, unswizzle_k
@@ -166,12 +168,21 @@ def benchmark(models: list[Model], tokens: list[int]) -> list[str]:
             fl = max(mem_s, flop_s)
             distinct = model.num_experts * (1 - (1 - model.top_k / model.num_experts) ** T)
             config = get_config(model.shape, T)
-            variants = [(config, weights, "")]
-            if model.weight_format == "mxfp4":  # the other MXFP4 decode; the codes in natural order
-                variants.append((replace(config, swap_ab=not config.swap_ab), weights, " (not the table choice)"))
-                variants.append((config, natural, " (codes in natural order)"))
-            for variant, held, note in variants:
-                s = time_config(model, held, calls, variant)
+            default = fused_moe_triton.USE_GLUON
+            variants = [(config, weights, "", default)]
+            if model.weight_format == "mxfp4":  # the other swapped GEMM; the other MXFP4 decode; natural order
+                if config.swap_ab:
+                    variants.append((config, weights, " (Triton kernel)" if default else " (Gluon kernel where usable)",
+                                     not default))
+                variants.append((replace(config, swap_ab=not config.swap_ab), weights, " (not the table choice)",
+                                 default))
+                variants.append((config, natural, " (codes in natural order)", default))
+            for variant, held, note, use_gluon in variants:
+                fused_moe_triton.USE_GLUON = use_gluon
+                try:
+                    s = time_config(model, held, calls, variant)
+                finally:
+                    fused_moe_triton.USE_GLUON = default
                 lines.append(
                     f"| {model.name} | {T} | {s * 1e6:.1f} | {fl * 1e6:.1f} ({mem_s * 1e6:.1f} / {flop_s * 1e6:.1f}) "
                     f"| {fl / s:.0%} | {distinct * model.expert_bytes / s / 1e9:.0f} | "

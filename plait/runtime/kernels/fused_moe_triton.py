@@ -67,6 +67,11 @@ ACT_SILU, ACT_SWIGLU_OAI = 0, 1
 # experts about 1 pair in 16 shares its expert (6% more expert bytes); at batch 1 none does.
 DIRECT_MAX_PAIRS = 16
 
+# The swapped MXFP4 GEMMs through the Gluon kernel (fused_moe_gluon.py) where it applies. Off: measured on an
+# H200 at GPT-OSS-120B's shapes it is 12-16% slower than the Triton kernels here at T = 4-256 (that module's
+# docstring says why); benchmarks/moe_kernel.py times both, tests keep it correct.
+USE_GLUON = False
+
 
 @triton.jit
 def _fp4_pair(byte, scale):
@@ -485,6 +490,17 @@ def _weight_args(w, tile: TileConfig):
     return w, w, w.stride(0), w.stride(1), w.stride(2), 0, 0, False, False, False
 
 
+def _gluon_module():
+    """``fused_moe_gluon`` where it can run (``USE_GLUON``, Triton's Gluon importable), else None."""
+    if not USE_GLUON:
+        return None
+    try:
+        from plait.runtime.kernels import fused_moe_gluon
+    except ImportError:  # a Triton without Gluon's Hopper support
+        return None
+    return fused_moe_gluon
+
+
 def fused_moe_triton(
     x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
     b13: torch.Tensor | None, b2: torch.Tensor | None, activation: str, swiglu_alpha: float,
@@ -527,22 +543,42 @@ def fused_moe_triton(
     b13 = b13.contiguous() if b13 is not None else None  # the kernels index biases with unit stride
     b2 = b2.contiguous() if b2 is not None else None
 
-    w, s, swe, swn, swk, sse, ssn, mx, swz, fold = _weight_args(w13, up)
-    _moe_up_kernel[(up.split_k * num_m_blocks * triton.cdiv(I, up.block_n),)](
-        x, w, s, b13 if b13 is not None else x, inter, part, sorted_ids, block_expert, num_padded,
-        num_pairs, K, num_m_blocks, E, H, I, swiglu_alpha, swiglu_limit,
-        x.stride(0), x.stride(1), swe, swn, swk, sse, ssn, b13.stride(0) if b13 is not None else 0, inter.stride(0),
-        ACT=0 if activation == "silu" else 1, MXFP4=mx, SCALED_DOT=mx and scaled_dot and up.block_k >= 64,
-        HAS_BIAS=b13 is not None, IEEE=ieee, SWAP_AB=mx and config.swap_ab,
-        BLOCK_M=bm, BLOCK_N=up.block_n, BLOCK_K=up.block_k, GROUP_M=config.group_m, SPLIT_K=up.split_k,
-        BF16_ASM=bf16_asm, SWIZZLED=swz, DIRECT=direct, FOLD=fold and bf16_asm, EVEN_K=H % up.block_k == 0,
-        num_warps=up.num_warps, num_stages=up.num_stages,
-    )
-    if up.split_k > 1:
+    gluon = _gluon_module() if config.swap_ab and bf16_asm else None
+    if gluon is not None and gluon.usable(x, w13, up.block_k, H, 2 * up.block_n, bm):
+        part = torch.empty(up.split_k, num_pairs, 2 * I, dtype=torch.float32, device=x.device)
+        gluon.gemm(x, w13, b13, None, part, sorted_ids, block_expert, num_padded, num_pairs=num_pairs, row_div=K,
+                   num_m_blocks=num_m_blocks, N=2 * I, I=I, up=True, silu=activation == "silu", direct=direct,
+                   block_m=bm, nw=2 * up.block_n, block_k=up.block_k, split_k=up.split_k)
         _moe_up_finish_kernel[(num_pairs, triton.cdiv(I, 256))](
             part, inter, num_pairs, I, swiglu_alpha, swiglu_limit, inter.stride(0),
             ACT=0 if activation == "silu" else 1, SPLIT_K=up.split_k, BLOCK=256,
         )
+    else:
+        w, s, swe, swn, swk, sse, ssn, mx, swz, fold = _weight_args(w13, up)
+        _moe_up_kernel[(up.split_k * num_m_blocks * triton.cdiv(I, up.block_n),)](
+            x, w, s, b13 if b13 is not None else x, inter, part, sorted_ids, block_expert, num_padded,
+            num_pairs, K, num_m_blocks, E, H, I, swiglu_alpha, swiglu_limit,
+            x.stride(0), x.stride(1), swe, swn, swk, sse, ssn, b13.stride(0) if b13 is not None else 0,
+            inter.stride(0), ACT=0 if activation == "silu" else 1, MXFP4=mx,
+            SCALED_DOT=mx and scaled_dot and up.block_k >= 64, HAS_BIAS=b13 is not None, IEEE=ieee,
+            SWAP_AB=mx and config.swap_ab, BLOCK_M=bm, BLOCK_N=up.block_n, BLOCK_K=up.block_k,
+            GROUP_M=config.group_m, SPLIT_K=up.split_k, BF16_ASM=bf16_asm, SWIZZLED=swz, DIRECT=direct,
+            FOLD=fold and bf16_asm, EVEN_K=H % up.block_k == 0, num_warps=up.num_warps, num_stages=up.num_stages,
+        )
+        if up.split_k > 1:
+            _moe_up_finish_kernel[(num_pairs, triton.cdiv(I, 256))](
+                part, inter, num_pairs, I, swiglu_alpha, swiglu_limit, inter.stride(0),
+                ACT=0 if activation == "silu" else 1, SPLIT_K=up.split_k, BLOCK=256,
+            )
+    if gluon is not None and gluon.usable(x, w2, down.block_k, I, down.block_n, bm):
+        y = torch.empty(down.split_k, num_pairs, H, dtype=torch.float32, device=x.device)
+        gluon.gemm(inter, w2, b2, tw, y, sorted_ids, block_expert, num_padded, num_pairs=num_pairs, row_div=1,
+                   num_m_blocks=num_m_blocks, N=H, I=I, up=False, silu=False, direct=direct, block_m=bm,
+                   nw=down.block_n, block_k=down.block_k, split_k=down.split_k)
+        out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+        _moe_down_finish_kernel[(T, triton.cdiv(H, 1024))](y, out, T, K, H, out.stride(0),
+                                                           SPLIT_K=down.split_k, BLOCK=1024)
+        return out
     w, s, swe, swn, swk, sse, ssn, mx, swz, fold = _weight_args(w2, down)
     _moe_down_kernel[(down.split_k * num_m_blocks * triton.cdiv(H, down.block_n),)](
         inter, w, s, b2 if b2 is not None else x, tw, y, sorted_ids, block_expert, num_padded,

@@ -478,6 +478,29 @@ def test_k_swizzled_tilings_on_gpu(config, large_scales):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 4, 70])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_gluon_swapped_gemm_matches_reference(T, split_k, monkeypatch):
+    """The Gluon MXFP4 GEMM (off by default, ``USE_GLUON``) against the reference: both GEMMs through it
+    (K-swizzled codes, folded scales, K a multiple of block_k), direct and aligned row blocks, split K,
+    both activations, and experts held elsewhere."""
+    from plait.runtime.kernels import fused_moe_gluon, fused_moe_triton
+
+    device = _cuda()
+    monkeypatch.setattr(fused_moe_triton, "USE_GLUON", True)
+    config = FusedMoeConfig(16, TileConfig(32, 64, 4, 3, split_k), TileConfig(64, 64, 4, 3, split_k), swap_ab=True)
+    for activation in ("swiglu_oai", "silu"):
+        x, w13, w2, tw, ids, b13, b2 = make_problem(T, 8, 128, 192, 4, dtype=torch.bfloat16, mxfp4=True, bias=True,
+                                                    device=device)
+        ids[0, 0] = -1  # held elsewhere
+        sw13, sw2 = w13.swizzled(), w2.swizzled()
+        assert fused_moe_gluon.usable(x, sw13, 64, 128, 64, 16) and fused_moe_gluon.usable(x, sw2, 64, 192, 64, 16)
+        out = fused_moe(x, sw13, sw2, tw, ids, b13=b13, b2=b2, activation=activation, config=config)
+        ref = fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2, activation=activation)
+        assert rel_err(out, ref) < REL_TOL[torch.bfloat16], (T, activation)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("weights,T", [("bf16", 24), ("mxfp4", 24), ("bf16", 300)])  # 300 * 4: torch alignment
 def test_cuda_graph_replay_follows_new_routing(weights, T):
     """Captured once, replayed with other ids, weights and tokens in the same buffers: equals eager."""
