@@ -23,7 +23,8 @@ against 10.6 a weight byte), yet on an H200 at GPT-OSS-120B's shapes the whole M
 at T = 4-256 (T=64: 946-957 us against 821-827 on the same table). Nsight Compute at T=64: issue slots
 54-58% busy, and a third of the gaps between a warp's instructions are waits at the CTA barrier (the
 activation tile's store before each MMA); the loads are prefetched one tile ahead in registers only,
-and each MMA is waited for at once. What should make it win: the activations staged through shared
+and each MMA is waited for at once. Loading three tiles ahead in registers instead made it slower still
+(T=64: 1,053 us; 123 registers a thread at 64 rows, four programs an SM). What should make it win: the activations staged through shared
 memory once per program at decode sizes (they are the same for every column block), asynchronous
 copies of the codes several tiles ahead (``async_copy`` with mbarriers) and MMAs left in flight
 (``warpgroup_mma(..., is_async=True)`` with ``warpgroup_mma_wait``).
