@@ -92,9 +92,15 @@ class CompiledGrammar(ABC):
 
 
 class GrammarBackend(ABC):
-    """Compiles specs of the kinds it supports."""
+    """Compiles specs of the kinds it supports.
+
+    ``compile_bounded``: whether the library bounds its own compile work (llguidance: its parser limits
+    on grammar size and lexer fuel), so that a compile in this process may run on the caller's thread,
+    where no clock can stop it (``GrammarCompiler.compile`` without ``isolate``). False: the compile runs
+    on a compiler thread, and the caller stops waiting for it at the timeout."""
 
     name: str
+    compile_bounded: bool = False
 
     @abstractmethod
     def prepare(self, spec: ConstraintSpec, info: TokenizerInfo) -> Any:

@@ -218,6 +218,11 @@ class LLGuidanceGrammar(CompiledGrammar):
 
 class LLGuidanceBackend(GrammarBackend):
     name = "llguidance"
+    # Compile work is bounded by llguidance's own parser limits (its default ``LLParserLimits``: at most
+    # 500,000 grammar symbols, 1,000,000 lexer fuel to build the lexer's regexes, ~20 ms) on top of
+    # plait's ``GrammarLimits`` on the source; the lexer and the Earley sets are built lazily, a mask at
+    # a time, under per-step fuel. So a compile may run on the caller's thread (``GrammarCompiler``).
+    compile_bounded = True
     # False: always the Python wrapper vocabulary (for comparisons: benchmarks/llguidance_overhead.py)
     native_vocabulary = True
 
