@@ -237,13 +237,15 @@ class GrammarCompiler:
             self._evict()
 
     def _evict(self) -> None:
-        """Drop finished entries, least recently used first, while over ``cache_bytes`` or ``cache_size``."""
-        for key in list(self._cache):
-            if self._cached_bytes <= self.cache_bytes and len(self._cache) <= self.cache_size:
+        """Drop finished entries, least recently used first, while over ``cache_bytes`` or ``cache_size``.
+        Each search stops at the first finished entry (usually the first one): no pass over the cache."""
+        while self._cached_bytes > self.cache_bytes or len(self._cache) > self.cache_size:
+            # finished entries only (in-flight compilations stay: requests wait on them)
+            key = next((key for key in self._cache if key in self._sizes), None)
+            if key is None:
                 return
-            if key in self._sizes:  # finished (in-flight compilations stay: requests wait on them)
-                del self._cache[key]
-                self._cached_bytes -= self._sizes.pop(key)
+            del self._cache[key]
+            self._cached_bytes -= self._sizes.pop(key)
 
     def _load(self, spec: ConstraintSpec, name: str, payload: Any,
               relaxed: tuple[str, list[str]] | None = None) -> CompiledGrammar:
