@@ -234,18 +234,22 @@ class GrammarCompiler:
                 return
             self._sizes[spec] = max(0, int(getattr(fut.result(), "nbytes", 0)))
             self._cached_bytes += self._sizes[spec]
-            self._evict()
+            evicted = self._evict()
+        del evicted  # freed here, past the lock: freeing a used llguidance grammar takes 0.05-0.25 ms
 
-    def _evict(self) -> None:
-        """Drop finished entries, least recently used first, while over ``cache_bytes`` or ``cache_size``.
-        Each search stops at the first finished entry (usually the first one): no pass over the cache."""
+    def _evict(self) -> list[Future]:
+        """Drop finished entries, least recently used first, while over ``cache_bytes`` or ``cache_size``;
+        returns them (the caller frees them once the lock is released). Each search stops at the first
+        finished entry (usually the first one): no pass over the cache."""
+        evicted = []
         while self._cached_bytes > self.cache_bytes or len(self._cache) > self.cache_size:
             # finished entries only (in-flight compilations stay: requests wait on them)
             key = next((key for key in self._cache if key in self._sizes), None)
             if key is None:
-                return
-            del self._cache[key]
+                break
+            evicted.append(self._cache.pop(key))
             self._cached_bytes -= self._sizes.pop(key)
+        return evicted
 
     def _load(self, spec: ConstraintSpec, name: str, payload: Any,
               relaxed: tuple[str, list[str]] | None = None) -> CompiledGrammar:

@@ -247,6 +247,28 @@ def test_compiling_into_a_full_cache_does_not_pass_over_it(tokenizer_info, monke
         compiler.shutdown()
 
 
+def test_an_evicted_grammar_is_freed_outside_the_compilers_lock(tokenizer_info):
+    """Freeing a used grammar takes a while (llguidance: 0.05-0.25 ms): not while submit() waits."""
+    locked_when_freed = []
+
+    class _Freed(_Grammar):
+        def __del__(self):
+            locked_when_freed.append(compiler._lock.locked())
+
+    class _Backend(_BoundedBackend):
+        def load(self, spec, payload, info):
+            return _Freed(spec)
+
+    compiler = _bounded_compiler(tokenizer_info, _Backend())
+    compiler.cache_size = 2
+    try:
+        for i in range(5):
+            compiler.compile(ConstraintSpec(ConstraintKind.REGEX, f"a{i}"))
+        assert locked_when_freed == [False, False, False]
+    finally:
+        compiler.shutdown()
+
+
 def test_a_spec_hashes_once_and_pickles_without_its_hash(monkeypatch):
     import os
     import pickle
