@@ -157,8 +157,12 @@ def test_llguidance_compiles_on_the_callers_thread(tokenizer_info, monkeypatch):
 
     threads = []
     original = LLGuidanceBackend.compile
-    monkeypatch.setattr(LLGuidanceBackend, "compile",
-                        lambda self, spec, info: threads.append(threading.current_thread()) or original(self, spec, info))
+
+    def recorded(self, spec, info):
+        threads.append(threading.current_thread())
+        return original(self, spec, info)
+
+    monkeypatch.setattr(LLGuidanceBackend, "compile", recorded)
     compiler = GrammarCompiler(tokenizer_info, backend="llguidance")
     try:
         assert compiler.compile(ConstraintSpec(ConstraintKind.REGEX, "(yes|no)")).backend_name == "llguidance"

@@ -272,8 +272,12 @@ def test_without_compile_workers_generate_compiles_on_its_thread_and_submit_does
     compiler = GrammarCompiler(engine.constrained.compiler.info, timeout_s=30)  # as workers=0 builds it
     threads = []
     original = LLGuidanceBackend.compile
-    monkeypatch.setattr(LLGuidanceBackend, "compile",
-                        lambda self, spec, info: threads.append(threading.current_thread()) or original(self, spec, info))
+
+    def recorded(self, spec, info):
+        threads.append(threading.current_thread())
+        return original(self, spec, info)
+
+    monkeypatch.setattr(LLGuidanceBackend, "compile", recorded)
     monkeypatch.setattr(engine.constrained, "_compiler", compiler)
     caller = threading.current_thread()
     try:
@@ -289,7 +293,8 @@ def test_without_compile_workers_generate_compiles_on_its_thread_and_submit_does
                 done.set()
 
         other = {"type": "object", "properties": {"river": {"type": "string", "maxLength": 16}}, "required": ["river"]}
-        engine.submit(_chat(engine, "Name a river as JSON."), {"json_schema": other, "temperature": 0, "max_new_tokens": 24},
+        engine.submit(_chat(engine, "Name a river as JSON."),
+                      {"json_schema": other, "temperature": 0, "max_new_tokens": 24},
                       on_output=on_output, on_admitted=admitted.append)
         assert done.wait(120) and admitted == [None]
         assert len(threads) == 2 and threads[1] is not caller
