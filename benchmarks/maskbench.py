@@ -37,15 +37,16 @@ bounded by steps and by 1 s per instance, so it undercounts).
 Failure kinds: ``limit`` (plait refuses the schema before compiling: past ``GrammarLimits``, e.g. the
 128 KiB ``grammar_max_bytes``; ``--max-bytes`` raises it), ``compile`` (refused or failed to compile),
 ``timeout`` (plait's compile timeout), ``valid_rejected``, ``invalid_accepted``. Compile time is per
-schema (plait: ``SamplingParams``, spec normalization and the compile on the compiler's thread, which
-checks the grammar allows some output with its first mask; llguidance: schema translation and the
-matcher); mask time is per token. Since plait's compile computes a first mask that llguidance's does
-not, "compile + first mask" adds the first mask of the schema's first instance to each side's compile:
-the time until a request's first token can be sampled.
+schema (plait: ``SamplingParams``, spec normalization and the compile, on the calling thread, which
+checks the grammar allows some output with its first mask and keeps that mask as every request's
+first; llguidance: schema translation and the matcher); mask time is per token. Since plait's compile
+computes a first mask that llguidance's does not (plait's first ``fill_bitmask`` then copies it),
+"compile + first mask" adds the first mask of the schema's first instance to each side's compile: the
+time until a request's first token can be sampled.
 
 Fairness: both sides are timed with ``time.perf_counter`` around the same calls of the same
 ``Side.run``; both get one untimed warm-up (a small schema compiled and walked: plait's token table
-and compile thread, llguidance's tokenizer); which side runs first alternates from schema to schema
+and backend, llguidance's tokenizer); which side runs first alternates from schema to schema
 (the second finds caches warm: with plait always first, as before, llguidance's matchers built ~8%
 faster than plait's backend built the same kind of matcher, and its first masks ran ~3x faster); the
 garbage collector stays on for both, as in a server.
@@ -360,7 +361,7 @@ def run(data_dir: Path, sample: int | None, seed: int, backend: str = "llguidanc
 
     sides = [plait_side, LLGuidanceSide(info, LLGuidanceBackend().tokenizer_for(info), llguidance_options)]
     warm_up = {"type": "object", "properties": {"a": {"type": "string"}}}
-    for side in sides:  # untimed: plait's token table and compile thread, both sides' first grammar
+    for side in sides:  # untimed: plait's token table and backend, both sides' first grammar
         side.run(warm_up, [(info.encode('{"a": "x"}'), True)])
         for times in (side.compile_s, side.mask_s, side.first_s):
             times.clear()

@@ -60,6 +60,11 @@ class GrammarState:
         self._fill_ptr = self.matcher.fill_ptr if self.matcher.has_error is not None else None
         self._has_error = self.matcher.has_error
         self._exact = self._fill_ptr is not None and grammar.mask_end_ids is not None and set(stop) == grammar.mask_end_ids
+        # The backend's mask at the grammar's start, computed when the grammar was compiled
+        # (CompiledGrammar.start_mask): copied into the first row instead of computed again, if no token
+        # was accepted before it. Code that moves ``self.matcher`` itself must restore it (as
+        # BudgetSteering's searches do: consume, then roll back) or set this to None.
+        self._start_mask = grammar.start_mask
 
     @staticmethod
     def _word_masks(stop: list[int], never: list[int]) -> tuple[tuple, tuple]:
@@ -96,12 +101,14 @@ class GrammarState:
         if not (row.dtype is torch.int32 and row.is_cpu and row.is_contiguous() and row.numel() >= self._min_words):
             raise ValueError(f"a bitmask row must be a contiguous int32 CPU tensor of at least {self._min_words} "
                              f"words, not {row.dtype} {tuple(row.shape)} on {row.device}")
-        if self._fill_ptr is None:
+        if self._start_mask is not None and self._fill_start(row):
+            pass
+        elif self._fill_ptr is None:
             self.matcher.fill_bitmask(row)
         else:
             self._fill_ptr(row.data_ptr(), row.numel() << 2)
-            if self._exact and not self._has_error():
-                return
+        if self._exact and not self._has_error():
+            return
         if self._words_type is None:
             return
         words = self._words_type.from_address(row.data_ptr())
@@ -111,6 +118,15 @@ class GrammarState:
         else:
             for w, keep in self._when_not:
                 words[w] &= keep
+
+    def _fill_start(self, row: torch.Tensor) -> bool:
+        """Copy the grammar's start mask into ``row`` (once: the state moves on after its first mask);
+        False, copying nothing, when the row's size is not the mask's."""
+        mask, self._start_mask = self._start_mask, None
+        if len(mask) != row.numel() << 2:
+            return False
+        ctypes.memmove(row.data_ptr(), mask, len(mask))
+        return True
 
     def ending_instead_of(self, token: int, budget: int) -> list[int] | None:
         """Before a sampled (non-stop) ``token`` is appended with ``budget`` tokens left: None to append
@@ -126,6 +142,7 @@ class GrammarState:
     def accept_token(self, token: int) -> dict[str, Any] | None:
         """Advance by a generated (non-stop) token. Returns a finish reason: ``stop`` when the grammar is
         complete and allows nothing more, ``abort`` when the token is refused; None to go on."""
+        self._start_mask = None  # past the grammar's start (a forced token may come before any mask)
         if self.steering is not None:
             self.steering.consumed(token)
         if not self.matcher.consume(token):

@@ -96,6 +96,203 @@ def test_timeout_fails_only_that_compilation(tokenizer_info):
         compiler.shutdown()
 
 
+class _Grammar(CompiledGrammar):
+    backend_name = "bounded"
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def new_matcher(self):
+        raise AssertionError("not used")
+
+
+class _BoundedBackend(GrammarBackend):
+    """A backend that says it bounds its own compile work (as llguidance does); each compile records
+    its thread, waits for ``release`` and then returns a grammar (or raises ``fail``)."""
+
+    name = "bounded"
+    compile_bounded = True
+
+    def __init__(self, release: threading.Event | None = None, fail: BaseException | None = None):
+        self.release, self.fail = release, fail
+        self.threads: list[threading.Thread] = []
+        self.started = threading.Event()
+
+    def prepare(self, spec, info):
+        self.threads.append(threading.current_thread())
+        self.started.set()
+        if self.release is not None:
+            assert self.release.wait(5)
+        if self.fail is not None:
+            raise self.fail
+        return None
+
+    def load(self, spec, payload, info) -> CompiledGrammar:
+        return _Grammar(spec)
+
+
+def _bounded_compiler(tokenizer_info, backend: _BoundedBackend, timeout_s: float = 30.0) -> GrammarCompiler:
+    compiler = GrammarCompiler(tokenizer_info, backend="llguidance", timeout_s=timeout_s)
+    compiler._backends["llguidance"] = backend
+    return compiler
+
+
+def test_a_bounded_backend_compiles_on_the_callers_thread(tokenizer_info):
+    """Without isolation, compile() runs a compile_bounded backend on the calling thread (no compiler
+    thread to hand over to and wake up from); the result is cached like any other."""
+    backend = _BoundedBackend()
+    compiler = _bounded_compiler(tokenizer_info, backend)
+    spec = ConstraintSpec(ConstraintKind.REGEX, "a")
+    try:
+        grammar = compiler.compile(spec)
+        assert backend.threads == [threading.current_thread()]
+        assert compiler.compile(spec) is grammar and compiler.submit(spec).result() is grammar
+        assert len(backend.threads) == 1
+    finally:
+        compiler.shutdown()
+
+
+def test_llguidance_compiles_on_the_callers_thread(tokenizer_info, monkeypatch):
+    from plait.runtime.constrained.backends.llguidance_backend import LLGuidanceBackend
+
+    threads = []
+    original = LLGuidanceBackend.compile
+
+    def recorded(self, spec, info):
+        threads.append(threading.current_thread())
+        return original(self, spec, info)
+
+    monkeypatch.setattr(LLGuidanceBackend, "compile", recorded)
+    compiler = GrammarCompiler(tokenizer_info, backend="llguidance")
+    try:
+        assert compiler.compile(ConstraintSpec(ConstraintKind.REGEX, "(yes|no)")).backend_name == "llguidance"
+        assert threads == [threading.current_thread()]
+    finally:
+        compiler.shutdown()
+
+
+def test_callers_of_a_spec_being_compiled_inline_share_it(tokenizer_info):
+    """While one caller compiles a spec on its thread, another compile() of it waits for that compile
+    (bounded by its timeout) and submit() returns the same future without blocking."""
+    release = threading.Event()
+    backend = _BoundedBackend(release)
+    compiler = _bounded_compiler(tokenizer_info, backend)
+    spec = ConstraintSpec(ConstraintKind.REGEX, "a")
+    results: dict[str, object] = {}
+    first = threading.Thread(target=lambda: results.update(first=compiler.compile(spec)))
+    second = threading.Thread(target=lambda: results.update(second=compiler.compile(spec)))
+    try:
+        first.start()
+        assert backend.started.wait(5)
+        future = compiler.submit(spec)
+        assert not future.done()
+        second.start()
+        with pytest.raises(ConstraintError, match="longer than 0.1 s"):
+            compiler.compile(spec, timeout_s=0.1)  # waiting for another caller's compile: bounded
+        release.set()
+        first.join(5)
+        second.join(5)
+        assert results["first"] is results["second"] is future.result(timeout=5)
+        assert backend.threads == [first]
+    finally:
+        release.set()
+        compiler.shutdown()
+
+
+def test_submit_never_compiles_on_the_callers_thread(tokenizer_info):
+    release = threading.Event()
+    backend = _BoundedBackend(release)
+    compiler = _bounded_compiler(tokenizer_info, backend)
+    try:
+        future = compiler.submit(ConstraintSpec(ConstraintKind.REGEX, "a"))
+        assert backend.started.wait(5) and not future.done()
+        release.set()
+        assert future.result(timeout=5).spec.source == "a"
+        assert backend.threads[0] is not threading.current_thread()
+    finally:
+        release.set()
+        compiler.shutdown()
+
+
+def test_an_inline_failure_or_interrupt_is_not_cached(tokenizer_info):
+    from plait.runtime.constrained.backends.base import UnsupportedConstraint
+
+    spec = ConstraintSpec(ConstraintKind.REGEX, "a")
+    backend = _BoundedBackend(fail=UnsupportedConstraint("no such feature"))
+    compiler = _bounded_compiler(tokenizer_info, backend)
+    try:
+        with pytest.raises(ConstraintError, match="no such feature"):
+            compiler.compile(spec)
+        assert spec not in compiler._cache
+        backend.fail = KeyboardInterrupt()
+        with pytest.raises(KeyboardInterrupt):  # goes on up the compiling thread
+            compiler.compile(spec)
+        assert spec not in compiler._cache
+        backend.fail = None
+        assert compiler.compile(spec).spec is spec and len(backend.threads) == 3
+    finally:
+        compiler.shutdown()
+
+
+def test_compiling_into_a_full_cache_does_not_pass_over_it(tokenizer_info, monkeypatch):
+    """Evicting the least recently used grammar looks at the first finished entry only: a pass over the
+    cache (an OrderedDict hashes every key it iterates over) cost ~0.1 ms per compile at 256 entries."""
+    compiler = _bounded_compiler(tokenizer_info, _BoundedBackend())
+    compiler.cache_size = 64
+    try:
+        for i in range(80):
+            compiler.compile(ConstraintSpec(ConstraintKind.REGEX, f"a{i}"))
+        hashed = []
+        original = ConstraintSpec.__hash__
+        monkeypatch.setattr(ConstraintSpec, "__hash__", lambda self: hashed.append(self) or original(self))
+        compiler.compile(ConstraintSpec(ConstraintKind.REGEX, "new"))
+        assert len(compiler._cache) == 64 and len(hashed) < 10
+    finally:
+        compiler.shutdown()
+
+
+def test_an_evicted_grammar_is_freed_outside_the_compilers_lock(tokenizer_info):
+    """Freeing a used grammar takes a while (llguidance: 0.05-0.25 ms): not while submit() waits."""
+    locked_when_freed = []
+
+    class _Freed(_Grammar):
+        def __del__(self):
+            locked_when_freed.append(compiler._lock.locked())
+
+    class _Backend(_BoundedBackend):
+        def load(self, spec, payload, info):
+            return _Freed(spec)
+
+    compiler = _bounded_compiler(tokenizer_info, _Backend())
+    compiler.cache_size = 2
+    try:
+        for i in range(5):
+            compiler.compile(ConstraintSpec(ConstraintKind.REGEX, f"a{i}"))
+        assert locked_when_freed == [False, False, False]
+    finally:
+        compiler.shutdown()
+
+
+def test_a_spec_hashes_once_and_pickles_without_its_hash(monkeypatch):
+    import os
+    import pickle
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(ConstraintKind, "__hash__", lambda self: calls.append(self) or hash(self.value))
+    spec = ConstraintSpec(ConstraintKind.REGEX, "a+b")
+    assert {spec: 1}[ConstraintSpec(ConstraintKind.REGEX, "a+b")] == 1 and hash(spec) == hash(spec)
+    assert len(calls) == 2  # once per spec made, never per lookup
+    monkeypatch.undo()
+    spec = ConstraintSpec(ConstraintKind.JSON_SCHEMA, '{"type":"string"}')
+    # another process (compile workers) hashes strings differently: the unpickled spec takes its hash there
+    code = ("import pickle, sys; from plait.runtime.constrained.spec import ConstraintSpec, ConstraintKind; "
+            "s = pickle.loads(sys.stdin.buffer.read()); "
+            "assert {s: 1}[ConstraintSpec(ConstraintKind.JSON_SCHEMA, s.source)] == 1")
+    subprocess.run([sys.executable, "-c", code], input=pickle.dumps(spec), check=True, timeout=60,
+                   env={**os.environ, "PYTHONHASHSEED": "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"})
+
+
 def test_spec_from_params_normalizes_and_rejects():
     assert spec_from_params(SamplingParams()) is None
     spec = spec_from_params(SamplingParams(json_schema={"type": "object", "properties": {"b": {}, "a": {}}}))

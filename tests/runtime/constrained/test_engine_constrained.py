@@ -261,6 +261,49 @@ def test_submit_plans_a_tight_budget_on_the_admission_thread_not_the_callers(eng
     assert done.wait(120) and _valid({"json_schema": schema}, outputs[1]["text"]), outputs[1]["text"]
 
 
+def test_without_compile_workers_generate_compiles_on_its_thread_and_submit_does_not(engine, monkeypatch):
+    """grammar_compile_workers=0: generate() compiles on the calling thread (no hop to a compiler thread
+    and back); submit(on_admitted=...) never compiles on its caller's thread (a server's command loop)."""
+    import threading
+
+    from plait.runtime.constrained import GrammarCompiler
+    from plait.runtime.constrained.backends.llguidance_backend import LLGuidanceBackend
+
+    compiler = GrammarCompiler(engine.constrained.compiler.info, timeout_s=30)  # as workers=0 builds it
+    threads = []
+    original = LLGuidanceBackend.compile
+
+    def recorded(self, spec, info):
+        threads.append(threading.current_thread())
+        return original(self, spec, info)
+
+    monkeypatch.setattr(LLGuidanceBackend, "compile", recorded)
+    monkeypatch.setattr(engine.constrained, "_compiler", compiler)
+    caller = threading.current_thread()
+    try:
+        schema = {"type": "object", "properties": {"town": {"type": "string", "maxLength": 16}}, "required": ["town"]}
+        out = engine.generate(_chat(engine, "Name a town as JSON."),
+                              {"json_schema": schema, "temperature": 0, "max_new_tokens": 24})
+        assert threads == [caller] and _valid({"json_schema": schema}, out["text"]), out["text"]
+        done, admitted, outputs = threading.Event(), [], []
+
+        def on_output(index, event):
+            if event["finished"]:
+                outputs.append(event["output"])
+                done.set()
+
+        other = {"type": "object", "properties": {"river": {"type": "string", "maxLength": 16}}, "required": ["river"]}
+        engine.submit(_chat(engine, "Name a river as JSON."),
+                      {"json_schema": other, "temperature": 0, "max_new_tokens": 24},
+                      on_output=on_output, on_admitted=admitted.append)
+        assert done.wait(120) and admitted == [None]
+        assert len(threads) == 2 and threads[1] is not caller
+        assert _valid({"json_schema": other}, outputs[0]["text"]), outputs[0]["text"]
+    finally:
+        compiler.shutdown()
+    assert_no_leak(engine)
+
+
 # llguidance refuses "oneOf" and "not": the schema compiles relaxed (oneOf as anyOf, not dropped) and each
 # finished document is validated against it (runtime/relaxed.py)
 PET = {"type": "object", "properties": {"kind": {"oneOf": [{"const": "cat"}, {"const": "dog"}]},

@@ -183,3 +183,34 @@ def test_a_grammar_that_allows_nothing_is_refused_at_compile(compilers, kind, so
     with pytest.raises(UnsupportedConstraint, match="matches no output at all"):
         backend.compile(ConstraintSpec(kind, source), compilers["llguidance"].info)
     assert backend.compile(ConstraintSpec(ConstraintKind.REGEX, ""), compilers["llguidance"].info)
+
+
+@pytest.mark.parametrize("kind, source", [
+    (ConstraintKind.JSON_SCHEMA, json.dumps(_obj({"name": {"type": "string"}, "n": {"type": "integer"}}, True))),
+    (ConstraintKind.JSON_SCHEMA, '{"type":"array","items":{"enum":["a","b"]}}'),
+    (ConstraintKind.REGEX, r"(yes|no)?"),
+    (ConstraintKind.CHOICES, '["Paris", "Rome"]'),
+    (ConstraintKind.GRAMMAR, 'start: "x" NUM\nNUM: /[0-9]+/'),
+])
+@pytest.mark.parametrize("stop", [frozenset({EOS}), frozenset({EOS, 7})])
+def test_the_compile_time_mask_is_each_requests_first_mask(tokenizer_info, compilers, kind, source, stop):
+    """The mask that checked the grammar at compile is the grammar's start mask: a request's first row
+    is that copy, bit for bit the row its matcher computes (with the request's stop bits), and the
+    matcher computes it no second time."""
+    grammar = compilers["llguidance"].compile(ConstraintSpec(kind, source))
+    assert grammar.start_mask is not None and len(grammar.start_mask) == 4 * tokenizer_info.bitmask_words
+    reused, computed = (GrammarState(grammar, tokenizer_info, stop, jump_forward=False) for _ in range(2))
+    computed._start_mask = None
+    fills = []
+    inner = reused._fill_ptr
+    reused._fill_ptr = lambda address, nbytes: fills.append(nbytes) or inner(address, nbytes)
+    rows = [torch.full((tokenizer_info.bitmask_words,), 77, dtype=torch.int32) for _ in range(2)]
+    reused.fill_bitmask(rows[0])
+    computed.fill_bitmask(rows[1])
+    assert fills == [] and torch.equal(rows[0], rows[1])
+    words = [w & 0xFFFFFFFF for w in rows[0].tolist()]
+    token = next(i for i in range(tokenizer_info.vocab_size) if words[i >> 5] >> (i & 31) & 1 and i not in stop)
+    for state, row in zip((reused, computed), rows):  # then each state's own masks, alike
+        assert (state.accept_token(token) or {}).get("type") != "abort"
+        state.fill_bitmask(row)
+    assert len(fills) == 1 and torch.equal(rows[0], rows[1])

@@ -125,3 +125,50 @@ def test_bits_fixed_when_the_backend_end_bits_are_not_the_requests(end_ids, erro
     state.fill_bitmask(row)
     assert state.matcher.asked == 1
     assert _bits(row) == set(range(VOCAB)) - {0, 31}
+
+
+class _CountingPtrGrammar(_PtrGrammar):
+    """``_PtrGrammar`` whose compile left a start mask of ``start`` words; its matchers count their fills."""
+
+    def __init__(self, fill: int, start: int, end_ids: frozenset[int] | None):
+        super().__init__(fill, False, end_ids)
+        self.start_mask = torch.full(((VOCAB + 31) // 32,), start, dtype=torch.int32).numpy().tobytes()
+
+    def new_matcher(self) -> TokenMatcher:
+        matcher = _PtrMatcher(self.fill, self.accepting)
+        matcher.fills = 0
+        inner = matcher.fill_ptr
+
+        def counted(address: int, nbytes: int) -> None:
+            matcher.fills += 1
+            inner(address, nbytes)
+
+        matcher.fill_ptr = counted
+        return matcher
+
+
+@pytest.mark.parametrize("end_ids", [frozenset({31}), None])  # the request's own end bits, or fixed on top
+def test_the_first_mask_is_the_grammars_start_mask_not_computed_again(end_ids):
+    info = TokenizerInfo(None, VOCAB, [b"x"] * VOCAB, special_ids=frozenset({0, 31}), stop_ids=frozenset({31}))
+    state = GrammarState(_CountingPtrGrammar(-1, 0x0F0F0F0F, end_ids), info, frozenset({31}))
+    row = torch.zeros((VOCAB + 31) // 32, dtype=torch.int32)
+    state.fill_bitmask(row)
+    assert state.matcher.fills == 0
+    assert _bits(row) == {i for i in range(VOCAB) if i % 8 < 4} - ({0} if end_ids is None else set())
+    state.fill_bitmask(row)  # once only: a state's later masks are the matcher's
+    assert state.matcher.fills == 1
+    assert _bits(row) == set(range(VOCAB)) - ({0, 31} if end_ids is None else set())
+
+
+def test_the_start_mask_is_not_used_past_the_start_or_for_another_row_size():
+    info = TokenizerInfo(None, VOCAB, [b"x"] * VOCAB, special_ids=frozenset({31}), stop_ids=frozenset({31}))
+    grammar = _CountingPtrGrammar(-1, 0x0F0F0F0F, frozenset({31}))
+    moved = GrammarState(grammar, info, frozenset({31}))
+    assert moved.accept_token(5) is None  # a token before any mask (jump-forward at the start)
+    row = torch.zeros((VOCAB + 31) // 32, dtype=torch.int32)
+    moved.fill_bitmask(row)
+    assert moved.matcher.fills == 1 and _bits(row) == set(range(VOCAB))
+    wider = GrammarState(grammar, info, frozenset({31}))
+    row = torch.zeros((VOCAB + 31) // 32 + 1, dtype=torch.int32)
+    wider.fill_bitmask(row)
+    assert wider.matcher.fills == 1 and row.tolist() == [-1] * row.numel()

@@ -85,6 +85,11 @@ class CompiledGrammar(ABC):
     # state), never setting any other special or end-of-sequence id; None when not known. A request whose
     # stop tokens are exactly these needs no bit fixing on top of the backend's mask (``GrammarState``).
     mask_end_ids: frozenset[int] | None = None
+    # The bytes ``fill_bitmask`` writes for a fresh matcher (its mask at the grammar's start, exactly
+    # ``TokenizerInfo.bitmask_words`` words), when compiling computed it anyway (llguidance's check that
+    # the grammar allows some output); None when not known. ``GrammarState`` copies it into its first
+    # row instead of computing the same mask again.
+    start_mask: bytes | None = None
 
     @abstractmethod
     def new_matcher(self) -> TokenMatcher:
@@ -92,9 +97,15 @@ class CompiledGrammar(ABC):
 
 
 class GrammarBackend(ABC):
-    """Compiles specs of the kinds it supports."""
+    """Compiles specs of the kinds it supports.
+
+    ``compile_bounded``: whether the library bounds its own compile work (llguidance: its parser limits
+    on grammar size and lexer fuel), so that a compile in this process may run on the caller's thread,
+    where no clock can stop it (``GrammarCompiler.compile`` without ``isolate``). False: the compile runs
+    on a compiler thread, and the caller stops waiting for it at the timeout."""
 
     name: str
+    compile_bounded: bool = False
 
     @abstractmethod
     def prepare(self, spec: ConstraintSpec, info: TokenizerInfo) -> Any:

@@ -199,8 +199,9 @@ class LLGuidanceGrammar(CompiledGrammar):
     backend_name = "llguidance"
 
     def __init__(self, spec: ConstraintSpec, prototype: Any, grammar_text: str | None = None,
-                 end_ids: frozenset[int] | None = None):
+                 end_ids: frozenset[int] | None = None, start_mask: bytes | None = None):
         self.spec = spec
+        self.start_mask = start_mask  # ``prototype``'s mask (CompiledGrammar.start_mask), when computed
         self._prototype = prototype
         self.grammar_text = grammar_text  # llguidance's grammar (JSON text), when known
         # ``end_ids``: what llguidance's mask sets where the grammar can end (``LLGuidanceBackend.end_ids``).
@@ -210,7 +211,7 @@ class LLGuidanceGrammar(CompiledGrammar):
         if spec.kind in (ConstraintKind.JSON_SCHEMA, ConstraintKind.REGEX, ConstraintKind.CHOICES):
             self.mask_end_ids = end_ids
         # measured: ~130 KB per compiled JSON schema of a few fields; the text's size stands for the rest
-        self.nbytes = 128 * 1024 + 16 * len(grammar_text or "")
+        self.nbytes = 128 * 1024 + 16 * len(grammar_text or "") + len(start_mask or b"")
 
     def new_matcher(self) -> TokenMatcher:
         return LLGuidanceMatcher(self._prototype.deep_copy())
@@ -218,6 +219,11 @@ class LLGuidanceGrammar(CompiledGrammar):
 
 class LLGuidanceBackend(GrammarBackend):
     name = "llguidance"
+    # Compile work is bounded by llguidance's own parser limits (its default ``LLParserLimits``: at most
+    # 500,000 grammar symbols, 1,000,000 lexer fuel to build the lexer's regexes, ~20 ms) on top of
+    # plait's ``GrammarLimits`` on the source; the lexer and the Earley sets are built lazily, a mask at
+    # a time, under per-step fuel. So a compile may run on the caller's thread (``GrammarCompiler``).
+    compile_bounded = True
     # False: always the Python wrapper vocabulary (for comparisons: benchmarks/llguidance_overhead.py)
     native_vocabulary = True
 
@@ -286,13 +292,14 @@ class LLGuidanceBackend(GrammarBackend):
 
     def compile(self, spec: ConstraintSpec, info: TokenizerInfo) -> CompiledGrammar:
         """In this process: the matcher that validated the grammar becomes the compiled grammar's
-        prototype (one compilation, not ``prepare``'s and then ``load``'s)."""
-        grammar, matcher = self._checked(spec, info)
-        return LLGuidanceGrammar(spec, matcher, grammar, self.end_ids(info))
+        prototype (one compilation, not ``prepare``'s and then ``load``'s), and the mask computed to
+        validate it is the grammar's ``start_mask`` (a request's first mask is then not computed again)."""
+        grammar, matcher, mask = self._checked(spec, info)
+        return LLGuidanceGrammar(spec, matcher, grammar, self.end_ids(info), bytes(mask))
 
-    def _checked(self, spec: ConstraintSpec, info: TokenizerInfo) -> tuple[str, Any]:
-        """(grammar text, its matcher at the start) once the matcher built without error and its first
-        mask allows some token or the empty output."""
+    def _checked(self, spec: ConstraintSpec, info: TokenizerInfo) -> tuple[str, Any, bytearray]:
+        """(grammar text, its matcher at the start, that matcher's mask) once the matcher built without
+        error and its first mask allows some token or the empty output."""
         grammar = self.grammar_text(spec)
         matcher = self._matcher(self.tokenizer_for(info), grammar)
         # The mask in a bytearray, checked by one comparison: torch.zeros and Tensor.any cost ~35 us each
@@ -302,7 +309,7 @@ class LLGuidanceBackend(GrammarBackend):
         matcher.unsafe_compute_mask_ptr(ctypes.addressof((ctypes.c_char * nbytes).from_buffer(row)), nbytes)
         if matcher.is_error() or (row == bytes(nbytes) and not matcher.is_accepting()):
             raise UnsupportedConstraint("llguidance: the constraint matches no output at all")
-        return grammar, matcher
+        return grammar, matcher, row
 
     def _matcher(self, tok: Any, grammar: str) -> Any:
         try:
