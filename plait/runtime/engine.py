@@ -286,11 +286,13 @@ class Engine:
 
     def _pending_grammars(self, params_list: list[SamplingParams]) -> list[Future]:
         """Compilations (started now if not cached) that the constraints of ``params_list`` still wait
-        for. A constraint that is malformed or past the limits raises ``ConstraintError`` here."""
+        for, and those that already failed (the admission path reports their error; ``_prepare`` would
+        compile them again, on the caller's thread). A constraint that is malformed or past the limits
+        raises ``ConstraintError`` here."""
         futures = []
         for params in params_list:
             future = self.constrained.grammar_future(params)
-            if future is not None and not future.done():
+            if future is not None and (not future.done() or future.exception() is not None):
                 futures.append(future)
         return futures
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -259,6 +260,31 @@ def test_submit_plans_a_tight_budget_on_the_admission_thread_not_the_callers(eng
     assert engine.submit(prompt, {**params, "seed": 4}, on_output=on_output, rid="plan-2",
                          on_admitted=lambda err: admitted.append((err, None))) == ["plan-2"]
     assert done.wait(120) and _valid({"json_schema": schema}, outputs[1]["text"]), outputs[1]["text"]
+
+
+def test_submit_reports_an_already_failed_compile_without_compiling_again(engine, monkeypatch):
+    """A grammar whose compile already failed when submit(on_admitted=...) looks (a compile finished
+    between two requests) is reported through on_admitted as it is, never compiled again on the caller's
+    thread (a server's command loop, where a compile in a worker may take its whole timeout)."""
+    from concurrent.futures import Future
+
+    from plait.runtime.constrained.spec import ConstraintError
+
+    failed = Future()
+    failed.set_exception(ConstraintError("refused by the grammar library"))
+    monkeypatch.setattr(engine.constrained, "grammar_future", lambda params: failed)
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled on the caller's thread")
+
+    monkeypatch.setattr(engine.constrained.compiler, "compile", no_compile)
+    admitted = []
+    got = threading.Event()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert engine.submit("Hi", {"json_schema": schema, "max_new_tokens": 4}, on_output=lambda i, e: None,
+                         on_admitted=lambda err: (admitted.append(err), got.set())) == []
+    assert got.wait(30)
+    assert isinstance(admitted[0], ConstraintError) and "refused by the grammar library" in str(admitted[0])
 
 
 def test_without_compile_workers_generate_compiles_on_its_thread_and_submit_does_not(engine, monkeypatch):
