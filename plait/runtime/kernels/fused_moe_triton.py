@@ -35,7 +35,7 @@ reads: CUDA-graph capturable.
 Measured on an H200 (``benchmarks/moe_kernel.py``, tuned table; benchmarks/RESULTS.md): bf16 experts
 (Qwen3-30B-A3B) run at 86% of the bytes floor at 8-64 tokens, 46% at 1 token, 36% of the FLOP floor at
 4096. MXFP4 experts (GPT-OSS-120B, K-swizzled) at 26-42% of their floor at decode sizes (T=1 48.1 us
-against 12.6, T=64 837.7 against 350). Nsight Compute on the swapped kernels: at 1 token the up GEMM
+against 12.6, T=64 809.6 against 350). Nsight Compute on the swapped kernels: at 1 token the up GEMM
 (31 us of 52) is latency-bound, 164 registers a thread leaving 3 programs an SM, 0.9 waves, issue
 slots 46% busy; from 16 tokens on the integer pipe binds (62% busy, 13 instructions per weight byte,
 two thirds of them the decode and its byte permutes). So the decode's instruction count is the
@@ -43,6 +43,8 @@ lever: the scales' 2^126 folded in (``FOLD``) and unmasked weight loads cut the 
 340 instructions a K step, sm_90 SASS). A word-level decode without byte permutes (~6 instructions
 per two values) was tried; Triton 3.6 then routed the decoded tile to the MMA layout through shared
 memory or warp shuffles (its layouts follow the load, not the MMA), which cost more than it saved.
+With explicit layouts (``fused_moe_gluon``) that decode reaches the MMA with no data movement, but that
+kernel is still slower as a whole (its docstring says why) and is off (``USE_GLUON``).
 Earlier measurements: with no decode at all the natural-order kernel still ran at 0.9-1.7 TB/s; a
 CUDA-core variant without MMAs was 1.8-4x slower.
 """
