@@ -17,17 +17,18 @@ then apply the activation (up) or sum splits and choices (down). Requirements (`
 activations, K-swizzled MXFP4 codes with ``small_scales`` (the folded decode), K a multiple of
 BLOCK_K, BLOCK_K a multiple of 64, an sm_90 GPU.
 
-Status: correct (the GPU tests run it) but off (``fused_moe_triton.USE_GLUON``). Its K step is 178
-instructions at NW=64, BK=64 against 340 for the Triton kernel's 128-row step (sm_90 SASS; about 5.6
-against 10.6 a weight byte), yet on an H200 at GPT-OSS-120B's shapes the whole MoE call is 12-16% slower
-at T = 4-256 (T=64: 946-957 us against 821-827 on the same table). Nsight Compute at T=64: issue slots
-54-58% busy, and a third of the gaps between a warp's instructions are waits at the CTA barrier (the
-activation tile's store before each MMA); the loads are prefetched one tile ahead in registers only,
-and each MMA is waited for at once. Loading three tiles ahead in registers instead made it slower still
-(T=64: 1,053 us; 123 registers a thread at 64 rows, four programs an SM). What should make it win: the activations staged through shared
-memory once per program at decode sizes (they are the same for every column block), asynchronous
-copies of the codes several tiles ahead (``async_copy`` with mbarriers) and MMAs left in flight
-(``warpgroup_mma(..., is_async=True)`` with ``warpgroup_mma_wait``).
+Status: correct (the GPU tests run it) but off (``fused_moe_triton.USE_GLUON``). At 128 weight rows
+and BLOCK_K 64 its K step is 278 instructions against 340 for the Triton kernel (sm_90 SASS: 8.7
+against 10.6 a weight byte; the decode alone about 5 against 7.6), yet on an H200 at GPT-OSS-120B's
+shapes the whole MoE call is 12-16% slower at T = 4-256 (T=64: 946-957 us against 821-827 on the same
+table). Nsight Compute at T=64: issue slots 54-58% busy, and a third of the gaps between a warp's
+instructions are waits at the CTA barrier (the activation tile's store before each MMA); the loads are
+prefetched one tile ahead in registers only, and each MMA is waited for at once. Loading three tiles
+ahead in registers instead made it slower still (T=64: 1,053 us; 123 registers a thread at 64 rows,
+four programs an SM). What should make it win: the activation tiles copied to shared memory
+asynchronously (``async_copy``, several tiles ahead, with mbarriers) instead of through registers and a
+barrier each step, the codes likewise, and MMAs left in flight (``warpgroup_mma(..., is_async=True)``
+with ``warpgroup_mma_wait``).
 """
 
 from __future__ import annotations
