@@ -24,6 +24,24 @@ def compilers(tokenizer_info):
         compiler.shutdown()
 
 
+@pytest.fixture
+def llguidance_compile_threads(monkeypatch) -> list:
+    """The threads llguidance's backend compiles on, in order (``LLGuidanceBackend.compile`` recorded)."""
+    import threading
+
+    from plait.runtime.constrained.backends.llguidance_backend import LLGuidanceBackend
+
+    threads = []
+    original = LLGuidanceBackend.compile
+
+    def recorded(self, spec, info):
+        threads.append(threading.current_thread())
+        return original(self, spec, info)
+
+    monkeypatch.setattr(LLGuidanceBackend, "compile", recorded)
+    return threads
+
+
 def walk(state: GrammarState, info: TokenizerInfo, text: str) -> tuple[bool, bool]:
     """Feed ``text``'s canonical tokens through ``state`` the way generation does (mask, then accept).
 

@@ -152,17 +152,8 @@ def test_a_bounded_backend_compiles_on_the_callers_thread(tokenizer_info):
         compiler.shutdown()
 
 
-def test_llguidance_compiles_on_the_callers_thread(tokenizer_info, monkeypatch):
-    from plait.runtime.constrained.backends.llguidance_backend import LLGuidanceBackend
-
-    threads = []
-    original = LLGuidanceBackend.compile
-
-    def recorded(self, spec, info):
-        threads.append(threading.current_thread())
-        return original(self, spec, info)
-
-    monkeypatch.setattr(LLGuidanceBackend, "compile", recorded)
+def test_llguidance_compiles_on_the_callers_thread(tokenizer_info, llguidance_compile_threads):
+    threads = llguidance_compile_threads
     compiler = GrammarCompiler(tokenizer_info, backend="llguidance")
     try:
         assert compiler.compile(ConstraintSpec(ConstraintKind.REGEX, "(yes|no)")).backend_name == "llguidance"

@@ -235,8 +235,6 @@ def test_submit_plans_a_tight_budget_on_the_admission_thread_not_the_callers(eng
     """A server's command loop calls submit(on_admitted=...) and must not block: a compiled grammar whose
     start ending is not cached yet is planned on the admission thread (submit returns [] at once); once
     cached, the next request goes straight in and plans from the cache."""
-    import threading
-
     schema = {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "integer"}},
               "required": ["city", "zip"]}
     engine.constrained.grammar_for(SamplingParams(json_schema=schema))  # compiled and cached
@@ -287,23 +285,14 @@ def test_submit_reports_an_already_failed_compile_without_compiling_again(engine
     assert isinstance(admitted[0], ConstraintError) and "refused by the grammar library" in str(admitted[0])
 
 
-def test_without_compile_workers_generate_compiles_on_its_thread_and_submit_does_not(engine, monkeypatch):
+def test_without_compile_workers_generate_compiles_on_its_thread_and_submit_does_not(
+        engine, monkeypatch, llguidance_compile_threads):
     """grammar_compile_workers=0: generate() compiles on the calling thread (no hop to a compiler thread
     and back); submit(on_admitted=...) never compiles on its caller's thread (a server's command loop)."""
-    import threading
-
     from plait.runtime.constrained import GrammarCompiler
-    from plait.runtime.constrained.backends.llguidance_backend import LLGuidanceBackend
 
     compiler = GrammarCompiler(engine.constrained.compiler.info, timeout_s=30)  # as workers=0 builds it
-    threads = []
-    original = LLGuidanceBackend.compile
-
-    def recorded(self, spec, info):
-        threads.append(threading.current_thread())
-        return original(self, spec, info)
-
-    monkeypatch.setattr(LLGuidanceBackend, "compile", recorded)
+    threads = llguidance_compile_threads
     monkeypatch.setattr(engine.constrained, "_compiler", compiler)
     caller = threading.current_thread()
     try:
@@ -392,8 +381,6 @@ def test_relaxed_retry_at_temperature_0_samples_again(engine, monkeypatch):
 
 
 def test_relaxed_request_aborted_while_validated_is_not_sampled_again(engine, monkeypatch):
-    import threading
-
     from plait.runtime.constrained.relax import SchemaValidator
     from plait.runtime.relaxed import RETRY_SEED_STRIDE
 
