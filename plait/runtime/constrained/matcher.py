@@ -101,12 +101,11 @@ class GrammarState:
         if not (row.dtype is torch.int32 and row.is_cpu and row.is_contiguous() and row.numel() >= self._min_words):
             raise ValueError(f"a bitmask row must be a contiguous int32 CPU tensor of at least {self._min_words} "
                              f"words, not {row.dtype} {tuple(row.shape)} on {row.device}")
-        if self._start_mask is not None and self._fill_start(row):
-            pass
-        elif self._fill_ptr is None:
-            self.matcher.fill_bitmask(row)
-        else:
-            self._fill_ptr(row.data_ptr(), row.numel() << 2)
+        if self._start_mask is None or not self._fill_start(row):
+            if self._fill_ptr is None:
+                self.matcher.fill_bitmask(row)
+            else:
+                self._fill_ptr(row.data_ptr(), row.numel() << 2)
         if self._exact and not self._has_error():
             return
         if self._words_type is None:

@@ -95,40 +95,32 @@ def _fp4_pair(byte, scale):
 # 2^126 and by the scale (bf16 2^(s - 127), per byte). About three operations a value against
 # ``_fp4_pair``'s seven plus the float32 -> bf16 conversion. $0,$1 the low nibbles' values (bytes 0,1 and
 # 2,3), $2,$3 the high nibbles', $4 the four bytes, $5,$6 their scales.
-_FP4_BF16_ASM = tl.constexpr("""
+def _fp4_bf16_asm(fold: bool) -> str:
+    """The PTX of ``_fp4_pair_bf16``; ``fold``: the 2^126 is already in the scales ($5, $6 bf16
+    ``2^(s - 1)``, ``_e8m0_bf16_folded``), one multiply a value fewer, the same exact result (a single
+    rounding of an exact product either way). Folding is valid where every scale exponent is at most
+    128 (``Mxfp4Weight.small_scales``)."""
+    times_2_126 = "" if fold else """mov.b32 two126, 0x7E807E80;
+mul.rn.bf16x2 $0, $0, two126; mul.rn.bf16x2 $1, $1, two126;
+mul.rn.bf16x2 $2, $2, two126; mul.rn.bf16x2 $3, $3, two126;
+"""
+    return """
 {
 .reg .b32 t0, t1, a, b, two126;
 prmt.b32 t0, $4, 0, 0x4140;
 prmt.b32 t1, $4, 0, 0x4342;
-mov.b32 two126, 0x7E807E80;
 shl.b32 a, t0, 6; shl.b32 b, t0, 12; and.b32 b, b, 0x80008000; lop3.b32 $0, a, 0x01C001C0, b, 0xEA;
 shl.b32 a, t1, 6; shl.b32 b, t1, 12; and.b32 b, b, 0x80008000; lop3.b32 $1, a, 0x01C001C0, b, 0xEA;
 shl.b32 a, t0, 2; shl.b32 b, t0, 8; and.b32 b, b, 0x80008000; lop3.b32 $2, a, 0x01C001C0, b, 0xEA;
 shl.b32 a, t1, 2; shl.b32 b, t1, 8; and.b32 b, b, 0x80008000; lop3.b32 $3, a, 0x01C001C0, b, 0xEA;
-mul.rn.bf16x2 $0, $0, two126; mul.rn.bf16x2 $1, $1, two126;
-mul.rn.bf16x2 $2, $2, two126; mul.rn.bf16x2 $3, $3, two126;
-mul.rn.bf16x2 $0, $0, $5; mul.rn.bf16x2 $1, $1, $6;
+""" + times_2_126 + """mul.rn.bf16x2 $0, $0, $5; mul.rn.bf16x2 $1, $1, $6;
 mul.rn.bf16x2 $2, $2, $5; mul.rn.bf16x2 $3, $3, $6;
 }
-""")
+"""
 
 
-# ``_FP4_BF16_ASM`` with the 2^126 folded into the scale ($5, $6 are bf16 ``2^(s - 1)``, from
-# ``_e8m0_bf16_folded``): one multiply a value fewer, the same exact result (a single rounding of an
-# exact product either way). Valid where every scale exponent is at most 128 (``Mxfp4Weight.small_scales``).
-_FP4_BF16_FOLDED_ASM = tl.constexpr("""
-{
-.reg .b32 t0, t1, a, b;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-shl.b32 a, t0, 6; shl.b32 b, t0, 12; and.b32 b, b, 0x80008000; lop3.b32 $0, a, 0x01C001C0, b, 0xEA;
-shl.b32 a, t1, 6; shl.b32 b, t1, 12; and.b32 b, b, 0x80008000; lop3.b32 $1, a, 0x01C001C0, b, 0xEA;
-shl.b32 a, t0, 2; shl.b32 b, t0, 8; and.b32 b, b, 0x80008000; lop3.b32 $2, a, 0x01C001C0, b, 0xEA;
-shl.b32 a, t1, 2; shl.b32 b, t1, 8; and.b32 b, b, 0x80008000; lop3.b32 $3, a, 0x01C001C0, b, 0xEA;
-mul.rn.bf16x2 $0, $0, $5; mul.rn.bf16x2 $1, $1, $6;
-mul.rn.bf16x2 $2, $2, $5; mul.rn.bf16x2 $3, $3, $6;
-}
-""")
+_FP4_BF16_ASM = tl.constexpr(_fp4_bf16_asm(fold=False))
+_FP4_BF16_FOLDED_ASM = tl.constexpr(_fp4_bf16_asm(fold=True))
 
 
 @triton.jit
@@ -210,7 +202,7 @@ def _expert_gemm(
     each tile is loaded as stored (contiguous) and put back in logical order in registers
     (``_unswizzle_k``), which for the swapped product is where the MMA wants the bytes anyway."""
     if MXFP4 and SWAP_AB:
-        return _expert_gemm_swapped(a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, k_begin, k_end,
+        return _expert_gemm_swapped(a_rows, a_ok, stride_ak, w_base, s_base, w_rows, K, k_begin, k_end,
                                     stride_wn, stride_sn, BLOCK_M, NW, BLOCK_K, IEEE, BF16_ASM, SWIZZLED, FOLD,
                                     EVEN_K)
     acc = tl.zeros((BLOCK_M, NW), dtype=tl.float32)
@@ -263,7 +255,7 @@ def _unswizzle_k(codes, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _expert_gemm_swapped(
-    a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, k_begin, k_end, stride_wn, stride_sn,
+    a_rows, a_ok, stride_ak, w_base, s_base, w_rows, K, k_begin, k_end, stride_wn, stride_sn,
     BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, BF16_ASM: tl.constexpr,
     SWIZZLED: tl.constexpr, FOLD: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -531,11 +523,6 @@ def fused_moe_triton(
     inter = torch.empty(num_pairs, I, dtype=x.dtype, device=x.device)  # [T*K, I], row per pair
     up: TileConfig = config.up
     down: TileConfig = config.down
-    # [T*K, H], row per pair; with a split down GEMM float32 [split, T*K, H]
-    y = (torch.empty(down.split_k, num_pairs, H, dtype=torch.float32, device=x.device) if down.split_k > 1
-         else torch.empty(num_pairs, H, dtype=x.dtype, device=x.device))
-    part = (torch.empty(up.split_k, num_pairs, 2 * I, dtype=torch.float32, device=x.device) if up.split_k > 1
-            else inter)
     ieee = x.dtype == torch.float32
     compiled = os.environ.get("TRITON_INTERPRET") != "1" and x.is_cuda
     scaled_dot = x.dtype == torch.bfloat16 and config.scaled_dot and compiled
@@ -546,15 +533,15 @@ def fused_moe_triton(
     b2 = b2.contiguous() if b2 is not None else None
 
     gluon = _gluon_module() if config.swap_ab and bf16_asm else None
-    if gluon is not None and gluon.usable(x, w13, up.block_k, H, 2 * up.block_n, bm):
-        part = torch.empty(up.split_k, num_pairs, 2 * I, dtype=torch.float32, device=x.device)
+    # float32 partial sums (split K, or the Gluon GEMM): summed (and, for up, activated) by a finish kernel
+    gluon_up = gluon is not None and gluon.usable(x, w13, up.block_k, H, 2 * up.block_n, bm)
+    up_partial = gluon_up or up.split_k > 1
+    part = (torch.empty(up.split_k, num_pairs, 2 * I, dtype=torch.float32, device=x.device) if up_partial
+            else inter)
+    if gluon_up:
         gluon.gemm(x, w13, b13, None, part, sorted_ids, block_expert, num_padded, num_pairs=num_pairs, row_div=K,
                    num_m_blocks=num_m_blocks, N=2 * I, I=I, up=True, silu=activation == "silu", direct=direct,
                    block_m=bm, nw=2 * up.block_n, block_k=up.block_k, split_k=up.split_k)
-        _moe_up_finish_kernel[(num_pairs, triton.cdiv(I, 256))](
-            part, inter, num_pairs, I, swiglu_alpha, swiglu_limit, inter.stride(0),
-            ACT=0 if activation == "silu" else 1, SPLIT_K=up.split_k, BLOCK=256,
-        )
     else:
         w, s, swe, swn, swk, sse, ssn, mx, swz, fold = _weight_args(w13, up)
         _moe_up_kernel[(up.split_k * num_m_blocks * triton.cdiv(I, up.block_n),)](
@@ -567,32 +554,33 @@ def fused_moe_triton(
             GROUP_M=config.group_m, SPLIT_K=up.split_k, BF16_ASM=bf16_asm, SWIZZLED=swz, DIRECT=direct,
             FOLD=fold and bf16_asm, EVEN_K=H % up.block_k == 0, num_warps=up.num_warps, num_stages=up.num_stages,
         )
-        if up.split_k > 1:
-            _moe_up_finish_kernel[(num_pairs, triton.cdiv(I, 256))](
-                part, inter, num_pairs, I, swiglu_alpha, swiglu_limit, inter.stride(0),
-                ACT=0 if activation == "silu" else 1, SPLIT_K=up.split_k, BLOCK=256,
-            )
-    if gluon is not None and gluon.usable(x, w2, down.block_k, I, down.block_n, bm):
-        y = torch.empty(down.split_k, num_pairs, H, dtype=torch.float32, device=x.device)
+    if up_partial:
+        _moe_up_finish_kernel[(num_pairs, triton.cdiv(I, 256))](
+            part, inter, num_pairs, I, swiglu_alpha, swiglu_limit, inter.stride(0),
+            ACT=0 if activation == "silu" else 1, SPLIT_K=up.split_k, BLOCK=256,
+        )
+    gluon_down = gluon is not None and gluon.usable(x, w2, down.block_k, I, down.block_n, bm)
+    down_partial = gluon_down or down.split_k > 1
+    # [T*K, H], row per pair; partial sums: float32 [split, T*K, H]
+    y = (torch.empty(down.split_k, num_pairs, H, dtype=torch.float32, device=x.device) if down_partial
+         else torch.empty(num_pairs, H, dtype=x.dtype, device=x.device))
+    if gluon_down:
         gluon.gemm(inter, w2, b2, tw, y, sorted_ids, block_expert, num_padded, num_pairs=num_pairs, row_div=1,
                    num_m_blocks=num_m_blocks, N=H, I=I, up=False, silu=False, direct=direct, block_m=bm,
                    nw=down.block_n, block_k=down.block_k, split_k=down.split_k)
-        out = torch.empty(T, H, dtype=x.dtype, device=x.device)
-        _moe_down_finish_kernel[(T, triton.cdiv(H, 1024))](y, out, T, K, H, out.stride(0),
-                                                           SPLIT_K=down.split_k, BLOCK=1024)
-        return out
-    w, s, swe, swn, swk, sse, ssn, mx, swz, fold = _weight_args(w2, down)
-    _moe_down_kernel[(down.split_k * num_m_blocks * triton.cdiv(H, down.block_n),)](
-        inter, w, s, b2 if b2 is not None else x, tw, y, sorted_ids, block_expert, num_padded,
-        num_pairs, num_m_blocks, E, H, I,
-        inter.stride(0), swe, swn, swk, sse, ssn, b2.stride(0) if b2 is not None else 0, y.stride(-2),
-        MXFP4=mx, SCALED_DOT=mx and scaled_dot and down.block_k >= 64, HAS_BIAS=b2 is not None, IEEE=ieee,
-        SWAP_AB=mx and config.swap_ab,
-        BLOCK_M=bm, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=config.group_m, SPLIT_K=down.split_k,
-        BF16_ASM=bf16_asm, SWIZZLED=swz, DIRECT=direct, FOLD=fold and bf16_asm, EVEN_K=I % down.block_k == 0,
-        num_warps=down.num_warps, num_stages=down.num_stages,
-    )
-    if down.split_k > 1:  # the splits and the choices in one float32 sum, rounded once
+    else:
+        w, s, swe, swn, swk, sse, ssn, mx, swz, fold = _weight_args(w2, down)
+        _moe_down_kernel[(down.split_k * num_m_blocks * triton.cdiv(H, down.block_n),)](
+            inter, w, s, b2 if b2 is not None else x, tw, y, sorted_ids, block_expert, num_padded,
+            num_pairs, num_m_blocks, E, H, I,
+            inter.stride(0), swe, swn, swk, sse, ssn, b2.stride(0) if b2 is not None else 0, y.stride(-2),
+            MXFP4=mx, SCALED_DOT=mx and scaled_dot and down.block_k >= 64, HAS_BIAS=b2 is not None, IEEE=ieee,
+            SWAP_AB=mx and config.swap_ab,
+            BLOCK_M=bm, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=config.group_m, SPLIT_K=down.split_k,
+            BF16_ASM=bf16_asm, SWIZZLED=swz, DIRECT=direct, FOLD=fold and bf16_asm, EVEN_K=I % down.block_k == 0,
+            num_warps=down.num_warps, num_stages=down.num_stages,
+        )
+    if down_partial:  # the splits and the choices in one float32 sum, rounded once
         out = torch.empty(T, H, dtype=x.dtype, device=x.device)
         _moe_down_finish_kernel[(T, triton.cdiv(H, 1024))](y, out, T, K, H, out.stride(0),
                                                            SPLIT_K=down.split_k, BLOCK=1024)
