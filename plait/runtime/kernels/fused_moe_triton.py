@@ -254,6 +254,21 @@ def _unswizzle_k(codes, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _scales_and_activations(s_ptrs, a_rows, a_ok, stride_ak, K, k0, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The swapped GEMM's scales ``[NW, BLOCK_K/32]`` (``s_ptrs`` [NW, 1]) and activations ``[BLOCK_K,
+    BLOCK_M]`` (``a_rows`` [BLOCK_M]) for the K chunk at ``k0``; masked past K unless ``EVEN_K``."""
+    ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    kk = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        s = tl.load(s_ptrs + ks[None, :])
+        a = tl.load(a_rows[None, :] + kk[:, None] * stride_ak, mask=a_ok[None, :], other=0.0)
+    else:
+        s = tl.load(s_ptrs + ks[None, :], mask=(ks < K // 32)[None, :], other=127)
+        a = tl.load(a_rows[None, :] + kk[:, None] * stride_ak, mask=(kk < K)[:, None] & a_ok[None, :], other=0.0)
+    return s, a
+
+
+@triton.jit
 def _expert_gemm_swapped(
     a_rows, a_ok, stride_ak, w_base, s_base, w_rows, K, k_begin, k_end, stride_wn, stride_sn,
     BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, BF16_ASM: tl.constexpr,
@@ -270,19 +285,23 @@ def _expert_gemm_swapped(
     acc_t = tl.zeros((NW, BLOCK_M), dtype=tl.float32)
     w_ptrs = w_base + w_rows[:, None].to(tl.int64) * stride_wn  # [NW, 1]
     s_ptrs = s_base + w_rows[:, None].to(tl.int64) * stride_sn  # [NW, 1]
+    # The scales and activations are loaded one step ahead, into registers: Triton pipelines the codes
+    # (cp.async, 16 bytes a thread) but not these narrow loads (a byte or two a thread), whose global
+    # latency each step otherwise waited out.
+    s_next, a_next = _scales_and_activations(s_ptrs, a_rows, a_ok, stride_ak, K, k_begin, BLOCK_K, EVEN_K)
     for k0 in range(k_begin, k_end, BLOCK_K):
+        s = s_next
+        a = a_next
+        if EVEN_K:  # the last step fetches its own chunk again: in range, no masks
+            k_ahead = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
+        else:  # past K the masks give nothing; between a split's end and K the bytes are in range
+            k_ahead = k0 + BLOCK_K
+        s_next, a_next = _scales_and_activations(s_ptrs, a_rows, a_ok, stride_ak, K, k_ahead, BLOCK_K, EVEN_K)
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds k = 2j (low nibble), 2j + 1 (high)
-        ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-        kk = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
             codes = tl.load(w_ptrs + kb[None, :])  # uint8 [NW, BK/2]
-            s = tl.load(s_ptrs + ks[None, :])  # [NW, BK/32]
-            a = tl.load(a_rows[None, :] + kk[:, None] * stride_ak, mask=a_ok[None, :], other=0.0)  # [BK, BM]
         else:
             codes = tl.load(w_ptrs + kb[None, :], mask=(kb < K // 2)[None, :], other=0)
-            s = tl.load(s_ptrs + ks[None, :], mask=(ks < K // 32)[None, :], other=127)
-            a = tl.load(a_rows[None, :] + kk[:, None] * stride_ak, mask=(kk < K)[:, None] & a_ok[None, :],
-                        other=0.0)
         if SWIZZLED:
             codes = _unswizzle_k(codes, NW, BLOCK_K)
         if BF16_ASM:
