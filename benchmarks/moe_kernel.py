@@ -210,6 +210,9 @@ def tile_candidates(decode: bool) -> list[TileConfig]:
                                      (128, 128, 8, 3), (256, 64, 8, 3), (64, 64, 4, 5), (128, 128, 8, 4))]
 
 
+REGISTER_CAPS = (None, 168, 128, 96)
+
+
 def tune_one(model: Model, weights, calls, T: int) -> tuple[FusedMoeConfig, float, float]:
     """Coordinate search from the current choice; returns (best, its seconds, the start's seconds)."""
     start = get_config(model.shape, T)
@@ -240,6 +243,9 @@ def tune_one(model: Model, weights, calls, T: int) -> tuple[FusedMoeConfig, floa
         lambda b: [replace(b, up=t) for t in tile_candidates(b.block_m <= 16)],
         lambda b: [replace(b, down=t) for t in tile_candidates(b.block_m <= 16)],
         lambda b: [] if decode else [replace(b, group_m=g) for g in (1, 4, 8)],
+        # a register cap on the winners: more programs an SM where registers limit them
+        lambda b: [replace(b, up=replace(b.up, max_registers=r)) for r in REGISTER_CAPS],
+        lambda b: [replace(b, down=replace(b.down, max_registers=r)) for r in REGISTER_CAPS],
     ]
     for propose in steps:
         for cfg in propose(best):
@@ -249,6 +255,12 @@ def tune_one(model: Model, weights, calls, T: int) -> tuple[FusedMoeConfig, floa
             if s < best_s:
                 best, best_s = cfg, s
     return best, best_s, start_s
+
+
+def _tile_source(t: TileConfig) -> str:
+    """A TileConfig as the table's source text."""
+    return (f"TileConfig({t.block_n}, {t.block_k}, {t.num_warps}, {t.num_stages}, {t.split_k}"
+            + (f", max_registers={t.max_registers})" if t.max_registers is not None else ")"))
 
 
 def tune(models: list[Model], tokens: list[int]) -> list[str]:
@@ -264,8 +276,7 @@ def tune(models: list[Model], tokens: list[int]) -> list[str]:
             u, d = best.up, best.down
             entries.append(
                 f"    ({model.shape!r}, {token_bucket(T)}): FusedMoeConfig({best.block_m}, "
-                f"TileConfig({u.block_n}, {u.block_k}, {u.num_warps}, {u.num_stages}, {u.split_k}), "
-                f"TileConfig({d.block_n}, {d.block_k}, {d.num_warps}, {d.num_stages}, {d.split_k}), "
+                f"{_tile_source(u)}, {_tile_source(d)}, "
                 f"group_m={best.group_m}"
                 + (", swap_ab=True" if best.swap_ab else "") + "),")
             print(entries[-1], flush=True)

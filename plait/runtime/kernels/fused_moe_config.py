@@ -17,21 +17,35 @@ from dataclasses import dataclass
 class TileConfig:
     """One GEMM's tiling: output columns and reduction chunk per program, warps, pipeline stages, and
     ``split_k``: the reduction split over that many programs (float32 partial sums, added by a small
-    second pass), for decode where too few programs stream the weights to hide memory latency."""
+    second pass), for decode where too few programs stream the weights to hide memory latency.
+    ``max_registers``: a cap on registers per thread (the compiler's ``maxnreg``; None: its own choice), so
+    that more programs fit on an SM where the compiler's choice leaves too few to hide latency (compiled
+    kernels only; the interpreter ignores it)."""
 
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1
+    max_registers: int | None = None
 
     def __post_init__(self) -> None:
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+        if self.max_registers is not None and not 24 <= self.max_registers <= 255:
+            raise ValueError(f"max_registers must be in [24, 255], got {self.max_registers}")
+
+    def launch_options(self, compiled: bool) -> dict:
+        """Triton launch options for this tiling: warps, stages and, compiled, the register cap."""
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if compiled and self.max_registers is not None:
+            options["maxnreg"] = self.max_registers
+        return options
 
     def short(self) -> str:
         return (f"N{self.block_n} K{self.block_k} w{self.num_warps} s{self.num_stages}"
-                + (f" split{self.split_k}" if self.split_k > 1 else ""))
+                + (f" split{self.split_k}" if self.split_k > 1 else "")
+                + (f" r{self.max_registers}" if self.max_registers is not None else ""))
 
 
 @dataclass(frozen=True)
@@ -86,26 +100,44 @@ TUNED: dict[tuple[MoeShape, int], FusedMoeConfig] = {
     # 472.7 (480.0), T=32 712.2 (731.1). Then (the scales' 2^126 folded, unmasked weight loads, no K masks
     # where K % block_k == 0): T=1 48.1, T=2 80.7, T=64 837.7, T=256 1,027.2 on the same entries; re-tuned
     # T=4 138.2 us (146.9 on the previous entry), T=8 247.4 (268.5), T=16 397.6 (411.9), T=32 593.6 (613.2),
-    # T=64 809.6 (838.6).
+    # T=64 809.6 (838.6). Then (scales and activations loaded a step ahead; register caps tried): re-tuned
+    # T=1-256, up to 8% faster than the previous entries on the new loop: T=1 41.6 us (same entry), T=4
+    # 119.4 (125.1), T=8 214.8 (231.2), T=64 747.5 (758.4), T=256 919.8 (932.3).
     (_GPT_OSS_120B, 1): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2), TileConfig(64, 128, 4, 3, 2), swap_ab=True),
-    (_GPT_OSS_120B, 2): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(128, 128, 4, 3, 2), swap_ab=True),
-    (_GPT_OSS_120B, 4): FusedMoeConfig(16, TileConfig(128, 64, 4, 3), TileConfig(128, 128, 4, 3), swap_ab=True),
-    (_GPT_OSS_120B, 8): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 4), swap_ab=True),
-    (_GPT_OSS_120B, 16): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 4), swap_ab=True),
-    (_GPT_OSS_120B, 32): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
-    (_GPT_OSS_120B, 64): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
-    (_GPT_OSS_120B, 128): FusedMoeConfig(16, TileConfig(64, 64, 4, 4), TileConfig(64, 64, 4, 3), swap_ab=True),
-    (_GPT_OSS_120B, 256): FusedMoeConfig(16, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
+    (_GPT_OSS_120B, 2): FusedMoeConfig(16, TileConfig(64, 128, 4, 3),
+                                       TileConfig(128, 128, 4, 3, 2, max_registers=168), swap_ab=True),
+    (_GPT_OSS_120B, 4): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2, max_registers=128),
+                                       TileConfig(128, 128, 4, 3), swap_ab=True),
+    (_GPT_OSS_120B, 8): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(128, 64, 4, 3, 2), swap_ab=True),
+    (_GPT_OSS_120B, 16): FusedMoeConfig(16, TileConfig(64, 64, 4, 4, max_registers=128),
+                                        TileConfig(128, 64, 4, 3, 2), swap_ab=True),
+    (_GPT_OSS_120B, 32): FusedMoeConfig(16, TileConfig(64, 128, 4, 3),
+                                        TileConfig(128, 64, 4, 3, 2, max_registers=96), swap_ab=True),
+    (_GPT_OSS_120B, 64): FusedMoeConfig(16, TileConfig(64, 128, 4, 3),
+                                        TileConfig(128, 64, 4, 3, 2, max_registers=96), swap_ab=True),
+    (_GPT_OSS_120B, 128): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
+    (_GPT_OSS_120B, 256): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 1024): FusedMoeConfig(64, TileConfig(64, 128, 4, 3), TileConfig(64, 128, 4, 3)),
     (_GPT_OSS_120B, 4096): FusedMoeConfig(128, TileConfig(64, 64, 4, 5), TileConfig(128, 64, 4, 4)),
     # GPT-OSS-20B tuned 2026-11-30 (K-swizzled codes): T=1 54.1 us (default 63.6), T=64 313.3 (the
     # default), T=128 424.5 (428.4), T=256 503.0 (668.6). Re-tuned after the folded scales: T=1 47.8 (same
-    # entry), T=64 268.4 (294.4 on the previous entry), T=128 358.2 (375.6), T=256 422.6 (432.8).
-    (_GPT_OSS_20B, 1): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2), TileConfig(64, 128, 4, 3, 2), swap_ab=True),
-    (_GPT_OSS_20B, 64): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 4), swap_ab=True),
-    (_GPT_OSS_20B, 128): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
-    (_GPT_OSS_20B, 256): FusedMoeConfig(64, TileConfig(64, 64, 4, 3), TileConfig(128, 64, 4, 4), group_m=8,
-                                        swap_ab=True),
+    # entry), T=64 268.4 (294.4 on the previous entry), T=128 358.2 (375.6), T=256 422.6 (432.8). Re-tuned
+    # after the loads a step ahead: T=1 41.6 (42.8), T=2 67.9 (82.1), T=64 239.3 (255.3), T=256 388.8 (435.3).
+    (_GPT_OSS_20B, 1): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2, max_registers=168),
+                                   TileConfig(64, 128, 4, 3, 2, max_registers=168), swap_ab=True),
+    (_GPT_OSS_20B, 2): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, max_registers=168),
+                                      TileConfig(128, 64, 4, 3, 2, max_registers=128), swap_ab=True),
+    (_GPT_OSS_20B, 4): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2, max_registers=128),
+                                      TileConfig(128, 128, 4, 3), swap_ab=True),
+    (_GPT_OSS_20B, 8): FusedMoeConfig(16, TileConfig(64, 128, 4, 3),
+                                      TileConfig(128, 64, 4, 3, 2, max_registers=168), swap_ab=True),
+    (_GPT_OSS_20B, 16): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(128, 64, 4, 3, 2), swap_ab=True),
+    (_GPT_OSS_20B, 32): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(128, 64, 4, 3, 2), swap_ab=True),
+    (_GPT_OSS_20B, 64): FusedMoeConfig(16, TileConfig(64, 128, 4, 3),
+                                       TileConfig(128, 64, 4, 3, 2, max_registers=168), swap_ab=True),
+    (_GPT_OSS_20B, 128): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(128, 64, 4, 3, 2), swap_ab=True),
+    (_GPT_OSS_20B, 256): FusedMoeConfig(32, TileConfig(64, 64, 4, 3),
+                                        TileConfig(64, 64, 4, 5, max_registers=96), swap_ab=True),
     (_QWEN3_30B_A3B, 1): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 3)),
     (_QWEN3_30B_A3B, 8): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 3)),
     (_QWEN3_30B_A3B, 256): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(128, 128, 4, 3)),

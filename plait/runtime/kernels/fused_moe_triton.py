@@ -571,7 +571,7 @@ def fused_moe_triton(
             SCALED_DOT=mx and scaled_dot and up.block_k >= 64, HAS_BIAS=b13 is not None, IEEE=ieee,
             SWAP_AB=mx and config.swap_ab, BLOCK_M=bm, BLOCK_N=up.block_n, BLOCK_K=up.block_k,
             GROUP_M=config.group_m, SPLIT_K=up.split_k, BF16_ASM=bf16_asm, SWIZZLED=swz, DIRECT=direct,
-            FOLD=fold and bf16_asm, EVEN_K=H % up.block_k == 0, num_warps=up.num_warps, num_stages=up.num_stages,
+            FOLD=fold and bf16_asm, EVEN_K=H % up.block_k == 0, **up.launch_options(compiled),
         )
     if up_partial:
         _moe_up_finish_kernel[(num_pairs, triton.cdiv(I, 256))](
@@ -597,7 +597,7 @@ def fused_moe_triton(
             SWAP_AB=mx and config.swap_ab,
             BLOCK_M=bm, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=config.group_m, SPLIT_K=down.split_k,
             BF16_ASM=bf16_asm, SWIZZLED=swz, DIRECT=direct, FOLD=fold and bf16_asm, EVEN_K=I % down.block_k == 0,
-            num_warps=down.num_warps, num_stages=down.num_stages,
+            **down.launch_options(compiled),
         )
     if down_partial:  # the splits and the choices in one float32 sum, rounded once
         out = torch.empty(T, H, dtype=x.dtype, device=x.device)

@@ -291,6 +291,19 @@ def test_split_k_must_be_positive():
         TileConfig(32, 64, split_k=0)
 
 
+def test_register_cap_is_a_compiled_launch_option_only():
+    """``max_registers`` reaches the compiler as ``maxnreg``; the interpreter gets no such option, and a cap
+    outside what the hardware allows is refused when the tiling is made."""
+    capped = TileConfig(64, 128, 4, 3, 2, max_registers=128)
+    assert capped.launch_options(compiled=True) == {"num_warps": 4, "num_stages": 3, "maxnreg": 128}
+    assert capped.launch_options(compiled=False) == {"num_warps": 4, "num_stages": 3}
+    assert TileConfig(64, 128).launch_options(compiled=True) == {"num_warps": 4, "num_stages": 3}
+    assert "r128" in capped.short()
+    for bad in (0, 16, 256):
+        with pytest.raises(ValueError, match="max_registers"):
+            TileConfig(64, 128, max_registers=bad)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # 6 * 2^127 is inf, as in the reference
 def test_fp4_bit_decode_is_exact_for_every_code_and_scale(kernel_device):
     """Every E2M1 code under scales spanning the E8M0 range (0 = 2^-127, 255 = the largest) decodes
