@@ -34,7 +34,7 @@ import torch
 from plait.runtime.kernels import fused_moe_triton
 from plait.runtime.kernels.fused_moe import fused_moe
 from plait.runtime.kernels.fused_moe_config import FusedMoeConfig, MoeShape, TileConfig, get_config, token_bucket
-from plait.runtime.kernels.mxfp4 import Mxfp4Weight, random_mxfp4, unswizzle_k
+from plait.runtime.kernels.mxfp4 import Mxfp4Weight, random_mxfp4
 
 ROUTINGS = 8
 
@@ -97,7 +97,7 @@ def _median_s(fn, reps: int) -> float:
 
 
 def make_weights(model: Model, gen: torch.Generator):
-    """(w13, w2, b13, b2) on the GPU; MXFP4 codes K-swizzled, as the engine's MoE layer holds them."""
+    """(w13, w2, b13, b2) on the GPU; MXFP4 codes K-swizzled and row-paired, as the engine's MoE layer holds them."""
     E, H, I = model.num_experts, model.hidden, model.intermediate
     if model.weight_format == "mxfp4":
         w13 = random_mxfp4(E, 2 * I, H, gen, "cuda").swizzled()
@@ -157,11 +157,12 @@ def benchmark(models: list[Model], tokens: list[int]) -> list[str]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model in models:
         weights = make_weights(model, gen)
-        natural = None
+        natural = unpaired = None
         if model.weight_format == "mxfp4":
             w13, w2, b13, b2 = weights
-            natural = (Mxfp4Weight(unswizzle_k(w13.blocks), w13.scales), Mxfp4Weight(unswizzle_k(w2.blocks), w2.scales),
+            natural = (Mxfp4Weight(w13.natural_blocks(), w13.scales), Mxfp4Weight(w2.natural_blocks(), w2.scales),
                        b13, b2)
+            unpaired = (natural[0].swizzled(pair=False), natural[1].swizzled(pair=False), b13, b2)
         for T in tokens:
             calls = make_calls(model, T, gen)
             mem_s, flop_s = floor_s(model, T, copy_bw, mm_rate)
@@ -177,6 +178,7 @@ def benchmark(models: list[Model], tokens: list[int]) -> list[str]:
                 variants.append((replace(config, swap_ab=not config.swap_ab), weights, " (not the table choice)",
                                  default))
                 variants.append((config, natural, " (codes in natural order)", default))
+                variants.append((config, unpaired, " (codes K-swizzled, not row-paired)", default))
             for variant, held, note, use_gluon in variants:
                 fused_moe_triton.USE_GLUON = use_gluon
                 try:
@@ -189,7 +191,7 @@ def benchmark(models: list[Model], tokens: list[int]) -> list[str]:
                     f"{6 * T * model.top_k * model.hidden * model.intermediate / s / 1e12:.0f} | "
                     f"{variant.short()}{note} |")
                 print(lines[-1], flush=True)
-        del weights, natural
+        del weights, natural, unpaired
         torch.cuda.empty_cache()
     return lines
 

@@ -14,7 +14,7 @@ checks that no data moves). The reduction runs over k in the order the decode pr
 One kernel computes ``part[split, pair, col] = sum_k W[expert, row(col), k] * A[pair's row, k]`` in
 float32 (+ the bias in split 0, times the routing weight for the down GEMM); the Triton finish kernels
 then apply the activation (up) or sum splits and choices (down). Requirements (``usable``): bf16
-activations, K-swizzled MXFP4 codes with ``small_scales`` (the folded decode), K a multiple of
+activations, K-swizzled MXFP4 codes with ``small_scales`` (the folded decode), not row-paired, K a multiple of
 BLOCK_K, BLOCK_K a multiple of 64, an sm_90 GPU.
 
 Status: correct (the GPU tests run it) but off (``fused_moe_triton.USE_GLUON``). At 128 weight rows
@@ -67,7 +67,7 @@ def usable(x: torch.Tensor, w, block_k: int, K: int, nw: int, block_m: int) -> b
     """Whether this kernel serves this GEMM (see the module docstring): ``nw`` weight rows a program (a
     multiple of 64: one warpgroup's MMA), ``block_m`` pairs (a multiple of 16)."""
     return (x.is_cuda and x.dtype == torch.bfloat16 and x.stride(-1) == 1 and getattr(w, "k_swizzled", False)
-            and getattr(w, "small_scales", False) and block_k % 64 == 0 and K % block_k == 0
+            and getattr(w, "small_scales", False) and not getattr(w, "row_paired", False) and block_k % 64 == 0 and K % block_k == 0
             and nw % 64 == 0 and nw <= 256 and block_m % 16 == 0 and block_m <= 64
             and torch.cuda.get_device_capability(x.device) == (9, 0))
 

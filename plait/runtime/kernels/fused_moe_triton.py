@@ -34,13 +34,15 @@ reads: CUDA-graph capturable.
 
 Measured on an H200 (``benchmarks/moe_kernel.py``, tuned table; benchmarks/RESULTS.md): bf16 experts
 (Qwen3-30B-A3B) run at 86% of the bytes floor at 8-64 tokens, 46% at 1 token, 36% of the FLOP floor at
-4096. MXFP4 experts (GPT-OSS-120B, K-swizzled) at 26-42% of their floor at decode sizes (T=1 48.1 us
-against 12.6, T=64 809.6 against 350). Nsight Compute on the swapped kernels: at 1 token the up GEMM
+4096. MXFP4 experts (GPT-OSS-120B, K-swizzled and row-paired) at 33-50% of their floor at decode sizes
+(T=1 38.2 us against 12.6, T=64 693 against 350), 35% of the FLOP floor at 4096 (the swapped product). Nsight Compute on the swapped kernels: at 1 token the up GEMM
 (31 us of 52) is latency-bound, 164 registers a thread leaving 3 programs an SM, 0.9 waves, issue
 slots 46% busy; from 16 tokens on the integer pipe binds (62% busy, 13 instructions per weight byte,
 two thirds of them the decode and its byte permutes). So the decode's instruction count is the
 lever: the scales' 2^126 folded in (``FOLD``) and unmasked weight loads cut the loop by 20% (425 ->
-340 instructions a K step, sm_90 SASS). A word-level decode without byte permutes (~6 instructions
+340 instructions a K step, sm_90 SASS); row-paired codes (``ROW_PAIRED``, ``mxfp4.pair_rows``) remove the
+byte permutes that joined each decoded pair (another 11-14%); the scales and activations are loaded a
+step ahead (Triton pipelined only the codes and waited out the other loads' latency every step). A word-level decode without byte permutes (~6 instructions
 per two values) was tried; Triton 3.6 then routed the decoded tile to the MMA layout through shared
 memory or warp shuffles (its layouts follow the load, not the MMA), which cost more than it saved.
 With explicit layouts (``fused_moe_gluon``) that decode reaches the MMA with no data movement, but that
@@ -95,11 +97,12 @@ def _fp4_pair(byte, scale):
 # 2^126 and by the scale (bf16 2^(s - 127), per byte). About three operations a value against
 # ``_fp4_pair``'s seven plus the float32 -> bf16 conversion. $0,$1 the low nibbles' values (bytes 0,1 and
 # 2,3), $2,$3 the high nibbles', $4 the four bytes, $5,$6 their scales.
-def _fp4_bf16_asm(fold: bool) -> str:
+def _fp4_bf16_asm(fold: bool, two_scales: bool = False) -> str:
     """The PTX of ``_fp4_pair_bf16``; ``fold``: the 2^126 is already in the scales ($5, $6 bf16
     ``2^(s - 1)``, ``_e8m0_bf16_folded``), one multiply a value fewer, the same exact result (a single
     rounding of an exact product either way). Folding is valid where every scale exponent is at most
-    128 (``Mxfp4Weight.small_scales``)."""
+    128 (``Mxfp4Weight.small_scales``). ``two_scales``: the high nibbles' values take their own scales
+    ($7, $8; row-paired codes, whose two nibbles belong to different rows)."""
     times_2_126 = "" if fold else """mov.b32 two126, 0x7E807E80;
 mul.rn.bf16x2 $0, $0, two126; mul.rn.bf16x2 $1, $1, two126;
 mul.rn.bf16x2 $2, $2, two126; mul.rn.bf16x2 $3, $3, two126;
@@ -114,13 +117,15 @@ shl.b32 a, t1, 6; shl.b32 b, t1, 12; and.b32 b, b, 0x80008000; lop3.b32 $1, a, 0
 shl.b32 a, t0, 2; shl.b32 b, t0, 8; and.b32 b, b, 0x80008000; lop3.b32 $2, a, 0x01C001C0, b, 0xEA;
 shl.b32 a, t1, 2; shl.b32 b, t1, 8; and.b32 b, b, 0x80008000; lop3.b32 $3, a, 0x01C001C0, b, 0xEA;
 """ + times_2_126 + """mul.rn.bf16x2 $0, $0, $5; mul.rn.bf16x2 $1, $1, $6;
-mul.rn.bf16x2 $2, $2, $5; mul.rn.bf16x2 $3, $3, $6;
+mul.rn.bf16x2 $2, $2, """ + ("$7" if two_scales else "$5") + """; mul.rn.bf16x2 $3, $3, """ + ("$8" if two_scales else "$6") + """;
 }
 """
 
 
 _FP4_BF16_ASM = tl.constexpr(_fp4_bf16_asm(fold=False))
 _FP4_BF16_FOLDED_ASM = tl.constexpr(_fp4_bf16_asm(fold=True))
+_FP4_BF16_TWO_SCALES_ASM = tl.constexpr(_fp4_bf16_asm(fold=False, two_scales=True))
+_FP4_BF16_FOLDED_TWO_SCALES_ASM = tl.constexpr(_fp4_bf16_asm(fold=True, two_scales=True))
 
 
 @triton.jit
@@ -146,6 +151,61 @@ def _fp4_pair_bf16(codes, scale, FOLD: tl.constexpr = False):
                                          dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     return tl.inline_asm_elementwise(_FP4_BF16_ASM, "=r,=r,=r,=r,r,r,r", [codes, scale],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _fp4_pair_bf16_two_scales(codes, scale_lo, scale_hi, FOLD: tl.constexpr = False):
+    """``_fp4_pair_bf16`` with the low nibbles' values times ``scale_lo`` and the high nibbles' times
+    ``scale_hi`` (row-paired codes)."""
+    if FOLD:
+        return tl.inline_asm_elementwise(_FP4_BF16_FOLDED_TWO_SCALES_ASM, "=r,=r,=r,=r,r,r,r,r,r",
+                                         [codes, scale_lo, scale_hi], dtype=(tl.bfloat16, tl.bfloat16),
+                                         is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(_FP4_BF16_TWO_SCALES_ASM, "=r,=r,=r,=r,r,r,r,r,r", [codes, scale_lo, scale_hi],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _row_pair_split(t, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``t [ROWS, COLS]`` (ROWS a multiple of 16) -> (its rows 16g + i, its rows 16g + 8 + i), each
+    ``[ROWS / 16, 8, COLS]``, i < 8."""
+    t4 = tl.permute(tl.reshape(t, (ROWS // 16, 2, 8, COLS)), (0, 2, 3, 1))  # [G, i, c, h]
+    return tl.split(t4)
+
+
+@triton.jit
+def _row_pair_join(top, bottom, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The inverse of ``_row_pair_split``."""
+    return tl.reshape(tl.permute(tl.join(top, bottom), (0, 3, 1, 2)), (ROWS, COLS))
+
+
+@triton.jit
+def _row_pair_scales(scale, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Row-paired codes (``mxfp4.pair_rows``): a byte of tile row 16g + 8h + i holds values of row
+    16g + i (low nibble) and 16g + 8 + i (high); the per-byte scales ``[ROWS, COLS]`` for each nibble."""
+    top, bottom = _row_pair_split(scale, ROWS, COLS)
+    return _row_pair_join(top, top, ROWS, COLS), _row_pair_join(bottom, bottom, ROWS, COLS)
+
+
+@triton.jit
+def _row_paired_operand(lo, hi, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``[ROWS, BLOCK_K]`` weight tile from row-paired values (``lo``/``hi`` ``[ROWS, BLOCK_K/2]``, the
+    low and high nibbles' values of each byte): ``w[16g + i, 2c + h] = lo[16g + 8h + i, c]`` and
+    ``w[16g + 8 + i, 2c + h] = hi[16g + 8h + i, c]``. Two consecutive k of a row come from one register
+    of the decode: no data moves."""
+    lo4 = tl.reshape(lo, (ROWS // 16, 2, 8, BLOCK_K // 2))  # [G, h, i, c]
+    hi4 = tl.reshape(hi, (ROWS // 16, 2, 8, BLOCK_K // 2))
+    w = tl.permute(tl.join(lo4, hi4), (0, 4, 2, 3, 1))  # [G, lo/hi (row + 8), i, c, h]
+    return tl.reshape(w, (ROWS, BLOCK_K))
+
+
+@triton.jit
+def _unpair_rows(codes, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Row-paired codes ``[ROWS, COLS]`` back to the natural pairing (``mxfp4.pair_rows``, its own inverse)."""
+    top, bottom = _row_pair_split(codes, ROWS, COLS)
+    new_top = (top & 0x0F) | ((bottom & 0x0F) << 4)
+    new_bottom = (top >> 4) | (bottom & 0xF0)
+    return _row_pair_join(new_top, new_bottom, ROWS, COLS)
 
 
 @triton.jit
@@ -180,7 +240,7 @@ def _expert_gemm(
     a_rows, a_ok, stride_ak, w_base, s_base, w_rows, w_ok, K, k_begin, k_end, stride_wn, stride_wk, stride_sn,
     BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr,
     IEEE: tl.constexpr, SWAP_AB: tl.constexpr, BF16_ASM: tl.constexpr, SWIZZLED: tl.constexpr, FOLD: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, ROW_PAIRED: tl.constexpr,
 ):
     """acc [BLOCK_M, NW] = A[rows] @ W[w_rows]^T over k in [k_begin, k_end) (k_begin a multiple of
     BLOCK_K; K bounds the loads), float32.
@@ -200,11 +260,15 @@ def _expert_gemm(
 
     ``SWIZZLED`` (MXFP4, BLOCK_K a multiple of 64): the codes are stored K-swizzled (``mxfp4.swizzle_k``);
     each tile is loaded as stored (contiguous) and put back in logical order in registers
-    (``_unswizzle_k``), which for the swapped product is where the MMA wants the bytes anyway."""
+    (``_unswizzle_k``), which for the swapped product is where the MMA wants the bytes anyway.
+
+    ``ROW_PAIRED`` (MXFP4, ``mxfp4.pair_rows``): the tile's rows 16g + i and 16g + 8 + i (i < 8) are the
+    weight's rows R and R + 8 of one aligned 16 (the callers keep this). The swapped product decodes
+    them as they are (``_row_paired_operand``); the other one pairs the nibbles back first."""
     if MXFP4 and SWAP_AB:
         return _expert_gemm_swapped(a_rows, a_ok, stride_ak, w_base, s_base, w_rows, K, k_begin, k_end,
                                     stride_wn, stride_sn, BLOCK_M, NW, BLOCK_K, IEEE, BF16_ASM, SWIZZLED, FOLD,
-                                    EVEN_K)
+                                    EVEN_K, ROW_PAIRED)
     acc = tl.zeros((BLOCK_M, NW), dtype=tl.float32)
     w_ptrs = w_base + w_rows[None, :].to(tl.int64) * stride_wn  # [1, NW]
     w_ok = w_ok[None, :]  # [1, NW]
@@ -213,6 +277,8 @@ def _expert_gemm(
             kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds k = 2j (low nibble), 2j + 1 (high)
             kb_ok = kb < K // 2
             codes = tl.load(w_ptrs + kb[:, None], mask=kb_ok[:, None] & w_ok, other=0)  # [BLOCK_K/2, NW]
+            if ROW_PAIRED:
+                codes = tl.trans(_unpair_rows(tl.trans(codes), NW, BLOCK_K // 2))
             if SWIZZLED:  # spans are whole in a tile (k0, K multiples of 64): the mask is the same
                 codes = tl.trans(_unswizzle_k(tl.trans(codes), NW, BLOCK_K))
             if SCALED_DOT:
@@ -272,7 +338,7 @@ def _scales_and_activations(s_ptrs, a_rows, a_ok, stride_ak, K, k0, BLOCK_K: tl.
 def _expert_gemm_swapped(
     a_rows, a_ok, stride_ak, w_base, s_base, w_rows, K, k_begin, k_end, stride_wn, stride_sn,
     BLOCK_M: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, BF16_ASM: tl.constexpr,
-    SWIZZLED: tl.constexpr, FOLD: tl.constexpr, EVEN_K: tl.constexpr,
+    SWIZZLED: tl.constexpr, FOLD: tl.constexpr, EVEN_K: tl.constexpr, ROW_PAIRED: tl.constexpr,
 ):
     """``_expert_gemm`` for MXFP4 weights with the operands swapped (see its ``SWAP_AB``): each byte's
     two values are joined back into k order (even, odd), one ``[NW, BLOCK_K]`` operand per MMA.
@@ -310,12 +376,24 @@ def _expert_gemm_swapped(
             else:
                 scale = _e8m0_bf16(s)
             scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
-            lo, hi = _fp4_pair_bf16(codes, scale, FOLD)
+            if ROW_PAIRED:
+                scale_lo, scale_hi = _row_pair_scales(scale, NW, BLOCK_K // 2)
+                lo, hi = _fp4_pair_bf16_two_scales(codes, scale_lo, scale_hi, FOLD)
+            else:
+                lo, hi = _fp4_pair_bf16(codes, scale, FOLD)
         else:
             scale = _e8m0_scale(s)  # [NW, BK/32]
             scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
-            lo, hi = _fp4_pair(codes.to(tl.int32), scale)
-        w = tl.reshape(tl.join(lo.to(a.dtype), hi.to(a.dtype)), (NW, BLOCK_K))  # k = 2j, 2j + 1
+            if ROW_PAIRED:
+                scale_lo, scale_hi = _row_pair_scales(scale, NW, BLOCK_K // 2)
+                lo, _ = _fp4_pair(codes.to(tl.int32), scale_lo)
+                _, hi = _fp4_pair(codes.to(tl.int32), scale_hi)
+            else:
+                lo, hi = _fp4_pair(codes.to(tl.int32), scale)
+        if ROW_PAIRED:
+            w = _row_paired_operand(lo.to(a.dtype), hi.to(a.dtype), NW, BLOCK_K)
+        else:
+            w = tl.reshape(tl.join(lo.to(a.dtype), hi.to(a.dtype)), (NW, BLOCK_K))  # k = 2j, 2j + 1
         acc_t = _dot(w, a, acc_t, IEEE)
     return tl.trans(acc_t)
 
@@ -372,7 +450,7 @@ def _moe_up_kernel(
     ACT: tl.constexpr, MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, BF16_ASM: tl.constexpr, SWIZZLED: tl.constexpr, DIRECT: tl.constexpr,
-    FOLD: tl.constexpr, EVEN_K: tl.constexpr,
+    FOLD: tl.constexpr, EVEN_K: tl.constexpr, ROW_PAIRED: tl.constexpr,
 ):
     """``SPLIT_K > 1``: each split stores its float32 partial product (gate and up interleaved, the bias
     added by split 0) to ``part_ptr`` ``[SPLIT_K, num_pairs, 2I]``; ``_moe_up_finish_kernel`` sums the
@@ -387,27 +465,36 @@ def _moe_up_kernel(
     pair_ok = pairs < num_pairs
     a_rows = x_ptr + (tl.where(pair_ok, pairs, 0) // top_k).to(tl.int64) * stride_xm  # [BLOCK_M] token rows
     # weight rows, gate and up interleaved: column j of the product is gate (j even) or up (j odd) of
-    # intermediate column pid_n * BLOCK_N + j // 2
+    # intermediate column pid_n * BLOCK_N + j // 2; with silu and row-paired codes (whose pairs are rows
+    # R, R + 8 of an aligned 16) in runs of 16 instead: gate of 16 columns, then up of the same 16
     j = tl.arange(0, 2 * BLOCK_N)
-    col = pid_n * BLOCK_N + j // 2
+    if ACT == 0 and ROW_PAIRED:
+        col = pid_n * BLOCK_N + (j // 32) * 16 + j % 16
+        is_up = (j // 16) % 2
+    else:
+        col = pid_n * BLOCK_N + j // 2
+        is_up = j % 2
     col_ok = col < I
     if ACT == 0:  # silu: gate rows [0, I), up rows [I, 2I)
-        w_rows = col + (j % 2) * I
+        w_rows = col + is_up * I
     else:  # swiglu_oai: gate rows 2c, up rows 2c + 1
-        w_rows = 2 * col + (j % 2)
+        w_rows = 2 * col + is_up
     w_rows = tl.where(col_ok, w_rows, 0)
     k_begin, k_end = _split_range(split, H, SPLIT_K, BLOCK_K)
     acc = _expert_gemm(a_rows, pair_ok, stride_xk, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
                        w_rows, col_ok, H, k_begin, k_end, stride_wn, stride_wk, stride_sn,
-                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB, BF16_ASM, SWIZZLED, FOLD, EVEN_K)
+                       BLOCK_M, 2 * BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB, BF16_ASM, SWIZZLED, FOLD, EVEN_K,
+                       ROW_PAIRED)
     if HAS_BIAS:
         if split == 0:
             acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
     if SPLIT_K > 1:
-        pc = pid_n * 2 * BLOCK_N + j  # interleaved column: 2c gate, 2c + 1 up
+        pc = 2 * col + is_up  # interleaved column: 2c gate, 2c + 1 up
         part = part_ptr + (split * num_pairs + pairs.to(tl.int64))[:, None] * (2 * I) + pc[None, :]
         tl.store(part, acc, mask=pair_ok[:, None] & col_ok[None, :])
         return
+    if ACT == 0 and ROW_PAIRED:  # [BLOCK_M, BLOCK_N / 16, gate/up, 16] -> [BLOCK_M, BLOCK_N, gate/up]
+        acc = tl.permute(tl.reshape(acc, (BLOCK_M, BLOCK_N // 16, 2, 16)), (0, 1, 3, 2))
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))  # [BLOCK_M, BLOCK_N] each
     act = _activation(gate, up, alpha, limit, ACT)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -459,7 +546,7 @@ def _moe_down_kernel(
     MXFP4: tl.constexpr, SCALED_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, BF16_ASM: tl.constexpr, SWIZZLED: tl.constexpr, DIRECT: tl.constexpr,
-    FOLD: tl.constexpr, EVEN_K: tl.constexpr,
+    FOLD: tl.constexpr, EVEN_K: tl.constexpr, ROW_PAIRED: tl.constexpr,
 ):
     """``SPLIT_K > 1``: ``y_ptr`` is float32 ``[SPLIT_K, num_pairs, H]``, one weighted partial per split
     (the bias in split 0's); the caller sums the splits with the choices."""
@@ -481,7 +568,8 @@ def _moe_down_kernel(
     k_begin, k_end = _split_range(split, I, SPLIT_K, BLOCK_K)
     acc = _expert_gemm(a_rows, pair_ok, 1, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
                        w_rows, col_ok, I, k_begin, k_end, stride_wn, stride_wk, stride_sn,
-                       BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB, BF16_ASM, SWIZZLED, FOLD, EVEN_K)
+                       BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, SCALED_DOT, IEEE, SWAP_AB, BF16_ASM, SWIZZLED, FOLD, EVEN_K,
+                       ROW_PAIRED)
     if HAS_BIAS:
         if split == 0:
             acc += tl.load(b_ptr + expert * stride_be + w_rows).to(tl.float32)[None, :]
@@ -489,18 +577,25 @@ def _moe_down_kernel(
     tl.store(y, (acc * weight[:, None]).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def _weight_args(w, tile: TileConfig):
+def _weight_args(w, tile: TileConfig, rows_per_block: int, row_align: int):
     """(weight pointer tensor, scales tensor, stride_e, stride_n, stride_k, scale stride_e, stride_n, mxfp4,
-    K-swizzled, scales small enough to fold the decode's 2^126 into them)."""
+    K-swizzled, scales small enough to fold the decode's 2^126 into them, row-paired).
+
+    ``rows_per_block``: the weight rows a program's tile spans; ``row_align``: what the tile's row count
+    must be a multiple of for row-paired codes (a tile's rows 16g + i and 16g + 8 + i must be the
+    weight's rows R and R + 8 of an aligned 16)."""
     if isinstance(w, Mxfp4Weight):
         blocks, scales = w.blocks, w.scales
         if blocks.stride(3) != 1 or blocks.stride(2) != 16 or scales.stride(2) != 1:
             raise ValueError("MXFP4 blocks must be contiguous along K (strides [.., .., 16, 1]) and scales too")
         if w.k_swizzled and tile.block_k % 64:
             raise ValueError(f"K-swizzled MXFP4 weights need block_k a multiple of 64, got {tile.block_k}")
+        if w.row_paired and rows_per_block % row_align:
+            raise ValueError(f"row-paired MXFP4 weights need {rows_per_block} rows a program to be a multiple of "
+                             f"{row_align} (block_n {tile.block_n})")
         return (blocks, scales, blocks.stride(0), blocks.stride(1), 1, scales.stride(0), scales.stride(1), True,
-                w.k_swizzled, w.small_scales)
-    return w, w, w.stride(0), w.stride(1), w.stride(2), 0, 0, False, False, False
+                w.k_swizzled, w.small_scales, w.row_paired)
+    return w, w, w.stride(0), w.stride(1), w.stride(2), 0, 0, False, False, False, False
 
 
 def _gluon_module():
@@ -562,7 +657,11 @@ def fused_moe_triton(
                    num_m_blocks=num_m_blocks, N=2 * I, I=I, up=True, silu=activation == "silu", direct=direct,
                    block_m=bm, nw=2 * up.block_n, block_k=up.block_k, split_k=up.split_k)
     else:
-        w, s, swe, swn, swk, sse, ssn, mx, swz, fold = _weight_args(w13, up)
+        # row-paired gate/up rows: swiglu_oai interleaves them (2 * block_n rows from an even row); silu
+        # takes runs of 16 gate rows and 16 up rows (its up half starts at row I, a multiple of 32: the
+        # reduction size of MXFP4's down weight)
+        w, s, swe, swn, swk, sse, ssn, mx, swz, fold, paired = _weight_args(
+            w13, up, up.block_n if activation == "silu" else 2 * up.block_n, 16)
         _moe_up_kernel[(up.split_k * num_m_blocks * triton.cdiv(I, up.block_n),)](
             x, w, s, b13 if b13 is not None else x, inter, part, sorted_ids, block_expert, num_padded,
             num_pairs, K, num_m_blocks, E, H, I, swiglu_alpha, swiglu_limit,
@@ -571,7 +670,7 @@ def fused_moe_triton(
             SCALED_DOT=mx and scaled_dot and up.block_k >= 64, HAS_BIAS=b13 is not None, IEEE=ieee,
             SWAP_AB=mx and config.swap_ab, BLOCK_M=bm, BLOCK_N=up.block_n, BLOCK_K=up.block_k,
             GROUP_M=config.group_m, SPLIT_K=up.split_k, BF16_ASM=bf16_asm, SWIZZLED=swz, DIRECT=direct,
-            FOLD=fold and bf16_asm, EVEN_K=H % up.block_k == 0, **up.launch_options(compiled),
+            FOLD=fold and bf16_asm, EVEN_K=H % up.block_k == 0, ROW_PAIRED=paired, **up.launch_options(compiled),
         )
     if up_partial:
         _moe_up_finish_kernel[(num_pairs, triton.cdiv(I, 256))](
@@ -588,7 +687,7 @@ def fused_moe_triton(
                    num_m_blocks=num_m_blocks, N=H, I=I, up=False, silu=False, direct=direct, block_m=bm,
                    nw=down.block_n, block_k=down.block_k, split_k=down.split_k)
     else:
-        w, s, swe, swn, swk, sse, ssn, mx, swz, fold = _weight_args(w2, down)
+        w, s, swe, swn, swk, sse, ssn, mx, swz, fold, paired = _weight_args(w2, down, down.block_n, 16)
         _moe_down_kernel[(down.split_k * num_m_blocks * triton.cdiv(H, down.block_n),)](
             inter, w, s, b2 if b2 is not None else x, tw, y, sorted_ids, block_expert, num_padded,
             num_pairs, num_m_blocks, E, H, I,
@@ -597,7 +696,7 @@ def fused_moe_triton(
             SWAP_AB=mx and config.swap_ab,
             BLOCK_M=bm, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=config.group_m, SPLIT_K=down.split_k,
             BF16_ASM=bf16_asm, SWIZZLED=swz, DIRECT=direct, FOLD=fold and bf16_asm, EVEN_K=I % down.block_k == 0,
-            **down.launch_options(compiled),
+            ROW_PAIRED=paired, **down.launch_options(compiled),
         )
     if down_partial:  # the splits and the choices in one float32 sum, rounded once
         out = torch.empty(T, H, dtype=x.dtype, device=x.device)

@@ -24,7 +24,9 @@ from torch import nn
 
 from plait.runtime.kernels.fused_moe import fused_moe, fused_moe_ref
 from plait.runtime.kernels.moe_routing import ROUTINGS, route_topk, route_topk_ref
-from plait.runtime.kernels.mxfp4 import BLOCK_SIZE, Mxfp4Weight, has_small_scales, random_mxfp4, swizzle_k
+from plait.runtime.kernels.mxfp4 import (
+    BLOCK_SIZE, ROW_PAIR_SPAN, Mxfp4Weight, has_small_scales, pair_rows, random_mxfp4, swizzle_k,
+)
 from plait.runtime.layers.linear import Linear
 from plait.runtime.models.config import MoEConfig
 from plait.runtime.models.errors import ModelLoadError
@@ -76,6 +78,7 @@ class MoE(nn.Module):
         self.b2 = self._param((E, H)) if moe.expert_bias else None
         self.k_swizzled = False  # MXFP4 codes in mxfp4.swizzle_k's order (set by prepare_for_kernels)
         self.small_scales = (False, False)  # per weight (w13, w2): mxfp4.has_small_scales (prepare_for_kernels)
+        self.row_paired = (False, False)  # per weight (w13, w2): codes in mxfp4.pair_rows's pairing (likewise)
 
     def _param(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> nn.Parameter:
         param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
@@ -95,17 +98,21 @@ class MoE(nn.Module):
     def expert_weights(self) -> tuple[torch.Tensor | Mxfp4Weight, torch.Tensor | Mxfp4Weight]:
         """(w13, w2) as the fused MoE kernel takes them."""
         if self.quantization == "mxfp4":
-            return (Mxfp4Weight(self.w13_blocks, self.w13_scales, self.k_swizzled, self.small_scales[0]),
-                    Mxfp4Weight(self.w2_blocks, self.w2_scales, self.k_swizzled, self.small_scales[1]))
+            return (Mxfp4Weight(self.w13_blocks, self.w13_scales, self.k_swizzled, self.small_scales[0],
+                                self.row_paired[0]),
+                    Mxfp4Weight(self.w2_blocks, self.w2_scales, self.k_swizzled, self.small_scales[1],
+                                self.row_paired[1]))
         return self.w13, self.w2
 
     def prepare_for_kernels(self, swizzle: bool | None = None) -> None:
         """Once the weights are loaded: MXFP4 codes move, in place and one expert at a time (no full-size
         temporary), to the K-swizzled order (``mxfp4.swizzle_k``) in which the fused kernel's loads are
-        vector loads, and the scales are checked once (``mxfp4.has_small_scales``: the kernel's decode can
-        then fold a constant into them). ``swizzle``: None = where the kernel runs (CUDA). Needs both
-        reduction sizes (H, the local I) to be multiples of 64; else, for dense experts or when already
-        done, the codes stay as they are."""
+        vector loads and, where the rows allow it, to the row pairing (``mxfp4.pair_rows``) whose decode
+        needs no byte permutes; the scales are checked once (``mxfp4.has_small_scales``: the kernel's
+        decode can then fold a constant into them). ``swizzle``: None = where the kernel runs (CUDA).
+        Needs both reduction sizes (H, the local I) to be multiples of 64; else, for dense experts or when
+        already done, the codes stay as they are. Row pairing needs the weight's rows in 16s: gate/up
+        where the local I is a multiple of 16 (so that silu's up half starts on a 16), down where H is."""
         if self.quantization != "mxfp4" or self.k_swizzled:
             return
         if not (self.w13_blocks.is_cuda if swizzle is None else swizzle):
@@ -113,10 +120,13 @@ class MoE(nn.Module):
         self.small_scales = (has_small_scales(self.w13_scales), has_small_scales(self.w2_scales))
         if self.w13_blocks.shape[-2] % 2 or self.w2_blocks.shape[-2] % 2:
             return  # K not a multiple of 64: the natural order (the kernel reads both)
-        for blocks in (self.w13_blocks, self.w2_blocks):
+        intermediate, hidden = self.w13_blocks.shape[1] // 2, self.w2_blocks.shape[1]
+        paired = (intermediate % ROW_PAIR_SPAN == 0, hidden % ROW_PAIR_SPAN == 0)
+        for blocks, pair in zip((self.w13_blocks, self.w2_blocks), paired):
             for e in range(blocks.shape[0]):
-                blocks.data[e].copy_(swizzle_k(blocks.data[e]))
-        self.k_swizzled = True
+                codes = swizzle_k(blocks.data[e])
+                blocks.data[e].copy_(pair_rows(codes) if pair else codes)
+        self.k_swizzled, self.row_paired = True, paired
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)

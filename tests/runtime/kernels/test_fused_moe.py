@@ -229,15 +229,17 @@ SWIZZLED_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("pair", [True, False], ids=["row-paired", "unpaired"])
 @pytest.mark.parametrize("config", list(SWIZZLED_CONFIGS.values()), ids=list(SWIZZLED_CONFIGS))
-def test_kernel_reads_k_swizzled_weights(kernel_device, config):
-    """The kernels read codes in swizzle_k's order as the same weights: the reference runs on the
-    natural order."""
+def test_kernel_reads_k_swizzled_weights(kernel_device, config, pair):
+    """The kernels read codes in swizzle_k's order, row-paired or not, as the same weights: the reference
+    runs on the natural order."""
     for T, dtype, activation in ((9, torch.float32, "swiglu_oai"), (2, torch.float16, "silu")):
         x, w13, w2, tw, ids, b13, b2 = make_problem(T, 6, 128, 192, 2, dtype=dtype, mxfp4=True, bias=True,
                                                     device=kernel_device)
-        out = fused_moe(x, w13.swizzled(), w2.swizzled(), tw, ids, b13=b13, b2=b2, activation=activation,
-                        config=config)
+        sw13, sw2 = w13.swizzled(pair), w2.swizzled(pair)
+        assert sw13.row_paired == pair and sw2.row_paired == pair
+        out = fused_moe(x, sw13, sw2, tw, ids, b13=b13, b2=b2, activation=activation, config=config)
         ref = fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2, activation=activation)
         assert rel_err(out, ref) < REL_TOL[dtype], (T, dtype)
 
@@ -248,6 +250,26 @@ def test_k_swizzled_weights_need_block_k_a_multiple_of_64(kernel_device):
     with pytest.raises(ValueError, match="block_k a multiple of 64"):
         fused_moe(x, w13.swizzled(), w2.swizzled(), tw, ids, config=FusedMoeConfig(16, TileConfig(32, 32),
                                                                                      TileConfig(32, 64)))
+
+
+def test_row_paired_weights_need_tiles_of_whole_16_row_groups(kernel_device):
+    """A program's rows must be whole groups of 16 weight rows for row-paired codes: swiglu_oai's gate/up
+    tile spans 2 * block_n rows, silu's block_n of each half, down's block_n."""
+    x, w13, w2, tw, ids, b13, b2 = make_problem(2, 4, 128, 64, 2, dtype=torch.float32, mxfp4=True, bias=False,
+                                                device=kernel_device)
+    sw13, sw2 = w13.swizzled(), w2.swizzled()
+    assert sw13.row_paired and sw2.row_paired
+    ref = {act: fused_moe_ref(x, w13, w2, tw, ids, activation=act) for act in ("silu", "swiglu_oai")}
+    with pytest.raises(ValueError, match="multiple of 16"):  # down: 8 rows a program
+        fused_moe(x, sw13, sw2, tw, ids, config=FusedMoeConfig(16, TileConfig(16, 64), TileConfig(8, 64), swap_ab=True))
+    eight = FusedMoeConfig(16, TileConfig(8, 64), TileConfig(16, 64), swap_ab=True)  # gate/up: 8 columns
+    with pytest.raises(ValueError, match="multiple of 16"):  # silu: 8 gate rows and 8 up rows
+        fused_moe(x, sw13, sw2, tw, ids, activation="silu", config=eight)
+    out = fused_moe(x, sw13, sw2, tw, ids, activation="swiglu_oai", config=eight)  # 16 interleaved rows
+    assert rel_err(out, ref["swiglu_oai"]) < REL_TOL[torch.float32]
+    out = fused_moe(x, sw13, sw2, tw, ids, activation="silu", config=FusedMoeConfig(16, TileConfig(16, 64),
+                                                                                   TileConfig(16, 64), swap_ab=True))
+    assert rel_err(out, ref["silu"]) < REL_TOL[torch.float32]
 
 
 # split-K: K=96 over 3 splits of one 32-chunk each; K=64 into 4 splits of 32 leaves two empty (bias once)
@@ -506,7 +528,7 @@ def test_gluon_swapped_gemm_matches_reference(T, split_k, monkeypatch):
         x, w13, w2, tw, ids, b13, b2 = make_problem(T, 8, 128, 192, 4, dtype=torch.bfloat16, mxfp4=True, bias=True,
                                                     device=device)
         ids[0, 0] = -1  # held elsewhere
-        sw13, sw2 = w13.swizzled(), w2.swizzled()
+        sw13, sw2 = w13.swizzled(pair=False), w2.swizzled(pair=False)  # the Gluon decode reads unpaired codes
         assert fused_moe_gluon.usable(x, sw13, 64, 128, 64, 16) and fused_moe_gluon.usable(x, sw2, 64, 192, 64, 16)
         out = fused_moe(x, sw13, sw2, tw, ids, b13=b13, b2=b2, activation=activation, config=config)
         ref = fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2, activation=activation)

@@ -12,6 +12,7 @@ from plait.runtime.kernels.mxfp4 import (
     Mxfp4Weight,
     dequantize_mxfp4,
     has_small_scales,
+    pair_rows,
     quantize_mxfp4,
     random_mxfp4,
     swizzle_k,
@@ -142,6 +143,42 @@ def test_small_scales_are_checked_once_when_swizzled():
     assert not has_small_scales(big.scales) and not big.swizzled().small_scales
     big.scales[1, 3, 0] = SMALL_SCALE_MAX
     assert has_small_scales(big.scales)
+
+
+def test_pair_rows_exchanges_nibbles_of_rows_r_and_r_plus_8():
+    """In every 16 rows, the byte of row r + 8h (r < 8) holds element 2c + h of row r (low nibble) and of
+    row r + 8 (high nibble), at every byte position; a 2 x 2 nibble transpose, so its own inverse."""
+    gen = torch.Generator().manual_seed(2)
+    blocks = torch.randint(0, 256, (2, 32, 2, 16), generator=gen, dtype=torch.uint8)
+    paired = pair_rows(blocks)
+    assert paired.shape == blocks.shape and torch.equal(pair_rows(paired), blocks)
+    rows, stored = blocks.flatten(-2).long(), paired.flatten(-2).long()  # [E, N, K/2]
+    nibble = (rows & 0x0F, rows >> 4)  # element 2c, element 2c + 1 of each row
+    for group in range(2):
+        for r in range(8):
+            top, bottom = 16 * group + r, 16 * group + r + 8
+            for h in range(2):
+                assert torch.equal(stored[:, top + 8 * h] & 0x0F, nibble[h][:, top])
+                assert torch.equal(stored[:, top + 8 * h] >> 4, nibble[h][:, bottom])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pair_rows(blocks[:, :24])
+
+
+def test_swizzled_weights_are_row_paired_where_rows_come_in_16s():
+    """``swizzled`` pairs rows when N is a multiple of 16 (and not when asked not to); paired weights
+    dequantize to the same values, and their views keep the flag."""
+    w = random_mxfp4(3, 32, 128, torch.Generator().manual_seed(3))
+    sw = w.swizzled()
+    assert sw.row_paired and sw.expert(2).row_paired and sw.to("cpu").row_paired
+    assert torch.equal(sw.natural_blocks(), w.blocks)
+    assert torch.equal(sw.dequantize(torch.float32), w.dequantize(torch.float32))
+    assert torch.equal(sw.expert(2).dequantize(torch.float32), w.expert(2).dequantize(torch.float32))
+    unpaired = w.swizzled(pair=False)
+    assert unpaired.k_swizzled and not unpaired.row_paired and torch.equal(unpaired.blocks, swizzle_k(w.blocks))
+    odd = random_mxfp4(1, 24, 128, torch.Generator().manual_seed(4))
+    assert not odd.swizzled().row_paired
+    with pytest.raises(ValueError, match="multiple of 16"):
+        Mxfp4Weight(odd.blocks, odd.scales, row_paired=True)
 
 
 def test_swizzle_needs_k_a_multiple_of_64():

@@ -128,12 +128,15 @@ def test_prepare_for_kernels_swizzles_mxfp4_codes_and_keeps_the_output():
     layer = _layer(OAI, ckpt, "mxfp4")
     x = torch.randn(5, H, generator=torch.Generator().manual_seed(3))
     before, blocks = layer(x), layer.w13_blocks.data.clone()
+    natural = [w.blocks.clone() for w in layer.expert_weights()]
     layer.prepare_for_kernels()  # the default acts only where the kernel runs (CUDA)
     assert not layer.k_swizzled and torch.equal(layer.w13_blocks.data, blocks)
     layer.prepare_for_kernels(swizzle=True)
     assert layer.k_swizzled and not torch.equal(layer.w13_blocks.data, blocks)
     assert all(w.k_swizzled for w in layer.expert_weights())
+    assert all(w.row_paired for w in layer.expert_weights())  # I and H multiples of 16 here
     assert all(w.small_scales == has_small_scales(w.scales) for w in layer.expert_weights())
+    assert all(torch.equal(w.natural_blocks(), c) for w, c in zip(layer.expert_weights(), natural))
     assert torch.equal(layer(x), before)
     layer.prepare_for_kernels(swizzle=True)  # idempotent
     assert torch.equal(layer(x), before)
