@@ -1,0 +1,127 @@
+"""Reclaimer: frees evicted grammars on a thread of its own, off the compiling request's path.
+
+Freeing a compiled grammar that requests have used is not free: llguidance's matcher drops its lexer
+and parser caches (grown by every mask computed from it or its copies), 0.08 ms at the median and
+0.23 ms at p90 on MaskBench schemas, ~7% of a typical schema's compile. The compiler's cache evicts a
+grammar when it inserts a new one, i.e. inside the compile that a request is waiting for; a server
+frees it elsewhere. ``Reclaimer.put`` hands the objects over to a daemon thread that drops them.
+
+Bounded: at most ``capacity`` objects wait; past that ``put`` frees them on the calling thread (as
+before: no memory grows when frees cannot keep up). ``close`` (the compiler's ``shutdown``) stops the
+thread and frees whatever still waits, so nothing is left behind; ``put`` after ``close`` frees inline.
+Thread-safe: any thread may ``put`` (the compiler's callers and its compile threads do).
+
+The drop itself still holds the GIL (a native object's deallocation runs under it), so it costs other
+Python threads the same CPU time; what moves is *when*: not between a compile's start and its result.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+__all__ = ["Reclaimer"]
+
+DEFAULT_CAPACITY = 64
+DEFAULT_LINGER_S = 0.2
+
+
+class Reclaimer:
+    """Drops references on a background thread (started on the first ``put``).
+
+    Args:
+        capacity: objects waiting at most; a ``put`` past it frees on the caller's thread.
+        linger_s: once woken, the thread waits this long for more objects before freeing what it has
+            (puts in that window do not wake it: waking a thread is a system call, ~10 us of the
+            ``put``, an eighth of the free it saves). 0 frees each object as it comes.
+        wake_at: objects waiting that wake the thread early (default: half the capacity).
+    """
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, linger_s: float = DEFAULT_LINGER_S,
+                 wake_at: int | None = None, name: str = "plait-grammar-reclaim"):
+        if capacity < 0:
+            raise ValueError(f"reclaimer capacity must be >= 0, got {capacity}")
+        if linger_s < 0:
+            raise ValueError(f"reclaimer linger_s must be >= 0, got {linger_s}")
+        self.capacity = capacity
+        self.linger_s = linger_s
+        self.wake_at = max(1, capacity // 2) if wake_at is None else max(1, wake_at)
+        self._name = name
+        self._cond = threading.Condition(threading.Lock())
+        self._items: deque[Any] = deque()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._idle = False  # the thread waits for a notify (no timeout): the next put must wake it
+        self._busy = False  # the thread holds objects it is dropping (``drain`` waits for them)
+        self._flush = False  # ``drain`` asked: free what waits without lingering
+
+    def put(self, items: list[Any]) -> None:
+        """Free the objects of ``items`` off this thread: queued for the reclaimer thread, or (the queue
+        full, or closed) dropped here. Takes them over: ``items`` is emptied. The caller must hold no
+        other reference to them for the free to happen on the reclaimer thread."""
+        batch = items[:]
+        items.clear()
+        if not batch:
+            return
+        with self._cond:
+            if not self._closed and len(self._items) + len(batch) <= self.capacity:
+                self._items.extend(batch)
+                batch.clear()
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                    self._thread.start()
+                elif self._idle or len(self._items) >= self.wake_at:
+                    self._cond.notify()
+        del batch  # full or closed: freed here, outside the lock
+
+    def __len__(self) -> int:
+        """Objects waiting to be freed."""
+        return len(self._items)
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Free every object put so far (waking the thread) and wait for it; False if ``timeout_s``
+        passed first."""
+        with self._cond:
+            if self._items:
+                self._flush = True
+                self._cond.notify_all()
+            return self._cond.wait_for(lambda: not self._items and not self._busy, timeout_s)
+
+    def close(self) -> None:
+        """Stop the thread and free what still waits (on the reclaimer thread if it runs, else here).
+        Later ``put`` calls free inline. Idempotent."""
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._cond:
+            left = list(self._items)
+            self._items.clear()
+        del left
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items and not self._closed:
+                    self._idle = True
+                    self._cond.wait()
+                self._idle = False
+                if not self._items:  # closed and empty
+                    return
+                if self.linger_s:  # gather what comes in the next linger_s
+                    self._cond.wait_for(lambda: self._closed or self._flush or len(self._items) >= self.wake_at,
+                                        self.linger_s)
+                batch = list(self._items)
+                self._items.clear()
+                self._flush = False
+                self._busy = True
+            while batch:  # one at a time, outside the lock (put() never waits for a free)
+                batch.pop()
+                time.sleep(0)  # let other threads have the GIL between frees (each drop holds it)
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
