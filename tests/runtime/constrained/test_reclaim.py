@@ -26,7 +26,7 @@ class _Freed:
 def test_put_returns_before_a_slow_free_and_frees_on_the_reclaimer_thread():
     log: list = []
     release, started = threading.Event(), threading.Event()
-    reclaimer = Reclaimer(linger_s=0)
+    reclaimer = Reclaimer(wake_at=1)
     try:
         items = [_Freed(log, release, started)]
         reclaimer.put(items)
@@ -44,7 +44,7 @@ def test_put_returns_before_a_slow_free_and_frees_on_the_reclaimer_thread():
 def test_a_full_queue_frees_on_the_callers_thread():
     log: list = []
     release, started = threading.Event(), threading.Event()
-    reclaimer = Reclaimer(capacity=2, linger_s=0)
+    reclaimer = Reclaimer(capacity=2, wake_at=1)
     try:
         reclaimer.put([_Freed(log, release, started)])
         assert started.wait(5)  # the thread is busy with it: what comes next waits in the queue
@@ -60,13 +60,24 @@ def test_a_full_queue_frees_on_the_callers_thread():
         reclaimer.close()
 
 
-def test_lingering_frees_in_batches_and_drain_or_close_free_the_rest():
+def _wait_for(condition, timeout_s: float = 5.0) -> bool:
+    deadline = threading.Event()
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return True
+        deadline.wait(0.01)
+    return condition()
+
+
+def test_objects_wait_for_linger_s_and_drain_or_close_free_the_rest():
     log: list = []
-    reclaimer = Reclaimer(capacity=8, linger_s=60)  # would wait a minute for more
+    reclaimer = Reclaimer(capacity=8, linger_s=60)  # would gather for a minute
     try:
         reclaimer.put([_Freed(log)])
         reclaimer.put([_Freed(log)])
+        assert not _wait_for(lambda: log, 0.2) and len(reclaimer) == 2
         assert reclaimer.drain(timeout_s=5) and len(log) == 2  # drain does not wait for the linger
+        assert all(t is not threading.current_thread() for t in log)
         for _ in range(3):
             reclaimer.put([_Freed(log)])
     finally:
@@ -76,18 +87,26 @@ def test_lingering_frees_in_batches_and_drain_or_close_free_the_rest():
     assert log[-1] is threading.current_thread() and len(log) == 6
 
 
+def test_objects_are_freed_after_linger_s_even_after_a_quiet_spell():
+    log: list = []
+    reclaimer = Reclaimer(linger_s=0.05)
+    try:
+        reclaimer.put([_Freed(log)])
+        assert _wait_for(lambda: len(log) == 1, 5)
+        assert _wait_for(lambda: reclaimer._idle, 5)  # nothing for a while: asleep until a put
+        reclaimer.put([_Freed(log)])
+        assert _wait_for(lambda: len(log) == 2, 5)
+    finally:
+        reclaimer.close()
+
+
 def test_the_queue_reaching_wake_at_wakes_a_lingering_thread():
     log: list = []
     reclaimer = Reclaimer(capacity=8, linger_s=60, wake_at=3)
     try:
         for _ in range(3):
             reclaimer.put([_Freed(log)])
-        deadline = threading.Event()
-        for _ in range(100):  # freed well before the minute's linger
-            if len(log) == 3:
-                break
-            deadline.wait(0.05)
-        assert len(log) == 3
+        assert _wait_for(lambda: len(log) == 3, 5)  # freed well before the minute's linger
     finally:
         reclaimer.close()
 
@@ -115,4 +134,4 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="capacity"):
         Reclaimer(capacity=-1)
     with pytest.raises(ValueError, match="linger_s"):
-        Reclaimer(linger_s=-1)
+        Reclaimer(linger_s=0)
