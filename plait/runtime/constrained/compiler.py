@@ -116,6 +116,7 @@ class GrammarCompiler:
         self._cached_bytes = 0
         self._sizes: dict[ConstraintSpec, int] = {}
         self._backends: dict[str, GrammarBackend | BackendUnavailable] = {}
+        self._inline: dict[tuple[str, ConstraintKind], bool] = {}  # _compiles_inline's answers
         # evicted grammars are freed on its thread, not inside the compile that evicted them
         self.reclaimer = Reclaimer()
         self.workers: CompileWorkerPool | None = None
@@ -193,13 +194,20 @@ class GrammarCompiler:
     # ------------------------------------------------------------------ internals
     def _compiles_inline(self, spec: ConstraintSpec) -> bool:
         """Whether the backend that would serve ``spec`` (the first installed one of its order) bounds
-        its own compile work; True when none is installed (the compile fails at once)."""
-        for name in self._order(spec.kind):
-            try:
-                return bool(self.backend_named(name).compile_bounded)
-            except BackendUnavailable:
-                continue
-        return True
+        its own compile work; True when none is installed (the compile fails at once). Known once per
+        backend choice and kind (backends are created once; a package does not appear later)."""
+        key = (self.backend, spec.kind)
+        inline = self._inline.get(key)
+        if inline is None:
+            inline = True
+            for name in self._order(spec.kind):
+                try:
+                    inline = bool(self.backend_named(name).compile_bounded)
+                    break
+                except BackendUnavailable:
+                    continue
+            self._inline[key] = inline
+        return inline
 
     def _claim(self, spec: ConstraintSpec) -> tuple[Future, bool]:
         """(the cached future of ``spec``, False), or (a new running future now in the cache, True):
@@ -212,8 +220,7 @@ class GrammarCompiler:
             fut = Future()
             fut.set_running_or_notify_cancel()  # running: cancel() cannot take it from under the compile
             self._cache[spec] = fut
-        fut.add_done_callback(lambda f, s=spec: self._settle(s, f))
-        return fut, True
+        return fut, True  # settled by ``_fulfil`` itself (no done-callback: it knows the outcome)
 
     def _fulfil(self, fut: Future, spec: ConstraintSpec) -> None:
         """Compile ``spec`` on this thread into ``fut``: its result or its exception reaches every
@@ -222,23 +229,32 @@ class GrammarCompiler:
         try:
             grammar = self._compile_now(spec)
         except Exception as exc:
+            self._account(spec, fut, None)
             fut.set_exception(exc)
         except BaseException:
+            self._account(spec, fut, None)
             fut.set_exception(ConstraintError(f"compiling the {spec.describe()} constraint was interrupted; retry"))
             raise
         else:
+            self._account(spec, fut, grammar)
             fut.set_result(grammar)
 
     def _settle(self, spec: ConstraintSpec, fut: Future) -> None:
-        """A compilation ended: forget a failure; account a success and evict past the bounds."""
+        """A compilation ended (the done-callback of a pool's or worker's future)."""
         failed = fut.cancelled() or fut.exception() is not None
+        self._account(spec, fut, None if failed else fut.result())
+
+    def _account(self, spec: ConstraintSpec, fut: Future, grammar: CompiledGrammar | None) -> None:
+        """``spec``'s compile ended with ``grammar`` (None: it failed): forget a failure; account a
+        success and evict past the bounds."""
+        failed = grammar is None
         with self._lock:
             if self._cache.get(spec) is not fut:
                 return
             if failed:
                 del self._cache[spec]
                 return
-            self._sizes[spec] = max(0, int(getattr(fut.result(), "nbytes", 0)))
+            self._sizes[spec] = max(0, int(getattr(grammar, "nbytes", 0)))
             self._cached_bytes += self._sizes[spec]
             evicted = self._evict()
         # Freed past the lock (submit() from other threads waits on it) and off this thread: freeing a

@@ -190,6 +190,24 @@ def test_callers_of_a_spec_being_compiled_inline_share_it(tokenizer_info):
         compiler.shutdown()
 
 
+def test_where_to_compile_is_decided_once_per_backend_choice_and_kind(tokenizer_info, monkeypatch):
+    """compile() asks which backend serves a kind (and whether it bounds its compiles) once, not per
+    compile; another backend choice is asked again."""
+    backend = _BoundedBackend()
+    compiler = _bounded_compiler(tokenizer_info, backend)
+    asked = []
+    real = compiler.backend_named
+    monkeypatch.setattr(compiler, "backend_named", lambda name: asked.append(name) or real(name))
+    try:
+        for i in range(3):
+            compiler.compile(ConstraintSpec(ConstraintKind.REGEX, f"a{i}"))
+        assert len(asked) == 1 + 3  # the decision once, then each compile's own backend
+        compiler.backend = "outlines"
+        assert compiler._compiles_inline(ConstraintSpec(ConstraintKind.REGEX, "b")) is False
+    finally:
+        compiler.shutdown()
+
+
 def test_submit_never_compiles_on_the_callers_thread(tokenizer_info):
     release = threading.Event()
     backend = _BoundedBackend(release)
