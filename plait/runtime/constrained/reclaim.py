@@ -14,7 +14,7 @@ A ``put`` does not wake the thread while it waits with that timeout (waking a th
 call, ~10 us of the ``put`` on a VM, an eighth of the free it saves); only after a whole ``linger_s``
 with nothing to free does the thread sleep until the next ``put`` wakes it. (Freeing at the start
 of the next compile, while llguidance builds its matcher without the GIL, was measured too: the
-compile ran slower by more than the free, both threads working the same allocator.)
+compile ran slower by more than the free, probably the two threads contending in the allocator.)
 
 Bounded: at most ``capacity`` objects wait; past that ``put`` frees them on the calling thread (no
 memory grows when frees cannot keep up). ``close`` (the compiler's ``shutdown``) stops the thread and
