@@ -138,9 +138,11 @@ class Reclaimer:
                 batch = self._next_batch()
             if batch is None:
                 return
-            while batch:  # one at a time, outside the lock (put() never waits for a free)
-                batch.pop()
-                time.sleep(0)  # let other threads have the GIL between frees (each drop holds it)
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
+            try:
+                while batch:  # one at a time, outside the lock (put() never waits for a free)
+                    batch.pop()
+                    time.sleep(0)  # let other threads have the GIL between frees (each drop holds it)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
