@@ -35,6 +35,7 @@ MAX_LOGIT_BIAS = 1e9  # |bias| beyond this could overflow float32 logits
 # Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing float32 logits by a tinier
 # temperature overflows them to inf (1e-40 is not even a normal float32), and the softmax of inf is NaN.
 GREEDY_TEMPERATURE_EPS = 1e-5
+_REAL = (int, float)  # exact types (``type(x) in _REAL``: bool, a subclass of int, is not one)
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -115,19 +116,33 @@ class SamplingParams:
     choices: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        # Each group has a fast path for values that are already what validation would leave (the usual
+        # request: defaults and plain ints / floats in range): the same checks, without the conversions
+        # and the per-field calls (a request's parameters cost ~14 us before, ~7 us with them).
         self._normalize_constraint()
         self._validate_ints()
         self._validate_floats()
-        self._normalize_stops()
-        self._normalize_stop_regex()
-        self._normalize_logit_bias()
-        for name in ("ignore_eos", "skip_special_tokens", "no_stop_trim"):
-            _check_bool(name, getattr(self, name))
+        if not (type(self.stop) is tuple and not self.stop and type(self.stop_token_ids) is tuple
+                and not self.stop_token_ids):
+            self._normalize_stops()
+        if not (type(self.stop_regex) is tuple and not self.stop_regex):
+            self._normalize_stop_regex()
+        if self.logit_bias is not None:
+            self._normalize_logit_bias()
+        if not (type(self.ignore_eos) is bool and type(self.skip_special_tokens) is bool
+                and type(self.no_stop_trim) is bool):
+            for name in ("ignore_eos", "skip_special_tokens", "no_stop_trim"):
+                _check_bool(name, getattr(self, name))
         if self.seed is not None:
             _check_int("seed", self.seed, allowed=" or None")
 
     # ------------------------------------------------------------------ validation helpers
     def _validate_ints(self) -> None:
+        top_k = self.top_k
+        if (type(self.max_new_tokens) is int and type(self.min_new_tokens) is int and type(top_k) is int
+                and type(self.n) is int and 0 <= self.min_new_tokens <= self.max_new_tokens
+                and (top_k == -1 or top_k >= 1) and self.n >= 1):
+            return  # fast path: the checks below would all pass
         _check_int("max_new_tokens", self.max_new_tokens, 0)
         _check_int("min_new_tokens", self.min_new_tokens, 0)
         if self.min_new_tokens > self.max_new_tokens:
@@ -143,6 +158,18 @@ class SamplingParams:
         _check_int("n", self.n, 1)
 
     def _validate_floats(self) -> None:
+        t, p, m = self.temperature, self.top_p, self.min_p
+        f, r, rp = self.frequency_penalty, self.presence_penalty, self.repetition_penalty
+        if (type(t) in _REAL and type(p) in _REAL and type(m) in _REAL and type(f) in _REAL
+                and type(r) in _REAL and type(rp) in _REAL
+                and 0.0 <= t < math.inf and 0.0 < p <= 1.0 and 0.0 <= m <= 1.0 and -2.0 <= f <= 2.0
+                and -2.0 <= r <= 2.0 and 0.0 < rp < math.inf):
+            # fast path: plain ints or floats (not bools), finite (NaN fails every comparison), in range
+            for name, value in (("temperature", t), ("top_p", p), ("min_p", m), ("frequency_penalty", f),
+                                ("presence_penalty", r), ("repetition_penalty", rp)):
+                if type(value) is int:
+                    object.__setattr__(self, name, float(value))
+            return
         # (name, predicate, allowed-range text)
         specs: tuple[tuple[str, Any, str], ...] = (
             ("temperature", lambda v: v >= 0.0, ">= 0 (0 = greedy)"),
@@ -249,17 +276,19 @@ class SamplingParams:
 
     def _normalize_constraint(self) -> None:
         schema = self.json_schema
-        if isinstance(schema, type) and callable(getattr(schema, "model_json_schema", None)):
-            schema = schema.model_json_schema()  # a pydantic model class
-        if schema is True:
-            schema = {}
-        if isinstance(schema, Mapping):
-            try:
-                schema = json.dumps(schema)
-            except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
-                raise ValueError(f"sampling parameter 'json_schema' is not JSON-serializable: {exc}") from None
-        object.__setattr__(self, "json_schema", schema)
-        self._normalize_choices()
+        if schema is not None and type(schema) is not str:  # a str (the usual case) is stored as is
+            if isinstance(schema, type) and callable(getattr(schema, "model_json_schema", None)):
+                schema = schema.model_json_schema()  # a pydantic model class
+            if schema is True:
+                schema = {}
+            if isinstance(schema, Mapping):
+                try:
+                    schema = json.dumps(schema)
+                except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+                    raise ValueError(f"sampling parameter 'json_schema' is not JSON-serializable: {exc}") from None
+            object.__setattr__(self, "json_schema", schema)
+        if self.choices is not None:
+            self._normalize_choices()
         for name in ("regex", "json_schema", "ebnf"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

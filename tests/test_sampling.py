@@ -65,11 +65,42 @@ def test_defaults_match_sglang() -> None:
         ("n", 0),
         ("skip_special_tokens", None),
         ("no_stop_trim", "yes"),
+        # values a fast path could let through: bools are not numbers, NaN and inf are not in range
+        ("temperature", True),
+        ("top_p", float("nan")),
+        ("min_p", float("nan")),
+        ("frequency_penalty", float("-inf")),
+        ("repetition_penalty", float("inf")),
+        ("n", True),
+        ("top_k", True),
+        ("min_new_tokens", True),
+        ("max_new_tokens", 2**70 * 1.0),
+        ("ignore_eos", None),
+        ("json_schema", 5),
     ],
 )
 def test_invalid_field_raises_naming_it(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_usual_values_skip_the_per_field_checks(monkeypatch) -> None:
+    """Defaults and plain ints / floats in range take the fast path (no per-field conversion calls);
+    they come out as the full checks would leave them (ints as floats), and anything else still goes
+    through those checks."""
+    import plait.sampling as sampling
+
+    calls = []
+    for name in ("_to_float", "_check_int", "_check_bool"):
+        original = getattr(sampling, name)
+        monkeypatch.setattr(sampling, name, lambda *a, _f=original, **k: calls.append(a[0]) or _f(*a, **k))
+    schema = '{"type": "object"}'
+    p = SamplingParams(max_new_tokens=64, temperature=0, top_p=1, top_k=20, json_schema=schema)
+    assert SamplingParams() == SamplingParams(temperature=1, repetition_penalty=1) and calls == []
+    assert p.json_schema == schema and p.temperature == 0.0 and type(p.temperature) is float
+    assert type(p.top_p) is float and type(p.repetition_penalty) is float
+    assert SamplingParams(temperature=0.5, seed=3).seed == 3 and calls == ["seed"]
+    assert SamplingParams(json_schema={"type": "object"}).json_schema == schema
 
 
 def test_top_k_zero_message_says_use_minus_one() -> None:

@@ -190,6 +190,24 @@ def test_callers_of_a_spec_being_compiled_inline_share_it(tokenizer_info):
         compiler.shutdown()
 
 
+def test_where_to_compile_is_decided_once_per_backend_choice_and_kind(tokenizer_info, monkeypatch):
+    """compile() asks which backend serves a kind (and whether it bounds its compiles) once, not per
+    compile; another backend choice is asked again."""
+    backend = _BoundedBackend()
+    compiler = _bounded_compiler(tokenizer_info, backend)
+    asked = []
+    real = compiler.backend_named
+    monkeypatch.setattr(compiler, "backend_named", lambda name: asked.append(name) or real(name))
+    try:
+        for i in range(3):
+            compiler.compile(ConstraintSpec(ConstraintKind.REGEX, f"a{i}"))
+        assert len(asked) == 1 + 3  # the decision once, then each compile's own backend
+        compiler.backend = "outlines"
+        assert compiler._compiles_inline(ConstraintSpec(ConstraintKind.REGEX, "b")) is False
+    finally:
+        compiler.shutdown()
+
+
 def test_submit_never_compiles_on_the_callers_thread(tokenizer_info):
     release = threading.Event()
     backend = _BoundedBackend(release)
@@ -259,9 +277,44 @@ def test_an_evicted_grammar_is_freed_outside_the_compilers_lock(tokenizer_info):
     try:
         for i in range(5):
             compiler.compile(ConstraintSpec(ConstraintKind.REGEX, f"a{i}"))
+        assert compiler.reclaimer.drain(timeout_s=5)
         assert locked_when_freed == [False, False, False]
     finally:
         compiler.shutdown()
+
+
+def test_an_evicted_grammar_is_freed_off_the_compiling_thread(tokenizer_info):
+    """The compile that evicts a grammar returns before that grammar is freed (a slow free blocks until
+    released), the free runs on the reclaimer's thread, and shutdown frees what still waits."""
+    release, started = threading.Event(), threading.Event()
+    freed_on: list[threading.Thread] = []
+
+    class _SlowToFree(_Grammar):
+        def __del__(self):
+            started.set()
+            release.wait(10)
+            freed_on.append(threading.current_thread())
+
+    class _Backend(_BoundedBackend):
+        def load(self, spec, payload, info):
+            return _SlowToFree(spec) if spec.source == "slow" else _Grammar(spec)
+
+    compiler = _bounded_compiler(tokenizer_info, _Backend())
+    compiler.cache_size = 1
+    try:
+        compiler.compile(ConstraintSpec(ConstraintKind.REGEX, "slow"))
+        compiler.compile(ConstraintSpec(ConstraintKind.REGEX, "next"))  # evicts "slow": returns at once
+        assert freed_on == []
+        assert started.wait(5) and freed_on == []  # being freed on the reclaimer's thread
+        release.set()
+        assert compiler.reclaimer.drain(timeout_s=5)
+        assert freed_on and freed_on[0] is not threading.current_thread()
+        for i in range(3):  # evicted while the reclaimer lingers: freed by shutdown at the latest
+            compiler.compile(ConstraintSpec(ConstraintKind.REGEX, f"b{i}"))
+    finally:
+        release.set()
+        compiler.shutdown()
+    assert len(compiler.reclaimer) == 0
 
 
 def test_a_spec_hashes_once_and_pickles_without_its_hash(monkeypatch):

@@ -148,6 +148,37 @@ def test_cyclic_refs_written_with_escapes_are_refused(text):
         spec_from_params(SamplingParams(json_schema=text))
 
 
+def test_the_cycle_walk_resolves_each_ref_once_and_finds_cycles_anywhere(monkeypatch):
+    """A schema that refers to one definition many times resolves it once; a cycle deep in the
+    document, behind nodes without alias keys, is still found."""
+    from plait.runtime.constrained import limits as limits_module
+
+    resolved = []
+    real = limits_module._resolve
+    monkeypatch.setattr(limits_module, "_resolve", lambda root, ref: resolved.append(ref) or real(root, ref))
+    item = {"$ref": "#/$defs/item"}
+    schema = {"$defs": {"item": {"type": "string"}},
+              "properties": {f"p{i}": {"allOf": [item]} for i in range(20)}}
+    limits_module.check_ref_cycles(json.loads(json.dumps(schema)))
+    assert resolved == ["#/$defs/item"]
+    deep = {"properties": {"a": {"items": [{"type": "string"}, {"properties": {"b": {"$ref": "#/$defs/c"}}}]}},
+            "$defs": {"c": {"allOf": [{"$ref": "#/$defs/d"}]}, "d": {"anyOf": [{"$ref": "#/$defs/c"}]}}}
+    with pytest.raises(ValueError, match="cyclic"):
+        limits_module.check_ref_cycles(deep)
+
+
+def test_the_size_limit_counts_utf8_bytes():
+    """ASCII text is measured by its length (no encoding); any other text by its UTF-8 bytes."""
+    limits = GrammarLimits(max_bytes=10)
+    assert spec_from_params(SamplingParams(regex="a" * 10), limits) is not None
+    with pytest.raises(ConstraintError, match="11 bytes"):
+        spec_from_params(SamplingParams(regex="a" * 11), limits)
+    with pytest.raises(ConstraintError, match="12 bytes"):
+        spec_from_params(SamplingParams(regex="é" * 6), limits)  # 6 characters, 12 bytes
+    with pytest.raises(ConstraintError, match="12 bytes"):
+        spec_from_params(SamplingParams(regex="\ud800" * 4), limits)  # lone surrogates: 3 bytes each
+
+
 def test_schemas_without_refs_skip_the_cycle_walk(monkeypatch):
     from plait.runtime.constrained import spec as spec_module
 
