@@ -172,9 +172,9 @@ def benchmark(models: list[Model], tokens: list[int]) -> list[str]:
             default = fused_moe_triton.USE_GLUON
             variants = [(config, weights, "", default)]
             if model.weight_format == "mxfp4":  # the other swapped GEMM; the other MXFP4 decode; natural order
-                if config.swap_ab:
-                    variants.append((config, weights, " (Triton kernel)" if default else " (Gluon kernel where usable)",
-                                     not default))
+                if config.swap_ab:  # the Gluon GEMM reads codes that are not row-paired
+                    variants.append((config, unpaired, " (Triton kernel, codes not row-paired)" if default
+                                     else " (Gluon kernel where usable, codes not row-paired)", not default))
                 variants.append((replace(config, swap_ab=not config.swap_ab), weights, " (not the table choice)",
                                  default))
                 variants.append((config, natural, " (codes in natural order)", default))
