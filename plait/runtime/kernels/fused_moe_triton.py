@@ -460,9 +460,14 @@ def _moe_up_kernel(
                                         BLOCK_M, DIRECT)  # pairs [BLOCK_M]
     if not live:
         return
-    if expert < 0:
-        return  # pairs of experts held elsewhere: the down kernel writes their zeros
     pair_ok = pairs < num_pairs
+    if expert < 0:  # pairs of experts held elsewhere: the down kernel writes their zeros
+        if SPLIT_K > 1:  # and the finish kernel activates these partials: zeros, not what the buffer held
+            pc = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # this program's interleaved columns
+            part = part_ptr + (split * num_pairs + pairs.to(tl.int64))[:, None] * (2 * I) + pc[None, :]
+            tl.store(part, tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32),
+                     mask=pair_ok[:, None] & (pc < 2 * I)[None, :])
+        return
     a_rows = x_ptr + (tl.where(pair_ok, pairs, 0) // top_k).to(tl.int64) * stride_xm  # [BLOCK_M] token rows
     # weight rows, gate and up interleaved: column j of the product is gate (j even) or up (j odd) of
     # intermediate column pid_n * BLOCK_N + j // 2; with silu and row-paired codes (whose pairs are rows

@@ -290,6 +290,34 @@ def test_kernel_with_split_k_matches_reference(kernel_device, config):
     check_kernel(kernel_device, 5, 8, 64, 64, 1, "mxfp4-fp16", "swiglu_oai", True, config, seed=2)
 
 
+@pytest.mark.parametrize("config", [SPLIT_UP, SPLIT], ids=["up", "both"])
+def test_split_up_gives_zero_partials_to_experts_held_elsewhere(kernel_device, config, monkeypatch):
+    """The up GEMM's finish kernel activates every pair's partial sums: a pair whose expert is held
+    elsewhere gets zeros there (its intermediate row is 0), not whatever the buffer held."""
+    allocated = []
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(1e30)
+        allocated.append(t)
+        return t
+
+    ids = torch.tensor([[0, -1], [9, 4], [3, 1], [-1, 8]])  # E=8: -1, 8 and 9 held elsewhere
+    x, w13, w2, tw, ids, b13, b2 = make_problem(4, 8, 64, 64, 2, dtype=torch.float32, mxfp4=False, bias=True,
+                                                ids=ids, device=kernel_device)
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    out = fused_moe(x, w13, w2, tw, ids, b13=b13, b2=b2, activation="silu", config=config)
+    monkeypatch.undo()
+    inter = next(t for t in allocated if tuple(t.shape) == (8, 64) and t.dtype == x.dtype)  # [T*K, I]
+    held_elsewhere = (ids.reshape(-1) < 0) | (ids.reshape(-1) >= 8)
+    assert int(held_elsewhere.sum()) == 4
+    assert torch.equal(inter[held_elsewhere.to(inter.device)].cpu(), torch.zeros(4, 64))
+    ref = fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2, activation="silu")
+    assert rel_err(out, ref) < REL_TOL[torch.float32]
+
+
 @pytest.mark.parametrize("config", [SMALL, SWAPPED, SPLIT_DOWN], ids=["small", "swapped", "split-down"])
 def test_direct_row_blocks_equal_the_aligned_layout(kernel_device, config, monkeypatch):
     """Up to DIRECT_MAX_PAIRS pairs each pair is its own row block (no alignment): the same output as the
