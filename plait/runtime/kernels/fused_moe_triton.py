@@ -61,7 +61,7 @@ import triton.language as tl
 
 from plait.runtime.kernels.fused_moe_config import FusedMoeConfig, MoeShape, TileConfig, get_config
 from plait.runtime.kernels.moe_align import moe_align
-from plait.runtime.kernels.mxfp4 import Mxfp4Weight
+from plait.runtime.kernels.mxfp4 import ROW_PAIR_SPAN, Mxfp4Weight
 
 ACT_SILU, ACT_SWIGLU_OAI = 0, 1
 
@@ -78,16 +78,17 @@ USE_GLUON = False
 
 
 @triton.jit
-def _fp4_pair(byte, scale):
-    """A byte's two E2M1 codes (int32 0..255; low nibble first) times ``scale`` (float32 2^(s - 127)),
-    as float32, from bits: a code's magnitude bits (e1 e0 m) placed at float32 bits 24..22 give
-    exactly code value * 2^-126 (e = 0 lands on the subnormals, 0 and 0.5 * 2^-126), its sign at bit 31;
-    two exact multiplies (2^126, the scale) finish: five integer and two float operations a value."""
+def _fp4_pair(byte, scale_lo, scale_hi):
+    """A byte's two E2M1 codes (int32 0..255; low nibble first), the low one times ``scale_lo`` and the
+    high one times ``scale_hi`` (float32 2^(s - 127); the same scale but for row-paired codes), as
+    float32, from bits: a code's magnitude bits (e1 e0 m) placed at float32 bits 24..22 give exactly code
+    value * 2^-126 (e = 0 lands on the subnormals, 0 and 0.5 * 2^-126), its sign at bit 31; two exact
+    multiplies (2^126, the scale) finish: five integer and two float operations a value."""
     lo = ((byte << 22) & 0x1C00000) | ((byte << 28) & -2147483648)
     hi = ((byte << 18) & 0x1C00000) | ((byte << 24) & -2147483648)
     two_126 = 8.507059173023462e37
-    lo = lo.to(tl.float32, bitcast=True) * two_126 * scale
-    hi = hi.to(tl.float32, bitcast=True) * two_126 * scale
+    lo = lo.to(tl.float32, bitcast=True) * two_126 * scale_lo
+    hi = hi.to(tl.float32, bitcast=True) * two_126 * scale_hi
     return lo, hi
 
 
@@ -96,13 +97,12 @@ def _fp4_pair(byte, scale):
 # sign at bit 15: two shifts, an and, a lop3 ((a & mask) | b) per bf16x2; then two exact multiplies, by
 # 2^126 and by the scale (bf16 2^(s - 127), per byte). About three operations a value against
 # ``_fp4_pair``'s seven plus the float32 -> bf16 conversion. $0,$1 the low nibbles' values (bytes 0,1 and
-# 2,3), $2,$3 the high nibbles', $4 the four bytes, $5,$6 their scales.
-def _fp4_bf16_asm(fold: bool, two_scales: bool = False) -> str:
-    """The PTX of ``_fp4_pair_bf16``; ``fold``: the 2^126 is already in the scales ($5, $6 bf16
-    ``2^(s - 1)``, ``_e8m0_bf16_folded``), one multiply a value fewer, the same exact result (a single
-    rounding of an exact product either way). Folding is valid where every scale exponent is at most
-    128 (``Mxfp4Weight.small_scales``). ``two_scales``: the high nibbles' values take their own scales
-    ($7, $8; row-paired codes, whose two nibbles belong to different rows)."""
+# 2,3), $2,$3 the high nibbles', $4 the four bytes, $5,$6 the low nibbles' scales, $7,$8 the high ones'.
+def _fp4_bf16_asm(fold: bool) -> str:
+    """The PTX of ``_fp4_pair_bf16``; ``fold``: the 2^126 is already in the scales (bf16 ``2^(s - 1)``,
+    ``_e8m0_bf16_folded``), one multiply a value fewer, the same exact result (a single rounding of an
+    exact product either way). Folding is valid where every scale exponent is at most 128
+    (``Mxfp4Weight.small_scales``)."""
     times_2_126 = "" if fold else """mov.b32 two126, 0x7E807E80;
 mul.rn.bf16x2 $0, $0, two126; mul.rn.bf16x2 $1, $1, two126;
 mul.rn.bf16x2 $2, $2, two126; mul.rn.bf16x2 $3, $3, two126;
@@ -117,15 +117,13 @@ shl.b32 a, t1, 6; shl.b32 b, t1, 12; and.b32 b, b, 0x80008000; lop3.b32 $1, a, 0
 shl.b32 a, t0, 2; shl.b32 b, t0, 8; and.b32 b, b, 0x80008000; lop3.b32 $2, a, 0x01C001C0, b, 0xEA;
 shl.b32 a, t1, 2; shl.b32 b, t1, 8; and.b32 b, b, 0x80008000; lop3.b32 $3, a, 0x01C001C0, b, 0xEA;
 """ + times_2_126 + """mul.rn.bf16x2 $0, $0, $5; mul.rn.bf16x2 $1, $1, $6;
-mul.rn.bf16x2 $2, $2, """ + ("$7" if two_scales else "$5") + """; mul.rn.bf16x2 $3, $3, """ + ("$8" if two_scales else "$6") + """;
+mul.rn.bf16x2 $2, $2, $7; mul.rn.bf16x2 $3, $3, $8;
 }
 """
 
 
 _FP4_BF16_ASM = tl.constexpr(_fp4_bf16_asm(fold=False))
 _FP4_BF16_FOLDED_ASM = tl.constexpr(_fp4_bf16_asm(fold=True))
-_FP4_BF16_TWO_SCALES_ASM = tl.constexpr(_fp4_bf16_asm(fold=False, two_scales=True))
-_FP4_BF16_FOLDED_TWO_SCALES_ASM = tl.constexpr(_fp4_bf16_asm(fold=True, two_scales=True))
 
 
 @triton.jit
@@ -142,26 +140,15 @@ def _e8m0_bf16(s):
 
 
 @triton.jit
-def _fp4_pair_bf16(codes, scale, FOLD: tl.constexpr = False):
-    """``_fp4_pair`` for bf16 MMAs, compiled only: ``codes`` uint8 bytes, ``scale`` their bf16 scales
-    (``_e8m0_bf16``, or ``_e8m0_bf16_folded`` with ``FOLD``; same shape, convert before broadcasting a
-    scale over its bytes); the low and high nibbles' values as bf16, exactly (products of a power of two)."""
+def _fp4_pair_bf16(codes, scale_lo, scale_hi, FOLD: tl.constexpr = False):
+    """``_fp4_pair`` for bf16 MMAs, compiled only: ``codes`` uint8 bytes, ``scale_lo``/``scale_hi`` the bf16
+    scales of their low and high nibbles (``_e8m0_bf16``, or ``_e8m0_bf16_folded`` with ``FOLD``; same
+    shape, convert before broadcasting a scale over its bytes; the same tensor twice but for row-paired
+    codes); the low and high nibbles' values as bf16, exactly (products of a power of two)."""
     if FOLD:
-        return tl.inline_asm_elementwise(_FP4_BF16_FOLDED_ASM, "=r,=r,=r,=r,r,r,r", [codes, scale],
+        return tl.inline_asm_elementwise(_FP4_BF16_FOLDED_ASM, "=r,=r,=r,=r,r,r,r,r,r", [codes, scale_lo, scale_hi],
                                          dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-    return tl.inline_asm_elementwise(_FP4_BF16_ASM, "=r,=r,=r,=r,r,r,r", [codes, scale],
-                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-
-
-@triton.jit
-def _fp4_pair_bf16_two_scales(codes, scale_lo, scale_hi, FOLD: tl.constexpr = False):
-    """``_fp4_pair_bf16`` with the low nibbles' values times ``scale_lo`` and the high nibbles' times
-    ``scale_hi`` (row-paired codes)."""
-    if FOLD:
-        return tl.inline_asm_elementwise(_FP4_BF16_FOLDED_TWO_SCALES_ASM, "=r,=r,=r,=r,r,r,r,r,r",
-                                         [codes, scale_lo, scale_hi], dtype=(tl.bfloat16, tl.bfloat16),
-                                         is_pure=True, pack=4)
-    return tl.inline_asm_elementwise(_FP4_BF16_TWO_SCALES_ASM, "=r,=r,=r,=r,r,r,r,r,r", [codes, scale_lo, scale_hi],
+    return tl.inline_asm_elementwise(_FP4_BF16_ASM, "=r,=r,=r,=r,r,r,r,r,r", [codes, scale_lo, scale_hi],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
 
@@ -296,9 +283,11 @@ def _expert_gemm(
                 s_ptrs = s_base + w_rows[None, :].to(tl.int64) * stride_sn + (kb // 16)[:, None]
                 s = tl.load(s_ptrs, mask=kb_ok[:, None] & w_ok, other=127)  # [BLOCK_K/2, NW]
                 if BF16_ASM:
-                    lo, hi = _fp4_pair_bf16(codes, _e8m0_bf16(s))
+                    scale = _e8m0_bf16(s)
+                    lo, hi = _fp4_pair_bf16(codes, scale, scale)
                 else:
-                    lo, hi = _fp4_pair(codes.to(tl.int32), _e8m0_scale(s))  # even k, odd k
+                    scale = _e8m0_scale(s)
+                    lo, hi = _fp4_pair(codes.to(tl.int32), scale, scale)  # even k, odd k
                 acc = _dot(a_even, lo.to(a_even.dtype), acc, IEEE)
                 acc = _dot(a_odd, hi.to(a_even.dtype), acc, IEEE)
         else:
@@ -370,26 +359,22 @@ def _expert_gemm_swapped(
             codes = tl.load(w_ptrs + kb[None, :], mask=(kb < K // 2)[None, :], other=0)
         if SWIZZLED:
             codes = _unswizzle_k(codes, NW, BLOCK_K)
-        if BF16_ASM:
-            if FOLD:
-                scale = _e8m0_bf16_folded(s)  # [NW, BK/32], converted once per 16 bytes
-            else:
-                scale = _e8m0_bf16(s)
-            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
-            if ROW_PAIRED:
-                scale_lo, scale_hi = _row_pair_scales(scale, NW, BLOCK_K // 2)
-                lo, hi = _fp4_pair_bf16_two_scales(codes, scale_lo, scale_hi, FOLD)
-            else:
-                lo, hi = _fp4_pair_bf16(codes, scale, FOLD)
+        # [NW, BK/32], converted once per 16 bytes, then one per byte
+        if BF16_ASM and FOLD:
+            scale = _e8m0_bf16_folded(s)
+        elif BF16_ASM:
+            scale = _e8m0_bf16(s)
         else:
-            scale = _e8m0_scale(s)  # [NW, BK/32]
-            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
-            if ROW_PAIRED:
-                scale_lo, scale_hi = _row_pair_scales(scale, NW, BLOCK_K // 2)
-                lo, _ = _fp4_pair(codes.to(tl.int32), scale_lo)
-                _, hi = _fp4_pair(codes.to(tl.int32), scale_hi)
-            else:
-                lo, hi = _fp4_pair(codes.to(tl.int32), scale)
+            scale = _e8m0_scale(s)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (NW, BLOCK_K // 32, 16)), (NW, BLOCK_K // 2))
+        if ROW_PAIRED:  # a byte's two nibbles belong to rows r and r + 8
+            scale_lo, scale_hi = _row_pair_scales(scale, NW, BLOCK_K // 2)
+        else:
+            scale_lo, scale_hi = scale, scale
+        if BF16_ASM:
+            lo, hi = _fp4_pair_bf16(codes, scale_lo, scale_hi, FOLD)
+        else:
+            lo, hi = _fp4_pair(codes.to(tl.int32), scale_lo, scale_hi)
         if ROW_PAIRED:
             w = _row_paired_operand(lo.to(a.dtype), hi.to(a.dtype), NW, BLOCK_K)
         else:
@@ -582,22 +567,22 @@ def _moe_down_kernel(
     tl.store(y, (acc * weight[:, None]).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def _weight_args(w, tile: TileConfig, rows_per_block: int, row_align: int):
+def _weight_args(w, tile: TileConfig, rows_per_block: int):
     """(weight pointer tensor, scales tensor, stride_e, stride_n, stride_k, scale stride_e, stride_n, mxfp4,
     K-swizzled, scales small enough to fold the decode's 2^126 into them, row-paired).
 
-    ``rows_per_block``: the weight rows a program's tile spans; ``row_align``: what the tile's row count
-    must be a multiple of for row-paired codes (a tile's rows 16g + i and 16g + 8 + i must be the
-    weight's rows R and R + 8 of an aligned 16)."""
+    ``rows_per_block``: the weight rows a program's tile spans, a multiple of ``ROW_PAIR_SPAN`` for
+    row-paired codes (a tile's rows 16g + i and 16g + 8 + i must be the weight's rows R and R + 8 of an
+    aligned 16)."""
     if isinstance(w, Mxfp4Weight):
         blocks, scales = w.blocks, w.scales
         if blocks.stride(3) != 1 or blocks.stride(2) != 16 or scales.stride(2) != 1:
             raise ValueError("MXFP4 blocks must be contiguous along K (strides [.., .., 16, 1]) and scales too")
         if w.k_swizzled and tile.block_k % 64:
             raise ValueError(f"K-swizzled MXFP4 weights need block_k a multiple of 64, got {tile.block_k}")
-        if w.row_paired and rows_per_block % row_align:
+        if w.row_paired and rows_per_block % ROW_PAIR_SPAN:
             raise ValueError(f"row-paired MXFP4 weights need {rows_per_block} rows a program to be a multiple of "
-                             f"{row_align} (block_n {tile.block_n})")
+                             f"{ROW_PAIR_SPAN} (block_n {tile.block_n})")
         return (blocks, scales, blocks.stride(0), blocks.stride(1), 1, scales.stride(0), scales.stride(1), True,
                 w.k_swizzled, w.small_scales, w.row_paired)
     return w, w, w.stride(0), w.stride(1), w.stride(2), 0, 0, False, False, False, False
@@ -666,7 +651,7 @@ def fused_moe_triton(
         # takes runs of 16 gate rows and 16 up rows (its up half starts at row I, a multiple of 32: the
         # reduction size of MXFP4's down weight)
         w, s, swe, swn, swk, sse, ssn, mx, swz, fold, paired = _weight_args(
-            w13, up, up.block_n if activation == "silu" else 2 * up.block_n, 16)
+            w13, up, up.block_n if activation == "silu" else 2 * up.block_n)
         _moe_up_kernel[(up.split_k * num_m_blocks * triton.cdiv(I, up.block_n),)](
             x, w, s, b13 if b13 is not None else x, inter, part, sorted_ids, block_expert, num_padded,
             num_pairs, K, num_m_blocks, E, H, I, swiglu_alpha, swiglu_limit,
@@ -692,7 +677,7 @@ def fused_moe_triton(
                    num_m_blocks=num_m_blocks, N=H, I=I, up=False, silu=False, direct=direct, block_m=bm,
                    nw=down.block_n, block_k=down.block_k, split_k=down.split_k)
     else:
-        w, s, swe, swn, swk, sse, ssn, mx, swz, fold, paired = _weight_args(w2, down, down.block_n, 16)
+        w, s, swe, swn, swk, sse, ssn, mx, swz, fold, paired = _weight_args(w2, down, down.block_n)
         _moe_down_kernel[(down.split_k * num_m_blocks * triton.cdiv(H, down.block_n),)](
             inter, w, s, b2 if b2 is not None else x, tw, y, sorted_ids, block_expert, num_padded,
             num_pairs, num_m_blocks, E, H, I,

@@ -200,7 +200,8 @@ def test_kernel_decode_sizes(kernel_device, T):
 def _decode_fp4_pairs(bytes_ptr, scales_ptr, lo_ptr, hi_ptr, N: tl.constexpr):
     """The fused MoE kernels' in-register MXFP4 decode (``_fp4_pair``) of N bytes, each under its scale."""
     offs = tl.arange(0, N)
-    lo, hi = _fp4_pair(tl.load(bytes_ptr + offs).to(tl.int32), _e8m0_scale(tl.load(scales_ptr + offs)))
+    scale = _e8m0_scale(tl.load(scales_ptr + offs))
+    lo, hi = _fp4_pair(tl.load(bytes_ptr + offs).to(tl.int32), scale, scale)
     tl.store(lo_ptr + offs, lo)
     tl.store(hi_ptr + offs, hi)
 
@@ -373,7 +374,8 @@ def _decode_fp4_pairs_bf16(bytes_ptr, scales_ptr, lo_ptr, hi_ptr, N: tl.constexp
     variant with the 2^126 folded into the scales."""
     offs = tl.program_id(0) * N + tl.arange(0, N)
     s = tl.load(scales_ptr + offs)
-    lo, hi = _fp4_pair_bf16(tl.load(bytes_ptr + offs), _e8m0_bf16_folded(s) if FOLD else _e8m0_bf16(s), FOLD)
+    scale = _e8m0_bf16_folded(s) if FOLD else _e8m0_bf16(s)
+    lo, hi = _fp4_pair_bf16(tl.load(bytes_ptr + offs), scale, scale, FOLD)
     tl.store(lo_ptr + offs, lo)
     tl.store(hi_ptr + offs, hi)
 
