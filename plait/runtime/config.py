@@ -26,6 +26,9 @@ class EngineConfig:
     kv_cache_gb: float = 1.0  # CPU KV budget when max_total_tokens is not given
     mem_fraction: float = 0.85  # GPU: fraction of device memory for weights + KV
     max_running_requests: int = 256
+    # admission reserves KV for the running requests' expected outputs (scheduler.py, SGLang's
+    # new-token ratio) scaled by this; 0 reserves nothing (admit while the prompts fit, retract later)
+    schedule_conservativeness: float = 1.0
     chunked_prefill_size: int = 2048  # per-step budget of prefill tokens; longer prompts are chunked
     schedule_policy: str = "lpm"  # lpm (longest prefix match first) | fcfs
     disable_radix_cache: bool = False
@@ -83,6 +86,8 @@ class EngineConfig:
             raise ValueError(f"mem_fraction must be in (0, 1], got {self.mem_fraction}")
         if self.max_pinned_tokens_per_program is not None and self.max_pinned_tokens_per_program < 0:
             raise ValueError(f"max_pinned_tokens_per_program must be >= 0 or None, got {self.max_pinned_tokens_per_program}")
+        if self.schedule_conservativeness < 0:
+            raise ValueError(f"schedule_conservativeness must be >= 0, got {self.schedule_conservativeness}")
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
         if self.grammar_compile_workers < 0:

@@ -26,6 +26,22 @@ logger = logging.getLogger(__name__)
 
 LPM_MAX_QUEUE = 128  # above this many waiting requests, LPM ordering costs more than it saves: use FCFS
 
+# Admission reserves KV for the tokens running requests will still generate (SGLang's new-token ratio):
+# each running request's remaining ``max_new_tokens`` (clipped) times a ratio that starts at INIT, decays
+# over DECAY_STEPS decode steps without a retraction (most requests stop well before their limit), and
+# goes back up after a retraction to what the retracted batch really decoded. The decay stops at MIN, or
+# at the share of their budgets that finished requests really used (a running average) where that is
+# higher: a workload whose requests run to ``max_new_tokens`` keeps reserving their whole outputs. Without
+# it, a large ``max_running_requests`` admits prompts while their outputs still fit, then retracts and
+# recomputes them once the outputs grow. All times ``EngineConfig.schedule_conservativeness`` (0: reserve
+# nothing).
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY_STEPS = 600
+CLIP_MAX_NEW_TOKENS = 4096  # a request's expected output is counted up to this many tokens
+RETRACT_DECODE_STEPS = 20  # after a retraction: assume each running request decodes this many more tokens
+USED_SHARE_WEIGHT = 0.05  # weight of one finished request in the running average of the budget share used
+
 
 @dataclass
 class ScheduledItem:
@@ -62,6 +78,11 @@ class Scheduler:
         self.num_retractions = 0
         self._failed: list[Request] = []
         self._logprob_budget = config.prompt_logprob_chunk_size  # prompt positions left to score this step
+        self._conservativeness = config.schedule_conservativeness
+        self.new_token_ratio = self._init_ratio = min(INIT_NEW_TOKEN_RATIO * self._conservativeness, 1.0)
+        self._min_ratio = min(MIN_NEW_TOKEN_RATIO * self._conservativeness, self._init_ratio)
+        self._ratio_decay = (self._init_ratio - self._min_ratio) / NEW_TOKEN_RATIO_DECAY_STEPS
+        self.used_budget_share: float | None = None  # running average over finished requests
 
     # ------------------------------------------------------------------ queue management
     def add_request(self, req: Request) -> None:
@@ -130,14 +151,64 @@ class Scheduler:
 
     def _schedule_decodes(self) -> list[ScheduledItem]:
         """One token for every decoding request; retracts the newest requests while memory is short."""
+        if not self.running:
+            self.new_token_ratio = self._init_ratio
+        retracted = False
         while True:
             decoding = [r for r in self.running if r.pending_len == 1 and not r.will_finish_by_length]
             if not decoding:
                 return []
             slots = self._alloc(len(decoding))
             if slots is not None:
+                if retracted:
+                    self._raise_ratio_after_retraction()
+                else:
+                    self.new_token_ratio = max(self.new_token_ratio - self._ratio_decay, self._ratio_floor())
                 return [ScheduledItem(r, r.computed_len, 1, slots[i : i + 1]) for i, r in enumerate(decoding)]
             self._retract_newest()
+            retracted = True
+
+    def _raise_ratio_after_retraction(self) -> None:
+        """After a retraction: expect the running requests to use as much of their budgets as they have so
+        far plus ``RETRACT_DECODE_STEPS`` tokens each (SGLang's estimate), never less than now."""
+        if self._conservativeness == 0:
+            return
+        decoded = sum(len(r.output_ids) for r in self.running)
+        budgets = sum(r.params.max_new_tokens for r in self.running)
+        if budgets > 0:
+            estimate = (decoded + RETRACT_DECODE_STEPS * len(self.running)) / budgets
+            self.new_token_ratio = max(self.new_token_ratio, min(estimate, 1.0))
+
+    def _ratio_floor(self) -> float:
+        """Where the ratio's decay stops: MIN, or the budget share finished requests used where higher."""
+        if self.used_budget_share is None:
+            return self._min_ratio
+        return max(self._min_ratio, min(self.used_budget_share * self._conservativeness, 1.0))
+
+    def _record_budget_use(self, req: Request) -> None:
+        """Fold a finished request's share of its (clipped) ``max_new_tokens`` into the running average."""
+        budget = min(req.params.max_new_tokens, CLIP_MAX_NEW_TOKENS)
+        if budget <= 0:
+            return
+        share = min(len(req.output_ids), budget) / budget
+        if self.used_budget_share is None:
+            self.used_budget_share = share
+        else:
+            self.used_budget_share += USED_SHARE_WEIGHT * (share - self.used_budget_share)
+
+    def _future_tokens(self, req: Request, computed: int) -> float:
+        """KV slots ``req`` is expected to need beyond its first ``computed`` tokens: the rest of its
+        prompt (or of a retracted request's tokens so far) and its remaining output, clipped and scaled
+        by the new-token ratio."""
+        rest = max(req.total_len - computed, 0)
+        remaining = max(req.params.max_new_tokens - len(req.output_ids), 0)
+        return rest + min(remaining, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio
+
+    def _reserved_tokens(self) -> float:
+        """KV slots the running requests are expected to take beyond what they hold (``_future_tokens``).
+        Tokens scheduled this step (already allocated, not yet computed) count once more: a margin of
+        at most one step's tokens."""
+        return sum(self._future_tokens(r, r.computed_len) for r in self.running)
 
     def _alloc(self, n: int) -> torch.Tensor | None:
         slots = self.pool.alloc(n)
@@ -190,6 +261,7 @@ class Scheduler:
     def _admit(self, budget: int) -> list[ScheduledItem]:
         items: list[ScheduledItem] = []
         admitted: list[Request] = []
+        reserved: float | None = None  # computed at the first request that gets as far as memory
         for req in self._ordered_waiting():
             if budget <= 0 or self.table.num_free == 0 or len(self.running) >= self.config.max_running_requests:
                 break
@@ -209,9 +281,16 @@ class Scheduler:
             if n <= 0:
                 continue  # this step's prompt-logprob budget is spent
             self.tree.inc_lock_ref(match.node)
-            # the chunk, plus one decode token for each request already running
+            # the chunk, plus one decode token for each request already running (program pins give way
+            # for these), plus what the running requests and this one are expected to need later (none
+            # when nothing else runs: a request that fits alone is always admitted)
             self._yield_pins_for(n + len(self.running))
-            if self.pool.num_free + self.tree.evictable_size() < n + len(self.running):
+            expected = 0.0
+            if self.running and self._conservativeness > 0:
+                if reserved is None:
+                    reserved = self._reserved_tokens()
+                expected = reserved + self._future_tokens(req, match.length + n)
+            if self.pool.num_free + self.tree.evictable_size() < n + len(self.running) + expected:
                 self.tree.dec_lock_ref(match.node)
                 break
             slots = self._alloc(n)
@@ -233,6 +312,8 @@ class Scheduler:
             admitted.append(req)
             items.append(self._scheduled_chunk(req, match.length, n, slots))
             budget -= n
+            if reserved is not None:
+                reserved += self._future_tokens(req, match.length + n)
         return items
 
     # ------------------------------------------------------------------ after the forward
@@ -279,6 +360,8 @@ class Scheduler:
     def finish(self, req: Request, reason: dict) -> None:
         """Finish a running request: release its KV and drop it from the running set."""
         req.finish_reason = reason
+        if reason.get("type") in ("length", "stop"):
+            self._record_budget_use(req)
         self.remove(req)
 
     def fail(self, req: Request, message: str) -> None:

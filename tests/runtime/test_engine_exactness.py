@@ -73,7 +73,9 @@ def test_eviction_and_retraction(bundled_model_dir, varied_prompt_ids, hf_greedy
     need = sum(len(ids) for ids in varied_prompt_ids) + 20 * len(varied_prompt_ids)
     total = max(len(ids) for ids in varied_prompt_ids) + 40
     assert total < need
-    with Engine(model=str(bundled_model_dir), max_total_tokens=total, chunked_prefill_size=64) as eng:
+    # greedy admission (no KV reserved for outputs), so that the running requests outgrow the pool
+    with Engine(model=str(bundled_model_dir), max_total_tokens=total, chunked_prefill_size=64,
+                schedule_conservativeness=0) as eng:
         outs = eng.generate(input_ids=varied_prompt_ids, sampling_params=greedy_params())
         assert [o["output_ids"] for o in outs] == hf_greedy
         stats = eng.stats()

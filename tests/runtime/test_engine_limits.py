@@ -29,8 +29,10 @@ MAX_N = 4
 def eng(bundled_model_dir):
     from plait.runtime.engine import Engine
 
+    # greedy admission: in a pool this small, KV reserved for the decoding request's output would keep
+    # the scored request waiting instead of interleaving with it
     engine = Engine(model=str(bundled_model_dir), max_total_tokens=KV_SLOTS, max_samples_per_prompt=MAX_N,
-                    prompt_logprob_chunk_size=LOGPROB_CHUNK)
+                    prompt_logprob_chunk_size=LOGPROB_CHUNK, schedule_conservativeness=0)
     assert engine.runner.pool.capacity == KV_SLOTS
     yield engine
     engine.shutdown()

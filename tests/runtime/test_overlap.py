@@ -66,7 +66,7 @@ def test_logprob_and_penalty_steps_fall_back_to_sync(engine, varied_prompt_ids, 
 def test_retraction_with_tokens_in_flight(bundled_model_dir, varied_prompt_ids, hf_greedy):
     total = max(len(ids) for ids in varied_prompt_ids) + 40
     with Engine(model=str(bundled_model_dir), enable_overlap=True, max_total_tokens=total,
-                chunked_prefill_size=64) as eng:
+                chunked_prefill_size=64, schedule_conservativeness=0) as eng:  # greedy admission: retracts
         outs = eng.generate(input_ids=varied_prompt_ids, sampling_params=greedy_params())
         assert [o["output_ids"] for o in outs] == hf_greedy
         assert eng.stats()["retractions"] > 0

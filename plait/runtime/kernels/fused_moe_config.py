@@ -118,6 +118,9 @@ TUNED: dict[tuple[MoeShape, int], FusedMoeConfig] = {
     # T=128 and 256 re-tuned on row-paired codes: 812.9 -> 786.9 us, 866.8 -> 845.0.
     (_GPT_OSS_120B, 128): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
     (_GPT_OSS_120B, 256): FusedMoeConfig(16, TileConfig(64, 64, 4, 4), TileConfig(64, 64, 4, 3), swap_ab=True),
+    # T=512 (decode batches of 257-512) tuned 2026-12-01 on row-paired codes: 1,137.8 us (default 1,258.2).
+    (_GPT_OSS_120B, 512): FusedMoeConfig(16, TileConfig(64, 64, 4, 4, max_registers=128),
+                                         TileConfig(128, 64, 4, 3, max_registers=96), swap_ab=True),
     # Prefill sizes, re-tuned after the row-paired codes: the swapped product wins there too (its decode
     # has no byte permutes left; the other product pairs the nibbles back first): T=1024 1,227 us (2,846
     # on the previous entry), T=4096 2,962 (4,790).

@@ -89,7 +89,8 @@ def test_retraction(arch):
     name, _, path, _, refs = arch
     total = max(len(ids) for ids in PROMPTS) + NEW_TOKENS + 4
     assert total < sum(len(ids) + NEW_TOKENS for ids in PROMPTS)
-    with Engine(model=str(path), max_total_tokens=total, chunked_prefill_size=32) as engine:
+    with Engine(model=str(path), max_total_tokens=total, chunked_prefill_size=32,
+                schedule_conservativeness=0) as engine:  # greedy admission, so that requests get retracted
         outs = engine.generate(input_ids=PROMPTS, sampling_params=greedy())
         assert [o["output_ids"] for o in outs] == refs, name
         assert engine.stats()["retractions"] > 0
