@@ -95,8 +95,9 @@ def _engine_setting_arguments(parser: argparse.ArgumentParser) -> None:
                                default=argparse.SUPPRESS, help=f"default: {default}")
             continue
         convert = int if kind.startswith("int") else float if kind.startswith("float") else str
+        shown = "chosen by the engine (docs)" if default is None else default
         group.add_argument(flag, dest=f"engine.{spec.name}", type=convert, default=argparse.SUPPRESS,
-                           metavar=spec.name.upper(), help=f"default: {default}")
+                           metavar=spec.name.upper(), help=f"default: {shown}")
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -116,6 +116,7 @@ class Engine:
         self.model_source = source
         self.tokenizer = Tokenizer.from_dir(source.tokenizer_dir) if source.tokenizer_dir else None
         self.runner = ModelRunner(self.config, source)
+        self.config = self.runner.config  # with the batch limits resolved for this model and device
         self.model_config = self.runner.model_config
         self.context_length = self.runner.context_length
         self.tree = RadixCache(self.runner.pool, disabled=self.config.disable_radix_cache)

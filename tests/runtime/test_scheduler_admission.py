@@ -147,3 +147,28 @@ def test_retraction_raises_the_ratio():
 def test_conservativeness_is_validated():
     with pytest.raises(ValueError, match="schedule_conservativeness"):
         EngineConfig(schedule_conservativeness=-1)
+
+
+@pytest.mark.parametrize(("device", "is_moe", "expected"), [
+    ("cpu", False, (256, 256)), ("cpu", True, (256, 256)), ("cuda", False, (256, 256)), ("cuda", True, (1024, 512)),
+])
+def test_batch_limits_default_by_device_and_model(device, is_moe, expected):
+    config = EngineConfig().with_batch_limits(device, is_moe)
+    assert (config.max_running_requests, config.cuda_graph_max_bs) == expected
+
+
+def test_batch_limits_given_are_kept_and_graphs_never_exceed_the_running_limit():
+    assert EngineConfig(max_running_requests=64).with_batch_limits("cuda", True).cuda_graph_max_bs == 64
+    config = EngineConfig(max_running_requests=300, cuda_graph_max_bs=128).with_batch_limits("cuda", True)
+    assert (config.max_running_requests, config.cuda_graph_max_bs) == (300, 128)
+    with pytest.raises(ValueError, match="max_running_requests"):
+        EngineConfig(max_running_requests=0)
+
+
+@pytest.mark.model
+def test_the_engine_runs_on_resolved_limits(bundled_model_dir):
+    from plait.runtime.engine import Engine
+
+    with Engine(model=str(bundled_model_dir), max_total_tokens=512) as eng:  # dense, CPU
+        assert eng.config.max_running_requests == 256 and eng.scheduler.config is eng.config
+        assert eng.runner.slot_table.max_requests == 257
