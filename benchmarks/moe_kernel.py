@@ -96,12 +96,13 @@ def _median_s(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def make_weights(model: Model, gen: torch.Generator):
-    """(w13, w2, b13, b2) on the GPU; MXFP4 codes K-swizzled and row-paired, as the engine's MoE layer holds them."""
+def make_weights(model: Model, gen: torch.Generator, pack: bool = False):
+    """(w13, w2, b13, b2) on the GPU; MXFP4 codes K-swizzled and row-paired (``pack``: also fragment-packed),
+    as the engine's MoE layer holds them."""
     E, H, I = model.num_experts, model.hidden, model.intermediate
     if model.weight_format == "mxfp4":
-        w13 = random_mxfp4(E, 2 * I, H, gen, "cuda").swizzled()
-        w2 = random_mxfp4(E, H, I, gen, "cuda").swizzled()
+        w13 = random_mxfp4(E, 2 * I, H, gen, "cuda").swizzled(pack=pack)
+        w2 = random_mxfp4(E, H, I, gen, "cuda").swizzled(pack=pack)
     else:
         w13 = torch.randn(E, 2 * I, H, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
         w2 = torch.randn(E, H, I, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
@@ -148,7 +149,7 @@ def floor_s(model: Model, T: int, copy_bw: float, mm_rate: float) -> tuple[float
     return nbytes / copy_bw, flops / mm_rate
 
 
-def benchmark(models: list[Model], tokens: list[int]) -> list[str]:
+def benchmark(models: list[Model], tokens: list[int], pack: bool = False) -> list[str]:
     copy_bw, mm_rate = measure_machine()
     lines = [f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s (read + write), "
              f"bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s", "",
@@ -156,13 +157,14 @@ def benchmark(models: list[Model], tokens: list[int]) -> list[str]:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model in models:
-        weights = make_weights(model, gen)
-        natural = unpaired = None
+        weights = make_weights(model, gen, pack=pack and model.weight_format == "mxfp4")
+        natural = unpaired = packed = None
         if model.weight_format == "mxfp4":
             w13, w2, b13, b2 = weights
             natural = (Mxfp4Weight(w13.natural_blocks(), w13.scales), Mxfp4Weight(w2.natural_blocks(), w2.scales),
                        b13, b2)
             unpaired = (natural[0].swizzled(pair=False), natural[1].swizzled(pair=False), b13, b2)
+            packed = (natural[0].swizzled(pack=True), natural[1].swizzled(pack=True), b13, b2)
         for T in tokens:
             calls = make_calls(model, T, gen)
             mem_s, flop_s = floor_s(model, T, copy_bw, mm_rate)
@@ -175,10 +177,13 @@ def benchmark(models: list[Model], tokens: list[int]) -> list[str]:
                 if config.swap_ab:  # the Gluon GEMM reads codes that are not row-paired
                     variants.append((config, unpaired, " (Triton kernel, codes not row-paired)" if default
                                      else " (Gluon kernel where usable, codes not row-paired)", not default))
-                variants.append((replace(config, swap_ab=not config.swap_ab), weights, " (not the table choice)",
-                                 default))
+                if not weights[0].fragment_packed:  # packed codes are read by the swapped product only
+                    variants.append((replace(config, swap_ab=not config.swap_ab), weights, " (not the table choice)",
+                                     default))
                 variants.append((config, natural, " (codes in natural order)", default))
                 variants.append((config, unpaired, " (codes K-swizzled, not row-paired)", default))
+                if config.swap_ab and not weights[0].fragment_packed:  # the sm_90 decode of packed codes
+                    variants.append((config, packed, " (codes fragment-packed)", default))
             for variant, held, note, use_gluon in variants:
                 fused_moe_triton.USE_GLUON = use_gluon
                 try:
@@ -191,7 +196,7 @@ def benchmark(models: list[Model], tokens: list[int]) -> list[str]:
                     f"{6 * T * model.top_k * model.hidden * model.intermediate / s / 1e12:.0f} | "
                     f"{variant.short()}{note} |")
                 print(lines[-1], flush=True)
-        del weights, natural, unpaired
+        del weights, natural, unpaired, packed
         torch.cuda.empty_cache()
     return lines
 
@@ -265,12 +270,12 @@ def _tile_source(t: TileConfig) -> str:
             + (f", max_registers={t.max_registers})" if t.max_registers is not None else ")"))
 
 
-def tune(models: list[Model], tokens: list[int]) -> list[str]:
+def tune(models: list[Model], tokens: list[int], pack: bool = False) -> list[str]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     print("TUNED entries (printed as found, so a run cut short keeps what it measured):", flush=True)
     entries = []
     for model in models:
-        weights = make_weights(model, gen)
+        weights = make_weights(model, gen, pack=pack and model.weight_format == "mxfp4")
         for T in tokens:
             calls = make_calls(model, T, gen)
             best, best_s, start_s = tune_one(model, weights, calls, T)
@@ -293,13 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--tune", action="store_true", help="time candidate tilings, print the winners")
     parser.add_argument("--out", help="also write the output lines to this file")
+    parser.add_argument("--packed", action="store_true",
+                        help="MXFP4 codes fragment-packed (mxfp4.pack_fragments) for the timed table choice and the "
+                        "tuner; the benchmark also times them as a variant either way")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     models = [MODELS[name] for name in args.models.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
-    lines = tune(models, tokens) if args.tune else benchmark(models, tokens)
+    lines = tune(models, tokens, args.packed) if args.tune else benchmark(models, tokens, args.packed)
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:

@@ -42,7 +42,10 @@ two thirds of them the decode and its byte permutes). So the decode's instructio
 lever: the scales' 2^126 folded in (``FOLD``) and unmasked weight loads cut the loop by 20% (425 ->
 340 instructions a K step, sm_90 SASS); row-paired codes (``ROW_PAIRED``, ``mxfp4.pair_rows``) remove the
 byte permutes that joined each decoded pair (another 11-14%); the scales and activations are loaded a
-step ahead (Triton pipelined only the codes and waited out the other loads' latency every step). A word-level decode without byte permutes (~6 instructions
+step ahead (Triton pipelined only the codes and waited out the other loads' latency every step).
+Fragment-packed codes (``CODES_FRAGMENT_PACKED``, ``mxfp4.pack_fragments``) make the decode rotations
+and masks of each thread's 32-bit fragment word: loops 511 -> 399 (T=1 up tile), 290 -> 226, 287 -> 233
+instructions a K step in sm_90 SASS; not yet timed on a GPU (``moe.PACK_FRAGMENTS`` is off). A word-level decode without byte permutes (~6 instructions
 per two values) was tried; Triton 3.6 then routed the decoded tile to the MMA layout through shared
 memory or warp shuffles (its layouts follow the load, not the MMA), which cost more than it saved.
 With explicit layouts (``fused_moe_gluon``) that decode reaches the MMA with no data movement, but that
@@ -61,9 +64,19 @@ import triton.language as tl
 
 from plait.runtime.kernels.fused_moe_config import FusedMoeConfig, MoeShape, TileConfig, get_config
 from plait.runtime.kernels.moe_align import moe_align
-from plait.runtime.kernels.mxfp4 import ROW_PAIR_SPAN, Mxfp4Weight
+from plait.runtime.kernels.mxfp4 import (
+    FRAGMENT_MAGNITUDE_ROTATION,
+    FRAGMENT_SIGN_ROTATION,
+    ROW_PAIR_SPAN,
+    Mxfp4Weight,
+)
 
 ACT_SILU, ACT_SWIGLU_OAI = 0, 1
+
+# How MXFP4 codes are arranged (the kernels' ``ROW_PAIRED`` constexpr): natural, row-paired
+# (``mxfp4.pair_rows``), or row-paired and fragment-packed (``mxfp4.pack_fragments``: the same values as
+# row-paired, their bits moved for the sm_90 decode, which is the only one that reads them).
+CODES_NATURAL, CODES_ROW_PAIRED, CODES_FRAGMENT_PACKED = 0, 1, 2
 
 # Up to this many (token, choice) pairs, each pair is its own row block (``DIRECT``): no alignment pass
 # (a single-program kernel of ~8 us on an H200, 8% of a GPT-OSS-120B batch-1 step), at the cost of
@@ -122,8 +135,36 @@ mul.rn.bf16x2 $2, $2, $7; mul.rn.bf16x2 $3, $3, $8;
 """
 
 
+def _fp4_bf16_packed_asm(fold: bool) -> str:
+    """``_fp4_bf16_asm`` for a fragment-packed word (``mxfp4.pack_fragments``): the same four outputs,
+    each the word rotated and masked, magnitudes and signs by their own rotations where these differ
+    (``FRAGMENT_*_ROTATION``): five rotations and six masks for eight values, no byte permute. $0..$3,
+    $5..$8 as there; $4 the packed word."""
+    magnitude, sign = FRAGMENT_MAGNITUDE_ROTATION, FRAGMENT_SIGN_ROTATION
+
+    def rotated(reg: str, by: int) -> str:
+        return f"shf.r.wrap.b32 {reg}, $4, $4, {by};\n" if by else f"mov.b32 {reg}, $4;\n"
+
+    body = ""
+    for j in range(4):
+        if magnitude[j] == sign[j]:
+            body += rotated("m", magnitude[j]) + f"and.b32 ${j}, m, 0x81C081C0;\n"
+        else:
+            body += (rotated("m", magnitude[j]) + rotated("s", sign[j]) + "and.b32 s, s, 0x80008000;\n"
+                     + f"lop3.b32 ${j}, m, 0x01C001C0, s, 0xEA;\n")
+    times_2_126 = "" if fold else """mov.b32 two126, 0x7E807E80;
+mul.rn.bf16x2 $0, $0, two126; mul.rn.bf16x2 $1, $1, two126;
+mul.rn.bf16x2 $2, $2, two126; mul.rn.bf16x2 $3, $3, two126;
+"""
+    return ("\n{\n.reg .b32 m, s, two126;\n" + body + times_2_126
+            + "mul.rn.bf16x2 $0, $0, $5; mul.rn.bf16x2 $1, $1, $6;\n"
+            + "mul.rn.bf16x2 $2, $2, $7; mul.rn.bf16x2 $3, $3, $8;\n}\n")
+
+
 _FP4_BF16_ASM = tl.constexpr(_fp4_bf16_asm(fold=False))
 _FP4_BF16_FOLDED_ASM = tl.constexpr(_fp4_bf16_asm(fold=True))
+_FP4_BF16_PACKED_ASM = tl.constexpr(_fp4_bf16_packed_asm(fold=False))
+_FP4_BF16_PACKED_FOLDED_ASM = tl.constexpr(_fp4_bf16_packed_asm(fold=True))
 
 
 @triton.jit
@@ -140,11 +181,21 @@ def _e8m0_bf16(s):
 
 
 @triton.jit
-def _fp4_pair_bf16(codes, scale_lo, scale_hi, FOLD: tl.constexpr = False):
+def _fp4_pair_bf16(codes, scale_lo, scale_hi, FOLD: tl.constexpr = False, PACKED: tl.constexpr = False):
     """``_fp4_pair`` for bf16 MMAs, compiled only: ``codes`` uint8 bytes, ``scale_lo``/``scale_hi`` the bf16
     scales of their low and high nibbles (``_e8m0_bf16``, or ``_e8m0_bf16_folded`` with ``FOLD``; same
     shape, convert before broadcasting a scale over its bytes; the same tensor twice but for row-paired
-    codes); the low and high nibbles' values as bf16, exactly (products of a power of two)."""
+    codes); the low and high nibbles' values as bf16, exactly (products of a power of two). ``PACKED``:
+    the codes are fragment-packed (``mxfp4.pack_fragments``) and each four consecutive bytes of a thread
+    are one packed word, as the swapped product's operand layout groups them; the values returned are
+    those of the row-paired bytes."""
+    if PACKED:
+        if FOLD:
+            return tl.inline_asm_elementwise(_FP4_BF16_PACKED_FOLDED_ASM, "=r,=r,=r,=r,r,r,r,r,r",
+                                             [codes, scale_lo, scale_hi], dtype=(tl.bfloat16, tl.bfloat16),
+                                             is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(_FP4_BF16_PACKED_ASM, "=r,=r,=r,=r,r,r,r,r,r", [codes, scale_lo, scale_hi],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     if FOLD:
         return tl.inline_asm_elementwise(_FP4_BF16_FOLDED_ASM, "=r,=r,=r,=r,r,r,r,r,r", [codes, scale_lo, scale_hi],
                                          dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
@@ -249,9 +300,11 @@ def _expert_gemm(
     each tile is loaded as stored (contiguous) and put back in logical order in registers
     (``_unswizzle_k``), which for the swapped product is where the MMA wants the bytes anyway.
 
-    ``ROW_PAIRED`` (MXFP4, ``mxfp4.pair_rows``): the tile's rows 16g + i and 16g + 8 + i (i < 8) are the
-    weight's rows R and R + 8 of one aligned 16 (the callers keep this). The swapped product decodes
-    them as they are (``_row_paired_operand``); the other one pairs the nibbles back first."""
+    ``ROW_PAIRED`` (MXFP4, ``mxfp4.pair_rows``; ``CODES_*``): the tile's rows 16g + i and 16g + 8 + i (i < 8)
+    are the weight's rows R and R + 8 of one aligned 16 (the callers keep this). The swapped product
+    decodes them as they are (``_row_paired_operand``); the other one pairs the nibbles back first.
+    ``CODES_FRAGMENT_PACKED`` (2): row-paired and fragment-packed, read by the swapped product's sm_90
+    decode only (``BF16_ASM``; the launcher refuses the others)."""
     if MXFP4 and SWAP_AB:
         return _expert_gemm_swapped(a_rows, a_ok, stride_ak, w_base, s_base, w_rows, K, k_begin, k_end,
                                     stride_wn, stride_sn, BLOCK_M, NW, BLOCK_K, IEEE, BF16_ASM, SWIZZLED, FOLD,
@@ -372,7 +425,7 @@ def _expert_gemm_swapped(
         else:
             scale_lo, scale_hi = scale, scale
         if BF16_ASM:
-            lo, hi = _fp4_pair_bf16(codes, scale_lo, scale_hi, FOLD)
+            lo, hi = _fp4_pair_bf16(codes, scale_lo, scale_hi, FOLD, ROW_PAIRED == 2)
         else:
             lo, hi = _fp4_pair(codes.to(tl.int32), scale_lo, scale_hi)
         if ROW_PAIRED:
@@ -569,7 +622,8 @@ def _moe_down_kernel(
 
 def _weight_args(w, tile: TileConfig, rows_per_block: int):
     """(weight pointer tensor, scales tensor, stride_e, stride_n, stride_k, scale stride_e, stride_n, mxfp4,
-    K-swizzled, scales small enough to fold the decode's 2^126 into them, row-paired).
+    K-swizzled, scales small enough to fold the decode's 2^126 into them, the codes' arrangement
+    (``CODES_*``)).
 
     ``rows_per_block``: the weight rows a program's tile spans, a multiple of ``ROW_PAIR_SPAN`` for
     row-paired codes (a tile's rows 16g + i and 16g + 8 + i must be the weight's rows R and R + 8 of an
@@ -583,9 +637,33 @@ def _weight_args(w, tile: TileConfig, rows_per_block: int):
         if w.row_paired and rows_per_block % ROW_PAIR_SPAN:
             raise ValueError(f"row-paired MXFP4 weights need {rows_per_block} rows a program to be a multiple of "
                              f"{ROW_PAIR_SPAN} (block_n {tile.block_n})")
+        arrangement = (CODES_FRAGMENT_PACKED if w.fragment_packed else CODES_ROW_PAIRED if w.row_paired
+                       else CODES_NATURAL)
         return (blocks, scales, blocks.stride(0), blocks.stride(1), 1, scales.stride(0), scales.stride(1), True,
-                w.k_swizzled, w.small_scales, w.row_paired)
-    return w, w, w.stride(0), w.stride(1), w.stride(2), 0, 0, False, False, False, False
+                w.k_swizzled, w.small_scales, arrangement)
+    return w, w, w.stride(0), w.stride(1), w.stride(2), 0, 0, False, False, False, CODES_NATURAL
+
+
+def packed_tiling_ok(rows_per_program: int, num_warps: int) -> bool:
+    """Whether a swapped tiling reads fragment-packed codes right: Triton then multiplies with wgmma (at
+    least 64 weight rows, whole warpgroups), whose register operand groups each thread's bytes (r, c),
+    (r + 8, c), (r, c + 4), (r + 8, c + 4) into one word, as ``mxfp4.pack_fragments`` packs them. Smaller
+    tilings use the older MMA, which groups (r, c), (r + 8, c), (r, c + 1), (r + 8, c + 1)
+    (tests/runtime/kernels/test_fused_moe.py compiles both kinds and checks)."""
+    return rows_per_program >= 64 and num_warps % 4 == 0
+
+
+def _check_packed_readable(w, swap_ab: bool, bf16_asm: bool, rows_per_program: int, tile: TileConfig) -> None:
+    """Fragment-packed codes are read by the swapped product's sm_90 decode only, with wgmma tilings."""
+    if not (isinstance(w, Mxfp4Weight) and w.fragment_packed):
+        return
+    if not (swap_ab and bf16_asm):
+        raise ValueError("fragment-packed MXFP4 weights (mxfp4.pack_fragments) need the swapped product "
+                         "(swap_ab) and the sm_90 bf16 decode (bf16 activations on a compiled sm_90 GPU); "
+                         "use Mxfp4Weight.swizzled(pack=False) elsewhere")
+    if not packed_tiling_ok(rows_per_program, tile.num_warps):
+        raise ValueError(f"fragment-packed MXFP4 weights need tiles of at least 64 weight rows and a multiple of "
+                         f"4 warps (got {rows_per_program} rows, {tile.num_warps} warps: {tile.short()})")
 
 
 def _gluon_module():
@@ -636,6 +714,8 @@ def fused_moe_triton(
     b13 = b13.contiguous() if b13 is not None else None  # the kernels index biases with unit stride
     b2 = b2.contiguous() if b2 is not None else None
 
+    _check_packed_readable(w13, config.swap_ab, bf16_asm, 2 * up.block_n, up)
+    _check_packed_readable(w2, config.swap_ab, bf16_asm, down.block_n, down)
     gluon = _gluon_module() if config.swap_ab and bf16_asm else None
     # float32 partial sums (split K, or the Gluon GEMM): summed (and, for up, activated) by a finish kernel
     gluon_up = gluon is not None and gluon.usable(x, w13, up.block_k, H, 2 * up.block_n, bm)

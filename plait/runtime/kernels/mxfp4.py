@@ -27,6 +27,14 @@ rows ``r`` and ``r + 8`` (r < 8) exchange nibbles so that the byte at row ``r + 
 byte's low nibbles of two rows into one bf16 pair; paired so, that pair is two consecutive k of one
 row, which is what the MMA's register operand packs, and no byte permute is needed to join them
 (13% fewer instructions a K step at GPT-OSS's decode tiles). A 2 x 2 nibble transpose: its own inverse.
+
+Row-paired codes may also be *fragment-packed* (``pack_fragments``), the form the sm_90 decode reads
+with the fewest instructions: the MMA's register operand gives a thread, in every 16 rows and 16 k,
+the bytes (row r, logical byte c), (r + 8, c), (r, c + 4), (r + 8, c + 4) (r < 8, c < 4), which the
+kernel's decode takes as one 32-bit word (bytes in that order) and turns into four bf16 pairs. Packed,
+the word's 32 bits are permuted so that each pair is one or two rotations and masks of the word
+(``FRAGMENT_MAGNITUDE_ROTATION``, ``FRAGMENT_SIGN_ROTATION``): 11 integer operations for 8 values
+against 18 for the row-paired bytes. The values decoded are the same; only the bits move.
 """
 
 from __future__ import annotations
@@ -55,6 +63,33 @@ SWIZZLE_SPAN = 32  # bytes of a row permuted together by swizzle_k (two scale gr
 ROW_PAIR_SPAN = 16  # rows whose nibbles pair_rows exchanges (r with r + 8)
 SMALL_SCALE_MAX = 128  # E8M0 exponents up to this (scales <= 2) keep 2^(s - 1) a normal bf16
 
+# Fragment packing (module docstring). The decode's output j (j < 4) is a bf16 pair: lane l (l < 2) at
+# bits 16l..16l+15 holds a code's sign at bit 15 and its magnitude bits (e1 e0 m) at bits 8..6, i.e. the
+# code's value * 2^-126 (e = 0 lands on the subnormals). Output j is the packed word rotated right by
+# FRAGMENT_MAGNITUDE_ROTATION[j] for the magnitudes and by FRAGMENT_SIGN_ROTATION[j] for the signs (one
+# rotation and one mask where the two are equal): four rotations of one word whose masked bits cover the
+# 32 bits exactly once (a search over all choices: no single rotation per output covers them, and this is
+# the fewest operations). Output j, lane l is, in the row-paired word (bytes b0..b3 as above), nibble
+# (j // 2) of byte (l + 2 * (j % 2)): outputs 0, 1 the low nibbles of b0 b1 and b2 b3, 2, 3 the high ones.
+FRAGMENT_MAGNITUDE_ROTATION = (10, 13, 0, 3)
+FRAGMENT_SIGN_ROTATION = (14, 13, 0, 15)
+
+
+def _fragment_bit_sources() -> tuple[int, ...]:
+    """For each bit of a packed word, the bit of the row-paired word it holds."""
+    sources = [-1] * 32
+    for j in range(4):
+        for lane in range(2):
+            nibble_at = 8 * (lane + 2 * (j % 2)) + 4 * (j // 2)
+            for b in range(3):
+                sources[(6 + b + 16 * lane + FRAGMENT_MAGNITUDE_ROTATION[j]) % 32] = nibble_at + b
+            sources[(15 + 16 * lane + FRAGMENT_SIGN_ROTATION[j]) % 32] = nibble_at + 3
+    assert sorted(sources) == list(range(32)), "the rotations' masks must cover every bit once"
+    return tuple(sources)
+
+
+FRAGMENT_BIT_SOURCES = _fragment_bit_sources()
+
 
 def has_small_scales(scales: torch.Tensor) -> bool:
     """Whether every E8M0 exponent is at most ``SMALL_SCALE_MAX`` (one reduction and a host read: call
@@ -72,13 +107,16 @@ class Mxfp4Weight:
     ``small_scales``: every scale exponent is known to be at most ``SMALL_SCALE_MAX`` (a scale of at most
     2; ``has_small_scales``), which lets the kernel's bit decode fold a constant factor into the scale;
     False when unknown. ``row_paired``: the codes' nibbles are exchanged between rows r and r + 8 of
-    every 16 (``pair_rows``; N a multiple of 16); the scales are not."""
+    every 16 (``pair_rows``; N a multiple of 16); the scales are not. ``fragment_packed``: row-paired
+    codes whose bits are also permuted within each MMA fragment (``pack_fragments``), for the sm_90
+    decode only."""
 
     blocks: torch.Tensor
     scales: torch.Tensor
     k_swizzled: bool = False
     small_scales: bool = False
     row_paired: bool = False
+    fragment_packed: bool = False
 
     def __post_init__(self) -> None:
         if self.blocks.dtype != torch.uint8 or self.scales.dtype != torch.uint8:
@@ -91,6 +129,8 @@ class Mxfp4Weight:
             raise ValueError(f"K-swizzled MXFP4 needs K a multiple of 64, got {self.shape[-1]}")
         if self.row_paired and self.blocks.shape[1] % ROW_PAIR_SPAN:
             raise ValueError(f"row-paired MXFP4 needs N a multiple of {ROW_PAIR_SPAN}, got {self.shape[1]}")
+        if self.fragment_packed and not self.row_paired:
+            raise ValueError("fragment-packed MXFP4 codes are row-paired ones packed: row_paired must be set")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -109,28 +149,32 @@ class Mxfp4Weight:
 
     def to(self, device: torch.device | str) -> Mxfp4Weight:
         return Mxfp4Weight(self.blocks.to(device), self.scales.to(device), self.k_swizzled, self.small_scales,
-                           self.row_paired)
+                           self.row_paired, self.fragment_packed)
 
     def expert(self, e: int) -> Mxfp4Weight:
         """Expert ``e`` alone, as a one-expert weight ``[1, N, K]`` (a view)."""
         return Mxfp4Weight(self.blocks[e:e + 1], self.scales[e:e + 1], self.k_swizzled, self.small_scales,
-                           self.row_paired)
+                           self.row_paired, self.fragment_packed)
 
-    def swizzled(self, pair: bool = True) -> Mxfp4Weight:
+    def swizzled(self, pair: bool = True, pack: bool = False) -> Mxfp4Weight:
         """The same weight in the K-swizzled layout and, with ``pair`` where N is a multiple of 16,
-        row-paired, its scales checked (``has_small_scales``): the form the kernels read fastest (a copy;
-        ``self`` if it already is)."""
+        row-paired (and with ``pack`` fragment-packed too), its scales checked (``has_small_scales``):
+        the form the kernels read fastest (a copy; ``self`` if it already is swizzled)."""
         if self.k_swizzled:
             return self
         paired = pair and self.blocks.shape[1] % ROW_PAIR_SPAN == 0
-        blocks = swizzle_k(self.blocks)
-        return Mxfp4Weight(pair_rows(blocks) if paired else blocks, self.scales, True,
-                           has_small_scales(self.scales), paired)
+        packed = paired and pack
+        blocks = pair_rows(self.blocks) if paired else self.blocks
+        if packed:  # on the logical order (the fragments' bytes), before the swizzle moves them
+            blocks = pack_fragments(blocks)
+        return Mxfp4Weight(swizzle_k(blocks), self.scales, True, has_small_scales(self.scales), paired, packed)
 
     def natural_blocks(self) -> torch.Tensor:
-        """The codes in the natural layout (neither swizzled nor paired; a copy where they were)."""
-        blocks = pair_rows(self.blocks) if self.row_paired else self.blocks
-        return unswizzle_k(blocks) if self.k_swizzled else blocks
+        """The codes in the natural layout (neither swizzled, paired nor packed; a copy where they were)."""
+        blocks = unswizzle_k(self.blocks) if self.k_swizzled else self.blocks
+        if self.fragment_packed:
+            blocks = unpack_fragments(blocks)
+        return pair_rows(blocks) if self.row_paired else blocks
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return dequantize_mxfp4(self.natural_blocks(), self.scales, dtype)
@@ -169,6 +213,58 @@ def pair_rows(blocks: torch.Tensor) -> torch.Tensor:
     top, bottom = groups.select(-4, 0), groups.select(-4, 1)  # rows r, r + 8: [..., G, 8, K/32, 16]
     paired = torch.stack(((top & 0x0F) | ((bottom & 0x0F) << 4), (top >> 4) | (bottom & 0xF0)), dim=-4)
     return paired.flatten(-5, -3)
+
+
+def _fragment_words(blocks: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Logical-order codes ``[..., N, K/32, 16]`` -> the bytes of each fragment's word, int32
+    ``[..., N/16, 8, K/16, 4, 4]`` (the last dim the bytes (r, c), (r + 8, c), (r, c + 4), (r + 8, c + 4)),
+    and the shape to undo it with."""
+    if blocks.dim() < 3 or blocks.shape[-3] % ROW_PAIR_SPAN or blocks.shape[-1] != BLOCK_SIZE // 2:
+        raise ValueError(f"fragment packing needs blocks [..., N, K/32, 16] with N a multiple of {ROW_PAIR_SPAN}, "
+                         f"got {tuple(blocks.shape)}")
+    *lead, N, G, _ = blocks.shape
+    # rows 16R + 8h + g, logical bytes 8C + 4u + t -> [..., R, g, C, t, u, h]
+    x = blocks.reshape(*lead, N // 16, 2, 8, G * 2, 2, 4)
+    d = len(lead)
+    x = x.permute(*range(d), d, d + 2, d + 3, d + 5, d + 4, d + 1)
+    grouped = x.shape
+    x = x.reshape(*x.shape[:-2], 4).to(torch.int32)  # byte index h + 2u
+    return x, grouped
+
+
+def _fragment_blocks(words: torch.Tensor, grouped: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``_fragment_words``' regrouping: the bytes back to uint8 codes shaped like ``like``."""
+    d = like.dim() - 3
+    x = words.to(torch.uint8).reshape(grouped)
+    inverse = [0] * (d + 6)
+    for i, p in enumerate((*range(d), d, d + 2, d + 3, d + 5, d + 4, d + 1)):
+        inverse[p] = i
+    return x.permute(*inverse).reshape(like.shape).contiguous()
+
+
+def _permute_word_bits(words: torch.Tensor, pack: bool) -> torch.Tensor:
+    """``words [..., 4]`` (bytes of 32-bit words as int32 0..255) with their bits moved by
+    ``FRAGMENT_BIT_SOURCES`` (``pack``) or back."""
+    word = words[..., 0] | (words[..., 1] << 8) | (words[..., 2] << 16) | (words[..., 3] << 24)
+    out = torch.zeros_like(word)
+    for dst, src in enumerate(FRAGMENT_BIT_SOURCES):
+        if not pack:
+            dst, src = src, dst
+        out |= ((word >> src) & 1) << dst
+    return torch.stack([(out >> (8 * i)) & 0xFF for i in range(4)], dim=-1)
+
+
+def pack_fragments(blocks: torch.Tensor) -> torch.Tensor:
+    """Row-paired codes in logical K order ``[..., N, K/32, 16]`` -> fragment-packed (module docstring),
+    as a new tensor."""
+    words, grouped = _fragment_words(blocks)
+    return _fragment_blocks(_permute_word_bits(words, pack=True), grouped, blocks)
+
+
+def unpack_fragments(blocks: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_fragments``."""
+    words, grouped = _fragment_words(blocks)
+    return _fragment_blocks(_permute_word_bits(words, pack=False), grouped, blocks)
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -19,17 +19,24 @@ of I must be multiples of 32.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from plait.runtime.kernels.fused_moe import fused_moe, fused_moe_ref
 from plait.runtime.kernels.moe_routing import ROUTINGS, route_topk, route_topk_ref
 from plait.runtime.kernels.mxfp4 import (
-    BLOCK_SIZE, ROW_PAIR_SPAN, Mxfp4Weight, has_small_scales, pair_rows, random_mxfp4, swizzle_k,
+    BLOCK_SIZE, ROW_PAIR_SPAN, Mxfp4Weight, has_small_scales, pack_fragments, pair_rows, random_mxfp4, swizzle_k,
 )
 from plait.runtime.layers.linear import Linear
 from plait.runtime.models.config import MoEConfig
 from plait.runtime.models.errors import ModelLoadError
+
+# Fragment-packed MXFP4 codes (mxfp4.pack_fragments) where the sm_90 bf16 decode reads them: 11 integer
+# operations for 8 values instead of 18 (sm_90 SASS). Off until measured and checked on a GPU (the GPU tests
+# of tests/runtime/kernels/test_fused_moe.py run packed weights either way).
+PACK_FRAGMENTS = False
 
 # A checkpoint tensor's shard id: (expert, part). expert: a global expert id for a per-expert tensor,
 # None for a tensor holding every expert along dim 0. part: "gate" / "up" (one expert's [I, H]),
@@ -79,6 +86,7 @@ class MoE(nn.Module):
         self.k_swizzled = False  # MXFP4 codes in mxfp4.swizzle_k's order (set by prepare_for_kernels)
         self.small_scales = (False, False)  # per weight (w13, w2): mxfp4.has_small_scales (prepare_for_kernels)
         self.row_paired = (False, False)  # per weight (w13, w2): codes in mxfp4.pair_rows's pairing (likewise)
+        self.fragment_packed = (False, False)  # per weight: row-paired codes also in mxfp4.pack_fragments's form
 
     def _param(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> nn.Parameter:
         param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
@@ -99,12 +107,12 @@ class MoE(nn.Module):
         """(w13, w2) as the fused MoE kernel takes them."""
         if self.quantization == "mxfp4":
             return (Mxfp4Weight(self.w13_blocks, self.w13_scales, self.k_swizzled, self.small_scales[0],
-                                self.row_paired[0]),
+                                self.row_paired[0], self.fragment_packed[0]),
                     Mxfp4Weight(self.w2_blocks, self.w2_scales, self.k_swizzled, self.small_scales[1],
-                                self.row_paired[1]))
+                                self.row_paired[1], self.fragment_packed[1]))
         return self.w13, self.w2
 
-    def prepare_for_kernels(self, swizzle: bool | None = None) -> None:
+    def prepare_for_kernels(self, swizzle: bool | None = None, pack: bool | None = None) -> None:
         """Once the weights are loaded: MXFP4 codes move, in place and one expert at a time (no full-size
         temporary), to the K-swizzled order (``mxfp4.swizzle_k``) in which the fused kernel's loads are
         vector loads and, where the rows allow it, to the row pairing (``mxfp4.pair_rows``) whose decode
@@ -112,7 +120,9 @@ class MoE(nn.Module):
         decode can then fold a constant into them). ``swizzle``: None = where the kernel runs (CUDA).
         Needs both reduction sizes (H, the local I) to be multiples of 64; else, for dense experts or when
         already done, the codes stay as they are. Row pairing needs the weight's rows in 16s: gate/up
-        where the local I is a multiple of 16 (so that silu's up half starts on a 16), down where H is."""
+        where the local I is a multiple of 16 (so that silu's up half starts on a 16), down where H is.
+        ``pack``: row-paired codes also fragment-packed (``mxfp4.pack_fragments``, read by the sm_90 bf16
+        decode only); None = ``PACK_FRAGMENTS`` where that decode runs (an sm_90 GPU, bf16 layer)."""
         if self.quantization != "mxfp4" or self.k_swizzled:
             return
         if not (self.w13_blocks.is_cuda if swizzle is None else swizzle):
@@ -122,11 +132,23 @@ class MoE(nn.Module):
             return  # K not a multiple of 64: the natural order (the kernel reads both)
         intermediate, hidden = self.w13_blocks.shape[1] // 2, self.w2_blocks.shape[1]
         paired = (intermediate % ROW_PAIR_SPAN == 0, hidden % ROW_PAIR_SPAN == 0)
-        for blocks, pair in zip((self.w13_blocks, self.w2_blocks), paired):
+        if pack is None:
+            pack = PACK_FRAGMENTS and self._sm90_bf16_decode()
+        packed = (paired[0] and pack, paired[1] and pack)
+        for blocks, pair, pack_codes in zip((self.w13_blocks, self.w2_blocks), paired, packed):
             for e in range(blocks.shape[0]):
-                codes = swizzle_k(blocks.data[e])
-                blocks.data[e].copy_(pair_rows(codes) if pair else codes)
-        self.k_swizzled, self.row_paired = True, paired
+                codes = pair_rows(blocks.data[e]) if pair else blocks.data[e]
+                if pack_codes:  # on the logical order, before the swizzle moves the bytes
+                    codes = pack_fragments(codes)
+                blocks.data[e].copy_(swizzle_k(codes))
+        self.k_swizzled, self.row_paired, self.fragment_packed = True, paired, packed
+
+    def _sm90_bf16_decode(self) -> bool:
+        """Whether the fused kernel decodes this layer's MXFP4 codes with its sm_90 bf16 PTX (a compiled
+        sm_90 GPU and bf16 activations, the router's dtype): the one reader of fragment-packed codes."""
+        device = self.w13_blocks.device
+        return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+                and torch.cuda.get_device_capability(device) >= (9, 0) and self.router.weight.dtype == torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)

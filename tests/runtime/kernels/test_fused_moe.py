@@ -585,3 +585,131 @@ def test_cuda_graph_replay_follows_new_routing(weights, T):
         graph.replay()
         torch.testing.assert_close(out, fused_moe(x, w13, w2, tw, ids, b13=b13, b2=b2), rtol=0, atol=0)
         assert rel_err(out, fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2)) < REL_TOL[torch.bfloat16]
+
+
+# ------------------------------------------------------------------ fragment-packed codes (sm_90 decode)
+PACKED_CONFIGS = {  # swapped tilings that read fragment-packed codes: >= 64 weight rows, whole warpgroups
+    "decode": FusedMoeConfig(16, TileConfig(32, 64), TileConfig(64, 64), swap_ab=True),
+    "split": FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2), TileConfig(128, 64, 4, 3, 2), swap_ab=True),
+    "prefill": FusedMoeConfig(64, TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 4), swap_ab=True),
+}
+
+
+def test_packed_weights_are_refused_where_the_sm90_decode_does_not_run(kernel_device):
+    """The interpreter (and any path but the swapped product's sm_90 bf16 decode) cannot read
+    fragment-packed codes: a clear error, not wrong numbers."""
+    x, w13, w2, tw, ids, _, _ = make_problem(3, 4, 64, 64, 2, dtype=torch.float32, mxfp4=True, bias=False,
+                                              device=kernel_device)
+    pw13, pw2 = w13.swizzled(pack=True), w2.swizzled(pack=True)
+    assert pw13.fragment_packed and pw2.fragment_packed
+    with pytest.raises(ValueError, match="fragment-packed"):
+        fused_moe(x, pw13, pw2, tw, ids, config=PACKED_CONFIGS["decode"])
+
+
+def test_packed_tilings_are_the_wgmma_ones():
+    from plait.runtime.kernels.fused_moe_triton import packed_tiling_ok
+
+    assert packed_tiling_ok(64, 4) and packed_tiling_ok(256, 8)
+    assert not packed_tiling_ok(32, 4) and not packed_tiling_ok(64, 2)
+
+
+# Compiles the swapped MXFP4 kernels for sm_90 (no GPU needed: ptxas ships with Triton) in a process of
+# its own, without the interpreter this test session runs Triton under, and prints, per tiling, the first
+# register bases of the layout Triton gives the decode's code bytes: the order in which each thread's
+# bytes are packed four to a word for the PTX.
+_COMPILE_AND_REPORT_LAYOUTS = """
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from plait.runtime.kernels import fused_moe_triton
+
+pointers = {"x_ptr": "*bf16", "a_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "b_ptr": "*bf16", "out_ptr": "*bf16",
+            "part_ptr": "*fp32", "tw_ptr": "*fp32", "y_ptr": "*bf16", "sorted_ptr": "*i32",
+            "block_expert_ptr": "*i32", "num_padded_ptr": "*i32"}
+out = []
+for kernel_name, block_n, block_k, num_warps in json.loads(sys.argv[1]):
+    kernel = getattr(fused_moe_triton, kernel_name)
+    const = dict(MXFP4=True, SCALED_DOT=False, HAS_BIAS=True, IEEE=False, SWAP_AB=True, BLOCK_M=16, BLOCK_N=block_n,
+                 BLOCK_K=block_k, GROUP_M=1, SPLIT_K=1, BF16_ASM=True, SWIZZLED=True, DIRECT=False, FOLD=True,
+                 EVEN_K=True, ROW_PAIRED=fused_moe_triton.CODES_FRAGMENT_PACKED)
+    if kernel_name == "_moe_up_kernel":
+        const["ACT"] = 1
+    signature = {name: pointers.get(name, "constexpr" if name in const else
+                                    "fp32" if name in ("alpha", "limit") else "i32") for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=const),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 3})
+    ttgir = compiled.asm["ttgir"]
+    layout = re.search(r"tt\\.elementwise_inline_asm .*?: tensor<\\d+x\\d+xi8, #(\\w+)>", ttgir).group(1)
+    bases = re.search(r"#%s = .*?register = (\\[\\[.*?\\]\\])" % layout, ttgir).group(1)
+    out.append(json.loads(bases)[:2])
+print(json.dumps(out))
+"""
+
+PACKED_LAYOUT_CASES = [  # (kernel, block_n, block_k, num_warps, whether packed_tiling_ok admits it)
+    ("_moe_up_kernel", 64, 128, 4, True), ("_moe_down_kernel", 128, 64, 8, True),
+    ("_moe_down_kernel", 32, 64, 4, False), ("_moe_down_kernel", 64, 64, 2, False),
+]
+
+
+@pytest.mark.slow
+def test_packed_words_are_the_bytes_pack_fragments_groups():
+    """What fragment packing rests on, checked on the compiler itself: in tilings ``packed_tiling_ok``
+    admits, each thread's four packed code bytes are (r, c), (r + 8, c), (r, c + 4), (r + 8, c + 4)
+    (register bases: row + 8, then byte + 4); in the others (the older MMA) they are not."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from plait.runtime.kernels.fused_moe_triton import packed_tiling_ok
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cases = [case[:4] for case in PACKED_LAYOUT_CASES]
+    result = subprocess.run([sys.executable, "-c", _COMPILE_AND_REPORT_LAYOUTS, json.dumps(cases)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for (kernel_name, block_n, _, num_warps, wgmma), bases in zip(PACKED_LAYOUT_CASES,
+                                                                  json.loads(result.stdout.splitlines()[-1])):
+        rows = 2 * block_n if kernel_name == "_moe_up_kernel" else block_n
+        assert packed_tiling_ok(rows, num_warps) == wgmma
+        assert (bases == [[8, 0], [0, 4]]) == wgmma, (kernel_name, block_n, num_warps, bases)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 256])
+def test_packed_weights_give_the_row_paired_results_exactly_on_gpu(gpt_oss_120b_experts, T):
+    """GPT-OSS-120B shapes, the default tables: fragment-packed codes decode to the same values as the
+    row-paired ones, so the outputs are identical."""
+    w13, w2, b13, b2 = gpt_oss_120b_experts
+    pw13 = Mxfp4Weight(w13.natural_blocks(), w13.scales).swizzled(pack=True)
+    pw2 = Mxfp4Weight(w2.natural_blocks(), w2.scales).swizzled(pack=True)
+    assert pw13.fragment_packed and pw2.fragment_packed
+    E, H = w13.shape[0], w13.shape[2]
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, H, device="cuda", generator=gen).bfloat16()
+    ids = torch.rand(T, E, device="cuda", generator=gen).topk(4, dim=-1).indices.to(torch.int32)
+    tw = torch.softmax(torch.randn(T, 4, device="cuda", generator=gen), dim=-1)
+    paired = fused_moe(x, w13, w2, tw, ids, b13=b13, b2=b2, activation="swiglu_oai")
+    packed = fused_moe(x, pw13, pw2, tw, ids, b13=b13, b2=b2, activation="swiglu_oai")
+    assert torch.equal(packed, paired)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", list(PACKED_CONFIGS.values()), ids=list(PACKED_CONFIGS))
+@pytest.mark.parametrize("large_scales", [False, True], ids=["folded", "large-scales"])
+def test_packed_tilings_on_gpu(config, large_scales):
+    """Fragment-packed codes against the reference on natural codes, both activations, small and large scales."""
+    device = _cuda()
+    for T, activation in ((3, "swiglu_oai"), (70, "silu")):
+        x, w13, w2, tw, ids, b13, b2 = make_problem(T, 8, 128, 256, 4, dtype=torch.bfloat16, mxfp4=True, bias=True,
+                                                    device=device)
+        if large_scales:
+            w13, w2 = (Mxfp4Weight(w.blocks, w.scales + 10) for w in (w13, w2))
+        pw13, pw2 = w13.swizzled(pack=True), w2.swizzled(pack=True)
+        assert pw13.fragment_packed and pw2.fragment_packed
+        out = fused_moe(x, pw13, pw2, tw, ids, b13=b13, b2=b2, activation=activation, config=config)
+        ref = fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2, activation=activation)
+        assert rel_err(out, ref) < REL_TOL[torch.bfloat16], (T, activation)
+        assert torch.equal(out, fused_moe(x, w13.swizzled(), w2.swizzled(), tw, ids, b13=b13, b2=b2,
+                                          activation=activation, config=config))

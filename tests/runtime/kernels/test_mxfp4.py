@@ -12,10 +12,12 @@ from plait.runtime.kernels.mxfp4 import (
     Mxfp4Weight,
     dequantize_mxfp4,
     has_small_scales,
+    pack_fragments,
     pair_rows,
     quantize_mxfp4,
     random_mxfp4,
     swizzle_k,
+    unpack_fragments,
     unswizzle_k,
 )
 
@@ -187,3 +189,109 @@ def test_swizzle_needs_k_a_multiple_of_64():
         w.swizzled()
     with pytest.raises(ValueError, match="multiple of 64"):
         Mxfp4Weight(w.blocks, w.scales, k_swizzled=True)
+
+
+# ------------------------------------------------------------------ fragment-packed codes
+
+
+def _run_ptx_integer_part(ptx: str, word: int) -> list[int]:
+    """The integer part of a decode's PTX (everything before its bf16 multiplies), run on one 32-bit word
+    given as ``$4``; returns ``$0..$3``. Knows the few instructions the decodes use."""
+    regs: dict[str, int] = {"$4": word}
+
+    def val(tok: str) -> int:
+        tok = tok.strip()
+        return int(tok, 16) if tok.startswith("0x") else int(tok) if tok.isdigit() else regs[tok]
+
+    for stmt in ptx.replace("\n", " ").split(";"):
+        stmt = stmt.strip().strip("{}").strip()
+        if not stmt or stmt.startswith(".reg"):
+            continue
+        op, _, rest = stmt.partition(" ")
+        if op.startswith("mul.rn.bf16x2"):
+            break
+        args = [a.strip() for a in rest.split(",")]
+        dst, src = args[0], args[1:]
+        if op == "mov.b32":
+            out = val(src[0])
+        elif op == "and.b32":
+            out = val(src[0]) & val(src[1])
+        elif op == "shl.b32":
+            out = val(src[0]) << val(src[1])
+        elif op == "shr.b32":
+            out = val(src[0]) >> val(src[1])
+        elif op == "lop3.b32":
+            assert val(src[3]) == 0xEA, "only (a & b) | c is used"
+            out = (val(src[0]) & val(src[1])) | val(src[2])
+        elif op == "shf.r.wrap.b32":
+            lo, hi, n = val(src[0]), val(src[1]), val(src[2]) % 32
+            out = ((hi << 32 | lo) >> n)
+        elif op == "prmt.b32":
+            pool = val(src[0]) | val(src[1]) << 32
+            sel = val(src[2])
+            out = 0
+            for i in range(4):
+                nib = (sel >> (4 * i)) & 0xF
+                byte = (pool >> (8 * (nib & 7))) & 0xFF
+                if nib & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                out |= byte << (8 * i)
+        else:
+            raise AssertionError(f"unknown instruction {op}")
+        regs[dst] = out & 0xFFFFFFFF
+    return [regs[f"${j}"] for j in range(4)]
+
+
+def _fragment_word(blocks: torch.Tensor, row: int, byte: int) -> int:
+    """The word the kernel's decode takes for the fragment at (row r, logical byte c) of one expert's
+    logical-order codes ``[N, K/2]``: bytes (r, c), (r + 8, c), (r, c + 4), (r + 8, c + 4)."""
+    b = blocks.flatten(-2).long()
+    parts = (b[row, byte], b[row + 8, byte], b[row, byte + 4], b[row + 8, byte + 4])
+    return sum(int(v) << (8 * i) for i, v in enumerate(parts))
+
+
+def test_pack_fragments_is_a_bit_permutation_within_each_fragment():
+    gen = torch.Generator().manual_seed(5)
+    blocks = torch.randint(0, 256, (2, 48, 4, 16), generator=gen, dtype=torch.uint8)
+    packed = pack_fragments(blocks)
+    assert packed.shape == blocks.shape and torch.equal(unpack_fragments(packed), blocks)
+    assert not torch.equal(packed, blocks)
+    # each fragment's word keeps its bit count (a permutation of its bits) and no other bytes move
+    for row in (0, 7, 16 + 3):
+        for byte in (0, 3, 8 + 1, 56 + 2):
+            assert bin(_fragment_word(packed[1], row, byte)).count("1") == bin(_fragment_word(blocks[1], row, byte)).count("1")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pack_fragments(blocks[:, :24])
+
+
+def test_packed_decode_gives_the_row_paired_decodes_values():
+    """The sm_90 decode of a fragment-packed word (its PTX, run here instruction by instruction up to the
+    scale multiplies) gives the same four bf16 pairs, bit for bit, as the row-paired decode of the
+    row-paired word: on random codes, and on each of the 16 codes in all nibbles at once."""
+    from plait.runtime.kernels.fused_moe_triton import _fp4_bf16_asm, _fp4_bf16_packed_asm
+
+    gen = torch.Generator().manual_seed(6)
+    cases = [torch.randint(0, 256, (1, 32, 2, 16), generator=gen, dtype=torch.uint8)]
+    cases += [torch.full((1, 16, 1, 16), code | code << 4, dtype=torch.uint8) for code in range(16)]
+    for fold in (True, False):
+        rowpaired_ptx, packed_ptx = _fp4_bf16_asm(fold), _fp4_bf16_packed_asm(fold)
+        for paired in cases:
+            packed = pack_fragments(paired)
+            for row in [r for r in range(paired.shape[1]) if r % 16 < 8]:
+                for byte in [c for c in range(paired.shape[2] * 16) if c % 8 < 4]:
+                    want = _run_ptx_integer_part(rowpaired_ptx, _fragment_word(paired[0], row, byte))
+                    got = _run_ptx_integer_part(packed_ptx, _fragment_word(packed[0], row, byte))
+                    assert got == want, (fold, row, byte)
+
+
+def test_swizzled_weights_can_be_fragment_packed():
+    w = random_mxfp4(2, 32, 128, torch.Generator().manual_seed(7))
+    sw = w.swizzled(pack=True)
+    assert sw.k_swizzled and sw.row_paired and sw.fragment_packed
+    assert sw.expert(1).fragment_packed and sw.to("cpu").fragment_packed
+    assert torch.equal(sw.natural_blocks(), w.blocks)
+    assert torch.equal(sw.dequantize(torch.float32), w.dequantize(torch.float32))
+    assert torch.equal(unpack_fragments(unswizzle_k(sw.blocks)), pair_rows(w.blocks))
+    assert not random_mxfp4(1, 24, 128).swizzled(pack=True).fragment_packed  # rows not in 16s: not paired
+    with pytest.raises(ValueError, match="row_paired"):
+        Mxfp4Weight(w.blocks, w.scales, fragment_packed=True)

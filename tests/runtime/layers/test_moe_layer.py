@@ -119,6 +119,25 @@ def test_format_mismatch_is_a_clear_error():
     assert isinstance(layer.expert_weights()[0], Mxfp4Weight)
 
 
+def test_prepare_for_kernels_can_pack_fragments_and_keeps_the_output():
+    """Packing (the sm_90 decode's form; forced here on the CPU, where the reference reads any form):
+    both weights row-paired and fragment-packed, the natural codes and the output unchanged. By default
+    nothing is packed off an sm_90 GPU."""
+    ckpt = _checkpoint(OAI)
+    layer = _layer(OAI, ckpt, "mxfp4")
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(4))
+    before = layer(x)
+    natural = [w.blocks.clone() for w in layer.expert_weights()]
+    layer.prepare_for_kernels(swizzle=True, pack=True)
+    assert layer.fragment_packed == (True, True)
+    assert all(w.row_paired and w.fragment_packed for w in layer.expert_weights())
+    assert all(torch.equal(w.natural_blocks(), c) for w, c in zip(layer.expert_weights(), natural))
+    assert torch.equal(layer(x), before)
+    plain = _layer(OAI, ckpt, "mxfp4")
+    plain.prepare_for_kernels(swizzle=True)
+    assert plain.fragment_packed == (False, False) and not plain._sm90_bf16_decode()
+
+
 def test_prepare_for_kernels_swizzles_mxfp4_codes_and_keeps_the_output():
     """On a GPU the runner calls prepare_for_kernels after loading; forced here on the CPU: the codes
     change order, the layer computes the same output, and loading afterwards is refused."""
