@@ -103,10 +103,10 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-    def with_batch_limits(self, device_type: str, is_moe: bool) -> "EngineConfig":
+    def with_batch_limits(self, device_type: str, is_moe: bool, device_memory: int = 0) -> "EngineConfig":
         """This config with ``max_running_requests`` and ``cuda_graph_max_bs`` set where they are None
         (``batch_limits``); the engine runs on the result."""
-        running, graphs = batch_limits(device_type, is_moe)
+        running, graphs = batch_limits(device_type, is_moe, device_memory)
         running = self.max_running_requests if self.max_running_requests is not None else running
         graphs = self.cuda_graph_max_bs if self.cuda_graph_max_bs is not None else min(graphs, running)
         return dataclasses.replace(self, max_running_requests=running, cuda_graph_max_bs=graphs)
@@ -130,15 +130,21 @@ class EngineConfig:
 
 # Default batch limits: (max_running_requests, cuda_graph_max_bs).
 DENSE_BATCH_LIMITS = (256, 256)
-# Mixture-of-experts models on a GPU: from about 64 requests on, a decode step reads nearly every expert,
-# so a larger batch costs little more per step and offline throughput is bound by how many requests run
-# at once. Measured on an H200 (benchmarks/RESULTS.md, 2026-12-01): GPT-OSS-120B, 1000 x 1024 in / 1024
-# out, 9,482 total tok/s at (256, 256) against 12,369 at (1024, 512); the admission's KV reservation
-# (scheduler.py) keeps the running requests within what the KV cache holds. Decode batches above the
-# graphs' limit run eagerly, which cost that model ~20% at 300-440 requests.
+# Mixture-of-experts models on a GPU with at least MOE_LARGE_BATCH_MIN_MEMORY: from about 64 requests on,
+# a decode step reads nearly every expert, so a larger batch costs little more per step and offline
+# throughput is bound by how many requests run at once. Measured on an H200 (benchmarks/RESULTS.md,
+# 2026-12-01): GPT-OSS-120B, 1000 x 1024 in / 1024 out, 9,482 total tok/s at (256, 256) against 12,369
+# at (1024, 512); the admission's KV reservation (scheduler.py) keeps the running requests within what
+# the KV cache holds. Decode batches above the graphs' limit run eagerly, which cost that model ~20% at
+# 300-440 requests. On smaller GPUs the memory kept for 1024 requests' logits (2.5 GB at GPT-OSS's
+# vocabulary) would take a large share of a KV cache that holds fewer requests anyway.
 MOE_GPU_BATCH_LIMITS = (1024, 512)
+MOE_LARGE_BATCH_MIN_MEMORY = 100 * 2**30
 
 
-def batch_limits(device_type: str, is_moe: bool) -> tuple[int, int]:
-    """Default ``(max_running_requests, cuda_graph_max_bs)`` for a device type ("cuda", "cpu") and model."""
-    return MOE_GPU_BATCH_LIMITS if device_type == "cuda" and is_moe else DENSE_BATCH_LIMITS
+def batch_limits(device_type: str, is_moe: bool, device_memory: int = 0) -> tuple[int, int]:
+    """Default ``(max_running_requests, cuda_graph_max_bs)`` for a device type ("cuda", "cpu"), model and
+    the device's total memory in bytes."""
+    if device_type == "cuda" and is_moe and device_memory >= MOE_LARGE_BATCH_MIN_MEMORY:
+        return MOE_GPU_BATCH_LIMITS
+    return DENSE_BATCH_LIMITS

@@ -149,17 +149,21 @@ def test_conservativeness_is_validated():
         EngineConfig(schedule_conservativeness=-1)
 
 
-@pytest.mark.parametrize(("device", "is_moe", "expected"), [
-    ("cpu", False, (256, 256)), ("cpu", True, (256, 256)), ("cuda", False, (256, 256)), ("cuda", True, (1024, 512)),
+H200_MEMORY, H100_MEMORY = 141 * 10**9, 80 * 10**9
+
+
+@pytest.mark.parametrize(("device", "is_moe", "memory", "expected"), [
+    ("cpu", False, 0, (256, 256)), ("cpu", True, 0, (256, 256)), ("cuda", False, H200_MEMORY, (256, 256)),
+    ("cuda", True, H200_MEMORY, (1024, 512)), ("cuda", True, H100_MEMORY, (256, 256)),
 ])
-def test_batch_limits_default_by_device_and_model(device, is_moe, expected):
-    config = EngineConfig().with_batch_limits(device, is_moe)
+def test_batch_limits_default_by_device_and_model(device, is_moe, memory, expected):
+    config = EngineConfig().with_batch_limits(device, is_moe, memory)
     assert (config.max_running_requests, config.cuda_graph_max_bs) == expected
 
 
 def test_batch_limits_given_are_kept_and_graphs_never_exceed_the_running_limit():
-    assert EngineConfig(max_running_requests=64).with_batch_limits("cuda", True).cuda_graph_max_bs == 64
-    config = EngineConfig(max_running_requests=300, cuda_graph_max_bs=128).with_batch_limits("cuda", True)
+    assert EngineConfig(max_running_requests=64).with_batch_limits("cuda", True, H200_MEMORY).cuda_graph_max_bs == 64
+    config = EngineConfig(max_running_requests=300, cuda_graph_max_bs=128).with_batch_limits("cuda", True, H200_MEMORY)
     assert (config.max_running_requests, config.cuda_graph_max_bs) == (300, 128)
     with pytest.raises(ValueError, match="max_running_requests"):
         EngineConfig(max_running_requests=0)

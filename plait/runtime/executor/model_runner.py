@@ -55,7 +55,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(config, self.device)
         self.model_config = _with_engine_quantization(ModelConfig.from_hf(source.config), config, source)
         cfg = self.model_config
-        self.config = config = config.with_batch_limits(self.device.type, is_moe=cfg.moe is not None)
+        memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
+        self.config = config = config.with_batch_limits(self.device.type, cfg.moe is not None, memory)
         limit = cfg.max_position_embeddings
         if config.context_length is not None and config.context_length > limit:
             raise ValueError(f"context_length {config.context_length} exceeds the model's limit {limit}")
