@@ -59,6 +59,7 @@ def test_quick_run_prints_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
             assert not cells[2].startswith(("failed", "skipped")), cells
     for key in "abcef":  # throughput and latency rows stand next to a floor
         assert all(cells[3] and float(cells[4]) > 0 for cells in rows[key]), rows[key]
+    assert "at most 8 running" in rows["c"][0][5]  # the quick row c's 8 requests fit at once
     hit_rate = float(rows["d"][0][5].split("hit rate ")[1].split()[0])
     assert hit_rate == pytest.approx(2 * 3 * 64 / (8 * 72), abs=1e-3)  # every prompt but the first of each group hits
     assert "Row e: transformers" in printed and "shared, not copied" in printed

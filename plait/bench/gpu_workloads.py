@@ -186,11 +186,14 @@ class Workloads:
         self.generate_timed(self.prompts(min(max(count // 4, 1), 64), n_in), min(n_out, 16))  # warm-up
         prompts = self.prompts(count, n_in)
         stats0 = self.engine.stats()
+        self.engine.scheduler.peak_running = 0
         seconds = timed_median(lambda: self.generate_timed(prompts, n_out)[0], self.repeats)
-        retracted = self.engine.stats()["retractions"] - stats0["retractions"]
+        stats1 = self.engine.stats()
+        retracted = stats1["retractions"] - stats0["retractions"]
         floor_s = self.facts.workload_floor(self.machine, count * self.facts.prefill_flops(n_in), count, n_in, n_out)
         name = f"{count} requests x {n_in} in / {n_out} out, all at once"
-        notes = f"{seconds:.1f} s wall" + (f"; {retracted} retractions" if retracted else "")
+        notes = (f"{seconds:.1f} s wall; at most {stats1['peak_running']} running"
+                 + (f"; {retracted} retractions" if retracted else ""))
         target = ""
         if count == 1000 and n_in == n_out == 256 and not self.facts.is_moe:
             target = "target 23k tok/s (H100); "

@@ -400,6 +400,8 @@ class Engine:
             "kv_slots_evictable": self.tree.evictable_size(),
             "cache_hit_rate": c["cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0,
             "retractions": self.scheduler.num_retractions,
+            "peak_running": self.scheduler.peak_running,
+            "new_token_ratio": self.scheduler.new_token_ratio,
             **self.pins.stats(),
             **c,
         }

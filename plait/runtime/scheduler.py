@@ -76,6 +76,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_retractions = 0
+        self.peak_running = 0  # the most requests running at once (reset by whoever measures a stretch)
         self._failed: list[Request] = []
         self._logprob_budget = config.prompt_logprob_chunk_size  # prompt positions left to score this step
         self._conservativeness = config.schedule_conservativeness
@@ -309,6 +310,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.waiting.remove(req)
             self.running.append(req)
+            self.peak_running = max(self.peak_running, len(self.running))
             admitted.append(req)
             items.append(self._scheduled_chunk(req, match.length, n, slots))
             budget -= n

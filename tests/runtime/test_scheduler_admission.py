@@ -91,10 +91,10 @@ def test_reservation_avoids_the_retractions_of_greedy_admission():
     def run(conservativeness: float) -> tuple[int, int]:
         sched = make_scheduler(400, conservativeness=conservativeness)
         peak = run_all(sched, [make_request(i, 20, 60) for i in range(30)])
-        assert sched.pool.num_free == sched.pool.capacity
+        assert sched.pool.num_free == sched.pool.capacity and sched.peak_running == peak
         return sched.num_retractions, peak
 
-    greedy_retractions, greedy_peak = run(0)
+    greedy_retractions, greedy_peak = run(0)  # (peak_running: the most requests running at once)
     reserved_retractions, reserved_peak = run(1.0)
     assert greedy_retractions > 0
     assert reserved_retractions < greedy_retractions

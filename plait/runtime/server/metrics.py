@@ -114,6 +114,8 @@ class ServerMetrics:
             "plait:kv_slots_cached": ("KV cache slots held by the prefix cache.", "kv_slots_cached"),
             "plait:cache_hit_rate": ("Prompt tokens served from the prefix cache / prompt tokens.", "cache_hit_rate"),
             "plait:retractions": ("Requests retracted under memory pressure so far.", "retractions"),
+            "plait:new_token_ratio": ("Share of running requests' remaining max_new_tokens reserved at admission.",
+                                      "new_token_ratio"),
         }
         stats = stats or {}
         for name, (help_text, key) in gauges.items():
