@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+# kv_cache_dtype -> the torch dtype's name (None: the model's dtype)
+KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,11 @@ class EngineConfig:
     context_length: int | None = None  # default: the model's, capped at 32768
     max_total_tokens: int | None = None  # KV slots; default from kv_cache_gb (CPU) or mem_fraction (GPU)
     kv_cache_gb: float = 1.0  # CPU KV budget when max_total_tokens is not given
+    # the KV cache's element type: "auto" (the model's dtype) or FP8 ("fp8_e4m3", its alias "fp8", or
+    # "fp8_e5m2"; SGLang's and vLLM's names): half the bytes of bf16, so twice the tokens, values rounded to
+    # 3 (e4m3) or 2 (e5m2) mantissa bits and saturated at the format's largest finite value (unit scales,
+    # as both do without calibrated ones); attention reads it back in the model's dtype
+    kv_cache_dtype: str = "auto"
     mem_fraction: float = 0.85  # GPU: fraction of device memory for weights + KV
     # requests decoding at once, and the largest decode batch replayed from captured CUDA graphs (larger
     # batches run eagerly). None: ``batch_limits``' defaults, by device and model
@@ -88,6 +95,8 @@ class EngineConfig:
             raise ValueError(f"mem_fraction must be in (0, 1], got {self.mem_fraction}")
         if self.max_pinned_tokens_per_program is not None and self.max_pinned_tokens_per_program < 0:
             raise ValueError(f"max_pinned_tokens_per_program must be >= 0 or None, got {self.max_pinned_tokens_per_program}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.schedule_conservativeness < 0:
             raise ValueError(f"schedule_conservativeness must be >= 0, got {self.schedule_conservativeness}")
         if self.kv_cache_gb <= 0:

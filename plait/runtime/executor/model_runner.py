@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from plait.runtime.config import EngineConfig
+from plait.runtime.config import KV_CACHE_DTYPES, EngineConfig
 from plait.runtime.executor.cuda_graph import CudaGraphRunner
 from plait.runtime.executor.forward_batch import ForwardBatch
 from plait.runtime.executor.loader import ModelLoadError, iter_safetensors_weights
@@ -143,9 +143,20 @@ class ModelRunner:
             else:
                 param.data.uniform_(-1e-3, 1e-3, generator=gen)
 
+    def kv_dtype(self) -> torch.dtype:
+        """The KV cache's element type (``EngineConfig.kv_cache_dtype``): the model's, or an FP8 type, which
+        on a GPU needs one that converts FP8 in hardware (compute capability 8.9 or later)."""
+        name = KV_CACHE_DTYPES[self.config.kv_cache_dtype]
+        if name is None:
+            return self.dtype
+        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise ValueError(f"kv_cache_dtype={self.config.kv_cache_dtype!r} needs a GPU of compute capability 8.9 "
+                             f"or later (Ada, Hopper); this one is {torch.cuda.get_device_capability(self.device)}")
+        return getattr(torch, name)
+
     def _build_pool(self) -> KVPool:
         cfg = self.model_config
-        args = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        args = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype())
         if self.config.max_total_tokens is not None:
             return KVPool(self.config.max_total_tokens, *args, device=self.device)
         if self.device.type == "cuda":

@@ -4,6 +4,23 @@ from __future__ import annotations
 
 import torch
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def cache_values(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as the KV cache's element type; into FP8 saturated at the format's largest finite value
+    (what the Triton writers do, ``kv_store.to_cache_dtype``; torch's own cast gives e5m2 infinities)."""
+    if dtype in FP8_DTYPES:
+        limit = torch.finfo(dtype).max
+        x = x.float().clamp(-limit, limit)
+    return x.to(dtype)
+
+
+def compute_dtype(q: torch.Tensor, k_buffer: torch.Tensor) -> torch.dtype:
+    """The dtype the attention kernels multiply in: the cache's, except that an FP8 cache is read in
+    ``q``'s dtype (``EngineConfig.kv_cache_dtype``)."""
+    return q.dtype if k_buffer.dtype in FP8_DTYPES else k_buffer.dtype
+
 
 def check_attention_inputs(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> torch.Tensor:
     """Validate q [N, H, D] against the pool buffers [S, KVH, D]; returns q with a unit last stride."""

@@ -32,7 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
-from plait.runtime.kernels.common import attention_rows_ref, check_attention_inputs, check_window_sinks
+from plait.runtime.kernels.common import (
+    attention_rows_ref,
+    check_attention_inputs,
+    check_window_sinks,
+    compute_dtype,
+)
 
 DEFAULT_MAX_KV_SPLITS = 16
 MIN_TOKENS_PER_SPLIT = 64  # a split shorter than this costs more in stage 2 than it saves
@@ -86,7 +91,9 @@ def _decode_stage1_kernel(
             q = tl.load(
                 Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_h[:, None] & mask_d[None, :], other=0.0,
-            ).to(K.dtype.element_ty)  # [BLOCK_H, BLOCK_D]
+            )  # [BLOCK_H, BLOCK_D]
+            if not K.dtype.element_ty.is_fp8():  # an FP8 cache is read in q's dtype instead
+                q = q.to(K.dtype.element_ty)
             row = tl.load(ReqRows + b).to(tl.int64)
             table_row = Table + row * stride_table
 
@@ -101,6 +108,8 @@ def _decode_stage1_kernel(
                     K + slots[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
                     mask=mask_n[None, :] & mask_d[:, None], other=0.0,
                 )  # [BLOCK_D, BLOCK_N]
+                if K.dtype.element_ty.is_fp8():
+                    k = k.to(q.dtype)
                 qk = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
                 qk = tl.where(mask_n[None, :], qk, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -110,6 +119,8 @@ def _decode_stage1_kernel(
                     V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0,
                 )  # [BLOCK_N, BLOCK_D]
+                if V.dtype.element_ty.is_fp8():
+                    v = v.to(q.dtype)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 m_i = m_new
@@ -254,7 +265,7 @@ def decode_attention(
     window = check_window_sinks(sliding_window, sinks, H)
     group = H // KVH
     block_d = triton.next_power_of_2(D)
-    precision = "ieee" if k_buffer.dtype == torch.float32 else "tf32"
+    precision = "ieee" if compute_dtype(q, k_buffer) == torch.float32 else "tf32"
     _decode_stage1_kernel[(B, KVH, max_kv_splits)](
         q, k_buffer, v_buffer, req_to_token, req_rows, seq_lens, num_kv_splits, mid_o, mid_lse,
         scale * _LOG2E, window,

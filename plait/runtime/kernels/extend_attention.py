@@ -23,7 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from plait.runtime.kernels.common import attention_rows_ref, check_attention_inputs, check_window_sinks
+from plait.runtime.kernels.common import (
+    attention_rows_ref,
+    check_attention_inputs,
+    check_window_sinks,
+    compute_dtype,
+)
 
 _LOG2E = 1.4426950408889634
 
@@ -45,6 +50,8 @@ def _attend_block(
         K + slots[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
         mask=mask_n[None, :] & mask_d[:, None], other=0.0,
     )  # [BLOCK_D, BLOCK_N]
+    if K.dtype.element_ty.is_fp8():  # an FP8 cache is read in q's dtype
+        k = k.to(q.dtype)
     qk = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
     qk = tl.where(mask, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -58,6 +65,8 @@ def _attend_block(
         V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
         mask=mask_n[:, None] & mask_d[None, :], other=0.0,
     )  # [BLOCK_N, BLOCK_D]
+    if V.dtype.element_ty.is_fp8():
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     l_i = l_i * alpha + tl.sum(p, 1)
     return acc, m_new, l_i
@@ -99,7 +108,9 @@ def _extend_attention_kernel(
         q = tl.load(
             Q + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
             mask=mask_m[:, None] & mask_d[None, :], other=0.0,
-        ).to(K.dtype.element_ty)  # [BLOCK_M, BLOCK_D]
+        )  # [BLOCK_M, BLOCK_D]
+        if not K.dtype.element_ty.is_fp8():  # an FP8 cache is read in q's dtype instead
+            q = q.to(K.dtype.element_ty)
 
         if HAS_SINKS:  # the sink starts each row's softmax: one term exp(s), no value (base 2)
             sink_log2 = tl.load(Sinks + head).to(tl.float32) * 1.4426950408889634
@@ -206,7 +217,7 @@ def extend_attention(
     if B == 0 or T == 0 or max_extend_len <= 0:
         return out
     window = check_window_sinks(sliding_window, sinks, H)
-    bm, bn, warps, stages = default_extend_blocks(D, q.device, k_buffer.element_size())
+    bm, bn, warps, stages = default_extend_blocks(D, q.device, compute_dtype(q, k_buffer).itemsize)
     bm, bn = block_m or bm, block_n or bn
     grid = (B, H, triton.cdiv(max_extend_len, bm))
     _extend_attention_kernel[grid](
@@ -217,7 +228,7 @@ def extend_attention(
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         req_to_token.stride(0),
         GROUP=H // KVH, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=bm, BLOCK_N=bn,
-        DOT_PRECISION="ieee" if k_buffer.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if compute_dtype(q, k_buffer) == torch.float32 else "tf32",
         USE_WINDOW=sliding_window is not None, HAS_SINKS=sinks is not None,
         GUARD_EMPTY_ROWS=sliding_window is not None and sinks is None,
         num_warps=num_warps or warps, num_stages=num_stages or stages,

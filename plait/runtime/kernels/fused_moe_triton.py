@@ -425,7 +425,7 @@ def _expert_gemm_swapped(
         else:
             scale_lo, scale_hi = scale, scale
         if BF16_ASM:
-            lo, hi = _fp4_pair_bf16(codes, scale_lo, scale_hi, FOLD, ROW_PAIRED == 2)
+            lo, hi = _fp4_pair_bf16(codes, scale_lo, scale_hi, FOLD, ROW_PAIRED == 2)  # CODES_FRAGMENT_PACKED
         else:
             lo, hi = _fp4_pair(codes.to(tl.int32), scale_lo, scale_hi)
         if ROW_PAIRED:

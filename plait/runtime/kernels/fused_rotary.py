@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from plait.runtime.kernels.kv_store import to_cache_dtype
+
 
 @triton.jit
 def _rotary_kernel(
@@ -180,12 +182,12 @@ def _rotary_store_kv_kernel(
     slot = tl.load(Slots + t).to(tl.int64)
     is_k = ((heads >= NUM_Q) & (heads < NUM_Q + NUM_KV))[:, None]
     k_ptrs = KBuf + slot * stride_kbt + (heads - NUM_Q)[:, None] * stride_kbh + offs_d[None, :]
-    tl.store(k_ptrs, o1.to(KBuf.dtype.element_ty), mask=mask & is_k)
-    tl.store(k_ptrs + HALF, o2.to(KBuf.dtype.element_ty), mask=mask & is_k)
+    tl.store(k_ptrs, to_cache_dtype(o1, KBuf.dtype.element_ty), mask=mask & is_k)
+    tl.store(k_ptrs + HALF, to_cache_dtype(o2, KBuf.dtype.element_ty), mask=mask & is_k)
     is_v = (heads >= NUM_Q + NUM_KV)[:, None]
     v_ptrs = VBuf + slot * stride_vbt + (heads - NUM_Q - NUM_KV)[:, None] * stride_vbh + offs_d[None, :]
-    tl.store(v_ptrs, o1.to(VBuf.dtype.element_ty), mask=mask & is_v)
-    tl.store(v_ptrs + HALF, o2.to(VBuf.dtype.element_ty), mask=mask & is_v)
+    tl.store(v_ptrs, to_cache_dtype(o1, VBuf.dtype.element_ty), mask=mask & is_v)
+    tl.store(v_ptrs + HALF, to_cache_dtype(o2, VBuf.dtype.element_ty), mask=mask & is_v)
 
 
 def rotary_store_kv(

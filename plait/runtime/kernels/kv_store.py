@@ -2,7 +2,7 @@
 
 ``k`` and ``v`` ([T, KVH, D], any strides with a unit last stride, e.g. views into a fused qkv
 projection) go to rows ``slots`` ([T]) of the pool buffers ([num_slots + 1, KVH, D]), cast to the
-pool's dtype. One program per token copies its K and V rows.
+pool's dtype (into an FP8 pool saturated, ``to_cache_dtype``). One program per token copies its K and V rows.
 """
 
 from __future__ import annotations
@@ -10,6 +10,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from plait.runtime.kernels.common import cache_values
+
+
+@triton.jit
+def to_cache_dtype(x, dtype: tl.constexpr):
+    """``x`` as the cache's element type; into FP8, saturated at the format's largest finite value
+    first (448 e4m3, 57344 e5m2), as torch's cast to e4m3 does and SGLang's and vLLM's FP8 caches do."""
+    if dtype == tl.float8e4nv:
+        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+    elif dtype == tl.float8e5:
+        x = tl.clamp(x.to(tl.float32), -57344.0, 57344.0)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -31,11 +44,11 @@ def _store_kv_kernel(
     v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
     tl.store(
         KBuf + slot * stride_kbt + offs_h[:, None] * stride_kbh + offs_d[None, :],
-        k.to(KBuf.dtype.element_ty), mask=mask,
+        to_cache_dtype(k, KBuf.dtype.element_ty), mask=mask,
     )
     tl.store(
         VBuf + slot * stride_vbt + offs_h[:, None] * stride_vbh + offs_d[None, :],
-        v.to(VBuf.dtype.element_ty), mask=mask,
+        to_cache_dtype(v, VBuf.dtype.element_ty), mask=mask,
     )
 
 
@@ -76,8 +89,8 @@ def store_kv_ref(
 ) -> None:
     """Pure-torch reference of ``store_kv``: index assignment."""
     _check(k_buffer, v_buffer, slots, k, v)
-    k_buffer[slots.long()] = k.to(k_buffer.dtype)
-    v_buffer[slots.long()] = v.to(v_buffer.dtype)
+    k_buffer[slots.long()] = cache_values(k, k_buffer.dtype)
+    v_buffer[slots.long()] = cache_values(v, v_buffer.dtype)
 
 
 __all__ = ["store_kv", "store_kv_ref"]

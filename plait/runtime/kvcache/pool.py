@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from plait.runtime.kernels.common import cache_values
+
 PADDING_SLOT = 0
 MIN_SLOTS = 16
 
@@ -185,15 +187,16 @@ class KVPool:
     def set_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k`` and ``v`` ([n, num_kv_heads, head_dim]) of ``layer`` at ``slots`` ([n]).
 
-        Values are cast to the pool's dtype. Padded tokens should point at slot 0.
+        Values are cast to the pool's dtype (an FP8 one saturated: ``cache_values``). Padded tokens should
+        point at slot 0.
         """
         expected = (slots.shape[0], self.num_kv_heads, self.head_dim)
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
             raise ValueError(
                 f"set_kv expects k and v of shape {expected}, got {tuple(k.shape)} and {tuple(v.shape)}"
             )
-        self.k_buffers[layer][slots] = k.to(self.dtype)
-        self.v_buffers[layer][slots] = v.to(self.dtype)
+        self.k_buffers[layer][slots] = cache_values(k, self.dtype)
+        self.v_buffers[layer][slots] = cache_values(v, self.dtype)
 
     def __repr__(self) -> str:
         return (

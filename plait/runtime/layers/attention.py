@@ -62,14 +62,15 @@ class _TorchAttnMetadata:
     plans: dict[int | None, _AttnPlan] = field(default_factory=dict)  # by window; None built in prepare
 
 
-def _gather_rows(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """buf [S, KVH, D] rows at ``slots`` (any shape) -> [*slots.shape, KVH, D].
+def _gather_rows(buf: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """buf [S, KVH, D] rows at ``slots`` (any shape) -> [*slots.shape, KVH, D] in ``dtype`` (the queries':
+    an FP8 cache is read in it).
 
     ``index_select`` on a 2-D view copies whole rows; it is about 3x faster on the CPU than advanced
     indexing (``buf[slots]``), which dominated batched decode with long contexts.
     """
     rows = buf.view(buf.shape[0], -1).index_select(0, slots.reshape(-1))  # [N, KVH * D]
-    return rows.view(*slots.shape, buf.shape[1], buf.shape[2])
+    return rows.view(*slots.shape, buf.shape[1], buf.shape[2]).to(dtype)
 
 
 def _full_plan(batch: ForwardBatch, decode_rows: list[int]) -> _AttnPlan:
@@ -202,8 +203,8 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         if plan.decode_kv_slots is not None:
             qd = q if md.decode_token_idx is None else q[md.decode_token_idx]
-            kd = _gather_rows(k_buf, plan.decode_kv_slots).transpose(1, 2)  # [Bd, KVH, K, D]
-            vd = _gather_rows(v_buf, plan.decode_kv_slots).transpose(1, 2)
+            kd = _gather_rows(k_buf, plan.decode_kv_slots, q.dtype).transpose(1, 2)  # [Bd, KVH, K, D]
+            vd = _gather_rows(v_buf, plan.decode_kv_slots, q.dtype).transpose(1, 2)
             od = _sdpa(qd.unsqueeze(2), kd, vd, plan.decode_mask, False, scale, sinks)  # [Bd, H, 1, D]
             if md.decode_token_idx is None:
                 out = od.squeeze(2)
@@ -211,8 +212,8 @@ class TorchAttentionBackend:
                 out[md.decode_token_idx] = od.squeeze(2)
         for start, end, slots, mask in plan.extends:
             qe = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, E, D]
-            ke = _gather_rows(k_buf, slots).transpose(0, 1).unsqueeze(0)  # [1, KVH, S, D]
-            ve = _gather_rows(v_buf, slots).transpose(0, 1).unsqueeze(0)
+            ke = _gather_rows(k_buf, slots, q.dtype).transpose(0, 1).unsqueeze(0)  # [1, KVH, S, D]
+            ve = _gather_rows(v_buf, slots, q.dtype).transpose(0, 1).unsqueeze(0)
             oe = _sdpa(qe, ke, ve, mask, mask is None, scale, sinks)
             out[start:end] = oe[0].transpose(0, 1)
         return out

@@ -195,3 +195,33 @@ def test_decode_gpt_oss_shapes_bf16(batch, max_len, window):
     sinks = sinks_for(H, torch.bfloat16, "cuda")
     out = decode_attention(*args, D**-0.5, sliding_window=window, sinks=sinks)
     check(out, decode_attention_ref(*args, D**-0.5, sliding_window=window, sinks=sinks), torch.bfloat16)
+
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("fp8", FP8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("window", [None, 16])
+def test_decode_reads_an_fp8_cache_in_the_queries_dtype(kernel_device, fp8, window):
+    """An FP8 pool (``kv_cache_dtype``) with float32 queries: the kernel converts each key and value
+    back exactly, so it matches the reference on the same FP8 values to float32 precision."""
+    q, k_buf, v_buf, table, req_rows, lens = make_inputs([1, 37, 90], 8, 2, 64, torch.float32, kernel_device)
+    k8, v8 = k_buf.to(fp8), v_buf.to(fp8)
+    sinks = sinks_for(8, torch.float32, kernel_device)
+    out = decode_attention(q, k8, v8, table, req_rows, lens, 64**-0.5, block_n=16, sliding_window=window, sinks=sinks)
+    ref = decode_attention_ref(q, k8.float(), v8.float(), table, req_rows, lens, 64**-0.5, sliding_window=window,
+                               sinks=sinks)
+    check(out, ref, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", FP8, ids=["e4m3", "e5m2"])
+def test_decode_fp8_cache_gpt_oss_shapes(fp8):
+    H, KVH, D = 64, 8, 64
+    q, k_buf, v_buf, table, req_rows, lens = make_inputs([4096, 17, 2048], H, KVH, D, torch.bfloat16, "cuda")
+    k8, v8 = k_buf.to(fp8), v_buf.to(fp8)
+    sinks = sinks_for(H, torch.bfloat16, "cuda")
+    out = decode_attention(q, k8, v8, table, req_rows, lens, D**-0.5, sliding_window=128, sinks=sinks)
+    ref = decode_attention_ref(q, k8.to(torch.bfloat16), v8.to(torch.bfloat16), table, req_rows, lens, D**-0.5,
+                               sliding_window=128, sinks=sinks)
+    check(out, ref, torch.bfloat16)

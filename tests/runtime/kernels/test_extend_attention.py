@@ -144,3 +144,17 @@ def test_extend_gpt_oss_shapes_bf16(rows, window):
     sinks = sinks_for(H, torch.bfloat16, "cuda")
     out = extend_attention(*args, D**-0.5, max_ext, sliding_window=window, sinks=sinks)
     check(out, extend_attention_ref(*args, D**-0.5, sliding_window=window, sinks=sinks), torch.bfloat16)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("window", [None, 16])
+def test_extend_reads_an_fp8_cache_in_the_queries_dtype(kernel_device, fp8, window):
+    """An FP8 pool (``kv_cache_dtype``) with float32 queries, prefixes and new tokens both read from it:
+    the reference on the same FP8 values, to float32 precision."""
+    (q, k_buf, v_buf, *rest), max_ext = make_inputs([(0, 40), (23, 9), (70, 1)], 8, 2, 64, torch.float32,
+                                                    kernel_device)
+    k8, v8 = k_buf.to(fp8), v_buf.to(fp8)
+    sinks = sinks_for(8, torch.float32, kernel_device)
+    out = extend_attention(q, k8, v8, *rest, 64**-0.5, max_ext, sliding_window=window, sinks=sinks)
+    ref = extend_attention_ref(q, k8.float(), v8.float(), *rest, 64**-0.5, sliding_window=window, sinks=sinks)
+    check(out, ref, torch.float32)

@@ -154,3 +154,28 @@ def test_rotary_store_kv_equals_rotary_then_store(kernel_device, H, KVH, D, dtyp
     untouched = torch.ones(S, dtype=torch.bool)
     untouched[slots.cpu()] = False
     assert torch.isnan(k_buf[untouched.to(kernel_device)]).all()  # no other pool row written
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_rotary_store_kv_into_an_fp8_cache(fp8):
+    """The fused write into an FP8 pool (``kv_cache_dtype``) stores the rotated k and the v in the
+    cache's type as ``cache_values`` does (saturated). GPU only: the interpreter's float -> FP8 rounding
+    is wrong in Triton 3.6."""
+    from plait.runtime.kernels.common import cache_values
+    from plait.runtime.kernels.fused_rotary import rotary_store_kv
+
+    H, KVH, D, T = 8, 2, 64, 6
+    cos, sin = tables(D, 64, torch.bfloat16, "cuda")
+    gen = torch.Generator().manual_seed(5)
+    qkv = (torch.randn(T, H + 2 * KVH, D, generator=gen) * 50).to(torch.bfloat16).to("cuda")
+    qkv[0, H:] = 1e5  # past e4m3's range: saturates
+    positions = torch.tensor([0, 3, 17, 40, 63, 5], device="cuda")
+    slots = torch.tensor([2, 9, 4, 15, 1, 7], device="cuda")
+    k_buf = torch.zeros((16, KVH, D), dtype=fp8, device="cuda")
+    v_buf = torch.zeros_like(k_buf)
+    expected_k = rotary_embedding(qkv[:, : H + KVH], positions, cos, sin)[:, H:]
+    v = qkv[:, H + KVH :].clone()
+    rotary_store_kv(qkv, H, KVH, positions, cos, sin, k_buf, v_buf, slots)
+    assert torch.equal(k_buf[slots].float(), cache_values(expected_k, fp8).float())
+    assert torch.equal(v_buf[slots].float(), cache_values(v, fp8).float())

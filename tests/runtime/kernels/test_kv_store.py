@@ -53,3 +53,29 @@ def test_store_kv_empty_and_shape_errors(kernel_device):
 @pytest.mark.gpu
 def test_store_kv_llama8b_prefill_bf16():
     run_both(8192, 8, 128, torch.bfloat16, torch.bfloat16, "cuda", strided=True, seed=7)
+
+
+def test_cache_values_saturate_into_fp8():
+    """Into an FP8 cache values past the format's largest finite value saturate (torch's own cast gives
+    e5m2 infinities); inside the range they round as torch rounds."""
+    from plait.runtime.kernels.common import cache_values
+
+    x = torch.tensor([1e6, -1e6, 500.0, 0.3, -2.7, 0.0])
+    e4m3 = cache_values(x, torch.float8_e4m3fn).float()
+    assert e4m3[:3].tolist() == [448.0, -448.0, 448.0] and torch.equal(e4m3[3:], x[3:].to(torch.float8_e4m3fn).float())
+    e5m2 = cache_values(x, torch.float8_e5m2).float()
+    assert e5m2[:2].tolist() == [57344.0, -57344.0] and torch.isfinite(e5m2).all()
+    assert torch.equal(cache_values(x, torch.float16), x.to(torch.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_store_kv_into_fp8_saturates_like_the_reference(fp8):
+    """(GPU only: Triton 3.6's interpreter rounds float -> FP8 wrongly near powers of two and past the range.)"""
+    run_both(257, 8, 64, torch.bfloat16, fp8, "cuda", strided=True, seed=3)
+    k_buf = torch.zeros((5, 1, 64), dtype=fp8, device="cuda")
+    v_buf = torch.zeros_like(k_buf)
+    big = torch.full((1, 1, 64), 1e5, dtype=torch.bfloat16, device="cuda")
+    store_kv(k_buf, v_buf, torch.tensor([2], device="cuda"), big, -big)
+    limit = torch.finfo(fp8).max
+    assert (k_buf[2].float() == limit).all() and (v_buf[2].float() == -limit).all()
