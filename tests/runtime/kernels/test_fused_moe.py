@@ -490,15 +490,21 @@ def gpt_oss_120b_experts():
     torch.cuda.empty_cache()
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 64, 256])
-def test_gpt_oss_120b_shapes_on_gpu(gpt_oss_120b_experts, T):
-    w13, w2, b13, b2 = gpt_oss_120b_experts
+def gpt_oss_tokens(w13, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, topk_weights, topk_ids) for ``T`` tokens routed uniformly to 4 of the experts of ``w13``."""
     E, H = w13.shape[0], w13.shape[2]
     gen = torch.Generator(device="cuda").manual_seed(T)
     x = torch.randn(T, H, device="cuda", generator=gen).bfloat16()
     ids = torch.rand(T, E, device="cuda", generator=gen).topk(4, dim=-1).indices.to(torch.int32)
     tw = torch.softmax(torch.randn(T, 4, device="cuda", generator=gen), dim=-1)
+    return x, tw, ids
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 256])
+def test_gpt_oss_120b_shapes_on_gpu(gpt_oss_120b_experts, T):
+    w13, w2, b13, b2 = gpt_oss_120b_experts
+    x, tw, ids = gpt_oss_tokens(w13, T)
     out = fused_moe(x, w13, w2, tw, ids, b13=b13, b2=b2, activation="swiglu_oai")
     dense13, dense2 = w13.dequantize(torch.bfloat16), w2.dequantize(torch.bfloat16)
     ref = fused_moe_ref(x, dense13, dense2, tw, ids, b13=b13, b2=b2, activation="swiglu_oai")
@@ -529,17 +535,28 @@ def test_bf16_tilings_on_gpu(config, mxfp4):
 def test_k_swizzled_tilings_on_gpu(config, large_scales):
     """bf16 activations (the PTX decode) on K-swizzled codes, against the reference on natural codes;
     with scales past SMALL_SCALE_MAX (x 2^10 here) the decode keeps its separate 2^126 multiply."""
+    check_swizzled_on_gpu(config, large_scales, pack=False)
+
+
+def check_swizzled_on_gpu(config: FusedMoeConfig, large_scales: bool, pack: bool) -> None:
+    """K-swizzled (``pack``: and fragment-packed) codes through ``config`` against the reference on natural
+    codes, both activations; packed codes must also give the row-paired ones' output exactly."""
     device = _cuda()
     for T, activation in ((3, "swiglu_oai"), (70, "silu")):
         x, w13, w2, tw, ids, b13, b2 = make_problem(T, 8, 128, 192, 4, dtype=torch.bfloat16, mxfp4=True, bias=True,
                                                     device=device)
         if large_scales:
             w13, w2 = (Mxfp4Weight(w.blocks, w.scales + 10) for w in (w13, w2))
-        sw13, sw2 = w13.swizzled(), w2.swizzled()
+        sw13, sw2 = w13.swizzled(pack=pack), w2.swizzled(pack=pack)
         assert sw13.small_scales != large_scales and sw2.small_scales != large_scales
+        assert sw13.fragment_packed == pack and sw2.fragment_packed == pack
         out = fused_moe(x, sw13, sw2, tw, ids, b13=b13, b2=b2, activation=activation, config=config)
         ref = fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2, activation=activation)
         assert rel_err(out, ref) < REL_TOL[torch.bfloat16], (T, activation)
+        if pack:
+            paired = fused_moe(x, w13.swizzled(), w2.swizzled(), tw, ids, b13=b13, b2=b2, activation=activation,
+                               config=config)
+            assert torch.equal(out, paired), (T, activation)
 
 
 @pytest.mark.gpu
@@ -685,11 +702,7 @@ def test_packed_weights_give_the_row_paired_results_exactly_on_gpu(gpt_oss_120b_
     pw13 = Mxfp4Weight(w13.natural_blocks(), w13.scales).swizzled(pack=True)
     pw2 = Mxfp4Weight(w2.natural_blocks(), w2.scales).swizzled(pack=True)
     assert pw13.fragment_packed and pw2.fragment_packed
-    E, H = w13.shape[0], w13.shape[2]
-    gen = torch.Generator(device="cuda").manual_seed(T)
-    x = torch.randn(T, H, device="cuda", generator=gen).bfloat16()
-    ids = torch.rand(T, E, device="cuda", generator=gen).topk(4, dim=-1).indices.to(torch.int32)
-    tw = torch.softmax(torch.randn(T, 4, device="cuda", generator=gen), dim=-1)
+    x, tw, ids = gpt_oss_tokens(w13, T)
     paired = fused_moe(x, w13, w2, tw, ids, b13=b13, b2=b2, activation="swiglu_oai")
     packed = fused_moe(x, pw13, pw2, tw, ids, b13=b13, b2=b2, activation="swiglu_oai")
     assert torch.equal(packed, paired)
@@ -699,17 +712,6 @@ def test_packed_weights_give_the_row_paired_results_exactly_on_gpu(gpt_oss_120b_
 @pytest.mark.parametrize("config", list(PACKED_CONFIGS.values()), ids=list(PACKED_CONFIGS))
 @pytest.mark.parametrize("large_scales", [False, True], ids=["folded", "large-scales"])
 def test_packed_tilings_on_gpu(config, large_scales):
-    """Fragment-packed codes against the reference on natural codes, both activations, small and large scales."""
-    device = _cuda()
-    for T, activation in ((3, "swiglu_oai"), (70, "silu")):
-        x, w13, w2, tw, ids, b13, b2 = make_problem(T, 8, 128, 256, 4, dtype=torch.bfloat16, mxfp4=True, bias=True,
-                                                    device=device)
-        if large_scales:
-            w13, w2 = (Mxfp4Weight(w.blocks, w.scales + 10) for w in (w13, w2))
-        pw13, pw2 = w13.swizzled(pack=True), w2.swizzled(pack=True)
-        assert pw13.fragment_packed and pw2.fragment_packed
-        out = fused_moe(x, pw13, pw2, tw, ids, b13=b13, b2=b2, activation=activation, config=config)
-        ref = fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2, activation=activation)
-        assert rel_err(out, ref) < REL_TOL[torch.bfloat16], (T, activation)
-        assert torch.equal(out, fused_moe(x, w13.swizzled(), w2.swizzled(), tw, ids, b13=b13, b2=b2,
-                                          activation=activation, config=config))
+    """Fragment-packed codes against the reference on natural codes, both activations, small and large
+    scales, and bit for bit against the row-paired codes."""
+    check_swizzled_on_gpu(config, large_scales, pack=True)
