@@ -94,7 +94,7 @@ def test_reservation_avoids_the_retractions_of_greedy_admission():
         assert sched.pool.num_free == sched.pool.capacity and sched.peak_running == peak
         return sched.num_retractions, peak
 
-    greedy_retractions, greedy_peak = run(0)  # (peak_running: the most requests running at once)
+    greedy_retractions, greedy_peak = run(0)
     reserved_retractions, reserved_peak = run(1.0)
     assert greedy_retractions > 0
     assert reserved_retractions < greedy_retractions
@@ -105,14 +105,13 @@ def test_ratio_decays_to_the_share_of_budgets_used(monkeypatch):
     monkeypatch.setattr(scheduler_module, "NEW_TOKEN_RATIO_DECAY_STEPS", 10)
     sched = make_scheduler(10_000)
     assert sched.new_token_ratio == pytest.approx(0.7)
-    # requests that stop after a quarter of their budget
+    # requests that stop early: after 3 steps (3 tokens) of a 40-token budget
     for i in range(4):
-        req = make_request(i, 5, 40)
-        sched.add_request(req)
+        sched.add_request(make_request(i, 5, 40))
     for _ in range(3):
         step(sched)
     for req in list(sched.running):
-        sched.finish(req, {"type": "stop"})  # 2 of 40 tokens used
+        sched.finish(req, {"type": "stop"})
     assert sched.used_budget_share == pytest.approx(3 / 40)
     sched.add_request(make_request(9, 5, 1000))
     for _ in range(40):

@@ -31,10 +31,20 @@ This module imports no Triton: ``fused_moe`` loads the kernels on first call.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from plait.runtime.kernels.mxfp4 import Mxfp4Weight
+
+
+def sm90_bf16_decode(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels decode MXFP4 codes with their sm_90 PTX (``mul.bf16x2``): bf16
+    activations, compiled (not under ``TRITON_INTERPRET``) on a CUDA device of compute capability 9.0 or
+    later; the interpreter and older cards decode in float32. Fragment-packed codes are read only so."""
+    return (dtype == torch.bfloat16 and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(device) >= (9, 0))
 
 ACTIVATIONS = ("silu", "swiglu_oai")
 Weight = torch.Tensor | Mxfp4Weight

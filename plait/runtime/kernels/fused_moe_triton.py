@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from plait.runtime.kernels.fused_moe import sm90_bf16_decode
 from plait.runtime.kernels.fused_moe_config import FusedMoeConfig, MoeShape, TileConfig, get_config
 from plait.runtime.kernels.moe_align import moe_align
 from plait.runtime.kernels.mxfp4 import (
@@ -111,28 +112,30 @@ def _fp4_pair(byte, scale_lo, scale_hi):
 # 2^126 and by the scale (bf16 2^(s - 127), per byte). About three operations a value against
 # ``_fp4_pair``'s seven plus the float32 -> bf16 conversion. $0,$1 the low nibbles' values (bytes 0,1 and
 # 2,3), $2,$3 the high nibbles', $4 the four bytes, $5,$6 the low nibbles' scales, $7,$8 the high ones'.
-def _fp4_bf16_asm(fold: bool) -> str:
-    """The PTX of ``_fp4_pair_bf16``; ``fold``: the 2^126 is already in the scales (bf16 ``2^(s - 1)``,
-    ``_e8m0_bf16_folded``), one multiply a value fewer, the same exact result (a single rounding of an
-    exact product either way). Folding is valid where every scale exponent is at most 128
-    (``Mxfp4Weight.small_scales``)."""
+def _fp4_bf16_ptx(registers: str, decode: str, fold: bool) -> str:
+    """A bf16 decode's PTX: ``decode`` (integer operations only, using the scratch ``registers``) leaves
+    code value * 2^-126 in $0..$3; then the two exact multiplies, by 2^126 unless ``fold`` (the 2^126 is
+    already in the scales: bf16 ``2^(s - 1)``, ``_e8m0_bf16_folded``; one multiply a value fewer, the same
+    exact result, valid where every scale exponent is at most 128, ``Mxfp4Weight.small_scales``) and by
+    the scales $5..$8."""
     times_2_126 = "" if fold else """mov.b32 two126, 0x7E807E80;
 mul.rn.bf16x2 $0, $0, two126; mul.rn.bf16x2 $1, $1, two126;
 mul.rn.bf16x2 $2, $2, two126; mul.rn.bf16x2 $3, $3, two126;
 """
-    return """
-{
-.reg .b32 t0, t1, a, b, two126;
-prmt.b32 t0, $4, 0, 0x4140;
+    return ("\n{\n.reg .b32 " + registers + ", two126;\n" + decode + times_2_126
+            + "mul.rn.bf16x2 $0, $0, $5; mul.rn.bf16x2 $1, $1, $6;\n"
+            + "mul.rn.bf16x2 $2, $2, $7; mul.rn.bf16x2 $3, $3, $8;\n}\n")
+
+
+def _fp4_bf16_asm(fold: bool) -> str:
+    """The PTX of ``_fp4_pair_bf16`` (``fold`` as in ``_fp4_bf16_ptx``)."""
+    return _fp4_bf16_ptx("t0, t1, a, b", """prmt.b32 t0, $4, 0, 0x4140;
 prmt.b32 t1, $4, 0, 0x4342;
 shl.b32 a, t0, 6; shl.b32 b, t0, 12; and.b32 b, b, 0x80008000; lop3.b32 $0, a, 0x01C001C0, b, 0xEA;
 shl.b32 a, t1, 6; shl.b32 b, t1, 12; and.b32 b, b, 0x80008000; lop3.b32 $1, a, 0x01C001C0, b, 0xEA;
 shl.b32 a, t0, 2; shl.b32 b, t0, 8; and.b32 b, b, 0x80008000; lop3.b32 $2, a, 0x01C001C0, b, 0xEA;
 shl.b32 a, t1, 2; shl.b32 b, t1, 8; and.b32 b, b, 0x80008000; lop3.b32 $3, a, 0x01C001C0, b, 0xEA;
-""" + times_2_126 + """mul.rn.bf16x2 $0, $0, $5; mul.rn.bf16x2 $1, $1, $6;
-mul.rn.bf16x2 $2, $2, $7; mul.rn.bf16x2 $3, $3, $8;
-}
-"""
+""", fold)
 
 
 def _fp4_bf16_packed_asm(fold: bool) -> str:
@@ -152,13 +155,7 @@ def _fp4_bf16_packed_asm(fold: bool) -> str:
         else:
             body += (rotated("m", magnitude[j]) + rotated("s", sign[j]) + "and.b32 s, s, 0x80008000;\n"
                      + f"lop3.b32 ${j}, m, 0x01C001C0, s, 0xEA;\n")
-    times_2_126 = "" if fold else """mov.b32 two126, 0x7E807E80;
-mul.rn.bf16x2 $0, $0, two126; mul.rn.bf16x2 $1, $1, two126;
-mul.rn.bf16x2 $2, $2, two126; mul.rn.bf16x2 $3, $3, two126;
-"""
-    return ("\n{\n.reg .b32 m, s, two126;\n" + body + times_2_126
-            + "mul.rn.bf16x2 $0, $0, $5; mul.rn.bf16x2 $1, $1, $6;\n"
-            + "mul.rn.bf16x2 $2, $2, $7; mul.rn.bf16x2 $3, $3, $8;\n}\n")
+    return _fp4_bf16_ptx("m, s", body, fold)
 
 
 _FP4_BF16_ASM = tl.constexpr(_fp4_bf16_asm(fold=False))
@@ -708,8 +705,7 @@ def fused_moe_triton(
     ieee = x.dtype == torch.float32
     compiled = os.environ.get("TRITON_INTERPRET") != "1" and x.is_cuda
     scaled_dot = x.dtype == torch.bfloat16 and config.scaled_dot and compiled
-    # the PTX decode (mul.bf16x2) needs sm_90; the interpreter and older cards decode in float32
-    bf16_asm = x.dtype == torch.bfloat16 and compiled and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    bf16_asm = sm90_bf16_decode(x.device, x.dtype)
     tw = topk_weights.reshape(-1).contiguous()  # [T*K]
     b13 = b13.contiguous() if b13 is not None else None  # the kernels index biases with unit stride
     b2 = b2.contiguous() if b2 is not None else None

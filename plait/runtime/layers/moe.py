@@ -19,12 +19,10 @@ of I must be multiples of 32.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
-from plait.runtime.kernels.fused_moe import fused_moe, fused_moe_ref
+from plait.runtime.kernels.fused_moe import fused_moe, fused_moe_ref, sm90_bf16_decode
 from plait.runtime.kernels.moe_routing import ROUTINGS, route_topk, route_topk_ref
 from plait.runtime.kernels.mxfp4 import (
     BLOCK_SIZE, ROW_PAIR_SPAN, Mxfp4Weight, has_small_scales, pack_fragments, pair_rows, random_mxfp4, swizzle_k,
@@ -144,11 +142,10 @@ class MoE(nn.Module):
         self.k_swizzled, self.row_paired, self.fragment_packed = True, paired, packed
 
     def _sm90_bf16_decode(self) -> bool:
-        """Whether the fused kernel decodes this layer's MXFP4 codes with its sm_90 bf16 PTX (a compiled
-        sm_90 GPU and bf16 activations, the router's dtype): the one reader of fragment-packed codes."""
-        device = self.w13_blocks.device
-        return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-                and torch.cuda.get_device_capability(device) >= (9, 0) and self.router.weight.dtype == torch.bfloat16)
+        """Whether the fused kernel decodes this layer's MXFP4 codes with its sm_90 bf16 PTX
+        (``fused_moe.sm90_bf16_decode``; the activations are in the router's dtype): the one reader of
+        fragment-packed codes."""
+        return sm90_bf16_decode(self.w13_blocks.device, self.router.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
