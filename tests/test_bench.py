@@ -101,12 +101,14 @@ def test_llama_8b_floors_match_the_performance_model() -> None:
 
     engine = SimpleNamespace(
         model_config=ModelConfig.from_hf(preset_config("llama-3.1-8b")),
-        runner=SimpleNamespace(dtype=torch.bfloat16),
+        runner=SimpleNamespace(dtype=torch.bfloat16, kv_dtype=lambda: torch.bfloat16),
         config=SimpleNamespace(max_running_requests=256),
     )
     facts = ModelFacts.from_engine(engine)
     assert facts.weight_bytes == pytest.approx(15.0e9, rel=0.01)
     assert facts.kv_bytes_per_token == 128 * 1024
+    engine.runner.kv_dtype = lambda: torch.float8_e4m3fn  # an FP8 KV cache: a byte an element
+    assert ModelFacts.from_engine(engine).kv_bytes_per_token == 64 * 1024
     assert 2 * facts.gemm_params == pytest.approx(14.0e9, rel=0.01)
     h100 = Machine(torch.device("cpu"), "H100", bandwidth=3.0e12, matmul_rate=700e12, matmul_dtype=torch.bfloat16,
                    matmul_n=8192)
@@ -178,7 +180,8 @@ def _facts_of_preset(name: str, quantization: str | None = "keep"):
     if quantization != "keep":
         cfg = cfg.with_quantization(quantization)
     engine = SimpleNamespace(
-        model_config=cfg, runner=SimpleNamespace(dtype=torch.bfloat16), config=SimpleNamespace(max_running_requests=256)
+        model_config=cfg, runner=SimpleNamespace(dtype=torch.bfloat16, kv_dtype=lambda: torch.bfloat16),
+        config=SimpleNamespace(max_running_requests=256),
     )
     return ModelFacts.from_engine(engine)
 

@@ -51,6 +51,7 @@ class ModelFacts:
     def from_engine(cls, engine) -> "ModelFacts":
         cfg = engine.model_config
         elt = torch.empty(0, dtype=engine.runner.dtype).element_size()
+        kv_elt = torch.empty(0, dtype=engine.runner.kv_dtype()).element_size()  # 1 for an FP8 KV cache
         emb = cfg.vocab_size * cfg.hidden_size
         moe = cfg.moe
         moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
@@ -73,7 +74,7 @@ class ModelFacts:
             moe_layers=moe_layers,
             num_experts=num_experts,
             top_k=top_k,
-            kv_bytes_per_token_layer=2 * cfg.num_kv_heads * cfg.head_dim * elt,
+            kv_bytes_per_token_layer=2 * cfg.num_kv_heads * cfg.head_dim * kv_elt,
             layer_windows=windows,
             gemm_params=active - emb * (1 if cfg.tie_word_embeddings else 2),
             head_params=emb,

@@ -92,62 +92,50 @@ _QWEN3_30B_A3B = MoeShape(128, 2048, 768, 8, "bfloat16")
 # Winners of `python benchmarks/moe_kernel.py --tune` on an H200 (one run each; margins over the
 # default were 0-15% at decode, 20-40% at 4096 tokens): {(MoeShape, token bucket): config}.
 TUNED: dict[tuple[MoeShape, int], FusedMoeConfig] = {
-    # T=1-256 re-tuned 2026-11-30 on K-swizzled codes (mxfp4.swizzle_k) with the scales converted before
-    # their broadcast: T=1 67.2 us (previous entry, natural codes: 73.9), T=64 973 (1,093), T=128 1,089
-    # (1,232), T=256 1,156 (1,470). 4-warp tiles win everywhere (the wgmma register operand that the
-    # swizzle feeds). Then (one row block per pair up to 16 pairs, no alignment pass): T=1 53.1 us, T=4
-    # 157.9 (default tiling 167.1), T=8 288.0 (previous entry 419.7); then T=2 87.0 (default 98.1), T=16
-    # 472.7 (480.0), T=32 712.2 (731.1). Then (the scales' 2^126 folded, unmasked weight loads, no K masks
-    # where K % block_k == 0): T=1 48.1, T=2 80.7, T=64 837.7, T=256 1,027.2 on the same entries; re-tuned
-    # T=4 138.2 us (146.9 on the previous entry), T=8 247.4 (268.5), T=16 397.6 (411.9), T=32 593.6 (613.2),
-    # T=64 809.6 (838.6). Then (scales and activations loaded a step ahead; register caps tried): re-tuned
-    # T=1-256, up to 8% faster than the previous entries on the new loop: T=1 41.6 us (same entry), T=4
-    # 119.4 (125.1), T=8 214.8 (231.2), T=64 747.5 (758.4), T=256 919.8 (932.3).
-    (_GPT_OSS_120B, 1): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2), TileConfig(64, 128, 4, 3, 2), swap_ab=True),
-    (_GPT_OSS_120B, 2): FusedMoeConfig(16, TileConfig(64, 128, 4, 3),
-                                       TileConfig(128, 128, 4, 3, 2, max_registers=168), swap_ab=True),
-    (_GPT_OSS_120B, 4): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2, max_registers=128),
-                                       TileConfig(128, 128, 4, 3), swap_ab=True),
-    (_GPT_OSS_120B, 8): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(128, 64, 4, 3, 2), swap_ab=True),
-    (_GPT_OSS_120B, 16): FusedMoeConfig(16, TileConfig(64, 64, 4, 4, max_registers=128),
-                                        TileConfig(128, 64, 4, 3, 2), swap_ab=True),
-    (_GPT_OSS_120B, 32): FusedMoeConfig(16, TileConfig(64, 128, 4, 3),
-                                        TileConfig(128, 64, 4, 3, 2, max_registers=96), swap_ab=True),
-    (_GPT_OSS_120B, 64): FusedMoeConfig(16, TileConfig(64, 128, 4, 3),
-                                        TileConfig(128, 64, 4, 3, 2, max_registers=96), swap_ab=True),
-    # T=128 and 256 re-tuned on row-paired codes: 812.9 -> 786.9 us, 866.8 -> 845.0.
-    (_GPT_OSS_120B, 128): FusedMoeConfig(16, TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 3), swap_ab=True),
-    (_GPT_OSS_120B, 256): FusedMoeConfig(16, TileConfig(64, 64, 4, 4), TileConfig(64, 64, 4, 3), swap_ab=True),
-    # T=512 (decode batches of 257-512) tuned 2026-12-01 on row-paired codes: 1,137.8 us (default 1,258.2).
-    (_GPT_OSS_120B, 512): FusedMoeConfig(16, TileConfig(64, 64, 4, 4, max_registers=128),
-                                         TileConfig(128, 64, 4, 3, max_registers=96), swap_ab=True),
-    # Prefill sizes, re-tuned after the row-paired codes: the swapped product wins there too (its decode
-    # has no byte permutes left; the other product pairs the nibbles back first): T=1024 1,227 us (2,846
-    # on the previous entry), T=4096 2,962 (4,790).
-    (_GPT_OSS_120B, 1024): FusedMoeConfig(64, TileConfig(64, 64, 4, 3), TileConfig(128, 64, 4, 4, max_registers=168),
-                                          swap_ab=True),
-    (_GPT_OSS_120B, 4096): FusedMoeConfig(64, TileConfig(64, 64, 4, 5), TileConfig(128, 64, 4, 4, max_registers=168),
-                                          swap_ab=True),
-    # GPT-OSS-20B tuned 2026-11-30 (K-swizzled codes): T=1 54.1 us (default 63.6), T=64 313.3 (the
-    # default), T=128 424.5 (428.4), T=256 503.0 (668.6). Re-tuned after the folded scales: T=1 47.8 (same
-    # entry), T=64 268.4 (294.4 on the previous entry), T=128 358.2 (375.6), T=256 422.6 (432.8). Re-tuned
-    # after the loads a step ahead: T=1 41.6 (42.8), T=2 67.9 (82.1), T=64 239.3 (255.3), T=256 388.8 (435.3).
+    # GPT-OSS-120B, tuned 2026-12-01 on fragment-packed codes (mxfp4.pack_fragments, the layer's default on
+    # sm_90), us per call: T=1 38.4, 2 62.6, 4 110.4, 8 196.4, 16 325.5, 32 483.6, 64 667.3, 128 765.6, 256 825.7,
+    # 512 931.5, 1024 1,176, 4096 2,840. Row-paired codes, tuned in the same session: T=64 688.7, 128 800.0,
+    # 256 863.9, 512 991.9 (the earlier entries' history: RESULTS.md, the MoE kernel sections).
+    (_GPT_OSS_120B, 1): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 3, 2), swap_ab=True),
+    (_GPT_OSS_120B, 2): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, max_registers=128),
+                                       TileConfig(128, 128, 4, 3, 2, max_registers=128), swap_ab=True),
+    (_GPT_OSS_120B, 4): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(128, 128, 4, 3), swap_ab=True),
+    (_GPT_OSS_120B, 8): FusedMoeConfig(16, TileConfig(64, 64, 4, 4, max_registers=168),
+                                       TileConfig(128, 64, 4, 3, 2), swap_ab=True),
+    (_GPT_OSS_120B, 16): FusedMoeConfig(16, TileConfig(64, 64, 4, 3, max_registers=128),
+                                        TileConfig(128, 64, 4, 3, max_registers=96), swap_ab=True),
+    (_GPT_OSS_120B, 32): FusedMoeConfig(16, TileConfig(64, 64, 4, 3, max_registers=128),
+                                        TileConfig(128, 64, 4, 3), swap_ab=True),
+    (_GPT_OSS_120B, 64): FusedMoeConfig(16, TileConfig(64, 64, 4, 3, max_registers=168),
+                                        TileConfig(128, 64, 4, 3, max_registers=96), swap_ab=True),
+    (_GPT_OSS_120B, 128): FusedMoeConfig(16, TileConfig(64, 64, 4, 3, max_registers=128),
+                                         TileConfig(128, 64, 4, 3), swap_ab=True),
+    (_GPT_OSS_120B, 256): FusedMoeConfig(16, TileConfig(64, 64, 4, 4, max_registers=168),
+                                         TileConfig(128, 64, 4, 3), swap_ab=True),
+    (_GPT_OSS_120B, 512): FusedMoeConfig(32, TileConfig(64, 64, 4, 4, max_registers=96),
+                                         TileConfig(128, 64, 4, 3, max_registers=128), swap_ab=True),
+    (_GPT_OSS_120B, 1024): FusedMoeConfig(64, TileConfig(64, 64, 4, 3),
+                                          TileConfig(128, 64, 4, 4, max_registers=168), swap_ab=True),
+    (_GPT_OSS_120B, 4096): FusedMoeConfig(64, TileConfig(64, 64, 4, 5),
+                                          TileConfig(128, 64, 4, 4, max_registers=168), swap_ab=True),
+    # GPT-OSS-20B, tuned 2026-12-01 on fragment-packed codes: T=1 38.4 us, 2 62.1, 4 109.5, 8 143.4, 16 193.2,
+    # 32 217.6, 64 223.7, 128 248.2, 256 318.4 (the previous row-paired entries: 41.6, 67.9, -, -, -, -, 239.3,
+    # 296.3, 328.6).
     (_GPT_OSS_20B, 1): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2, max_registers=168),
-                                   TileConfig(64, 128, 4, 3, 2, max_registers=168), swap_ab=True),
+                                      TileConfig(64, 128, 4, 3, 2, max_registers=168), swap_ab=True),
     (_GPT_OSS_20B, 2): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, max_registers=168),
-                                      TileConfig(128, 64, 4, 3, 2, max_registers=128), swap_ab=True),
-    (_GPT_OSS_20B, 4): FusedMoeConfig(16, TileConfig(64, 128, 4, 3, 2, max_registers=128),
-                                      TileConfig(128, 128, 4, 3), swap_ab=True),
-    (_GPT_OSS_20B, 8): FusedMoeConfig(16, TileConfig(64, 128, 4, 3),
-                                      TileConfig(128, 64, 4, 3, 2, max_registers=168), swap_ab=True),
-    (_GPT_OSS_20B, 16): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(128, 64, 4, 3, 2), swap_ab=True),
-    (_GPT_OSS_20B, 32): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(128, 64, 4, 3, 2), swap_ab=True),
-    (_GPT_OSS_20B, 64): FusedMoeConfig(16, TileConfig(64, 128, 4, 3),
-                                       TileConfig(128, 64, 4, 3, 2, max_registers=168), swap_ab=True),
-    # T=128 and 256 re-tuned on row-paired codes: 309.8 -> 296.3 us, 386.4 -> 328.6.
-    (_GPT_OSS_20B, 128): FusedMoeConfig(16, TileConfig(64, 64, 4, 4), TileConfig(128, 64, 4, 3, 2), swap_ab=True),
-    (_GPT_OSS_20B, 256): FusedMoeConfig(64, TileConfig(64, 64, 4, 3), TileConfig(128, 64, 4, 4, max_registers=168),
-                                        swap_ab=True),
+                                      TileConfig(128, 128, 4, 3, 2, max_registers=128), swap_ab=True),
+    (_GPT_OSS_20B, 4): FusedMoeConfig(16, TileConfig(128, 64, 4, 3), TileConfig(128, 128, 4, 3), swap_ab=True),
+    (_GPT_OSS_20B, 8): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(128, 64, 4, 3, 2), swap_ab=True),
+    (_GPT_OSS_20B, 16): FusedMoeConfig(16, TileConfig(64, 64, 4, 3, max_registers=168),
+                                       TileConfig(128, 64, 4, 3, 2), swap_ab=True),
+    (_GPT_OSS_20B, 32): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 3), swap_ab=True),
+    (_GPT_OSS_20B, 64): FusedMoeConfig(16, TileConfig(32, 128, 4, 3),
+                                       TileConfig(64, 128, 4, 3, max_registers=96), swap_ab=True),
+    (_GPT_OSS_20B, 128): FusedMoeConfig(32, TileConfig(64, 64, 4, 3, max_registers=168),
+                                        TileConfig(128, 64, 4, 4), swap_ab=True),
+    (_GPT_OSS_20B, 256): FusedMoeConfig(64, TileConfig(64, 64, 4, 5),
+                                        TileConfig(128, 64, 4, 4, max_registers=168), swap_ab=True),
     (_QWEN3_30B_A3B, 1): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 3)),
     (_QWEN3_30B_A3B, 8): FusedMoeConfig(16, TileConfig(32, 128, 4, 3), TileConfig(64, 128, 4, 3)),
     (_QWEN3_30B_A3B, 256): FusedMoeConfig(16, TileConfig(64, 128, 4, 3), TileConfig(128, 128, 4, 3)),

@@ -45,9 +45,10 @@ byte permutes that joined each decoded pair (another 11-14%); the scales and act
 step ahead (Triton pipelined only the codes and waited out the other loads' latency every step).
 Fragment-packed codes (``CODES_FRAGMENT_PACKED``, ``mxfp4.pack_fragments``) make the decode rotations
 and masks of each thread's 32-bit fragment word: loops 511 -> 399 (T=1 up tile), 290 -> 226, 287 -> 233
-instructions a K step in sm_90 SASS; not yet timed on a GPU (``moe.PACK_FRAGMENTS`` is off). A word-level decode without byte permutes (~6 instructions
-per two values) was tried; Triton 3.6 then routed the decoded tile to the MMA layout through shared
-memory or warp shuffles (its layouts follow the load, not the MMA), which cost more than it saved.
+instructions a K step in sm_90 SASS, 3-6% off the kernel's time on an H200 (on by default:
+``moe.PACK_FRAGMENTS``). A word-level decode without byte permutes (~6 instructions per two values)
+was tried; Triton 3.6 then routed the decoded tile to the MMA layout through shared memory or warp
+shuffles (its layouts follow the load, not the MMA), which cost more than it saved.
 With explicit layouts (``fused_moe_gluon``) that decode reaches the MMA with no data movement, but that
 kernel is still slower as a whole (its docstring says why) and is off (``USE_GLUON``).
 Earlier measurements: with no decode at all the natural-order kernel still ran at 0.9-1.7 TB/s; a

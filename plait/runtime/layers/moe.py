@@ -32,9 +32,10 @@ from plait.runtime.models.config import MoEConfig
 from plait.runtime.models.errors import ModelLoadError
 
 # Fragment-packed MXFP4 codes (mxfp4.pack_fragments) where the sm_90 bf16 decode reads them: 11 integer
-# operations for 8 values instead of 18 (sm_90 SASS). Off until measured and checked on a GPU (the GPU tests
-# of tests/runtime/kernels/test_fused_moe.py run packed weights either way).
-PACK_FRAGMENTS = False
+# operations for 8 values instead of 18 (sm_90 SASS); on an H200 the fused MoE kernel 3-6% faster than on
+# row-paired codes at every token count tuned (benchmarks/RESULTS.md, 2026-12-01). The GPT-OSS tilings of
+# fused_moe_config.TUNED were tuned on packed codes; False = row-paired codes only.
+PACK_FRAGMENTS = True
 
 # A checkpoint tensor's shard id: (expert, part). expert: a global expert id for a per-expert tensor,
 # None for a tensor holding every expert along dim 0. part: "gate" / "up" (one expert's [I, H]),

@@ -630,6 +630,26 @@ def test_packed_tilings_are_the_wgmma_ones():
     assert not packed_tiling_ok(32, 4) and not packed_tiling_ok(64, 2)
 
 
+def test_every_mxfp4_tiling_the_table_can_pick_reads_packed_codes():
+    """The MoE layer packs MXFP4 codes on sm_90 (moe.PACK_FRAGMENTS) for every token count, so each
+    tiling the table or the default can choose for an MXFP4 shape must be a packed one (gate/up tiles
+    span 2 * block_n weight rows, down tiles block_n); else a batch size would raise mid-serving."""
+    from plait.runtime.kernels.fused_moe_config import TUNED, MoeShape, default_config, get_config
+    from plait.runtime.kernels.fused_moe_triton import packed_tiling_ok
+    from plait.runtime.layers import moe
+
+    assert moe.PACK_FRAGMENTS
+    shapes = {shape for shape, _ in TUNED if shape.weight_format == "mxfp4"}
+    shapes.add(MoeShape(8, 2880, 2880, 4, "mxfp4"))  # an untuned MXFP4 shape: the defaults
+    assert len(shapes) >= 3
+    for shape in shapes:
+        for tokens in [1, 3, 16, 100, 256, 300, 512, 1000, 2048, 4096, 10_000]:
+            for config in (get_config(shape, tokens), default_config(shape, tokens)):
+                assert config.swap_ab, (shape, tokens)
+                assert packed_tiling_ok(2 * config.up.block_n, config.up.num_warps), (shape, tokens, config.short())
+                assert packed_tiling_ok(config.down.block_n, config.down.num_warps), (shape, tokens, config.short())
+
+
 # Compiles the swapped MXFP4 kernels for sm_90 (no GPU needed: ptxas ships with Triton) in a process of
 # its own, without the interpreter this test session runs Triton under, and prints, per tiling, the first
 # register bases of the layout Triton gives the decode's code bytes: the order in which each thread's
