@@ -31,6 +31,12 @@ class EngineConfig:
     # 3 (e4m3) or 2 (e5m2) mantissa bits and saturated at the format's largest finite value (unit scales,
     # as both do without calibrated ones); attention reads it back in the model's dtype
     kv_cache_dtype: str = "auto"
+    # models mixing sliding-window and full-attention layers (GPT-OSS): the sliding layers keep their KV
+    # in a smaller pool of their own, since they read only their window (SGLang's hybrid SWA memory; its
+    # names). The sliding pool holds swa_full_tokens_ratio times the full pool's tokens, and at least
+    # what every running request's window needs (None: 0.1 of it, with that floor)
+    disable_hybrid_swa_memory: bool = False
+    swa_full_tokens_ratio: float | None = None
     mem_fraction: float = 0.85  # GPU: fraction of device memory for weights + KV
     # requests decoding at once, and the largest decode batch replayed from captured CUDA graphs (larger
     # batches run eagerly). None: ``batch_limits``' defaults, by device and model
@@ -97,6 +103,8 @@ class EngineConfig:
             raise ValueError(f"max_pinned_tokens_per_program must be >= 0 or None, got {self.max_pinned_tokens_per_program}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.swa_full_tokens_ratio is not None and not 0 < self.swa_full_tokens_ratio <= 1:
+            raise ValueError(f"swa_full_tokens_ratio must be in (0, 1] or None, got {self.swa_full_tokens_ratio}")
         if self.schedule_conservativeness < 0:
             raise ValueError(f"schedule_conservativeness must be >= 0, got {self.schedule_conservativeness}")
         if self.kv_cache_gb <= 0:

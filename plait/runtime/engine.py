@@ -398,6 +398,9 @@ class Engine:
             "kv_slots_used": pool.num_used,
             "kv_slots_cached": self.tree.total_size(),
             "kv_slots_evictable": self.tree.evictable_size(),
+            # hybrid KV pools (EngineConfig.disable_hybrid_swa_memory): the sliding-window layers' slots
+            "kv_sliding_slots_total": pool.num_sliding_slots,
+            "kv_sliding_slots_used": pool.num_sliding_slots - pool.num_sliding_free,
             "cache_hit_rate": c["cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0,
             "retractions": self.scheduler.num_retractions,
             "peak_running": self.scheduler.peak_running,

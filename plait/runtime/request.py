@@ -22,7 +22,8 @@ class Request:
 
     KV for ``all_ids[:computed_len]`` is in the pool, mapped by row ``row`` of the request-to-slot
     table. Of those, ``all_ids[:cache_locked_len]`` belong to the radix tree (locked via
-    ``last_node``); the rest are the request's own slots.
+    ``last_node``); the rest are the request's own slots. With a hybrid KV pool, the request's own
+    tokens before ``sliding_from`` no longer have sliding slots (they fell behind the window).
     """
 
     rid: str
@@ -45,6 +46,7 @@ class Request:
     computed_len: int = 0
     cache_locked_len: int = 0
     last_node: Any = None
+    sliding_from: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     admitted_once: bool = False
     prompt_logprobs_done: bool = False

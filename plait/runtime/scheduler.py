@@ -41,6 +41,11 @@ NEW_TOKEN_RATIO_DECAY_STEPS = 600
 CLIP_MAX_NEW_TOKENS = 4096  # a request's expected output is counted up to this many tokens
 RETRACT_DECODE_STEPS = 20  # after a retraction: assume each running request decodes this many more tokens
 USED_SHARE_WEIGHT = 0.05  # weight of one finished request in the running average of the budget share used
+# Hybrid KV pools (sliding-window layers in sliding slots): a running request frees the sliding slots of
+# its own tokens that fell behind its window once this many have (one free for many steps), and eviction
+# for sliding slots frees at least this many at once (it scans the tree)
+SLIDING_FREE_BATCH = 64
+SLIDING_EVICT_MIN = 4096
 
 
 @dataclass
@@ -84,6 +89,7 @@ class Scheduler:
         self._min_ratio = min(MIN_NEW_TOKEN_RATIO * self._conservativeness, self._init_ratio)
         self._ratio_decay = (self._init_ratio - self._min_ratio) / NEW_TOKEN_RATIO_DECAY_STEPS
         self.used_budget_share: float | None = None  # running average over finished requests
+        self.window = pool.sliding_window if pool.hybrid else 0  # hybrid pools: the sliding layers' window
 
     # ------------------------------------------------------------------ queue management
     def add_request(self, req: Request) -> None:
@@ -211,15 +217,54 @@ class Scheduler:
         at most one step's tokens."""
         return sum(self._future_tokens(r, r.computed_len) for r in self.running)
 
-    def _alloc(self, n: int) -> torch.Tensor | None:
+    def _alloc(self, n: int, admitting: tuple | None = None) -> torch.Tensor | None:
+        """``n`` free slots, evicting cached prefixes (and then program pins) as needed; None if that is
+        not enough. ``admitting``: (node, length) of the locked prefix of a request being admitted."""
         slots = self.pool.alloc(n)
         if slots is None:
-            self.tree.evict(n - self.pool.num_free)
+            self._make_room(n, admitting)
             slots = self.pool.alloc(n)
         while slots is None and self.pins.yield_lru():  # program pins give way before anyone is retracted
-            self.tree.evict(n - self.pool.num_free)
+            self._make_room(n, admitting)
             slots = self.pool.alloc(n)
         return slots
+
+    def _make_room(self, n: int, admitting: tuple | None) -> None:
+        if self.pool.num_free < n:
+            self.tree.evict(n - self.pool.num_free)
+        if self.pool.hybrid and self.pool.num_sliding_free < n:
+            need = max(n - self.pool.num_sliding_free, SLIDING_EVICT_MIN)
+            self.tree.evict_sliding(need, self._window_nodes(admitting))
+
+    def _window_nodes(self, admitting: tuple | None = None) -> set:
+        """Hybrid pools: the tree nodes holding tokens that running requests (and ``admitting``, a
+        (node, length) prefix) still read through their sliding windows: a request at position p reads
+        p - W + 1 .. p, of which the tree holds those before its ``cache_locked_len``."""
+        prefixes = [(r.last_node, r.cache_locked_len, r.computed_len) for r in self.running]
+        if admitting is not None:
+            prefixes.append((admitting[0], admitting[1], admitting[1]))
+        nodes: set = set()
+        for last_node, locked, computed in prefixes:
+            need = locked - max(0, computed - self.window + 1)
+            node, covered = last_node, 0
+            while node is not None and covered < need and not node.is_root:
+                nodes.add(node)
+                covered += len(node.key)
+                node = node.parent
+        return nodes
+
+    def _free_behind_windows(self) -> None:
+        """Hybrid pools: free the sliding slots of running requests' own tokens that their windows left
+        behind (in batches of ``SLIDING_FREE_BATCH``: one free for many steps)."""
+        behind = []
+        for req in self.running:
+            start = max(req.sliding_from, req.cache_locked_len)
+            end = req.computed_len - self.window + 1  # the next query, at computed_len, reads from here on
+            if end - start >= SLIDING_FREE_BATCH:
+                behind.append(self.table.table[req.row, start:end])
+                req.sliding_from = end
+        if behind:
+            self.pool.free_sliding(torch.cat(behind))
 
     def _yield_pins_for(self, need: int) -> None:
         """Unpin least recently used program runs until ``need`` slots are free or evictable; only
@@ -291,10 +336,12 @@ class Scheduler:
                 if reserved is None:
                     reserved = self._reserved_tokens()
                 expected = reserved + self._future_tokens(req, match.length + n)
-            if self.pool.num_free + self.tree.evictable_size() < n + len(self.running) + expected:
+            if self.pool.num_free + self.tree.evictable_size() < n + len(self.running) + expected or (
+                self.pool.hybrid and self.pool.num_sliding_free + self.tree.sliding_size() < n + len(self.running)
+            ):
                 self.tree.dec_lock_ref(match.node)
                 break
-            slots = self._alloc(n)
+            slots = self._alloc(n, admitting=(match.node, match.length))
             row = self.table.alloc() if slots is not None else None
             if row is None:
                 if slots is not None:
@@ -304,7 +351,7 @@ class Scheduler:
             self.table.write(row, 0, match.slots)
             self.table.write(row, match.length, slots)
             req.row, req.last_node = row, match.node
-            req.computed_len = req.cache_locked_len = match.length
+            req.computed_len = req.cache_locked_len = req.sliding_from = match.length
             if not req.admitted_once:
                 req.cached_tokens, req.admitted_once = match.length, True
             req.status = RequestStatus.RUNNING
@@ -328,6 +375,8 @@ class Scheduler:
             req.computed_len = item.start + item.length
             if item.length > 1:
                 self._cache_unfinished(req)
+        if self.pool.hybrid:
+            self._free_behind_windows()
 
     def _cache_unfinished(self, req: Request) -> None:
         """Hand the request's computed KV to the tree and re-lock it there (SGLang's cache_unfinished_req)."""
@@ -335,9 +384,11 @@ class Scheduler:
             return
         ids = req.token_slice(0, req.computed_len)
         slots = self.table.read(req.row, req.computed_len)
-        already = self.tree.insert(ids, slots, req.cache_namespace)
-        self.pool.free(slots[req.cache_locked_len : already])  # duplicates of what the tree had
+        sliding_from = max(req.sliding_from, req.cache_locked_len)
+        self.tree.cache_tokens(ids, slots, req.cache_namespace, req.cache_locked_len, sliding_from)
         match = self.tree.match_prefix(ids, req.cache_namespace)
+        if match.length != req.computed_len:  # the request's window is whole, so its prefix matches whole
+            raise RuntimeError(f"cached {req.computed_len} tokens of {req.rid} but the cache matches {match.length}")
         self.table.write(req.row, 0, match.slots)
         self.tree.inc_lock_ref(match.node)
         self.tree.dec_lock_ref(req.last_node)
@@ -349,15 +400,15 @@ class Scheduler:
         With ``pin_for_program`` (the request finished) its cached path is pinned for its program run."""
         ids = req.token_slice(0, req.computed_len)
         slots = self.table.read(req.row, req.computed_len)
-        already = self.tree.insert(ids, slots, req.cache_namespace)
-        self.pool.free(slots[req.cache_locked_len : already])
+        sliding_from = max(req.sliding_from, req.cache_locked_len)
+        self.tree.cache_tokens(ids, slots, req.cache_namespace, req.cache_locked_len, sliding_from)
         if pin_for_program and req.program_id is not None:
             self.pins.pin(req.program_id, ids, req.cache_namespace)
         if req.last_node is not None:
             self.tree.dec_lock_ref(req.last_node)
         self.table.free(req.row)
         req.row, req.last_node = None, None
-        req.computed_len = req.cache_locked_len = 0
+        req.computed_len = req.cache_locked_len = req.sliding_from = 0
 
     def finish(self, req: Request, reason: dict) -> None:
         """Finish a running request: release its KV and drop it from the running set."""

@@ -89,7 +89,7 @@ def build_forward_batch(
         fill_pos, fill_src = packed[3 * T + B + L : 3 * T + B + L + F], packed[3 * T + B + L + F :]
         input_t[fill_pos] = inflight_ids[fill_src]
     out_cache_loc = torch.cat([item.slots for item in items]) if len(items) > 1 else items[0].slots
-    runner.slot_table.table[rows_t, pos_t] = out_cache_loc  # the new tokens' slots, all rows at once
+    runner.slot_table.write_at(rows_t, pos_t, out_cache_loc)  # the new tokens' slots, all rows at once
     batch = ForwardBatch(
         input_ids=input_t,
         positions=pos_t,
@@ -102,6 +102,9 @@ def build_forward_batch(
         logits_indices=logits_t,
         pool=runner.pool,
         slot_table=runner.slot_table.table,
+        sliding_slot_table=runner.slot_table.sliding_table,
+        sliding_out_cache_loc=(None if runner.pool.full_to_sliding is None
+                               else runner.pool.full_to_sliding[out_cache_loc]),
     )
     return batch, plan
 

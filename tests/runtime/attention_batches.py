@@ -15,15 +15,22 @@ from plait.runtime.kvcache.pool import KVPool
 from plait.runtime.kvcache.table import ReqToSlotTable
 
 
-def make_pool_and_table(specs, KVH, D, dtype, device, gen, *, num_layers=2):
-    """A pool holding every request of ``specs`` ((prefix_len, extend_len) each), random K/V, shuffled slots."""
+def make_pool_and_table(specs, KVH, D, dtype, device, gen, *, num_layers=2, hybrid_window=0):
+    """A pool holding every request of ``specs`` ((prefix_len, extend_len) each), random K/V, shuffled slots.
+    ``hybrid_window``: a hybrid pool whose last layer is a sliding-window layer of that window, with
+    nearly as many sliding slots as full ones (also shuffled, so that the two indices differ)."""
     total = sum(p + n for p, n in specs)
-    pool = KVPool(total + 16, num_layers, KVH, D, dtype, device)
+    hybrid = dict(sliding_layers=(num_layers - 1,), num_sliding_slots=total + 12,
+                  sliding_window=hybrid_window) if hybrid_window else {}
+    pool = KVPool(total + 16, num_layers, KVH, D, dtype, device, **hybrid)
     for buf in pool.k_buffers + pool.v_buffers:  # cached prefixes: random K/V everywhere
         buf.copy_(torch.randn(buf.shape, generator=gen).to(dtype))
     # shuffle the free list so that requests' slots are scattered
     pool._free_slots = pool._free_slots[torch.randperm(pool.num_free, generator=gen).to(device)]
-    table = ReqToSlotTable(len(specs) + 3, max(p + n for p, n in specs) + 5, device)
+    if hybrid:
+        pool._free_sliding = pool._free_sliding[torch.randperm(pool.num_sliding_free, generator=gen).to(device)]
+    table = ReqToSlotTable(len(specs) + 3, max(p + n for p, n in specs) + 5, device,
+                           full_to_sliding=pool.full_to_sliding)
     table.alloc()  # row 0 unused: rows are not batch positions
     return pool, table
 
@@ -55,6 +62,8 @@ def build_batch(pool, table, specs, H, gen):
         logits_indices=torch.tensor([s + n - 1 for s, n in zip(starts, ext)], device=device),
         pool=pool,
         slot_table=table.table,
+        sliding_slot_table=table.sliding_table,
+        sliding_out_cache_loc=None if pool.full_to_sliding is None else pool.full_to_sliding[torch.cat(out_slots)],
     )
 
     def rand(*shape):
@@ -69,10 +78,11 @@ def reference_output(batch, q, layer_id, scale, *, sliding_window=None, sinks=No
 
     pool = batch.pool
     k_buf, v_buf = pool.k_buffers[layer_id], pool.v_buffers[layer_id]
+    table = batch.kv_slots(sliding_window if layer_id in pool.sliding_layers else None)[0]
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     for i, n in enumerate(batch.extend_lens):
         start, prefix, seq = batch.extend_starts[i], batch.prefix_lens[i], batch.seq_lens[i]
-        slots = batch.slot_table[int(batch.req_rows[i]), :seq].long()
+        slots = table[int(batch.req_rows[i]), :seq].long()
         q_pos = torch.arange(prefix, seq, device=q.device)
         out[start : start + n] = attention_rows_ref(
             q[start : start + n], k_buf[slots], v_buf[slots], q_pos, scale, sliding_window=sliding_window, sinks=sinks

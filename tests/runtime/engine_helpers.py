@@ -20,6 +20,8 @@ def assert_no_leak(engine) -> None:
     engine.tree.check_integrity()
     pool = engine.runner.pool
     assert pool.num_free == pool.capacity, f"{pool.capacity - pool.num_free} KV slots leaked"
+    assert pool.num_sliding_free == pool.num_sliding_slots, (
+        f"{pool.num_sliding_slots - pool.num_sliding_free} sliding KV slots leaked")
     table = engine.runner.slot_table
     assert table.num_free == engine.config.max_running_requests
 

@@ -43,6 +43,9 @@ class CudaGraphRunner:
         self.input_ids = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
         self.out_cache_loc = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
+        # a hybrid KV pool: the new tokens' sliding slots (sliding-window layers), filled like out_cache_loc
+        self.sliding_out_cache_loc = (torch.zeros(max_batch_size, dtype=torch.int64, device=device)
+                                      if runner.pool.hybrid else None)
         self.req_rows = torch.full((max_batch_size,), runner.pad_row, dtype=torch.int64, device=device)
         self.logits_indices = torch.arange(max_batch_size, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -65,6 +68,8 @@ class CudaGraphRunner:
             logits_indices=self.logits_indices[:bs],
             pool=self.runner.pool,
             slot_table=self.runner.slot_table.table,
+            sliding_slot_table=self.runner.slot_table.sliding_table,
+            sliding_out_cache_loc=None if self.sliding_out_cache_loc is None else self.sliding_out_cache_loc[:bs],
         )
 
     @torch.inference_mode()
@@ -97,11 +102,16 @@ class CudaGraphRunner:
         self.input_ids[:n].copy_(batch.input_ids)
         self.positions[:n].copy_(batch.positions)
         self.out_cache_loc[:n].copy_(batch.out_cache_loc)
+        if self.sliding_out_cache_loc is not None:
+            assert batch.sliding_out_cache_loc is not None
+            self.sliding_out_cache_loc[:n].copy_(batch.sliding_out_cache_loc)
         self.req_rows[:n].copy_(batch.req_rows)
         if bs > n:
             self.input_ids[n:bs].zero_()
             self.positions[n:bs].zero_()
             self.out_cache_loc[n:bs].zero_()
+            if self.sliding_out_cache_loc is not None:
+                self.sliding_out_cache_loc[n:bs].zero_()
             self.req_rows[n:bs].fill_(self.runner.pad_row)
         static = self._static_batch(bs, list(batch.seq_lens) + [1] * (bs - n))
         self.runner.attn_backend.prepare(static)

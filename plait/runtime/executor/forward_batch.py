@@ -43,6 +43,17 @@ class ForwardBatch:
     pool: Any  # KVPool
     slot_table: torch.Tensor  # [max_requests, max_context_len] request-to-slot table
     attn_metadata: Any = field(default=None)
+    # a hybrid KV pool (KVPool.hybrid): the sliding-window layers' table and new-token slots; else None
+    sliding_slot_table: torch.Tensor | None = None
+    sliding_out_cache_loc: torch.Tensor | None = None
+
+    def kv_slots(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(request-to-slot table, new tokens' slots) for a layer with this window: the sliding ones
+        where the pool keeps sliding-window layers apart (their buffers are indexed by sliding slots)."""
+        if sliding_window is not None and self.sliding_slot_table is not None:
+            assert self.sliding_out_cache_loc is not None
+            return self.sliding_slot_table, self.sliding_out_cache_loc
+        return self.slot_table, self.out_cache_loc
 
     @property
     def batch_size(self) -> int:

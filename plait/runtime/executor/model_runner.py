@@ -65,7 +65,8 @@ class ModelRunner:
         self.model = self._build_model(source)
         self.pool = self._build_pool()
         # one extra row, reserved: padded rows of CUDA-graph batches read slot 0 through it
-        self.slot_table = ReqToSlotTable(config.max_running_requests + 1, self.context_length + 1, self.device)
+        self.slot_table = ReqToSlotTable(config.max_running_requests + 1, self.context_length + 1, self.device,
+                                         full_to_sliding=self.pool.full_to_sliding)
         self.pad_row = self.slot_table.alloc()
         self.cuda_graphs: CudaGraphRunner | None = None
         if self.device.type == "cuda" and not config.disable_cuda_graph and self.backend_name == "triton":
@@ -154,11 +155,34 @@ class ModelRunner:
                              f"or later (Ada, Hopper); this one is {torch.cuda.get_device_capability(self.device)}")
         return getattr(torch, name)
 
+    def _sliding_layout(self) -> dict:
+        """KVPool arguments of the hybrid layout (``EngineConfig.disable_hybrid_swa_memory``): the
+        sliding-window layers, their window, and the sliding pool's size as a share of the full one
+        with a floor: every running request's window twice (its own tokens, freed in batches of
+        ``SLIDING_FREE_BATCH`` behind it, and up to a window of cached prefix it still reads) and two
+        prefill chunks. None when the model does not mix sliding and full layers."""
+        from plait.runtime.scheduler import SLIDING_FREE_BATCH
+
+        cfg, config = self.model_config, self.config
+        windows = [cfg.layer_sliding_window(i) for i in range(cfg.num_layers)]
+        sliding = tuple(i for i, w in enumerate(windows) if w is not None)
+        if config.disable_hybrid_swa_memory or not sliding or len(sliding) == cfg.num_layers:
+            return {}
+        window = max(w for w in windows if w is not None)
+        floor = config.max_running_requests * (2 * window + SLIDING_FREE_BATCH) + 2 * config.chunked_prefill_size
+        ratio = config.swa_full_tokens_ratio if config.swa_full_tokens_ratio is not None else 0.1
+        return dict(sliding_layers=sliding, sliding_window=window, sliding_fraction=ratio, min_sliding_slots=floor)
+
     def _build_pool(self) -> KVPool:
         cfg = self.model_config
         args = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype())
+        layout = self._sliding_layout()
         if self.config.max_total_tokens is not None:
-            return KVPool(self.config.max_total_tokens, *args, device=self.device)
+            slots = self.config.max_total_tokens
+            if layout:
+                sliding = min(slots, max(int(slots * layout.pop("sliding_fraction")), layout.pop("min_sliding_slots")))
+                layout["num_sliding_slots"] = sliding
+            return KVPool(slots, *args, device=self.device, **layout)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(free - total * (1 - self.config.mem_fraction) - self._activation_reserve())
@@ -169,7 +193,7 @@ class ModelRunner:
                 )
         else:
             budget = int(self.config.kv_cache_gb * 2**30)
-        return KVPool.from_memory_budget(budget, *args, device=self.device)
+        return KVPool.from_memory_budget(budget, *args, device=self.device, **layout)
 
     def _activation_reserve(self) -> int:
         """Bytes kept free for activations, logits and CUDA graphs (a generous estimate)."""

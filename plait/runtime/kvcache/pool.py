@@ -9,6 +9,13 @@ their padding tokens there. It is never handed out, so the buffers have ``num_sl
 
 The free list is a tensor on the pool's device: ``alloc`` slices its head and ``free`` concatenates,
 so neither needs a host-device sync (the free count is the tensor's length, known on the host).
+
+Hybrid layout (models mixing sliding-window and full-attention layers, GPT-OSS): the sliding layers'
+buffers hold fewer rows, ``num_sliding_slots``, since those layers need only the last ``sliding_window``
+keys of each sequence. A slot index (the *full* slot) still names a token everywhere (request table,
+radix tree); each allocated full slot also gets a *sliding* slot, recorded in ``full_to_sliding`` (a
+device tensor; 0 = none). Callers free a token's sliding slot on its own (``free_sliding``) once no
+one needs its sliding-layer KV any more, and keep track on the host of which tokens still have one.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ class KVPool:
         device: str | torch.device = "cpu",
         *,
         debug: bool = False,
+        sliding_layers: tuple[int, ...] = (),
+        num_sliding_slots: int = 0,
+        sliding_window: int = 0,
     ) -> None:
         if num_slots < 1:
             raise ValueError(f"KVPool needs at least one usable slot, got num_slots={num_slots}")
@@ -52,13 +62,33 @@ class KVPool:
         self.dtype = dtype
         self.device = torch.device(device)
         self.debug = debug
-        shape = (num_slots + 1, num_kv_heads, head_dim)
+        self.sliding_layers = frozenset(sliding_layers)
+        self.hybrid = bool(self.sliding_layers)
+        if self.hybrid:
+            if not self.sliding_layers <= set(range(num_layers)) or len(self.sliding_layers) == num_layers:
+                raise ValueError(f"sliding_layers {sorted(self.sliding_layers)} must be some, not all, of the "
+                                 f"{num_layers} layers")
+            if not 1 <= num_sliding_slots <= num_slots or sliding_window < 1:
+                raise ValueError(f"a hybrid pool needs 1 <= num_sliding_slots <= num_slots ({num_slots}) and "
+                                 f"sliding_window >= 1, got {num_sliding_slots} and {sliding_window}")
+        self.num_sliding_slots = num_sliding_slots if self.hybrid else 0
+        self.sliding_window = sliding_window if self.hybrid else 0
+
+        def rows(layer: int) -> int:
+            return (self.num_sliding_slots if layer in self.sliding_layers else num_slots) + 1
+
         self.k_buffers: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
+            torch.zeros((rows(i), num_kv_heads, head_dim), dtype=dtype, device=self.device) for i in range(num_layers)
         ]
         self.v_buffers: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
+            torch.zeros((rows(i), num_kv_heads, head_dim), dtype=dtype, device=self.device) for i in range(num_layers)
         ]
+        # hybrid: full slot -> its sliding slot (0: none); the sliding free list
+        self.full_to_sliding: torch.Tensor | None = (
+            torch.zeros(num_slots + 1, dtype=torch.int64, device=self.device) if self.hybrid else None
+        )
+        self._free_sliding = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._is_free_sliding: torch.Tensor | None = None
         self._free_slots = torch.empty(0, dtype=torch.int64, device=self.device)
         # debug only: _is_free[s] is True iff slot s is in the free list (slot 0 is never free).
         self._is_free: torch.Tensor | None = None
@@ -83,14 +113,35 @@ class KVPool:
         device: str | torch.device = "cpu",
         *,
         debug: bool = False,
+        sliding_layers: tuple[int, ...] = (),
+        sliding_window: int = 0,
+        sliding_fraction: float = 0.0,
+        min_sliding_slots: int = 0,
     ) -> KVPool:
-        """The largest pool whose buffers (padding row included) fit in ``budget_bytes``.
+        """The largest pool whose buffers (padding rows included) fit in ``budget_bytes``.
+
+        Hybrid (``sliding_layers`` given): ``max(sliding_fraction * num_slots, min_sliding_slots)``
+        sliding slots (at most ``num_slots``), and as many full slots as the rest of the budget holds.
 
         Raises:
             ValueError: if the budget holds fewer than ``MIN_SLOTS`` usable slots.
         """
         per_slot = cls.bytes_per_slot(num_layers, num_kv_heads, head_dim, dtype)
         num_slots = int(budget_bytes) // per_slot - 1  # one row is the padding sink
+        extra: dict = {}
+        if sliding_layers and num_slots >= MIN_SLOTS:
+            per_layer = per_slot // num_layers
+            full_bytes, sliding_bytes = per_layer * (num_layers - len(sliding_layers)), per_layer * len(sliding_layers)
+            usable = int(budget_bytes) - full_bytes - sliding_bytes  # the padding rows
+            full = int(usable // (full_bytes + sliding_fraction * sliding_bytes))
+            if full * sliding_fraction < min_sliding_slots:  # the floor binds: it comes off the top
+                full = (usable - min_sliding_slots * sliding_bytes) // full_bytes
+            if full >= MIN_SLOTS:
+                sliding = min(full, max(int(full * sliding_fraction), min_sliding_slots, 1))
+                full = max(full, (usable - sliding * sliding_bytes) // full_bytes)
+                num_slots = full
+                extra = dict(sliding_layers=tuple(sliding_layers), num_sliding_slots=sliding,
+                             sliding_window=sliding_window)
         if num_slots < MIN_SLOTS:
             raise ValueError(
                 f"KV memory budget of {budget_bytes} bytes holds only {max(num_slots, 0)} token slots "
@@ -98,7 +149,7 @@ class KVPool:
                 f"{head_dim} x K and V in {dtype}); at least {MIN_SLOTS} are needed. "
                 "Give the KV cache more memory or use a smaller model."
             )
-        return cls(num_slots, num_layers, num_kv_heads, head_dim, dtype, device, debug=debug)
+        return cls(num_slots, num_layers, num_kv_heads, head_dim, dtype, device, debug=debug, **extra)
 
     @property
     def capacity(self) -> int:
@@ -116,11 +167,14 @@ class KVPool:
         return self.num_slots - self._free_slots.numel()
 
     @property
+    def num_sliding_free(self) -> int:
+        """Hybrid: sliding slots that ``alloc`` can hand out now (0 for a pool without sliding layers)."""
+        return self._free_sliding.numel()
+
+    @property
     def memory_bytes(self) -> int:
         """Bytes held by all K and V buffers."""
-        return (self.num_slots + 1) * self.bytes_per_slot(
-            self.num_layers, self.num_kv_heads, self.head_dim, self.dtype
-        )
+        return sum(2 * buf.numel() * buf.element_size() for buf in self.k_buffers)
 
     # -------------------------------------------------------------- alloc/free
 
@@ -131,16 +185,24 @@ class KVPool:
         """
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of slots ({n})")
-        if n > self._free_slots.numel():
+        if n > self._free_slots.numel() or (self.hybrid and n > self._free_sliding.numel()):
             return None
         slots = self._free_slots[:n]
         self._free_slots = self._free_slots[n:]
         if self._is_free is not None:
             self._is_free[slots] = False
+        if self.hybrid and n:
+            assert self.full_to_sliding is not None
+            sliding = self._free_sliding[:n]
+            self._free_sliding = self._free_sliding[n:]
+            if self._is_free_sliding is not None:
+                self._is_free_sliding[sliding] = False
+            self.full_to_sliding[slots] = sliding
         return slots
 
-    def free(self, slots: torch.Tensor) -> None:
-        """Return ``slots`` (any integer tensor, possibly empty) to the free list.
+    def free(self, slots: torch.Tensor, *, sliding: bool = True) -> None:
+        """Return ``slots`` (any integer tensor, possibly empty) to the free list; in a hybrid pool
+        also their sliding slots unless ``sliding=False`` (the caller freed those already).
 
         With ``debug=True`` a double free, a duplicate, slot 0 or an out-of-range index raises
         ValueError (and nothing is freed); without it these are not checked (no host sync).
@@ -149,22 +211,38 @@ class KVPool:
             return
         slots = slots.reshape(-1).to(device=self.device, dtype=torch.int64)
         if self._is_free is not None:
-            self._check_free(slots)
+            self._check_free(slots, self._is_free, self.num_slots, "KV slots")
+        if self.hybrid and sliding:
+            self.free_sliding(slots)
+        if self._is_free is not None:
             self._is_free[slots] = True
         self._free_slots = torch.cat((self._free_slots, slots))
 
-    def _check_free(self, slots: torch.Tensor) -> None:
+    def free_sliding(self, slots: torch.Tensor) -> None:
+        """Hybrid: free the sliding slots of the full ``slots`` (each must have one; the full slots stay
+        allocated). A no-op for a pool without sliding layers."""
+        if not self.hybrid or slots.numel() == 0:
+            return
+        assert self.full_to_sliding is not None
+        slots = slots.reshape(-1).to(device=self.device, dtype=torch.int64)
+        sliding = self.full_to_sliding[slots]
+        if self._is_free_sliding is not None:
+            self._check_free(sliding, self._is_free_sliding, self.num_sliding_slots, "sliding slots (of full slots "
+                             f"{slots.tolist()})")
+            self._is_free_sliding[sliding] = True
+        self.full_to_sliding[slots] = PADDING_SLOT
+        self._free_sliding = torch.cat((self._free_sliding, sliding))
+
+    @staticmethod
+    def _check_free(slots: torch.Tensor, is_free: torch.Tensor, limit: int, what: str) -> None:
         lo, hi = int(slots.min()), int(slots.max())
-        if lo < 1 or hi > self.num_slots:
-            raise ValueError(
-                f"freeing slot index out of range [1, {self.num_slots}]: min={lo}, max={hi}"
-            )
+        if lo < 1 or hi > limit:
+            raise ValueError(f"freeing {what}: index out of range [1, {limit}]: min={lo}, max={hi}")
         if torch.unique(slots).numel() != slots.numel():
-            raise ValueError(f"freeing the same slot twice in one call: {slots.tolist()}")
-        assert self._is_free is not None
-        already = slots[self._is_free[slots]]
+            raise ValueError(f"freeing {what}: the same slot twice in one call: {slots.tolist()}")
+        already = slots[is_free[slots]]
         if already.numel() > 0:
-            raise ValueError(f"double free of KV slots {already.tolist()}")
+            raise ValueError(f"double free of {what}: {already.tolist()}")
 
     def is_free(self, slots: torch.Tensor) -> torch.Tensor:
         """Bool tensor: for each slot, whether it is in the free list (for checks and tests)."""
@@ -177,6 +255,13 @@ class KVPool:
         if self.debug:
             self._is_free = torch.ones(self.num_slots + 1, dtype=torch.bool, device=self.device)
             self._is_free[PADDING_SLOT] = False
+        if self.hybrid:
+            assert self.full_to_sliding is not None
+            self.full_to_sliding.zero_()
+            self._free_sliding = torch.arange(1, self.num_sliding_slots + 1, dtype=torch.int64, device=self.device)
+            if self.debug:
+                self._is_free_sliding = torch.ones(self.num_sliding_slots + 1, dtype=torch.bool, device=self.device)
+                self._is_free_sliding[PADDING_SLOT] = False
 
     # ------------------------------------------------------------------- data
 
@@ -202,5 +287,7 @@ class KVPool:
         return (
             f"KVPool(slots={self.num_slots}, free={self.num_free}, layers={self.num_layers}, "
             f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}, "
-            f"device={self.device})"
+            + (f"sliding_layers={len(self.sliding_layers)}, sliding_slots={self.num_sliding_slots}, "
+               f"sliding_free={self.num_sliding_free}, " if self.hybrid else "")
+            + f"device={self.device})"
         )

@@ -3,6 +3,10 @@
 Each running request owns one row of ``table``; column i of that row is the KV slot holding token i
 of the request. The model runner gathers slot indices for attention from this table; the scheduler
 writes newly allocated slots into it. The table holds indices only, never KV memory.
+
+With a hybrid KV pool (``KVPool.full_to_sliding``) a second table, ``sliding_table``, holds each
+position's sliding slot for the sliding-window layers: ``write`` fills both, translating through the
+pool's map as it is at that moment (0 where a token has no sliding slot).
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import torch
 class ReqToSlotTable:
     """A fixed [max_requests, max_context_len] int64 table of slot indices plus a free-row list."""
 
-    def __init__(self, max_requests: int, max_context_len: int, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, max_requests: int, max_context_len: int, device: str | torch.device = "cpu",
+        full_to_sliding: torch.Tensor | None = None,
+    ) -> None:
         if max_requests < 1 or max_context_len < 1:
             raise ValueError(
                 f"ReqToSlotTable needs max_requests >= 1 and max_context_len >= 1, "
@@ -24,6 +31,10 @@ class ReqToSlotTable:
         self.device = torch.device(device)
         self.table: torch.Tensor = torch.zeros(
             (max_requests, max_context_len), dtype=torch.int64, device=self.device
+        )
+        self.full_to_sliding = full_to_sliding
+        self.sliding_table: torch.Tensor | None = (
+            None if full_to_sliding is None else torch.zeros_like(self.table)
         )
         # A stack; reversed so that rows are handed out 0, 1, 2, ...
         self._free_rows: list[int] = list(range(max_requests - 1, -1, -1))
@@ -64,6 +75,16 @@ class ReqToSlotTable:
                 f"writing {n} slots at position {start} exceeds max_context_len={self.max_context_len}"
             )
         self.table[row, start : start + n] = slots.reshape(-1)
+        if self.sliding_table is not None and n:
+            assert self.full_to_sliding is not None
+            self.sliding_table[row, start : start + n] = self.full_to_sliding[slots.reshape(-1)]
+
+    def write_at(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store ``slots[i]`` at (``rows[i]``, ``positions[i]``) for every i (device tensors, no checks)."""
+        self.table[rows, positions] = slots
+        if self.sliding_table is not None:
+            assert self.full_to_sliding is not None
+            self.sliding_table[rows, positions] = self.full_to_sliding[slots]
 
     def read(self, row: int, end: int, start: int = 0) -> torch.Tensor:
         """Slots of tokens ``start .. end - 1`` of ``row`` ([end - start] int64, a copy)."""

@@ -102,16 +102,17 @@ def _full_plan(batch: ForwardBatch, decode_rows: list[int]) -> _AttnPlan:
     return _AttnPlan(slots, mask, extends)
 
 
-def _window_plan(batch: ForwardBatch, decode_rows: list[int], window: int) -> _AttnPlan:
+def _window_plan(batch: ForwardBatch, decode_rows: list[int], window: int, table: torch.Tensor) -> _AttnPlan:
     """Sliding window ``window``: decode rows read only their last ``window`` keys; extend rows attend in
-    query chunks of ``WINDOW_QUERY_CHUNK``, each to the keys its window can reach (``_UNBOUNDED``: all)."""
+    query chunks of ``WINDOW_QUERY_CHUNK``, each to the keys its window can reach (``_UNBOUNDED``: all).
+    ``table``: the request-to-slot table of the layers (``ForwardBatch.kv_slots``)."""
     device = batch.input_ids.device
     extends = []
     for i, n in enumerate(batch.extend_lens):
         if n == 1:
             continue
         start, prefix, seq = batch.extend_starts[i], batch.prefix_lens[i], batch.seq_lens[i]
-        table_row = batch.slot_table[int(batch.req_rows[i])]
+        table_row = table[int(batch.req_rows[i])]
         for c0 in range(0, n, WINDOW_QUERY_CHUNK):
             c1 = min(n, c0 + WINDOW_QUERY_CHUNK)
             q_first, q_end = prefix + c0, prefix + c1  # absolute positions of this chunk's queries
@@ -133,7 +134,7 @@ def _window_plan(batch: ForwardBatch, decode_rows: list[int], window: int) -> _A
         offs = torch.arange(kmax, device=device)[None, :]  # [1, K]
         valid = offs < torch.tensor(counts, device=device)[:, None]  # [Bd, K]
         pos = torch.where(valid, first[:, None] + offs, 0)  # [Bd, K]
-        slots = torch.where(valid, batch.slot_table[rows[:, None], pos], 0)  # [Bd, K]
+        slots = torch.where(valid, table[rows[:, None], pos], 0)  # [Bd, K]
         if not all(c == kmax for c in counts):
             mask = valid[:, None, None, :]
     return _AttnPlan(slots, mask, extends)
@@ -181,13 +182,14 @@ class TorchAttentionBackend:
     def _plan(self, batch: ForwardBatch, window: int | None, sinks: torch.Tensor | None) -> _AttnPlan:
         """This step's plan for ``window``, built by the first layer that asks and shared by the others."""
         md: _TorchAttnMetadata = batch.attn_metadata
+        table = batch.kv_slots(window)[0]
         if window is None and sinks is not None:
             window = _UNBOUNDED  # chunked like a windowed layer: bounded sink biases
         plan = md.plans.get(window)
         if plan is None:
             if window < 1:
                 raise ValueError(f"sliding_window must be >= 1, got {window}")
-            plan = md.plans[window] = _window_plan(batch, md.decode_rows, window)
+            plan = md.plans[window] = _window_plan(batch, md.decode_rows, window, table)
         return plan
 
     def forward(
@@ -198,7 +200,7 @@ class TorchAttentionBackend:
         plan = self._plan(batch, sliding_window, sinks)
         pool = batch.pool
         if not kv_stored:
-            pool.set_kv(layer_id, batch.out_cache_loc, k, v)
+            pool.set_kv(layer_id, batch.kv_slots(sliding_window)[1], k, v)
         k_buf, v_buf = pool.k_buffers[layer_id], pool.v_buffers[layer_id]
         out = torch.empty_like(q)
         if plan.decode_kv_slots is not None:
@@ -266,7 +268,7 @@ class Attention(nn.Module):
         pool = batch.pool
         rotary_store_kv(
             qkv_heads, num_q_heads, num_kv_heads, rope.positions, rope.cos_cache, rope.sin_cache,
-            pool.k_buffers[self.layer_id], pool.v_buffers[self.layer_id], batch.out_cache_loc,
+            pool.k_buffers[self.layer_id], pool.v_buffers[self.layer_id], batch.kv_slots(self.sliding_window)[1],
         )
         q = qkv_heads[:, :num_q_heads]
         k = qkv_heads[:, num_q_heads : num_q_heads + num_kv_heads]

@@ -152,9 +152,9 @@ class TritonAttentionBackend:
         ``sinks``: [H] per-head sink logits (see ``layers.attention``)."""
         md: TritonAttnMetadata = batch.attn_metadata
         k_buf, v_buf = batch.pool.k_buffers[layer_id], batch.pool.v_buffers[layer_id]
+        table, out_loc = batch.kv_slots(sliding_window)
         if not kv_stored:
-            store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
-        table = batch.slot_table
+            store_kv(k_buf, v_buf, out_loc, k, v)
         options = dict(sliding_window=sliding_window, sinks=sinks)
         if md.extend_req_rows is None:  # decode only: one token per row, in row order
             return self._decode(q, k_buf, v_buf, table, scale, md, **options)

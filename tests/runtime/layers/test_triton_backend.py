@@ -21,7 +21,7 @@ from plait.runtime.kvcache.pool import KVPool  # noqa: E402
 from plait.runtime.kvcache.table import ReqToSlotTable  # noqa: E402
 from plait.runtime.layers.attention import TorchAttentionBackend  # noqa: E402
 from plait.runtime.layers.triton_attention import TritonAttentionBackend  # noqa: E402
-from tests.runtime.attention_batches import build_batch, make_pool_and_table  # noqa: E402
+from tests.runtime.attention_batches import build_batch, make_pool_and_table, reference_output  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,10 @@ def device() -> str:
     return "cuda" if HAS_CUDA else "cpu"
 
 
-def compare(specs, H, KVH, D, dtype, device, tol, *, num_layers=2, seed=0, window=None, sinks=None):
+def compare(specs, H, KVH, D, dtype, device, tol, *, num_layers=2, seed=0, window=None, sinks=None, hybrid=False):
     gen = torch.Generator().manual_seed(seed)
-    pool, table = make_pool_and_table(specs, KVH, D, dtype, device, gen, num_layers=num_layers)
+    pool, table = make_pool_and_table(specs, KVH, D, dtype, device, gen, num_layers=num_layers,
+                                      hybrid_window=window if hybrid else 0)
     batch, q, k, v = build_batch(pool, table, specs, H, gen)
     triton_be = TritonAttentionBackend(H, D, max_batch_size=8, max_kv_splits=8, device=device)
     torch_be = TorchAttentionBackend()
@@ -52,6 +53,9 @@ def compare(specs, H, KVH, D, dtype, device, tol, *, num_layers=2, seed=0, windo
     assert out.shape == ref.shape and out.dtype == ref.dtype and torch.isfinite(out).all()
     diff = (out.float() - ref.float()).abs().max().item()
     assert diff < tol, f"max abs diff {diff} >= {tol}"
+    if hybrid:  # the sliding layer read its sliding slots: the kernels' reference over that table agrees
+        ref_rows = reference_output(batch, q, layer, D**-0.5, sliding_window=window, sinks=sinks)
+        assert (out.float() - ref_rows).abs().max().item() < tol
 
 
 @pytest.mark.parametrize(
@@ -96,6 +100,15 @@ def test_triton_backend_window_sinks_cpu_scale(device, specs, window, with_sinks
     H, KVH, D = 4, 2, 32
     sinks = gpt_oss_sinks(H, torch.float32, device) if with_sinks else None
     compare(specs, H, KVH, D, torch.float32, device, 1e-4, window=window, sinks=sinks)
+
+
+@pytest.mark.parametrize("specs", [WINDOW_MIXED, [(50, 1), (7, 1), (8, 1), (9, 1)]], ids=["mixed", "decode"])
+def test_triton_backend_hybrid_pool_sliding_layer(device, specs):
+    """A hybrid pool (the sliding layer's KV in sliding slots, numbered apart from the full ones): both
+    backends write and read that layer through the sliding table and agree with the reference."""
+    H, KVH, D = 4, 2, 32
+    compare(specs, H, KVH, D, torch.float32, device, 1e-4, window=8, sinks=gpt_oss_sinks(H, torch.float32, device),
+            hybrid=True)
 
 
 @pytest.mark.gpu
