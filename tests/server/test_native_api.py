@@ -166,7 +166,8 @@ def test_info_health_and_metrics(server):
     metrics = server.get("/metrics").text
     for name in ("plait:requests_total", "plait:generation_tokens_total", "plait:time_to_first_token_seconds_bucket",
                  "plait:time_per_output_token_seconds_count", "plait:cache_hit_rate", "plait:num_queue_reqs",
-                 "plait:kv_slots_used", "plait:e2e_request_latency_seconds_sum", "plait:new_token_ratio"):
+                 "plait:kv_slots_used", "plait:e2e_request_latency_seconds_sum", "plait:new_token_ratio",
+                 "plait:kv_sliding_slots_total"):
         assert name in metrics
     generated = [line for line in metrics.splitlines() if line.startswith("plait:generation_tokens_total ")]
     assert float(generated[0].split()[1]) > 0
