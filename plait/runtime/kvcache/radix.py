@@ -403,6 +403,8 @@ class RadixCache:
             for node in nodes:
                 if num_freed >= num_tokens:
                     return num_freed
+                if tail and node.sliding_held <= tail:  # usually only its tail left (the check is cheap)
+                    continue
                 num_freed += self._free_sliding_of(node, max(len(node.key) - tail, 0))
         return num_freed
 
