@@ -300,7 +300,10 @@ def _header(machine: Machine, engine, args, settings: dict, started, version: st
     if engine is not None:
         dtype = str(engine.runner.dtype).removeprefix("torch.")
         what += f", {dtype}, {engine.model_config.num_parameters() / 1e9:.3g}B parameters"
-        what += f"; KV cache {engine.runner.pool.capacity:,} tokens"
+        pool = engine.runner.pool
+        what += f"; KV cache {pool.capacity:,} tokens"
+        if pool.hybrid:
+            what += f" (sliding-window layers: {pool.num_sliding_slots:,} slots of their own)"
         what += f"; max_running_requests {engine.config.max_running_requests}"
     what += ")"
     cuda = f", CUDA {torch.version.cuda}" if machine.device.type == "cuda" else ""

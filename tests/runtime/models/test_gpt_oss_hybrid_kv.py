@@ -111,3 +111,12 @@ def test_retraction(gpt_oss, small_batches):
         check(engine, gpt_oss, LONG + PROMPTS)
         assert engine.stats()["retractions"] > 0
         assert_no_leak(engine)
+
+
+def test_without_the_prefix_cache(gpt_oss, small_batches):
+    """With the radix cache off, requests still free their sliding slots behind their windows, and
+    give back the rest when they finish."""
+    _, path, _ = gpt_oss
+    with engine_with(path, disable_radix_cache=True) as engine:
+        check(engine, gpt_oss, LONG + PROMPTS)
+        assert_no_leak(engine)
