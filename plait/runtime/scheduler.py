@@ -382,10 +382,7 @@ class Scheduler:
         """Hand the request's computed KV to the tree and re-lock it there (SGLang's cache_unfinished_req)."""
         if self.tree.disabled:
             return
-        ids = req.token_slice(0, req.computed_len)
-        slots = self.table.read(req.row, req.computed_len)
-        sliding_from = max(req.sliding_from, req.cache_locked_len)
-        self.tree.cache_tokens(ids, slots, req.cache_namespace, req.cache_locked_len, sliding_from)
+        ids = self._give_to_tree(req)
         match = self.tree.match_prefix(ids, req.cache_namespace)
         if match.length != req.computed_len:  # the request's window is whole, so its prefix matches whole
             raise RuntimeError(f"cached {req.computed_len} tokens of {req.rid} but the cache matches {match.length}")
@@ -394,14 +391,20 @@ class Scheduler:
         self.tree.dec_lock_ref(req.last_node)
         req.last_node, req.cache_locked_len = match.node, match.length
 
+    def _give_to_tree(self, req: Request) -> list[int]:
+        """Hand the request's computed tokens and their KV to the tree (``RadixCache.cache_tokens``: its
+        duplicates of what the tree held are freed); returns those token ids."""
+        ids = req.token_slice(0, req.computed_len)
+        slots = self.table.read(req.row, req.computed_len)
+        sliding_from = max(req.sliding_from, req.cache_locked_len)  # its own tokens that still have sliding slots
+        self.tree.cache_tokens(ids, slots, req.cache_namespace, req.cache_locked_len, sliding_from)
+        return ids
+
     def _release(self, req: Request, pin_for_program: bool = False) -> None:
         """Give the request's KV to the tree (or back to the pool when caching is off) and free its row.
 
         With ``pin_for_program`` (the request finished) its cached path is pinned for its program run."""
-        ids = req.token_slice(0, req.computed_len)
-        slots = self.table.read(req.row, req.computed_len)
-        sliding_from = max(req.sliding_from, req.cache_locked_len)
-        self.tree.cache_tokens(ids, slots, req.cache_namespace, req.cache_locked_len, sliding_from)
+        ids = self._give_to_tree(req)
         if pin_for_program and req.program_id is not None:
             self.pins.pin(req.program_id, ids, req.cache_namespace)
         if req.last_node is not None:
