@@ -180,7 +180,7 @@ class ModelRunner:
         if self.config.max_total_tokens is not None:
             slots = self.config.max_total_tokens
             if layout:
-                sliding = min(slots, max(int(slots * layout.pop("sliding_fraction")), layout.pop("min_sliding_slots")))
+                sliding = KVPool.sliding_slots_for(slots, layout.pop("sliding_fraction"), layout.pop("min_sliding_slots"))
                 layout["num_sliding_slots"] = sliding
             return KVPool(slots, *args, device=self.device, **layout)
         if self.device.type == "cuda":

@@ -137,7 +137,7 @@ class KVPool:
             if full * sliding_fraction < min_sliding_slots:  # the floor binds: it comes off the top
                 full = (usable - min_sliding_slots * sliding_bytes) // full_bytes
             if full >= MIN_SLOTS:
-                sliding = min(full, max(int(full * sliding_fraction), min_sliding_slots, 1))
+                sliding = cls.sliding_slots_for(full, sliding_fraction, min_sliding_slots)
                 full = max(full, (usable - sliding * sliding_bytes) // full_bytes)
                 num_slots = full
                 extra = dict(sliding_layers=tuple(sliding_layers), num_sliding_slots=sliding,
@@ -150,6 +150,12 @@ class KVPool:
                 "Give the KV cache more memory or use a smaller model."
             )
         return cls(num_slots, num_layers, num_kv_heads, head_dim, dtype, device, debug=debug, **extra)
+
+    @staticmethod
+    def sliding_slots_for(num_slots: int, fraction: float, floor: int) -> int:
+        """A hybrid pool's sliding slots for ``num_slots`` full ones: ``fraction`` of them, at least
+        ``floor`` (and 1), at most ``num_slots`` (a full slot has at most one sliding slot)."""
+        return min(num_slots, max(int(num_slots * fraction), floor, 1))
 
     @property
     def capacity(self) -> int:

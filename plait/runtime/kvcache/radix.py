@@ -165,9 +165,10 @@ class RadixCache:
         self._sliding_size = 0  # hybrid: tokens of the tree that still have their sliding slot
         self._leaves: set[TreeNode] = set()  # every non-root node without children
 
-    def _held(self, n: int, value: bool = True) -> torch.Tensor | None:
-        """A node's sliding flags for ``n`` tokens (None for a pool without sliding layers)."""
-        return torch.full((n,), value, dtype=torch.bool) if self.hybrid else None
+    def _held(self, n: int) -> torch.Tensor | None:
+        """A node's sliding flags for ``n`` tokens that all have their sliding slot (None for a pool
+        without sliding layers)."""
+        return torch.ones(n, dtype=torch.bool) if self.hybrid else None
 
     def _new_root(self) -> TreeNode:
         root = TreeNode((), self._empty_slots(), None, self._tick(), self._held(0))
@@ -283,19 +284,17 @@ class RadixCache:
             return already
         frees = torch.zeros(already, dtype=torch.bool)  # caller positions whose sliding slot is freed
         frees[max(own_from, sliding_from):] = True
-        for node, offset, start, length in segments:  # the tree's tokens [offset, offset + length) = caller's [start, ...)
+        mapping = self.pool.full_to_sliding
+        for node, start in segments:  # the node's tokens are the caller's from position ``start`` on
             lo = max(start, own_from, sliding_from)
-            hi = start + length
-            if lo >= hi or node.sliding_held == len(node.key):
+            if lo >= start + len(node.key) or node.sliding_held == len(node.key):
                 continue
-            missing = ~node.sliding[offset + lo - start : offset + hi - start]
-            for a, b in _true_runs(missing):
-                tree_slots = node.value[offset + lo - start + a : offset + lo - start + b]
+            for a, b in _true_runs(~node.sliding[lo - start :]):  # positions lo + a .. lo + b lost theirs
+                tree_slots = node.value[lo - start + a : lo - start + b]
                 own = slots[lo + a : lo + b]
-                mapping = self.pool.full_to_sliding
                 mapping[tree_slots] = mapping[own]  # the tree's token takes the request's sliding slot
                 mapping[own] = 0
-                node.sliding[offset + lo - start + a : offset + lo - start + b] = True
+                node.sliding[lo - start + a : lo - start + b] = True
                 node.sliding_held += b - a
                 self._sliding_size += b - a
                 frees[lo + a : lo + b] = False
@@ -307,9 +306,9 @@ class RadixCache:
 
     def _insert(
         self, token_ids: Sequence[int], slots: torch.Tensor, namespace: str | None, sliding_from: int,
-    ) -> tuple[int, list[tuple[TreeNode, int, int, int]]]:
-        """``insert``, also returning the cached segments it walked: (node, offset in the node, position
-        in ``token_ids``, length)."""
+    ) -> tuple[int, list[tuple[TreeNode, int]]]:
+        """``insert``, also returning the cached nodes it walked, each with the position in ``token_ids``
+        where it starts (each node ends within the tokens: the walk splits a node where they diverge)."""
         tokens = _as_key(token_ids)
         if slots.numel() != len(tokens):
             raise ValueError(f"insert got {len(tokens)} token ids but {slots.numel()} slots")
@@ -318,7 +317,7 @@ class RadixCache:
         slots = slots.reshape(-1).to(device=self.pool.device, dtype=torch.int64)
         node = self.root_of(namespace, create=True)
         node.last_access = self._tick()
-        segments: list[tuple[TreeNode, int, int, int]] = []
+        segments: list[tuple[TreeNode, int]] = []
         i = 0
         while i < len(tokens):
             child = node.children.get(tokens[i])
@@ -332,7 +331,7 @@ class RadixCache:
             if matched < len(child.key):
                 child = self._split(child, matched)
             child.last_access = self._tick()
-            segments.append((child, 0, i, matched))
+            segments.append((child, i))
             node = child
             i += matched
         return i, segments
