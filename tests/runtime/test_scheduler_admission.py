@@ -153,7 +153,7 @@ H200_MEMORY, H100_MEMORY = 141 * 10**9, 80 * 10**9
 
 @pytest.mark.parametrize(("device", "is_moe", "memory", "expected"), [
     ("cpu", False, 0, (256, 256)), ("cpu", True, 0, (256, 256)), ("cuda", False, H200_MEMORY, (256, 256)),
-    ("cuda", True, H200_MEMORY, (1024, 512)), ("cuda", True, H100_MEMORY, (256, 256)),
+    ("cuda", True, H200_MEMORY, (1024, 1024)), ("cuda", True, H100_MEMORY, (256, 256)),
 ])
 def test_batch_limits_default_by_device_and_model(device, is_moe, memory, expected):
     config = EngineConfig().with_batch_limits(device, is_moe, memory)
