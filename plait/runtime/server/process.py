@@ -110,6 +110,27 @@ class _Forwarder:
         self.outbox.put(("out", self.rid, self.index, finished, payload))
 
 
+def merge_outputs(first: tuple, second: tuple) -> tuple:
+    """One ``("out", rid, index, finished, payload)`` message standing for two consecutive ones of the
+    same sample: ids, text and output logprob entries are the two deltas joined; input logprobs come
+    from the first (later messages carry none); the rest (counts, finish reason) is the second's."""
+    _, rid, index, _, a = first
+    finished, b = second[3], second[4]
+    meta = dict(b["meta_info"])
+    for key in _OUTPUT_KEYS:
+        if key in a["meta_info"] or key in meta:
+            meta[key] = list(a["meta_info"].get(key, ())) + list(meta.get(key, ()))
+    for key in _INPUT_KEYS:
+        if a["meta_info"].get(key):
+            meta[key] = a["meta_info"][key]
+    payload = {"output_ids": list(a["output_ids"]) + list(b["output_ids"]), "meta_info": meta}
+    if finished:
+        payload["text"] = b["text"]
+    else:
+        payload["text_delta"] = a["text_delta"] + b["text_delta"]
+    return ("out", rid, index, finished, payload)
+
+
 class _Outbox:
     """Messages to the HTTP process; a sender thread ships whatever has piled up as one list."""
 
@@ -474,16 +495,34 @@ class RequestStream:
     def __init__(self, client: EngineClient, rid: str, pending: _Pending):
         self.client, self.rid, self._pending = client, rid, pending
         self.closed = False
+        self._held: tuple | None = None  # a message taken from the queue that could not be merged
 
     async def __aiter__(self) -> AsyncIterator[EngineEvent]:
+        """Each event; outputs of one sample that already wait together arrive as one event (below)."""
         try:
             while self._pending.expected:
-                message = await self._pending.queue.get()
+                message, self._held = self._held or await self._pending.queue.get(), None
                 if message[0] == "dead":
                     raise EngineUnavailableError(message[1])
-                yield self.client._event(self._pending, message)
+                yield self.client._event(self._pending, self._coalesced(message))
         finally:
             self.close()
+
+    def _coalesced(self, message: tuple) -> tuple:
+        """``message`` merged with the outputs of the same sample already waiting behind it.
+
+        When the event loop falls behind the engine (a loaded server), a stream's queue holds several
+        steps' outputs; sending them as one event costs one JSON encoding and one socket write instead
+        of one per token, so the loop catches up instead of falling further behind. An idle server
+        never waits to coalesce: each output leaves as soon as it is read."""
+        queue = self._pending.queue
+        while message[0] == "out" and not message[3] and not queue.empty():
+            following = queue.get_nowait()
+            if following[0] != "out" or following[2] != message[2]:
+                self._held = following
+                break
+            message = merge_outputs(message, following)
+        return message
 
     def close(self) -> None:
         if not self.closed:
