@@ -253,6 +253,7 @@ class IncrementalDetokenizer:
         self._stop_matcher = StopStringMatcher(self.stop)
         self._completed_stops: list[int] = []  # stop strings that the text's last growth completed
         self.stop_regex = StopRegexes(stop_regex)
+        self._watches_stops = bool(self.stop) or bool(self.stop_regex)
         self.failure: str | None = None
 
         context = [int(i) for i in prompt_ids[-_PROMPT_CONTEXT_TOKENS:]]
@@ -333,7 +334,7 @@ class IncrementalDetokenizer:
             self._text = self._text + candidate[old_len:]
         if self.stop and len(self._text) > old_len:
             self._completed_stops = self._stop_matcher.feed(self._text[old_len:])
-        if (self.stop or self.stop_regex) and len(self._text) > old_len:
+        if self._watches_stops and len(self._text) > old_len:
             try:
                 cut = self._find_stop(old_len)
                 held = 0 if final else self._held_back(old_len)
@@ -376,6 +377,8 @@ class IncrementalDetokenizer:
 
     def _held_back(self, old_len: int) -> int:
         """Length of the longest unemitted tail that could be the start of a stop string or match."""
+        if not self._watches_stops:  # the usual request: nothing to hold back
+            return 0
         available = len(self._text) - self._emitted
         # Emitted text never holds the start of a stop string (it would have been held back), so the
         # clamp only guards against a subclass that emits otherwise.
