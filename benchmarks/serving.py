@@ -159,13 +159,15 @@ class Result:
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
     events: int = 0  # stream events that carried new output
+    server_ttft: float | None = None  # the engine's own TTFT (plait's native meta_info.ttft), where reported
     error: str = ""
 
     def record(self) -> dict:
         """The per-request figures written to the JSON outputs (latencies in ms)."""
         return {"ok": self.ok, "constrained": self.constrained, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "ttft_ms": self.ttft * 1e3, "e2e_ms": self.e2e * 1e3,
-                "events": self.events, "error": self.error}
+                "events": self.events, "error": self.error,
+                "server_ttft_ms": None if self.server_ttft is None else self.server_ttft * 1e3}
 
 
 # ------------------------------------------------------------------------------------------ datasets
@@ -302,6 +304,13 @@ def _parse_event(backend: str, data: dict, result: Result) -> str:
     return (choice.get("delta") or {}).get("content") or choice.get("text") or ""
 
 
+def _server_ttft(line: str) -> float | None:
+    """The engine-side TTFT a native event reports (plait: ``meta_info.ttft``, seconds from the engine
+    receiving the request to its first token); None where the server reports none (SGLang)."""
+    value = json.loads(line[5:]).get("meta_info", {}).get("ttft")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 async def send(client: httpx.AsyncClient, backend: str, path: str, body: dict) -> tuple[Result, str]:
     """Stream one request; returns its measurements and its generated text. Never raises: any failure
     (HTTP status, network, malformed stream) is recorded in ``Result.error``."""
@@ -327,6 +336,8 @@ async def send(client: httpx.AsyncClient, backend: str, path: str, body: dict) -
                     continue
                 if result.events == 0:
                     result.ttft = now - start
+                    if native:
+                        result.server_ttft = _server_ttft(line)
                 else:
                     result.itl.extend([(now - last) / new_tokens] * new_tokens)
                 result.events, last = result.events + 1, now
@@ -441,6 +452,11 @@ def _metrics(results: list[Result], duration: float) -> dict:
     for name, values in (("ttft", [r.ttft for r in done]), ("tpot", tpots),
                          ("itl", [x for r in done for x in r.itl]), ("e2e_latency", [r.e2e for r in done])):
         metrics.update({f"{stat}_{name}_ms": value for stat, value in _stats_ms(values).items()})
+    served = [r for r in done if r.server_ttft is not None]
+    if served:  # what the HTTP path and the client add to the engine's own TTFT
+        for name, values in (("server_ttft", [r.server_ttft for r in served]),
+                             ("ttft_overhead", [r.ttft - r.server_ttft for r in served])):
+            metrics.update({f"{stat}_{name}_ms": value for stat, value in _stats_ms(values).items()})
     return metrics
 
 
@@ -486,6 +502,12 @@ def print_summary(s: dict) -> None:
         for stat in _STATS:
             _row(f"{stat.capitalize() if stat in ('mean', 'median') else stat.upper()} {name} (ms):",
                  s[f"{stat}_{key}_ms"])
+    if "median_server_ttft_ms" in s:
+        print("{s:{c}^50}".format(s="Engine-side TTFT (server-reported)", c="-"))
+        for label, key in (("Median engine TTFT (ms):", "median_server_ttft_ms"),
+                           ("Median TTFT overhead (ms):", "median_ttft_overhead_ms"),
+                           ("P99 TTFT overhead (ms):", "p99_ttft_overhead_ms")):
+            _row(label, s[key])
     for part in ("constrained", "unconstrained"):
         if part in s:
             print("{s:{c}^50}".format(s=f"{part.capitalize()} requests", c="-"))

@@ -82,7 +82,7 @@ class FakeServer:
                     yield "data: {not json\n\n"
                     return
                 if protocol == "native":
-                    yield _sse({"text": "tok " * k, "meta_info": {"prompt_tokens": prompt_tokens,
+                    yield _sse({"text": "tok " * k, "meta_info": {"prompt_tokens": prompt_tokens, "ttft": 0.001,
                                                                   "completion_tokens": k, "finish_reason": None}})
                 elif protocol == "completions":
                     yield _sse({"choices": [{"index": 0, "text": "tok ", "finish_reason": None}]})
@@ -316,6 +316,16 @@ def test_native_coalesced_events_count_itl_per_token(fake, tmp_path):
     assert result.ok and result.events == 4 and text == "tok " * 8
     assert len(result.itl) == 6  # 3 events after the first, 2 tokens each; the closing event adds none
     assert all(math.isclose(result.itl[i], result.itl[i + 1]) for i in (0, 2, 4))  # one gap split per token
+
+
+def test_engine_side_ttft_splits_the_client_ttft(fake, tmp_path):
+    fake.reset(tokens=4, delay=0.02)  # the fake reports an engine TTFT of 1 ms; the first event comes after 20
+    code, summary = _run(fake, tmp_path, "--num-prompts", "3", "--random-input-len", "8", "--random-output-len", "4")
+    assert code == 0 and summary["median_server_ttft_ms"] == pytest.approx(1.0)
+    assert summary["median_ttft_overhead_ms"] == pytest.approx(summary["median_ttft_ms"] - 1.0, abs=1.0)
+    assert summary["median_ttft_overhead_ms"] > 15
+    code, openai = _run(fake, tmp_path, "--backend", "openai-chat", "--num-prompts", "2", "--random-output-len", "4")
+    assert code == 0 and "median_server_ttft_ms" not in openai  # only the native protocol reports it
 
 
 def test_failures_are_counted_and_do_not_stop_the_run(fake, tmp_path):
