@@ -240,12 +240,16 @@ def _max_per_point(values: list[int], size: int) -> list[int]:
     return [max(values[i:i + size]) for i in range(0, len(values), size)]
 
 
-def test_concurrency_sweep_writes_points_and_respects_cap(fake, tmp_path):
-    code = serving.main(["--base-url", fake.url, "--backend", "openai-chat", "--num-prompts", "8",
-                         "--random-input-len", "16", "--random-output-len", "5", "--concurrency-sweep", "1,4",
-                         "--output-dir", str(tmp_path), "--no-progress"])
+def _sweep(fake: FakeServer, tmp_path: Path, *argv: str) -> dict:
+    """Run a sweep against the fake into ``tmp_path``; its sweep.json (the run must succeed)."""
+    code = serving.main(["--base-url", fake.url, "--output-dir", str(tmp_path), "--no-progress", *argv])
     assert code == 0
-    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    return json.loads((tmp_path / "sweep.json").read_text())
+
+
+def test_concurrency_sweep_writes_points_and_respects_cap(fake, tmp_path):
+    sweep = _sweep(fake, tmp_path, "--backend", "openai-chat", "--num-prompts", "8", "--random-input-len", "16",
+                   "--random-output-len", "5", "--concurrency-sweep", "1,4")
     assert sweep["sweep"] == "concurrency" and sweep["args"]["num_prompts"] == 8
     assert [p["max_concurrency"] for p in sweep["points"]] == [1, 4]
     for cap in (1, 4):
@@ -266,11 +270,8 @@ def test_concurrency_sweep_writes_points_and_respects_cap(fake, tmp_path):
 
 
 def test_rate_sweep(fake, tmp_path):
-    code = serving.main(["--base-url", fake.url, "--backend", "openai", "--num-prompts", "4",
-                         "--random-input-len", "8", "--random-output-len", "3", "--rate-sweep", "100,400",
-                         "--output-dir", str(tmp_path), "--no-progress"])
-    assert code == 0
-    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    sweep = _sweep(fake, tmp_path, "--backend", "openai", "--num-prompts", "4", "--random-input-len", "8",
+                   "--random-output-len", "3", "--rate-sweep", "100,400")
     assert sweep["sweep"] == "rate" and [p["request_rate"] for p in sweep["points"]] == [100.0, 400.0]
     assert all(p["completed"] == 4 and p["total_output_tokens"] == 12 for p in sweep["points"])
     assert (tmp_path / "rate-100.json").exists() and (tmp_path / "rate-400.json").exists()
