@@ -90,7 +90,7 @@ def test_merge_joins_output_logprobs_and_keeps_the_first_inputs():
                  output_top_logprobs=[[(-1.0, 1, None)]], output_token_logprobs_length=1)
     second = _out(0, [2], "b", input_token_logprobs=[], output_token_logprobs=[(-2.0, 2, None)],
                   output_top_logprobs=[[(-2.0, 2, None)]], output_token_logprobs_length=2)
-    merged = merge_outputs(first, second)[4]
+    merged = merge_outputs([first, second])[4]
     assert merged["output_ids"] == [1, 2] and merged["text_delta"] == "ab"
     meta = merged["meta_info"]
     assert meta["input_token_logprobs"] == [(-0.5, 9, None)]

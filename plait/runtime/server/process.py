@@ -110,25 +110,29 @@ class _Forwarder:
         self.outbox.put(("out", self.rid, self.index, finished, payload))
 
 
-def merge_outputs(first: tuple, second: tuple) -> tuple:
-    """One ``("out", rid, index, finished, payload)`` message standing for two consecutive ones of the
-    same sample: ids, text and output logprob entries are the two deltas joined; input logprobs come
-    from the first (later messages carry none); the rest (counts, finish reason) is the second's."""
-    _, rid, index, _, a = first
-    finished, b = second[3], second[4]
-    meta = dict(b["meta_info"])
+def merge_outputs(messages: list[tuple]) -> tuple:
+    """One ``("out", rid, index, finished, payload)`` message standing for consecutive ones of the same
+    sample (only the last may be finished), built in one pass: ids, text and output logprob entries are
+    their deltas joined; input logprobs come from the first (later messages carry none); the rest
+    (counts, finish reason) is the last's."""
+    if len(messages) == 1:
+        return messages[0]
+    _, rid, index, finished, last = messages[-1]
+    payloads = [message[4] for message in messages]
+    metas = [payload["meta_info"] for payload in payloads]
+    meta = dict(last["meta_info"])
     for key in _OUTPUT_KEYS:
-        if key in a["meta_info"] or key in meta:
-            meta[key] = list(a["meta_info"].get(key, ())) + list(meta.get(key, ()))
+        if any(key in m for m in metas):
+            meta[key] = [entry for m in metas for entry in m.get(key, ())]
     for key in _INPUT_KEYS:
-        if a["meta_info"].get(key):
-            meta[key] = a["meta_info"][key]
-    payload = {"output_ids": list(a["output_ids"]) + list(b["output_ids"]), "meta_info": meta}
+        if metas[0].get(key):
+            meta[key] = metas[0][key]
+    merged = {"output_ids": [token for payload in payloads for token in payload["output_ids"]], "meta_info": meta}
     if finished:
-        payload["text"] = b["text"]
+        merged["text"] = last["text"]
     else:
-        payload["text_delta"] = a["text_delta"] + b["text_delta"]
-    return ("out", rid, index, finished, payload)
+        merged["text_delta"] = "".join(payload["text_delta"] for payload in payloads)
+    return ("out", rid, index, finished, merged)
 
 
 class _Outbox:
@@ -515,14 +519,14 @@ class RequestStream:
         steps' outputs; sending them as one event costs one JSON encoding and one socket write instead
         of one per token, so the loop catches up instead of falling further behind. An idle server
         never waits to coalesce: each output leaves as soon as it is read."""
-        queue = self._pending.queue
-        while message[0] == "out" and not message[3] and not queue.empty():
+        queue, run = self._pending.queue, [message]
+        while run[-1][0] == "out" and not run[-1][3] and not queue.empty():
             following = queue.get_nowait()
             if following[0] != "out" or following[2] != message[2]:
                 self._held = following
                 break
-            message = merge_outputs(message, following)
-        return message
+            run.append(following)
+        return merge_outputs(run)
 
     def close(self) -> None:
         if not self.closed:
