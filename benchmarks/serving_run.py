@@ -178,10 +178,9 @@ def serve_flags(args: argparse.Namespace) -> list[str]:
 def engine_settings(model: str, flags: list[str]) -> dict[str, Any]:
     """The typed engine settings ``plait serve --model MODEL *flags`` would run with, read by its own
     parser (so the in-process engine gets exactly the server's). A bad flag exits like the CLI does."""
-    from plait.cli import build_parser
+    from plait import cli
 
-    parsed = build_parser().parse_args(["serve", "--model", model, *flags])
-    return {key.split(".", 1)[1]: value for key, value in vars(parsed).items() if key.startswith("engine.")}
+    return cli.engine_settings(cli.build_parser().parse_args(["serve", "--model", model, *flags]))
 
 
 def client_argv(args: argparse.Namespace, workload_argv: list[str], base_url: str, http_dir: Path) -> list[str]:

@@ -100,13 +100,18 @@ def _engine_setting_arguments(parser: argparse.ArgumentParser) -> None:
                            metavar=spec.name.upper(), help=f"default: {shown}")
 
 
+def engine_settings(args: argparse.Namespace) -> dict:
+    """The engine settings given on a parsed ``plait serve`` command line (``--flag`` per field above)."""
+    return {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("engine.")}
+
+
 def _serve(args: argparse.Namespace) -> int:
     """``plait serve``: the HTTP server (SGLang-native and OpenAI-compatible APIs)."""
     try:
         from plait.runtime.server.app import ServerConfig, serve
     except ImportError as exc:
         raise ValueError(f"plait serve needs the server extra: pip install 'plait[server]' ({exc})") from None
-    settings = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("engine.")}
+    settings = engine_settings(args)
     from plait.runtime.config import EngineConfig
 
     EngineConfig.from_kwargs(model=args.model, **settings)  # bad values fail here, before anything starts
