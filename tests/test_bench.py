@@ -6,7 +6,6 @@ a small KV cache) in about 20-30 s on two cores, and checks the printed table an
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from plait import bench, cli
+from tests.benchmark_scripts import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICK_ROWS = {
     "card": ["copy bandwidth", "matmul 512^3"],
     "a": ["decode, batch 1, prompt 16, N=8"],
@@ -142,9 +141,7 @@ def test_engine_arg_values_are_json_or_text() -> None:
 
 
 def test_benchmarks_gpu_py_is_a_thin_wrapper() -> None:
-    spec = importlib.util.spec_from_file_location("benchmarks_gpu", ROOT / "benchmarks" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # importable: runs nothing
+    module = load_benchmark("gpu")
     assert module.main is bench.main and module.run is bench.run
 
 

@@ -10,12 +10,10 @@ records the bodies it received and how many requests were in flight at each arri
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import math
 import socket
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,11 +24,10 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("benchmarks_serving", ROOT / "benchmarks" / "serving.py")
-serving = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = serving  # dataclasses look their module up while the file executes
-_spec.loader.exec_module(serving)
+from tests.benchmark_scripts import load_benchmark
+from tests.server.server_helpers import free_port
+
+serving = load_benchmark("serving")
 
 
 def _sse(data: dict) -> str:
@@ -340,10 +337,7 @@ def test_failures_are_counted_and_do_not_stop_the_run(fake, tmp_path):
 
 
 def test_unreachable_server_fails_every_request(tmp_path):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()  # nothing listens there
     out = tmp_path / "summary.json"
     code = serving.main(["--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "2", "--random-input-len", "4",
                          "--no-progress", "--output-file", str(out)])

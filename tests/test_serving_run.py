@@ -4,21 +4,17 @@ on the CPU with the bundled model (``plait serve`` over HTTP, then the in-proces
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("benchmarks_serving_run", ROOT / "benchmarks" / "serving_run.py")
-serving_run = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = serving_run
-_spec.loader.exec_module(serving_run)
+from tests.benchmark_scripts import load_benchmark
+
+serving_run = load_benchmark("serving_run")
 serving = serving_run.serving
 
 MODEL = "smollm2-135m-instruct"

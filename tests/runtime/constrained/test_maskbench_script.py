@@ -3,17 +3,15 @@ repository): the pass rule, the failure kinds, the sample and the table."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from plait.runtime.constrained.limits import GrammarLimits
+from tests.benchmark_scripts import load_benchmark
 
 pytestmark = pytest.mark.model  # the bundled model's tokenizer
 
-ROOT = Path(__file__).resolve().parents[3]
 CASES = {
     # the regression: a json.dumps document whose tokens span a forced stretch's end
     "shebang.json": {"schema": {"properties": {"p": {"type": "string", "pattern": "^#!"}}},
@@ -41,10 +39,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def maskbench():
-    spec = importlib.util.spec_from_file_location("benchmarks_maskbench", ROOT / "benchmarks" / "maskbench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # importable: runs nothing
-    return module
+    return load_benchmark("maskbench")
 
 
 def test_pass_rule_kinds_and_table(maskbench, tokenizer_info, tmp_path):
