@@ -304,10 +304,10 @@ def _parse_event(backend: str, data: dict, result: Result) -> str:
     return (choice.get("delta") or {}).get("content") or choice.get("text") or ""
 
 
-def _server_ttft(line: str) -> float | None:
+def _server_ttft(data: dict) -> float | None:
     """The engine-side TTFT a native event reports (plait: ``meta_info.ttft``, seconds from the engine
     receiving the request to its first token); None where the server reports none (SGLang)."""
-    value = json.loads(line[5:]).get("meta_info", {}).get("ttft")
+    value = data.get("meta_info", {}).get("ttft")
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -326,7 +326,8 @@ async def send(client: httpx.AsyncClient, backend: str, path: str, body: dict) -
                 if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                     continue
                 now = time.perf_counter()
-                added = _parse_event(backend, json.loads(line[5:]), result)
+                data = json.loads(line[5:])
+                added = _parse_event(backend, data, result)
                 if native:
                     new_tokens, tokens_seen = result.completion_tokens - tokens_seen, result.completion_tokens
                     text = added  # cumulative
@@ -337,7 +338,7 @@ async def send(client: httpx.AsyncClient, backend: str, path: str, body: dict) -
                 if result.events == 0:
                     result.ttft = now - start
                     if native:
-                        result.server_ttft = _server_ttft(line)
+                        result.server_ttft = _server_ttft(data)
                 else:
                     result.itl.extend([(now - last) / new_tokens] * new_tokens)
                 result.events, last = result.events + 1, now
