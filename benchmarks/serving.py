@@ -42,13 +42,14 @@ import asyncio
 import copy
 import json
 import math
+import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 import numpy as np
 from tqdm import tqdm
 
@@ -311,58 +312,95 @@ def _server_ttft(data: dict) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-async def send(client: httpx.AsyncClient, backend: str, path: str, body: dict) -> tuple[Result, str]:
-    """Stream one request; returns its measurements and its generated text. Never raises: any failure
-    (HTTP status, network, malformed stream) is recorded in ``Result.error``."""
-    native = backend in ("plait", "sglang")
-    result, text, last, tokens_seen = Result(), "", 0.0, 0
+class _StreamParser:
+    """Turns the bytes of one SSE response into measured events: lines are split out of whatever chunks
+    arrive (several events per chunk when the client or the network lags), and every ``data:`` event
+    that brings new tokens is timed at the arrival of its chunk."""
+
+    def __init__(self, backend: str, result: Result, start: float):
+        self.native = backend in ("plait", "sglang")
+        self.backend, self.result, self.start = backend, result, start
+        self.text, self.last, self.tokens_seen, self.pending = "", 0.0, 0, b""
+
+    def feed(self, chunk: bytes, now: float) -> None:
+        lines = (self.pending + chunk).split(b"\n")
+        self.pending = lines.pop()
+        for line in lines:
+            self._line(line, now)
+
+    def close(self, now: float) -> None:
+        if self.pending:
+            self._line(self.pending, now)
+            self.pending = b""
+
+    def _line(self, line: bytes, now: float) -> None:
+        if not line.startswith(b"data:"):
+            return
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return
+        data = json.loads(payload)
+        result = self.result
+        added = _parse_event(self.backend, data, result)
+        if self.native:
+            new_tokens, self.tokens_seen = result.completion_tokens - self.tokens_seen, result.completion_tokens
+            self.text = added  # cumulative
+        else:
+            new_tokens, self.text = (1 if added else 0), self.text + added
+        if new_tokens <= 0:
+            return
+        if result.events == 0:
+            result.ttft = now - self.start
+            if self.native:
+                result.server_ttft = _server_ttft(data)
+        else:
+            result.itl.extend([(now - self.last) / new_tokens] * new_tokens)
+        result.events, self.last = result.events + 1, now
+
+
+async def send(session: aiohttp.ClientSession, backend: str, url: str, body: dict) -> tuple[Result, str]:
+    """Stream one request to ``url``; returns its measurements and its generated text. Never raises: any
+    failure (HTTP status, network, malformed stream) is recorded in ``Result.error``."""
+    result = Result()
     start = time.perf_counter()
+    parser = _StreamParser(backend, result, start)
     try:
-        async with client.stream("POST", path, json=body) as response:
-            if response.status_code != 200:
-                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+        async with session.post(url, json=body) as response:
+            if response.status != 200:
+                result.error = f"HTTP {response.status}: {(await response.read())[:200]!r}"
                 return result, ""
-            async for line in response.aiter_lines():
-                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                    continue
-                now = time.perf_counter()
-                data = json.loads(line[5:])
-                added = _parse_event(backend, data, result)
-                if native:
-                    new_tokens, tokens_seen = result.completion_tokens - tokens_seen, result.completion_tokens
-                    text = added  # cumulative
-                else:
-                    new_tokens, text = (1 if added else 0), text + added
-                if new_tokens <= 0:
-                    continue
-                if result.events == 0:
-                    result.ttft = now - start
-                    if native:
-                        result.server_ttft = _server_ttft(data)
-                else:
-                    result.itl.extend([(now - last) / new_tokens] * new_tokens)
-                result.events, last = result.events + 1, now
+            async for chunk in response.content.iter_any():
+                parser.feed(chunk, time.perf_counter())
+            parser.close(time.perf_counter())
         result.e2e = time.perf_counter() - start
         result.ok = result.completion_tokens > 0
         if not result.ok:
             result.error = "no tokens reported"
     except Exception as exc:  # one request's failure is recorded; it never stops the run
         result.error = f"{type(exc).__name__}: {exc}"[:300]
-    return result, text
+    return result, parser.text
 
 
-async def run_conversation(client: httpx.AsyncClient, args: argparse.Namespace, model: str | None,
+def _session(args: argparse.Namespace) -> aiohttp.ClientSession:
+    """The HTTP client of one process: no connection limit, no timeout (as SGLang's bench_serving)."""
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    return aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=None),
+                                 connector=aiohttp.TCPConnector(limit=0, force_close=False))
+
+
+async def run_conversation(session: aiohttp.ClientSession, args: argparse.Namespace, model: str | None,
                            conv: Conversation, limit: asyncio.Semaphore | None, results: list[Result],
-                           progress: tqdm) -> None:
+                           progress) -> None:
     """Send a conversation's turns in order (each turn resends the history); stops at a failed turn."""
     history: list[dict[str, str]] = []
+    base = args.base_url.rstrip("/")
     for turn in conv.turns:
         path, body = build_request(args.backend, model, conv.system, history, turn, not args.disable_ignore_eos)
         if limit is None:
-            result, text = await send(client, args.backend, path, body)
+            result, text = await send(session, args.backend, base + path, body)
         else:
             async with limit:
-                result, text = await send(client, args.backend, path, body)
+                result, text = await send(session, args.backend, base + path, body)
         result.constrained = turn.schema_name is not None
         results.append(result)
         progress.update(1)
@@ -371,20 +409,127 @@ async def run_conversation(client: httpx.AsyncClient, args: argparse.Namespace, 
         history += [{"role": "user", "content": turn.prompt}, {"role": "assistant", "content": text}]
 
 
-async def run_point(client: httpx.AsyncClient, args: argparse.Namespace, model: str | None,
-                    dataset: list[Conversation], progress: tqdm) -> tuple[list[Result], float]:
-    """Run the whole workload once at ``args.request_rate`` / ``args.max_concurrency``; (results, seconds)."""
+@dataclass
+class ShardRun:
+    """One process's share of a point: its results, its start and end (``time.monotonic``, comparable
+    across the processes of one machine) and the CPU seconds the process spent meanwhile."""
+
+    results: list[Result]
+    start: float
+    end: float
+    cpu: float
+
+
+async def run_point(session: aiohttp.ClientSession, args: argparse.Namespace, model: str | None,
+                    dataset: list[Conversation], progress, seed: int | None = None) -> ShardRun:
+    """Run the whole workload once at ``args.request_rate`` / ``args.max_concurrency``."""
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-    rng = random.Random(args.seed + 1)
+    rng = random.Random(args.seed + 1 if seed is None else seed)
     results: list[Result] = []
     tasks = []
-    start = time.perf_counter()
+    start, cpu = time.monotonic(), time.process_time()
     for conv in dataset:
-        tasks.append(asyncio.create_task(run_conversation(client, args, model, conv, limit, results, progress)))
+        tasks.append(asyncio.create_task(run_conversation(session, args, model, conv, limit, results, progress)))
         if args.request_rate != float("inf"):
             await asyncio.sleep(rng.expovariate(args.request_rate))
     await asyncio.gather(*tasks)
-    return results, time.perf_counter() - start
+    return ShardRun(results, start, time.monotonic(), time.process_time() - cpu)
+
+
+def shard_plan(args: argparse.Namespace, conversations: int) -> list[tuple[int | None, float, slice]]:
+    """How a point is split over the client's processes: per process, its concurrency cap, its request
+    rate and its slice of the conversations (every ``n``-th one). ``n`` is ``--client-processes``, at
+    most the concurrency cap and the number of conversations; caps and rates are split so that they add
+    up to the point's own (the sum of independent Poisson processes is the Poisson process of the sum)."""
+    n = max(1, min(args.client_processes, args.max_concurrency or conversations, conversations))
+    plan = []
+    for i in range(n):
+        cap = None if not args.max_concurrency else args.max_concurrency // n + (1 if i < args.max_concurrency % n else 0)
+        plan.append((cap, args.request_rate / n, slice(i, None, n)))
+    return plan
+
+
+def _point_args(args: argparse.Namespace, cap: int | None, rate: float) -> argparse.Namespace:
+    return _with(args, max_concurrency=cap, request_rate=rate)
+
+
+class _Quiet:
+    """A progress bar that counts nothing (worker processes report progress on their stdout)."""
+
+    def __init__(self, on_update=None):
+        self.on_update = on_update
+
+    def update(self, n: int = 1) -> None:
+        if self.on_update is not None:
+            self.on_update(n)
+
+
+async def _run_shards(args: argparse.Namespace, model: str | None, dataset: list[Conversation],
+                      progress) -> ShardRun:
+    """Run one point over ``--client-processes`` worker processes (this script with ``--shard-worker``),
+    each with its own event loop and connections; they start together and their results are merged."""
+    procs = []
+    for index, (cap, rate, part) in enumerate(shard_plan(args, len(dataset))):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--shard-worker", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, limit=1 << 30)
+        spec = {"args": {**vars(_point_args(args, cap, rate)), "request_rate": rate}, "model": model,
+                "seed": args.seed + 1 + index, "conversations": [asdict(c) for c in dataset[part]]}
+        proc.stdin.write(json.dumps(spec).encode() + b"\n")
+        await proc.stdin.drain()
+        procs.append(proc)
+    try:
+        for proc in procs:  # every worker has its connections open before any request is sent
+            if (await proc.stdout.readline()).strip() != b"ready":
+                raise RuntimeError("a client worker process failed to start")
+        for proc in procs:
+            proc.stdin.write(b"go\n")
+            await proc.stdin.drain()
+
+        async def collect(proc) -> ShardRun:
+            while True:
+                line = await proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"a client worker process exited early (code {await proc.wait()})")
+                if line.startswith(b"+"):
+                    progress.update(int(line[1:]))
+                    continue
+                run = json.loads(line)
+                return ShardRun([Result(**r) for r in run["results"]], run["start"], run["end"], run["cpu"])
+
+        shards = await asyncio.gather(*(collect(proc) for proc in procs))
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+    return ShardRun([r for shard in shards for r in shard.results], min(s.start for s in shards),
+                    max(s.end for s in shards), max(s.cpu for s in shards))
+
+
+def shard_worker() -> int:
+    """``--shard-worker``: read one point's share (a JSON line), answer ``ready``, wait for ``go``, run it,
+    print ``+1`` per finished request and then the results as one JSON line."""
+    spec = json.loads(sys.stdin.readline())
+    args = argparse.Namespace(**spec["args"])
+    dataset = [Conversation([Turn(**t) for t in c["turns"]], c["system"]) for c in spec["conversations"]]
+
+    def report(n: int) -> None:
+        sys.stdout.write(f"+{n}\n")
+        sys.stdout.flush()
+
+    async def main() -> ShardRun:
+        async with _session(args) as session:
+            sys.stdout.write("ready\n")
+            sys.stdout.flush()
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            return await run_point(session, args, spec["model"], dataset, _Quiet(report), seed=spec["seed"])
+
+    run = asyncio.run(main())
+    sys.stdout.write(json.dumps({"results": [asdict(r) for r in run.results], "start": run.start, "end": run.end,
+                                 "cpu": run.cpu}) + "\n")
+    sys.stdout.flush()
+    return 0
 
 
 def sweep_points(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
@@ -404,26 +549,34 @@ def _with(args: argparse.Namespace, **changes: object) -> argparse.Namespace:
     return point
 
 
+CLIENT_BUSY_WARNING = 0.8  # a client process busier than this share of the run may be what limits it
+
+
 async def run_points(args: argparse.Namespace, dataset: list[Conversation]) -> list[dict]:
-    """Run every point in turn on one HTTP client; returns each point's summary with its per-request
-    figures (``requests``) and its ``label``."""
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    """Run every point in turn; returns each point's summary with its per-request figures (``requests``)
+    and its ``label``. A point runs in this process or, with ``--client-processes`` above 1, over worker
+    processes (``_run_shards``)."""
     points = sweep_points(args)
     total = sum(len(conv.turns) for conv in dataset)
     records = []
-    async with httpx.AsyncClient(base_url=args.base_url.rstrip("/"), headers=headers, timeout=None,
-                                 limits=limits) as client:
+    async with _session(args) as session:
         model = args.model
         if model is None and args.backend.startswith("openai"):
-            model = (await client.get("/v1/models")).json()["data"][0]["id"]
+            async with session.get(args.base_url.rstrip("/") + "/v1/models") as response:
+                model = (await response.json())["data"][0]["id"]
         for index, (label, point_args) in enumerate(points, 1):
             with tqdm(total=total, desc=f"point {index}/{len(points)} ({label})", unit="req",
                       disable=True if args.no_progress else None) as progress:
-                results, duration = await run_point(client, point_args, model, dataset, progress)
-            summary = summarize(point_args, results, duration)
+                if len(shard_plan(point_args, len(dataset))) > 1:
+                    run = await _run_shards(point_args, model, dataset, progress)
+                else:
+                    run = await run_point(session, point_args, model, dataset, progress)
+            duration = run.end - run.start
+            summary = summarize(point_args, run.results, duration)
+            summary["client_processes"] = len(shard_plan(point_args, len(dataset)))
+            summary["client_cpu_busy"] = run.cpu / duration if duration > 0 else 0.0
             print_summary(summary)
-            records.append({"label": label, **summary, "requests": [r.record() for r in results]})
+            records.append({"label": label, **summary, "requests": [r.record() for r in run.results]})
     return records
 
 
@@ -488,6 +641,7 @@ def print_summary(s: dict) -> None:
     for label, key in (("Backend:", "backend"), ("Dataset:", "dataset"), ("Traffic request rate:", "request_rate"),
                        ("Max request concurrency:", "max_concurrency"), ("Successful requests:", "completed"),
                        ("Failed requests:", "failed"), ("Benchmark duration (s):", "duration_s"),
+                       ("Client processes:", "client_processes"), ("Client CPU busy (busiest process):", "client_cpu_busy"),
                        ("Total input tokens:", "total_input_tokens"),
                        ("Total generated tokens:", "total_output_tokens"),
                        ("Request throughput (req/s):", "request_throughput"),
@@ -495,7 +649,8 @@ def print_summary(s: dict) -> None:
                        ("Output token throughput (tok/s):", "output_throughput"),
                        ("Total token throughput (tok/s):", "total_throughput"),
                        ("Mean tokens per stream event:", "mean_tokens_per_event")):
-        _row(label, s[key])
+        if key in s:  # the in-process engine's summaries (benchmarks/serving_run.py) have no client rows
+            _row(label, s[key])
     for title, key, name in (("Time to First Token", "ttft", "TTFT"),
                              ("Time per Output Token (excl. 1st token)", "tpot", "TPOT"),
                              ("Inter-token Latency", "itl", "ITL"), ("End-to-End Latency", "e2e_latency", "E2E")):
@@ -518,6 +673,9 @@ def print_summary(s: dict) -> None:
                                ("Median E2E (ms):", "median_e2e_latency_ms"), ("P99 E2E (ms):", "p99_e2e_latency_ms")):
                 _row(label, s[part][key])
     print("=" * 50)
+    if s.get("client_cpu_busy", 0.0) > CLIENT_BUSY_WARNING:
+        print(f"warning: a client process was busy {s['client_cpu_busy']:.0%} of the run, so the client may be what "
+              "limits these figures; raise --client-processes")
     for error in s["errors"]:
         print(f"error ({error['count']}x): {error['error']}")
 
@@ -669,7 +827,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot-from", default=None, metavar="SWEEP_JSON",
                    help="only re-draw the charts of a sweep.json (into --output-dir, else beside it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--client-processes", type=int, default=None,
+                   help="client processes a point is spread over (each with its own event loop; at most the\n"
+                        "concurrency cap); default: half the CPUs, at most 8. One Python process parses\n"
+                        "a few ten thousand events a second; the summary's client busy share says whether\n"
+                        "the client kept up")
     args = p.parse_args(argv)
+    if args.client_processes is None:
+        args.client_processes = min(8, max(1, (os.cpu_count() or 1) // 2))
+    if args.client_processes < 1:
+        p.error("--client-processes must be at least 1")
     if args.plot and not args.output_dir:
         p.error("--plot needs --output-dir")
     if not 0.0 <= args.structured_ratio <= 1.0:
@@ -678,6 +845,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--shard-worker"]:
+        return shard_worker()
     args = parse_args(argv)
     if args.plot_from:
         source = Path(args.plot_from)

@@ -18,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
@@ -266,6 +265,40 @@ def test_concurrency_sweep_writes_points_and_respects_cap(fake, tmp_path):
     assert points[1]["request_throughput"] > 1.5 * points[0]["request_throughput"]
 
 
+def test_client_processes_split_a_point_and_merge_its_results(fake, tmp_path):
+    # 10 requests at a cap of 5 over 2 worker processes (caps 3 + 2): every request is measured once, the
+    # cap holds across the processes, and the merged point reports its processes and their busy share
+    sweep = _sweep(fake, tmp_path, "--num-prompts", "10", "--random-input-len", "8", "--random-output-len", "4",
+                   "--concurrency-sweep", "5,1", "--client-processes", "2")
+    split, single = sweep["points"]
+    assert split["client_processes"] == 2 and single["client_processes"] == 1  # a cap of 1 needs one process
+    assert split["completed"] == 10 and split["total_output_tokens"] == 40 and len(split["requests"]) == 10
+    assert all(r["ok"] and r["events"] == 4 and r["ttft_ms"] >= 3 for r in split["requests"])
+    assert _max_per_point(fake.concurrency_at_arrival, 10) == [5, 1]
+    assert 0 < split["client_cpu_busy"] <= 1.5 and split["duration_s"] >= 4 * 0.003 * 2  # two waves of 4 events
+
+
+def test_shard_plan_splits_caps_and_rates():
+    args = _args("--num-prompts", "10", "--client-processes", "4", "--max-concurrency", "6", "--request-rate", "8")
+    plan = serving.shard_plan(args, 10)
+    assert [cap for cap, _, _ in plan] == [2, 2, 1, 1] and all(rate == 2.0 for _, rate, _ in plan)
+    assert sorted(i for _, _, part in plan for i in range(10)[part]) == list(range(10))
+    assert len(serving.shard_plan(_args("--client-processes", "8", "--max-concurrency", "3"), 10)) == 3
+    assert len(serving.shard_plan(_args("--client-processes", "8"), 2)) == 2  # no more than conversations
+
+
+def test_stream_parser_handles_events_split_and_joined_across_chunks():
+    result = serving.Result()
+    parser = serving._StreamParser("plait", result, start=0.0)
+    events = b"".join(_sse({"text": "ab"[: i + 1], "meta_info": {"prompt_tokens": 3, "completion_tokens": i + 1}}).encode()
+                      for i in range(2))
+    parser.feed(events[:7], 1.0)  # part of the first event
+    parser.feed(events[7:] + b"data: [DONE]", 2.0)  # the rest, the second event and an unterminated [DONE]
+    parser.close(3.0)
+    assert parser.text == "ab" and result.completion_tokens == 2 and result.events == 2
+    assert result.ttft == 2.0 and result.itl == [0.0]  # both arrived in the chunk at t=2
+
+
 def test_rate_sweep(fake, tmp_path):
     sweep = _sweep(fake, tmp_path, "--backend", "openai", "--num-prompts", "4", "--random-input-len", "8",
                    "--random-output-len", "3", "--rate-sweep", "100,400")
@@ -306,9 +339,9 @@ def test_native_coalesced_events_count_itl_per_token(fake, tmp_path):
     assert code == 0 and summary["mean_tokens_per_event"] == 2.0 and summary["total_output_tokens"] == 24
 
     async def one():
-        async with httpx.AsyncClient(base_url=fake.url) as client:
-            turn = serving.Turn("a b c", 8, 3)
-            return await serving.send(client, "plait", *serving.build_request("plait", None, "", [], turn))
+        async with serving._session(_args()) as session:
+            path, body = serving.build_request("plait", None, "", [], serving.Turn("a b c", 8, 3))
+            return await serving.send(session, "plait", fake.url + path, body)
 
     result, text = asyncio.run(one())
     assert result.ok and result.events == 4 and text == "tok " * 8
@@ -343,4 +376,4 @@ def test_unreachable_server_fails_every_request(tmp_path):
                          "--no-progress", "--output-file", str(out)])
     summary = json.loads(out.read_text())
     assert code == 1 and summary["completed"] == 0 and summary["failed"] == 2
-    assert summary["errors"][0]["count"] == 2 and summary["errors"][0]["error"].startswith("ConnectError")
+    assert summary["errors"][0]["count"] == 2 and summary["errors"][0]["error"].startswith("ClientConnectorError")
