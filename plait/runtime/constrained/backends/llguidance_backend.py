@@ -136,6 +136,19 @@ def _native_mismatch(native: Any, vocab: _Vocabulary, info: TokenizerInfo) -> st
     return None
 
 
+def _lltokenizer(llg: Any, source: Any, vocab_size: int, eos: list[int] | None) -> Any:
+    """``llg.LLTokenizer`` with every end id. llguidance releases before list support (1.6 and older)
+    take one id only: those get the first, so a grammar can still end (the engine stops on every end
+    id itself; only the grammar's own accept-on-end is narrowed to that one)."""
+    try:
+        return llg.LLTokenizer(source, n_vocab=vocab_size, eos_token=eos)
+    except TypeError:
+        if not eos or len(eos) == 1:
+            raise
+        logger.info("this llguidance takes one end id; the grammar ends on %d of %s", eos[0], eos)
+        return llg.LLTokenizer(source, n_vocab=vocab_size, eos_token=eos[0])
+
+
 def build_lltokenizer(llg: Any, info: TokenizerInfo, native: bool = True) -> tuple[Any, str]:
     """The LLTokenizer of ``info`` and how it was built: ``"native"`` or ``"wrapper"``.
 
@@ -154,7 +167,7 @@ def build_lltokenizer(llg: Any, info: TokenizerInfo, native: bool = True) -> tup
             copied = copy.copy(backend_tokenizer)  # padding and truncation off, as llguidance.hf does
             copied.no_padding()
             copied.no_truncation()
-            tok = llg.LLTokenizer(copied.to_str(), n_vocab=info.vocab_size, eos_token=eos)
+            tok = _lltokenizer(llg, copied.to_str(), info.vocab_size, eos)
         except Exception as exc:  # noqa: BLE001 -- llguidance raises several types for unreadable JSON
             logger.info("llguidance cannot read the tokenizer natively (%s); using the Python wrapper", exc)
         else:
@@ -162,7 +175,7 @@ def build_lltokenizer(llg: Any, info: TokenizerInfo, native: bool = True) -> tup
             if why is None:
                 return tok, "native"
             logger.info("llguidance reads the tokenizer differently (%s); using the Python wrapper", why)
-    tok = llg.LLTokenizer(llg.TokenizerWrapper(vocab), n_vocab=info.vocab_size, eos_token=eos)
+    tok = _lltokenizer(llg, llg.TokenizerWrapper(vocab), info.vocab_size, eos)
     return tok, "wrapper"
 
 
