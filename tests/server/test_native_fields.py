@@ -178,3 +178,24 @@ def test_structural_tag_is_served_as_a_grammar(server):
 
 def test_zz_no_slot_leaked(server):
     assert_idle_and_flushed(server)
+
+
+def test_batch_outputs_share_the_logprobs_of_their_shared_prompt_positions():
+    from plait.runtime.server.native import align_shared_input_logprobs
+
+    prompt = [5, 6, 7, 8, 9]  # SGLang's select: [s + choice for choice in choices], logprobs from position 3
+    paris = {"input_token_logprobs": [[-2.43866539, 8, " France"], [-0.45095062, 9, " is"], [-0.258, 70, " Paris"]],
+             "input_top_logprobs": [["a"], ["b"], ["c"]]}
+    banana = {"input_token_logprobs": [[-2.43866062, 8, " France"], [-0.45094872, 9, " is"], [-5.5, 25, " a"],
+                                       [-13.8, 26, " banana"]],
+              "input_top_logprobs": [["x"], ["y"], ["z"], ["w"]]}
+    other = {"input_token_logprobs": [(-1.0, 8, None), (-0.4, 10, None)]}  # diverges at position 4
+    unrelated = {"input_token_logprobs": [[-3.0, 2, "q"]]}
+    no_logprobs: dict = {}
+    align_shared_input_logprobs([(prompt[:3] + [8, 9, 70], paris), (prompt[:3] + [8, 9, 25, 26], banana),
+                                 (prompt[:3] + [8, 10], other), ([1, 2], unrelated), ([5, 6], no_logprobs)])
+    assert banana["input_token_logprobs"][:2] == paris["input_token_logprobs"][:2]
+    assert banana["input_token_logprobs"][2:] == [[-5.5, 25, " a"], [-13.8, 26, " banana"]]  # past the shared part
+    assert banana["input_top_logprobs"] == [["a"], ["b"], ["z"], ["w"]]
+    assert other["input_token_logprobs"] == [(-2.43866539, 8, None), (-0.4, 10, None)]  # tuples stay tuples
+    assert unrelated["input_token_logprobs"] == [[-3.0, 2, "q"]] and no_logprobs == {}

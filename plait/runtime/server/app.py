@@ -38,7 +38,7 @@ from plait.runtime.server.process import (
     EngineRequestError,
     EngineUnavailableError,
 )
-from plait.runtime.server.native import parse_generate
+from plait.runtime.server.native import align_shared_input_logprobs, parse_generate
 from plait.runtime.server.streams import (  # noqa: F401 - SSE_HEADERS, merged, ...: also imported from here
     SSE_HEADERS,
     ClientGone,
@@ -178,9 +178,11 @@ async def generate(request: Request) -> Response:
         return StreamingResponse(guarded(events(), state, "/generate"), media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **headers})
     finals = await until_disconnect(request, collect(streams, state))
-    outputs = sorted(((first_index[p] + e.index, native_output(state, jobs[p], e, None)) for p, e in finals),
-                     key=lambda pair: pair[0])
-    body = [out for _, out in outputs]
+    outputs = sorted(((first_index[p] + e.index, p, native_output(state, jobs[p], e, None)) for p, e in finals),
+                     key=lambda item: item[0])
+    if is_batch:
+        align_shared_input_logprobs([(jobs[p].input_ids, out["meta_info"]) for _, p, out in outputs])
+    body = [out for _, _, out in outputs]
     return JSONResponse(body if is_batch else body[0], headers=headers)
 
 

@@ -227,3 +227,44 @@ def parse_generate(body: Any, encode: Callable[[str], list[int]] | None, limits:
         ))
         check_job_limits(jobs[-1], config)
     return NativeRequest(jobs, is_batch or len(jobs) > 1 or jobs[0].n > 1, stream, ignored)
+
+
+def align_shared_input_logprobs(outputs: list[tuple[list[int], dict[str, Any]]]) -> None:
+    """Give a batch's identical prompt positions one input logprob (in place): the first output's.
+
+    ``outputs``: (prompt ids, ``meta_info``) of each output of one non-streamed batch. The entry of prompt
+    token ``i`` is ``log p(t_i | t_<i)``, so two prompts that agree on tokens ``0..i`` have the same value
+    in exact arithmetic; computed in rows of different lengths in one batch it can differ in the last
+    bits (CPU GEMM and attention kernels pick their blocking by shape). SGLang's frontend compares such
+    entries for equality (``greedy_token_selection`` over ``[s + choice for choice in choices]``), so a
+    difference of 1e-6 on the shared prompt would decide the choice. Entries past the shared prefix are
+    left as computed. ``input_top_logprobs`` positions are aligned the same way.
+    """
+    with_logprobs = [(ids, meta) for ids, meta in outputs if meta.get("input_token_logprobs")]
+    if len(with_logprobs) < 2:
+        return
+    ref_ids, ref_meta = with_logprobs[0]
+    ref_entries = ref_meta["input_token_logprobs"]
+    ref_start = len(ref_ids) - len(ref_entries)
+    ref_top = ref_meta.get("input_top_logprobs")
+    for ids, meta in with_logprobs[1:]:
+        entries = meta["input_token_logprobs"]
+        start = len(ids) - len(entries)
+        shared = 0
+        limit = min(len(ids), len(ref_ids))
+        while shared < limit and ids[shared] == ref_ids[shared]:
+            shared += 1
+        first = max(start, ref_start)
+        if first >= shared:
+            continue
+        entries = meta["input_token_logprobs"] = list(entries)
+        top = meta.get("input_top_logprobs")
+        aligned_top = top is not None and ref_top is not None and len(top) == len(entries) and len(ref_top) == len(ref_entries)
+        if aligned_top:
+            top = meta["input_top_logprobs"] = list(top)
+        for position in range(first, shared):
+            mine, theirs = position - start, position - ref_start
+            entry, ref_entry = entries[mine], ref_entries[theirs]
+            entries[mine] = type(entry)((ref_entry[0], *entry[1:]))
+            if aligned_top:
+                top[mine] = ref_top[theirs]
