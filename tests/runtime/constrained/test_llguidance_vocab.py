@@ -149,28 +149,21 @@ def test_a_tokenizer_llguidance_reads_differently_falls_back(padded_info, monkey
     assert llguidance_backend.build_lltokenizer(llg, padded_info)[1] == "wrapper"
 
 
-def test_several_end_ids_with_an_llguidance_that_takes_one(padded_info):
-    """Llama 3 ends on three ids. llguidance 1.6 and older take one ``eos_token`` only (a list raised
-    TypeError and failed every constrained request): the first end id is given to those."""
+def test_an_llguidance_older_than_1_7_is_refused_with_its_reason(padded_info, monkeypatch):
+    """llguidance 1.6 and older take one int ``eos_token`` and have no ``eos_tokens``: building a
+    tokenizer failed every constrained request with a TypeError. Such a release is now unavailable with
+    its reason (the engine then uses outlines-core where installed); the current one takes every end id."""
+    import sys
+    import types
+
+    from plait.runtime.constrained.backends.base import BackendUnavailable
+
     llg = llguidance_backend._import()
     three_ends = TokenizerInfo(padded_info.tokenizer, padded_info.vocab_size, padded_info.token_bytes,
                                padded_info.special_ids, frozenset({2, 0, 1}))
-
-    class OneEndOnly:  # llguidance's old signature, otherwise the real one
-        def __init__(self):
-            self.calls = []
-
-        def __getattr__(self, name):
-            return getattr(llg, name)
-
-        def LLTokenizer(self, source, n_vocab=None, eos_token=None):  # noqa: N802 - llguidance's name
-            self.calls.append(eos_token)
-            if isinstance(eos_token, list):
-                raise TypeError("argument 'eos_token': 'list' object cannot be interpreted as an integer")
-            return llg.LLTokenizer(source, n_vocab=n_vocab, eos_token=eos_token)
-
-    old = OneEndOnly()
-    tok, _ = llguidance_backend.build_lltokenizer(old, three_ends)
-    assert [0, 1, 2] in old.calls and old.calls[-1] == 0 and list(tok.eos_tokens) == [0]
-    current, kind = llguidance_backend.build_lltokenizer(llg, three_ends)  # this llguidance takes the list
+    current, kind = llguidance_backend.build_lltokenizer(llg, three_ends)
     assert kind == "native" and sorted(current.eos_tokens) == [0, 1, 2]
+    old = types.SimpleNamespace(LLTokenizer=type("LLTokenizer", (), {}), __version__="1.6.1")
+    monkeypatch.setitem(sys.modules, "llguidance", old)
+    with pytest.raises(BackendUnavailable, match=r"llguidance 1.6.1 is too old: plait needs llguidance>=1.7"):
+        llguidance_backend._import()

@@ -55,11 +55,18 @@ def json_schema_grammar(llg: Any, schema_text: str) -> str:
     return llg.LLMatcher.grammar_from_json_schema(schema_text, overrides=JSON_OPTIONS)
 
 
+MIN_VERSION = "1.7"  # LLTokenizer(eos_token=[...]) and LLTokenizer.eos_tokens
+
+
 def _import() -> Any:
     try:
         import llguidance
     except ImportError:
-        raise BackendUnavailable("the llguidance package is not installed (pip install 'llguidance>=1.0')") from None
+        raise BackendUnavailable(f"the llguidance package is not installed (pip install 'llguidance>={MIN_VERSION}')") from None
+    if not hasattr(llguidance.LLTokenizer, "eos_tokens"):  # 1.6 and older: one int end id, no eos_tokens
+        version = getattr(llguidance, "__version__", "older than 1.7")
+        raise BackendUnavailable(f"llguidance {version} is too old: plait needs llguidance>={MIN_VERSION} "
+                                 f"(several end ids per tokenizer); pip install -U 'llguidance>={MIN_VERSION}'")
     return llguidance
 
 
@@ -136,19 +143,6 @@ def _native_mismatch(native: Any, vocab: _Vocabulary, info: TokenizerInfo) -> st
     return None
 
 
-def _lltokenizer(llg: Any, source: Any, vocab_size: int, eos: list[int] | None) -> Any:
-    """``llg.LLTokenizer`` with every end id. llguidance releases before list support (1.6 and older)
-    take one id only: those get the first, so a grammar can still end (the engine stops on every end
-    id itself; only the grammar's own accept-on-end is narrowed to that one)."""
-    try:
-        return llg.LLTokenizer(source, n_vocab=vocab_size, eos_token=eos)
-    except TypeError:
-        if not eos or len(eos) == 1:
-            raise
-        logger.info("this llguidance takes one end id; the grammar ends on %d of %s", eos[0], eos)
-        return llg.LLTokenizer(source, n_vocab=vocab_size, eos_token=eos[0])
-
-
 def build_lltokenizer(llg: Any, info: TokenizerInfo, native: bool = True) -> tuple[Any, str]:
     """The LLTokenizer of ``info`` and how it was built: ``"native"`` or ``"wrapper"``.
 
@@ -167,7 +161,7 @@ def build_lltokenizer(llg: Any, info: TokenizerInfo, native: bool = True) -> tup
             copied = copy.copy(backend_tokenizer)  # padding and truncation off, as llguidance.hf does
             copied.no_padding()
             copied.no_truncation()
-            tok = _lltokenizer(llg, copied.to_str(), info.vocab_size, eos)
+            tok = llg.LLTokenizer(copied.to_str(), n_vocab=info.vocab_size, eos_token=eos)
         except Exception as exc:  # noqa: BLE001 -- llguidance raises several types for unreadable JSON
             logger.info("llguidance cannot read the tokenizer natively (%s); using the Python wrapper", exc)
         else:
@@ -175,7 +169,7 @@ def build_lltokenizer(llg: Any, info: TokenizerInfo, native: bool = True) -> tup
             if why is None:
                 return tok, "native"
             logger.info("llguidance reads the tokenizer differently (%s); using the Python wrapper", why)
-    tok = _lltokenizer(llg, llg.TokenizerWrapper(vocab), info.vocab_size, eos)
+    tok = llg.LLTokenizer(llg.TokenizerWrapper(vocab), n_vocab=info.vocab_size, eos_token=eos)
     return tok, "wrapper"
 
 
