@@ -376,3 +376,22 @@ def test_submit_delivers_events_to_a_callback(engine, chat_ids):
     with pytest.raises(ValueError, match="temperature"):
         engine.submit(input_ids=chat_ids, sampling_params={"temperature": -1}, on_output=on_output)
     assert_no_leak(engine)
+
+
+def test_warm_up_steps_leave_the_engine_unchanged(engine, chat_ids):
+    """The start-up warm-up (run on CUDA; here called directly) writes only the reserved pad row's slot
+    0: greedy output is the same after it, and the sizes cover every power of two up to the budget."""
+    from tests.runtime.engine_helpers import greedy_params
+
+    before = engine.generate(input_ids=chat_ids, sampling_params=greedy_params(6))["output_ids"]
+    assert engine.runner.warm_up_steps([2, 5, 40]) == [2, 5, 40]
+    engine.flush_cache()
+    assert engine.generate(input_ids=chat_ids, sampling_params=greedy_params(6))["output_ids"] == before
+
+
+def test_warm_up_sizes_cover_every_power_of_two_up_to_the_budget():
+    from plait.runtime.executor.model_runner import warm_up_sizes
+
+    assert warm_up_sizes(40) == [2, 4, 8, 16, 32, 40]
+    assert warm_up_sizes(2048) == [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+    assert warm_up_sizes(1) == [2]

@@ -162,3 +162,25 @@ def test_llama_8b_bf16_logprobs_match_transformers():
         del hf
     finally:
         _free(engine)
+
+
+def _compiled_variants(kernel) -> int:
+    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+
+def test_serving_compiles_no_kernel_after_start_up(bundled_model_dir):
+    """The start-up warm-up (``ModelRunner.warm_up_steps``) and the CUDA-graph capture compile every
+    Triton variant that serving needs: mixed steps of 1 to 7 prompts beside decode rows, at odd and even
+    batch sizes (the metadata rows' alignment once made a variant per batch-size residue), compile none."""
+    from plait.runtime.kernels.extend_attention import _extend_attention_kernel
+
+    engine = Engine(model=str(bundled_model_dir), chunked_prefill_size=256)
+    try:
+        before = _compiled_variants(_extend_attention_kernel)
+        assert before >= 1
+        for count in range(1, 8):
+            prompts = [[1 + (i * 7 + j) % 500 for j in range(5 + 13 * i)] for i in range(count)]
+            engine.generate(input_ids=prompts, sampling_params=greedy_params(3))
+        assert _compiled_variants(_extend_attention_kernel) == before
+    finally:
+        _free(engine)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 
 import torch
 
@@ -72,6 +73,42 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.disable_cuda_graph and self.backend_name == "triton":
             self.cuda_graphs = CudaGraphRunner(self, min(config.cuda_graph_max_bs, config.max_running_requests))
             self.cuda_graphs.capture()
+        if self.device.type == "cuda":
+            self.warm_up_steps()
+
+    def warm_up_steps(self, sizes: list[int] | None = None) -> list[int]:
+        """Run eager prefill steps of ``sizes`` tokens (default: every power of two up to the prefill
+        budget, and the budget) once at start-up, each a mixed batch: one request's prompt and one
+        decode row, both on the reserved pad row writing slot 0 (nothing is allocated yet).
+
+        Triton compiles a kernel variant on its first launch, and the MoE tiling changes with the token
+        count (``fused_moe_config.token_bucket``): without this the first mixed and prefill steps of a
+        loaded server compile them (seconds each on a busy host, measured as TTFT tails of several
+        seconds at concurrency 256). Decode-only sizes are compiled by the CUDA-graph capture.
+        Returns the sizes run."""
+        if sizes is None:
+            sizes = warm_up_sizes(self.config.chunked_prefill_size)
+        start = time.perf_counter()
+        device = self.device
+        for n in sizes:
+            prompt = n - 1
+            batch = ForwardBatch(
+                input_ids=torch.zeros(n, dtype=torch.int64, device=device),
+                positions=torch.cat((torch.arange(prompt, device=device), torch.zeros(1, dtype=torch.int64,
+                                                                                      device=device))),
+                out_cache_loc=torch.zeros(n, dtype=torch.int64, device=device),
+                req_rows=torch.full((2,), self.pad_row, dtype=torch.int64, device=device),
+                prefix_lens=[0, 0], extend_lens=[prompt, 1], seq_lens=[prompt, 1], extend_starts=[0, prompt],
+                logits_indices=torch.tensor([prompt - 1, prompt], dtype=torch.int64, device=device),
+                pool=self.pool, slot_table=self.slot_table.table, sliding_slot_table=self.slot_table.sliding_table,
+                sliding_out_cache_loc=(torch.zeros(n, dtype=torch.int64, device=device)
+                                       if self.pool.hybrid else None),
+            )
+            self.forward(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        logger.info("warmed up prefill steps of %s tokens in %.1f s", sizes, time.perf_counter() - start)
+        return sizes
 
     def _build_attention_backend(self):
         name = self.config.attention_backend
@@ -226,6 +263,16 @@ class ModelRunner:
         if batch.logits_indices.numel() == hidden.shape[0]:
             return self.model.compute_logits(hidden)
         return self.model.compute_logits(hidden[batch.logits_indices])
+
+
+def warm_up_sizes(budget: int) -> list[int]:
+    """Token counts of the start-up warm-up steps: every power of two from 2 below the prefill budget,
+    then the budget (so every MoE token bucket a prefill step can reach is compiled)."""
+    budget, sizes, n = max(2, budget), [], 2
+    while n < budget:
+        sizes.append(n)
+        n *= 2
+    return sizes + [budget]
 
 
 def _with_engine_quantization(cfg: ModelConfig, config: EngineConfig, source: ModelSource) -> ModelConfig:

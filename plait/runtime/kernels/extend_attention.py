@@ -72,7 +72,9 @@ def _attend_block(
     return acc, m_new, l_i
 
 
-@triton.jit
+# The per-request metadata are rows of one small int32 tensor whose offsets move with the batch size:
+# specializing on their 16-byte alignment compiled a variant per batch-size residue, mid-serving.
+@triton.jit(do_not_specialize_on_alignment=["ReqRows", "ExtendStarts", "PrefixLens", "ExtendLens"])
 def _extend_attention_kernel(
     Q, K, V, Out, Table, ReqRows, ExtendStarts, PrefixLens, ExtendLens, Sinks,
     scale_log2, window,
