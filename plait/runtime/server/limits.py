@@ -23,7 +23,7 @@ from fastapi import Request
 from plait.runtime.server.protocol import RequestError
 
 T = TypeVar("T")
-INLINE_BODY_BYTES = 64 * 1024  # bodies up to this size are parsed on the event loop (the fast path)
+INLINE_BODY_BYTES = 512  # bodies up to this size are parsed on the event loop: tokenizing more costs more than a thread hop
 _MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape may follow
 
 
