@@ -35,6 +35,7 @@ from plait.lang.backends.base import (
 )
 from plait.lang.constraints import constraint_refusal
 from plait.sampling import SamplingParams
+from plait.token_ids import common_prefix_len
 
 __all__ = ["Endpoint"]
 
@@ -45,13 +46,6 @@ _MAPPED_META = ("prompt_tokens", "completion_tokens", "cached_tokens", "finish_r
 # Prompt tokens before the prefix's end that are re-scored in select, so that a token merging
 # across the prefix/choice boundary is found; retried with the larger margins if that is not enough.
 _SELECT_MARGINS = (4, 64, None)
-
-
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    i = 0
-    while i < min(len(a), len(b)) and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _entries(raw: list | None) -> list | None:
@@ -293,7 +287,7 @@ class Endpoint:
             meta = out["meta_info"]
             entries, tops = meta["input_token_logprobs"], meta.get("input_top_logprobs") or []
             ids = [e[1] for e in entries]
-            first = min(_common_prefix_len(prefix_ids, ids), len(ids) - 1)
+            first = min(common_prefix_len(prefix_ids, ids), len(ids) - 1)
             if first == 0 and start > 0:
                 return None
             if entries[first][0] is None:

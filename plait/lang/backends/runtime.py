@@ -34,6 +34,7 @@ from plait.lang.backends.base import (
     GenerateResult,
 )
 from plait.lang.errors import InvalidConstraintError
+from plait.token_ids import common_prefix_len
 
 if TYPE_CHECKING:
     from plait.runtime.engine import Engine
@@ -47,14 +48,6 @@ _MAPPED_META = (
     "prompt_tokens", "completion_tokens", "cached_tokens", "finish_reason", "e2e_latency",
     "output_token_logprobs", "output_top_logprobs",
 )
-
-
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _entries(raw: list | None) -> list | None:
@@ -218,7 +211,7 @@ class Runtime:
         prefix_ids = tok.encode(prefix)
         full = [tok.encode(prefix + c) for c in choices]
         # the choice starts where prefix+choice stops agreeing with the prefix alone; at least one token
-        starts = [min(_common_prefix_len(prefix_ids, ids), len(ids) - 1) for ids in full]
+        starts = [min(common_prefix_len(prefix_ids, ids), len(ids) - 1) for ids in full]
         if min(starts) == 0:  # no token precedes the choice: score it after the start-of-text token
             if tok.bos_token_id is None:
                 raise ValueError(

@@ -36,6 +36,7 @@ from plait.runtime.server.protocol import (
     short_repr,
     split_unknown,
 )
+from plait.token_ids import common_prefix_len
 
 NATIVE_FIELDS = frozenset({
     "text", "input_ids", "sampling_params", "stream", "return_logprob", "logprob_start_len", "top_logprobs_num",
@@ -250,16 +251,14 @@ def align_shared_input_logprobs(outputs: list[tuple[list[int], dict[str, Any]]])
     for ids, meta in with_logprobs[1:]:
         entries = meta["input_token_logprobs"]
         start = len(ids) - len(entries)
-        shared = 0
-        limit = min(len(ids), len(ref_ids))
-        while shared < limit and ids[shared] == ref_ids[shared]:
-            shared += 1
+        shared = common_prefix_len(ids, ref_ids)
         first = max(start, ref_start)
         if first >= shared:
             continue
         entries = meta["input_token_logprobs"] = list(entries)
         top = meta.get("input_top_logprobs")
-        aligned_top = top is not None and ref_top is not None and len(top) == len(entries) and len(ref_top) == len(ref_entries)
+        aligned_top = (top is not None and ref_top is not None
+                       and len(top) == len(entries) and len(ref_top) == len(ref_entries))
         if aligned_top:
             top = meta["input_top_logprobs"] = list(top)
         for position in range(first, shared):
