@@ -385,7 +385,7 @@ def _session(args: argparse.Namespace) -> aiohttp.ClientSession:
     """The HTTP client of one process: no connection limit, no timeout (as SGLang's bench_serving)."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     return aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=None),
-                                 connector=aiohttp.TCPConnector(limit=0, force_close=False))
+                                 connector=aiohttp.TCPConnector(limit=0))
 
 
 async def run_conversation(session: aiohttp.ClientSession, args: argparse.Namespace, model: str | None,
@@ -444,36 +444,31 @@ def shard_plan(args: argparse.Namespace, conversations: int) -> list[tuple[int |
     n = max(1, min(args.client_processes, args.max_concurrency or conversations, conversations))
     plan = []
     for i in range(n):
-        cap = None if not args.max_concurrency else args.max_concurrency // n + (1 if i < args.max_concurrency % n else 0)
+        cap = None
+        if args.max_concurrency:
+            cap = args.max_concurrency // n + (1 if i < args.max_concurrency % n else 0)
         plan.append((cap, args.request_rate / n, slice(i, None, n)))
     return plan
 
 
-def _point_args(args: argparse.Namespace, cap: int | None, rate: float) -> argparse.Namespace:
-    return _with(args, max_concurrency=cap, request_rate=rate)
-
-
-class _Quiet:
-    """A progress bar that counts nothing (worker processes report progress on their stdout)."""
-
-    def __init__(self, on_update=None):
-        self.on_update = on_update
+class _ProgressLines:
+    """The progress bar of a worker process: ``+N`` lines on its stdout, read by ``_run_shards``."""
 
     def update(self, n: int = 1) -> None:
-        if self.on_update is not None:
-            self.on_update(n)
+        sys.stdout.write(f"+{n}\n")
+        sys.stdout.flush()
 
 
-async def _run_shards(args: argparse.Namespace, model: str | None, dataset: list[Conversation],
-                      progress) -> ShardRun:
-    """Run one point over ``--client-processes`` worker processes (this script with ``--shard-worker``),
+async def _run_shards(args: argparse.Namespace, plan: list[tuple[int | None, float, slice]], model: str | None,
+                      dataset: list[Conversation], progress) -> ShardRun:
+    """Run one point over worker processes (this script with ``--shard-worker``) as ``plan`` splits it,
     each with its own event loop and connections; they start together and their results are merged."""
     procs = []
-    for index, (cap, rate, part) in enumerate(shard_plan(args, len(dataset))):
+    for index, (cap, rate, part) in enumerate(plan):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--shard-worker", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, limit=1 << 30)
-        spec = {"args": {**vars(_point_args(args, cap, rate)), "request_rate": rate}, "model": model,
+        spec = {"args": vars(_with(args, max_concurrency=cap, request_rate=rate)), "model": model,
                 "seed": args.seed + 1 + index, "conversations": [asdict(c) for c in dataset[part]]}
         proc.stdin.write(json.dumps(spec).encode() + b"\n")
         await proc.stdin.drain()
@@ -514,16 +509,12 @@ def shard_worker() -> int:
     args = argparse.Namespace(**spec["args"])
     dataset = [Conversation([Turn(**t) for t in c["turns"]], c["system"]) for c in spec["conversations"]]
 
-    def report(n: int) -> None:
-        sys.stdout.write(f"+{n}\n")
-        sys.stdout.flush()
-
     async def main() -> ShardRun:
         async with _session(args) as session:
             sys.stdout.write("ready\n")
             sys.stdout.flush()
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-            return await run_point(session, args, spec["model"], dataset, _Quiet(report), seed=spec["seed"])
+            return await run_point(session, args, spec["model"], dataset, _ProgressLines(), seed=spec["seed"])
 
     run = asyncio.run(main())
     sys.stdout.write(json.dumps({"results": [asdict(r) for r in run.results], "start": run.start, "end": run.end,
@@ -567,13 +558,14 @@ async def run_points(args: argparse.Namespace, dataset: list[Conversation]) -> l
         for index, (label, point_args) in enumerate(points, 1):
             with tqdm(total=total, desc=f"point {index}/{len(points)} ({label})", unit="req",
                       disable=True if args.no_progress else None) as progress:
-                if len(shard_plan(point_args, len(dataset))) > 1:
-                    run = await _run_shards(point_args, model, dataset, progress)
+                plan = shard_plan(point_args, len(dataset))
+                if len(plan) > 1:
+                    run = await _run_shards(point_args, plan, model, dataset, progress)
                 else:
                     run = await run_point(session, point_args, model, dataset, progress)
             duration = run.end - run.start
             summary = summarize(point_args, run.results, duration)
-            summary["client_processes"] = len(shard_plan(point_args, len(dataset)))
+            summary["client_processes"] = len(plan)
             summary["client_cpu_busy"] = run.cpu / duration if duration > 0 else 0.0
             print_summary(summary)
             records.append({"label": label, **summary, "requests": [r.record() for r in run.results]})
