@@ -188,6 +188,20 @@ def _retokenized(matcher: TokenMatcher, info: TokenizerInfo, path: list[int], ro
         matcher.rollback(consumed)
 
 
+def _ends_with(matcher: TokenMatcher, path: list[int], row: torch.Tensor) -> bool:
+    """Whether appending ``path`` takes the matcher to a state where the grammar may end (the matcher
+    is left as it was)."""
+    consumed = 0
+    try:
+        for token in path:
+            if matcher.is_terminated() or not _allows(matcher, row, token) or not matcher.consume(token):
+                return False
+            consumed += 1
+        return matcher.can_terminate()
+    finally:
+        matcher.rollback(consumed)
+
+
 def _popcount(row: torch.Tensor) -> int:
     return int(np.bitwise_count(row.numpy().view(np.uint32)).sum())
 
@@ -358,6 +372,11 @@ class BudgetSteering:
       bracket, a new key with required values), or none is found within the bounds, is replaced by the
       plan, appended without sampling. So once a plan that fits is known, the output ends valid whatever
       later searches find.
+    - A check or a vetting first tries the last ending known (the plan, or the plan dropped last) from
+      the state at hand: most tokens (a character of a string, a digit) leave it an ending, and trying
+      it costs a mask per token of it; only when it no longer ends the grammar, or no longer fits, is
+      a search run. The ending then followed may be longer than the shortest one (never by more than
+      the search's own ending was when found).
     - Once the slack is at most ``margin``, the ending is appended without sampling (unless the output
       is complete already: then the model goes on, its tokens vetted, until it stops or the budget
       ends).
@@ -384,6 +403,8 @@ class BudgetSteering:
         self._next_check = FIRST_CHECK_BUDGET
         self._escalation = 1  # the next check's bounds, in multiples of ``limits``
         self._plan: list[int] | None = None  # the shortest ending known for the matcher's current state
+        self._earlier: list[int] | None = None  # the last plan dropped: tried before the next search
+        self.reused = 0  # searches saved by an earlier ending that still fits (``_reusable``)
         self._vetted: tuple[int, list[int]] | None = None  # (token, its state's ending) from vet
         self._row: torch.Tensor | None = None
 
@@ -440,6 +461,19 @@ class BudgetSteering:
         self.search_max_seconds = max(self.search_max_seconds, elapsed)
         return path if path is not None and len(path) <= budget else None
 
+    def _reusable(self, matcher: TokenMatcher, path: list[int] | None, budget: int) -> list[int] | None:
+        """``path``, an ending found for an earlier state, if it is one of the matcher's state too and
+        fits ``budget`` with the stop token: most tokens (a character of a string, a digit) leave the
+        ending as it was, and checking it costs a mask per token of it where a search costs hundreds."""
+        if not path or len(self._with_stop(path, budget)) > budget:
+            return None
+        if self._row is None:
+            self._row = torch.empty(self.info.bitmask_words, dtype=torch.int32)
+        if not _ends_with(matcher, path, self._row):
+            return None
+        self.reused += 1
+        return path
+
     def _with_stop(self, path: list[int], budget: int) -> list[int]:
         return path + [self.stop_id] if self.stop_id is not None and len(path) < budget else path
 
@@ -450,6 +484,8 @@ class BudgetSteering:
         plan, self._plan = self._plan, None
         if plan and plan[0] == token:
             self._plan = plan[1:]
+        elif plan:
+            self._earlier = plan
         if vetted is not None and vetted[0] == token:
             if self._plan is None or len(vetted[1]) < len(self._plan):
                 self._plan = vetted[1]
@@ -469,7 +505,7 @@ class BudgetSteering:
         if not _allows(matcher, self._row, token) or not matcher.consume(token):
             return None  # refused: accept_token says so
         try:
-            after = self._search(matcher, budget - 1)
+            after = self._reusable(matcher, plan, budget - 1) or self._search(matcher, budget - 1)
         finally:
             matcher.rollback(1)
         if after is not None and len(self._with_stop(after, budget - 1)) <= budget - 1:
@@ -490,7 +526,7 @@ class BudgetSteering:
         if path is None or len(path) > budget:
             if budget > self._next_check:
                 return []
-            found = self._search(matcher, budget, self._escalation)
+            found = self._reusable(matcher, self._earlier, budget) or self._search(matcher, budget, self._escalation)
             if found is not None and (path is None or len(found) < len(path)):
                 path = self._plan = found
         if path is None or len(path) > budget:
