@@ -51,6 +51,11 @@ class EngineConfig:
     disable_cuda_graph: bool = False
     enable_overlap: bool | None = None  # schedule step N+1 while the device runs step N; None: on for CUDA
     cuda_graph_max_bs: int | None = None
+    # constrained decoding: from how many decoding requests on jump-forward's forced tokens are computed one
+    # a step inside the decode batch (which keeps the step on its CUDA graph) rather than in one extend
+    # chunk (which makes the whole step a mixed, eager one); 0: always in one extend. None: 8 where decode
+    # steps replay CUDA graphs, else 0 (an eager step loses nothing to an extend)
+    jump_forward_decode_min_batch: int | None = None
     random_seed: int = 0
     tune_gemv: bool = True  # CUDA bf16/fp16: at load, time a Triton GEMV against cuBLAS per linear shape for batch 1
     cpu_prepack: bool = True  # CPU float32: keep MKL-prepacked weights for small-batch decode (2x the weight memory)
@@ -93,6 +98,8 @@ class EngineConfig:
                      "prompt_logprob_chunk_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.jump_forward_decode_min_batch is not None and self.jump_forward_decode_min_batch < 0:
+            raise ValueError(f"jump_forward_decode_min_batch must be >= 0 or None, got {self.jump_forward_decode_min_batch}")
         for name in ("context_length", "max_total_tokens"):
             value = getattr(self, name)
             if value is not None and value < 2:

@@ -32,7 +32,7 @@ from plait.runtime.kvcache.pins import ProgramPins
 from plait.runtime.kvcache.radix import RadixCache
 from plait.runtime.models.registry import resolve_model
 from plait.runtime.outputs import build_output
-from plait.runtime.overlap import InFlightStep, launch_sampling, overlappable
+from plait.runtime.overlap import InFlightStep, keep_sampling, launch_sampling, overlappable, settle_first
 from plait.runtime.relaxed import RelaxedValidation
 from plait.runtime.request import Request, RequestStatus
 from plait.runtime.scheduler import ScheduledItem, Scheduler
@@ -94,6 +94,10 @@ def _check_program_id(program_id: Any) -> None:
 
 
 MAX_CACHE_NAMESPACE_CHARS = 1024
+# jump_forward_decode_min_batch's default where decode steps replay CUDA graphs: below this many decoding
+# requests a forced run is computed in one extend (the request's own steps saved outweigh one eager step
+# for a small batch), from it on inside the decode batch
+JUMP_FORWARD_DECODE_MIN_BATCH = 8
 
 
 def _check_cache_namespace(namespace: Any) -> None:
@@ -122,7 +126,8 @@ class Engine:
         self.tree = RadixCache(self.runner.pool, disabled=self.config.disable_radix_cache)
         pin_budget = self.config.max_pinned_tokens_per_program
         self.pins = ProgramPins(self.tree, self.runner.pool.capacity // 4 if pin_budget is None else pin_budget)
-        self.scheduler = Scheduler(self.config, self.runner.pool, self.runner.slot_table, self.tree, self.pins)
+        self.scheduler = Scheduler(self.config, self.runner.pool, self.runner.slot_table, self.tree, self.pins,
+                                   forced_in_decode_min_batch=self._forced_in_decode_min_batch())
         self.sampler = Sampler(seed=self.config.random_seed)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None:
@@ -141,7 +146,8 @@ class Engine:
         # requests whose grammar compiles (submit with on_admitted) are prepared here once it is done
         self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plait-admit")
         self._awaiting_grammar: dict[str, bool] = {}  # rid -> aborted, while its grammar compiles
-        self._counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "finished": 0, "steps": 0}
+        self._counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "finished": 0, "steps": 0,
+                          "overlapped_steps": 0}
         self._inbox: list[tuple[str, Any]] = []
         self._cv = threading.Condition()
         self._active: set[str] = set()
@@ -153,6 +159,13 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="plait-engine", daemon=True)
         self._thread.start()
         _LIVE_ENGINES.add(self)
+
+    def _forced_in_decode_min_batch(self) -> int | None:
+        """``Scheduler.forced_in_decode_min_batch`` from ``jump_forward_decode_min_batch`` (None: never)."""
+        value = self.config.jump_forward_decode_min_batch
+        if value is None:
+            value = JUMP_FORWARD_DECODE_MIN_BATCH if self.runner.cuda_graphs is not None else 0
+        return value or None
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -672,20 +685,36 @@ class Engine:
             self._append_token(req, token)
 
     def _run_overlapped(self, items: list[ScheduledItem]) -> None:
-        """Launch this step, then settle the previous one while the device computes (see overlap.py)."""
+        """Launch this step, then settle the previous one while the device computes (see overlap.py).
+        With constrained rows the previous step is settled before this step's sampling is launched:
+        their masks need its tokens."""
         prev = self._inflight
+        self._counters["overlapped_steps"] += 1
         try:
             batch, plan = build_forward_batch(items, self.runner, prev.next_ids if prev is not None else None)
             logits = self.runner.forward(batch)
             self.scheduler.complete(items)
-            self._inflight = launch_sampling(plan, logits, self.sampler, self.model_config.vocab_size)
+            constrained = settle_first(plan)
+            if not constrained:
+                self._inflight = launch_sampling(plan, logits, self.sampler, self.model_config.vocab_size)
         except Exception as exc:  # a bug or bad state in one step must not take the engine down
             self._inflight = prev
             self._drain_inflight()
             self._fail_items(items, exc)
             return
+        if not constrained:
+            if prev is not None:
+                self._settle(prev)
+            return
+        self._inflight = None
         if prev is not None:
-            self._settle(prev)
+            self._settle(prev)  # while the device runs this step's forward
+        try:
+            keep_sampling(plan)
+            if plan.sample_items:
+                self._inflight = launch_sampling(plan, logits, self.sampler, self.model_config.vocab_size)
+        except Exception as exc:
+            self._fail_items(items, exc)
 
     def _settle(self, step: InFlightStep) -> None:
         """Read a launched step's tokens back and apply them (finish checks, detokenizing, streaming)."""
@@ -775,6 +804,8 @@ class Engine:
         ending = req.grammar.ending_instead_of(token, self._budget(req))
         if ending is None:
             return False
+        # overlap scheduling may have computed the KV of ``token`` at its position already: forget it
+        self.scheduler.rewind(req, req.total_len)
         if req.return_logprob and req.output_token_logprobs and req.output_token_logprobs[-1][1] == token:
             req.output_token_logprobs.pop()  # recorded when it was sampled; it is not in the output
             req.output_top_logprobs.pop()

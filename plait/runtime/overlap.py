@@ -10,6 +10,14 @@ Consequences the scheduler and engine handle: a request has up to one token in f
 scheduled for one more step, whose token is dropped; requests whose in-flight token is their last by
 length are not scheduled again. Steps that need values on the host right away (logprobs, penalties
 that count the in-flight token, prompt scoring) run synchronously instead.
+
+Constrained requests (a grammar) overlap too, in another order (SGLang's overlap does the same): a
+grammar's mask for step N+1 needs step N's token, so the engine launches step N+1's forward, then
+settles step N (the grammars take its tokens) while the device computes, then builds the masks and
+launches the sampling (``settle_first``). What the settling did to a request decides its row of step
+N+1 (``keep_sampling``): jump-forward appended forced tokens after its token (the row's logits are
+not needed: dropped), or budget steering appended an ending *instead* of its token (the KV that step
+N+1 computed from that token is rewound, ``Scheduler.rewind``).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from plait.runtime.executor.sampler import Sampler
-from plait.runtime.request import Request
+from plait.runtime.request import Request, RequestStatus
 from plait.runtime.scheduler import ScheduledItem
 from plait.runtime.step import LogitsPlan, sampling_inputs
 
@@ -45,11 +53,26 @@ def overlappable(items: list[ScheduledItem]) -> bool:
         req, p = item.req, item.req.params
         if req.return_logprob or p.max_new_tokens == 0:
             return False
-        if req.grammar is not None:
-            return False  # its mask needs the previous token, and jump-forward changes its length
         if p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0:
             return False  # penalties must count the token still in flight, whose value is not known yet
     return True
+
+
+def settle_first(plan: LogitsPlan) -> bool:
+    """Whether the previous step must be settled before this step's sampling is launched: a sampled
+    row is constrained, and its mask depends on the token still in flight."""
+    return any(item.req.grammar is not None for item in plan.sample_items)
+
+
+def keep_sampling(plan: LogitsPlan) -> None:
+    """After the previous step was settled: drop the sampled rows whose request finished or no longer
+    ends at this step's last token (jump-forward or an ending appended tokens after it); their logits
+    are not needed."""
+    keep = [k for k, item in enumerate(plan.sample_items)
+            if item.req.status is RequestStatus.RUNNING and item.samples]
+    if len(keep) < len(plan.sample_items):
+        plan.sample_rows = [plan.sample_rows[k] for k in keep]
+        plan.sample_items = [plan.sample_items[k] for k in keep]
 
 
 def launch_sampling(plan: LogitsPlan, logits: torch.Tensor, sampler: Sampler, vocab_size: int) -> InFlightStep:

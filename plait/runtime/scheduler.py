@@ -46,6 +46,11 @@ USED_SHARE_WEIGHT = 0.05  # weight of one finished request in the running averag
 # for sliding slots frees at least this many at once (it scans the tree)
 SLIDING_FREE_BATCH = 64
 SLIDING_EVICT_MIN = 4096
+# Tokens appended without sampling (constrained decoding's jump-forward and budget endings) are computed
+# one a step inside the decode batch, like a decode token whose input is known, when at least
+# ``Scheduler.forced_in_decode_min_batch`` requests decode in the step and the request has at most this
+# many such tokens pending; longer runs are computed in one extend chunk
+FORCED_IN_DECODE_MAX_TOKENS = 16
 
 
 @dataclass
@@ -71,8 +76,13 @@ class Scheduler:
         table: ReqToSlotTable,
         tree: RadixCache,
         pins: ProgramPins | None = None,
+        forced_in_decode_min_batch: int | None = None,
     ):
+        """``forced_in_decode_min_batch``: from how many decoding requests on a request's forced tokens
+        (jump-forward) are computed one a step inside the decode batch instead of in one extend chunk,
+        which would make the step a mixed one (no CUDA graph); None: always in one extend."""
         self.config = config
+        self.forced_in_decode_min_batch = forced_in_decode_min_batch
         self.pool = pool
         self.table = table
         self.tree = tree
@@ -127,8 +137,9 @@ class Scheduler:
         budget = self.config.chunked_prefill_size
         self._logprob_budget = self.config.prompt_logprob_chunk_size
         items = self._schedule_decodes()
+        in_decode = {id(item.req) for item in items}
         for req in list(self.running):
-            if req.status is not RequestStatus.RUNNING or req.pending_len <= 1 or budget <= 0:
+            if req.status is not RequestStatus.RUNNING or req.pending_len <= 1 or budget <= 0 or id(req) in in_decode:
                 continue
             n = self._limit_prompt_logprobs(req, req.computed_len, min(req.pending_len, budget))
             if n <= 0:
@@ -163,6 +174,7 @@ class Scheduler:
         retracted = False
         while True:
             decoding = [r for r in self.running if r.pending_len == 1 and not r.will_finish_by_length]
+            decoding += self._forced_in_decode(len(decoding))
             if not decoding:
                 return []
             slots = self._alloc(len(decoding))
@@ -174,6 +186,23 @@ class Scheduler:
                 return [ScheduledItem(r, r.computed_len, 1, slots[i : i + 1]) for i, r in enumerate(decoding)]
             self._retract_newest()
             retracted = True
+
+    def _forced_in_decode(self, num_decoding: int) -> list[Request]:
+        """Running requests whose pending tokens are a few forced outputs (jump-forward, an ending),
+        computed one a step inside this step's decode batch of ``num_decoding`` requests (see
+        ``forced_in_decode_min_batch``); the rest of their pending tokens follow in the next steps."""
+        if self.forced_in_decode_min_batch is None:
+            return []
+        riders = [r for r in self.running if self._has_forced_pending(r)]
+        if riders and num_decoding + len(riders) >= self.forced_in_decode_min_batch:
+            return riders
+        return []
+
+    @staticmethod
+    def _has_forced_pending(req: Request) -> bool:
+        """Whether ``req``'s pending tokens are at most ``FORCED_IN_DECODE_MAX_TOKENS`` known outputs."""
+        return (req.inflight == 0 and 1 < req.pending_len <= FORCED_IN_DECODE_MAX_TOKENS
+                and req.computed_len >= len(req.prompt_ids) and req.status is RequestStatus.RUNNING)
 
     def _raise_ratio_after_retraction(self) -> None:
         """After a retraction: expect the running requests to use as much of their budgets as they have so
@@ -377,6 +406,23 @@ class Scheduler:
                 self._cache_unfinished(req)
         if self.pool.hybrid:
             self._free_behind_windows()
+
+    def rewind(self, req: Request, length: int) -> None:
+        """Forget the KV computed for ``req``'s tokens from position ``length`` on (their token changed
+        after the step that computed them was launched: overlap scheduling, an ending appended instead
+        of the sampled token); their slots go back to the pool and are computed again."""
+        if req.status is not RequestStatus.RUNNING or req.computed_len <= length:
+            return
+        if length < req.cache_locked_len:
+            raise RuntimeError(f"cannot rewind {req.rid} to {length}: the cache holds {req.cache_locked_len} of its tokens")
+        slots = self.table.table[req.row, length : req.computed_len].clone()
+        behind = min(max(req.sliding_from - length, 0), len(slots))  # positions whose sliding slots are freed already
+        if self.pool.hybrid and behind:
+            self.pool.free(slots[:behind], sliding=False)
+            slots = slots[behind:]
+            req.sliding_from = length
+        self.pool.free(slots)
+        req.computed_len = length
 
     def _cache_unfinished(self, req: Request) -> None:
         """Hand the request's computed KV to the tree and re-lock it there (SGLang's cache_unfinished_req)."""

@@ -11,8 +11,8 @@ import threading
 import jsonschema
 import pytest
 
-from plait.runtime.constrained import ConstraintError
-from plait.runtime.constrained.budget import START_LIMITS, SearchLimits, start_ending
+from plait.runtime.constrained import ConstraintError, GrammarState
+from plait.runtime.constrained.budget import START_LIMITS, SearchLimits, shortest_completion, start_ending
 from plait.runtime.engine import Engine
 from plait.sampling import JSON_OBJECT, SamplingParams
 from tests.runtime.constrained.schema_corpus import CASES
@@ -131,19 +131,83 @@ def test_mixed_batch_leaves_unconstrained_rows_alone(engine):
     assert re.fullmatch("[0-9]+", mixed[1]["text"])
 
 
-def test_overlap_scheduling_gives_the_same_constrained_output(bundled_model_dir, engine):
+def test_overlap_scheduling_gives_the_same_constrained_output(bundled_model_dir, engine, monkeypatch):
+    """Constrained rows overlap too (the previous step is settled before their masks are built): the same
+    tokens as the sync path, with jump-forward (the row of a request that jumped is dropped), budget
+    endings appended instead of a sampled token (the KV computed from that token is rewound), and forced
+    tokens computed in one extend or one a step inside the decode batch."""
     prompts = [_chat(engine, "A person as JSON."), _chat(engine, "Count to three."), "Name a colour:"]
     params = [{"temperature": 0, "max_new_tokens": 40, "json_schema": PERSON}, {"temperature": 0, "max_new_tokens": 12},
               {"temperature": 0, "max_new_tokens": 6, "choices": ["red", "green", "blue"]}]
     ref = engine.generate(prompts, params)
+    ref_tight = _tight_batch(engine, 1)
     # the other scheduling mode than the module's engine (sync on the CPU, overlapped on a GPU)
     with Engine(model=str(bundled_model_dir), enable_overlap=not engine.overlap, max_total_tokens=8192,
                 dtype="float32") as other:
         assert other.overlap != engine.overlap
-        ours = other.generate(prompts, params)
+        overlapped = other if other.overlap else engine
+        rewinds = []
+        rewind = overlapped.scheduler.rewind
+
+        def counted(req, length):
+            rewinds.append(req.computed_len > length)
+            rewind(req, length)
+
+        monkeypatch.setattr(overlapped.scheduler, "rewind", counted)
+        for forced_in_decode in (None, 1):  # forced tokens in one extend, then one a step in the decode batch
+            other.scheduler.forced_in_decode_min_batch = forced_in_decode
+            steps = other.stats()["steps"], other.stats()["overlapped_steps"]
+            ours = other.generate(prompts, params)
+            tight = _tight_batch(other, 1)
+            assert [o["output_ids"] for o in ours] == [o["output_ids"] for o in ref]
+            assert [o["output_ids"] for o in tight] == [o["output_ids"] for o in ref_tight]
+            assert [o["meta_info"]["budget_closed"] for o in tight] == [o["meta_info"]["budget_closed"] for o in ref_tight]
+            if other.overlap:  # every step overlapped: nothing here needs its results at once
+                stats = other.stats()
+                assert stats["overlapped_steps"] - steps[1] == stats["steps"] - steps[0] > 0
+            assert_no_leak(other)
+        # an ending appended instead of a sampled token whose KV the next step computed already
+        replaced_ref = _replaced_by_ending_batch(engine, monkeypatch)
+        replaced = _replaced_by_ending_batch(other, monkeypatch)
+        assert [o["output_ids"] for o in replaced] == [o["output_ids"] for o in replaced_ref]
+        assert all(o["meta_info"]["budget_closed"] and re.fullmatch(EMAIL, o["text"]) for o in replaced)
+        # what the overlapped engine cached for them is the KV of their tokens: continuing them from the
+        # cache gives the same tokens and logprobs
+        prompt_ids = engine.tokenizer.encode(_chat(engine, "Write an email address."))
+        again = [prompt_ids + o["output_ids"][:-1] for o in replaced]  # (without the stop token)
+        plain = {"temperature": 0, "max_new_tokens": 4}
+        ours_again = other.generate(input_ids=again, sampling_params=plain, return_logprob=True)
+        ref_again = engine.generate(input_ids=again, sampling_params=plain, return_logprob=True)
+        assert all(o["meta_info"]["cached_tokens"] > len(prompt_ids) for o in ours_again)
+        for a, b in zip(ours_again, ref_again):
+            assert a["output_ids"] == b["output_ids"]
+            assert [lp for lp, *_ in a["meta_info"]["output_token_logprobs"]] == pytest.approx(
+                [lp for lp, *_ in b["meta_info"]["output_token_logprobs"]], abs=1e-4)
         assert_no_leak(other)
-    assert [o["output_ids"] for o in ours] == [o["output_ids"] for o in ref]
+        assert any(rewinds)
     jsonschema.validate(json.loads(ours[0]["text"]), PERSON)
+
+
+def _replaced_by_ending_batch(engine, monkeypatch, budget_left: int = 8) -> list[dict]:
+    """Email regexes whose sampled token at ``budget_left`` tokens to go is replaced by the shortest
+    ending (as budget steering's ``vet`` does for a token after which no ending fits, which the bundled
+    model rarely samples on its own)."""
+    original = GrammarState.ending_instead_of
+
+    def ending_instead_of(state, token, budget):
+        if budget == budget_left and state.steering is not None and not state.steering.closed:
+            path = shortest_completion(state.matcher, state.info)
+            if path:
+                state.steering.closed = state.closing = True
+                return path + [state.steering.stop_id]
+        return original(state, token, budget)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GrammarState, "ending_instead_of", ending_instead_of)
+        patch.setattr(engine.token_healing, "enabled", False)  # the prompt's ids stay the tokenizer's
+        prompt = _chat(engine, "Write an email address.")
+        params = [{"regex": EMAIL, "max_new_tokens": 12, "temperature": 1.0, "seed": seed} for seed in range(4)]
+        return engine.generate([prompt] * len(params), params)
 
 
 def test_streaming_constrained_snapshots_are_cumulative(engine):
