@@ -341,3 +341,28 @@ def test_a_plan_that_no_longer_fits_is_never_appended(compilers, tokenizer_info)
     opener = tokenizer_info.encode('{"')[0]
     assert steering.vet(state.matcher, opener, len(path) + 1) is None and steering.replaced == 0
     assert steering.searches == 0
+
+
+def test_checks_reuse_the_last_ending_while_it_still_ends_the_grammar(compilers, tokenizer_info):
+    state = _state(compilers, "llguidance", ConstraintKind.JSON_SCHEMA, ORDER, tokenizer_info,
+                   '{"id": 1, "customer": {"name": "Ada')
+    steering = _steering(tokenizer_info)
+    path, _ = _ending(state, tokenizer_info)
+    budget = len(path) + 8  # within the zone: a check at every token
+    assert steering.closing_tokens(state.matcher, budget) == [] and steering.searches == 1
+
+    def append(text: str) -> None:
+        for token in tokenizer_info.encode(text):
+            steering.consumed(token)
+            assert state.accept_token(token) is None
+
+    append(" Lovelace")  # more of the name: the same ending closes it, no search
+    assert steering.closing_tokens(state.matcher, budget - 2) == [] and (steering.searches, steering.reused) == (1, 1)
+    # a token vetted before it is appended: the ending still fits after it, no search either
+    space = tokenizer_info.encode(" ")[0]
+    assert steering.vet(state.matcher, space, budget - 2) is None and (steering.searches, steering.reused) == (1, 2)
+    append('", "email": "a@b.c"}, "items": [')  # the name's ending no longer ends the grammar: a search
+    assert steering.closing_tokens(state.matcher, budget - 3) == [] and steering.searches == 2
+    ending = steering.closing_tokens(state.matcher, 3)
+    jsonschema.validate(json.loads('{"id": 1, "customer": {"name": "Ada Lovelace", "email": "a@b.c"}, "items": ['
+                                   + tokenizer_info.bytes_of(ending[:-1]).decode()), ORDER)
