@@ -418,6 +418,7 @@ class Engine:
             "retractions": self.scheduler.num_retractions,
             "peak_running": self.scheduler.peak_running,
             "new_token_ratio": self.scheduler.new_token_ratio,
+            "graph_steps": self.runner.graph_steps,  # of "steps": replayed from CUDA graphs
             **self.pins.stats(),
             **c,
         }

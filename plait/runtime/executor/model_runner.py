@@ -70,6 +70,7 @@ class ModelRunner:
                                          full_to_sliding=self.pool.full_to_sliding)
         self.pad_row = self.slot_table.alloc()
         self.cuda_graphs: CudaGraphRunner | None = None
+        self.graph_steps = 0  # forwards replayed from a captured CUDA graph (the others ran eagerly)
         if self.device.type == "cuda" and not config.disable_cuda_graph and self.backend_name == "triton":
             self.cuda_graphs = CudaGraphRunner(self, min(config.cuda_graph_max_bs, config.max_running_requests))
             self.cuda_graphs.capture()
@@ -257,6 +258,7 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Run the batch; returns float32 logits [N, vocab] for ``batch.logits_indices``."""
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
+            self.graph_steps += 1
             return self.cuda_graphs.run(batch)
         self.attn_backend.prepare(batch)
         hidden = self.model(batch)

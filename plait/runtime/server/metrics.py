@@ -118,6 +118,10 @@ class ServerMetrics:
                                              "kv_sliding_slots_total"),
             "plait:cache_hit_rate": ("Prompt tokens served from the prefix cache / prompt tokens.", "cache_hit_rate"),
             "plait:retractions": ("Requests retracted under memory pressure so far.", "retractions"),
+            "plait:engine_steps": ("Engine steps (forward passes) so far.", "steps"),
+            "plait:engine_overlapped_steps": ("Steps launched before the previous step's tokens were read back.",
+                                              "overlapped_steps"),
+            "plait:engine_graph_steps": ("Steps replayed from captured CUDA graphs.", "graph_steps"),
             "plait:new_token_ratio": ("Share of running requests' remaining max_new_tokens reserved at admission.",
                                       "new_token_ratio"),
         }
