@@ -143,7 +143,6 @@ def sampling_inputs(
     """The requests to sample, their logits rows and their SamplingBatch. ``output_ids`` replaces the
     requests' own token lists (overlap scheduling counts a token still in flight)."""
     reqs = [item.req for item in plan.sample_items]
-    rows = logits[plan.sample_rows] if len(plan.sample_rows) < logits.shape[0] else logits
     sbatch = SamplingBatch(
         params=[r.params for r in reqs],
         output_ids=output_ids if output_ids is not None else [r.output_ids for r in reqs],
@@ -156,6 +155,9 @@ def sampling_inputs(
         words = (logits.shape[-1] + 31) // 32
         sbatch.token_bitmask, sbatch.bitmask_rows = build_batch_bitmask(
             [r.grammar for r in reqs], words, pin=logits.is_cuda)
+    rows = logits
+    if len(plan.sample_rows) < logits.shape[0]:  # (an index copied without waiting for the step to finish)
+        rows = logits.index_select(0, host_to_device(torch.tensor(plan.sample_rows, dtype=torch.int64), logits.device))
     return reqs, rows, sbatch
 
 

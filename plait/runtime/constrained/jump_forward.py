@@ -33,6 +33,11 @@ def _starts_with(seq: list[int], prefix: list[int]) -> bool:
     return seq[: len(prefix)] == prefix
 
 
+# (forced text, previous token) pairs remembered per tokenizer: the same keys of the same schemas come
+# back request after request, and working one out encodes up to ten texts
+FORCED_CACHE_SIZE = 4096
+
+
 def canonical_forced_tokens(info: TokenizerInfo, forced: bytes, prev_token: int | None, budget: int) -> list[int]:
     """Tokens to append for the ``forced`` bytes after ``prev_token`` (at most ``budget``); may be empty."""
     if budget <= 0 or not forced:
@@ -40,6 +45,17 @@ def canonical_forced_tokens(info: TokenizerInfo, forced: bytes, prev_token: int 
     text = _utf8_prefix(forced)
     if not text:
         return []
+    key = (text, prev_token)
+    tokens = info.forced_cache.get(key)
+    if tokens is None:
+        if len(info.forced_cache) >= FORCED_CACHE_SIZE:
+            info.forced_cache.clear()
+        tokens = info.forced_cache[key] = tuple(_canonical(info, text, prev_token))
+    return list(tokens[:budget])
+
+
+def _canonical(info: TokenizerInfo, text: str, prev_token: int | None) -> list[int]:
+    """``canonical_forced_tokens`` for the whole of ``text`` (no budget)."""
     tokens = info.encode(text)[:-1]  # the last token may merge with what follows: never forced
     if not tokens:
         return []
@@ -59,4 +75,4 @@ def canonical_forced_tokens(info: TokenizerInfo, forced: bytes, prev_token: int 
             return []  # the previous token ends mid-character: wait until it is complete
         if not _starts_with(info.encode(prev_text + text), [prev_token, *tokens]):
             return []
-    return tokens[:budget]
+    return tokens

@@ -63,6 +63,8 @@ class TokenizerInfo:
     special_ids: frozenset[int]
     stop_ids: frozenset[int]
     _single_byte: dict[int, int] = field(default_factory=dict, repr=False)
+    # jump-forward's canonical tokens per (forced text, previous token) (``jump_forward.py``), bounded
+    forced_cache: dict[tuple[str, int | None], tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, vocab_size: int | None = None) -> TokenizerInfo:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from plait.runtime.constrained.bitmask import apply_batch_bitmask
+from plait.runtime.executor.forward_batch import host_to_device
 from plait.sampling import SamplingParams
 
 __all__ = [
@@ -42,6 +43,13 @@ __all__ = [
 ]
 
 _MASK64 = (1 << 64) - 1
+
+
+def _on_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of per-row values on ``device``, copied without making the host wait for the
+    device (``host_to_device``): a plain ``torch.tensor(..., device=cuda)`` copies from pageable
+    memory, which waits for every step already queued, and the overlap of scheduling is lost."""
+    return host_to_device(torch.tensor(values, dtype=dtype), torch.device(device))
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -168,7 +176,7 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         rows, toks = _flat_index(seen_ids, rep_rows, vocab, device)
         seen = torch.zeros(bsz, vocab, dtype=torch.bool, device=device)
         seen[rows, toks] = True
-        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device)
+        penalty = _on_device([p.repetition_penalty for p in params], torch.float32, device)
         penalty = penalty.view(-1, 1)  # [B, 1]
         penalized = torch.where(work > 0, work / penalty, work * penalty)
         work = torch.where(seen, penalized, work)
@@ -178,8 +186,8 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         rows, toks = _flat_index(batch.output_ids, fp_rows, vocab, device)
         counts = torch.zeros(bsz, vocab, dtype=torch.float32, device=device)
         counts.index_put_((rows, toks), torch.ones_like(toks, dtype=torch.float32), accumulate=True)
-        freq = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=device)
-        pres = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=device)
+        freq = _on_device([p.frequency_penalty for p in params], torch.float32, device)
+        pres = _on_device([p.presence_penalty for p in params], torch.float32, device)
         work -= freq.view(-1, 1) * counts + pres.view(-1, 1) * (counts > 0).float()
     return work
 
@@ -238,7 +246,7 @@ def seeded_exponential_noise(keys: Sequence[int], vocab: int, device: torch.devi
     computed with wrapping int64 arithmetic, so it is vectorized over rows and the same on every
     device and in every batch. 24 random bits per element give u in (0, 1); noise = -log(u) > 0.
     """
-    key = torch.tensor([_as_int64(k & _MASK64) for k in keys], dtype=torch.int64, device=device)
+    key = _on_device([_as_int64(k & _MASK64) for k in keys], torch.int64, device)
     counter = torch.arange(1, vocab + 1, dtype=torch.int64, device=device)
     x = key.view(-1, 1) + counter.view(1, -1) * _as_int64(_GOLDEN)  # [R, V], wraps mod 2^64
     x = (x ^ _srl(x, 30)) * _as_int64(_MIX1)
@@ -299,8 +307,8 @@ class Sampler:
             if needs_bias:
                 apply_logit_bias(work, params)
             if banned:
-                rows = torch.tensor([r for r, _ in banned], dtype=torch.int64, device=device)
-                cols = torch.tensor([c for _, c in banned], dtype=torch.int64, device=device)
+                rows = _on_device([r for r, _ in banned], torch.int64, device)
+                cols = _on_device([c for _, c in banned], torch.int64, device)
                 work[rows, cols] = float("-inf")
             if batch.allowed_mask is not None:
                 work.masked_fill_(~batch.allowed_mask.to(device=device, dtype=torch.bool), float("-inf"))
@@ -333,14 +341,14 @@ class Sampler:
         if len(sampled_rows) == len(greedy):
             sub = work
         else:
-            sub = work.index_select(0, torch.tensor(sampled_rows, dtype=torch.int64, device=device))
+            sub = work.index_select(0, _on_device(sampled_rows, torch.int64, device))
         sub_params = [batch.params[i] for i in sampled_rows]
         probs = self._filtered_probs(sub, sub_params)
         noise = self._noise(probs.shape, device, sampled_rows, batch)
         chosen = (probs / noise).argmax(dim=-1)  # exponential race: P(argmax = i) = p_i
         if len(sampled_rows) == len(greedy):
             return chosen
-        index = torch.tensor(sampled_rows, dtype=torch.int64, device=device)
+        index = _on_device(sampled_rows, torch.int64, device)
         return next_ids.index_copy(0, index, chosen)
 
     @staticmethod
@@ -350,7 +358,7 @@ class Sampler:
         device = logits.device
         _, vocab = logits.shape
         # A temperature beyond float32's range would become inf, and a masked logit (-inf) / inf is NaN.
-        temps = torch.tensor([min(p.temperature, _FLOAT32_MAX) for p in params], dtype=torch.float32, device=device)
+        temps = _on_device([min(p.temperature, _FLOAT32_MAX) for p in params], torch.float32, device)
         logits = logits / temps.view(-1, 1)
 
         need_k = any(p.top_k != -1 for p in params)
@@ -358,14 +366,12 @@ class Sampler:
         if need_k or need_p:
             sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)  # [b, V]
             if need_k:
-                k = torch.tensor(
-                    [min(p.top_k, vocab) if p.top_k != -1 else vocab for p in params], dtype=torch.int64, device=device
-                )
+                k = _on_device([min(p.top_k, vocab) if p.top_k != -1 else vocab for p in params], torch.int64, device)
                 kth = sorted_logits.gather(1, (k - 1).view(-1, 1))  # [b, 1]
                 # threshold (not rank) cut: tokens tied with the k-th logit are all kept
                 sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
             if need_p:
-                top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device).view(-1, 1)
+                top_p = _on_device([p.top_p for p in params], torch.float32, device).view(-1, 1)
                 sorted_probs = sorted_logits.softmax(dim=-1)
                 mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
                 drop = (mass_before > top_p) & (top_p < 1.0)
@@ -374,7 +380,7 @@ class Sampler:
 
         probs = logits.softmax(dim=-1)
         if any(p.min_p > 0.0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device).view(-1, 1)
+            min_p = _on_device([p.min_p for p in params], torch.float32, device).view(-1, 1)
             threshold = min_p * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs
@@ -400,7 +406,7 @@ class Sampler:
             seeded_noise.clamp_min_(torch.finfo(torch.float32).tiny)
             if len(seeded) == len(rows):
                 return seeded_noise
-            noise.index_copy_(0, torch.tensor(seeded, dtype=torch.int64, device=device), seeded_noise)
+            noise.index_copy_(0, _on_device(seeded, torch.int64, device), seeded_noise)
         return noise
 
     @staticmethod
@@ -410,7 +416,7 @@ class Sampler:
         out: list[list[tuple[int, float]] | None] = [None] * len(nums)
         if not rows:
             return out
-        sub = raw if len(rows) == len(nums) else raw[torch.tensor(rows, dtype=torch.int64, device=raw.device)]
+        sub = raw if len(rows) == len(nums) else raw[_on_device(rows, torch.int64, raw.device)]
         for row, pairs in zip(rows, top_k_logprobs(sub, [nums[i] for i in rows])):
             out[row] = pairs
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import threading
@@ -372,6 +373,19 @@ def test_forced_tokens_are_canonical_at_both_boundaries(tokenizer_info):
         assert canonical_forced_tokens(info, b'name": 1', quote, budget=10) == []
     assert canonical_forced_tokens(info, text.encode(), None, budget=1) == forced[:1]
     assert canonical_forced_tokens(info, "é".encode()[:1], None, budget=10) == []  # half a character
+
+
+def test_forced_tokens_are_remembered_per_text_and_previous_token(tokenizer_info, monkeypatch):
+    info = dataclasses.replace(tokenizer_info, forced_cache={})
+    text = b'", "email": "'
+    first = canonical_forced_tokens(info, text, None, budget=10)
+    calls = []
+    monkeypatch.setattr(info, "encode", lambda s: calls.append(s) or tokenizer_info.encode(s))
+    assert canonical_forced_tokens(info, text, None, budget=10) == first and calls == []  # remembered
+    assert canonical_forced_tokens(info, text, None, budget=2) == first[:2] and calls == []
+    letter = tokenizer_info.encode("a")[0]
+    canonical_forced_tokens(info, text, letter, budget=10)  # another previous token: worked out again
+    assert calls
 
 
 def test_json_options_spliced_into_the_schema_equal_the_overrides():
