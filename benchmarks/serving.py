@@ -183,10 +183,16 @@ class TextMaker:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     def text(self, n: int) -> str:
-        """About ``n`` tokens of random text."""
+        """About ``n`` tokens of random text (with a tokenizer: at most ``n`` once tokenized again)."""
         if self.tokenizer is not None:
             ids = [self.rng.randrange(1000, min(len(self.tokenizer), 30000)) for _ in range(n)]
-            return self.tokenizer.decode(ids)
+            text = self.tokenizer.decode(ids)
+            for _ in range(4):  # decoded ids tokenize to a few % more tokens (merges split): trim to n
+                again = self.tokenizer.encode(text, add_special_tokens=False)
+                if len(again) <= n:
+                    break
+                text = self.tokenizer.decode(again[:n])
+            return text
         return " ".join(self.rng.choices(_WORDS, k=max(1, int(n * 0.75))))  # ~1.3 tokens a word
 
 
