@@ -174,7 +174,7 @@ class Scheduler:
         retracted = False
         while True:
             decoding = [r for r in self.running if r.pending_len == 1 and not r.will_finish_by_length]
-            decoding += self._forced_in_decode(len(decoding))
+            decoding = self._forced_in_decode(len(decoding)) + decoding
             if not decoding:
                 return []
             slots = self._alloc(len(decoding))

@@ -184,3 +184,29 @@ def test_serving_compiles_no_kernel_after_start_up(bundled_model_dir):
         assert _compiled_variants(_extend_attention_kernel) == before
     finally:
         _free(engine)
+
+
+def test_forced_tokens_in_graph_decode_batches_equal_extends(bundled_model_dir):
+    """Jump-forward's forced tokens computed one a step inside CUDA-graph decode batches (a replayed
+    graph returns every row's logits, also of rows that sample nothing) give the tokens that extends
+    without graphs give."""
+    engine = Engine(model=str(bundled_model_dir), dtype="float32", device="cuda")
+    reason = r"Answer: (yes|no)\. The reason, in one short sentence that follows: [a-z ]{3,30}\."
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Is the sky blue?"}])
+    params = [{"temperature": 0.8, "seed": seed, "max_new_tokens": 60, "regex": reason} for seed in range(6)]
+    try:
+        engine.scheduler.forced_in_decode_min_batch = 1
+        graphs_before = engine.runner.graph_steps
+        ours = engine.generate([prompt] * len(params), params)
+        assert engine.runner.graph_steps > graphs_before
+        assert_no_leak(engine)
+    finally:
+        _free(engine)
+    ref_engine = Engine(model=str(bundled_model_dir), dtype="float32", device="cuda", disable_cuda_graph=True,
+                        jump_forward_decode_min_batch=0)
+    try:
+        ref = ref_engine.generate([prompt] * len(params), params)
+    finally:
+        _free(ref_engine)
+    assert all(o["meta_info"]["forced_tokens"] > 8 for o in ref)
+    assert [o["output_ids"] for o in ours] == [o["output_ids"] for o in ref]

@@ -259,7 +259,11 @@ class ModelRunner:
         """Run the batch; returns float32 logits [N, vocab] for ``batch.logits_indices``."""
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
             self.graph_steps += 1
-            return self.cuda_graphs.run(batch)
+            logits = self.cuda_graphs.run(batch)  # every row's
+            if batch.logits_indices.numel() == logits.shape[0]:
+                return logits
+            # rows that sample nothing this step (forced tokens computed in the decode batch)
+            return logits.index_select(0, batch.logits_indices)
         self.attn_backend.prepare(batch)
         hidden = self.model(batch)
         if batch.logits_indices.numel() == hidden.shape[0]:

@@ -3,6 +3,7 @@ output; jump-forward, cuts by max_new_tokens, errors and overlap scheduling beha
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -10,6 +11,7 @@ import threading
 
 import jsonschema
 import pytest
+import torch
 
 from plait.runtime.constrained import ConstraintError, GrammarState
 from plait.runtime.constrained.budget import START_LIMITS, SearchLimits, shortest_completion, start_ending
@@ -139,7 +141,12 @@ def test_overlap_scheduling_gives_the_same_constrained_output(bundled_model_dir,
     prompts = [_chat(engine, "A person as JSON."), _chat(engine, "Count to three."), "Name a colour:"]
     params = [{"temperature": 0, "max_new_tokens": 40, "json_schema": PERSON}, {"temperature": 0, "max_new_tokens": 12},
               {"temperature": 0, "max_new_tokens": 6, "choices": ["red", "green", "blue"]}]
+    # a long literal after the choice: runs of forced tokens that outlast a step
+    reason = r"Answer: (yes|no)\. The reason, in one short sentence that follows: [a-z ]{3,30}\."
+    prompts += [_chat(engine, "Is the sky blue?")] * 3
+    params += [{"temperature": 0.8, "seed": seed, "max_new_tokens": 60, "regex": reason} for seed in range(3)]
     ref = engine.generate(prompts, params)
+    assert all(o["meta_info"]["forced_tokens"] > 8 for o in ref[3:])
     ref_tight = _tight_batch(engine, 1)
     # the other scheduling mode than the module's engine (sync on the CPU, overlapped on a GPU)
     with Engine(model=str(bundled_model_dir), enable_overlap=not engine.overlap, max_total_tokens=8192,
@@ -156,6 +163,8 @@ def test_overlap_scheduling_gives_the_same_constrained_output(bundled_model_dir,
         monkeypatch.setattr(overlapped.scheduler, "rewind", counted)
         for forced_in_decode in (None, 1):  # forced tokens in one extend, then one a step in the decode batch
             other.scheduler.forced_in_decode_min_batch = forced_in_decode
+            if forced_in_decode:  # decode steps as CUDA graphs run them: every row's logits
+                monkeypatch.setattr(other.runner, "cuda_graphs", AllRowsGraphs(other.runner))
             steps = other.stats()["steps"], other.stats()["overlapped_steps"]
             ours = other.generate(prompts, params)
             tight = _tight_batch(other, 1)
@@ -166,6 +175,8 @@ def test_overlap_scheduling_gives_the_same_constrained_output(bundled_model_dir,
                 stats = other.stats()
                 assert stats["overlapped_steps"] - steps[1] == stats["steps"] - steps[0] > 0
             assert_no_leak(other)
+        assert other.runner.cuda_graphs.replays > 0
+        monkeypatch.setattr(other.runner, "cuda_graphs", None)
         # an ending appended instead of a sampled token whose KV the next step computed already
         replaced_ref = _replaced_by_ending_batch(engine, monkeypatch)
         replaced = _replaced_by_ending_batch(other, monkeypatch)
@@ -186,6 +197,23 @@ def test_overlap_scheduling_gives_the_same_constrained_output(bundled_model_dir,
         assert_no_leak(other)
         assert any(rewinds)
     jsonschema.validate(json.loads(ours[0]["text"]), PERSON)
+
+
+class AllRowsGraphs:
+    """Stands in for ``CudaGraphRunner`` on the CPU: it takes the decode-only batches and returns every
+    row's logits, as a replayed graph does, whether the row samples this step or not."""
+
+    def __init__(self, runner):
+        self.runner, self.replays = runner, 0
+
+    def can_run(self, batch) -> bool:
+        return batch.is_decode_only
+
+    def run(self, batch):
+        self.replays += 1
+        every_row = dataclasses.replace(batch, logits_indices=torch.arange(batch.batch_size))
+        self.runner.attn_backend.prepare(every_row)
+        return self.runner.model.compute_logits(self.runner.model(every_row))
 
 
 def _replaced_by_ending_batch(engine, monkeypatch, budget_left: int = 8) -> list[dict]:
