@@ -1,7 +1,7 @@
 """One packed bitmask per batch: int32 [B, ceil(V / 32)], bit j of word w = token 32 * w + j allowed.
 
 ``build_batch_bitmask`` fills the rows of constrained requests (unconstrained rows are all ones and
-are not touched when applying). ``apply_batch_bitmask`` sets disallowed logits to -inf: the Triton
+are not touched when applying); the rows of llguidance's matchers in one call on its thread pool. ``apply_batch_bitmask`` sets disallowed logits to -inf: the Triton
 kernel (``runtime/kernels/bitmask.py``) on CUDA, plain torch on the CPU.
 """
 
@@ -16,6 +16,10 @@ from plait.runtime.executor.forward_batch import host_to_device
 
 __all__ = ["apply_batch_bitmask", "build_batch_bitmask", "unpack_rows"]
 
+# From this many rows of one backend with a batch path (``TokenMatcher.fill_many``: llguidance's thread
+# pool) their masks are computed in one call, in parallel; fewer are filled one by one
+PARALLEL_MIN_ROWS = 4
+
 
 def build_batch_bitmask(grammars: Sequence[Any | None], words: int, pin: bool = False) -> tuple[torch.Tensor, list[int]] | None:
     """The batch bitmask for ``grammars`` (one ``GrammarState`` or None per row) and the constrained rows;
@@ -24,7 +28,22 @@ def build_batch_bitmask(grammars: Sequence[Any | None], words: int, pin: bool = 
     if not rows:
         return None
     bitmask = torch.full((len(grammars), words), -1, dtype=torch.int32, pin_memory=pin)
+    together: dict[type, list[tuple[Any, int]]] = {}  # backend matcher class -> (matcher, row)
+    alone = []
     for i in rows:
+        matcher = grammars[i].batch_matcher(words)
+        if matcher is None:
+            alone.append(i)
+        else:
+            together.setdefault(type(matcher), []).append((matcher, i))
+    for kind, matchers in together.items():
+        if len(matchers) < PARALLEL_MIN_ROWS:
+            alone.extend(i for _, i in matchers)
+            continue
+        kind.fill_many(matchers, bitmask.data_ptr(), words * 4, len(grammars))
+        for _, i in matchers:
+            grammars[i].edit_bitmask(bitmask[i])
+    for i in alone:
         grammars[i].fill_bitmask(bitmask[i])
     return bitmask, rows
 

@@ -106,6 +106,20 @@ class GrammarState:
                 self.matcher.fill_bitmask(row)
             else:
                 self._fill_ptr(row.data_ptr(), row.numel() << 2)
+        self.edit_bitmask(row)
+
+    def batch_matcher(self, words: int) -> Any:
+        """The backend matcher whose mask ``build_batch_bitmask`` may compute together with others'
+        (``TokenMatcher.fill_many``) for a row of ``words`` int32 words, then finish with
+        ``edit_bitmask``; None when this state's mask must come from ``fill_bitmask`` (its start mask
+        is pending, or the backend has no batch path)."""
+        if self._start_mask is not None or type(self.matcher).fill_many is None or words < self._min_words:
+            return None
+        return self.matcher
+
+    def edit_bitmask(self, row: torch.Tensor) -> None:
+        """On top of the backend's mask in ``row``: this request's stop tokens where the grammar may end,
+        and never the other end-of-sequence and special tokens."""
         if self._exact and not self._has_error():
             return
         if self._words_type is None:

@@ -41,6 +41,10 @@ class TokenMatcher(ABC):
 
     fill_ptr: Callable[[int, int], Any] | None = None
     has_error: Callable[[], bool] | None = None
+    # Optional: many matchers' masks in one call, in parallel (a static method of the backend's matcher
+    # class): ``fill_many([(matcher, row index), ...], address, row_bytes, rows)`` writes what each one's
+    # ``fill_bitmask`` writes into row ``index`` of a buffer of ``rows`` rows of ``row_bytes`` bytes.
+    fill_many: Callable[[list[tuple["TokenMatcher", int]], int, int, int], None] | None = None
 
     @abstractmethod
     def consume(self, token: int) -> bool:

@@ -173,11 +173,30 @@ def build_lltokenizer(llg: Any, info: TokenizerInfo, native: bool = True) -> tup
     return tok, "wrapper"
 
 
+_executor: Any = None
+_executor_lock = threading.Lock()
+
+
+def _parallel_executor() -> Any:
+    """llguidance's ``LLExecutor`` (a pool of native threads, 80% of the CPUs up to 32), made once."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = _import().LLExecutor()
+        return _executor
+
+
 class LLGuidanceMatcher(TokenMatcher):
     def __init__(self, matcher: Any):
         self._m = matcher
         self.fill_ptr = matcher.unsafe_compute_mask_ptr  # (address, nbytes): the mask written in place
         self.has_error = matcher.is_error
+
+    @staticmethod
+    def fill_many(matchers: list[tuple[TokenMatcher, int]], address: int, row_bytes: int, rows: int) -> None:
+        """The masks of many matchers at once, on llguidance's threads (the GIL is released)."""
+        _parallel_executor().unsafe_compute_mask_ptr([(m._m, index) for m, index in matchers], address,
+                                                     row_bytes, rows)
 
     def consume(self, token: int) -> bool:
         return bool(self._m.consume_token(token))
