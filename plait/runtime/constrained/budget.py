@@ -177,15 +177,7 @@ def _retokenized(matcher: TokenMatcher, info: TokenizerInfo, path: list[int], ro
     tokens = info.encode(text)
     if len(tokens) >= len(path) or info.bytes_of(tokens) != info.bytes_of(path):
         return path
-    consumed = 0
-    try:
-        for token in tokens:
-            if matcher.is_terminated() or not _allows(matcher, row, token) or not matcher.consume(token):
-                return path
-            consumed += 1
-        return tokens if matcher.can_terminate() else path
-    finally:
-        matcher.rollback(consumed)
+    return tokens if _ends_with(matcher, tokens, row) else path
 
 
 def _ends_with(matcher: TokenMatcher, path: list[int], row: torch.Tensor) -> bool:
