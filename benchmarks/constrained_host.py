@@ -1,0 +1,143 @@
+"""The engine thread's time per step on the structured mix, by part: what bounds constrained batches on a GPU.
+
+    python benchmarks/constrained_host.py [--requests 64] [--ratio 0.5] [--output 128] [--temperature 0]
+
+On a GPU the structured mix (``benchmarks/serving.py --dataset structured``) is paced by the engine
+thread, not the device (benchmarks/RESULTS.md, 2026-12-02): settling a step (grammars, jump-forward,
+budget steering, detokenizing), building the masks, scheduling. This runs the same kind of batch
+in-process on the CPU -- ``--requests`` requests at once, a share ``--ratio`` constrained by the
+serving benchmark's JSON schemas, the others unconstrained with ``ignore_eos`` -- on dummy weights (so
+that documents run to their budget, as they do there) with overlap scheduling on, and prints the
+engine thread's milliseconds a step in each part. The forward and sampling are the CPU's and are
+listed apart: on a GPU they run on the device. Parts nest (a search runs inside a vetting or a
+check), so the rows do not add up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.util
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import plait.runtime.step as step_module
+from plait.runtime.constrained import budget
+from plait.runtime.constrained.matcher import GrammarState
+from plait.runtime.engine import Engine
+from plait.runtime.models.registry import ensure_preset_dir
+
+# (owner, attribute, part): the engine-thread work timed, by where it is done
+_CLASS_PARTS = [
+    (GrammarState, "accept_token", "grammar: accept a token"),
+    (GrammarState, "forced_tokens", "jump-forward and budget checks"),
+    (GrammarState, "ending_instead_of", "budget steering: vet a sampled token"),
+    (budget.BudgetSteering, "_search", "budget steering: searches"),
+    (budget.BudgetSteering, "_reusable", "budget steering: reuse checks"),
+]
+
+
+def _schemas() -> dict:
+    """The structured workload's schemas (``benchmarks/serving.py``, not a package)."""
+    spec = importlib.util.spec_from_file_location("serving_schemas", Path(__file__).with_name("serving.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.SCHEMAS
+
+
+@contextlib.contextmanager
+def timed(targets: list[tuple[object, str, str]]) -> Iterator[tuple[defaultdict, Counter]]:
+    """Wrap each ``owner.attribute`` to add its wall time and calls to its part; restored on exit."""
+    seconds: defaultdict = defaultdict(float)
+    calls: Counter = Counter()
+    saved = []  # (owner, name, whether the owner itself held it, what it held)
+    for owner, name, part in targets:
+        original = getattr(owner, name)
+        saved.append((owner, name, name in vars(owner), vars(owner).get(name)))
+
+        def wrapper(*args, __original=original, __part=part, **kwargs):
+            start = time.perf_counter()
+            try:
+                return __original(*args, **kwargs)
+            finally:
+                seconds[__part] += time.perf_counter() - start
+                calls[__part] += 1
+
+        setattr(owner, name, functools.wraps(original)(wrapper))
+    try:
+        yield seconds, calls
+    finally:
+        for owner, name, held, value in reversed(saved):
+            if held:
+                setattr(owner, name, value)
+            else:
+                delattr(owner, name)  # an instance's method: the class's again
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the batch once to warm up (grammars compiled), then once timed; returns the figures."""
+    model_dir = str(ensure_preset_dir(args.model))
+    engine = Engine(model=model_dir, load_format="dummy", tokenizer_path=model_dir, enable_overlap=True,
+                    max_total_tokens=max(16384, 2 * args.requests * (args.output + 256)))  # all admitted at once
+    try:
+        schemas = list(_schemas().values())
+        prompts, params = [], []
+        for i in range(args.requests):
+            p = {"temperature": args.temperature, "seed": i, "max_new_tokens": args.output}
+            if i < round(args.ratio * args.requests):
+                p["json_schema"] = json.dumps(schemas[i % len(schemas)])
+            else:
+                p["ignore_eos"] = True
+            prompts.append(f"Extract record {i} as JSON from this text: " + "lorem ipsum dolor " * 30)
+            params.append(p)
+        engine.generate(prompts[: min(8, len(prompts))], params[: min(8, len(params))])
+        runner = engine.runner
+        targets = _CLASS_PARTS + [
+            (engine, "_settle", "settle a step (all of its requests)"),
+            (step_module, "build_batch_bitmask", "masks"),  # the name sampling_inputs calls
+            (engine.scheduler, "schedule", "schedule"),
+            (runner, "forward", "forward (the device's on a GPU)"),
+            (engine.sampler, "sample", "sampling (the device's on a GPU)"),
+        ]
+        steps_before = engine.stats()["steps"]
+        with timed(targets) as (seconds, calls):
+            start = time.perf_counter()
+            outputs = engine.generate(prompts, params)
+            wall = time.perf_counter() - start
+        steps = engine.stats()["steps"] - steps_before
+        return {"steps": steps, "wall_s": wall, "tokens": sum(len(o["output_ids"]) for o in outputs),
+                "seconds": dict(seconds), "calls": dict(calls)}
+    finally:
+        engine.shutdown()
+
+
+def print_table(args: argparse.Namespace, result: dict) -> None:
+    steps = max(result["steps"], 1)
+    print(f"structured mix on the CPU: {args.requests} requests, {args.ratio:.0%} constrained, {args.output} tokens, "
+          f"temperature {args.temperature}; {result['steps']} steps, {result['tokens']} tokens, {result['wall_s']:.1f} s")
+    print("| part | ms a step | calls |")
+    print("| --- | ---: | ---: |")
+    for part, sec in sorted(result["seconds"].items(), key=lambda kv: -kv[1]):
+        print(f"| {part} | {1000 * sec / steps:.2f} | {result['calls'][part]} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="a preset with a tokenizer")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--ratio", type=float, default=0.5, help="share of requests constrained by a JSON schema")
+    parser.add_argument("--output", type=int, default=128, help="max_new_tokens")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    print_table(args, run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
