@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from plait.runtime.constrained.bitmask import build_batch_bitmask
-from plait.runtime.executor.forward_batch import ForwardBatch, host_to_device
+from plait.runtime.executor.forward_batch import ForwardBatch, host_to_device, values_to_device
 from plait.runtime.executor.model_runner import ModelRunner
 from plait.runtime.executor.sampler import Sampler, SamplingBatch, log_softmax_logprobs, top_k_logprobs
 from plait.runtime.request import Request
@@ -157,7 +157,7 @@ def sampling_inputs(
             [r.grammar for r in reqs], words, pin=logits.is_cuda)
     rows = logits
     if len(plan.sample_rows) < logits.shape[0]:  # (an index copied without waiting for the step to finish)
-        rows = logits.index_select(0, host_to_device(torch.tensor(plan.sample_rows, dtype=torch.int64), logits.device))
+        rows = logits.index_select(0, values_to_device(plan.sample_rows, torch.int64, logits.device))
     return reqs, rows, sbatch
 
 

@@ -1,8 +1,9 @@
 """One packed bitmask per batch: int32 [B, ceil(V / 32)], bit j of word w = token 32 * w + j allowed.
 
 ``build_batch_bitmask`` fills the rows of constrained requests (unconstrained rows are all ones and
-are not touched when applying); the rows of llguidance's matchers in one call on its thread pool. ``apply_batch_bitmask`` sets disallowed logits to -inf: the Triton
-kernel (``runtime/kernels/bitmask.py``) on CUDA, plain torch on the CPU.
+are not touched when applying); llguidance's rows in one call on its thread pool. ``apply_batch_bitmask``
+sets disallowed logits to -inf: the Triton kernel (``runtime/kernels/bitmask.py``) on CUDA, plain torch
+on the CPU.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,12 @@ def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def values_to_device(values: Sequence, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A small tensor of per-row values (a list) on ``device`` through ``host_to_device``: a plain
+    ``torch.tensor(values, device="cuda")`` copies from pageable memory and waits for every queued step."""
+    return host_to_device(torch.tensor(values, dtype=dtype), torch.device(device))
 
 
 @dataclass

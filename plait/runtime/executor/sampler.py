@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from plait.runtime.constrained.bitmask import apply_batch_bitmask
-from plait.runtime.executor.forward_batch import host_to_device
+from plait.runtime.executor.forward_batch import values_to_device
 from plait.sampling import SamplingParams
 
 __all__ = [
@@ -43,13 +43,6 @@ __all__ = [
 ]
 
 _MASK64 = (1 << 64) - 1
-
-
-def _on_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small tensor of per-row values on ``device``, copied without making the host wait for the
-    device (``host_to_device``): a plain ``torch.tensor(..., device=cuda)`` copies from pageable
-    memory, which waits for every step already queued, and the overlap of scheduling is lost."""
-    return host_to_device(torch.tensor(values, dtype=dtype), torch.device(device))
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -176,7 +169,7 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         rows, toks = _flat_index(seen_ids, rep_rows, vocab, device)
         seen = torch.zeros(bsz, vocab, dtype=torch.bool, device=device)
         seen[rows, toks] = True
-        penalty = _on_device([p.repetition_penalty for p in params], torch.float32, device)
+        penalty = values_to_device([p.repetition_penalty for p in params], torch.float32, device)
         penalty = penalty.view(-1, 1)  # [B, 1]
         penalized = torch.where(work > 0, work / penalty, work * penalty)
         work = torch.where(seen, penalized, work)
@@ -186,8 +179,8 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         rows, toks = _flat_index(batch.output_ids, fp_rows, vocab, device)
         counts = torch.zeros(bsz, vocab, dtype=torch.float32, device=device)
         counts.index_put_((rows, toks), torch.ones_like(toks, dtype=torch.float32), accumulate=True)
-        freq = _on_device([p.frequency_penalty for p in params], torch.float32, device)
-        pres = _on_device([p.presence_penalty for p in params], torch.float32, device)
+        freq = values_to_device([p.frequency_penalty for p in params], torch.float32, device)
+        pres = values_to_device([p.presence_penalty for p in params], torch.float32, device)
         work -= freq.view(-1, 1) * counts + pres.view(-1, 1) * (counts > 0).float()
     return work
 
@@ -246,7 +239,7 @@ def seeded_exponential_noise(keys: Sequence[int], vocab: int, device: torch.devi
     computed with wrapping int64 arithmetic, so it is vectorized over rows and the same on every
     device and in every batch. 24 random bits per element give u in (0, 1); noise = -log(u) > 0.
     """
-    key = _on_device([_as_int64(k & _MASK64) for k in keys], torch.int64, device)
+    key = values_to_device([_as_int64(k & _MASK64) for k in keys], torch.int64, device)
     counter = torch.arange(1, vocab + 1, dtype=torch.int64, device=device)
     x = key.view(-1, 1) + counter.view(1, -1) * _as_int64(_GOLDEN)  # [R, V], wraps mod 2^64
     x = (x ^ _srl(x, 30)) * _as_int64(_MIX1)
@@ -307,8 +300,8 @@ class Sampler:
             if needs_bias:
                 apply_logit_bias(work, params)
             if banned:
-                rows = _on_device([r for r, _ in banned], torch.int64, device)
-                cols = _on_device([c for _, c in banned], torch.int64, device)
+                rows = values_to_device([r for r, _ in banned], torch.int64, device)
+                cols = values_to_device([c for _, c in banned], torch.int64, device)
                 work[rows, cols] = float("-inf")
             if batch.allowed_mask is not None:
                 work.masked_fill_(~batch.allowed_mask.to(device=device, dtype=torch.bool), float("-inf"))
@@ -341,14 +334,14 @@ class Sampler:
         if len(sampled_rows) == len(greedy):
             sub = work
         else:
-            sub = work.index_select(0, _on_device(sampled_rows, torch.int64, device))
+            sub = work.index_select(0, values_to_device(sampled_rows, torch.int64, device))
         sub_params = [batch.params[i] for i in sampled_rows]
         probs = self._filtered_probs(sub, sub_params)
         noise = self._noise(probs.shape, device, sampled_rows, batch)
         chosen = (probs / noise).argmax(dim=-1)  # exponential race: P(argmax = i) = p_i
         if len(sampled_rows) == len(greedy):
             return chosen
-        index = _on_device(sampled_rows, torch.int64, device)
+        index = values_to_device(sampled_rows, torch.int64, device)
         return next_ids.index_copy(0, index, chosen)
 
     @staticmethod
@@ -358,7 +351,7 @@ class Sampler:
         device = logits.device
         _, vocab = logits.shape
         # A temperature beyond float32's range would become inf, and a masked logit (-inf) / inf is NaN.
-        temps = _on_device([min(p.temperature, _FLOAT32_MAX) for p in params], torch.float32, device)
+        temps = values_to_device([min(p.temperature, _FLOAT32_MAX) for p in params], torch.float32, device)
         logits = logits / temps.view(-1, 1)
 
         need_k = any(p.top_k != -1 for p in params)
@@ -366,12 +359,13 @@ class Sampler:
         if need_k or need_p:
             sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)  # [b, V]
             if need_k:
-                k = _on_device([min(p.top_k, vocab) if p.top_k != -1 else vocab for p in params], torch.int64, device)
+                k = values_to_device(
+                    [min(p.top_k, vocab) if p.top_k != -1 else vocab for p in params], torch.int64, device)
                 kth = sorted_logits.gather(1, (k - 1).view(-1, 1))  # [b, 1]
                 # threshold (not rank) cut: tokens tied with the k-th logit are all kept
                 sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
             if need_p:
-                top_p = _on_device([p.top_p for p in params], torch.float32, device).view(-1, 1)
+                top_p = values_to_device([p.top_p for p in params], torch.float32, device).view(-1, 1)
                 sorted_probs = sorted_logits.softmax(dim=-1)
                 mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
                 drop = (mass_before > top_p) & (top_p < 1.0)
@@ -380,7 +374,7 @@ class Sampler:
 
         probs = logits.softmax(dim=-1)
         if any(p.min_p > 0.0 for p in params):
-            min_p = _on_device([p.min_p for p in params], torch.float32, device).view(-1, 1)
+            min_p = values_to_device([p.min_p for p in params], torch.float32, device).view(-1, 1)
             threshold = min_p * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs
@@ -406,7 +400,7 @@ class Sampler:
             seeded_noise.clamp_min_(torch.finfo(torch.float32).tiny)
             if len(seeded) == len(rows):
                 return seeded_noise
-            noise.index_copy_(0, _on_device(seeded, torch.int64, device), seeded_noise)
+            noise.index_copy_(0, values_to_device(seeded, torch.int64, device), seeded_noise)
         return noise
 
     @staticmethod
@@ -416,7 +410,7 @@ class Sampler:
         out: list[list[tuple[int, float]] | None] = [None] * len(nums)
         if not rows:
             return out
-        sub = raw if len(rows) == len(nums) else raw[_on_device(rows, torch.int64, raw.device)]
+        sub = raw if len(rows) == len(nums) else raw[values_to_device(rows, torch.int64, raw.device)]
         for row, pairs in zip(rows, top_k_logprobs(sub, [nums[i] for i in rows])):
             out[row] = pairs
         return out
