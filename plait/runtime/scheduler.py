@@ -136,10 +136,9 @@ class Scheduler:
         builder, in one vectorized write."""
         budget = self.config.chunked_prefill_size
         self._logprob_budget = self.config.prompt_logprob_chunk_size
-        items = self._schedule_decodes()
-        in_decode = {id(item.req) for item in items}
+        items, riding = self._schedule_decodes()
         for req in list(self.running):
-            if req.status is not RequestStatus.RUNNING or req.pending_len <= 1 or budget <= 0 or id(req) in in_decode:
+            if req.status is not RequestStatus.RUNNING or req.pending_len <= 1 or budget <= 0 or id(req) in riding:
                 continue
             n = self._limit_prompt_logprobs(req, req.computed_len, min(req.pending_len, budget))
             if n <= 0:
@@ -167,36 +166,36 @@ class Scheduler:
         self._logprob_budget -= max(hi - lo, 0)
         return ScheduledItem(req, start, n, slots)
 
-    def _schedule_decodes(self) -> list[ScheduledItem]:
-        """One token for every decoding request; retracts the newest requests while memory is short."""
+    def _schedule_decodes(self) -> tuple[list[ScheduledItem], set[int]]:
+        """One token for every decoding request; retracts the newest requests while memory is short.
+        Also the ids of the requests among them whose token is one of a few forced ones (jump-forward, an
+        ending: ``forced_in_decode_min_batch``); the rest of their pending tokens follow in the next steps."""
         if not self.running:
             self.new_token_ratio = self._init_ratio
         retracted = False
         while True:
-            decoding = [r for r in self.running if r.pending_len == 1 and not r.will_finish_by_length]
-            decoding = self._forced_in_decode(len(decoding)) + decoding
+            decoding, forced = [], []
+            for r in self.running:
+                if r.pending_len == 1:
+                    if not r.will_finish_by_length:
+                        decoding.append(r)
+                elif self.forced_in_decode_min_batch is not None and self._has_forced_pending(r):
+                    forced.append(r)
+            if forced and len(decoding) + len(forced) < self.forced_in_decode_min_batch:
+                forced = []  # too small a batch for it to pay: their pending tokens go in extend chunks
+            decoding = forced + decoding
             if not decoding:
-                return []
+                return [], set()
             slots = self._alloc(len(decoding))
             if slots is not None:
                 if retracted:
                     self._raise_ratio_after_retraction()
                 else:
                     self.new_token_ratio = max(self.new_token_ratio - self._ratio_decay, self._ratio_floor())
-                return [ScheduledItem(r, r.computed_len, 1, slots[i : i + 1]) for i, r in enumerate(decoding)]
+                items = [ScheduledItem(r, r.computed_len, 1, slots[i : i + 1]) for i, r in enumerate(decoding)]
+                return items, {id(r) for r in forced}
             self._retract_newest()
             retracted = True
-
-    def _forced_in_decode(self, num_decoding: int) -> list[Request]:
-        """Running requests whose pending tokens are a few forced outputs (jump-forward, an ending),
-        computed one a step inside this step's decode batch of ``num_decoding`` requests (see
-        ``forced_in_decode_min_batch``); the rest of their pending tokens follow in the next steps."""
-        if self.forced_in_decode_min_batch is None:
-            return []
-        riders = [r for r in self.running if self._has_forced_pending(r)]
-        if riders and num_decoding + len(riders) >= self.forced_in_decode_min_batch:
-            return riders
-        return []
 
     @staticmethod
     def _has_forced_pending(req: Request) -> bool:
