@@ -1,6 +1,7 @@
 """GPU diagnostics behind the figures in RESULTS.md (Llama-3.1-8B config by default, dummy weights).
 
     python benchmarks/gpu_diagnose.py profile [--model gpt-oss-120b]  # where the batch-1 decode step's time goes
+    python benchmarks/gpu_diagnose.py decode-batched --batches 64 128 256  # the same for batched decode
     python benchmarks/gpu_diagnose.py gemv      # cuBLAS bf16 GEMV bandwidth at the 8B layer shapes
     python benchmarks/gpu_diagnose.py drift     # per-layer hidden-state error, plait vs transformers, float32
 
@@ -98,6 +99,63 @@ def profile(model: str = "llama-3.1-8b") -> None:
         torch.cuda.synchronize()
     table, total = _kernel_table(prof, n, top=25)
     print(f"\n== all kernels of one engine request ({n} tokens, per token; GPU busy {total:.3f} ms/token)\n{table}")
+    engine.shutdown()
+
+
+def decode_batched(model: str, batches: list[int], prompt_len: int = PROMPT_LEN, new_tokens: int = 128) -> None:
+    """Where a batched decode step's time goes, for each batch size: the wall time a step (as bench row b
+    measures it: (time(N) - time(1)) / (N - 1)), the replay of that batch's CUDA graph alone, its kernels,
+    and the kernels and host ops of whole engine steps (GPU busy against wall shows the host's share)."""
+    import time
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    engine = Engine(model=model, load_format="dummy", device="cuda", max_running_requests=max(batches),
+                    cuda_graph_max_bs=max(batches))
+    runner = engine.runner.cuda_graphs
+    for batch in batches:
+        prompts = torch.randint(0, engine.model_config.vocab_size, (batch, prompt_len)).tolist()
+        engine.generate(input_ids=prompts, sampling_params=_greedy(2))  # warm-up; leaves the prompts cached
+
+        def timed(n: int) -> float:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.generate(input_ids=prompts, sampling_params=_greedy(n))
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        step = statistics.median((timed(new_tokens) - timed(1)) / (new_tokens - 1) for _ in range(3))
+        print(f"\n==== batch {batch}, prompt {prompt_len}, N={new_tokens}: {step * 1e3:.3f} ms a step "
+              f"({batch / step:,.0f} tok/s)")
+        padded = min(bs for bs in runner.batch_sizes if bs >= batch)
+        graph = runner.graphs[padded]  # its buffers hold the last decode step of the run above
+        for _ in range(5):
+            graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        print(f"graph replay (bs {padded}): {start.elapsed_time(end) / 20:.3f} ms")
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                graph.replay()
+            torch.cuda.synchronize()
+        table, total = _kernel_table(prof, 10, top=30)
+        print(f"-- kernels of one replay (GPU busy {total:.3f} ms)\n{table}")
+        n = 32
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            engine.generate(input_ids=prompts, sampling_params=_greedy(n))
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        table, total = _kernel_table(prof, n, top=15)
+        print(f"-- kernels of a whole {n}-token run, per step (GPU busy {total:.3f} ms; wall {wall / n * 1e3:.3f} "
+              f"ms a step, profiler on)\n{table}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
     engine.shutdown()
 
 
@@ -218,7 +276,9 @@ def drift(prompt_len: int, model_name: str = "llama-3.1-8b", device: str = "cuda
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["profile", "gemv", "drift", "batch-prefill"], nargs="+")
+    parser.add_argument("what", choices=["profile", "gemv", "drift", "batch-prefill", "decode-batched"],
+                        nargs="+")
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256], help="decode-batched: batch sizes")
     parser.add_argument("--batch", type=int, default=64, help="batch-prefill: prompts in the batch")
     parser.add_argument("--prompt-len", type=int, default=300)
     parser.add_argument("--model", default="llama-3.1-8b", help="profile: the preset (dummy weights); drift: a preset/dir (non-8B models load real weights)")
@@ -232,6 +292,8 @@ def main() -> None:
             drift(args.prompt_len, args.model, args.device, args.init)
         elif what == "profile":
             profile(args.model)
+        elif what == "decode-batched":
+            decode_batched(args.model, args.batches)
         elif what == "batch-prefill":
             batch_prefill(args.model, args.batch, args.prompt_len)
         else:

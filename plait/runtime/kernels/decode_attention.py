@@ -11,6 +11,10 @@ The sequence is split (flash-decoding) so that short batches still fill the GPU:
   partial softmax-weighted sum of values (normalized) and its log-sum-exp (base 2);
 - stage 2, grid ``(B, H)``: merges the splits of one (request, head).
 
+A large batch fills the GPU with one split per request (``num_kv_splits_cap`` gives 1): the caller then
+passes ``max_kv_splits=1`` and stage 1 finishes the softmax and writes the output itself, with no
+workspace round trip and no stage 2.
+
 Options (GPT-OSS), compile-time gated so that the plain kernels are unchanged:
 
 - ``sliding_window`` ``W``: only the last ``W`` keys are read (the query sits at position
@@ -57,14 +61,69 @@ def _kv_range(seq_len, num_splits, window, USE_WINDOW: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
+def _attend_range(
+    Q, K, V, Table, b, kv_head, start, end, scale_log2,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_table, ReqRows,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax of the ``GROUP`` query heads of ``kv_head`` over keys ``start..end`` of request ``b``:
+    (unnormalized weighted sum of values [BLOCK_H, BLOCK_D], running max [BLOCK_H], sum [BLOCK_H]), base 2.
+    An empty range gives (0, -inf, 0)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_h
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_h[:, None] & mask_d[None, :], other=0.0,
+    )  # [BLOCK_H, BLOCK_D]
+    if not K.dtype.element_ty.is_fp8():  # an FP8 cache is read in q's dtype instead
+        q = q.to(K.dtype.element_ty)
+    row = tl.load(ReqRows + b).to(tl.int64)
+    table_row = Table + row * stride_table
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for n in range(start, end, BLOCK_N):
+        offs_n = n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        slots = tl.load(table_row + offs_n, mask=mask_n, other=0).to(tl.int64)
+        k = tl.load(
+            K + slots[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
+            mask=mask_n[None, :] & mask_d[:, None], other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
+        if K.dtype.element_ty.is_fp8():
+            k = k.to(q.dtype)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        v = tl.load(
+            V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        if V.dtype.element_ty.is_fp8():
+            v = v.to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _decode_stage1_kernel(
-    Q, K, V, Table, ReqRows, SeqLens, NumSplits, MidO, MidLse,
+    Q, K, V, Table, ReqRows, SeqLens, NumSplits, MidO, MidLse, Out, Sinks,
     scale_log2, window,
     stride_qb, stride_qh,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_table,
     stride_mob, stride_moh, stride_mos,
     stride_mlb, stride_mlh,
+    stride_ob, stride_oh,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -72,62 +131,53 @@ def _decode_stage1_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    DIRECT: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
+    """One (request, KV head, split): the split's partial output and log-sum-exp into the workspace; or,
+    with ``DIRECT`` (one split per request), the normalized output itself (sinks folded in)."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    num_splits = tl.load(NumSplits + b)
+    if DIRECT:
+        num_splits = 1
+    else:
+        num_splits = tl.load(NumSplits + b)
     if split < num_splits:
         seq_len = tl.load(SeqLens + b)
         kv_start, split_len = _kv_range(seq_len, num_splits, window, USE_WINDOW, BLOCK_N)
         start = kv_start + split * split_len
         end = tl.minimum(start + split_len, seq_len)
-        if end > start:
-            offs_h = tl.arange(0, BLOCK_H)
-            offs_d = tl.arange(0, BLOCK_D)
-            mask_h = offs_h < GROUP
-            mask_d = offs_d < HEAD_DIM
-            heads = kv_head * GROUP + offs_h
-            q = tl.load(
-                Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_h[:, None] & mask_d[None, :], other=0.0,
-            )  # [BLOCK_H, BLOCK_D]
-            if not K.dtype.element_ty.is_fp8():  # an FP8 cache is read in q's dtype instead
-                q = q.to(K.dtype.element_ty)
-            row = tl.load(ReqRows + b).to(tl.int64)
-            table_row = Table + row * stride_table
-
-            m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-            for n in range(start, end, BLOCK_N):
-                offs_n = n + tl.arange(0, BLOCK_N)
-                mask_n = offs_n < end
-                slots = tl.load(table_row + offs_n, mask=mask_n, other=0).to(tl.int64)
-                k = tl.load(
-                    K + slots[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
-                    mask=mask_n[None, :] & mask_d[:, None], other=0.0,
-                )  # [BLOCK_D, BLOCK_N]
-                if K.dtype.element_ty.is_fp8():
-                    k = k.to(q.dtype)
-                qk = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
-                qk = tl.where(mask_n[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_hd = (offs_h < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        heads = kv_head * GROUP + offs_h
+        if DIRECT:  # every request is one split: finish the softmax here (an empty request gives zeros)
+            acc, m_i, l_i = _attend_range(
+                Q, K, V, Table, b, kv_head, start, end, scale_log2, stride_qb, stride_qh, stride_kt, stride_kh,
+                stride_vt, stride_vh, stride_table, ReqRows,
+                GROUP, HEAD_DIM, BLOCK_D, BLOCK_H, BLOCK_N, DOT_PRECISION,
+            )
+            if HAS_SINKS:  # one more softmax term with no value (base 2)
+                sink = tl.load(Sinks + heads, mask=offs_h < GROUP, other=0.0).to(tl.float32) * 1.4426950408889634
+                m_new = tl.maximum(m_i, sink)
                 alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(qk - m_new[:, None])
-                v = tl.load(
-                    V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-                )  # [BLOCK_N, BLOCK_D]
-                if V.dtype.element_ty.is_fp8():
-                    v = v.to(q.dtype)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                m_i = m_new
-            out_ptrs = MidO + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :]
-            tl.store(out_ptrs, acc / l_i[:, None], mask=mask_h[:, None] & mask_d[None, :])
-            lse_ptrs = MidLse + b * stride_mlb + heads * stride_mlh + split
-            tl.store(lse_ptrs, m_i + tl.log2(l_i), mask=mask_h)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha + tl.exp2(sink - m_new)
+            out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+            tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     out.to(Out.dtype.element_ty), mask=mask_hd)
+        else:
+            if end > start:
+                acc, m_i, l_i = _attend_range(
+                    Q, K, V, Table, b, kv_head, start, end, scale_log2, stride_qb, stride_qh, stride_kt,
+                    stride_kh, stride_vt, stride_vh, stride_table, ReqRows,
+                    GROUP, HEAD_DIM, BLOCK_D, BLOCK_H, BLOCK_N, DOT_PRECISION,
+                )
+                out_ptrs = MidO + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :]
+                tl.store(out_ptrs, acc / l_i[:, None], mask=mask_hd)
+                lse_ptrs = MidLse + b * stride_mlb + heads * stride_mlh + split
+                tl.store(lse_ptrs, m_i + tl.log2(l_i), mask=offs_h < GROUP)
 
 
 @triton.jit
@@ -182,6 +232,16 @@ def _num_sms(device: torch.device) -> int:
     return 132  # interpreter runs: behave as on an H100
 
 
+def launch_settings(direct: bool) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages) of stage 1: one pass (``direct``: large batches) or split.
+
+    From ``benchmarks/decode_attention.py --sweep`` on an H200 (RESULTS.md, 2026-12-02), Llama-3.1-8B
+    heads (32 on 8, D=128) and GPT-OSS heads (64 on 8, D=64) at 192 to 2,048 keys: one pass at batch
+    64-256 is within 8% of each case's best with (64, 2, 3) (the earlier (64, 4, 3) took up to 17% longer);
+    split at batch 1-16 within 9% with (128, 4, 2) (the earlier setting took up to 19% longer)."""
+    return (64, 2, 3) if direct else (128, 4, 2)
+
+
 def num_kv_splits_cap(batch_size: int, num_kv_heads: int, max_kv_splits: int, device: torch.device) -> int:
     """Most splits per request worth having: enough stage-1 programs for about two waves on the GPU."""
     target_programs = 2 * _num_sms(device)
@@ -225,9 +285,9 @@ def decode_attention(
     out: torch.Tensor | None = None,
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
-    block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 3,  # H100, D=128 bf16: 3 stages read K/V at 2.6-2.9 TB/s, 2 stages at 2.3-2.6
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per request to its KV in the pool (Triton).
 
@@ -239,11 +299,14 @@ def decode_attention(
         seq_lens: [B] int32 number of keys of each request (0 gives a zero output row).
         scale: softmax scale (usually ``D ** -0.5``).
         num_kv_splits: [B] int32 splits per request, each in ``1..max_kv_splits``; computed with
-            ``compute_num_kv_splits`` when omitted.
+            ``compute_num_kv_splits`` when omitted; not read when ``max_kv_splits`` is 1.
+        max_kv_splits: the stage-1 grid's splits. 1 runs one pass that writes the output itself (no
+            workspace round trip, no stage 2): what ``num_kv_splits_cap`` gives for large batches.
         workspace: ``alloc_decode_workspace`` buffers with at least B rows and ``max_kv_splits`` splits.
         out: [B, H, D] output to write (allocated when omitted).
         sliding_window: attend only the last ``sliding_window`` keys (None: all).
         sinks: [H] per-head sink logits (any float dtype; None: no sink).
+        block_n, num_warps, num_stages: launch settings; None takes ``launch_settings``'.
 
     Returns:
         [B, H, D] attention output in ``q``'s dtype.
@@ -266,25 +329,32 @@ def decode_attention(
     group = H // KVH
     block_d = triton.next_power_of_2(D)
     precision = "ieee" if compute_dtype(q, k_buffer) == torch.float32 else "tf32"
+    direct = max_kv_splits == 1
+    default_n, default_warps, default_stages = launch_settings(direct)
     _decode_stage1_kernel[(B, KVH, max_kv_splits)](
-        q, k_buffer, v_buffer, req_to_token, req_rows, seq_lens, num_kv_splits, mid_o, mid_lse,
+        q, k_buffer, v_buffer, req_to_token, req_rows, seq_lens, num_kv_splits, mid_o, mid_lse, out,
+        q if sinks is None else sinks,
         scale * _LOG2E, window,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, DOT_PRECISION=precision, USE_WINDOW=sliding_window is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n or default_n, DOT_PRECISION=precision, USE_WINDOW=sliding_window is not None,
+        DIRECT=direct, HAS_SINKS=sinks is not None,
+        num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
     )
+    if direct:
+        return out
     _decode_stage2_kernel[(B, H)](
         mid_o, mid_lse, seq_lens, num_kv_splits, out, q if sinks is None else sinks,
         window,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n, USE_WINDOW=sliding_window is not None,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n or default_n, USE_WINDOW=sliding_window is not None,
         HAS_SINKS=sinks is not None, num_warps=4 if block_d >= 128 else 2,
     )
     return out

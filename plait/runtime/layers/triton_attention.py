@@ -44,6 +44,7 @@ class TritonAttnMetadata:
     decode_req_rows: torch.Tensor | None  # [Bd] table rows
     decode_seq_lens: torch.Tensor | None  # [Bd] int32
     decode_num_splits: torch.Tensor | None  # [Bd] int32
+    decode_max_splits: int  # the stage-1 grid's splits (a function of Bd only: CUDA graphs keep it); 1: one pass
     # extend rows; None fields when the batch has none
     extend_req_rows: torch.Tensor | None  # [Be] table rows
     extend_starts: torch.Tensor | None  # [Be] int32 flat offset of each row's first new token
@@ -112,7 +113,7 @@ class TritonAttentionBackend:
         ).reshape(4, Be)  # [4, Be]
         dev = host_to_device(torch.cat((host, host_ext), dim=1), self.device)  # [4, Bd + Be]
         dec, ext = dev[:, :Bd], dev[:, Bd:]
-        md = TritonAttnMetadata(None, None, None, None, None, None, None, None, 0)
+        md = TritonAttnMetadata(None, None, None, None, 0, None, None, None, None, 0)
         if Bd:
             rows = batch.req_rows if Bd == batch.batch_size else batch.req_rows.index_select(0, dec[0])
             if Bd <= self.max_batch_size:
@@ -123,6 +124,7 @@ class TritonAttentionBackend:
             meta[0].copy_(rows)
             meta32.copy_(dec[1:3])
             md.decode_req_rows, md.decode_seq_lens, md.decode_num_splits = meta[0], meta32[0], meta32[1]
+            md.decode_max_splits = cap
             if Bd < batch.batch_size:
                 md.decode_token_idx = dec[3]
         if Be:
@@ -175,7 +177,7 @@ class TritonAttentionBackend:
     ) -> torch.Tensor:
         return decode_attention(
             q, k_buf, v_buf, table, md.decode_req_rows, md.decode_seq_lens, scale,
-            num_kv_splits=md.decode_num_splits, max_kv_splits=self.max_kv_splits,
+            num_kv_splits=md.decode_num_splits, max_kv_splits=md.decode_max_splits,
             workspace=self._decode_workspace(q.shape[0]), sliding_window=sliding_window, sinks=sinks,
         )
 

@@ -80,6 +80,27 @@ def test_decode_zero_length_row_gives_zeros(kernel_device):
     check(out, decode_attention_ref(*args, 0.125), torch.float32)
 
 
+@pytest.mark.parametrize("window,with_sinks,dtype", [
+    (None, False, torch.float32), (None, True, torch.float32), (17, True, torch.float32), (1, False, torch.float32),
+    (None, True, torch.float16),
+])
+def test_decode_one_pass_matches_reference(kernel_device, window, with_sinks, dtype):
+    """``max_kv_splits=1``: stage 1 finishes the softmax (sinks folded in) and writes the output itself.
+    A zero-length row gives zeros, every element of a NaN-poisoned output is written, and
+    ``num_kv_splits`` is not read (16 splits passed: a kernel that used them would attend only the
+    first sixteenth of each long row)."""
+    H, KVH, D = 8, 2, 64
+    q, k_buf, v_buf, table, rows, lens = make_inputs([300, 0, 41, 7, 129], H, KVH, D, dtype, kernel_device, seed=11)
+    sinks = sinks_for(H, dtype, kernel_device) if with_sinks else None
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=kernel_device)
+    ignored = torch.full((5,), 16, dtype=torch.int32, device=kernel_device)
+    decode_attention(q, k_buf, v_buf, table, rows, lens, D**-0.5, num_kv_splits=ignored, max_kv_splits=1,
+                     out=out, block_n=16, sliding_window=window, sinks=sinks)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    ref = decode_attention_ref(q, k_buf, v_buf, table, rows, lens, D**-0.5, sliding_window=window, sinks=sinks)
+    check(out, ref, dtype)
+
+
 def test_num_kv_splits_bounds():
     lens = torch.tensor([0, 1, 64, 65, 5000, 100000], dtype=torch.int32)
     splits = compute_num_kv_splits(lens, num_kv_heads=8, max_kv_splits=16)
@@ -153,14 +174,15 @@ def test_decode_rejects_bad_options(kernel_device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("max_kv_splits", [16, 1])
 @pytest.mark.parametrize("batch,max_len", [(1, 8192), (64, 4096), (256, 2048), (256, 8192)])
-def test_decode_llama8b_shapes_bf16(batch, max_len):
+def test_decode_llama8b_shapes_bf16(batch, max_len, max_kv_splits):
     H, KVH, D = 32, 8, 128
     gen = torch.Generator().manual_seed(batch + max_len)
     seq_lens = torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()
     seq_lens[0] = max_len
     args = make_inputs(seq_lens, H, KVH, D, torch.bfloat16, "cuda", seed=batch)
-    out = decode_attention(*args, D**-0.5)
+    out = decode_attention(*args, D**-0.5, max_kv_splits=max_kv_splits)
     check(out, decode_attention_ref(*args, D**-0.5), torch.bfloat16)
 
 
@@ -183,9 +205,10 @@ def test_decode_cuda_graph_replay_with_new_lengths():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("max_kv_splits", [16, 1])
 @pytest.mark.parametrize("batch,max_len", [(1, 4096), (64, 4096), (256, 2048)])
 @pytest.mark.parametrize("window", [None, 128])
-def test_decode_gpt_oss_shapes_bf16(batch, max_len, window):
+def test_decode_gpt_oss_shapes_bf16(batch, max_len, window, max_kv_splits):
     """GPT-OSS attention: 64 heads of 64 on 8 KV heads, bf16 sinks, full and 128-token window layers."""
     H, KVH, D = 64, 8, 64
     gen = torch.Generator().manual_seed(batch + max_len)
@@ -193,7 +216,7 @@ def test_decode_gpt_oss_shapes_bf16(batch, max_len, window):
     seq_lens[0] = max_len
     args = make_inputs(seq_lens, H, KVH, D, torch.bfloat16, "cuda", seed=batch)
     sinks = sinks_for(H, torch.bfloat16, "cuda")
-    out = decode_attention(*args, D**-0.5, sliding_window=window, sinks=sinks)
+    out = decode_attention(*args, D**-0.5, sliding_window=window, sinks=sinks, max_kv_splits=max_kv_splits)
     check(out, decode_attention_ref(*args, D**-0.5, sliding_window=window, sinks=sinks), torch.bfloat16)
 
 

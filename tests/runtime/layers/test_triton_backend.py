@@ -77,6 +77,25 @@ def test_decode_batch_larger_than_buffers(device):
     compare([(i % 5, 1) for i in range(11)], 4, 2, 32, torch.float32, device, 1e-4, seed=1)
 
 
+@pytest.mark.parametrize("specs", [[(9, 1), (0, 1), (70, 1)], [(0, 7), (5, 1), (20, 6), (33, 1)]],
+                         ids=["decode", "mixed"])
+def test_decode_rows_filling_the_gpu_take_one_pass(device, monkeypatch, specs):
+    """When the decode rows alone fill the GPU (``num_kv_splits_cap`` is 1; here a one-SM device), the
+    stage-1 grid has one split and the kernel writes the output in one pass: same results."""
+    import plait.runtime.kernels.decode_attention as kernels
+
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: 1)
+    compare(specs, 4, 2, 32, torch.float32, device, 1e-4, seed=2)
+    pool, table = make_pool_and_table(specs, 2, 32, torch.float32, device, torch.Generator().manual_seed(0))
+    batch = build_batch(pool, table, specs, 4, torch.Generator().manual_seed(0))[0]
+    backend = TritonAttentionBackend(4, 32, max_batch_size=8, max_kv_splits=8, device=device)
+    backend.prepare(batch)
+    assert batch.attn_metadata.decode_max_splits == 1
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: 132)
+    backend.prepare(batch)
+    assert batch.attn_metadata.decode_max_splits == 8
+
+
 def gpt_oss_sinks(H, dtype, device):
     return (2.0 * torch.randn(H, generator=torch.Generator().manual_seed(5))).to(dtype).to(device)
 
