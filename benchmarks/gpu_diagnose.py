@@ -102,6 +102,41 @@ def profile(model: str = "llama-3.1-8b") -> None:
     engine.shutdown()
 
 
+def idle_gaps(trace_path: str, steps: int, top: int = 12) -> str:
+    """The device's idle time between kernels in a profiler trace, per step, by cause: "host late" when the
+    next kernel was launched only after the device ran dry (the host set the pace), "queued" when it was
+    launched before (the device waited on something else: a copy, an event). The largest causes are
+    listed with the next kernel's name and the API call that launched it."""
+    import json
+
+    events = json.load(open(trace_path))["traceEvents"]
+    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                    key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    causes: dict[tuple[str, str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    totals = collections.Counter()
+    for prev, nxt in zip(device, device[1:]):
+        prev_end = prev["ts"] + prev.get("dur", 0)
+        gap = nxt["ts"] - prev_end
+        if gap <= 2:
+            continue
+        launch = launches.get(nxt.get("args", {}).get("correlation"))
+        late = launch is not None and launch["ts"] + launch.get("dur", 0) > prev_end
+        kind = "host late" if late else "queued"
+        totals[kind] += gap
+        key = (kind, nxt["name"][:60], launch["name"] if launch else "?")
+        causes[key][0] += gap
+        causes[key][1] += 1
+    span = device[-1]["ts"] + device[-1].get("dur", 0) - device[0]["ts"]
+    lines = [f"device span {span / steps / 1e3:.3f} ms a step; idle: "
+             + ", ".join(f"{k} {v / steps / 1e3:.3f} ms" for k, v in totals.items()) + " a step",
+             f"{'us/step':>9} {'gaps/step':>9}  cause / next kernel / launched by"]
+    for (kind, name, api), (us, n) in sorted(causes.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{us / steps:9.1f} {n / steps:9.1f}  {kind} / {name} / {api}")
+    return "\n".join(lines)
+
+
 def decode_batched(model: str, batches: list[int], prompt_len: int = PROMPT_LEN, new_tokens: int = 128) -> None:
     """Where a batched decode step's time goes, for each batch size: the wall time a step (as bench row b
     measures it: (time(N) - time(1)) / (N - 1)), the replay of that batch's CUDA graph alone, its kernels,
@@ -156,6 +191,20 @@ def decode_batched(model: str, batches: list[int], prompt_len: int = PROMPT_LEN,
         print(f"-- kernels of a whole {n}-token run, per step (GPU busy {total:.3f} ms; wall {wall / n * 1e3:.3f} "
               f"ms a step, profiler on)\n{table}")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+        import os
+        import tempfile
+
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:  # device and API calls only: cheaper
+            t0 = time.perf_counter()
+            engine.generate(input_ids=prompts, sampling_params=_greedy(n))
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as scratch:
+            trace = os.path.join(scratch, "trace.json")
+            prof.export_chrome_trace(trace)
+            print(f"-- where the device idles ({n}-token run, device activity only, wall {wall / n * 1e3:.3f} "
+                  f"ms a step)\n{idle_gaps(trace, n)}")
     engine.shutdown()
 
 
