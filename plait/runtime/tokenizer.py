@@ -61,6 +61,25 @@ class Tokenizer:
         backend = getattr(hf_tokenizer, "backend_tokenizer", None)
         cleanup = bool(getattr(hf_tokenizer, "clean_up_tokenization_spaces", False))
         self._fast_decoder = backend if backend is not None and not cleanup else None
+        # Encoding through the Rust tokenizer skips the wrapper's Python around it (0.1 ms of a 256-token
+        # prompt's ~0.8 ms); used only where it gives the wrapper's ids on a probe text. Its batch call,
+        # as the wrapper's: that releases the GIL (its single-text encode does not), so tokenizing on the
+        # server's worker threads never stalls the event loop.
+        self._fast_encoder = backend if backend is not None and self._encodes_like_wrapper(backend) else None
+
+    def _encodes_like_wrapper(self, backend: Any) -> bool:
+        """Whether ``backend.encode_batch`` gives the wrapper's ids (with and without special tokens) on a
+        probe text holding punctuation, digits, accents, whitespace runs and the eos token's text."""
+        if getattr(self.hf, "split_special_tokens", False):
+            return False
+        eos = getattr(self.hf, "eos_token", None)
+        probe = f"Hello, world! 1234 \u00fcn\u00efc\u00f6de  two  spaces\n\tend{eos if isinstance(eos, str) else ''} x"
+        try:
+            return all(list(self.hf.encode(probe, add_special_tokens=special))
+                       == backend.encode_batch([probe], add_special_tokens=special)[0].ids
+                       for special in (True, False))
+        except Exception:  # noqa: BLE001 - any failure means: keep the wrapper
+            return False
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -90,6 +109,8 @@ class Tokenizer:
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``."""
+        if self._fast_encoder is not None:
+            return self._fast_encoder.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -59,6 +59,64 @@ def test_basic_properties(tok: Tokenizer) -> None:
     assert tok.decode([2, *ids], skip_special_tokens=False) == "<|im_end|>Hello world"
 
 
+@pytest.mark.parametrize("special", [True, False])
+def test_encode_through_the_rust_tokenizer_gives_the_wrappers_ids(tok: Tokenizer, special: bool) -> None:
+    assert tok._fast_encoder is not None  # the bundled tokenizer encodes without the wrapper
+    for text in [*TEXTS, "<|im_start|>user\nhi<|im_end|>", ""]:
+        assert tok.encode(text, add_special_tokens=special) == list(tok.hf.encode(text, add_special_tokens=special))
+
+
+def test_encoding_releases_the_gil(tok: Tokenizer) -> None:
+    """A long text tokenized on one thread lets another run meanwhile (the server tokenizes large bodies
+    on worker threads so that its event loop keeps serving): a thread ticking every millisecond gets
+    many ticks in; with the GIL held for the whole encode it would get about one."""
+    import threading
+    import time
+
+    text = "Mixed: café naïve 👍🏽 and 你好 then ascii again 🎉! " * 4000
+    ticks, stop = [0], threading.Event()
+
+    def ticker() -> None:
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    time.sleep(0.01)
+    ticks[0] = 0
+    start = time.perf_counter()
+    tok.encode(text)
+    elapsed = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    assert elapsed > 0.02, "the text is too short to tell"
+    assert ticks[0] >= 5, f"{ticks[0]} ticks in {elapsed * 1e3:.0f} ms of encoding"
+
+
+def test_a_wrapper_that_encodes_differently_is_kept(tok: Tokenizer) -> None:
+    """A wrapper whose ids differ from its Rust tokenizer's on the probe text (here: one that appends
+    a token) keeps encoding through the wrapper; so does one that splits special tokens."""
+
+    class Appending:
+        backend_tokenizer = tok.hf.backend_tokenizer
+        eos_token, eos_token_id, clean_up_tokenization_spaces = "<|im_end|>", 2, False
+
+        def encode(self, text, add_special_tokens=True):
+            return tok.hf.encode(text, add_special_tokens=add_special_tokens) + [7]
+
+    appending = Tokenizer(Appending())
+    assert appending._fast_encoder is None and appending.encode("Hello") == tok.encode("Hello") + [7]
+
+    class Splitting(Appending):
+        split_special_tokens = True
+
+        def encode(self, text, add_special_tokens=True):
+            return tok.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    assert Tokenizer(Splitting())._fast_encoder is None
+
+
 def test_from_dir_errors(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope"):
