@@ -180,9 +180,22 @@ def _retokenized(matcher: TokenMatcher, info: TokenizerInfo, path: list[int], ro
     return tokens if _ends_with(matcher, tokens, row) else path
 
 
+def _consume_one(matcher: TokenMatcher, row: torch.Tensor, token: int) -> bool:
+    """Consume ``token`` if the grammar allows it (never a refused one, see ``_allows``); whether it did."""
+    if matcher.try_consume_tokens is not None:
+        return matcher.try_consume_tokens([token]) == 1
+    return _allows(matcher, row, token) and matcher.consume(token)
+
+
 def _ends_with(matcher: TokenMatcher, path: list[int], row: torch.Tensor) -> bool:
     """Whether appending ``path`` takes the matcher to a state where the grammar may end (the matcher
     is left as it was)."""
+    if matcher.try_consume_tokens is not None:  # no mask per token
+        consumed = matcher.try_consume_tokens(path)
+        try:
+            return consumed == len(path) and matcher.can_terminate()
+        finally:
+            matcher.rollback(consumed)
     consumed = 0
     try:
         for token in path:
@@ -494,7 +507,7 @@ class BudgetSteering:
             return None  # the plan's own next token: the rest of the plan fits after it
         if self._row is None:
             self._row = torch.empty(self.info.bitmask_words, dtype=torch.int32)
-        if not _allows(matcher, self._row, token) or not matcher.consume(token):
+        if not _consume_one(matcher, self._row, token):
             return None  # refused: accept_token says so
         try:
             after = self._reusable(matcher, plan, budget - 1) or self._search(matcher, budget - 1)

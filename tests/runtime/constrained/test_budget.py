@@ -366,3 +366,40 @@ def test_checks_reuse_the_last_ending_while_it_still_ends_the_grammar(compilers,
     ending = steering.closing_tokens(state.matcher, 3)
     jsonschema.validate(json.loads('{"id": 1, "customer": {"name": "Ada Lovelace", "email": "a@b.c"}, "items": ['
                                    + tokenizer_info.bytes_of(ending[:-1]).decode()), ORDER)
+
+
+@pytest.mark.parametrize("prefix", ['{"id": 12, "customer": {"name": "Bob the build', '{"id": 3', '{"'])
+def test_ending_checks_without_masks_agree_with_the_masked_ones(compilers, tokenizer_info, prefix):
+    """llguidance's ``try_consume_tokens`` (no mask per token) answers ``_ends_with`` and vetting's
+    consume as the masked checks do, on endings with tokens cut off or refused tokens put in, and
+    never leaves the matcher in an error state or moved."""
+    import random
+
+    state = _state(compilers, "llguidance", ConstraintKind.JSON_SCHEMA, ORDER, tokenizer_info, prefix)
+    matcher, row = state.matcher, torch.empty(tokenizer_info.bitmask_words, dtype=torch.int32)
+    assert matcher.try_consume_tokens is not None
+    path, _ = _ending(state, tokenizer_info)
+    masked = type("Masked", (), {})()  # the same matcher without its fast path
+    for name in ("consume", "rollback", "can_terminate", "is_terminated", "fill_bitmask"):
+        setattr(masked, name, getattr(matcher, name))
+    masked.try_consume_tokens = None
+    before = row.clone()
+    state.fill_bitmask(before)
+    rng, verdicts = random.Random(0), set()
+    for attempt in range(200):
+        cut = rng.randrange(len(path) + 1)
+        trial = path[:cut] + [rng.randrange(tokenizer_info.vocab_size)] + path[cut:] if rng.random() < 0.6 else path[:cut]
+        trial = path if attempt == 0 else trial
+        fast = budget_mod._ends_with(matcher, trial, row)
+        assert fast == budget_mod._ends_with(masked, trial, row), trial
+        verdicts.add(fast)
+        token = trial[0] if trial else path[0]
+        took = budget_mod._consume_one(matcher, row, token)
+        if took:
+            matcher.rollback(1)
+        assert took == budget_mod._consume_one(masked, row, token)
+        if took:
+            matcher.rollback(1)
+    assert verdicts == {True, False} and matcher.error() is None
+    state.fill_bitmask(row)
+    assert torch.equal(row, before), "the checks must leave the matcher where it was"

@@ -45,6 +45,10 @@ class TokenMatcher(ABC):
     # class): ``fill_many([(matcher, row index), ...], address, row_bytes, rows)`` writes what each one's
     # ``fill_bitmask`` writes into row ``index`` of a buffer of ``rows`` rows of ``row_bytes`` bytes.
     fill_many: Callable[[list[tuple["TokenMatcher", int]], int, int, int], None] | None = None
+    # Optional: ``try_consume_tokens(tokens)`` consumes the longest prefix of ``tokens`` the grammar allows
+    # (as ``consume`` of each would, never entering an error state) and returns its length. Without it,
+    # a caller checks each token against a mask before consuming it (``budget._ends_with``).
+    try_consume_tokens: Callable[[list[int]], int] | None = None
 
     @abstractmethod
     def consume(self, token: int) -> bool:

@@ -191,6 +191,7 @@ class LLGuidanceMatcher(TokenMatcher):
         self._m = matcher
         self.fill_ptr = matcher.unsafe_compute_mask_ptr  # (address, nbytes): the mask written in place
         self.has_error = matcher.is_error
+        self.try_consume_tokens = matcher.try_consume_tokens  # a token at a time, no mask: ~2.5x faster
 
     @staticmethod
     def fill_many(matchers: list[tuple[TokenMatcher, int]], address: int, row_bytes: int, rows: int) -> None:
