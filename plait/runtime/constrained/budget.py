@@ -379,8 +379,8 @@ class BudgetSteering:
       later searches find.
     - A check or a vetting first tries the last ending known (the plan, or the plan dropped last) from
       the state at hand: most tokens (a character of a string, a digit) leave it an ending, and trying
-      it costs a mask per token of it; only when it no longer ends the grammar, or no longer fits, is
-      a search run. The ending then followed may be longer than the shortest one (never by more than
+      it costs a matcher step per token of it; only when it no longer ends the grammar, or no longer
+      fits, is a search run. The ending then followed may be longer than the shortest one (never by more than
       the search's own ending was when found).
     - Once the slack is at most ``margin``, the ending is appended without sampling (unless the output
       is complete already: then the model goes on, its tokens vetted, until it stops or the budget
@@ -469,7 +469,8 @@ class BudgetSteering:
     def _reusable(self, matcher: TokenMatcher, path: list[int] | None, budget: int) -> list[int] | None:
         """``path``, an ending found for an earlier state, if it is one of the matcher's state too and
         fits ``budget`` with the stop token: most tokens (a character of a string, a digit) leave the
-        ending as it was, and checking it costs a mask per token of it where a search costs hundreds."""
+        ending as it was, and checking it costs a matcher step per token of it (``_ends_with``) where a
+        search costs hundreds of masks."""
         if not path or len(self._with_stop(path, budget)) > budget:
             return None
         if self._row is None:
