@@ -10,7 +10,8 @@ serving benchmark's JSON schemas, the others unconstrained with ``ignore_eos`` -
 that documents run to their budget, as they do there) with overlap scheduling on, and prints the
 engine thread's milliseconds a step in each part. The forward and sampling are the CPU's and are
 listed apart: on a GPU they run on the device. Parts nest (a search runs inside a vetting or a
-check), so the rows do not add up.
+check), so the rows do not add up. On a GPU a step with constrained rows waits for the settling
+before the sampling launch and for the masks; the rest of the settling overlaps the device.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def run(args: argparse.Namespace) -> dict:
         engine.generate(prompts[: min(8, len(prompts))], params[: min(8, len(params))])
         runner = engine.runner
         targets = _CLASS_PARTS + [
-            (engine, "_settle", "settle a step (all of its requests)"),
+            (engine, "_apply_tokens", "settle a step (all of its requests)"),
+            (engine, "_settle_for_masks", "settle before the sampling launch (constrained requests)"),
             (step_module, "build_batch_bitmask", "masks"),  # the name sampling_inputs calls
             (engine.scheduler, "schedule", "schedule"),
             (runner, "forward", "forward (the device's on a GPU)"),

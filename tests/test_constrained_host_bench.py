@@ -16,6 +16,7 @@ def test_a_small_structured_mix_prints_every_part_and_leaves_nothing_patched(cap
     assert bench.main(["--requests", "4", "--output", "12"]) == 0
     out = capsys.readouterr().out
     assert "4 requests, 50% constrained, 12 tokens" in out
-    for part in ("settle a step", "grammar: accept a token", "masks", "schedule", "forward"):
+    for part in ("settle a step", "settle before the sampling launch", "grammar: accept a token", "masks", "schedule",
+                 "forward"):
         assert f"| {part}" in out, part
     assert GrammarState.accept_token is accept  # the timing wrappers are gone

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -708,18 +708,31 @@ class Engine:
                 self._settle(prev)
             return
         self._inflight = None
-        if prev is not None:
-            self._settle(prev)  # while the device runs this step's forward
+        later = self._settle_for_masks(prev) if prev is not None else []  # while the device runs the forward
         try:
             keep_sampling(plan)
             if plan.sample_items:
                 self._inflight = launch_sampling(plan, logits, self.sampler, self.model_config.vocab_size)
         except Exception as exc:
             self._fail_items(items, exc)
+        finally:
+            self._apply_tokens(later)  # while the device samples
 
     def _settle(self, step: InFlightStep) -> None:
         """Read a launched step's tokens back and apply them (finish checks, detokenizing, streaming)."""
-        for req, token in zip(step.reqs, step.read_back()):
+        self._apply_tokens(zip(step.reqs, step.read_back()))
+
+    def _settle_for_masks(self, step: InFlightStep) -> list[tuple[Request, int]]:
+        """Read a launched step's tokens back and apply those of constrained requests: the masks of the
+        step being launched need their grammars moved on. Returns the other requests' (request, token)
+        pairs, applied once the sampling is launched, so that their work overlaps the device's."""
+        pairs = list(zip(step.reqs, step.read_back()))
+        self._apply_tokens([pair for pair in pairs if pair[0].grammar is not None])
+        return [pair for pair in pairs if pair[0].grammar is None]
+
+    def _apply_tokens(self, pairs: Iterable[tuple[Request, int]]) -> None:
+        """Apply each request's token from a step (a request that finished meanwhile drops it)."""
+        for req, token in pairs:
             req.inflight -= 1
             if req.status is RequestStatus.FINISHED:
                 continue  # finished (or aborted) while this token was computed: it is dropped

@@ -13,11 +13,12 @@ that count the in-flight token, prompt scoring) run synchronously instead.
 
 Constrained requests (a grammar) overlap too, in another order (SGLang's overlap does the same): a
 grammar's mask for step N+1 needs step N's token, so the engine launches step N+1's forward, then
-settles step N (the grammars take its tokens) while the device computes, then builds the masks and
-launches the sampling (``settle_first``). What the settling did to a request decides its row of step
-N+1 (``keep_sampling``): jump-forward appended forced tokens after its token (the row's logits are
-not needed: dropped), or budget steering appended an ending *instead* of its token (the KV that step
-N+1 computed from that token is rewound, ``Scheduler.rewind``).
+settles step N's constrained requests (the grammars take its tokens) while the device computes, then
+builds the masks and launches the sampling (``settle_first``), then settles step N's other requests
+while the device samples (``Engine._settle_for_masks``). What the settling did to a request decides
+its row of step N+1 (``keep_sampling``): jump-forward appended forced tokens after its token (the
+row's logits are not needed: dropped), or budget steering appended an ending *instead* of its token
+(the KV that step N+1 computed from that token is rewound, ``Scheduler.rewind``).
 """
 
 from __future__ import annotations

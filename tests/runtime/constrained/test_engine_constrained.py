@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 import torch
 
+import plait.runtime.engine as engine_module
 from plait.runtime.constrained import ConstraintError, GrammarState
 from plait.runtime.constrained.budget import START_LIMITS, SearchLimits, shortest_completion, start_ending
 from plait.runtime.engine import Engine
@@ -161,6 +162,21 @@ def test_overlap_scheduling_gives_the_same_constrained_output(bundled_model_dir,
             rewind(req, length)
 
         monkeypatch.setattr(overlapped.scheduler, "rewind", counted)
+        # the unconstrained rows of a step are settled after the next step's sampling is launched
+        events = []
+        launch, apply_tokens = engine_module.launch_sampling, overlapped._apply_tokens
+
+        def launching(*args, **kwargs):
+            events.append("launch")
+            return launch(*args, **kwargs)
+
+        def applying(pairs):
+            pairs = list(pairs)
+            events.append(("apply", frozenset(req.grammar is not None for req, _ in pairs)))
+            apply_tokens(pairs)
+
+        monkeypatch.setattr(engine_module, "launch_sampling", launching)
+        monkeypatch.setattr(overlapped, "_apply_tokens", applying)
         for forced_in_decode in (None, 1):  # forced tokens in one extend, then one a step in the decode batch
             other.scheduler.forced_in_decode_min_batch = forced_in_decode
             if forced_in_decode:  # decode steps as CUDA graphs run them: every row's logits
@@ -176,6 +192,8 @@ def test_overlap_scheduling_gives_the_same_constrained_output(bundled_model_dir,
                 assert stats["overlapped_steps"] - steps[1] == stats["steps"] - steps[0] > 0
             assert_no_leak(other)
         assert other.runner.cuda_graphs.replays > 0
+        assert ("apply", frozenset({True})) in events
+        assert any(a == "launch" and b == ("apply", frozenset({False})) for a, b in zip(events, events[1:]))
         monkeypatch.setattr(other.runner, "cuda_graphs", None)
         # an ending appended instead of a sampled token whose KV the next step computed already
         replaced_ref = _replaced_by_ending_batch(engine, monkeypatch)
