@@ -42,6 +42,7 @@ from plait.runtime.kernels.common import (
     check_window_sinks,
     compute_dtype,
 )
+from plait.runtime.kernels.extend_attention import attend_block
 
 DEFAULT_MAX_KV_SPLITS = 16
 MIN_TOKENS_PER_SPLIT = 64  # a split shorter than this costs more in stage 2 than it saves
@@ -87,30 +88,13 @@ def _attend_range(
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
     for n in range(start, end, BLOCK_N):
-        offs_n = n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        slots = tl.load(table_row + offs_n, mask=mask_n, other=0).to(tl.int64)
-        k = tl.load(
-            K + slots[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
-            mask=mask_n[None, :] & mask_d[:, None], other=0.0,
-        )  # [BLOCK_D, BLOCK_N]
-        if K.dtype.element_ty.is_fp8():
-            k = k.to(q.dtype)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        v = tl.load(
-            V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-        )  # [BLOCK_N, BLOCK_D]
-        if V.dtype.element_ty.is_fp8():
-            v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        mask_n = n + offs_n < end
+        acc, m_i, l_i = attend_block(
+            q, acc, m_i, l_i, K, V, table_row, kv_head, offs_d, mask_d, n, offs_n, mask_n, mask_n[None, :],
+            scale_log2, stride_kt, stride_kh, stride_vt, stride_vh, DOT_PRECISION, False,
+        )
     return acc, m_i, l_i
 
 

@@ -34,12 +34,13 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_block(
+def attend_block(
     q, acc, m_i, l_i, K, V, table_row, kv_head, offs_d, mask_d, pos_start, offs_n, mask_n, mask,
     scale_log2, stride_kt, stride_kh, stride_vt, stride_vh, DOT_PRECISION: tl.constexpr,
     ROWS_MAY_BE_EMPTY: tl.constexpr,
 ):
-    """One online-softmax step over the keys at positions ``pos_start + offs_n``.
+    """One online-softmax step over the keys at positions ``pos_start + offs_n`` (extend and decode
+    attention's inner loop).
 
     ``mask_n`` [BLOCK_N] marks the keys that exist, ``mask`` [BLOCK_M, BLOCK_N] what each row may see.
     ``ROWS_MAY_BE_EMPTY``: a row may have seen no key yet (``m_i`` and its new max both -inf; a window
@@ -135,7 +136,7 @@ def _extend_attention_kernel(
             mask = (offs_m[:, None] >= 0) & mask_n[None, :]  # [BLOCK_M, BLOCK_N]
             if USE_WINDOW:
                 mask = mask & ((prefix_len + offs_m)[:, None] - (n + offs_n)[None, :] < window)
-            acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i = attend_block(
                 q, acc, m_i, l_i, K, V, table_row, kv_head, offs_d, mask_d, n, offs_n, mask_n, mask,
                 scale_log2, stride_kt, stride_kh, stride_vt, stride_vh, DOT_PRECISION,
                 GUARD_EMPTY_ROWS,
@@ -148,7 +149,7 @@ def _extend_attention_kernel(
             mask = (offs_j[None, :] <= offs_m[:, None]) & mask_n[None, :]  # [BLOCK_M, BLOCK_N]
             if USE_WINDOW:
                 mask = mask & (offs_m[:, None] - offs_j[None, :] < window)
-            acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i = attend_block(
                 q, acc, m_i, l_i, K, V, table_row, kv_head, offs_d, mask_d, prefix_len + n, offs_n, mask_n, mask,
                 scale_log2, stride_kt, stride_kh, stride_vt, stride_vh, DOT_PRECISION,
                 GUARD_EMPTY_ROWS,
