@@ -75,3 +75,48 @@ def test_n_and_prompt_logprob_volume_limits():
     check_job_limits(GenerateJob("r", [1] * 500, {}, return_logprob=True, logprob_start_len=450,
                                  top_logprobs_num=2), config)
     check_job_limits(GenerateJob("r", [1] * 100, {}, return_logprob=True, logprob_start_len=0), config)
+
+
+_HANDOVER = """
+import statistics, sys, threading, time
+from plait.runtime.server.process import SWITCH_INTERVAL_S, use_server_switch_interval
+
+def handover_ms():
+    # a waiting thread's item, put by a thread that then runs Python for 20 ms: how long until it is taken
+    cv, items, waits = threading.Condition(), [], []
+    def taker():
+        for _ in range(5):
+            with cv:
+                while not items:
+                    cv.wait()
+                waits.append(time.perf_counter() - items.pop())
+    thread = threading.Thread(target=taker)
+    thread.start()
+    for _ in range(5):
+        with cv:
+            items.append(time.perf_counter())
+            cv.notify()
+        end = time.perf_counter() + 0.02
+        while time.perf_counter() < end:
+            pass
+        time.sleep(0.001)
+    thread.join()
+    return statistics.median(waits) * 1e3
+
+default = handover_ms()
+use_server_switch_interval()
+assert sys.getswitchinterval() == SWITCH_INTERVAL_S
+print(default, handover_ms())
+"""
+
+
+def test_the_server_processes_hand_the_gil_over_sooner_than_pythons_default():
+    """``use_server_switch_interval`` (the engine and HTTP processes): a thread woken while another runs
+    Python gets the GIL after about a quarter of a millisecond, not Python's 5 ms (a subprocess: the
+    interval is process-wide)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _HANDOVER], capture_output=True, text=True, timeout=60, check=True)
+    default_ms, server_ms = map(float, out.stdout.split())
+    assert default_ms > 3.0 and server_ms < default_ms / 3, (default_ms, server_ms)

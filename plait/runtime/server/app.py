@@ -37,6 +37,7 @@ from plait.runtime.server.process import (
     EngineEvent,
     EngineRequestError,
     EngineUnavailableError,
+    use_server_switch_interval,
 )
 from plait.runtime.server.native import align_shared_input_logprobs, parse_generate
 from plait.runtime.server.streams import (  # noqa: F401 - SSE_HEADERS, merged, ...: also imported from here
@@ -434,6 +435,7 @@ def load_tokenizer(info: Any) -> Any:
 def serve(config: ServerConfig) -> None:
     """Start the engine process, then serve HTTP until SIGINT/SIGTERM (which drain in-flight requests)."""
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s plait %(levelname)s %(message)s")
+    use_server_switch_interval()
     client = EngineClient(config.model, config.engine_settings, config.log_level)
     info = client.start()
     app = create_app(config, client, load_tokenizer(info))

@@ -23,12 +23,25 @@ import itertools
 import logging
 import multiprocessing
 import signal
+import sys
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+# Python hands the GIL to a thread that waits for it only when the holder blocks, or after this long
+# (its default: 5 ms). The server's hand-over threads wait on busy ones: the engine process's sender on
+# the engine thread (which goes on to build and launch the next step), the HTTP process's reader on
+# the event loop. On an H200 host the first token took 0.33 ms to reach the sender, and a token could
+# wait up to the default's 5 ms on a busy loop (2026-12-02, RESULTS.md). Both processes are plait's own.
+SWITCH_INTERVAL_S = 0.00025
+
+
+def use_server_switch_interval() -> None:
+    """Set this process's GIL switch interval to ``SWITCH_INTERVAL_S`` (the engine and HTTP processes)."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 LOGPROB_KEYS = ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_top_logprobs")
 _OUTPUT_KEYS = ("output_token_logprobs", "output_top_logprobs")
@@ -280,6 +293,7 @@ def run_engine_process(conn: Any, model: str, settings: dict[str, Any], log_leve
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    use_server_switch_interval()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s plait-engine %(levelname)s %(message)s")
     try:
         from plait.runtime.engine import Engine
