@@ -105,11 +105,12 @@ class ClosingCandidates:
         ok = (row.numpy()[self.words] >> self.bits) & 1
         twins = self.unspaced[self._spaced]
         ok[self._spaced[ok[twins] == 1]] = 0
+        positions = np.flatnonzero(ok)  # candidates are sorted by group: each group's are one slice
+        cuts = np.searchsorted(positions, self.bounds).tolist()
         out: list[int] = []
         for group, count in enumerate(per_group):
-            if count and group < len(self.bounds) - 1:
-                start, end = self.bounds[group], self.bounds[group + 1]
-                out.extend(self.ids[start + np.flatnonzero(ok[start:end])[:count]].tolist())
+            if count and group < len(cuts) - 1:
+                out.extend(self.ids[positions[cuts[group]:min(cuts[group + 1], cuts[group] + count)]].tolist())
         return out
 
 

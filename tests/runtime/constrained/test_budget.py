@@ -184,6 +184,31 @@ def test_a_spaced_candidate_is_left_out_where_its_unspaced_twin_is_allowed(token
     assert cands.allowed(row, (3, 2, 2, 1, 1, 3)) == spaced  # alone, the spaced one stays
 
 
+def test_allowed_candidates_are_the_first_of_each_group_in_rank_order(tokenizer_info):
+    """``ClosingCandidates.allowed`` against a plain reading of its contract on random masks of every
+    density: the allowed candidates of each rank group in rank order, at most ``per_group[g]`` of group
+    ``g``, a spaced candidate left out where its unspaced twin is allowed."""
+    import numpy as np
+
+    cands = candidates_for(tokenizer_info)
+    ids, groups = cands.ids.tolist(), np.searchsorted(cands.bounds, np.arange(len(cands.ids)), side="right") - 1
+    rng = np.random.default_rng(0)
+    for density in (0.0, 0.002, 0.02, 0.2, 0.6, 1.0):
+        for per_group in ((3, 2, 2, 1, 1, 3), (0, 5, 0, 2, 0, 1), (100,) * 6):
+            bits = rng.random(tokenizer_info.bitmask_words * 32) < density
+            row = torch.from_numpy(np.packbits(bits, bitorder="little").view(np.int32).copy())
+            allowed = [bool(bits[t]) for t in ids]
+            expected, taken = [], [0] * len(per_group)
+            for i, token in enumerate(ids):
+                twin = cands.unspaced[i]
+                if not allowed[i] or (twin >= 0 and allowed[twin]) or groups[i] >= len(per_group):
+                    continue
+                if taken[groups[i]] < per_group[groups[i]]:
+                    taken[groups[i]] += 1
+                    expected.append(token)
+            assert cands.allowed(row, per_group) == expected, (density, per_group)
+
+
 def test_json_endings_write_no_optional_whitespace(compilers, tokenizer_info):
     state = _state(compilers, "llguidance", ConstraintKind.JSON_SCHEMA, ORDER, tokenizer_info, "")
     path = shortest_completion(state.matcher, tokenizer_info)  # the engine's per-step bounds
