@@ -331,17 +331,15 @@ class Sampler:
         if not sampled_rows:
             return next_ids
         device = work.device
-        if len(sampled_rows) == len(greedy):
-            sub = work
-        else:
-            sub = work.index_select(0, values_to_device(sampled_rows, torch.int64, device))
+        # the sampled rows' index, copied once (None: every row samples)
+        index = None if len(sampled_rows) == len(greedy) else values_to_device(sampled_rows, torch.int64, device)
+        sub = work if index is None else work.index_select(0, index)
         sub_params = [batch.params[i] for i in sampled_rows]
         probs = self._filtered_probs(sub, sub_params)
         noise = self._noise(probs.shape, device, sampled_rows, batch)
         chosen = (probs / noise).argmax(dim=-1)  # exponential race: P(argmax = i) = p_i
-        if len(sampled_rows) == len(greedy):
+        if index is None:
             return chosen
-        index = values_to_device(sampled_rows, torch.int64, device)
         return next_ids.index_copy(0, index, chosen)
 
     @staticmethod
