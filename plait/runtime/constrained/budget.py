@@ -200,7 +200,7 @@ def _ends_with(matcher: TokenMatcher, path: list[int], row: torch.Tensor) -> boo
     consumed = 0
     try:
         for token in path:
-            if matcher.is_terminated() or not _allows(matcher, row, token) or not matcher.consume(token):
+            if matcher.is_terminated() or not _consume_one(matcher, row, token):
                 return False
             consumed += 1
         return matcher.can_terminate()
