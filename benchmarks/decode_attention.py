@@ -8,7 +8,8 @@ of its launch settings, at the decode batches a loaded server runs (GPU only).
 Each case is B requests of ``seq`` keys (32 query heads, 8 KV heads, D=128 by default); every request's
 keys sit in consecutive pool slots, as after a prefill. Times are CUDA-graph replays of 20 launches
 (a launch of a ~20 us kernel from Python costs more than the kernel), median of 5. The floor is the K
-and V bytes over the card's device-to-device copy bandwidth (read + write), measured first.
+and V bytes over the card's device-to-device copy bandwidth (read + write), measured first as
+``plait bench`` measures it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import statistics
 
 import torch
 
+from plait.bench.gpu import Sizes, measure_machine
 from plait.runtime.kernels.decode_attention import (
     MIN_TOKENS_PER_SPLIT,
     alloc_decode_workspace,
@@ -26,21 +28,6 @@ from plait.runtime.kernels.decode_attention import (
     decode_attention_bytes,
     num_kv_splits_cap,
 )
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Bytes/s of a device-to-device copy, counting the read and the write."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * nbytes * 10 / (start.elapsed_time(end) / 1e3)
 
 
 def graph_time(fn, launches: int = 20, repeats: int = 5) -> float:
@@ -106,7 +93,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time every setting, print the best five per case")
     args = parser.parse_args()
     device = torch.device("cuda")
-    bandwidth = copy_bandwidth(device)
+    bandwidth = measure_machine(device, Sizes()).bandwidth  # the bench's copy bandwidth (read + write)
     print(f"{torch.cuda.get_device_name(device)}; copy bandwidth {bandwidth / 1e9:,.1f} GB/s")
     print("| batch | seq | setting | us | floor us | of floor |")
     print("| ---: | ---: | --- | ---: | ---: | ---: |")
