@@ -43,6 +43,7 @@ def use_server_switch_interval() -> None:
     """Set this process's GIL switch interval to ``SWITCH_INTERVAL_S`` (the engine and HTTP processes)."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 
+
 LOGPROB_KEYS = ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_top_logprobs")
 _OUTPUT_KEYS = ("output_token_logprobs", "output_top_logprobs")
 _INPUT_KEYS = ("input_token_logprobs", "input_top_logprobs")
