@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
+import os
 import statistics
+import tempfile
 
 import torch
 
@@ -107,8 +110,6 @@ def idle_gaps(trace_path: str, steps: int, top: int = 12) -> str:
     next kernel was launched only after the device ran dry (the host set the pace), "queued" when it was
     launched before (the device waited on something else: a copy, an event). The largest causes are
     listed with the next kernel's name and the API call that launched it."""
-    import json
-
     events = json.load(open(trace_path))["traceEvents"]
     device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
                     key=lambda e: e["ts"])
@@ -191,9 +192,6 @@ def decode_batched(model: str, batches: list[int], prompt_len: int = PROMPT_LEN,
         print(f"-- kernels of a whole {n}-token run, per step (GPU busy {total:.3f} ms; wall {wall / n * 1e3:.3f} "
               f"ms a step, profiler on)\n{table}")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
-        import os
-        import tempfile
-
         torch.cuda.synchronize()
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:  # device and API calls only: cheaper
             t0 = time.perf_counter()
