@@ -61,10 +61,10 @@ class Tokenizer:
         backend = getattr(hf_tokenizer, "backend_tokenizer", None)
         cleanup = bool(getattr(hf_tokenizer, "clean_up_tokenization_spaces", False))
         self._fast_decoder = backend if backend is not None and not cleanup else None
-        # Encoding through the Rust tokenizer skips the wrapper's Python around it (0.1 ms of a 256-token
-        # prompt's ~0.8 ms); used only where it gives the wrapper's ids on a probe text. Its batch call,
-        # as the wrapper's: that releases the GIL (its single-text encode does not), so tokenizing on the
-        # server's worker threads never stalls the event loop.
+        # Encoding through the Rust tokenizer skips the wrapper's Python around it; used only where it
+        # gives the wrapper's ids on a probe text. Its batch call, as the wrapper's: that releases the GIL
+        # (its single-text encode does not), so tokenizing on the server's worker threads never stalls
+        # the event loop.
         self._fast_encoder = backend if backend is not None and self._encodes_like_wrapper(backend) else None
 
     def _encodes_like_wrapper(self, backend: Any) -> bool:
