@@ -168,20 +168,46 @@ def _compiled_variants(kernel) -> int:
     return sum(len(caches[0]) for caches in kernel.device_caches.values())
 
 
+def _all_compiled_variants() -> dict[str, int]:
+    """Every plait Triton kernel's compiled variants (its modules imported now)."""
+    import importlib
+    import pkgutil
+
+    import plait.runtime.kernels as kernels
+
+    counts = {}
+    for module_info in pkgutil.iter_modules(kernels.__path__):
+        try:
+            module = importlib.import_module(f"plait.runtime.kernels.{module_info.name}")
+        except ImportError:  # a kernel family this Triton lacks (Gluon)
+            continue
+        for name, obj in vars(module).items():
+            if hasattr(obj, "device_caches") and name.endswith("_kernel"):
+                counts[f"{module_info.name}.{name}"] = _compiled_variants(obj)
+    return counts
+
+
 def test_serving_compiles_no_kernel_after_start_up(bundled_model_dir):
     """The start-up warm-up (``ModelRunner.warm_up_steps``) and the CUDA-graph capture compile every
     Triton variant that serving needs: mixed steps of 1 to 7 prompts beside decode rows, at odd and even
-    batch sizes (the metadata rows' alignment once made a variant per batch-size residue), compile none."""
-    from plait.runtime.kernels.extend_attention import _extend_attention_kernel
-
+    batch sizes (the metadata rows' alignment once made a variant per batch-size residue), prompts alone
+    that extend a cached prefix by odd and even counts (their positions and slots are slices at moving
+    offsets), and a constrained request with forced text (the logit-mask kernel) compile none."""
     engine = Engine(model=str(bundled_model_dir), chunked_prefill_size=256)
     try:
-        before = _compiled_variants(_extend_attention_kernel)
-        assert before >= 1
+        before = _all_compiled_variants()
+        assert before["extend_attention._extend_attention_kernel"] >= 1
         for count in range(1, 8):
             prompts = [[1 + (i * 7 + j) % 500 for j in range(5 + 13 * i)] for i in range(count)]
             engine.generate(input_ids=prompts, sampling_params=greedy_params(3))
-        assert _compiled_variants(_extend_attention_kernel) == before
+        shared = [1 + j % 300 for j in range(40)]
+        for extra in range(1, 6):  # one request a step, its extend starting after a cached prefix
+            engine.generate(input_ids=shared + [7 + j for j in range(extra)], sampling_params=greedy_params(2))
+        regex = {"temperature": 0.0, "max_new_tokens": 24, "regex": r"Answer: (yes|no)\. [a-z]{2,8}"}
+        engine.generate(input_ids=[[5 + j for j in range(9)], [3 + j for j in range(12)]],
+                        sampling_params=[regex, greedy_params(6)])
+        after = _all_compiled_variants()
+        assert {name: (before[name], n) for name, n in after.items() if n != before.get(name, 0)} == {}
     finally:
         _free(engine)
 

@@ -12,6 +12,7 @@ import time
 import torch
 
 from plait.runtime.config import KV_CACHE_DTYPES, EngineConfig
+from plait.runtime.constrained.bitmask import apply_batch_bitmask
 from plait.runtime.executor.cuda_graph import CudaGraphRunner
 from plait.runtime.executor.forward_batch import ForwardBatch
 from plait.runtime.executor.loader import ModelLoadError, iter_safetensors_weights
@@ -107,6 +108,10 @@ class ModelRunner:
             )
             self.forward(batch)
         if device.type == "cuda":
+            # the constrained rows' logit mask (the sampler's path), else compiled by the first constrained step
+            vocab = self.model_config.vocab_size
+            bitmask = torch.full((2, (vocab + 31) // 32), -1, dtype=torch.int32, pin_memory=True)
+            apply_batch_bitmask(torch.zeros(2, vocab, device=device), bitmask, [1])
             torch.cuda.synchronize(device)
         logger.info("warmed up prefill steps of %s tokens in %.1f s", sizes, time.perf_counter() - start)
         return sizes

@@ -16,7 +16,9 @@ import triton.language as tl
 BLOCK_V = 2048
 
 
-@triton.jit
+# Index arguments (positions, slots, rows) are often slices of one per-step tensor at offsets that move with
+# the batch; they are read one value at a time, so no kernel variant per 16-byte alignment (compiled mid-serving).
+@triton.jit(do_not_specialize_on_alignment=["Indices"])
 def _apply_bitmask_kernel(
     Logits, Bitmask, Indices,
     vocab_size,

@@ -98,7 +98,9 @@ def _attend_range(
     return acc, m_i, l_i
 
 
-@triton.jit
+# Index arguments (positions, slots, rows) are often slices of one per-step tensor at offsets that move with
+# the batch; they are read one value at a time, so no kernel variant per 16-byte alignment (compiled mid-serving).
+@triton.jit(do_not_specialize_on_alignment=["ReqRows", "SeqLens", "NumSplits"])
 def _decode_stage1_kernel(
     Q, K, V, Table, ReqRows, SeqLens, NumSplits, MidO, MidLse, Out, Sinks,
     scale_log2, window,
@@ -164,7 +166,7 @@ def _decode_stage1_kernel(
                 tl.store(lse_ptrs, m_i + tl.log2(l_i), mask=offs_h < GROUP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["SeqLens", "NumSplits"])
 def _decode_stage2_kernel(
     MidO, MidLse, SeqLens, NumSplits, Out, Sinks,
     window,

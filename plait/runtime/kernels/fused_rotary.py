@@ -26,7 +26,9 @@ import triton.language as tl
 from plait.runtime.kernels.kv_store import to_cache_dtype
 
 
-@triton.jit
+# Index arguments (positions, slots, rows) are often slices of one per-step tensor at offsets that move with
+# the batch; they are read one value at a time, so no kernel variant per 16-byte alignment (compiled mid-serving).
+@triton.jit(do_not_specialize_on_alignment=["Positions"])
 def _rotary_kernel(
     X, Out, Positions, Cos, Sin,
     stride_xt, stride_xh, stride_ot, stride_oh, stride_cos, stride_sin,
@@ -137,7 +139,7 @@ def rotary_embedding_ref(
     return x * cos + rotated * sin
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["Positions", "Slots"])
 def _rotary_store_kv_kernel(
     X, Positions, Cos, Sin, KBuf, VBuf, Slots,
     stride_xt, stride_xh, stride_cos, stride_sin, stride_kbt, stride_kbh, stride_vbt, stride_vbh,

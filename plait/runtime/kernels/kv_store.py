@@ -25,7 +25,9 @@ def to_cache_dtype(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
-@triton.jit
+# Index arguments (positions, slots, rows) are often slices of one per-step tensor at offsets that move with
+# the batch; they are read one value at a time, so no kernel variant per 16-byte alignment (compiled mid-serving).
+@triton.jit(do_not_specialize_on_alignment=["Slots"])
 def _store_kv_kernel(
     K, V, KBuf, VBuf, Slots,
     stride_kt, stride_kh, stride_vt, stride_vh,
