@@ -297,6 +297,15 @@ class GrammarCompiler:
             raise backend
         return backend
 
+    def warm_up_backends(self) -> None:
+        """Build each backend's per-tokenizer state in this process now (``GrammarBackend.warm_up``): the
+        backends a JSON schema tries, those not installed skipped."""
+        for name in self._order(ConstraintKind.JSON_SCHEMA):
+            try:
+                self.backend_named(name).warm_up(self.info)
+            except BackendUnavailable:
+                continue
+
     def _order(self, kind: ConstraintKind) -> tuple[str, ...]:
         return (self.backend,) if self.backend != "auto" else DEFAULT_BACKENDS[kind]
 

@@ -82,7 +82,8 @@ class ConstrainedDecoding:
             return self._compiler
 
     def warm_up(self) -> threading.Thread | None:
-        """Build the compiler (and start its worker processes) on a background thread, so that the first
+        """Build the compiler (and start its worker processes) and the backends' per-tokenizer state
+        (``GrammarCompiler.warm_up_backends``) on a background thread, so that the first
         constrained request does not pay for it (servers call this at start; in-process engines build it
         on first use). Returns the thread, or None without a tokenizer. A failure here is logged by the
         thread and raised again, clearly, by the first constrained request."""
@@ -91,7 +92,7 @@ class ConstrainedDecoding:
 
         def build() -> None:
             try:
-                self.compiler
+                self.compiler.warm_up_backends()
             except Exception:  # the first constrained request raises it again with its context
                 logger.exception("starting the grammar compiler failed")
 

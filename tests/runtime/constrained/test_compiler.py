@@ -45,6 +45,24 @@ def test_fallback_to_outlines_when_llguidance_is_missing(tokenizer_info, monkeyp
         compiler.shutdown()
 
 
+def test_an_outlines_grammar_loads_without_building_the_vocabulary(tokenizer_info, monkeypatch):
+    """Loading a worker's outlines-core index needs only the end-of-sequence id, not the Vocabulary
+    (a walk of every token, seconds on a large tokenizer) that compiling it needed in the worker."""
+    from plait.runtime.constrained.backends.outlines_backend import OutlinesBackend
+
+    spec = ConstraintSpec(ConstraintKind.REGEX, "(yes|no)!")
+    payload = OutlinesBackend().prepare(spec, tokenizer_info)
+    loader = OutlinesBackend()  # this process's: nothing built yet
+    monkeypatch.setattr(loader, "vocabulary_for", lambda info: pytest.fail("the Vocabulary was built to load"))
+    loaded = loader.load(spec, payload, tokenizer_info)
+    compiled = OutlinesBackend().compile(spec, tokenizer_info)
+    assert loaded._eos == compiled._eos
+    for grammar in (loaded, compiled):
+        matcher = grammar.new_matcher()
+        assert all(matcher.consume(t) for t in tokenizer_info.tokenizer.encode("yes!", add_special_tokens=False))
+        assert matcher.can_terminate()
+
+
 def test_a_refusal_by_the_installed_backend_is_final(tokenizer_info, monkeypatch):
     """llguidance refuses a lookahead: outlines-core (next in DEFAULT_BACKENDS) is not asked, since a
     second opinion rescued nothing on MaskBench and can take seconds; the error is llguidance's."""

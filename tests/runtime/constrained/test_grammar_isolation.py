@@ -320,11 +320,17 @@ def test_engine_crash_in_compile_is_a_clear_error(engine):
     assert engine.generate("Hi", {"max_new_tokens": 2})["meta_info"]["finish_reason"]["type"] == "length"
 
 
-def test_warm_up_starts_the_compiler_before_the_first_request(bundled_model_dir):
-    """Servers call warm_up at start: the compiler and its workers exist before any constrained request."""
+def test_warm_up_starts_the_compiler_before_the_first_request(bundled_model_dir, monkeypatch):
+    """Servers call warm_up at start: the compiler and its workers exist before any constrained request,
+    and so does this process's llguidance tokenizer, which loading a worker's grammar needs (built at the
+    first load, it held the GIL beside the engine loop for a second or more): loads build none."""
     from plait.runtime.constrained import ConstrainedDecoding
+    from plait.runtime.constrained.backends import llguidance_backend
     from plait.runtime.tokenizer import Tokenizer
 
+    builds = []
+    plain_build = llguidance_backend.build_lltokenizer
+    monkeypatch.setattr(llguidance_backend, "build_lltokenizer", lambda *a, **k: builds.append(1) or plain_build(*a, **k))
     tokenizer = Tokenizer.from_dir(bundled_model_dir)
     service = ConstrainedDecoding(tokenizer, 49152, workers=1)
     assert service._compiler is None
@@ -332,6 +338,9 @@ def test_warm_up_starts_the_compiler_before_the_first_request(bundled_model_dir)
     thread.join(120)
     try:
         assert service._compiler is not None and service._compiler.workers.wait_ready(120)
+        assert len(builds) == 1  # this process's, at warm-up
+        grammar = service.compiler.compile(regex("warm[0-9]+"))  # compiled in a worker, loaded here
+        assert len(builds) == 1 and grammar.new_matcher().consume(tokenizer.encode("warm", add_special_tokens=False)[0])
     finally:
         service._compiler.shutdown()
     assert ConstrainedDecoding(None, 10).warm_up() is None  # no tokenizer: nothing to start

@@ -127,3 +127,7 @@ class GrammarBackend(ABC):
     def compile(self, spec: ConstraintSpec, info: TokenizerInfo) -> CompiledGrammar:
         """``prepare`` and ``load`` in this process; raises ``UnsupportedConstraint``."""
         return self.load(spec, self.prepare(spec, info), info)
+
+    def warm_up(self, info: TokenizerInfo) -> None:
+        """Build now what ``load`` needs once per tokenizer (a server calls this at start, off its serving
+        threads: built at the first load, it held the GIL beside the engine loop for a second or more)."""

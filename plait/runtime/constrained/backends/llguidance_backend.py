@@ -275,6 +275,9 @@ class LLGuidanceBackend(GrammarBackend):
                 self._kinds[id(info)] = kind
             return tok
 
+    def warm_up(self, info: TokenizerInfo) -> None:
+        self.tokenizer_for(info)
+
     def end_ids(self, info: TokenizerInfo) -> frozenset[int] | None:
         """The ids llguidance's mask sets where a grammar can end (probed with the tokenizer: ``_probe_end_ids``)."""
         self.tokenizer_for(info)

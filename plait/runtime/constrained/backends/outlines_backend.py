@@ -50,6 +50,11 @@ def _import() -> Any:
     return outlines_core
 
 
+def _eos_id(info: TokenizerInfo) -> int:
+    """The end-of-sequence id outlines' Vocabulary is built with (its masks and states use it)."""
+    return min(info.stop_ids) if info.stop_ids else info.vocab_size
+
+
 def check_schema_keywords(schema: Any, path: str = "#") -> None:
     """Raise ``UnsupportedConstraint`` naming the first keyword outlines would not translate exactly."""
     if isinstance(schema, bool) or not isinstance(schema, dict):
@@ -189,7 +194,7 @@ class OutlinesBackend(GrammarBackend):
         with self._lock:
             cached = self._vocabs.get(id(info))
             if cached is None:
-                eos = min(info.stop_ids) if info.stop_ids else info.vocab_size
+                eos = _eos_id(info)
                 by_bytes: dict[bytes, list[int]] = {}
                 for i, b in enumerate(info.token_bytes):
                     if b:
@@ -215,7 +220,7 @@ class OutlinesBackend(GrammarBackend):
         return pickle.dumps(self._index(spec, info))
 
     def load(self, spec: ConstraintSpec, payload: bytes, info: TokenizerInfo) -> CompiledGrammar:
-        grammar = OutlinesGrammar(spec, pickle.loads(payload), info, self.vocabulary_for(info)[1])
+        grammar = OutlinesGrammar(spec, pickle.loads(payload), info, _eos_id(info))  # no Vocabulary needed
         grammar.nbytes = 2 * len(payload)  # measured: resident size ~2.2x the pickled index
         return grammar
 
