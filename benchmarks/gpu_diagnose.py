@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_diagnose.py profile [--model gpt-oss-120b]  # where the batch-1 decode step's time goes
     python benchmarks/gpu_diagnose.py decode-batched --batches 64 128 256  # the same for batched decode
+    python benchmarks/gpu_diagnose.py ttft --prompt-lens 64 256 1024  # the engine's own TTFT, fresh prompts
     python benchmarks/gpu_diagnose.py gemv      # cuBLAS bf16 GEMV bandwidth at the 8B layer shapes
     python benchmarks/gpu_diagnose.py drift     # per-layer hidden-state error, plait vs transformers, float32
 
@@ -237,6 +238,72 @@ def batch_prefill(model: str, batch: int, prompt_len: int) -> None:
     engine.shutdown()
 
 
+def ttft(model: str, prompt_lens: list[int], repeats: int = 12) -> None:
+    """The engine's own time to first token for fresh prompts (nothing cached), one at a time: the wall
+    time of ``generate(max_new_tokens=1)``, and inside it the model forward's host time (the call's return)
+    against its device time (CUDA events), then where the device idles in one such request (a device
+    trace: "host late" gaps are the host's launches) and the host ops by CPU time."""
+    import time
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    engine = Engine(model=model, load_format="dummy", device="cuda")
+    runner = engine.runner
+    calls: list[tuple[int, float, torch.cuda.Event, torch.cuda.Event]] = []
+    plain_forward = runner.forward
+
+    def timed_forward(batch):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        logits = plain_forward(batch)
+        host = time.perf_counter() - t0
+        end.record()
+        calls.append((int(batch.input_ids.numel()), host, start, end))
+        return logits
+
+    runner.forward = timed_forward
+    vocab = engine.model_config.vocab_size
+
+    def fresh(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,)).tolist()
+
+    for n in prompt_lens:
+        engine.generate(input_ids=fresh(n), sampling_params=_greedy(1))  # warm-up
+        walls, forwards = [], []
+        for _ in range(repeats):
+            calls.clear()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.generate(input_ids=fresh(n), sampling_params=_greedy(1))
+            walls.append(time.perf_counter() - t0)
+            torch.cuda.synchronize()
+            forwards.extend((tokens, host, start.elapsed_time(end)) for tokens, host, start, end in calls)
+        prefill = [(host, device) for tokens, host, device in forwards if tokens > 1]
+        print(f"\n==== fresh prompt of {n} tokens, 1 new token: wall {statistics.median(walls) * 1e3:.2f} ms "
+              f"median of {repeats} (min {min(walls) * 1e3:.2f}); forwards a request {len(forwards) / repeats:.1f}; "
+              f"prefill forward: host {statistics.median(h for h, _ in prefill) * 1e3:.2f} ms, "
+              f"device {statistics.median(d for _, d in prefill):.2f} ms")
+        prompt = fresh(n)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.generate(input_ids=prompt, sampling_params=_greedy(1))
+            torch.cuda.synchronize()
+        table, total = _kernel_table(prof, 1, top=12)
+        print(f"-- kernels of one request (GPU busy {total:.2f} ms)\n{table}")
+        with tempfile.TemporaryDirectory() as scratch:
+            trace = os.path.join(scratch, "trace.json")
+            prof.export_chrome_trace(trace)
+            print(f"-- where the device idles (one request)\n{idle_gaps(trace, 1)}")
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine.generate(input_ids=fresh(n), sampling_params=_greedy(1))
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+    runner.forward = plain_forward
+    engine.shutdown()
+
+
 def gemv() -> None:
     """bf16 [1, K] x [K, N] through torch (cuBLAS) at the 8B shapes, 8 rotated weight copies (no L2 reuse)."""
     shapes = {"qkv 4096x6144": (4096, 6144), "o 4096x4096": (4096, 4096), "gate_up 4096x28672": (4096, 28672),
@@ -323,11 +390,12 @@ def drift(prompt_len: int, model_name: str = "llama-3.1-8b", device: str = "cuda
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["profile", "gemv", "drift", "batch-prefill", "decode-batched"],
+    parser.add_argument("what", choices=["profile", "gemv", "drift", "batch-prefill", "decode-batched", "ttft"],
                         nargs="+")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256], help="decode-batched: batch sizes")
     parser.add_argument("--batch", type=int, default=64, help="batch-prefill: prompts in the batch")
     parser.add_argument("--prompt-len", type=int, default=300)
+    parser.add_argument("--prompt-lens", type=int, nargs="+", default=[64, 256, 1024], help="ttft: fresh prompt lengths")
     parser.add_argument("--model", default="llama-3.1-8b", help="profile: the preset (dummy weights); drift: a preset/dir (non-8B models load real weights)")
     parser.add_argument("--device", default="cuda", help="drift: cuda or cpu")
     parser.add_argument("--init", default="engine", choices=["engine", "normal"],
@@ -341,6 +409,8 @@ def main() -> None:
             profile(args.model)
         elif what == "decode-batched":
             decode_batched(args.model, args.batches)
+        elif what == "ttft":
+            ttft(args.model, args.prompt_lens)
         elif what == "batch-prefill":
             batch_prefill(args.model, args.batch, args.prompt_len)
         else:
