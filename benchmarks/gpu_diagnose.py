@@ -110,12 +110,13 @@ def idle_gaps(trace_path: str, steps: int, top: int = 12) -> str:
     """The device's idle time between kernels in a profiler trace, per step, by cause: "host late" when the
     next kernel was launched only after the device ran dry (the host set the pace), "queued" when it was
     launched before (the device waited on something else: a copy, an event). The largest causes are
-    listed with the next kernel's name and the API call that launched it."""
+    listed with the next kernel's name and the API call that launched it (runtime or driver API: Triton
+    launches through the driver's ``cuLaunchKernelEx``)."""
     events = json.load(open(trace_path))["traceEvents"]
     device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
                     key=lambda e: e["ts"])
     launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     causes: dict[tuple[str, str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
     totals = collections.Counter()
     for prev, nxt in zip(device, device[1:]):

@@ -8,7 +8,8 @@ from tests.benchmark_scripts import load_benchmark
 
 
 def _launch(correlation: int, ts: float, name: str = "cudaLaunchKernel") -> dict:
-    return {"cat": "cuda_runtime", "name": name, "ts": ts, "dur": 5, "args": {"correlation": correlation}}
+    category = "cuda_driver" if name.startswith("cu") and not name.startswith("cuda") else "cuda_runtime"
+    return {"cat": category, "name": name, "ts": ts, "dur": 5, "args": {"correlation": correlation}}
 
 
 def _kernel(correlation: int, ts: float, dur: float, name: str) -> dict:
@@ -17,14 +18,15 @@ def _kernel(correlation: int, ts: float, dur: float, name: str) -> dict:
 
 def test_idle_gaps_tell_a_late_host_from_a_queued_wait(tmp_path):
     """Two steps: before kernel b the host launched it only after a had ended (host late, 40 us a
-    step); kernel c was launched long before and still waited 30 us (queued); d follows at once."""
+    step); kernel c was launched long before (through the driver API, as Triton launches) and still waited
+    30 us (queued); d follows at once."""
     events = []
     for step in range(2):
         t = step * 1000
         events += [
             _launch(10 * step + 1, t, "cudaGraphLaunch"), _kernel(10 * step + 1, t + 10, 100, "a"),
             _launch(10 * step + 2, t + 140), _kernel(10 * step + 2, t + 150, 10, "b"),
-            _launch(10 * step + 3, t + 20), _kernel(10 * step + 3, t + 190, 10, "c"),
+            _launch(10 * step + 3, t + 20, "cuLaunchKernelEx"), _kernel(10 * step + 3, t + 190, 10, "c"),
             _launch(10 * step + 4, t + 25), _kernel(10 * step + 4, t + 201, 10, "d"),
         ]
     trace = tmp_path / "trace.json"
@@ -39,5 +41,5 @@ def test_idle_gaps_tell_a_late_host_from_a_queued_wait(tmp_path):
         rows[" ".join(kind), name] = (float(us), api)
     # per step: b 40 us after a (host late), c 30 us after b (queued); d's 1 us is no gap; a 799 us after
     # the step before's d (host late, launched by the graph launch), counted once in two steps
-    assert rows["host late", "b"] == (40.0, "cudaLaunchKernel") and rows["queued", "c"] == (30.0, "cudaLaunchKernel")
+    assert rows["host late", "b"] == (40.0, "cudaLaunchKernel") and rows["queued", "c"] == (30.0, "cuLaunchKernelEx")
     assert rows["host late", "a"] == (399.5, "cudaGraphLaunch") and ("queued", "d") not in rows
