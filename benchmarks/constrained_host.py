@@ -1,6 +1,6 @@
 """The engine thread's time per step on the structured mix, by part: what bounds constrained batches on a GPU.
 
-    python benchmarks/constrained_host.py [--requests 64] [--ratio 0.5] [--output 128] [--temperature 0]
+    python benchmarks/constrained_host.py [--model PRESET|DIR] [--requests 64] [--ratio 0.5] [--output 128] [--temperature 0]
 
 On a GPU the structured mix (``benchmarks/serving.py --dataset structured``) is paced by the engine
 thread, not the device (benchmarks/RESULTS.md, 2026-12-02): settling a step (grammars, jump-forward,
@@ -83,7 +83,7 @@ def timed(targets: list[tuple[object, str, str]]) -> Iterator[tuple[defaultdict,
 
 def run(args: argparse.Namespace) -> dict:
     """Run the batch once to warm up (grammars compiled), then once timed; returns the figures."""
-    model_dir = str(ensure_preset_dir(args.model))
+    model_dir = args.model if Path(args.model).is_dir() else str(ensure_preset_dir(args.model))
     engine = Engine(model=model_dir, load_format="dummy", tokenizer_path=model_dir, enable_overlap=True,
                     max_total_tokens=max(16384, 2 * args.requests * (args.output + 256)))  # all admitted at once
     try:
@@ -131,7 +131,7 @@ def print_table(args: argparse.Namespace, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="a preset with a tokenizer")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="a preset with a tokenizer, or a directory with a config and a tokenizer")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--ratio", type=float, default=0.5, help="share of requests constrained by a JSON schema")
     parser.add_argument("--output", type=int, default=128, help="max_new_tokens")

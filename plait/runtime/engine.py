@@ -59,6 +59,12 @@ def _shutdown_live_engines() -> None:
         engine.shutdown()
 
 
+# BudgetSteering's per-request counts -> the engine's totals (``Engine.stats``, /metrics): what keeping
+# constrained outputs valid within max_new_tokens cost the engine thread
+_STEERING_COUNTERS = {"searches": "budget_searches", "searches_without_ending": "budget_searches_without_ending",
+                      "search_seconds": "budget_search_seconds", "reused": "budget_endings_reused"}
+
+
 class _Handle:
     """Delivers a request's outputs from the engine thread to one waiting caller (thread or asyncio)."""
 
@@ -147,7 +153,7 @@ class Engine:
         self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plait-admit")
         self._awaiting_grammar: dict[str, bool] = {}  # rid -> aborted, while its grammar compiles
         self._counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "finished": 0, "steps": 0,
-                          "overlapped_steps": 0}
+                          "overlapped_steps": 0, **dict.fromkeys(_STEERING_COUNTERS.values(), 0)}
         self._inbox: list[tuple[str, Any]] = []
         self._cv = threading.Condition()
         self._active: set[str] = set()
@@ -834,6 +840,10 @@ class Engine:
 
     def _deliver_final(self, req: Request) -> None:
         req.finished_at = time.perf_counter()
+        steering = req.grammar.steering if req.grammar is not None else None
+        if steering is not None:  # budget steering's work for this request, into the engine's totals
+            for attribute, counter in _STEERING_COUNTERS.items():
+                self._counters[counter] += getattr(steering, attribute)
         if req.detokenizer is not None and not req.detokenizer.stopped:
             req.detokenizer.finish()
         if req.detokenizer is not None:

@@ -404,6 +404,7 @@ class BudgetSteering:
         self.closed = False  # an ending was returned: nothing more to do
         self.replaced = 0  # sampled tokens replaced by the ending (vet)
         self.searches = 0
+        self.searches_without_ending = 0  # searches that found no ending within their bounds
         self.search_seconds = 0.0
         self.search_max_seconds = 0.0
         self._next_check = FIRST_CHECK_BUDGET
@@ -463,6 +464,7 @@ class BudgetSteering:
         path = shortest_completion(matcher, self.info, limits, self._row)
         elapsed = time.perf_counter() - start
         self.searches += 1
+        self.searches_without_ending += path is None
         self.search_seconds += elapsed
         self.search_max_seconds = max(self.search_max_seconds, elapsed)
         return path if path is not None and len(path) <= budget else None

@@ -122,6 +122,13 @@ class ServerMetrics:
             "plait:engine_overlapped_steps": ("Steps launched before the previous step's tokens were read back.",
                                               "overlapped_steps"),
             "plait:engine_graph_steps": ("Steps replayed from captured CUDA graphs.", "graph_steps"),
+            "plait:budget_searches": ("Budget steering's searches for an ending that fits max_new_tokens "
+                                      "(finished requests).", "budget_searches"),
+            "plait:budget_searches_without_ending": ("Of them, searches that found no ending within their bounds.",
+                                                     "budget_searches_without_ending"),
+            "plait:budget_search_seconds": ("Engine-thread seconds spent in those searches.", "budget_search_seconds"),
+            "plait:budget_endings_reused": ("Searches saved: an earlier ending still ended the grammar and fit.",
+                                            "budget_endings_reused"),
             "plait:new_token_ratio": ("Share of running requests' remaining max_new_tokens reserved at admission.",
                                       "new_token_ratio"),
         }

@@ -347,8 +347,9 @@ def test_a_check_that_finds_nothing_looks_again_at_the_next_step_with_twice_the_
     assert shortest_completion(state.matcher, tokenizer_info, SearchLimits(max_nodes=64, max_seconds=10.0))
     steering = BudgetSteering(tokenizer_info, min(tokenizer_info.stop_ids), limits=tight)
     assert steering.closing_tokens(state.matcher, 100) == [] and steering.searches == 1 and steering._plan is None
+    assert steering.searches_without_ending == 1  # counted: the engine's /metrics show how often bounds are hit
     assert steering.closing_tokens(state.matcher, 99) == [] and steering.searches == 2  # at once, twice the bounds
-    assert steering._plan is not None and steering._escalation == 1
+    assert steering._plan is not None and steering._escalation == 1 and steering.searches_without_ending == 1
     # where no ending fits at all (this one needs 12 tokens), the bounds grow up to MAX_ESCALATION times
     # the engine's, then the next check waits a quarter of the budget (11, 10 (x2), 9 (x4), then 7)
     hopeless = BudgetSteering(tokenizer_info, min(tokenizer_info.stop_ids), limits=tight)

@@ -309,7 +309,14 @@ def test_tight_budgets_end_valid_with_honest_finish_reasons(engine):
     for spec, out in zip(specs, off):
         assert out["meta_info"]["budget_closed"] is False
         assert out["meta_info"]["incomplete"] is not _valid(spec, out["text"])
+    before = engine.stats()
     on = _tight_batch(engine, 1, return_logprob=True)
+    after = engine.stats()
+    # budget steering's work is counted into the engine's totals (/metrics) as requests finish
+    searches = after["budget_searches"] - before["budget_searches"]
+    assert searches > 0 and after["budget_endings_reused"] > before["budget_endings_reused"]
+    assert after["budget_search_seconds"] > before["budget_search_seconds"]
+    assert 0 <= after["budget_searches_without_ending"] - before["budget_searches_without_ending"] <= searches
     for spec, budget, out in zip(specs, budgets, on):
         meta = out["meta_info"]
         assert _valid(spec, out["text"]), (spec, out["text"])
