@@ -43,13 +43,31 @@ _CLASS_PARTS = [
 ]
 
 
+def _serving_module():
+    """``benchmarks/serving.py`` (not a package), loaded once."""
+    module = sys.modules.get("serving_schemas")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("serving_schemas", Path(__file__).with_name("serving.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
 def _schemas() -> dict:
-    """The structured workload's schemas (``benchmarks/serving.py``, not a package)."""
-    spec = importlib.util.spec_from_file_location("serving_schemas", Path(__file__).with_name("serving.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.SCHEMAS
+    """The structured workload's schemas (``benchmarks/serving.py``)."""
+    return _serving_module().SCHEMAS
+
+
+def _prompts(args: argparse.Namespace, model_dir: str) -> list[str]:
+    """The requests' prompts: near-identical short ones, or (``--prompt-tokens N``) the serving
+    benchmark's structured prompts, N tokens of random text each (different outputs per request)."""
+    if not args.prompt_tokens:
+        return [f"Extract record {i} as JSON from this text: " + "lorem ipsum dolor " * 30 for i in range(args.requests)]
+    import random
+
+    maker = _serving_module().TextMaker(random.Random(args.seed), model_dir)
+    return [f"Extract a record as JSON from this text:\n{maker.text(args.prompt_tokens)}" for _ in range(args.requests)]
 
 
 @contextlib.contextmanager
@@ -88,15 +106,15 @@ def run(args: argparse.Namespace) -> dict:
                     max_total_tokens=max(16384, 2 * args.requests * (args.output + 256)))  # all admitted at once
     try:
         schemas = list(_schemas().values())
-        prompts, params = [], []
+        params = []
         for i in range(args.requests):
             p = {"temperature": args.temperature, "seed": i, "max_new_tokens": args.output}
             if i < round(args.ratio * args.requests):
                 p["json_schema"] = json.dumps(schemas[i % len(schemas)])
             else:
                 p["ignore_eos"] = True
-            prompts.append(f"Extract record {i} as JSON from this text: " + "lorem ipsum dolor " * 30)
             params.append(p)
+        prompts = _prompts(args, model_dir)
         engine.generate(prompts[: min(8, len(prompts))], params[: min(8, len(params))])
         runner = engine.runner
         targets = _CLASS_PARTS + [
@@ -136,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio", type=float, default=0.5, help="share of requests constrained by a JSON schema")
     parser.add_argument("--output", type=int, default=128, help="max_new_tokens")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--prompt-tokens", type=int, default=0,
+                        help="prompts of this many tokens of random text, as benchmarks/serving.py's (0: short, alike)")
+    parser.add_argument("--seed", type=int, default=0, help="the random prompts' seed")
     args = parser.parse_args(argv)
     print_table(args, run(args))
     return 0
