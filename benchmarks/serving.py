@@ -33,6 +33,9 @@ ITL follows SGLang's bench_serving: a stream event that brings ``n`` new tokens 
 (gap since the previous event) / ``n``; events with no new token are skipped. The native protocol reports
 tokens per event (``meta_info.completion_tokens``); for the OpenAI protocols every delta counts as one
 event. The summary's "mean tokens per event" shows how bursty the server's delivery is.
+
+Against a plait server each point also gets the engine's own counts for it (``engine``: steps, CUDA-graph
+replays, budget steering's searches), read from ``/metrics`` before and after the point.
 """
 
 from __future__ import annotations
@@ -548,6 +551,38 @@ def _with(args: argparse.Namespace, **changes: object) -> argparse.Namespace:
 
 CLIENT_BUSY_WARNING = 0.8  # a client process busier than this share of the run may be what limits it
 
+# plait's engine counters (``/metrics``), read before and after each point: what the engine did for it
+ENGINE_COUNTERS = ("engine_steps", "engine_overlapped_steps", "engine_graph_steps", "budget_searches",
+                   "budget_searches_without_ending", "budget_search_seconds", "budget_endings_reused")
+
+
+async def engine_counters(session: aiohttp.ClientSession, base_url: str) -> dict[str, float] | None:
+    """plait's ``ENGINE_COUNTERS`` from the server's ``/metrics``; None where it has none (another server,
+    an older plait, no /metrics) or does not answer within 5 s."""
+    try:
+        async with session.get(base_url.rstrip("/") + "/metrics", timeout=aiohttp.ClientTimeout(total=5)) as response:
+            if response.status != 200:
+                return None
+            text = await response.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("plait:") and name[6:] in ENGINE_COUNTERS:
+            try:
+                values[name[6:]] = float(value)
+            except ValueError:
+                continue
+    return values if "engine_steps" in values else None
+
+
+def engine_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
+    """What the engine counted between two reads (None unless both have the counters)."""
+    if before is None or after is None:
+        return None
+    return {name: after[name] - before[name] for name in after if name in before}
+
 
 async def run_points(args: argparse.Namespace, dataset: list[Conversation]) -> list[dict]:
     """Run every point in turn; returns each point's summary with its per-request figures (``requests``)
@@ -565,6 +600,7 @@ async def run_points(args: argparse.Namespace, dataset: list[Conversation]) -> l
             with tqdm(total=total, desc=f"point {index}/{len(points)} ({label})", unit="req",
                       disable=True if args.no_progress else None) as progress:
                 plan = shard_plan(point_args, len(dataset))
+                counted = await engine_counters(session, args.base_url)
                 if len(plan) > 1:
                     run = await _run_shards(point_args, plan, model, dataset, progress)
                 else:
@@ -573,6 +609,9 @@ async def run_points(args: argparse.Namespace, dataset: list[Conversation]) -> l
             summary = summarize(point_args, run.results, duration)
             summary["client_processes"] = len(plan)
             summary["client_cpu_busy"] = run.cpu / duration if duration > 0 else 0.0
+            engine = engine_delta(counted, await engine_counters(session, args.base_url))
+            if engine is not None:
+                summary["engine"] = engine
             print_summary(summary)
             records.append({"label": label, **summary, "requests": [r.record() for r in run.results]})
     return records
@@ -670,12 +709,35 @@ def print_summary(s: dict) -> None:
                                ("Median TTFT (ms):", "median_ttft_ms"), ("Median TPOT (ms):", "median_tpot_ms"),
                                ("Median E2E (ms):", "median_e2e_latency_ms"), ("P99 E2E (ms):", "p99_e2e_latency_ms")):
                 _row(label, s[part][key])
+    if "engine" in s:
+        _print_engine(s["engine"], s.get("constrained", {}).get("completed", 0))
     print("=" * 50)
     if s.get("client_cpu_busy", 0.0) > CLIENT_BUSY_WARNING:
         print(f"warning: a client process was busy {s['client_cpu_busy']:.0%} of the run, so the client may be what "
               "limits these figures; raise --client-processes")
     for error in s["errors"]:
         print(f"error ({error['count']}x): {error['error']}")
+
+
+def _print_engine(engine: dict[str, float], constrained: int) -> None:
+    """The engine's own counts for the point (plait servers' /metrics): steps, how many were replayed
+    from CUDA graphs, and budget steering's searches (those of requests finished during the point)."""
+    print("{s:{c}^50}".format(s="Engine (server /metrics, this point)", c="-"))
+    steps = engine.get("engine_steps", 0.0)
+    _row("Engine steps:", int(steps))
+    if steps:
+        _row("Replayed from CUDA graphs (share):", engine.get("engine_graph_steps", 0.0) / steps)
+        _row("Overlapped (share):", engine.get("engine_overlapped_steps", 0.0) / steps)
+    searches = engine.get("budget_searches", 0.0)
+    if searches or engine.get("budget_endings_reused"):
+        _row("Budget searches:", int(searches))
+        _row("Budget searches without an ending:", int(engine.get("budget_searches_without_ending", 0.0)))
+        _row("Budget search time (s):", engine.get("budget_search_seconds", 0.0))
+        if constrained:
+            _row("Budget searches per constrained request:", searches / constrained)
+        if steps:
+            _row("Budget search ms per engine step:", 1e3 * engine.get("budget_search_seconds", 0.0) / steps)
+        _row("Budget endings reused:", int(engine.get("budget_endings_reused", 0.0)))
 
 
 def print_sweep_table(records: list[dict]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import socket
 import statistics
 import threading
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from tests.benchmark_scripts import load_benchmark
 from tests.server.server_helpers import free_port
@@ -43,9 +44,12 @@ class FakeServer:
         self.reset()
 
     def reset(self, tokens: int = 6, per_event: int = 1, delay: float = 0.003, fail_every: int = 0,
-              garble_every: int = 0) -> None:
+              garble_every: int = 0, metrics: bool = False) -> None:
         self.tokens, self.per_event, self.delay = tokens, per_event, delay
         self.fail_every, self.garble_every = fail_every, garble_every
+        # /metrics as plait serves it (None: 404): a step per event, 3 budget searches per constrained request
+        self.counters = {"engine_steps": 100.0, "engine_graph_steps": 40.0, "budget_searches": 7.0,
+                         "budget_search_seconds": 1.5} if metrics else None
         self.bodies: list[tuple[str, dict]] = []
         self.concurrency_at_arrival: list[int] = []
         self.in_flight = 0
@@ -77,6 +81,9 @@ class FakeServer:
                 if self.garble_every and index % self.garble_every == 0 and k > step:
                     yield "data: {not json\n\n"
                     return
+                if self.counters is not None:
+                    self.counters["engine_steps"] += 1
+                    self.counters["engine_graph_steps"] += 1
                 if protocol == "native":
                     yield _sse({"text": "tok " * k, "meta_info": {"prompt_tokens": prompt_tokens, "ttft": 0.001,
                                                                   "completion_tokens": k, "finish_reason": None}})
@@ -84,6 +91,9 @@ class FakeServer:
                     yield _sse({"choices": [{"index": 0, "text": "tok ", "finish_reason": None}]})
                 else:
                     yield _sse({"choices": [{"index": 0, "delta": {"content": "tok "}, "finish_reason": None}]})
+            if self.counters is not None and "json_schema" in body.get("sampling_params", {}):
+                self.counters["budget_searches"] += 3
+                self.counters["budget_search_seconds"] += 0.25
             if protocol == "native":  # the closing event repeats the text: no new token
                 yield _sse({"text": "tok " * n, "meta_info": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
                                                               "finish_reason": {"type": "length"}}})
@@ -99,6 +109,14 @@ class FakeServer:
 
 def _app(state: FakeServer) -> FastAPI:
     app = FastAPI()
+
+    @app.get("/metrics")
+    async def metrics():
+        if state.counters is None:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        lines = ["# HELP plait:engine_steps Engine steps.", "# TYPE plait:engine_steps gauge"]
+        lines += [f"plait:{name} {value:g}" for name, value in state.counters.items()]
+        return PlainTextResponse("\n".join(lines) + "\n")
 
     @app.get("/v1/models")
     async def models():
@@ -331,6 +349,22 @@ def test_structured_run_splits_constrained(fake, tmp_path):
     assert summary["constrained"]["total_output_tokens"] == 16 and summary["constrained"]["output_throughput"] > 0
     schemas = [b["sampling_params"] for _, b in fake.bodies if "json_schema" in b["sampling_params"]]
     assert len(schemas) == 4 and not any("ignore_eos" in s for s in schemas)
+
+
+def test_a_plait_servers_engine_counters_are_read_around_each_point(fake, tmp_path, capsys):
+    """Against plait (its /metrics has the engine's counters) each point gets what the engine counted
+    during it: steps, graph replays, budget steering's searches; a server without them gets none."""
+    fake.reset(tokens=4, metrics=True)
+    code, summary = _run(fake, tmp_path, "--dataset", "structured", "--num-prompts", "6",
+                         "--random-input-len", "8", "--random-output-len", "4")
+    assert code == 0 and summary["constrained"]["completed"] == 3
+    assert summary["engine"] == {"engine_steps": 24.0, "engine_graph_steps": 24.0, "budget_searches": 9.0,
+                                 "budget_search_seconds": 0.75}
+    out = capsys.readouterr().out
+    assert re.search(r"Budget searches per constrained request:\s+3\.00", out) and "Engine steps:" in out
+    fake.reset(tokens=4)  # no /metrics
+    code, summary = _run(fake, tmp_path, "--num-prompts", "2", "--random-output-len", "4")
+    assert code == 0 and "engine" not in summary
 
 
 def test_native_coalesced_events_count_itl_per_token(fake, tmp_path):
