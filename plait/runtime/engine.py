@@ -408,7 +408,9 @@ class Engine:
         return self._get_event(done)
 
     def stats(self) -> dict[str, Any]:
-        """Cache hit rate, running/waiting counts, KV slots in use and cumulative token counters."""
+        """Cache hit rate, running/waiting counts, KV slots in use, cumulative token and step counters, and
+        budget steering's totals over finished requests (``budget_*``: searches, those without an ending,
+        their seconds, endings reused)."""
         pool, c = self.runner.pool, dict(self._counters)
         return {
             "running": len(self.scheduler.running),
