@@ -37,6 +37,7 @@ _CLOSERS = frozenset(b"\"'}])>")
 _EMPTY_VALUES = (b'""', b"[]", b"{}", b"null", b"true", b"false", b"0")
 _SEPARATORS = frozenset(b",:; ")
 _FORCED_CACHE_SIZE = 4096
+_ALLOWED_CACHE_SIZE = 4096
 _GROUPS = 6  # rank groups of ClosingCandidates
 
 
@@ -73,6 +74,8 @@ class ClosingCandidates:
                                   if info.token_bytes[tid][:1] == b" " else -1 for tid in self.ids.tolist()],
                                  dtype=np.int64)
         self._spaced = np.flatnonzero(self.unspaced >= 0)
+        self._twins = self.unspaced[self._spaced]
+        self._allowed: dict[tuple[bytes, tuple[int, ...]], tuple[int, ...]] = {}  # ``allowed``'s answers
         # token id -> whether it is a candidate with a closing or separating character (`"`, `}`, `]`,
         # `:`, `,`, `""`, `[]`, ...: JSON's structure; not `null` or a letter)
         self.structural = np.zeros(info.vocab_size, dtype=bool)
@@ -104,14 +107,22 @@ class ClosingCandidates:
         ``per_group[g]`` of rank group ``g`` (one digit or letter stands for the others where any is allowed)."""
         words = row if isinstance(row, np.ndarray) else row.numpy()
         ok = (words[self.words] >> self.bits) & 1
-        twins = self.unspaced[self._spaced]
-        ok[self._spaced[ok[twins] == 1]] = 0
+        # the answer depends on these bits only, and a search meets few patterns of them (23 in the
+        # 1,500 calls of benchmarks/budget_search.py's pass): computed once per pattern
+        key = (ok.tobytes(), per_group)
+        cached = self._allowed.get(key)
+        if cached is not None:
+            return list(cached)
+        ok[self._spaced[ok[self._twins] == 1]] = 0
         positions = np.flatnonzero(ok)  # candidates are sorted by group: each group's are one slice
         cuts = np.searchsorted(positions, self.bounds).tolist()
         out: list[int] = []
         for group, count in enumerate(per_group):
             if count and group < len(cuts) - 1:
                 out.extend(self.ids[positions[cuts[group]:min(cuts[group + 1], cuts[group] + count)]].tolist())
+        if len(self._allowed) >= _ALLOWED_CACHE_SIZE:
+            self._allowed.clear()
+        self._allowed[key] = tuple(out)
         return out
 
 

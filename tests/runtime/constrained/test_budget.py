@@ -207,6 +207,16 @@ def test_allowed_candidates_are_the_first_of_each_group_in_rank_order(tokenizer_
                     taken[groups[i]] += 1
                     expected.append(token)
             assert cands.allowed(row, per_group) == expected, (density, per_group)
+            # again (its candidates' bits seen before: the answer kept), as numpy, and unharmed by a
+            # caller that changes the list it got
+            again = cands.allowed(row.numpy(), per_group)
+            assert again == expected
+            again.append(-1)
+            assert cands.allowed(row, per_group) == expected
+            # another mask with the same candidates' bits (a non-candidate token flipped): the same answer
+            other = bits.copy()
+            other[np.setdiff1d(np.arange(2, 50), cands.ids)[0]] ^= True
+            assert cands.allowed(np.packbits(other, bitorder="little").view(np.int32), per_group) == expected
 
 
 def test_json_endings_write_no_optional_whitespace(compilers, tokenizer_info):
