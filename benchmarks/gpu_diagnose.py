@@ -21,8 +21,11 @@ import json
 import os
 import statistics
 import tempfile
+import time
 
 import torch
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
 
 from plait.runtime.engine import Engine
 
@@ -49,9 +52,6 @@ def _kernel_table(prof, steps: int, top: int = 40) -> tuple[str, float]:
 
 
 def profile(model: str = "llama-3.1-8b") -> None:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     engine = Engine(model=model, load_format="dummy", device="cuda", max_total_tokens=16384,
                     max_running_requests=8, cuda_graph_max_bs=8)
     prompt = torch.randint(0, engine.model_config.vocab_size, (PROMPT_LEN,)).tolist()
@@ -62,9 +62,8 @@ def profile(model: str = "llama-3.1-8b") -> None:
     except ImportError:
         pass
     engine.generate(input_ids=prompt, sampling_params=_greedy(32))
-    # wall time per decode token, as bench row (a) measures it
-    import time
 
+    # wall time per decode token, as bench row (a) measures it
     def timed(n: int) -> float:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -140,15 +139,18 @@ def idle_gaps(trace_path: str, steps: int, top: int = 12) -> str:
     return "\n".join(lines)
 
 
+def trace_idle_gaps(prof, steps: int) -> str:
+    """``idle_gaps`` of a finished profiler run (its Chrome trace written to a scratch file)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        trace = os.path.join(scratch, "trace.json")
+        prof.export_chrome_trace(trace)
+        return idle_gaps(trace, steps)
+
+
 def decode_batched(model: str, batches: list[int], prompt_len: int = PROMPT_LEN, new_tokens: int = 128) -> None:
     """Where a batched decode step's time goes, for each batch size: the wall time a step (as bench row b
     measures it: (time(N) - time(1)) / (N - 1)), the replay of that batch's CUDA graph alone, its kernels,
     and the kernels and host ops of whole engine steps (GPU busy against wall shows the host's share)."""
-    import time
-
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     engine = Engine(model=model, load_format="dummy", device="cuda", max_running_requests=max(batches),
                     cuda_graph_max_bs=max(batches))
     runner = engine.runner.cuda_graphs
@@ -200,22 +202,14 @@ def decode_batched(model: str, batches: list[int], prompt_len: int = PROMPT_LEN,
             engine.generate(input_ids=prompts, sampling_params=_greedy(n))
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
-        with tempfile.TemporaryDirectory() as scratch:
-            trace = os.path.join(scratch, "trace.json")
-            prof.export_chrome_trace(trace)
-            print(f"-- where the device idles ({n}-token run, device activity only, wall {wall / n * 1e3:.3f} "
-                  f"ms a step)\n{idle_gaps(trace, n)}")
+        print(f"-- where the device idles ({n}-token run, device activity only, wall {wall / n * 1e3:.3f} "
+              f"ms a step)\n{trace_idle_gaps(prof, n)}")
     engine.shutdown()
 
 
 def batch_prefill(model: str, batch: int, prompt_len: int) -> None:
     """Wall time of ``batch`` prompts of ``prompt_len`` random tokens with one new token (the prefill of
     bench row b), three times; then the kernels and host ops of a fourth run by GPU and CPU time."""
-    import time
-
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     engine = Engine(model=model, load_format="dummy", device="cuda")
     prompts = torch.randint(0, engine.model_config.vocab_size, (batch, prompt_len)).tolist()
     for n in (257, 1):  # first what bench row a does (batch 1, 128-token prompt, 256 new tokens)
@@ -244,11 +238,6 @@ def ttft(model: str, prompt_lens: list[int], repeats: int = 12) -> None:
     time of ``generate(max_new_tokens=1)``, and inside it the model forward's host time (the call's return)
     against its device time (CUDA events), then where the device idles in one such request (a device
     trace: "host late" gaps are the host's launches) and the host ops by CPU time."""
-    import time
-
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     engine = Engine(model=model, load_format="dummy", device="cuda")
     runner = engine.runner
     calls: list[tuple[int, float, torch.cuda.Event, torch.cuda.Event]] = []
@@ -293,10 +282,7 @@ def ttft(model: str, prompt_lens: list[int], repeats: int = 12) -> None:
             torch.cuda.synchronize()
         table, total = _kernel_table(prof, 1, top=12)
         print(f"-- kernels of one request (GPU busy {total:.2f} ms)\n{table}")
-        with tempfile.TemporaryDirectory() as scratch:
-            trace = os.path.join(scratch, "trace.json")
-            prof.export_chrome_trace(trace)
-            print(f"-- where the device idles (one request)\n{idle_gaps(trace, 1)}")
+        print(f"-- where the device idles (one request)\n{trace_idle_gaps(prof, 1)}")
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             engine.generate(input_ids=fresh(n), sampling_params=_greedy(1))
             torch.cuda.synchronize()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from tests.benchmark_scripts import load_benchmark
 
@@ -43,3 +44,14 @@ def test_idle_gaps_tell_a_late_host_from_a_queued_wait(tmp_path):
     # the step before's d (host late, launched by the graph launch), counted once in two steps
     assert rows["host late", "b"] == (40.0, "cudaLaunchKernel") and rows["queued", "c"] == (30.0, "cuLaunchKernelEx")
     assert rows["host late", "a"] == (399.5, "cudaGraphLaunch") and ("queued", "d") not in rows
+    # a profiler run's own trace (written to a scratch file) gives the same report
+    exported = []
+
+    class FinishedRun:
+        def export_chrome_trace(self, path: str) -> None:
+            exported.append(path)
+            with open(path, "w") as out:
+                out.write(trace.read_text())
+
+    assert load_benchmark("gpu_diagnose").trace_idle_gaps(FinishedRun(), steps=2) == report
+    assert len(exported) == 1 and not Path(exported[0]).exists()  # the scratch file is gone
