@@ -233,12 +233,13 @@ def batch_prefill(model: str, batch: int, prompt_len: int) -> None:
     engine.shutdown()
 
 
-def ttft(model: str, prompt_lens: list[int], repeats: int = 12) -> None:
+def ttft(model: str, prompt_lens: list[int], repeats: int = 12, settings: dict | None = None) -> None:
     """The engine's own time to first token for fresh prompts (nothing cached), one at a time: the wall
     time of ``generate(max_new_tokens=1)``, and inside it the model forward's host time (the call's return)
     against its device time (CUDA events), then where the device idles in one such request (a device
-    trace: "host late" gaps are the host's launches) and the host ops by CPU time."""
-    engine = Engine(model=model, load_format="dummy", device="cuda")
+    trace: "host late" gaps are the host's launches) and the host ops by CPU time. ``settings``: more
+    ``Engine`` settings (``--set``)."""
+    engine = Engine(model=model, load_format="dummy", device="cuda", **(settings or {}))
     runner = engine.runner
     calls: list[tuple[int, float, torch.cuda.Event, torch.cuda.Event]] = []
     plain_forward = runner.forward
@@ -375,6 +376,17 @@ def drift(prompt_len: int, model_name: str = "llama-3.1-8b", device: str = "cuda
     engine.shutdown()
 
 
+def _setting(item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, the value as a Python literal, else the string)."""
+    import ast
+
+    key, _, value = item.partition("=")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["profile", "gemv", "drift", "batch-prefill", "decode-batched", "ttft"],
@@ -387,6 +399,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="drift: cuda or cpu")
     parser.add_argument("--init", default="engine", choices=["engine", "normal"],
                         help="drift: the engine's dummy weights, or transformers' normal(0, 0.02) init")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="ttft: an Engine setting (a Python literal value, else a string); repeatable")
     args = parser.parse_args()
     for what in args.what:
         print(f"\n######## {what}")
@@ -397,7 +411,7 @@ def main() -> None:
         elif what == "decode-batched":
             decode_batched(args.model, args.batches)
         elif what == "ttft":
-            ttft(args.model, args.prompt_lens)
+            ttft(args.model, args.prompt_lens, settings=dict(_setting(item) for item in args.set))
         elif what == "batch-prefill":
             batch_prefill(args.model, args.batch, args.prompt_len)
         else:

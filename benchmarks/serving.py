@@ -552,7 +552,8 @@ def _with(args: argparse.Namespace, **changes: object) -> argparse.Namespace:
 CLIENT_BUSY_WARNING = 0.8  # a client process busier than this share of the run may be what limits it
 
 # plait's engine counters (``/metrics``), read before and after each point: what the engine did for it
-ENGINE_COUNTERS = ("engine_steps", "engine_overlapped_steps", "engine_graph_steps", "budget_searches",
+ENGINE_COUNTERS = ("engine_steps", "engine_overlapped_steps", "engine_graph_steps", "engine_piecewise_graph_steps",
+                   "budget_searches",
                    "budget_searches_without_ending", "budget_search_seconds", "budget_endings_reused")
 
 
@@ -721,12 +722,13 @@ def print_summary(s: dict) -> None:
 
 def _print_engine(engine: dict[str, float], constrained: int) -> None:
     """The engine's own counts for the point (plait servers' /metrics): steps, how many were replayed
-    from CUDA graphs, and budget steering's searches (those of requests finished during the point)."""
+    from decode and from piecewise CUDA graphs, and budget steering's searches (those of requests finished during the point)."""
     print("{s:{c}^50}".format(s="Engine (server /metrics, this point)", c="-"))
     steps = engine.get("engine_steps", 0.0)
     _row("Engine steps:", int(steps))
     if steps:
-        _row("Replayed from CUDA graphs (share):", engine.get("engine_graph_steps", 0.0) / steps)
+        _row("Decode graphs replayed (share):", engine.get("engine_graph_steps", 0.0) / steps)
+        _row("Piecewise graphs replayed (share):", engine.get("engine_piecewise_graph_steps", 0.0) / steps)
         _row("Overlapped (share):", engine.get("engine_overlapped_steps", 0.0) / steps)
     searches = engine.get("budget_searches", 0.0)
     if searches or engine.get("budget_endings_reused"):

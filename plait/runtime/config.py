@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+# the default bound of piecewise CUDA graphs' token buckets: beyond it a step's device work hides its
+# launches (a 4,096-token Llama-3.1-8B step is about 100 ms on an H200) and the graphs' activations cost memory
+PIECEWISE_DEFAULT_MAX_TOKENS = 4096
 # kv_cache_dtype -> the torch dtype's name (None: the model's dtype)
 KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
@@ -51,6 +54,11 @@ class EngineConfig:
     disable_cuda_graph: bool = False
     enable_overlap: bool | None = None  # schedule step N+1 while the device runs step N; None: on for CUDA
     cuda_graph_max_bs: int | None = None
+    # prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs (everything but
+    # attention, captured per token bucket; executor/piecewise_graph.py); larger ones run eagerly.
+    # None: chunked_prefill_size, at most PIECEWISE_DEFAULT_MAX_TOKENS. Off with disable_cuda_graph too
+    disable_piecewise_cuda_graph: bool = False
+    piecewise_cuda_graph_max_tokens: int | None = None
     # constrained decoding: from how many decoding requests on jump-forward's forced tokens are computed one
     # a step inside the decode batch (which keeps the step on its CUDA graph) rather than in one extend
     # chunk (which makes the whole step a mixed, eager one); 0: always in one extend. None: 8 where decode
@@ -95,7 +103,7 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
         for name in ("max_running_requests", "chunked_prefill_size", "cuda_graph_max_bs", "max_samples_per_prompt",
-                     "prompt_logprob_chunk_size"):
+                     "prompt_logprob_chunk_size", "piecewise_cuda_graph_max_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.jump_forward_decode_min_batch is not None and self.jump_forward_decode_min_batch < 0:
@@ -126,6 +134,14 @@ class EngineConfig:
                      "grammar_max_depth", "grammar_max_rules"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def piecewise_max_tokens(self) -> int:
+        """The largest step replayed from piecewise CUDA graphs (0: none), where CUDA graphs are used."""
+        if self.disable_cuda_graph or self.disable_piecewise_cuda_graph:
+            return 0
+        if self.piecewise_cuda_graph_max_tokens is not None:
+            return self.piecewise_cuda_graph_max_tokens
+        return min(self.chunked_prefill_size, PIECEWISE_DEFAULT_MAX_TOKENS)
 
     def with_batch_limits(self, device_type: str, is_moe: bool, device_memory: int = 0) -> "EngineConfig":
         """This config with ``max_running_requests`` and ``cuda_graph_max_bs`` set where they are None

@@ -426,7 +426,9 @@ class Engine:
             "retractions": self.scheduler.num_retractions,
             "peak_running": self.scheduler.peak_running,
             "new_token_ratio": self.scheduler.new_token_ratio,
-            "graph_steps": self.runner.graph_steps,  # of "steps": replayed from CUDA graphs
+            "graph_steps": self.runner.graph_steps,  # of "steps": decode steps replayed from CUDA graphs
+            # of "steps": prefill and mixed steps replayed from piecewise CUDA graphs (attention eager)
+            "piecewise_graph_steps": self.runner.piecewise_graph_steps,
             **self.pins.stats(),
             **c,
         }

@@ -16,6 +16,7 @@ from plait.runtime.constrained.bitmask import apply_batch_bitmask
 from plait.runtime.executor.cuda_graph import CudaGraphRunner
 from plait.runtime.executor.forward_batch import ForwardBatch
 from plait.runtime.executor.loader import ModelLoadError, iter_safetensors_weights
+from plait.runtime.executor.piecewise_graph import PiecewiseCudaGraphRunner
 from plait.runtime.kvcache.pool import KVPool
 from plait.runtime.kvcache.table import ReqToSlotTable
 from plait.runtime.layers.attention import TorchAttentionBackend
@@ -71,10 +72,16 @@ class ModelRunner:
                                          full_to_sliding=self.pool.full_to_sliding)
         self.pad_row = self.slot_table.alloc()
         self.cuda_graphs: CudaGraphRunner | None = None
-        self.graph_steps = 0  # forwards replayed from a captured CUDA graph (the others ran eagerly)
+        self.piecewise_graphs: PiecewiseCudaGraphRunner | None = None
+        self.graph_steps = 0  # decode steps replayed from a captured CUDA graph
+        self.piecewise_graph_steps = 0  # prefill and mixed steps replayed piecewise (the others ran eagerly)
         if self.device.type == "cuda" and not config.disable_cuda_graph and self.backend_name == "triton":
             self.cuda_graphs = CudaGraphRunner(self, min(config.cuda_graph_max_bs, config.max_running_requests))
             self.cuda_graphs.capture()
+            max_tokens = config.piecewise_max_tokens()
+            if max_tokens:
+                self.piecewise_graphs = PiecewiseCudaGraphRunner(self, max_tokens, pool=self.cuda_graphs.mempool)
+                self.piecewise_graphs.capture()
         if self.device.type == "cuda":
             self.warm_up_steps()
 
@@ -252,6 +259,7 @@ class ModelRunner:
     def release(self) -> None:
         """Drop the weights, the KV cache and the CUDA graphs so their memory can be reused (after shutdown)."""
         self.cuda_graphs = None
+        self.piecewise_graphs = None
         self.model = None
         self.pool.k_buffers.clear()
         self.pool.v_buffers.clear()
@@ -270,7 +278,11 @@ class ModelRunner:
             # rows that sample nothing this step (forced tokens computed in the decode batch)
             return logits.index_select(0, batch.logits_indices)
         self.attn_backend.prepare(batch)
-        hidden = self.model(batch)
+        if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(batch):
+            self.piecewise_graph_steps += 1
+            hidden = self.piecewise_graphs.run(batch)
+        else:
+            hidden = self.model(batch)
         if batch.logits_indices.numel() == hidden.shape[0]:
             return self.model.compute_logits(hidden)
         return self.model.compute_logits(hidden[batch.logits_indices])

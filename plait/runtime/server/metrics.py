@@ -121,7 +121,10 @@ class ServerMetrics:
             "plait:engine_steps": ("Engine steps (forward passes) so far.", "steps"),
             "plait:engine_overlapped_steps": ("Steps launched before the previous step's tokens were read back.",
                                               "overlapped_steps"),
-            "plait:engine_graph_steps": ("Steps replayed from captured CUDA graphs.", "graph_steps"),
+            "plait:engine_graph_steps": ("Decode steps replayed from captured CUDA graphs.", "graph_steps"),
+            "plait:engine_piecewise_graph_steps": ("Prefill and mixed steps replayed from piecewise CUDA graphs "
+                                                   "(attention run eagerly between the pieces).",
+                                                   "piecewise_graph_steps"),
             "plait:budget_searches": ("Budget steering's searches for an ending that fits max_new_tokens "
                                       "(finished requests).", "budget_searches"),
             "plait:budget_searches_without_ending": ("Of them, searches that found no ending within their bounds.",
