@@ -64,6 +64,11 @@ class EngineConfig:
     # chunk (which makes the whole step a mixed, eager one); 0: always in one extend. None: 8 where decode
     # steps replay CUDA graphs, else 0 (an eager step loses nothing to an extend)
     jump_forward_decode_min_batch: int | None = None
+    # constrained requests end valid within max_new_tokens (docs/constrained.md, "Ending within the token
+    # budget"): near the budget's end a search finds a short ending and the engine appends it. True turns
+    # this off: such requests are cut at max_new_tokens, as SGLang and vLLM cut them (finish "length",
+    # meta_info incomplete), and their last tokens cost the engine thread no searches
+    disable_budget_steering: bool = False
     random_seed: int = 0
     tune_gemv: bool = True  # CUDA bf16/fp16: at load, time a Triton GEMV against cuBLAS per linear shape for batch 1
     cpu_prepack: bool = True  # CPU float32: keep MKL-prepacked weights for small-batch decode (2x the weight memory)

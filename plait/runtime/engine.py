@@ -146,6 +146,8 @@ class Engine:
             max_queued=cfg.grammar_compile_max_queued, cache_bytes=cfg.grammar_cache_bytes,
             limits=GrammarLimits(cfg.grammar_max_bytes, cfg.grammar_max_depth, cfg.grammar_max_rules),
         )
+        if cfg.disable_budget_steering:
+            self.constrained.budget_margin = None
         self.token_healing = TokenHealer(self.constrained)  # `.enabled = False` turns token healing off
         # requests under a relaxed JSON schema: validated (and resampled) off the engine thread when they finish
         self.relaxed = RelaxedValidation(self, cfg.grammar_relaxed_max_attempts)

@@ -328,6 +328,26 @@ def test_tight_budgets_end_valid_with_honest_finish_reasons(engine):
     assert sum(out["meta_info"]["budget_closed"] for out in on) >= len(on) // 2
 
 
+def test_disable_budget_steering_cuts_outputs_at_the_budget_without_searching(bundled_model_dir):
+    """``EngineConfig.disable_budget_steering``: constrained requests are cut at ``max_new_tokens`` as
+    SGLang and vLLM cut them (flagged incomplete where the value is unfinished), with no search."""
+    engine = Engine(model=str(bundled_model_dir), max_total_tokens=2048, dtype="float32", disable_budget_steering=True)
+    try:
+        assert engine.constrained.budget_margin is None
+        prompt = _chat(engine, "Write a long and detailed answer in the requested format.")
+        params = [{**spec, "max_new_tokens": budget, "temperature": 0.7, "seed": 1} for spec, budget in TIGHT]
+        outs = engine.generate([prompt] * len(params), params)
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    assert stats["budget_searches"] == 0 and stats["budget_endings_reused"] == 0
+    for (spec, budget), out in zip(TIGHT, outs):
+        meta = out["meta_info"]
+        assert meta["budget_closed"] is False and len(out["output_ids"]) <= budget
+        assert meta["incomplete"] is not _valid(spec, out["text"])
+    assert any(out["meta_info"]["incomplete"] for out in outs)  # the model alone runs out mid-value
+
+
 def test_a_budget_tight_from_the_first_token_follows_the_start_ending_planned_at_admission(engine):
     # per-step searches that visit one matcher state find nothing: only the start state's ending, planned
     # when the request is admitted (once per grammar, START_LIMITS), can end these outputs valid
