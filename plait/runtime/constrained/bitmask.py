@@ -41,9 +41,10 @@ def build_batch_bitmask(grammars: Sequence[Any | None], words: int, pin: bool = 
         if len(matchers) < PARALLEL_MIN_ROWS:
             alone.extend(i for _, i in matchers)
             continue
-        kind.fill_many(matchers, bitmask.data_ptr(), words * 4, len(grammars))
-        for _, i in matchers:
-            grammars[i].edit_bitmask(bitmask[i])
+        address = bitmask.data_ptr()
+        kind.fill_many(matchers, address, words * 4, len(grammars))
+        for _, i in matchers:  # by address: a tensor view per row cost more than most edits
+            grammars[i].edit_bitmask_at(address + i * words * 4)
     for i in alone:
         grammars[i].fill_bitmask(bitmask[i])
     return bitmask, rows

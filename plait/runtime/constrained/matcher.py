@@ -120,11 +120,15 @@ class GrammarState:
     def edit_bitmask(self, row: torch.Tensor) -> None:
         """On top of the backend's mask in ``row``: this request's stop tokens where the grammar may end,
         and never the other end-of-sequence and special tokens."""
+        self.edit_bitmask_at(row.data_ptr())
+
+    def edit_bitmask_at(self, address: int) -> None:
+        """``edit_bitmask`` on the row at ``address`` (a batch bitmask's row: no tensor view per row)."""
         if self._exact and not self._has_error():
             return
         if self._words_type is None:
             return
-        words = self._words_type.from_address(row.data_ptr())
+        words = self._words_type.from_address(address)
         if self.matcher.can_terminate():
             for w, keep, add in self._when_accepting:
                 words[w] = (words[w] & keep) | add
