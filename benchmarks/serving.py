@@ -578,6 +578,23 @@ async def engine_counters(session: aiohttp.ClientSession, base_url: str) -> dict
     return values if "engine_steps" in values else None
 
 
+async def flush_cache(session: aiohttp.ClientSession, base_url: str, attempts: int = 20) -> None:
+    """Empty the server's prefix cache (``POST /flush_cache``, SGLang's and plait's endpoint). A server
+    still finishing the last point's requests answers 400: asked again for up to ``attempts`` half-seconds.
+    Raises RuntimeError when it never flushes (or has no such endpoint)."""
+    url = base_url.rstrip("/") + "/flush_cache"
+    status, text = 0, ""
+    for _ in range(attempts):
+        async with session.post(url) as response:
+            status, text = response.status, (await response.text()).strip()
+        if status == 200:
+            return
+        if status != 400:
+            break
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"--flush-cache: {url} answered {status} {text!r}")
+
+
 def engine_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
     """What the engine counted between two reads (None unless both have the counters)."""
     if before is None or after is None:
@@ -601,6 +618,8 @@ async def run_points(args: argparse.Namespace, dataset: list[Conversation]) -> l
             with tqdm(total=total, desc=f"point {index}/{len(points)} ({label})", unit="req",
                       disable=True if args.no_progress else None) as progress:
                 plan = shard_plan(point_args, len(dataset))
+                if args.flush_cache:
+                    await flush_cache(session, args.base_url)
                 counted = await engine_counters(session, args.base_url)
                 if len(plan) > 1:
                     run = await _run_shards(point_args, plan, model, dataset, progress)
@@ -889,6 +908,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot-from", default=None, metavar="SWEEP_JSON",
                    help="only re-draw the charts of a sweep.json (into --output-dir, else beside it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--flush-cache", action="store_true",
+                   help="empty the server's prefix cache before each point (POST /flush_cache, as SGLang's\n"
+                        "bench_serving does): a sweep re-sends the same prompts, which later points would\n"
+                        "otherwise find cached")
     p.add_argument("--client-processes", type=int, default=None,
                    help="client processes a point is spread over (each with its own event loop; at most the\n"
                         "concurrency cap); default: half the CPUs, at most 8. One Python process parses\n"

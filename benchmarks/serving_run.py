@@ -37,7 +37,8 @@ is the engine's ``tokenizer_path`` on both sides (config-only presets such as ``
 tokenizer of their own) unless an engine setting names another.
 
 Every option this script does not define is a workload option of ``benchmarks/serving.py`` (``--dataset``,
-``--num-prompts``, ``--random-input-len``, ``--concurrency-sweep``, ``--rate-sweep``, ``--seed``, ...).
+``--num-prompts``, ``--random-input-len``, ``--concurrency-sweep``, ``--rate-sweep``, ``--seed``, ...);
+with ``--flush-cache`` the server's and the in-process engine's prefix caches are emptied before each point.
 
 What the in-process run mirrors and what it cannot:
 
@@ -418,6 +419,8 @@ def run_in_process(model: str, settings: dict[str, Any], client_args: argparse.N
         device = device_name(engine)
         for label, point_args in serving.sweep_points(client_args):
             print(f"in-process: {label} ...", flush=True)
+            if client_args.flush_cache and not engine.flush_cache():
+                raise RuntimeError("--flush-cache: the in-process engine did not flush (requests in flight)")
             results, duration = run_engine_point(engine, point_args, dataset)
             summary = {**serving.summarize(point_args, results, duration), "backend": "in-process"}
             serving.print_summary(summary)

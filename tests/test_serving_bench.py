@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
@@ -51,6 +52,8 @@ class FakeServer:
         self.counters = {"engine_steps": 100.0, "engine_graph_steps": 40.0, "budget_searches": 7.0,
                          "budget_search_seconds": 1.5} if metrics else None
         self.bodies: list[tuple[str, dict]] = []
+        self.flushes: list[int] = []  # requests served when each /flush_cache came
+        self.refuse_flushes = 0  # the next /flush_cache calls answered 400 (requests in flight)
         self.concurrency_at_arrival: list[int] = []
         self.in_flight = 0
 
@@ -117,6 +120,14 @@ def _app(state: FakeServer) -> FastAPI:
         lines = ["# HELP plait:engine_steps Engine steps.", "# TYPE plait:engine_steps gauge"]
         lines += [f"plait:{name} {value:g}" for name, value in state.counters.items()]
         return PlainTextResponse("\n".join(lines) + "\n")
+
+    @app.post("/flush_cache")
+    async def flush_cache():
+        if state.refuse_flushes:
+            state.refuse_flushes -= 1
+            return PlainTextResponse("Cache not flushed: requests are in flight; retry when idle.\n", status_code=400)
+        state.flushes.append(len(state.bodies))
+        return PlainTextResponse("Cache flushed.\n")
 
     @app.get("/v1/models")
     async def models():
@@ -411,3 +422,28 @@ def test_unreachable_server_fails_every_request(tmp_path):
     summary = json.loads(out.read_text())
     assert code == 1 and summary["completed"] == 0 and summary["failed"] == 2
     assert summary["errors"][0]["count"] == 2 and summary["errors"][0]["error"].startswith("ClientConnectorError")
+
+
+def test_flush_cache_empties_the_servers_cache_before_each_point(fake, tmp_path):
+    """``--flush-cache`` (SGLang's bench_serving option): a sweep re-sends its prompts, so each point
+    starts with the server's prefix cache emptied; a server still busy (400) is asked again."""
+    fake.reset(tokens=2)
+    fake.refuse_flushes = 1
+    code, summary = _run(fake, tmp_path, "--num-prompts", "4", "--random-input-len", "8", "--random-output-len", "2",
+                         "--concurrency-sweep", "1,2", "--flush-cache")
+    assert code == 0 and fake.flushes == [0, 4]  # before each point's requests
+    fake.reset(tokens=2)
+    code, _ = _run(fake, tmp_path, "--num-prompts", "2", "--random-input-len", "8", "--random-output-len", "2")
+    assert code == 0 and fake.flushes == []
+
+
+def test_flush_cache_against_a_server_without_it_is_an_error(fake, tmp_path):
+    fake.reset(tokens=2)
+    fake.refuse_flushes = 10**6
+
+    async def flush() -> None:
+        async with aiohttp.ClientSession() as session:
+            await serving.flush_cache(session, fake.url, attempts=2)
+
+    with pytest.raises(RuntimeError, match="flush_cache"):
+        asyncio.run(flush())

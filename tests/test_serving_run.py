@@ -176,7 +176,7 @@ def test_end_to_end_on_the_bundled_model(tmp_path, capsys):
     status = serving_run.main([
         "--model", MODEL, "--out", str(out), "--engine-arg", "max_total_tokens=10240", "--no-progress",
         "--dataset", "random", "--num-prompts", "4", "--random-input-len", "32", "--random-output-len", "8",
-        "--concurrency-sweep", "1,2", "--startup-timeout", "120"])
+        "--concurrency-sweep", "1,2", "--startup-timeout", "120", "--flush-cache"])
     printed = capsys.readouterr().out
     assert status == 0
     log = (out / "server.log").read_text()
