@@ -111,10 +111,13 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(0)
 
 
-def _worker_main(conn: Connection, info_bytes: bytes, hook: Callable[[ConstraintSpec], None] | None) -> None:
-    """A worker: unpickle the tokenizer view, say ``ready``, then answer ``(job_id, spec, names)``
-    messages with ``(job_id, True, backend name, payload, relaxed)`` (``relaxed``: see ``prepare_relaxing``)
-    or ``(job_id, False, message)``."""
+def _worker_main(conn: Connection, info_bytes: bytes, hook: Callable[[ConstraintSpec], None] | None,
+                 warm: tuple[str, ...] = ()) -> None:
+    """A worker: unpickle the tokenizer view, build the per-tokenizer state of the backends ``warm``
+    names (``GrammarBackend.warm_up``: llguidance's tokenizer takes a second or more, which the first
+    compile on a fresh worker would otherwise spend inside its timeout), say ``("ready", the backends
+    warmed)``, then answer ``(job_id, spec, names)`` messages with ``(job_id, True, backend name,
+    payload, relaxed)`` (``relaxed``: see ``prepare_relaxing``) or ``(job_id, False, message)``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine decides when workers end
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
@@ -131,8 +134,15 @@ def _worker_main(conn: Connection, info_bytes: bytes, hook: Callable[[Constraint
             backends[name] = load_backend(name)
         return backends[name]
 
+    warmed = []
+    for name in warm:
+        try:
+            backend_named(name).warm_up(info)
+        except Exception:  # noqa: BLE001 -- not installed or failing: the jobs that need it say so
+            continue
+        warmed.append(name)
     threading.stack_size(WORKER_STACK_BYTES)
-    conn.send(("ready",))
+    conn.send(("ready", tuple(warmed)))
     while True:
         try:
             job_id, spec, names = conn.recv()
@@ -171,6 +181,7 @@ class _Worker:
     process: Any
     conn: Connection
     ready: bool = False
+    warmed: tuple[str, ...] = ()  # the backends it built before saying ready
     job: _Job | None = None
     started_at: float = field(default_factory=time.monotonic)
 
@@ -186,16 +197,17 @@ class CompileWorkerPool:
         timeout_s: per job: most seconds waiting for a worker, and most seconds compiling.
         max_queued: jobs waiting for a worker beyond this are refused.
         hook: called in the worker before each compile (tests use it to simulate a crash or a hang).
+        warm: backends each worker builds for the tokenizer before it takes jobs (``GrammarBackend.warm_up``).
     """
 
     def __init__(self, info: Any, load: Callable[[ConstraintSpec, str, Any, Any], Any], workers: int = 2,
                  timeout_s: float = 30.0, max_queued: int = 64,
-                 hook: Callable[[ConstraintSpec], None] | None = None) -> None:
+                 hook: Callable[[ConstraintSpec], None] | None = None, warm: tuple[str, ...] = ()) -> None:
         if workers < 1:
             raise ValueError(f"grammar compile workers must be >= 1, got {workers}")
         self._info_bytes = pickle.dumps(info)
         self._load, self.timeout_s, self.max_queued = load, timeout_s, max_queued
-        self._hook = hook
+        self._hook, self._warm = hook, warm
         self._ctx = multiprocessing.get_context("spawn")  # never fork the engine (threads, CUDA)
         self._lock = threading.Lock()
         self._queue: deque[_Job] = deque()
@@ -228,6 +240,12 @@ class CompileWorkerPool:
         return future
 
     @property
+    def warmed(self) -> list[tuple[str, ...]]:
+        """The backends each current worker built before it said ready (empty while it starts)."""
+        with self._lock:
+            return [w.warmed for w in self._workers]
+
+    @property
     def pids(self) -> list[int]:
         """Process ids of the current workers."""
         with self._lock:
@@ -243,7 +261,7 @@ class CompileWorkerPool:
     # ------------------------------------------------------------------ dispatcher thread
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=_worker_main, args=(child, self._info_bytes, self._hook),
+        process = self._ctx.Process(target=_worker_main, args=(child, self._info_bytes, self._hook, self._warm),
                                     name="plait-grammar-compile", daemon=True)
         # The server's engine process is itself a daemonic multiprocessing child, and multiprocessing
         # refuses children of daemons (it cannot promise to clean them up). Workers clean up after
@@ -343,7 +361,7 @@ class CompileWorkerPool:
             self._on_death(worker)
             return
         if message[0] == "ready":
-            worker.ready = True
+            worker.ready, worker.warmed = True, message[1]
             self._start_failures = 0
             return
         job, worker.job = worker.job, None

@@ -122,7 +122,8 @@ class GrammarCompiler:
         self.workers: CompileWorkerPool | None = None
         self._pool: ThreadPoolExecutor | None = None
         if isolate:
-            self.workers = CompileWorkerPool(info, self._load, max_workers, timeout_s, max_queued, worker_hook)
+            self.workers = CompileWorkerPool(info, self._load, max_workers, timeout_s, max_queued, worker_hook,
+                                             warm=self._order(ConstraintKind.JSON_SCHEMA))
         else:
             self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="plait-grammar")
 

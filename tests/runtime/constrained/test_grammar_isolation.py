@@ -63,6 +63,14 @@ def test_a_crashing_compile_fails_that_request_only_and_the_worker_is_replaced(i
     assert isolated.compile(regex("after-crash")).new_matcher() is not None
 
 
+def test_workers_build_the_tokenizer_before_taking_jobs(isolated):
+    """Every worker, the one replaced after the crash above too, builds llguidance's tokenizer before it
+    says ready: a fresh worker's first compile is not charged a second or more of it inside its timeout
+    (on a slow machine that once timed a 3 s compile out)."""
+    assert isolated.workers.wait_ready(120)
+    assert all("llguidance" in warmed for warmed in isolated.workers.warmed), isolated.workers.warmed
+
+
 def test_a_hanging_compile_is_killed_at_the_timeout(isolated):
     assert isolated.workers.wait_ready(120)  # the worker replaced above has started
     start = time.perf_counter()
