@@ -11,6 +11,8 @@ bounds (``SearchLimits()``); the whole set is timed ``--repeats`` times (after o
 the fastest and the median pass, the median and largest search, how many found no ending, and a
 fingerprint of the endings found (equal fingerprints: the same endings, for checking that a change to
 the search changed only its speed). ``--profile`` adds cProfile's top functions of one pass.
+``--batch-bitmask`` also times the step's mask (``build_batch_bitmask``) for a batch of up to 64 rows,
+every other one constrained by one of these states (the structured mix's half), 200 calls a repeat.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 from plait.runtime.constrained import ConstraintKind, ConstraintSpec, GrammarCompiler, GrammarState, TokenizerInfo
+from plait.runtime.constrained.bitmask import build_batch_bitmask
 from plait.runtime.constrained.budget import SearchLimits, shortest_completion
 from plait.runtime.models.registry import ensure_preset_dir
 from plait.runtime.tokenizer import Tokenizer
@@ -78,6 +81,23 @@ def search_all(states: list[GrammarState], info: TokenizerInfo) -> tuple[list[fl
     return seconds, endings
 
 
+def time_batch_bitmask(states: list[GrammarState], info: TokenizerInfo, repeats: int, rows: int = 64,
+                       calls: int = 200) -> tuple[int, float, float]:
+    """(rows, median seconds, fastest seconds) of one ``build_batch_bitmask`` over at most ``rows`` rows,
+    every other one constrained by the next of ``states`` (each state once: a row has its own matcher),
+    the others unconstrained."""
+    constrained = states[: rows // 2]
+    batch = [row for state in constrained for row in (state, None)]
+    build_batch_bitmask(batch, info.bitmask_words)  # warm
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            build_batch_bitmask(batch, info.bitmask_words)
+        times.append((time.perf_counter() - start) / calls)
+    return len(batch), statistics.median(times), min(times)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a preset with a tokenizer, or a directory")
@@ -85,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--batch-bitmask", action="store_true", help="also time build_batch_bitmask (64 rows)")
     args = parser.parse_args(argv)
     model_dir = args.model if Path(args.model).is_dir() else str(ensure_preset_dir(args.model))
     info = TokenizerInfo.from_tokenizer(Tokenizer.from_dir(model_dir))
@@ -104,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
               f"median pass {statistics.median(passes) * 1e3:.1f} ms; a search: median {statistics.median(per_search) * 1e3:.2f} "
               f"ms, largest {max(per_search) * 1e3:.2f} ms; without an ending {len(endings) - len(found)}; mean ending "
               f"{statistics.mean(len(e) for e in found) if found else 0:.1f} tokens; endings fingerprint {fingerprint}")
+        if args.batch_bitmask:
+            rows, median, fastest = time_batch_bitmask(states, info, args.repeats)
+            print(f"batch bitmask, {rows} rows ({rows // 2} constrained): median {median * 1e6:.0f} us, "
+                  f"fastest {fastest * 1e6:.0f} us")
         if args.profile:
             profiler = cProfile.Profile()
             profiler.enable()
