@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--batch-bitmask", action="store_true", help="also time build_batch_bitmask (64 rows)")
+    parser.add_argument("--batch-bitmask", action="store_true", help="also time build_batch_bitmask (up to 64 rows)")
     args = parser.parse_args(argv)
     model_dir = args.model if Path(args.model).is_dir() else str(ensure_preset_dir(args.model))
     info = TokenizerInfo.from_tokenizer(Tokenizer.from_dir(model_dir))

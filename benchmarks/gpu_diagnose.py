@@ -27,6 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 
+from plait.bench import parse_engine_arg
 from plait.runtime.engine import Engine
 
 PROMPT_LEN = 128
@@ -238,7 +239,7 @@ def ttft(model: str, prompt_lens: list[int], repeats: int = 12, settings: dict |
     time of ``generate(max_new_tokens=1)``, and inside it the model forward's host time (the call's return)
     against its device time (CUDA events), then where the device idles in one such request (a device
     trace: "host late" gaps are the host's launches) and the host ops by CPU time. ``settings``: more
-    ``Engine`` settings (``--set``)."""
+    ``Engine`` settings (``--engine-arg``)."""
     engine = Engine(model=model, load_format="dummy", device="cuda", **(settings or {}))
     runner = engine.runner
     calls: list[tuple[int, float, torch.cuda.Event, torch.cuda.Event]] = []
@@ -376,17 +377,6 @@ def drift(prompt_len: int, model_name: str = "llama-3.1-8b", device: str = "cuda
     engine.shutdown()
 
 
-def _setting(item: str) -> tuple[str, object]:
-    """``KEY=VALUE`` -> (key, the value as a Python literal, else the string)."""
-    import ast
-
-    key, _, value = item.partition("=")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["profile", "gemv", "drift", "batch-prefill", "decode-batched", "ttft"],
@@ -399,8 +389,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="drift: cuda or cpu")
     parser.add_argument("--init", default="engine", choices=["engine", "normal"],
                         help="drift: the engine's dummy weights, or transformers' normal(0, 0.02) init")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="ttft: an Engine setting (a Python literal value, else a string); repeatable")
+    parser.add_argument("--engine-arg", dest="engine_args", type=parse_engine_arg, action="append", default=[],
+                        metavar="KEY=VALUE", help="ttft: an Engine setting (as plait bench takes it); repeatable")
     args = parser.parse_args()
     for what in args.what:
         print(f"\n######## {what}")
@@ -411,7 +401,7 @@ def main() -> None:
         elif what == "decode-batched":
             decode_batched(args.model, args.batches)
         elif what == "ttft":
-            ttft(args.model, args.prompt_lens, settings=dict(_setting(item) for item in args.set))
+            ttft(args.model, args.prompt_lens, settings=dict(args.engine_args))
         elif what == "batch-prefill":
             batch_prefill(args.model, args.batch, args.prompt_len)
         else:

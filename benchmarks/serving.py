@@ -741,7 +741,8 @@ def print_summary(s: dict) -> None:
 
 def _print_engine(engine: dict[str, float], constrained: int) -> None:
     """The engine's own counts for the point (plait servers' /metrics): steps, how many were replayed
-    from decode and from piecewise CUDA graphs, and budget steering's searches (those of requests finished during the point)."""
+    from decode and from piecewise CUDA graphs, and budget steering's searches (those of requests
+    finished during the point)."""
     print("{s:{c}^50}".format(s="Engine (server /metrics, this point)", c="-"))
     steps = engine.get("engine_steps", 0.0)
     _row("Engine steps:", int(steps))

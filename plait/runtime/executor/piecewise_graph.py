@@ -116,7 +116,7 @@ class PiecewiseCudaGraphRunner:
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.calls: dict[int, list[_AttentionCall]] = {}
         self.mempool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        self._capturing: tuple[list, list, torch.cuda.Stream] | None = None
+        self._capturing: tuple[list[torch.cuda.CUDAGraph], list[_AttentionCall]] | None = None  # (graphs, calls)
 
     def can_run(self, batch: ForwardBatch) -> bool:
         return 0 < batch.num_tokens <= self.max_tokens
@@ -162,7 +162,7 @@ class PiecewiseCudaGraphRunner:
                 module.backend = split
             try:
                 with torch.cuda.stream(stream):
-                    self._capturing = (graphs, calls, stream)
+                    self._capturing = (graphs, calls)
                     self._begin_piece()
                     hidden = model(batch)
                     self.hidden[:n].copy_(hidden)
@@ -178,8 +178,9 @@ class PiecewiseCudaGraphRunner:
                     time.perf_counter() - start)
 
     def _begin_piece(self) -> None:
+        """Open the next piece's graph (on the current stream: the capture's) in the shared pool."""
         assert self._capturing is not None
-        graphs, _, stream = self._capturing
+        graphs, _ = self._capturing
         graph = torch.cuda.CUDAGraph()
         graph.capture_begin(pool=self.mempool)
         graphs.append(graph)
@@ -188,7 +189,7 @@ class PiecewiseCudaGraphRunner:
         """At a layer's attention during capture: park q (k, v) in the static buffers, close this piece,
         open the next, and return the static attention output that the next piece reads."""
         assert self._capturing is not None, "the split point is only installed while capturing"
-        graphs, calls, _ = self._capturing
+        graphs, calls = self._capturing
         n = q.shape[0]
         self.q[:n].copy_(q)
         if not call.kv_stored:
