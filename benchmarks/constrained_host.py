@@ -101,8 +101,10 @@ def timed(targets: list[tuple[object, str, str]]) -> Iterator[tuple[defaultdict,
 
 def run(args: argparse.Namespace) -> dict:
     """Run the batch once to warm up (grammars compiled), then once timed; returns the figures."""
-    model_dir = args.model if Path(args.model).is_dir() else str(ensure_preset_dir(args.model))
-    engine = Engine(model=model_dir, load_format="dummy", tokenizer_path=model_dir, enable_overlap=True,
+    # a directory, or a preset: its files (the bundled model's), or with --tokenizer its name (dummy weights)
+    model_dir = args.model if Path(args.model).is_dir() or args.tokenizer else str(ensure_preset_dir(args.model))
+    tokenizer_dir = args.tokenizer or model_dir
+    engine = Engine(model=model_dir, load_format="dummy", tokenizer_path=tokenizer_dir, enable_overlap=True,
                     max_total_tokens=max(16384, 2 * args.requests * (args.output + 256)))  # all admitted at once
     try:
         schemas = list(_schemas().values())
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 p["ignore_eos"] = True
             params.append(p)
-        prompts = _prompts(args, model_dir)
+        prompts = _prompts(args, tokenizer_dir)
         engine.generate(prompts[: min(8, len(prompts))], params[: min(8, len(params))])
         runner = engine.runner
         targets = _CLASS_PARTS + [
@@ -131,10 +133,27 @@ def run(args: argparse.Namespace) -> dict:
             outputs = engine.generate(prompts, params)
             wall = time.perf_counter() - start
         steps = engine.stats()["steps"] - steps_before
+        if args.dump:
+            dump(args.dump, engine, prompts, params, outputs)
         return {"steps": steps, "wall_s": wall, "tokens": sum(len(o["output_ids"]) for o in outputs),
                 "seconds": dict(seconds), "calls": dict(calls)}
     finally:
         engine.shutdown()
+
+
+def dump(path: str, engine: Engine, prompts: list[str], params: list[dict], outputs: list[dict]) -> None:
+    """Write the constrained requests of the timed run as JSON (``benchmarks/budget_search.py --replay``
+    replays their tokens through the grammar and budget steering on another machine): the model's
+    vocabulary size, the stop tokens, and per request its schema, budget, prompt and output tokens; with the engine's budget steering counters."""
+    requests = [{"json_schema": p["json_schema"], "max_new_tokens": p["max_new_tokens"],
+                 "prompt_ids": engine.tokenizer.encode(prompt), "output_ids": out["output_ids"],
+                 "finish_reason": out["meta_info"]["finish_reason"]}
+                for prompt, p, out in zip(prompts, params, outputs) if "json_schema" in p]
+    stats = engine.stats()
+    Path(path).write_text(json.dumps({
+        "vocab_size": engine.model_config.vocab_size, "stop_ids": sorted(engine.tokenizer.eos_token_ids),
+        "budget": {key: value for key, value in stats.items() if key.startswith("budget_")},
+        "requests": requests}))
 
 
 def print_table(args: argparse.Namespace, result: dict) -> None:
@@ -150,6 +169,7 @@ def print_table(args: argparse.Namespace, result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a preset with a tokenizer, or a directory with a config and a tokenizer")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the model's)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--ratio", type=float, default=0.5, help="share of requests constrained by a JSON schema")
     parser.add_argument("--output", type=int, default=128, help="max_new_tokens")
@@ -157,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=0,
                         help="prompts of this many tokens of random text, as benchmarks/serving.py's (0: short, alike)")
     parser.add_argument("--seed", type=int, default=0, help="the random prompts' seed")
+    parser.add_argument("--dump", default=None, metavar="FILE",
+                        help="write the constrained requests' outputs as JSON (budget_search.py --replay reads them)")
     args = parser.parse_args(argv)
     print_table(args, run(args))
     return 0

@@ -554,7 +554,8 @@ CLIENT_BUSY_WARNING = 0.8  # a client process busier than this share of the run 
 # plait's engine counters (``/metrics``), read before and after each point: what the engine did for it
 ENGINE_COUNTERS = ("engine_steps", "engine_overlapped_steps", "engine_graph_steps", "engine_piecewise_graph_steps",
                    "budget_searches",
-                   "budget_searches_without_ending", "budget_search_seconds", "budget_endings_reused")
+                   "budget_searches_without_ending", "budget_search_seconds", "budget_endings_reused",
+                   "budget_endings_learned")
 
 
 async def engine_counters(session: aiohttp.ClientSession, base_url: str) -> dict[str, float] | None:
@@ -760,6 +761,7 @@ def _print_engine(engine: dict[str, float], constrained: int) -> None:
         if steps:
             _row("Budget search ms per engine step:", 1e3 * engine.get("budget_search_seconds", 0.0) / steps)
         _row("Budget endings reused:", int(engine.get("budget_endings_reused", 0.0)))
+        _row("Of them learned from earlier searches:", int(engine.get("budget_endings_learned", 0.0)))
 
 
 def print_sweep_table(records: list[dict]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from plait.runtime.constrained.matcher import GrammarState
@@ -10,16 +12,23 @@ from tests.benchmark_scripts import load_benchmark
 pytestmark = pytest.mark.model
 
 
-def test_a_small_structured_mix_prints_every_part_and_leaves_nothing_patched(capsys):
+def test_a_small_structured_mix_prints_every_part_and_leaves_nothing_patched(capsys, tmp_path):
+    """Also ``--dump``: the constrained requests' outputs, which ``budget_search.py --replay`` takes through
+    the grammar and budget steering again as the engine did (the same tokens come out)."""
     bench = load_benchmark("constrained_host")
     accept = GrammarState.accept_token
-    assert bench.main(["--requests", "4", "--output", "12"]) == 0
+    dump = tmp_path / "outputs.json"
+    assert bench.main(["--requests", "4", "--output", "20", "--dump", str(dump)]) == 0
     out = capsys.readouterr().out
-    assert "4 requests, 50% constrained, 12 tokens" in out
+    assert "4 requests, 50% constrained, 20 tokens" in out
     for part in ("settle a step", "settle before the sampling launch", "grammar: accept a token", "masks", "schedule",
                  "forward"):
         assert f"| {part}" in out, part
     assert GrammarState.accept_token is accept  # the timing wrappers are gone
+    assert load_benchmark("budget_search").main(["--replay", str(dump), "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"replayed 2 constrained requests \(\d+ tokens\).* searches [\d.]+ a request", out), out
+    assert "outputs other than recorded 0" in out
 
 
 def test_random_prompts_are_the_serving_benchmarks_and_differ(bundled_model_dir):

@@ -290,8 +290,8 @@ def test_concurrency_sweep_writes_points_and_respects_cap(fake, tmp_path):
     # the points ran one after the other: the first 8 arrivals are the cap-1 point, the next 8 the cap-4 one
     assert _max_per_point(fake.concurrency_at_arrival, 8) == [1, 4]
     assert all(p == "chat" and b["model"] == "fake-model" and b["ignore_eos"] for p, b in fake.bodies)
-    points = sweep["points"]
-    assert points[1]["request_throughput"] > 1.5 * points[0]["request_throughput"]
+    # (no throughput ratio between the points: on a loaded 2-core machine a timed ratio fails at random;
+    # the concurrency at arrival above is what shows the cap-4 point overlapping its requests)
 
 
 def test_client_processes_split_a_point_and_merge_its_results(fake, tmp_path):

@@ -62,7 +62,8 @@ def _shutdown_live_engines() -> None:
 # BudgetSteering's per-request counts -> the engine's totals (``Engine.stats``, /metrics): what keeping
 # constrained outputs valid within max_new_tokens cost the engine thread
 _STEERING_COUNTERS = {"searches": "budget_searches", "searches_without_ending": "budget_searches_without_ending",
-                      "search_seconds": "budget_search_seconds", "reused": "budget_endings_reused"}
+                      "search_seconds": "budget_search_seconds", "reused": "budget_endings_reused",
+                      "learned_reused": "budget_endings_learned"}
 
 
 class _Handle:
@@ -412,7 +413,7 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Cache hit rate, running/waiting counts, KV slots in use, cumulative token and step counters, and
         budget steering's totals over finished requests (``budget_*``: searches, those without an ending,
-        their seconds, endings reused)."""
+        their seconds, endings reused, and of those the endings learned by the grammar's requests)."""
         pool, c = self.runner.pool, dict(self._counters)
         return {
             "running": len(self.scheduler.running),

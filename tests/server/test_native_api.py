@@ -169,7 +169,7 @@ def test_info_health_and_metrics(server):
                  "plait:kv_slots_used", "plait:e2e_request_latency_seconds_sum", "plait:new_token_ratio",
                  "plait:kv_sliding_slots_total", "plait:engine_overlapped_steps", "plait:engine_graph_steps",
                  "plait:engine_piecewise_graph_steps",
-                 "plait:budget_searches", "plait:budget_search_seconds"):
+                 "plait:budget_searches", "plait:budget_search_seconds", "plait:budget_endings_learned"):
         assert name in metrics
     values = dict(line.split() for line in metrics.splitlines() if line.startswith("plait:") and "{" not in line)
     assert float(values["plait:generation_tokens_total"]) > 0 and float(values["plait:engine_steps"]) > 0

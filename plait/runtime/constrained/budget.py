@@ -31,7 +31,7 @@ from plait.runtime.constrained.backends.base import CompiledGrammar, TokenMatche
 from plait.runtime.constrained.vocab import TokenizerInfo
 
 __all__ = ["FIRST_CHECK_BUDGET", "MAX_ESCALATION", "START_LIMITS", "BudgetSteering", "ClosingCandidates",
-           "SearchLimits", "candidates_for", "shortest_completion", "start_ending"]
+           "LearnedEndings", "SearchLimits", "candidates_for", "learned_endings", "shortest_completion", "start_ending"]
 
 _CLOSERS = frozenset(b"\"'}])>")
 _EMPTY_VALUES = (b'""', b"[]", b"{}", b"null", b"true", b"false", b"0")
@@ -368,6 +368,46 @@ def start_ending_known(grammar: CompiledGrammar, limits: SearchLimits) -> bool:
     return entry is not None and entry.done() and entry.exception() is None
 
 
+class LearnedEndings:
+    """Endings that vetting searches found, by (the vetted token, the plan of the state before it):
+    candidates for the next vetting with the same key, which checks them from its own state before it
+    searches (``BudgetSteering.vet``). The key stands for a state without naming it (the matchers
+    expose none); a candidate that does not end the grammar from the state at hand costs one check.
+    Bounded (``capacity`` keys, the oldest dropped first); thread-safe."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._endings: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, tuple[int, ...]]) -> list[int] | None:
+        with self._lock:
+            return self._endings.get(key)
+
+    def put(self, key: tuple[int, tuple[int, ...]], ending: list[int]) -> None:
+        with self._lock:
+            self._endings.pop(key, None)
+            if len(self._endings) >= self.capacity:
+                del self._endings[next(iter(self._endings))]
+            self._endings[key] = list(ending)
+
+    def __len__(self) -> int:
+        return len(self._endings)
+
+
+_learned_lock = threading.Lock()
+_learned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # compiled grammar -> its LearnedEndings
+
+
+def learned_endings(grammar: CompiledGrammar) -> LearnedEndings:
+    """The ``LearnedEndings`` of ``grammar``'s requests (made on first use, kept as long as the grammar is)."""
+    with _learned_lock:
+        learned = _learned.get(grammar)
+        if learned is None:
+            learned = _learned[grammar] = LearnedEndings()
+        return learned
+
+
 class BudgetSteering:
     """Ending a constrained request valid within its token budget (one per request).
 
@@ -399,6 +439,11 @@ class BudgetSteering:
       it costs a matcher step per token of it; only when it no longer ends the grammar, or no longer
       fits, is a search run. The ending then followed may be longer than the shortest one (never by more than
       the search's own ending was when found).
+    - A vetting then tries the ending a search found before after the same token from a state with the
+      same plan (``LearnedEndings``: kept per grammar, shared by its requests): a document that repeats
+      itself (a list of values, an object's properties one after another) meets the same few
+      states again and again. It is checked from the state at hand as a plan is, so it always ends the
+      grammar; a search runs only when it does not, or does not fit.
     - Once the slack is at most ``margin``, the ending is appended without sampling (unless the output
       is complete already: then the model goes on, its tokens vetted, until it stops or the budget
       ends).
@@ -410,8 +455,11 @@ class BudgetSteering:
     """
 
     def __init__(self, info: TokenizerInfo, stop_id: int | None, margin: int = 1, zone: int = 16,
-                 limits: SearchLimits | None = None, start_limits: SearchLimits | None = None):
+                 limits: SearchLimits | None = None, start_limits: SearchLimits | None = None,
+                 grammar: CompiledGrammar | None = None):
         self.info = info
+        # endings found by vetting searches, shared with the grammar's other requests (None: this request's own)
+        self.learned = learned_endings(grammar) if grammar is not None else LearnedEndings()
         self.stop_id = stop_id
         self.margin = margin
         self.zone = zone
@@ -428,7 +476,9 @@ class BudgetSteering:
         self._plan: list[int] | None = None  # the shortest ending known for the matcher's current state
         self._earlier: list[int] | None = None  # the last plan dropped: tried before the next search
         self.reused = 0  # searches saved by an earlier ending that still fits (``_reusable``)
+        self.learned_reused = 0  # of those, endings learned by earlier vettings (``LearnedEndings``)
         self._vetted: tuple[int, list[int]] | None = None  # (token, its state's ending) from vet
+        self._last: int | None = None  # the last token consumed
         self._row: torch.Tensor | None = None
 
     def prepare(self, grammar: CompiledGrammar, budget: int, search: bool = True) -> None:
@@ -499,12 +549,28 @@ class BudgetSteering:
         self.reused += 1
         return path
 
+    def _learned_or_search(self, matcher: TokenMatcher, token: int | None, known: list[int] | None, budget: int,
+                           scale: int = 1) -> list[int] | None:
+        """An ending of the matcher's state that fits ``budget``: the one learned after ``token`` from a
+        state whose ending was ``known`` (``LearnedEndings``) if it ends the grammar from here, else a
+        search's (then learned)."""
+        key = None if token is None else (token, tuple(known or ()))
+        found = None if key is None else self._reusable(matcher, self.learned.get(key), budget)
+        if found is not None:
+            self.learned_reused += 1
+            return found
+        found = self._search(matcher, budget, scale)
+        if found is not None and key is not None:
+            self.learned.put(key, found)
+        return found
+
     def _with_stop(self, path: list[int], budget: int) -> list[int]:
         return path + [self.stop_id] if self.stop_id is not None and len(path) < budget else path
 
     def consumed(self, token: int) -> None:
         """The matcher consumed ``token``: the plan moves on with it (the plan's next token), or is
         replaced by the ending ``vet`` found after it, or is dropped."""
+        self._last = token
         vetted, self._vetted = self._vetted, None
         plan, self._plan = self._plan, None
         if plan and plan[0] == token:
@@ -530,7 +596,7 @@ class BudgetSteering:
         if not _consume_one(matcher, self._row, token):
             return None  # refused: accept_token says so
         try:
-            after = self._reusable(matcher, plan, budget - 1) or self._search(matcher, budget - 1)
+            after = self._reusable(matcher, plan, budget - 1) or self._learned_or_search(matcher, token, plan, budget - 1)
         finally:
             matcher.rollback(1)
         if after is not None and len(self._with_stop(after, budget - 1)) <= budget - 1:
@@ -551,7 +617,8 @@ class BudgetSteering:
         if path is None or len(path) > budget:
             if budget > self._next_check:
                 return []
-            found = self._reusable(matcher, self._earlier, budget) or self._search(matcher, budget, self._escalation)
+            found = self._reusable(matcher, self._earlier, budget) or \
+                self._learned_or_search(matcher, self._last, self._earlier, budget, self._escalation)
             if found is not None and (path is None or len(found) < len(path)):
                 path = self._plan = found
         if path is None or len(path) > budget:

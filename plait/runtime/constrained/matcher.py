@@ -46,7 +46,7 @@ class GrammarState:
         stop = sorted(t for t in stop_ids if 0 <= t < info.vocab_size)
         ends = [t for t in stop if t in info.stop_ids] or stop  # the ending's stop token: an EOS if allowed
         self.steering = None if budget_margin is None else BudgetSteering(
-            info, ends[0] if ends else None, budget_margin, limits=budget_limits)
+            info, ends[0] if ends else None, budget_margin, limits=budget_limits, grammar=grammar)
         self.closing = False  # the last forced_tokens() were an ending for the budget, not jump-forward
         never = sorted((info.stop_ids | info.special_ids) - set(stop))
         self._when_accepting, self._when_not = self._word_masks(stop, [t for t in never if t < info.vocab_size])

@@ -132,6 +132,8 @@ class ServerMetrics:
             "plait:budget_search_seconds": ("Engine-thread seconds spent in those searches.", "budget_search_seconds"),
             "plait:budget_endings_reused": ("Searches saved: an earlier ending still ended the grammar and fit.",
                                             "budget_endings_reused"),
+            "plait:budget_endings_learned": ("Of them, endings that an earlier search found after the same token "
+                                             "(any request of the grammar).", "budget_endings_learned"),
             "plait:new_token_ratio": ("Share of running requests' remaining max_new_tokens reserved at admission.",
                                       "new_token_ratio"),
         }

@@ -439,3 +439,67 @@ def test_ending_checks_without_masks_agree_with_the_masked_ones(compilers, token
     assert verdicts == {True, False} and matcher.error() is None
     state.fill_bitmask(row)
     assert torch.equal(row, before), "the checks must leave the matcher where it was"
+
+
+# an object of free properties, written as a model with dummy weights writes it: the same few states in turn
+LOOPING = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+LOOPING_TEXT = '{"name": "Ada", "a": true, "b": true, "c": true, "d": true, "e": true'
+
+
+def _vet_all(state: GrammarState, info, text: str, budget: int = 16) -> None:
+    """Take ``text``'s tokens as the engine takes sampled ones near the end of the budget, each with
+    ``budget`` tokens left (within the zone: vetted; an ending fits after each: never replaced), then
+    accepted."""
+    for token in info.encode(text):
+        assert state.ending_instead_of(token, budget) is None
+        assert state.accept_token(token) is None
+
+
+def test_vetting_learns_endings_that_the_grammars_next_request_reuses(compilers, tokenizer_info):
+    """Endings found by vetting searches are kept per grammar, by (token, the plan before it): a request
+    that meets the same states again (this one, or the grammar's next) checks them instead of searching,
+    and ends as it would have with searches."""
+    grammar = compilers["llguidance"].compile(ConstraintSpec(ConstraintKind.JSON_SCHEMA, json.dumps(LOOPING)))
+    endings = []
+    for _ in range(2):
+        state = GrammarState(grammar, tokenizer_info, frozenset(tokenizer_info.stop_ids), budget_limits=ROOMY)
+        state.steering.prepare(grammar, 16)  # the start state's ending: the plan the first token is vetted against
+        _vet_all(state, tokenizer_info, LOOPING_TEXT)
+        endings.append(state.steering._plan)
+        if len(endings) == 1:
+            first = state.steering
+            assert first.searches >= 2 and first.learned_reused >= 1  # `"c": true` meets `"b": true`'s states
+        else:
+            assert state.steering.searches == 0 and state.steering.learned_reused > first.learned_reused
+    assert endings[0] == endings[1]
+    jsonschema.validate(json.loads(LOOPING_TEXT + tokenizer_info.bytes_of(endings[1]).decode()), LOOPING)
+    # a steering made without its grammar (as in the tests above) learns for itself only
+    assert BudgetSteering(tokenizer_info, None).learned is not budget_mod.learned_endings(grammar)
+    assert state.steering.learned is budget_mod.learned_endings(grammar)
+
+
+def test_a_learned_ending_is_followed_only_where_it_ends_the_grammar(compilers, tokenizer_info, monkeypatch):
+    """A learned ending stands for a state only by its key: one that does not end the grammar from the
+    state at hand is never followed (a search runs), so the output still ends valid."""
+    grammar = compilers["llguidance"].compile(ConstraintSpec(ConstraintKind.JSON_SCHEMA, json.dumps(
+        {**LOOPING, "title": "other"})))  # a grammar of its own: nothing learned yet
+    bogus = tokenizer_info.encode('"]]')
+    monkeypatch.setattr(budget_mod.LearnedEndings, "get", lambda self, key: bogus)
+    state = GrammarState(grammar, tokenizer_info, frozenset(tokenizer_info.stop_ids), budget_limits=ROOMY)
+    state.steering.prepare(grammar, 16)
+    _vet_all(state, tokenizer_info, LOOPING_TEXT)
+    assert state.steering.learned_reused == 0 and state.steering.searches >= 3
+    ending = state.forced_tokens(None, len(state.steering._plan) + 1)  # slack 0 with the stop token: close
+    assert state.closing and ending
+    text = LOOPING_TEXT + tokenizer_info.bytes_of([t for t in ending if t not in tokenizer_info.stop_ids]).decode()
+    jsonschema.validate(json.loads(text), LOOPING)
+
+
+def test_learned_endings_are_bounded_oldest_first():
+    learned = budget_mod.LearnedEndings(capacity=2)
+    learned.put((1, ()), [10])
+    learned.put((2, ()), [20])
+    learned.put((1, ()), [11])  # written again: the newest
+    learned.put((3, (5,)), [30])
+    assert len(learned) == 2 and learned.get((2, ())) is None
+    assert learned.get((1, ())) == [11] and learned.get((3, (5,))) == [30]

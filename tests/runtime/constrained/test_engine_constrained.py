@@ -314,8 +314,11 @@ def test_tight_budgets_end_valid_with_honest_finish_reasons(engine):
     after = engine.stats()
     # budget steering's work is counted into the engine's totals (/metrics) as requests finish
     searches = after["budget_searches"] - before["budget_searches"]
-    assert searches > 0 and after["budget_endings_reused"] > before["budget_endings_reused"]
-    assert after["budget_search_seconds"] > before["budget_search_seconds"]
+    learned = after["budget_endings_learned"] - before["budget_endings_learned"]
+    # endings found by searches of earlier requests of these grammars (tests before this one, the off
+    # run's requests do not steer) may stand in for all of this run's vetting searches
+    assert searches + learned > 0 and after["budget_endings_reused"] - before["budget_endings_reused"] >= learned
+    assert (after["budget_search_seconds"] > before["budget_search_seconds"]) == (searches > 0)
     assert 0 <= after["budget_searches_without_ending"] - before["budget_searches_without_ending"] <= searches
     for spec, budget, out in zip(specs, budgets, on):
         meta = out["meta_info"]
