@@ -6,7 +6,8 @@ decode path straight into the Rust ``tokenizers`` backend.
 
 ``IncrementalDetokenizer`` turns generated token ids into text one token at a time, the way vLLM and
 SGLang do (``prefix_offset`` / ``read_offset``): it decodes a short window of ids and emits only the
-text that the newest token added, so that
+text that the newest token added (with a Rust tokenizer, its ``DecodeStream`` does that in one call a
+token, as vLLM's fast detokenizer does), so that
 
 - a character split across byte-level tokens is emitted once complete, never as U+FFFD halves;
 - the first generated token keeps its leading space (prompt tokens give the decoder context);
@@ -25,6 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from plait.runtime.stop_regex import StopRegexes, StopRegexTimeout
+
+try:  # tokenizers >= 0.21
+    from tokenizers.decoders import DecodeStream as _DecodeStream
+except ImportError:  # pragma: no cover - older tokenizers: the window decode below only
+    _DecodeStream = None
 
 _REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded as context before the first generated token (vLLM uses 5 as well).
@@ -119,6 +125,14 @@ class Tokenizer:
         if self._fast_decoder is not None:
             return self._fast_decoder.decode(ids, skip_special_tokens=skip_special_tokens)
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> Any | None:
+        """A fresh ``tokenizers.decoders.DecodeStream`` for this tokenizer (its ``step(backend, id)``
+        returns the text a token completes, or None while a character is incomplete), and the backend
+        to pass it: ``(stream, backend)``; None where decoding goes through the Python wrapper."""
+        if self._fast_decoder is None or _DecodeStream is None:
+            return None
+        return _DecodeStream(skip_special_tokens=skip_special_tokens), self._fast_decoder
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         """Vocabulary strings of ``ids`` (byte-level forms such as ``Ġhello``)."""
@@ -285,6 +299,18 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0  # start of the decode window
         self._read_offset = len(context)  # ids before this are committed text
         self._prefix_text = self._decode(context)
+        # With a Rust tokenizer the committed text grows by DecodeStream's chunks (primed with the
+        # context): one call a token instead of two window decodes. ``_hidden`` leading characters of
+        # it are not output (a subclass's decoding context, see HealedDetokenizer).
+        self._hidden = 0
+        self._stream = tokenizer.decode_stream(skip_special_tokens) if hasattr(tokenizer, "decode_stream") else None
+        if self._stream is not None:
+            stream, backend = self._stream
+            try:
+                for token in context:  # context: its text is not output
+                    stream.step(backend, token)
+            except Exception:  # noqa: BLE001 - a context the stream cannot take: start without it
+                self._stream = tokenizer.decode_stream(skip_special_tokens)
 
         self.output_ids: list[int] = []
         self._committed = ""  # output text of ids before _read_offset
@@ -304,6 +330,19 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self._ids.append(token_id)
+        if self._stream is not None:
+            chunk = self._step(token_id)
+            if chunk is not None:
+                if self._read_offset < len(self._ids) - 1:
+                    # it completes tokens held back before (a split or invalid character): their text
+                    # as the window decodes it (U+FFFD for invalid bytes, where the stream drops them)
+                    chunk = self._pending_text()
+                self._committed += chunk
+                self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+                candidate = self._committed
+            else:  # an incomplete character: the complete text before it in the pending tokens shows
+                candidate = self._committed + self._pending_text().rstrip(_REPLACEMENT_CHAR)
+            return self._extend(candidate[self._hidden:] if self._hidden else candidate, final=False)
         window_text = self._decode(self._ids[self._prefix_offset :])
         new = window_text[len(self._prefix_text) :]
         if new.endswith(_REPLACEMENT_CHAR):
@@ -326,7 +365,9 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         candidate = self._text
-        if self._read_offset < len(self._ids):
+        if self._stream is not None:  # the stream's pending tokens (an incomplete character: U+FFFD)
+            candidate = (self._committed + self._pending_text())[self._hidden:]
+        elif self._read_offset < len(self._ids):
             window_text = self._decode(self._ids[self._prefix_offset :])
             candidate = self._committed + window_text[len(self._prefix_text) :]
         return self._extend(candidate, final=True)
@@ -342,6 +383,26 @@ class IncrementalDetokenizer:
         return self._text[: self._emitted]
 
     # ------------------------------------------------------------------ internals
+    def _step(self, token_id: int) -> str | None:
+        """Feed ``token_id`` to the decode stream; the text it completed (None: an incomplete character). A stream whose state an odd token sequence broke (tokenizers raises
+        "Invalid prefix encountered") is replaced by a fresh one, as vLLM does."""
+        stream, backend = self._stream
+        try:
+            chunk = stream.step(backend, token_id)
+        except Exception:  # noqa: BLE001 - the stream's own state error; a fresh stream takes the token
+            stream = _DecodeStream(skip_special_tokens=self.skip_special_tokens)
+            self._stream = (stream, backend)
+            chunk = stream.step(backend, token_id)
+        return chunk
+
+    def _pending_text(self) -> str:
+        """The text of the tokens the decode stream has not committed yet (U+FFFD for an incomplete
+        character), decoded after the last committed token(s) for context."""
+        if self._read_offset == len(self._ids):
+            return ""
+        window_text = self._decode(self._ids[self._prefix_offset :])
+        return window_text[len(self._decode(self._ids[self._prefix_offset : self._read_offset])) :]
+
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 

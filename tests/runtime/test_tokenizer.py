@@ -384,3 +384,50 @@ def test_property_stop_truncates_at_first_occurrence(
     expected = full[: full.find(stop)]
     assert detok.stopped and detok.matched_stop == stop
     assert "".join(chunks) == detok.text == expected
+
+
+# ------------------------------------------------------------------ the decode stream against the window
+def _window_only(tokenizer: Tokenizer) -> Tokenizer:
+    """The same tokenizer with no decode stream: IncrementalDetokenizer's window decode (the reference)."""
+    plain = Tokenizer.from_hf(tokenizer.hf, tokenizer.eos_token_ids)
+    plain.decode_stream = lambda skip_special_tokens=True: None
+    return plain
+
+
+@pytest.mark.parametrize("style", ["bundled", "sentencepiece"])
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_the_decode_stream_gives_the_window_decodes_text(tok: Tokenizer, style: str, skip_special_tokens: bool) -> None:
+    """With a Rust tokenizer the committed text grows by ``DecodeStream``'s chunks: on random token
+    sequences (split characters, special tokens, a prompt as context) the text, every finish and the
+    text shown so far after each token equal the window decode's, whose behaviour the tests above pin."""
+    import random
+
+    tokenizer = tok if style == "bundled" else _sentencepiece_style_tokenizer()
+    reference = _window_only(tokenizer)
+    assert tokenizer.decode_stream() is not None and reference.decode_stream() is None
+    rng = random.Random(7)
+    texts = [*TEXTS, "Hello world 🎉!"]
+    for trial in range(60):
+        if trial % 3:  # random ids: byte tokens, partial characters, special tokens anywhere
+            ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 40))]
+        else:
+            ids = tokenizer.encode(rng.choice(texts), add_special_tokens=False)
+        prompt = tokenizer.encode(rng.choice(texts), add_special_tokens=False)[: rng.randrange(0, 8)]
+        fast = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip_special_tokens)
+        slow = IncrementalDetokenizer(reference, prompt, skip_special_tokens=skip_special_tokens)
+        assert fast._stream is not None and slow._stream is None
+        for token in ids:
+            fast.add(token)
+            slow.add(token)
+            assert fast.text == slow.text, (ids, prompt)
+        assert fast.finish() == slow.finish() and fast.text == slow.text, (ids, prompt)
+
+
+def test_the_decode_stream_is_faster_per_token(tok: Tokenizer) -> None:
+    """Not a timing test: the stream path decodes no window for a token that completes its text."""
+    calls = []
+    detok = IncrementalDetokenizer(tok, tok.encode("Hi"))
+    detok._decode = lambda ids: calls.append(ids) or ""
+    for token in tok.encode(" plain ascii words, one after another"):
+        detok.add(token)
+    assert calls == [] and detok.text == " plain ascii words, one after another"

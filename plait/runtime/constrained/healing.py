@@ -308,7 +308,9 @@ class HealedDetokenizer(IncrementalDetokenizer):
         self.healed_text = healed_text
         # The base class emits decode(context + output)[len(prefix text):]; extending the prefix text
         # by the healed text drops it from the output. Until the output covers it, nothing is emitted.
+        # (With a decode stream the committed text starts with the healed text: its characters are hidden.)
         self._prefix_text += healed_text
+        self._hidden = len(healed_text)
 
 
 def new_detokenizer(tokenizer: Any, prompt_ids: Sequence[int], healed_text: str, **kwargs: Any) -> IncrementalDetokenizer:
