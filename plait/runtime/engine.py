@@ -265,6 +265,7 @@ class Engine:
         stream: bool = False,
         program_id: str | None = None,
         cache_namespace: str | None = None,
+        stream_text: bool = True,
     ) -> list[str]:
         """Queue requests without waiting: ``on_output(index, event)`` is called on the engine thread for
         each event of request ``index`` (``{"finished": bool, "output": dict}``; with ``stream`` one per
@@ -279,9 +280,14 @@ class Engine:
         possibly before ``submit`` returns, on this or another engine thread. It must return quickly.
         While a compile is pending ``submit`` returns ``[]`` (the ids are known once admitted), and
         ``abort(rid)`` with the ``rid`` given here cancels the admission (``on_admitted`` gets an error).
+
+        ``stream_text=False`` (a caller that decodes streamed ids itself, as the server's HTTP process
+        does): a streamed request is detokenized here only where the engine needs its text (stop
+        strings, token healing); its streamed events then say ``"text": False`` and their output's
+        text stays empty until the final event, which has the whole text as always.
         """
         args = (prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num,
-                return_text_in_logprobs, rid, stream, program_id, cache_namespace)
+                return_text_in_logprobs, rid, stream, program_id, cache_namespace, stream_text)
         params_list = self._sampling_params_list(sampling_params) if on_admitted is not None else []
         pending = self._pending_grammars(params_list)
         if pending or self._start_plans_pending(params_list):
@@ -458,7 +464,7 @@ class Engine:
     # ------------------------------------------------------------------ request intake
     def _prepare(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
                  top_logprobs_num, return_text_in_logprobs, rid, stream, program_id=None,
-                 cache_namespace=None, plan_search: bool = True) -> GenerateInput:
+                 cache_namespace=None, stream_text: bool = True, plan_search: bool = True) -> GenerateInput:
         if self._stopped or self._dead:
             raise RuntimeError("the engine has been shut down" if self._stopped else "the engine loop has died")
         if program_id is not None:
@@ -469,6 +475,7 @@ class Engine:
         for req in gi.requests:
             # a relaxed schema's document is validated before anything is sent: one (final) event
             req.stream = stream and req.relaxation is None
+            req.stream_ids_only = req.stream and not stream_text
             req.program_id = program_id
             req.cache_namespace = cache_namespace
             req.return_text_in_logprobs = return_text_in_logprobs
@@ -476,10 +483,12 @@ class Engine:
         return gi
 
     def _attach_detokenizer(self, req: Request) -> None:
-        """Incremental detokenization only where text is needed before the end (streams, stop strings,
-        token healing: the healed text is left out); other requests decode once when they finish."""
+        """Incremental detokenization only where text is needed before the end (streams whose caller
+        wants their text, stop strings, token healing: the healed text is left out); other requests
+        decode once when they finish."""
         params = req.params
-        if self.tokenizer is not None and (req.stream or params.stop or params.stop_regex or req.healed_text):
+        streams_text = req.stream and not req.stream_ids_only
+        if self.tokenizer is not None and (streams_text or params.stop or params.stop_regex or req.healed_text):
             req.detokenizer = new_detokenizer(
                 self.tokenizer, req.prompt_ids, req.healed_text, stop=params.stop, stop_regex=params.stop_regex,
                 skip_special_tokens=params.skip_special_tokens, no_stop_trim=params.no_stop_trim,
@@ -791,7 +800,7 @@ class Engine:
         if jump_forward and req.grammar is not None:
             self._jump_forward(req, token)
         if req.stream and req.on_output is not None and not req.finished:
-            req.on_output({"finished": False, "output": build_output(req, self.tokenizer)})
+            req.on_output(self._stream_event(req))
 
     def _budget(self, req: Request) -> int:
         """How many more tokens ``req`` may append (``max_new_tokens``, the context length)."""
@@ -838,8 +847,15 @@ class Engine:
             req.output_top_logprobs.pop()
         self._append_forced(req, ending, closing=True)
         if req.stream and req.on_output is not None and not req.finished:
-            req.on_output({"finished": False, "output": build_output(req, self.tokenizer)})
+            req.on_output(self._stream_event(req))
         return True
+
+    def _stream_event(self, req: Request) -> dict[str, Any]:
+        """A streamed (not final) snapshot of ``req``; ``"text"`` says whether its output's text is the
+        text streamed so far (False: a ``stream_text=False`` stream without a detokenizer here, whose
+        caller decodes the ids itself)."""
+        return {"finished": False, "output": build_output(req, self.tokenizer),
+                "text": not req.stream_ids_only or req.detokenizer is not None}
 
     def _finish(self, req: Request, reason: dict[str, Any]) -> None:
         self.scheduler.finish(req, reason)

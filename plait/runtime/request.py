@@ -35,6 +35,9 @@ class Request:
     top_logprobs_num: int = 0
     on_output: Callable[[dict[str, Any]], None] | None = None  # called from the engine thread
     stream: bool = False
+    # a stream whose text the caller makes from the streamed ids (the server's HTTP process): the engine
+    # detokenizes it only where it needs the text itself (stop strings, token healing), else once at the end
+    stream_ids_only: bool = False
     group_rid: str | None = None  # the caller's id when n > 1 expanded it into several requests
     return_text_in_logprobs: bool = False
     program_id: str | None = None  # the program run it belongs to (program-aware caching, kvcache/pins.py)

@@ -378,6 +378,40 @@ def test_submit_delivers_events_to_a_callback(engine, chat_ids):
     assert_no_leak(engine)
 
 
+def test_streams_without_their_text_leave_it_to_the_caller(engine, chat_ids):
+    """``submit(stream=True, stream_text=False)`` (the server's HTTP process decodes streamed ids): no
+    detokenizer on the engine thread and streamed events say ``"text": False`` with empty text; the final
+    event has the same text as a stream with its text. A request with stop strings is still decoded here
+    (the engine needs its text to find them), and its events say so."""
+    import threading
+
+    def run(params, **kwargs):
+        done, events = threading.Event(), []
+
+        def on_output(index, event):
+            events.append(event)
+            if event["finished"]:
+                done.set()
+
+        engine.submit(input_ids=chat_ids, sampling_params=params, on_output=on_output, stream=True, **kwargs)
+        assert done.wait(60)
+        return events
+
+    params = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    ids_only = run(params, stream_text=False)
+    with_text = run(params)
+    streamed = [e for e in ids_only if not e["finished"]]
+    assert streamed and all(e["text"] is False and e["output"]["text"] == "" for e in streamed)
+    assert all(e.get("text") is True for e in with_text if not e["finished"])
+    assert ids_only[-1]["output"]["text"] == with_text[-1]["output"]["text"] != ""
+    assert ids_only[-1]["output"]["output_ids"] == with_text[-1]["output"]["output_ids"]
+    word = with_text[-1]["output"]["text"].split()[-1]  # a stop string the output reaches
+    stopped = run({**params, "stop": [word]}, stream_text=False)
+    assert all(e["text"] is True for e in stopped if not e["finished"])
+    assert word not in stopped[-1]["output"]["text"] and stopped[-1]["output"]["meta_info"]["finish_reason"]["type"] == "stop"
+    assert_no_leak(engine)
+
+
 def test_warm_up_steps_leave_the_engine_unchanged(engine, chat_ids):
     """The start-up warm-up (run on CUDA; here called directly) writes only the reserved pad row's slot
     0: greedy output is the same after it, and the sizes cover every power of two up to the budget."""

@@ -100,6 +100,8 @@ class ServerState:
 
     def __init__(self, config: ServerConfig, client: EngineClient, tokenizer: Any):
         self.config, self.client, self.tokenizer = config, client, tokenizer
+        if tokenizer is not None:
+            client.decode_streams_with(tokenizer)  # streamed text is made here, off the engine's thread
         self.info = client.info
         name = config.served_model_name or config.model
         self.model_names = [name] + ([config.model] if config.model != name else [])

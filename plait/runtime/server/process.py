@@ -12,7 +12,12 @@ one ``multiprocessing`` pipe:
 A streamed request's payloads are deltas (new output ids, new logprob entries, new text), so a long
 stream costs O(tokens) over the pipe, not O(tokens^2); the final payload carries the full text.
 Prompts arrive tokenized (the HTTP process tokenizes) and logprob entries leave without token text
-(the HTTP process adds it), which keeps tokenizer work off the engine process.
+(the HTTP process adds it), which keeps tokenizer work off the engine process. So does streamed text:
+with a tokenizer of its own the HTTP process asks (``"detokenize_in_front"``) for streams whose text it
+makes from their ids (SGLang's DetokenizerManager does this in a process of its own); their payloads
+then carry no ``text_delta``. The engine still detokenizes a stream where it needs the text itself
+(stop strings, token healing) and then sends ``text_delta`` as before; every final payload has the
+engine's full text.
 """
 
 from __future__ import annotations
@@ -116,7 +121,7 @@ class _Forwarder:
         payload = {"output_ids": ids[self.sent_ids:], "meta_info": meta}
         if finished:
             payload["text"] = text
-        else:
+        elif event.get("text", True):  # else the HTTP process decodes the ids (a stream_text=False stream)
             payload["text_delta"] = text[self.sent_text:]
         self.sent_ids, self.sent_text = len(ids), len(text)
         self.sent_out_logprobs += len(meta.get("output_token_logprobs", ()))
@@ -144,7 +149,7 @@ def merge_outputs(messages: list[tuple]) -> tuple:
     merged = {"output_ids": [token for payload in payloads for token in payload["output_ids"]], "meta_info": meta}
     if finished:
         merged["text"] = last["text"]
-    else:
+    elif "text_delta" in last:  # (none of them has one where the HTTP process decodes the ids)
         merged["text_delta"] = "".join(payload["text_delta"] for payload in payloads)
     return ("out", rid, index, finished, merged)
 
@@ -261,7 +266,7 @@ class _EngineServer:
                 input_ids=spec["input_ids"], sampling_params=spec["sampling_params"], on_output=on_output,
                 return_logprob=spec["return_logprob"], logprob_start_len=spec["logprob_start_len"],
                 top_logprobs_num=spec["top_logprobs_num"], rid=rid, stream=spec["stream"],
-                on_admitted=on_admitted, **extra,
+                stream_text=not spec.get("detokenize_in_front", False), on_admitted=on_admitted, **extra,
             )
         except (ValueError, TypeError) as exc:
             self.outbox.put(("error", rid, str(exc)))
@@ -315,6 +320,22 @@ class _Pending:
     queue: asyncio.Queue
     expected: int  # outputs still to finish (n of them for an ``n > 1`` request)
     texts: dict[int, str] = field(default_factory=dict)
+    # streams decoded here ("detokenize_in_front"): the tokenizer, the prompt (decoding context), the
+    # sampling parameter, and one IncrementalDetokenizer per output index, made at its first ids
+    tokenizer: Any = None
+    prompt_ids: list[int] = field(default_factory=list)
+    skip_special_tokens: bool = True
+    detokenizers: dict[int, Any] = field(default_factory=dict)
+
+    def text_of(self, index: int, ids: list[int]) -> str:
+        """The streamed text that output ``index``'s new ``ids`` add (decoded here)."""
+        detokenizer = self.detokenizers.get(index)
+        if detokenizer is None:
+            from plait.runtime.tokenizer import IncrementalDetokenizer
+
+            detokenizer = self.detokenizers[index] = IncrementalDetokenizer(
+                self.tokenizer, self.prompt_ids, skip_special_tokens=self.skip_special_tokens)
+        return "".join([detokenizer.add(token) for token in ids])
 
 
 class EngineClient:
@@ -334,6 +355,7 @@ class EngineClient:
         self._call_ids = itertools.count()
         self._dead: str | None = None
         self._closing = False
+        self._stream_tokenizer: Any = None  # set by decode_streams_with
 
     # ------------------------------------------------------------------ life cycle
     def start(self, timeout: float = 900.0) -> EngineInfo:
@@ -386,6 +408,11 @@ class EngineClient:
     def alive(self) -> bool:
         return self._dead is None and self._process is not None and self._process.is_alive()
 
+    def decode_streams_with(self, tokenizer: Any) -> None:
+        """Make streamed text here with ``tokenizer`` (the engine's own, loaded in this process) instead
+        of in the engine process, whose thread then only sends ids (see the module's docstring)."""
+        self._stream_tokenizer = tokenizer
+
     # ------------------------------------------------------------------ requests
     async def submit(self, rid: str, spec: dict[str, Any], n: int) -> RequestStream:
         """Submit one prompt (``n`` samples); returns once the engine accepted it.
@@ -397,6 +424,10 @@ class EngineClient:
             raise EngineRequestError(f"request id {rid!r} is already in use")
         self._check_alive()
         pending = _Pending(asyncio.Queue(), n)
+        if spec.get("stream") and self._stream_tokenizer is not None:
+            spec = {**spec, "detokenize_in_front": True}
+            pending.tokenizer, pending.prompt_ids = self._stream_tokenizer, spec["input_ids"]
+            pending.skip_special_tokens = bool((spec.get("sampling_params") or {}).get("skip_special_tokens", True))
         self._pending[rid] = pending
         try:
             self._send(("generate", rid, spec))
@@ -458,7 +489,7 @@ class EngineClient:
             delta = text.removeprefix(before)
             pending.expected -= 1
         else:
-            delta = payload["text_delta"]
+            delta = payload["text_delta"] if "text_delta" in payload else pending.text_of(index, payload["output_ids"])
             text = before + delta
         pending.texts[index] = text
         return EngineEvent(index, text, delta, payload["output_ids"], payload["meta_info"], finished)
