@@ -1,6 +1,7 @@
 """SGLang's ``/generate`` fields against a real ``plait serve``: what is honoured (stop_regex, logit_bias,
 cache namespaces, rid expansion, prompt ids, streamed logprob counts, null meaning the default), what is
-ignored and reported, and bounded error bodies; plus the smaller native routes."""
+ignored and reported, and bounded error bodies; plus the smaller native routes. This server decodes
+streamed text in its HTTP process (``--detokenize-in-http``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ COUNT = "Count with me: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
 
 @pytest.fixture(scope="module")
 def server(bundled_model_dir):
-    server = start_server()
+    server = start_server("--detokenize-in-http")
     yield server
     assert server.stop() == 0, server.output()
 
@@ -31,6 +32,32 @@ def generate(server, body: dict) -> dict:
 
 def greedy(n: int, **extra) -> dict:
     return {"temperature": 0, "max_new_tokens": n, "ignore_eos": True, **extra}
+
+
+def test_streamed_text_decoded_in_the_http_process_matches_the_engines(server):
+    """With ``--detokenize-in-http`` the engine thread sends only ids for a plain stream; the HTTP process
+    makes the text: it grows while streaming and ends as the engine's text of the same request, on the
+    native and the OpenAI protocol, for a batch and n > 1 too."""
+    from itertools import chain
+
+    body = {"text": COUNT, "sampling_params": greedy(20)}
+    final = generate(server, body)
+    with httpx.stream("POST", server.url + "/generate", json={**body, "stream": True}, timeout=60) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts = [e["text"] for e in events]
+    assert all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1)) and texts[-1] == final["text"]
+    assert len(set(texts[:-1])) > len(texts) // 2  # it grows while streaming, not only at the end
+    assert list(chain.from_iterable(e["output_ids"] for e in events)) == final["output_ids"]
+    model = server.get("/v1/models").json()["data"][0]["id"]
+    chat = {"model": model, "messages": [{"role": "user", "content": COUNT}], "max_tokens": 16, "temperature": 0,
+            "n": 2, "stream": True}
+    plain = server.post("/v1/chat/completions", {**chat, "stream": False, "n": 1}).json()["choices"][0]["message"]["content"]
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=chat, timeout=60) as r:
+        chunks = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data: {")]
+    for index in (0, 1):
+        deltas = [c["choices"][0]["delta"].get("content") or "" for c in chunks
+                  if c["choices"] and c["choices"][0]["index"] == index]
+        assert "".join(deltas) == plain and sum(bool(d) for d in deltas) > 2
 
 
 def test_stop_regex_is_honoured_streamed_or_not(server):
