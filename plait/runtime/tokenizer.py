@@ -303,6 +303,8 @@ class IncrementalDetokenizer:
         # context): one call a token instead of two window decodes. ``_hidden`` leading characters of
         # it are not output (a subclass's decoding context, see HealedDetokenizer).
         self._hidden = 0
+        # (start, end, text) of the committed ids that the pending ones are decoded after (``_pending_text``)
+        self._window_prefix: tuple[int, int, str] = (-1, -1, "")
         self._stream = tokenizer.decode_stream(skip_special_tokens) if hasattr(tokenizer, "decode_stream") else None
         if self._stream is not None:
             stream, backend = self._stream
@@ -384,24 +386,27 @@ class IncrementalDetokenizer:
 
     # ------------------------------------------------------------------ internals
     def _step(self, token_id: int) -> str | None:
-        """Feed ``token_id`` to the decode stream; the text it completed (None: an incomplete character). A stream whose state an odd token sequence broke (tokenizers raises
-        "Invalid prefix encountered") is replaced by a fresh one, as vLLM does."""
+        """Feed ``token_id`` to the decode stream; the text it completed (None: an incomplete
+        character). A stream whose state an odd token sequence broke (tokenizers raises "Invalid
+        prefix encountered") is replaced by a fresh one, as vLLM does."""
         stream, backend = self._stream
         try:
-            chunk = stream.step(backend, token_id)
+            return stream.step(backend, token_id)
         except Exception:  # noqa: BLE001 - the stream's own state error; a fresh stream takes the token
-            stream = _DecodeStream(skip_special_tokens=self.skip_special_tokens)
-            self._stream = (stream, backend)
-            chunk = stream.step(backend, token_id)
-        return chunk
+            self._stream = self.tokenizer.decode_stream(self.skip_special_tokens)
+            stream, backend = self._stream
+            return stream.step(backend, token_id)
 
     def _pending_text(self) -> str:
         """The text of the tokens the decode stream has not committed yet (U+FFFD for an incomplete
-        character), decoded after the last committed token(s) for context."""
+        character), decoded after the last committed token(s) for context. The context's own text is
+        decoded once per committed window, not once per held-back token."""
         if self._read_offset == len(self._ids):
             return ""
-        window_text = self._decode(self._ids[self._prefix_offset :])
-        return window_text[len(self._decode(self._ids[self._prefix_offset : self._read_offset])) :]
+        start, end = self._prefix_offset, self._read_offset
+        if self._window_prefix[:2] != (start, end):
+            self._window_prefix = (start, end, self._decode(self._ids[start:end]))
+        return self._decode(self._ids[start:])[len(self._window_prefix[2]) :]
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

@@ -423,8 +423,8 @@ def test_the_decode_stream_gives_the_window_decodes_text(tok: Tokenizer, style: 
         assert fast.finish() == slow.finish() and fast.text == slow.text, (ids, prompt)
 
 
-def test_the_decode_stream_is_faster_per_token(tok: Tokenizer) -> None:
-    """Not a timing test: the stream path decodes no window for a token that completes its text."""
+def test_the_decode_stream_decodes_no_window_for_a_complete_token(tok: Tokenizer) -> None:
+    """The stream path (one call a token) decodes no window for a token that completes its text."""
     calls = []
     detok = IncrementalDetokenizer(tok, tok.encode("Hi"))
     detok._decode = lambda ids: calls.append(ids) or ""

@@ -369,11 +369,12 @@ def start_ending_known(grammar: CompiledGrammar, limits: SearchLimits) -> bool:
 
 
 class LearnedEndings:
-    """Endings that vetting searches found, by (the vetted token, the plan of the state before it):
-    candidates for the next vetting with the same key, which checks them from its own state before it
-    searches (``BudgetSteering.vet``). The key stands for a state without naming it (the matchers
-    expose none); a candidate that does not end the grammar from the state at hand costs one check.
-    Bounded (``capacity`` keys, the oldest dropped first); thread-safe."""
+    """Endings that searches found, by (the last token, the ending known before it: the plan a vetting
+    had, or the plan a check last dropped): candidates for the next vetting or check with the same key,
+    which checks them from its own state before it searches (``BudgetSteering._learned_or_search``).
+    The key stands for a state without naming it (the matchers expose none); a candidate that does not
+    end the grammar from the state at hand costs one check. Bounded (``capacity`` keys, the oldest
+    dropped first); thread-safe."""
 
     def __init__(self, capacity: int = 256):
         self.capacity = capacity
@@ -439,11 +440,11 @@ class BudgetSteering:
       it costs a matcher step per token of it; only when it no longer ends the grammar, or no longer
       fits, is a search run. The ending then followed may be longer than the shortest one (never by more than
       the search's own ending was when found).
-    - A vetting then tries the ending a search found before after the same token from a state with the
-      same plan (``LearnedEndings``: kept per grammar, shared by its requests): a document that repeats
-      itself (a list of values, an object's properties one after another) meets the same few
-      states again and again. It is checked from the state at hand as a plan is, so it always ends the
-      grammar; a search runs only when it does not, or does not fit.
+    - A vetting or a check then tries the ending a search found before after the same token from a
+      state with the same known ending (``LearnedEndings``: kept per grammar, shared by its requests):
+      a document that repeats itself (a list of values, an object's properties one after another)
+      meets the same few states again and again. It is checked from the state at hand as a plan is,
+      so it always ends the grammar; a search runs only when it does not, or does not fit.
     - Once the slack is at most ``margin``, the ending is appended without sampling (unless the output
       is complete already: then the model goes on, its tokens vetted, until it stops or the budget
       ends).
@@ -458,7 +459,7 @@ class BudgetSteering:
                  limits: SearchLimits | None = None, start_limits: SearchLimits | None = None,
                  grammar: CompiledGrammar | None = None):
         self.info = info
-        # endings found by vetting searches, shared with the grammar's other requests (None: this request's own)
+        # endings found by searches, shared with the grammar's other requests (no grammar: this request's own)
         self.learned = learned_endings(grammar) if grammar is not None else LearnedEndings()
         self.stop_id = stop_id
         self.margin = margin
@@ -476,7 +477,7 @@ class BudgetSteering:
         self._plan: list[int] | None = None  # the shortest ending known for the matcher's current state
         self._earlier: list[int] | None = None  # the last plan dropped: tried before the next search
         self.reused = 0  # searches saved by an earlier ending that still fits (``_reusable``)
-        self.learned_reused = 0  # of those, endings learned by earlier vettings (``LearnedEndings``)
+        self.learned_reused = 0  # of those, endings learned by earlier searches (``LearnedEndings``)
         self._vetted: tuple[int, list[int]] | None = None  # (token, its state's ending) from vet
         self._last: int | None = None  # the last token consumed
         self._row: torch.Tensor | None = None
@@ -596,7 +597,8 @@ class BudgetSteering:
         if not _consume_one(matcher, self._row, token):
             return None  # refused: accept_token says so
         try:
-            after = self._reusable(matcher, plan, budget - 1) or self._learned_or_search(matcher, token, plan, budget - 1)
+            after = (self._reusable(matcher, plan, budget - 1)
+                     or self._learned_or_search(matcher, token, plan, budget - 1))
         finally:
             matcher.rollback(1)
         if after is not None and len(self._with_stop(after, budget - 1)) <= budget - 1:

@@ -34,6 +34,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from plait.runtime.tokenizer import IncrementalDetokenizer
+
 logger = logging.getLogger(__name__)
 
 # Python hands the GIL to a thread that waits for it only when the holder blocks, or after this long
@@ -331,8 +333,6 @@ class _Pending:
         """The streamed text that output ``index``'s new ``ids`` add (decoded here)."""
         detokenizer = self.detokenizers.get(index)
         if detokenizer is None:
-            from plait.runtime.tokenizer import IncrementalDetokenizer
-
             detokenizer = self.detokenizers[index] = IncrementalDetokenizer(
                 self.tokenizer, self.prompt_ids, skip_special_tokens=self.skip_special_tokens)
         return "".join([detokenizer.add(token) for token in ids])
