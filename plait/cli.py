@@ -119,7 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
         model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, log_level=args.log_level,
         shutdown_timeout=args.shutdown_timeout, keep_alive_timeout=args.keep_alive_timeout,
-        strict_fields=args.strict_fields, detokenize_in_http=args.detokenize_in_http,
+        strict_fields=args.strict_fields, detokenizer=args.detokenizer,
         reasoning_parser=args.reasoning_parser, engine_settings=settings,
         max_body_bytes=args.max_body_bytes, max_json_depth=args.max_json_depth, max_n=args.max_n,
         max_prompt_logprobs=args.max_prompt_logprobs,
@@ -147,9 +147,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--keep-alive-timeout", type=float, default=75.0,
                        help="seconds an idle HTTP keep-alive connection stays open (default: 75, longer than "
                        "clients keep idle pooled connections, so none reuses one the server is closing)")
-    serve.add_argument("--detokenize-in-http", action="store_true",
-                       help="decode streamed text in the HTTP process, not on the engine thread (helps "
-                            "engine-bound loads such as constrained batches; costs TTFT at high concurrency)")
+    serve.add_argument("--detokenizer", default="process", choices=["process", "engine"],
+                       help="where streamed text is made: a detokenizer process of its own (default), or the "
+                            "engine process's thread (one process fewer; the engine thread pays for it)")
     serve.add_argument("--strict-fields", action="store_true",
                        help="refuse requests with unknown fields (400) instead of ignoring them with a warning "
                             "header (X-Plait-Ignored-Fields)")

@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - older tokenizers: the window decode be
 
 _REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded as context before the first generated token (vLLM uses 5 as well).
-_PROMPT_CONTEXT_TOKENS = 5
+PROMPT_CONTEXT_TOKENS = 5
 
 
 def _read_generation_eos(path: Path) -> set[int]:
@@ -291,7 +291,7 @@ class IncrementalDetokenizer:
         self._watches_stops = bool(self.stop) or bool(self.stop_regex)
         self.failure: str | None = None
 
-        context = [int(i) for i in prompt_ids[-_PROMPT_CONTEXT_TOKENS:]]
+        context = [int(i) for i in prompt_ids[-PROMPT_CONTEXT_TOKENS:]]
         if context and self._decode(context).endswith(_REPLACEMENT_CHAR):
             # The prompt ends inside a character: its text is not a prefix of what follows.
             context = []

@@ -67,7 +67,7 @@ def test_stream_is_cumulative_text_with_deltas(server):
     assert len(events) > 1
     texts = [e["text"] for e in events]
     assert all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1)) and texts[-1] == final["text"]
-    # the text grows while streaming (the HTTP process decodes the streamed ids), not only at the end
+    # the text grows while streaming (the detokenizer process decodes the streamed ids), not only at the end
     assert len(set(texts[:-1])) > len(texts) // 2
     assert list(chain.from_iterable(e["output_ids"] for e in events)) == final["output_ids"]
     streamed = list(chain.from_iterable(e["meta_info"]["output_token_logprobs"] for e in events))

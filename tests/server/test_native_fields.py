@@ -1,7 +1,8 @@
 """SGLang's ``/generate`` fields against a real ``plait serve``: what is honoured (stop_regex, logit_bias,
 cache namespaces, rid expansion, prompt ids, streamed logprob counts, null meaning the default), what is
-ignored and reported, and bounded error bodies; plus the smaller native routes. This server decodes
-streamed text in its HTTP process (``--detokenize-in-http``)."""
+ignored and reported, and bounded error bodies; plus the smaller native routes. This server makes
+streamed text on its engine thread (``--detokenizer engine``; the other servers of the tests use the
+default detokenizer process)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ COUNT = "Count with me: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
 
 @pytest.fixture(scope="module")
 def server(bundled_model_dir):
-    server = start_server("--detokenize-in-http")
+    server = start_server("--detokenizer", "engine")
     yield server
     assert server.stop() == 0, server.output()
 
@@ -34,10 +35,10 @@ def greedy(n: int, **extra) -> dict:
     return {"temperature": 0, "max_new_tokens": n, "ignore_eos": True, **extra}
 
 
-def test_streamed_text_decoded_in_the_http_process_matches_the_engines(server):
-    """With ``--detokenize-in-http`` the engine thread sends only ids for a plain stream; the HTTP process
-    makes the text: it grows while streaming and ends as the engine's text of the same request, on the
-    native and the OpenAI protocol, for a batch and n > 1 too."""
+def test_streamed_text_made_on_the_engine_thread_matches_the_final_text(server):
+    """With ``--detokenizer engine`` the engine thread makes a stream's text: it grows while streaming and
+    ends as the engine's text of the same request, on the native and the OpenAI protocol, n > 1 too
+    (tests/server/test_detokenizer_process.py checks the same of the detokenizer process)."""
     from itertools import chain
 
     body = {"text": COUNT, "sampling_params": greedy(20)}

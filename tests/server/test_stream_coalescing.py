@@ -98,38 +98,3 @@ def test_merge_joins_output_logprobs_and_keeps_the_first_inputs():
     assert meta["output_top_logprobs"] == [[(-1.0, 1, None)], [(-2.0, 2, None)]]
     assert meta["output_token_logprobs_length"] == 2
     assert first[4]["output_ids"] == [1] and first[4]["meta_info"]["output_token_logprobs"] == [(-1.0, 1, None)]
-
-
-def test_streams_decoded_here_make_their_text_from_the_ids(bundled_model_dir):
-    """Payloads without ``text_delta`` (a stream the HTTP process decodes, ``detokenize_in_front``): the
-    text comes from the ids with the prompt as context, merged outputs included, and the final event's
-    text (the engine's) continues it."""
-    from plait.runtime.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_dir(bundled_model_dir)
-    prompt = tokenizer.encode("Say hello:", add_special_tokens=False)
-    ids = tokenizer.encode(" Hello there, caf\u00e9 \U0001F389 friends", add_special_tokens=False)
-    text = tokenizer.decode(prompt + ids)[len(tokenizer.decode(prompt)):]
-
-    def ids_out(part: list[int], finished: bool = False) -> tuple:
-        payload = {"output_ids": part, "meta_info": {"completion_tokens": 0}}
-        if finished:
-            payload["text"] = text
-        return ("out", "r", 0, finished, payload)
-
-    async def run() -> list:
-        pending = _Pending(asyncio.Queue(), 1, tokenizer=tokenizer, prompt_ids=prompt)
-        pending.queue.put_nowait(ids_out(ids[:2]))
-        pending.queue.put_nowait(ids_out(ids[2:4]))  # waits behind the first: merged with it
-        later = [ids_out([token]) for token in ids[4:-1]] + [ids_out(ids[-1:], finished=True)]
-        stream, events = RequestStream(_Client(), "r", pending), []
-        async for event in stream:
-            events.append(event)
-            if later:
-                pending.queue.put_nowait(later.pop(0))
-        return events
-
-    events = asyncio.run(run())
-    assert events[0].output_ids == ids[:4] and events[0].text == tokenizer.decode(prompt + ids[:4])[len(tokenizer.decode(prompt)):]
-    assert "".join(e.text_delta for e in events) == text == events[-1].text
-    assert all("\ufffd" not in e.text_delta for e in events)  # a split character waits for its last byte

@@ -81,8 +81,9 @@ class FakeEngine:
 
 def serve_fake(shutdown_timeout: float) -> tuple[DrainingServer, FakeEngine, str, threading.Thread]:
     engine = FakeEngine()
-    client = EngineClient(MODEL, {})
-    client.info, client._conn, client._process = INFO, engine.http_end, engine.process
+    client = EngineClient(MODEL, {}, detokenizer_process=False)
+    client.info, client._process = INFO, engine.process
+    client._conn = client._outputs = engine.http_end
     config = ServerConfig(model=MODEL, shutdown_timeout=shutdown_timeout)
     port = free_port()
     import uvicorn

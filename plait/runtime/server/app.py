@@ -63,6 +63,7 @@ from plait.runtime.server.protocol import (
 
 logger = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health", "/health_generate", "/metrics", "/ready", "/ping"})  # no API key (probes, scrapers)
+DETOKENIZERS = ("process", "engine")  # ServerConfig.detokenizer
 
 
 @dataclass(frozen=True)
@@ -87,16 +88,17 @@ class ServerConfig:
     max_n: int = DEFAULT_MAX_N  # samples per prompt
     max_prompt_logprobs: int = DEFAULT_MAX_PROMPT_LOGPROBS  # prompt positions x top logprobs per request
     parse_threads: int = 4  # worker threads parsing and tokenizing large request bodies
-    # streamed text decoded in the HTTP process instead of on the engine thread (docs/server.md): frees the
-    # engine thread (structured mix at concurrency 64 on an H200: 0.87 -> 0.93 of the unconstrained mix)
-    # but loads the event loop (random 256 / 256 at concurrency 256: median TTFT 184 -> 683-964 ms)
-    detokenize_in_http: bool = False
+    # where streamed text is made (docs/server.md): "process", a detokenizer process of its own (off the
+    # engine thread and the event loop), or "engine", the engine process's thread (one process fewer)
+    detokenizer: str = "process"
     engine_settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_json_depth", "max_n", "max_prompt_logprobs", "parse_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.detokenizer not in DETOKENIZERS:
+            raise ValueError(f"detokenizer must be one of {', '.join(DETOKENIZERS)}, got {self.detokenizer!r}")
 
 
 class ServerState:
@@ -104,8 +106,6 @@ class ServerState:
 
     def __init__(self, config: ServerConfig, client: EngineClient, tokenizer: Any):
         self.config, self.client, self.tokenizer = config, client, tokenizer
-        if tokenizer is not None and config.detokenize_in_http:
-            client.decode_streams_with(tokenizer)  # streamed text is made here, off the engine's thread
         self.info = client.info
         name = config.served_model_name or config.model
         self.model_names = [name] + ([config.model] if config.model != name else [])
@@ -442,7 +442,8 @@ def serve(config: ServerConfig) -> None:
     """Start the engine process, then serve HTTP until SIGINT/SIGTERM (which drain in-flight requests)."""
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s plait %(levelname)s %(message)s")
     use_server_switch_interval()
-    client = EngineClient(config.model, config.engine_settings, config.log_level)
+    client = EngineClient(config.model, config.engine_settings, config.log_level,
+                          detokenizer_process=config.detokenizer == "process")
     info = client.start()
     app = create_app(config, client, load_tokenizer(info))
     print(f"plait serve: {config.model} on http://{config.host}:{config.port} "

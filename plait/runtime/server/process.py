@@ -1,40 +1,49 @@
-"""The engine process and the pipe between it and the HTTP process.
+"""The engine process, the detokenizer process and the pipes between them and the HTTP process.
 
 ``plait serve`` runs the engine loop in a child process (``run_engine_process``) so that parsing,
-tokenizing and streaming in the HTTP process never take the GIL from the scheduler. The two talk over
-one ``multiprocessing`` pipe:
+tokenizing and streaming in the HTTP process never take the GIL from the scheduler, and (by default)
+makes streamed text in a third process (``run_detokenizer_process``), as SGLang's DetokenizerManager
+does, so that neither the engine thread nor the HTTP event loop spends its time decoding tokens::
 
-- HTTP -> engine: ``("generate", rid, spec)``, ``("abort", rid)``, ``("call", call_id, name, arg)``
+    HTTP process --(commands: pipe A)--> engine process --(outputs: pipe B)--> detokenizer --(pipe C)--> HTTP
+
+- HTTP -> engine (A): ``("generate", rid, spec)``, ``("abort", rid)``, ``("call", call_id, name, arg)``
   where ``name`` is ``flush_cache``, ``stats``, ``begin_program``, ``end_program`` or ``shutdown``.
-- engine -> HTTP: lists of ``("accepted", rid)`` or ``("error", rid, message)`` (the answer to
-  ``generate``), ``("out", rid, index, finished, payload)`` and ``("reply", call_id, ok, value)``. Outputs produced in one engine step travel as one list.
+- engine -> HTTP (B, then C): lists of ``("accepted", rid)`` or ``("error", rid, message)`` (the answer
+  to ``generate``), ``("out", rid, index, finished, payload)`` and ``("reply", call_id, ok, value)``.
+  Outputs produced in one engine step travel as one list. The detokenizer forwards every message in
+  order; it only adds text to streamed payloads (below). Without a detokenizer process the engine's
+  outputs come back over A.
 
 A streamed request's payloads are deltas (new output ids, new logprob entries, new text), so a long
-stream costs O(tokens) over the pipe, not O(tokens^2); the final payload carries the full text.
+stream costs O(tokens) over the pipes, not O(tokens^2); the final payload carries the full text.
 Prompts arrive tokenized (the HTTP process tokenizes) and logprob entries leave without token text
 (the HTTP process adds it), which keeps tokenizer work off the engine process. So does streamed text:
-with a tokenizer of its own the HTTP process asks (``"detokenize_in_front"``) for streams whose text it
-makes from their ids (SGLang's DetokenizerManager does this in a process of its own); their payloads
-then carry no ``text_delta``. The engine still detokenizes a stream where it needs the text itself
-(stop strings, token healing) and then sends ``text_delta`` as before; every final payload has the
-engine's full text.
+with a detokenizer process the HTTP process asks (``"detokenize_in_front"``) for streams whose
+payloads carry ids only; the engine then first sends ``("decode", rid, prompt_tail,
+skip_special_tokens, outputs)`` (consumed by the detokenizer, which keeps one ``IncrementalDetokenizer``
+per output) and the detokenizer adds each payload's ``text_delta``. The engine still detokenizes a
+stream where it needs the text itself (stop strings, token healing) and then sends ``text_delta``
+itself; every final payload has the engine's full text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import itertools
 import logging
 import multiprocessing
 import signal
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from plait.runtime.tokenizer import IncrementalDetokenizer
+from plait.runtime.tokenizer import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -197,9 +206,11 @@ class _Outbox:
 class _EngineServer:
     """Runs in the engine process: applies commands from the pipe to one ``Engine``."""
 
-    def __init__(self, engine: Any, conn: Any):
+    def __init__(self, engine: Any, conn: Any, out_conn: Any = None):
+        """Commands come over ``conn``; outputs leave over ``out_conn`` (the detokenizer process's pipe)
+        or, without one, over ``conn``."""
         self.engine, self.conn = engine, conn
-        self.outbox = _Outbox(conn)
+        self.outbox = _Outbox(out_conn if out_conn is not None else conn)
         self.supports_program_id = hasattr(engine, "end_program")
 
     def info(self) -> EngineInfo:
@@ -247,6 +258,10 @@ class _EngineServer:
             return
         if spec.get("cache_namespace") is not None:
             extra["cache_namespace"] = spec["cache_namespace"]
+        if spec.get("detokenize_in_front"):  # the detokenizer process makes this stream's text: its context
+            params = spec["sampling_params"] or {}
+            self.outbox.put(("decode", rid, list(spec["input_ids"][-PROMPT_CONTEXT_TOKENS:]),
+                             bool(params.get("skip_special_tokens", True)), int(spec.get("outputs", 1))))
         forwarders: dict[int, _Forwarder] = {}  # one per request of this rid (n > 1 or a batch make several)
 
         def on_output(index: int, event: dict[str, Any]) -> None:  # the engine thread (or its validation thread)
@@ -293,9 +308,12 @@ class _EngineServer:
             self.outbox.put(("reply", call_id, False, f"{type(exc).__name__}: {exc}"))
 
 
-def run_engine_process(conn: Any, model: str, settings: dict[str, Any], log_level: str) -> None:
+def run_engine_process(conn: Any, model: str, settings: dict[str, Any], log_level: str,
+                       out_conn: Any = None) -> None:
     """Entry point of the engine process: build the engine, report ``ready`` (or ``failed``), serve.
 
+    With ``out_conn`` (the detokenizer process's pipe) outputs leave there, after a first
+    ``("tokenizer", dir)`` message that tells the detokenizer which tokenizer to load.
     SIGINT and SIGTERM are ignored here: the HTTP process drains requests and then tells the engine
     to shut down; if the HTTP process dies, the closed pipe ends this process too.
     """
@@ -311,9 +329,138 @@ def run_engine_process(conn: Any, model: str, settings: dict[str, Any], log_leve
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     engine.constrained.warm_up()  # compile workers start now, not on the first constrained request
-    server = _EngineServer(engine, conn)
-    conn.send(("ready", server.info()))
+    server = _EngineServer(engine, conn, out_conn)
+    info = server.info()
+    if out_conn is not None:
+        server.outbox.put(("tokenizer", info.tokenizer_dir))
+    conn.send(("ready", info))
     server.serve()
+
+
+# ------------------------------------------------------------------------------------ detokenizer side
+# streams the detokenizer keeps at most (each ends when its outputs finish or the engine refuses it;
+# past this many the oldest is dropped, which can only happen if the engine lost track of requests)
+DETOKENIZER_MAX_STREAMS = 65536
+# messages the detokenizer takes from its pipe before forwarding them as one list
+_DETOKENIZER_BATCH = 4096
+DETOKENIZER_START_TIMEOUT_S = 120.0  # after the engine is ready: importing and loading the tokenizer
+
+
+class _DecodedStream:
+    """One streamed request (all its outputs) whose text the detokenizer makes."""
+
+    __slots__ = ("context", "skip_special_tokens", "outputs", "detokenizers")
+
+    def __init__(self, context: list[int], skip_special_tokens: bool, outputs: int):
+        self.context, self.skip_special_tokens, self.outputs = context, skip_special_tokens, outputs
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+
+
+class StreamDecoder:
+    """The detokenizer process's work, apart from its pipes (so that it can be tested in one process).
+
+    ``process`` takes one list of engine messages and returns the list to forward: ``("decode", ...)``
+    messages register a stream and are consumed; every streamed payload of a registered stream that has
+    no ``text_delta`` (the engine did not decode it) gets one, made by the output's own
+    ``IncrementalDetokenizer`` (the prompt's tail as context); everything else passes unchanged.
+    """
+
+    def __init__(self, tokenizer: Any, max_streams: int = DETOKENIZER_MAX_STREAMS):
+        self.tokenizer, self.max_streams = tokenizer, max_streams
+        self.streams: OrderedDict[str, _DecodedStream] = OrderedDict()
+        self.dropped = 0  # streams dropped at the bound (each one's later payloads arrive without text)
+
+    def process(self, batch: list[tuple]) -> list[tuple]:
+        forward = []
+        for message in batch:
+            kind = message[0]
+            if kind == "decode":
+                _, rid, context, skip_special_tokens, outputs = message
+                self.streams[rid] = _DecodedStream(context, skip_special_tokens, outputs)
+                if len(self.streams) > self.max_streams:
+                    self.streams.popitem(last=False)
+                    self.dropped += 1
+                    logger.warning("the detokenizer holds more than %d streams: the oldest was dropped",
+                                   self.max_streams)
+                continue
+            if kind == "out":
+                stream = self.streams.get(message[1])
+                if stream is not None:
+                    self._decode(message, stream)
+            elif kind == "error":
+                self.streams.pop(message[1], None)
+            forward.append(message)
+        return forward
+
+    def _decode(self, message: tuple, stream: _DecodedStream) -> None:
+        _, rid, index, finished, payload = message
+        if finished:
+            stream.detokenizers.pop(index, None)
+            stream.outputs -= 1
+            if stream.outputs <= 0:
+                del self.streams[rid]
+            return
+        if "text_delta" in payload:  # the engine decoded this one (stop strings, token healing)
+            return
+        detokenizer = stream.detokenizers.get(index)
+        if detokenizer is None:
+            detokenizer = stream.detokenizers[index] = IncrementalDetokenizer(
+                self.tokenizer, stream.context, skip_special_tokens=stream.skip_special_tokens)
+        add = detokenizer.add
+        payload["text_delta"] = "".join([add(token) for token in payload["output_ids"]])
+
+
+def run_detokenizer_process(engine_conn: Any, http_conn: Any, log_level: str) -> None:
+    """Entry point of the detokenizer process: forward the engine's messages to the HTTP process,
+    adding streamed text (``StreamDecoder``), until the engine's pipe closes.
+
+    The engine's first message names the tokenizer; the HTTP process gets ``("ready",)`` once it is
+    loaded (or ``("failed", message)``) before any forwarded list. Signals are ignored, as in the engine
+    process: the engine's shutdown closes the pipe, which ends this process.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s plait-detokenizer %(levelname)s %(message)s")
+    with contextlib.suppress(ImportError):  # the tokenizer's import, while the engine loads its weights
+        importlib.import_module("transformers")
+    decoder: StreamDecoder | None = None
+    try:
+        while True:
+            try:
+                batch = engine_conn.recv()
+                while len(batch) < _DETOKENIZER_BATCH and engine_conn.poll():
+                    batch.extend(engine_conn.recv())
+            except (EOFError, OSError):  # the engine process is gone (or shut down)
+                return
+            if decoder is None:
+                if not batch or batch[0][0] != "tokenizer":
+                    http_conn.send(("failed", f"unexpected first message from the engine: {batch[:1]!r}"))
+                    return
+                decoder = _start_decoder(batch.pop(0)[1], http_conn)
+                if decoder is None:
+                    return
+            forward = decoder.process(batch)
+            if forward:
+                http_conn.send(forward)
+    except (OSError, EOFError):  # the HTTP process is gone
+        return
+    finally:
+        http_conn.close()
+
+
+def _start_decoder(tokenizer_dir: str | None, http_conn: Any) -> StreamDecoder | None:
+    """Load the engine's tokenizer and tell the HTTP process (``ready`` or ``failed``)."""
+    tokenizer = None
+    if tokenizer_dir is not None:
+        try:
+            from plait.runtime.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_dir(tokenizer_dir)
+        except Exception as exc:  # noqa: BLE001 - reported to the HTTP process, which fails its start
+            http_conn.send(("failed", f"the detokenizer could not load the tokenizer: {type(exc).__name__}: {exc}"))
+            return None
+    http_conn.send(("ready",))
+    return StreamDecoder(tokenizer)
 
 
 # ------------------------------------------------------------------------------------------ HTTP side
@@ -322,20 +469,6 @@ class _Pending:
     queue: asyncio.Queue
     expected: int  # outputs still to finish (n of them for an ``n > 1`` request)
     texts: dict[int, str] = field(default_factory=dict)
-    # streams decoded here ("detokenize_in_front"): the tokenizer, the prompt (decoding context), the
-    # sampling parameter, and one IncrementalDetokenizer per output index, made at its first ids
-    tokenizer: Any = None
-    prompt_ids: list[int] = field(default_factory=list)
-    skip_special_tokens: bool = True
-    detokenizers: dict[int, Any] = field(default_factory=dict)
-
-    def text_of(self, index: int, ids: list[int]) -> str:
-        """The streamed text that output ``index``'s new ``ids`` add (decoded here)."""
-        detokenizer = self.detokenizers.get(index)
-        if detokenizer is None:
-            detokenizer = self.detokenizers[index] = IncrementalDetokenizer(
-                self.tokenizer, self.prompt_ids, skip_special_tokens=self.skip_special_tokens)
-        return "".join([detokenizer.add(token) for token in ids])
 
 
 class EngineClient:
@@ -344,45 +477,88 @@ class EngineClient:
     Not thread-safe: after ``start``, call it only from the event loop given to ``attach``.
     """
 
-    def __init__(self, model: str, settings: dict[str, Any], log_level: str = "warning"):
+    def __init__(self, model: str, settings: dict[str, Any], log_level: str = "warning",
+                 detokenizer_process: bool = True):
+        """``detokenizer_process``: make streamed text in a process of its own (see the module's
+        docstring); False leaves it to the engine process's thread."""
         self.model, self.settings, self.log_level = model, settings, log_level
+        self.detokenizer_process = detokenizer_process
         self.info: EngineInfo | None = None
-        self._conn: Any = None
+        self._conn: Any = None  # commands to the engine (and, without a detokenizer process, its outputs)
+        self._outputs: Any = None  # where the engine's outputs arrive (set by ``start``)
         self._process: multiprocessing.Process | None = None
+        self._detokenizer: multiprocessing.Process | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[str, _Pending] = {}
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
         self._dead: str | None = None
         self._closing = False
-        self._stream_tokenizer: Any = None  # set by decode_streams_with
 
     # ------------------------------------------------------------------ life cycle
     def start(self, timeout: float = 900.0) -> EngineInfo:
-        """Spawn the engine process and wait until its model is loaded. Raises RuntimeError on failure."""
+        """Spawn the engine process (and the detokenizer process) and wait until the model is loaded.
+        Raises RuntimeError on failure."""
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
+        engine_out = None
+        if self.detokenizer_process:
+            detokenizer_in, engine_out = ctx.Pipe(duplex=False)
+            self._outputs, detokenizer_out = ctx.Pipe(duplex=False)
+            self._detokenizer = ctx.Process(target=run_detokenizer_process,
+                                            args=(detokenizer_in, detokenizer_out, self.log_level),
+                                            name="plait-detokenizer", daemon=True)
+            self._detokenizer.start()
+            detokenizer_in.close()
+            detokenizer_out.close()
+        else:
+            self._outputs = parent
         self._process = ctx.Process(
-            target=run_engine_process, args=(child, self.model, self.settings, self.log_level),
+            target=run_engine_process, args=(child, self.model, self.settings, self.log_level, engine_out),
             name="plait-engine", daemon=True,
         )
         self._process.start()
         child.close()
+        if engine_out is not None:
+            engine_out.close()  # the engine holds the only write end: its exit ends the detokenizer
         self._conn = parent
+        try:
+            self.info = self._wait_ready(timeout)
+        except BaseException:
+            self._kill_children()
+            raise
+        return self.info
+
+    def _wait_ready(self, timeout: float) -> EngineInfo:
         waited = 0.0
-        while not parent.poll(1.0):
+        while not self._conn.poll(1.0):
             waited += 1.0
             if not self._process.is_alive():
                 raise RuntimeError(f"the engine process exited with status {self._process.exitcode} while loading")
+            if self._detokenizer is not None and not self._detokenizer.is_alive():
+                raise RuntimeError(f"the detokenizer process exited with status {self._detokenizer.exitcode}")
             if waited >= timeout:
-                self._process.kill()
                 raise RuntimeError(f"the engine did not load within {timeout:.0f} s")
-        kind, value = parent.recv()
+        kind, value = self._conn.recv()
         if kind != "ready":
             self._process.join(timeout=10)
             raise RuntimeError(f"the engine failed to start: {value}")
-        self.info = value
+        if self._detokenizer is not None:  # its tokenizer loads once the engine has named it
+            if not self._outputs.poll(DETOKENIZER_START_TIMEOUT_S):
+                raise RuntimeError(f"the detokenizer process did not start within {DETOKENIZER_START_TIMEOUT_S:.0f} s")
+            try:
+                answer = self._outputs.recv()
+            except (EOFError, OSError):
+                raise RuntimeError(f"the detokenizer process exited with status {self._detokenizer.exitcode}") from None
+            if answer[0] != "ready":
+                raise RuntimeError(f"the detokenizer failed to start: {answer[1]}")
         return value
+
+    def _kill_children(self) -> None:
+        for process in (self._process, self._detokenizer):
+            if process is not None and process.is_alive():
+                process.kill()
+                process.join(timeout=10)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start delivering engine messages to ``loop``."""
@@ -393,25 +569,26 @@ class EngineClient:
         """Ask the engine process to finish and wait for it to exit (killing it after ``timeout``)."""
         if self._process is None:
             return
-        if self._dead is None and self._process.is_alive():
-            self._closing = True
-            try:
-                await asyncio.wait_for(self.call("shutdown"), timeout)
-            except (asyncio.TimeoutError, EngineUnavailableError, RuntimeError):
-                logger.warning("the engine process did not confirm shutdown")
-        await asyncio.to_thread(self._process.join, timeout)
         if self._process.is_alive():
-            self._process.kill()
+            self._closing = True
+            if self._dead is None:
+                try:
+                    await asyncio.wait_for(self.call("shutdown"), timeout)
+                except (asyncio.TimeoutError, EngineUnavailableError, RuntimeError):
+                    logger.warning("the engine process did not confirm shutdown")
+            else:  # the engine lives but its answers cannot arrive (its detokenizer died): tell it anyway
+                with contextlib.suppress(OSError, EOFError):
+                    self._conn.send(("call", next(self._call_ids), "shutdown", None))
+        await asyncio.to_thread(self._process.join, timeout)
+        if self._detokenizer is not None:  # it ends when the engine's pipe closes
+            await asyncio.to_thread(self._detokenizer.join, 10)
+        self._kill_children()
         self._dead = self._dead or "the engine has been shut down"
 
     @property
     def alive(self) -> bool:
-        return self._dead is None and self._process is not None and self._process.is_alive()
-
-    def decode_streams_with(self, tokenizer: Any) -> None:
-        """Make streamed text here with ``tokenizer`` (the engine's own, loaded in this process) instead
-        of in the engine process, whose thread then only sends ids (see the module's docstring)."""
-        self._stream_tokenizer = tokenizer
+        return (self._dead is None and self._process is not None and self._process.is_alive()
+                and (self._detokenizer is None or self._detokenizer.is_alive()))
 
     # ------------------------------------------------------------------ requests
     async def submit(self, rid: str, spec: dict[str, Any], n: int) -> RequestStream:
@@ -424,10 +601,8 @@ class EngineClient:
             raise EngineRequestError(f"request id {rid!r} is already in use")
         self._check_alive()
         pending = _Pending(asyncio.Queue(), n)
-        if spec.get("stream") and self._stream_tokenizer is not None:
-            spec = {**spec, "detokenize_in_front": True}
-            pending.tokenizer, pending.prompt_ids = self._stream_tokenizer, spec["input_ids"]
-            pending.skip_special_tokens = bool((spec.get("sampling_params") or {}).get("skip_special_tokens", True))
+        if spec.get("stream") and self._detokenizer is not None and self.info.tokenizer_dir is not None:
+            spec = {**spec, "detokenize_in_front": True, "outputs": n}
         self._pending[rid] = pending
         try:
             self._send(("generate", rid, spec))
@@ -489,7 +664,7 @@ class EngineClient:
             delta = text.removeprefix(before)
             pending.expected -= 1
         else:
-            delta = payload["text_delta"] if "text_delta" in payload else pending.text_of(index, payload["output_ids"])
+            delta = payload["text_delta"]
             text = before + delta
         pending.texts[index] = text
         return EngineEvent(index, text, delta, payload["output_ids"], payload["meta_info"], finished)
@@ -498,9 +673,9 @@ class EngineClient:
         """Reader thread: hand every batch from the engine to the event loop."""
         while True:
             try:
-                batch = self._conn.recv()
+                batch = self._outputs.recv()
             except (EOFError, OSError):
-                reason = "the engine process exited" if self._dead is None else self._dead
+                reason = self._dead or self._exit_reason()
                 with contextlib.suppress(RuntimeError):  # the event loop is already closed
                     self._loop.call_soon_threadsafe(self._mark_dead, reason)
                 return
@@ -508,6 +683,13 @@ class EngineClient:
                 self._loop.call_soon_threadsafe(self._dispatch, batch)
             except RuntimeError:  # the event loop is closed
                 return
+
+    def _exit_reason(self) -> str:
+        # the engine's exit closes the detokenizer's input and so ends it too: only a detokenizer that
+        # ended while the engine lives ended by itself
+        if self._detokenizer is not None and self._process is not None and self._process.is_alive():
+            return "the detokenizer process exited"
+        return "the engine process exited"
 
     def _dispatch(self, batch: list[tuple]) -> None:
         for message in batch:
