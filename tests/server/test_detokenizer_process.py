@@ -40,6 +40,7 @@ def test_registered_streams_get_their_text_from_the_ids(tokenizer):
     text = tokenizer.decode(prompt + ids)[len(tokenizer.decode(prompt)):]
     decoder = StreamDecoder(tokenizer)
     assert decoder.process([("decode", "r", prompt[-5:], True, 2), ("accepted", "r")]) == [("accepted", "r")]
+    assert set(decoder.streams["r"].detokenizers) == {0, 1}  # made at registration, off the first token's path
     deltas: dict[int, list[str]] = {0: [], 1: []}
     parts = [ids[:3]] + [[token] for token in ids[3:]]
     for part in parts:

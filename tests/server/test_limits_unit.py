@@ -9,7 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from plait.runtime.server.limits import INLINE_BODY_BYTES, OffLoop, parse_json, parsed_request, read_body
+from plait.runtime.server.limits import (
+    IDLE_INLINE_BODY_BYTES,
+    INLINE_BODY_BYTES,
+    OffLoop,
+    parse_json,
+    parsed_request,
+    read_body,
+)
 from plait.runtime.server.protocol import GenerateJob, RequestError, check_job_limits
 
 
@@ -25,10 +32,10 @@ def test_parse_json_refuses_deep_nesting_bad_utf8_and_lone_surrogates():
 
 
 class FakeRequest:
-    def __init__(self, chunks: list[bytes], length: int | None, config=None):
+    def __init__(self, chunks: list[bytes], length: int | None, config=None, idle: bool = False):
         self.chunks = chunks
         self.headers = {} if length is None else {"content-length": str(length)}
-        state = SimpleNamespace(config=config, off_loop=OffLoop(2))
+        state = SimpleNamespace(config=config, off_loop=OffLoop(2, idle=lambda: idle))
         self.app = SimpleNamespace(state=SimpleNamespace(server=state))
 
     async def stream(self):
@@ -44,22 +51,38 @@ def test_body_limit_by_content_length_and_while_streaming():
         assert caught.value.status == 413
 
 
-def test_large_bodies_are_parsed_off_the_event_loop():
+def test_large_bodies_are_parsed_off_the_event_loop_and_mid_sized_ones_too_unless_idle():
     config = SimpleNamespace(max_body_bytes=1 << 20, max_json_depth=8)
 
-    def where(body: bytes) -> tuple[int, int]:
-        async def run() -> tuple[int, int]:
+    def on_loop(body: bytes, idle: bool = False) -> bool:
+        async def run() -> bool:
             loop_thread = threading.get_ident()
-            worker = await parsed_request(FakeRequest([body], len(body), config), lambda value: threading.get_ident())
-            return loop_thread, worker
+            request = FakeRequest([body], len(body), config, idle=idle)
+            return await parsed_request(request, lambda value: threading.get_ident()) == loop_thread
         return asyncio.run(run())
 
     small = json.dumps({"text": "a"}).encode()
-    large = json.dumps({"text": "a" * INLINE_BODY_BYTES}).encode()
-    loop_thread, worker = where(small)
-    assert worker == loop_thread
-    loop_thread, worker = where(large)
-    assert worker != loop_thread
+    mid = json.dumps({"text": "a" * INLINE_BODY_BYTES}).encode()
+    large = json.dumps({"text": "a" * IDLE_INLINE_BODY_BYTES}).encode()
+    assert on_loop(small) and on_loop(small, idle=True)
+    assert not on_loop(mid) and on_loop(mid, idle=True)  # an idle server has no stream to hold up
+    assert not on_loop(large) and not on_loop(large, idle=True)
+
+
+def test_mid_sized_bodies_go_to_the_workers_while_another_parse_runs_there():
+    off_loop = OffLoop(2, idle=lambda: True)
+    assert off_loop.inline(INLINE_BODY_BYTES + 1)
+
+    async def run() -> bool:
+        started, release = threading.Event(), threading.Event()
+        busy = asyncio.ensure_future(off_loop.run(False, lambda: (started.set(), release.wait(10))))
+        await asyncio.to_thread(started.wait, 10)
+        during = off_loop.inline(INLINE_BODY_BYTES + 1)
+        release.set()
+        await busy
+        return during
+
+    assert asyncio.run(run()) is False and off_loop.working == 0 and off_loop.inline(INLINE_BODY_BYTES + 1)
 
 
 def test_n_and_prompt_logprob_volume_limits():

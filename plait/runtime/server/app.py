@@ -110,7 +110,7 @@ class ServerState:
         name = config.served_model_name or config.model
         self.model_names = [name] + ([config.model] if config.model != name else [])
         self.metrics = ServerMetrics()
-        self.off_loop = OffLoop(config.parse_threads)
+        self.off_loop = OffLoop(config.parse_threads, idle=lambda: client.in_flight == 0)
         self.max_prompt_chars = prompt_char_bound(tokenizer, self.info.max_prompt_tokens)
         decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)) if tokenizer is not None else None
         self.logprob_text = LogprobText(decode)

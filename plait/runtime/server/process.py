@@ -364,6 +364,9 @@ def run_engine_process(conn: Any, model: str, settings: dict[str, Any], log_leve
 # streams the detokenizer keeps at most (each ends when its outputs finish or the engine refuses it;
 # past this many the oldest is dropped, which can only happen if the engine lost track of requests)
 DETOKENIZER_MAX_STREAMS = 65536
+# a stream's detokenizers made when it registers (the rest at their first output): making one costs
+# 0.17 ms on a development VM after an idle gap (cold caches), which a first token should not wait for
+_EAGER_DETOKENIZERS = 8
 # messages the detokenizer takes from its pipe before forwarding them as one list
 _DETOKENIZER_BATCH = 4096
 DETOKENIZER_START_TIMEOUT_S = 120.0  # after the engine is ready: importing and loading the tokenizer
@@ -399,7 +402,9 @@ class StreamDecoder:
             kind = message[0]
             if kind == "decode":
                 _, rid, context, skip_special_tokens, outputs = message
-                self.streams[rid] = _DecodedStream(context, skip_special_tokens, outputs)
+                stream = self.streams[rid] = _DecodedStream(context, skip_special_tokens, outputs)
+                for index in range(min(outputs, _EAGER_DETOKENIZERS)):  # now, not on the first token's path
+                    stream.detokenizers[index] = self._detokenizer(stream)
                 if len(self.streams) > self.max_streams:
                     self.streams.popitem(last=False)
                     self.dropped += 1
@@ -415,6 +420,9 @@ class StreamDecoder:
             forward.append(message)
         return forward
 
+    def _detokenizer(self, stream: _DecodedStream) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tokenizer, stream.context, skip_special_tokens=stream.skip_special_tokens)
+
     def _decode(self, message: tuple, stream: _DecodedStream) -> None:
         _, rid, index, finished, payload = message
         if finished:
@@ -427,8 +435,7 @@ class StreamDecoder:
             return
         detokenizer = stream.detokenizers.get(index)
         if detokenizer is None:
-            detokenizer = stream.detokenizers[index] = IncrementalDetokenizer(
-                self.tokenizer, stream.context, skip_special_tokens=stream.skip_special_tokens)
+            detokenizer = stream.detokenizers[index] = self._detokenizer(stream)
         add = detokenizer.add
         payload["text_delta"] = "".join([add(token) for token in payload["output_ids"]])
 
@@ -608,6 +615,11 @@ class EngineClient:
             await asyncio.to_thread(self._detokenizer.join, 10)
         self._kill_children()
         self._dead = self._dead or "the engine has been shut down"
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not finished (or given up) yet."""
+        return len(self._pending)
 
     @property
     def alive(self) -> bool:
