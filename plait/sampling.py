@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -312,12 +312,18 @@ class SamplingParams:
     # ------------------------------------------------------------------ constructors / views
     @classmethod
     def field_names(cls) -> frozenset[str]:
-        """The names of all sampling parameters."""
-        return frozenset(f.name for f in dataclasses.fields(cls))
+        """The names of all sampling parameters (computed once: every request's keys are checked)."""
+        names = cls.__dict__.get("_field_names")
+        if names is None:
+            names = frozenset(f.name for f in dataclasses.fields(cls))
+            type.__setattr__(cls, "_field_names", names)
+        return names
 
     @classmethod
-    def _check_keys(cls, keys: Iterable[str]) -> None:
+    def _check_keys(cls, keys: Collection[str]) -> None:
         names = cls.field_names()
+        if names.issuperset(keys):
+            return
         unknown = sorted(str(k) for k in keys if k not in names)
         if unknown:
             listed = ", ".join(repr(k) for k in unknown)

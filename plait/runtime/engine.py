@@ -286,6 +286,8 @@ class Engine:
         strings, token healing); its streamed events then say ``"text": False`` and their output's
         text stays empty until the final event, which has the whole text as always.
         """
+        if on_admitted is not None:  # parsed once: the admission checks and _prepare both read them
+            sampling_params = self._parsed_sampling_params(sampling_params)
         args = (prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num,
                 return_text_in_logprobs, rid, stream, program_id, cache_namespace, stream_text)
         params_list = self._sampling_params_list(sampling_params) if on_admitted is not None else []
@@ -300,6 +302,16 @@ class Engine:
         if on_admitted is not None:
             on_admitted(None)
         return [req.rid for req in gi.requests]
+
+    @staticmethod
+    def _parsed_sampling_params(sampling_params: Any) -> Any:
+        """``sampling_params`` with each dict parsed into ``SamplingParams`` (one or a list, the shape
+        kept); items of another type are left for ``_prepare`` to refuse."""
+        if isinstance(sampling_params, dict):
+            return SamplingParams.from_dict(sampling_params)
+        if isinstance(sampling_params, (list, tuple)):
+            return [SamplingParams.from_dict(item) if isinstance(item, dict) else item for item in sampling_params]
+        return sampling_params
 
     @staticmethod
     def _sampling_params_list(sampling_params: Any) -> list[SamplingParams]:

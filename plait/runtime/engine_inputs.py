@@ -56,7 +56,15 @@ class GenerateInput:
 
 
 def _is_int_list(x: Any) -> bool:
-    return isinstance(x, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+    """A list or tuple of ints (bools are not token ids)."""
+    if not isinstance(x, (list, tuple)):
+        return False
+    if set(map(type, x)) <= _PLAIN_INT:  # the usual case, without a Python-level loop
+        return True
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+_PLAIN_INT = frozenset((int,))
 
 
 def _prompts_to_ids(engine: "Engine", prompt: Any, input_ids: Any) -> tuple[list[list[int]], bool]:
@@ -118,7 +126,7 @@ def normalize_inputs(
     for ids, params, rid_i in zip(id_lists, params_list, rids):
         if not ids:
             raise ValueError("the prompt is empty (it encodes to no tokens)")
-        bad = [t for t in ids if not 0 <= t < vocab]
+        bad = [] if min(ids) >= 0 and max(ids) < vocab else [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"input_ids contain token id(s) outside the vocabulary [0, {vocab}): {bad[:5]}")
         check_fits(len(ids), params.max_new_tokens, engine.context_length, engine.runner.pool.capacity)

@@ -61,6 +61,10 @@ BAD_REQUESTS = {
                               ValueError, "top_logprobs_num"),
     "params_per_prompt": (lambda e, ids: {"input_ids": [ids, ids], "sampling_params": [{}, {}, {}]}, ValueError,
                           "sampling_params"),
+    "params_item_type": (lambda e, ids: {"input_ids": [ids, ids], "sampling_params": [{}, 3]}, ValueError,
+                         "mapping"),
+    "bool_ids": (lambda e, ids: {"input_ids": [True] + ids}, TypeError, "input_ids"),
+    "float_ids": (lambda e, ids: {"input_ids": ids + [1.0]}, TypeError, "input_ids"),
     "rid_per_prompt": (lambda e, ids: {"input_ids": [ids, ids], "rid": ["a"]}, ValueError, "rid"),
     "rid_repeated_in_batch": (lambda e, ids: {"input_ids": [ids, ids], "rid": ["same", "same"]}, ValueError,
                               "already in use"),
@@ -75,6 +79,10 @@ def test_bad_request_is_a_clear_error(engine, chat_ids, case):
         engine.generate(**kwargs)
     with pytest.raises(error, match=message):  # a stream fails at the call, not on first iteration
         engine.generate(**kwargs, stream=True)
+    admitted = []  # the server's path (parameters parsed once, for the admission checks and the request)
+    with pytest.raises(error, match=message):
+        engine.submit(**kwargs, on_output=lambda index, event: None, on_admitted=admitted.append, stream=True)
+    assert admitted == []
     _serves(engine, chat_ids)
     assert engine.stats()["running"] == engine.stats()["waiting"] == 0
 
