@@ -13,6 +13,7 @@ import torch
 
 from plait.runtime.config import KV_CACHE_DTYPES, EngineConfig
 from plait.runtime.constrained.bitmask import apply_batch_bitmask
+from plait.runtime.distributed import TensorParallelLayout, tensor_parallel
 from plait.runtime.executor.cuda_graph import CudaGraphRunner
 from plait.runtime.executor.forward_batch import ForwardBatch
 from plait.runtime.executor.loader import ModelLoadError, iter_safetensors_weights
@@ -58,6 +59,11 @@ class ModelRunner:
         self.dtype = resolve_dtype(config, self.device)
         self.model_config = _with_engine_quantization(ModelConfig.from_hf(source.config), config, source)
         cfg = self.model_config
+        # this rank's part of the model in a tensor-parallel group (the whole model on one rank): its
+        # head counts size the attention backend, the KV cache and the graphs' buffers
+        tp = tensor_parallel()
+        self.tp_layout = TensorParallelLayout.for_model(cfg, tp.rank, tp.size)
+        self.local_config = self.tp_layout.local_config(cfg)
         memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
         self.config = config = config.with_batch_limits(self.device.type, cfg.moe is not None, memory)
         limit = cfg.max_position_embeddings
@@ -132,7 +138,7 @@ class ModelRunner:
             return TorchAttentionBackend()
         from plait.runtime.layers.triton_attention import TritonAttentionBackend
 
-        cfg = self.model_config
+        cfg = self.local_config
         return TritonAttentionBackend(
             cfg.num_heads, cfg.head_dim, max_batch_size=self.config.max_running_requests, device=self.device
         )
@@ -224,7 +230,7 @@ class ModelRunner:
         return dict(sliding_layers=sliding, sliding_window=window, sliding_fraction=ratio, min_sliding_slots=floor)
 
     def _build_pool(self) -> KVPool:
-        cfg = self.model_config
+        cfg = self.local_config
         args = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype())
         layout = self._sliding_layout()
         if self.config.max_total_tokens is not None:

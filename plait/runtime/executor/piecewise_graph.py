@@ -100,7 +100,7 @@ class PiecewiseCudaGraphRunner:
         self.runner = runner
         self.token_buckets = piecewise_token_ladder(max_tokens)
         self.max_tokens = max_tokens
-        cfg, device, dtype = runner.model_config, runner.device, runner.dtype
+        cfg, device, dtype = runner.local_config, runner.device, runner.dtype
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.out_cache_loc = torch.zeros(max_tokens, dtype=torch.int64, device=device)

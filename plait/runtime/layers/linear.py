@@ -85,11 +85,15 @@ class Linear(nn.Module):
 class MergedLinear(Linear):
     """Several linear maps of the same input packed along the output dim (q/k/v, gate/up).
 
-    ``shards`` maps a shard id (e.g. "q") to its output size, in packing order.
+    ``shards`` maps a shard id (e.g. "q") to its output size, in packing order. Column-parallel
+    (tensor parallelism): ``checkpoint_rows`` maps a shard id to the first of the checkpoint tensor's
+    rows that this rank holds (its count is the shard's size); the rest of the tensor is not kept.
     """
 
-    def __init__(self, in_features: int, shards: Sequence[tuple[object, int]], bias: bool = False):
+    def __init__(self, in_features: int, shards: Sequence[tuple[object, int]], bias: bool = False,
+                 checkpoint_rows: dict[object, int] | None = None):
         super().__init__(in_features, sum(size for _, size in shards), bias)
+        self.checkpoint_rows = checkpoint_rows or {}
         self.shard_offsets: dict[object, tuple[int, int]] = {}
         offset = 0
         for shard_id, size in shards:
@@ -102,6 +106,68 @@ class MergedLinear(Linear):
     def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         offset, size = self.shard_offsets[shard_id]
         target = param.data.narrow(0, offset, size)
+        start = self.checkpoint_rows.get(shard_id)
+        if start is not None:
+            if loaded.shape[0] < start + size:
+                raise ValueError(f"shard {shard_id!r}: checkpoint has {loaded.shape[0]} rows, this rank needs rows "
+                                 f"{start}..{start + size}")
+            loaded = loaded.narrow(0, start, size)
         if target.shape != loaded.shape:
             raise ValueError(f"shard {shard_id!r}: parameter slice {tuple(target.shape)} vs {tuple(loaded.shape)}")
         target.copy_(loaded)
+
+
+class RowParallelLinear(Linear):
+    """Tensor parallelism's row-parallel linear (``o_proj``, ``down_proj``): this rank holds the input
+    columns ``input_start .. input_start + in_features`` of the checkpoint's weight, multiplies its
+    part of the input, and the partial outputs are summed over the group (all-reduce); the bias, whole
+    on every rank, is added once after the sum."""
+
+    def __init__(self, in_features: int, out_features: int, input_start: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
+        self.input_start = input_start
+        self.weight.weight_loader = self._load_columns
+
+    def _load_columns(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if loaded.dim() != 2 or loaded.shape[1] < self.input_start + self.in_features:
+            raise ValueError(f"checkpoint weight {tuple(loaded.shape)} lacks input columns "
+                             f"{self.input_start}..{self.input_start + self.in_features}")
+        default_weight_loader(param, loaded.narrow(1, self.input_start, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from plait.runtime.distributed import all_reduce
+
+        y = all_reduce(apply_linear(x, self.weight, None, self.packed_weight, self.gemv_config))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Tensor parallelism's vocabulary-parallel embedding: this rank holds ``count`` rows of the
+    checkpoint's table from ``start`` in a table of ``rows`` (the vocabulary padded to a multiple of
+    the group; rows past the vocabulary stay zero). Tokens outside its rows embed to zero here and the
+    ranks' embeddings are summed (all-reduce). The LM head of a tied model uses the same rows."""
+
+    def __init__(self, rows: int, hidden_size: int, start: int, count: int):
+        super().__init__()
+        self.start, self.count = start, count
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self._load_rows
+
+    def _load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if loaded.dim() != 2 or loaded.shape[0] < self.start + self.count or loaded.shape[1] != param.shape[1]:
+            raise ValueError(f"checkpoint table {tuple(loaded.shape)} does not hold rows {self.start}.."
+                             f"{self.start + self.count} of width {param.shape[1]}")
+        param.data.zero_()
+        param.data[: self.count].copy_(loaded.narrow(0, self.start, self.count))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from plait.runtime.distributed import all_reduce
+
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.count)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return all_reduce(x.masked_fill(outside.unsqueeze(-1), 0))
+
+
+class VocabParallelLMHead(VocabParallelEmbedding):
+    """The LM head's rows of this rank (as ``VocabParallelEmbedding`` splits them), untied."""

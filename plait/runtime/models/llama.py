@@ -15,10 +15,20 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from plait.runtime.distributed import TensorParallelLayout, all_gather_last_dim, tensor_parallel
 from plait.runtime.executor.forward_batch import ForwardBatch
 from plait.runtime.layers.activation import SiluAndMul
 from plait.runtime.layers.attention import Attention, AttentionBackend
-from plait.runtime.layers.linear import Linear, MergedLinear, apply_linear, default_weight_loader, mkl_pack
+from plait.runtime.layers.linear import (
+    Linear,
+    MergedLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    apply_linear,
+    default_weight_loader,
+    mkl_pack,
+)
 from plait.runtime.layers.norm import RMSNorm
 from plait.runtime.layers.rotary import RotaryEmbedding
 from plait.runtime.models.config import ModelConfig
@@ -34,13 +44,27 @@ PACKED_WEIGHTS = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding, backend: AttentionBackend):
+    """Attention of one layer. ``cfg`` has this rank's head counts (``TensorParallelLayout.local_config``)
+    and ``layout`` says where they start in the checkpoint (None: the whole model, one rank)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding, backend: AttentionBackend,
+                 layout: TensorParallelLayout | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        split = layout is not None and layout.size > 1
+        rows = None
+        if split:
+            d = cfg.head_dim
+            rows = {"q": layout.head_start * d, "k": layout.kv_head_start * d, "v": layout.kv_head_start * d}
         self.qkv_proj = MergedLinear(
-            cfg.hidden_size, [("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)], bias=cfg.attention_bias
+            cfg.hidden_size, [("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)], bias=cfg.attention_bias,
+            checkpoint_rows=rows,
         )
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_out_bias)
+        if split:
+            self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, layout.head_start * cfg.head_dim,
+                                            bias=cfg.attention_out_bias)
+        else:
+            self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_out_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -51,7 +75,9 @@ class LlamaAttention(nn.Module):
         # GPT-OSS: a learned sink logit per head (checkpoint name ``self_attn.sinks``)
         self.sinks = nn.Parameter(torch.empty(cfg.num_heads), requires_grad=False) if cfg.attention_sinks else None
         if self.sinks is not None:
-            self.sinks.weight_loader = default_weight_loader
+            head_start = layout.head_start if split else 0
+            self.sinks.weight_loader = (
+                lambda param, loaded, shard_id=None: default_weight_loader(param, loaded[head_start:head_start + param.shape[0]]))
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -77,10 +103,19 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The dense SwiGLU MLP; with a split ``layout`` this rank holds its intermediate columns
+    (gate/up column-parallel, down row-parallel)."""
+
+    def __init__(self, cfg: ModelConfig, layout: TensorParallelLayout | None = None):
         super().__init__()
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [(0, cfg.intermediate_size), (1, cfg.intermediate_size)])
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        split = layout is not None and layout.size > 1
+        size = cfg.intermediate_size
+        rows = {0: layout.intermediate_start, 1: layout.intermediate_start} if split else None
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, [(0, size), (1, size)], checkpoint_rows=rows)
+        if split:
+            self.down_proj = RowParallelLinear(size, cfg.hidden_size, layout.intermediate_start)
+        else:
+            self.down_proj = Linear(size, cfg.hidden_size)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,11 +126,12 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention then pre-norm MLP (``mlp``: the dense ``LlamaMLP`` or a ``MoE``), residuals fused."""
 
     def __init__(
-        self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding, backend: AttentionBackend, mlp: nn.Module
+        self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding, backend: AttentionBackend, mlp: nn.Module,
+        layout: TensorParallelLayout | None = None,
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, layer_id, rotary, backend)
+        self.self_attn = LlamaAttention(cfg, layer_id, rotary, backend, layout)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
 
@@ -123,14 +159,19 @@ class LlamaModel(nn.Module):
         rotary: RotaryEmbedding,
         backend: AttentionBackend,
         build_mlp: Callable[[ModelConfig, int], nn.Module],
+        layout: TensorParallelLayout | None = None,
     ):
         super().__init__()
         self.rotary = rotary
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.embed_tokens.weight.weight_loader = default_weight_loader
+        if layout is not None and layout.size > 1:
+            self.embed_tokens = VocabParallelEmbedding(layout.vocab_rows, cfg.hidden_size, layout.vocab_start,
+                                                       layout.vocab_count)
+        else:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.embed_tokens.weight.requires_grad_(False)
+            self.embed_tokens.weight.weight_loader = default_weight_loader
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, rotary, backend, build_mlp(cfg, i)) for i in range(cfg.num_layers)
+            LlamaDecoderLayer(cfg, i, rotary, backend, build_mlp(cfg, i), layout) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -145,15 +186,26 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Decoder + LM head. ``forward`` returns hidden states [T, hidden]; ``compute_logits`` the float32 logits."""
+    """Decoder + LM head. ``forward`` returns hidden states [T, hidden]; ``compute_logits`` the float32 logits.
+
+    ``cfg`` is the whole model's config; in a tensor-parallel group (``distributed.tensor_parallel()``)
+    this rank builds its part (``TensorParallelLayout``), and ``compute_logits`` gathers the whole
+    vocabulary's logits from the ranks."""
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int):
         super().__init__()
         self.config = cfg
+        tp = tensor_parallel()
+        self.layout = TensorParallelLayout.for_model(cfg, tp.rank, tp.size)
+        local = self.layout.local_config(cfg)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.model = LlamaModel(cfg, self.rotary, backend, self.build_mlp)
+        self.model = LlamaModel(local, self.rotary, backend, self.build_mlp, self.layout)
         if cfg.tie_word_embeddings:
             self.lm_head = None
+        elif self.layout.size > 1:
+            layout = self.layout
+            self.lm_head = VocabParallelLMHead(layout.vocab_rows, cfg.hidden_size, layout.vocab_start,
+                                               layout.vocab_count)
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
@@ -161,8 +213,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_gemv = None
 
     def build_mlp(self, cfg: ModelConfig, layer_id: int) -> nn.Module:
-        """The MLP of layer ``layer_id`` (MoE models override this)."""
-        return LlamaMLP(cfg)
+        """The MLP of layer ``layer_id`` (MoE models override this); ``cfg`` has this rank's sizes."""
+        return LlamaMLP(cfg, self.layout)
 
     def prepack(self) -> None:
         """Prepack every linear weight (and the LM head) for fast small-batch GEMMs on CPU."""
@@ -187,7 +239,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model(batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return apply_linear(hidden, self.lm_head_weight(), None, self.lm_head_packed, self.lm_head_gemv).float()
+        logits = apply_linear(hidden, self.lm_head_weight(), None, self.lm_head_packed, self.lm_head_gemv)
+        if self.layout.size > 1:  # each rank's vocabulary rows, padded alike: side by side, then the padding cut
+            logits = all_gather_last_dim(logits)[:, : self.config.vocab_size]
+        return logits.float()
 
     def checkpoint_target(self, name: str, tensor: torch.Tensor) -> tuple[str, object, torch.Tensor] | None:
         """Where a checkpoint tensor goes: (parameter name, shard id, tensor), or None to skip it.
