@@ -22,6 +22,9 @@ class EngineConfig:
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
     tokenizer_path: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # tensor parallelism: the model split over this many ranks, one process each (GPUs cuda:0 .. N-1 on a
+    # GPU host, gloo on the CPU); the scheduler, radix cache and sampling run once, on rank 0
+    tp_size: int = 1
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     # expert weight format: None (the checkpoint's: MXFP4 when its quantization_config says so, else dtype)
     # | "mxfp4" (dummy weights drawn in MXFP4; a checkpoint must already be MXFP4)
@@ -107,6 +110,8 @@ class EngineConfig:
             raise ValueError(f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
+        if type(self.tp_size) is not int or self.tp_size < 1:
+            raise ValueError(f"tp_size must be an int >= 1, got {self.tp_size!r}")
         for name in ("max_running_requests", "chunked_prefill_size", "cuda_graph_max_bs", "max_samples_per_prompt",
                      "prompt_logprob_chunk_size", "piecewise_cuda_graph_max_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

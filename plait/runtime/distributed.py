@@ -29,12 +29,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TensorParallelGroup:
-    """This process's place in a tensor-parallel group; ``group`` is a torch.distributed process group
-    (None: the default group, or no group at all when ``size`` is 1)."""
+    """This process's place in a tensor-parallel group. ``group``: the torch.distributed process group
+    of the model's collectives (None: the default group, or none at all when ``size`` is 1);
+    ``cpu_group``: a gloo group for host-side messages (each step's batch, start-up agreements), the
+    same group on the CPU."""
 
     rank: int = 0
     size: int = 1
     group: Any = None
+    cpu_group: Any = None
 
 
 _CURRENT = TensorParallelGroup()

@@ -28,6 +28,7 @@ from plait.runtime.constrained.service import ConstrainedDecoding
 from plait.runtime.engine_inputs import GenerateInput, normalize_inputs
 from plait.runtime.executor.model_runner import ModelRunner
 from plait.runtime.executor.sampler import Sampler
+from plait.runtime.executor.tensor_parallel import TensorParallelError, TensorParallelRanks
 from plait.runtime.kvcache.pins import ProgramPins
 from plait.runtime.kvcache.radix import RadixCache
 from plait.runtime.models.registry import resolve_model
@@ -126,7 +127,7 @@ class Engine:
         source = resolve_model(self.config.model, self.config.load_format, self.config.tokenizer_path)
         self.model_source = source
         self.tokenizer = Tokenizer.from_dir(source.tokenizer_dir) if source.tokenizer_dir else None
-        self.runner = ModelRunner(self.config, source)
+        self.runner = self._build_runner(source)
         self.config = self.runner.config  # with the batch limits resolved for this model and device
         self.model_config = self.runner.model_config
         self.context_length = self.runner.context_length
@@ -164,10 +165,29 @@ class Engine:
         self._dead = False
         overlap = self.config.enable_overlap
         self.overlap = self.runner.device.type == "cuda" if overlap is None else overlap
+        if self._tp is not None:  # the other ranks need each step's token ids before it runs
+            self.overlap = False
         self._inflight: InFlightStep | None = None
         self._thread = threading.Thread(target=self._loop, name="plait-engine", daemon=True)
         self._thread.start()
         _LIVE_ENGINES.add(self)
+
+    def _build_runner(self, source: Any) -> ModelRunner:
+        """This process's model runner: the whole model, or with ``tp_size`` > 1 rank 0's part, the other
+        ranks started first (they build their parts alongside; a rank that fails fails the start)."""
+        self._tp: TensorParallelRanks | None = None
+        if self.config.tp_size == 1:
+            return ModelRunner(self.config, source)
+        self._tp = TensorParallelRanks(self.config, source)
+        try:
+            self._tp.start()
+            runner = ModelRunner(self.config, source)
+        except BaseException as exc:
+            reason = self._tp.first_error(exc)
+            self._tp.stop(graceful=False)
+            raise TensorParallelError(f"tensor parallelism of {self.config.tp_size} could not start: {reason}") from exc
+        self._tp.attach(runner)
+        return runner
 
     def _forced_in_decode_min_batch(self) -> int | None:
         """``Scheduler.forced_in_decode_min_batch`` from ``jump_forward_decode_min_batch`` (None: never)."""
@@ -465,6 +485,8 @@ class Engine:
         self._admission.shutdown(wait=True)
         self.relaxed.shutdown()  # validations in progress deliver their requests
         if not self._thread.is_alive():
+            if self._tp is not None:
+                self._tp.stop()
             self.runner.release()  # the model and KV cache memory is free for the next engine
 
     def __enter__(self) -> "Engine":
@@ -520,6 +542,8 @@ class Engine:
 
     def _submit(self, requests: list[Request], handles: list[_Handle]) -> None:
         with self._cv:
+            if self._dead:  # checked again under the lock: the loop may have ended since _prepare
+                raise RuntimeError("the engine loop has died")
             dup = [r.rid for r in requests if r.rid in self._active]
             if dup or len({r.rid for r in requests}) < len(requests):
                 raise ValueError(f"request id(s) already in use: {dup or [r.rid for r in requests]}")
@@ -641,6 +665,8 @@ class Engine:
                 return
             if self.scheduler.has_work():
                 self._step()
+            if self._dead:  # _fail_everything: the engine cannot run steps any more
+                return
 
     def _apply(self, kind: str, payload: Any) -> None:
         if kind == "add":
@@ -690,6 +716,20 @@ class Engine:
                 keep.append(item)
         return keep
 
+    def _fail_everything(self, exc: Exception) -> None:
+        """The engine cannot go on (a tensor-parallel rank died): every request ends with ``exc``'s
+        message, and the loop stops after this (the engine reports itself dead)."""
+        logger.error("the engine stops: %s", exc)
+        message = f"engine unavailable: {exc}"
+        with self._cv:  # nothing is queued after this (_submit checks under the lock)
+            self._dead = True
+            commands, self._inbox = self._inbox, []
+        for kind, payload in commands:  # queued requests are finished below; calls get their answers
+            self._apply(kind, payload)
+        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if req.status is not RequestStatus.FINISHED:
+                self._finish(req, {"type": "abort", "message": message})
+
     def _fail_items(self, items: list[ScheduledItem], exc: Exception) -> None:
         logger.exception("engine step failed")
         for item in items:
@@ -710,6 +750,9 @@ class Engine:
                 plan.sample_rows = [plan.sample_rows[k] for k in keep]
                 plan.sample_items = [plan.sample_items[k] for k in keep]
             sampled = sample_next_tokens(plan, logits, self.sampler)
+        except TensorParallelError as exc:  # a rank is gone: no step can run again
+            self._fail_everything(exc)
+            return
         except Exception as exc:  # a bug or bad state in one step must not take the engine down
             self._fail_items(items, exc)
             return

@@ -1,17 +1,16 @@
 """Tensor parallelism on the CPU: the bundled model split over 2 ranks (gloo) computes what it computes whole.
 
-Each rank is a process of its own that builds a ``ModelRunner`` for its part of the model (the 3 KV
-heads split 2 + 1, their query heads with them; the MLP's columns and the vocabulary halved) and runs
-the same hand-built steps: a batched prefill of two prompts of different lengths, then two decode
-steps that read the KV cache the prefill wrote. Every position's float32 logits must match the whole
-model's (summation order differs: all-reduces add the ranks' partial sums) and so must the greedy
-tokens. ``TensorParallelLayout`` is also checked on its own for uneven and replicated splits.
+``Engine(tp_size=2)`` runs rank 0 in the test's process and rank 1 in a process of its own, each
+holding its part of the model (the 3 KV heads split 2 + 1, their query heads with them; the MLP's
+columns and the vocabulary halved). Hand-built steps on rank 0's runner (a batched prefill of two
+prompts of different lengths, then decode steps that read the KV cache it wrote) must give the whole
+model's float32 logits at every position (summation order differs: all-reduces add the ranks'
+partial sums); the engine's greedy tokens must be transformers' through retraction, chunked prefill
+and prefix hits; a killed rank must end requests with a clear error, never a hang.
+``TensorParallelLayout`` is also checked on its own for uneven and replicated splits.
 """
 
 from __future__ import annotations
-
-import multiprocessing
-import socket
 
 import pytest
 import torch
@@ -69,40 +68,35 @@ def test_layout_refuses_splits_it_cannot_make(changes, size, message):
         TensorParallelLayout.for_model(_config(**changes), 0, size)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _steps(runner) -> list[torch.Tensor]:
-    """The prefill's logits at every prompt position, then each greedy decode step's logits."""
+    """The prefill's logits at every prompt position, then each greedy decode step's logits (the slots
+    and rows it takes are given back at the end)."""
     from plait.runtime.executor.forward_batch import ForwardBatch
 
     pool, table = runner.pool, runner.slot_table
-    rows, lens = [], []
+    rows, lens, taken = [], [], []
     for ids in PROMPTS:
         row = table.alloc()
-        table.write(row, 0, pool.alloc(len(ids)))
+        slots = pool.alloc(len(ids))
+        table.write(row, 0, slots)
         rows.append(row)
         lens.append(len(ids))
+        taken.append(slots)
     starts = [sum(lens[:i]) for i in range(len(lens))]
-    total = sum(lens)
     batch = ForwardBatch(
         input_ids=torch.tensor([t for ids in PROMPTS for t in ids]),
         positions=torch.cat([torch.arange(n) for n in lens]),
-        out_cache_loc=torch.cat([table.table[row, :n] for row, n in zip(rows, lens)]),
-        req_rows=torch.tensor(rows), prefix_lens=[0] * len(rows), extend_lens=list(lens), seq_lens=list(lens),
-        extend_starts=starts, logits_indices=torch.arange(total), pool=pool, slot_table=table.table,
+        out_cache_loc=torch.cat(taken), req_rows=torch.tensor(rows), prefix_lens=[0] * len(rows),
+        extend_lens=list(lens), seq_lens=list(lens), extend_starts=starts, logits_indices=torch.arange(sum(lens)),
+        pool=pool, slot_table=table.table,
     )
     outputs = [runner.forward(batch)]
     tokens = outputs[0][torch.tensor([s + n - 1 for s, n in zip(starts, lens)])].argmax(-1)
     for _ in range(DECODE_STEPS):
-        slots = []
-        for row, n in zip(rows, lens):
-            slot = pool.alloc(1)
+        slots = [pool.alloc(1) for _ in rows]
+        taken.extend(slots)
+        for row, n, slot in zip(rows, lens, slots):  # what the engine's step builder does before a forward
             table.write(row, n, slot)
-            slots.append(slot)
         batch = ForwardBatch(
             input_ids=tokens, positions=torch.tensor(lens), out_cache_loc=torch.cat(slots), req_rows=torch.tensor(rows),
             prefix_lens=list(lens), extend_lens=[1] * len(rows), seq_lens=[n + 1 for n in lens],
@@ -112,6 +106,10 @@ def _steps(runner) -> list[torch.Tensor]:
         outputs.append(runner.forward(batch))
         tokens = outputs[-1].argmax(-1)
         lens = [n + 1 for n in lens]
+    for slots in taken:
+        pool.free(slots)
+    for row in rows:
+        table.free(row)
     return outputs
 
 
@@ -125,50 +123,79 @@ def _runner():
     return ModelRunner(config, resolve_model(config.model))
 
 
-def _rank_main(rank: int, size: int, port: int, results) -> None:
-    import torch.distributed as dist
+@pytest.fixture(scope="module")
+def tp_engine(bundled_model_dir, varied_prompt_ids):
+    """Engine(tp_size=2) with a pool too small for every varied prompt at once (retractions follow);
+    ``test_shutdown_stops_the_other_ranks`` ends it."""
+    from plait.runtime.engine import Engine
 
-    from plait.runtime.distributed import TensorParallelGroup, set_tensor_parallel
-
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-        set_tensor_parallel(TensorParallelGroup(rank, size))
-        runner = _runner()
-        weights = sum(p.numel() for p in runner.model.parameters())
-        results.put((rank, weights, [t.numpy() for t in _steps(runner)]))
-        dist.destroy_process_group()
-    except BaseException as exc:  # reported to the test, which names the rank
-        results.put((rank, None, f"{type(exc).__name__}: {exc}"))
+    total = max(len(ids) for ids in varied_prompt_ids) + 40
+    engine = Engine(model=str(bundled_model_dir), tp_size=2, max_total_tokens=total, chunked_prefill_size=16,
+                    schedule_conservativeness=0)
+    yield engine
+    engine.shutdown()
 
 
-def test_two_ranks_over_gloo_compute_the_whole_models_logits(bundled_model_dir):
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    ranks = [ctx.Process(target=_rank_main, args=(r, 2, port, results), daemon=True) for r in range(2)]
-    for process in ranks:
-        process.start()
-    whole = _runner()
-    expected = _steps(whole)
-    whole_weights = sum(p.numel() for p in whole.model.parameters())
-    del whole
-    got = {}
-    for _ in ranks:
-        rank, weights, outputs = results.get(timeout=300)
-        assert weights is not None, f"rank {rank} failed: {outputs}"
-        got[rank] = (weights, outputs)
-    for process in ranks:
-        process.join(timeout=60)
-        assert process.exitcode == 0
-    # each rank holds about half the weights (norms are replicated, the vocabulary and heads split)
-    assert all(weights < 0.6 * whole_weights for weights, _ in got.values())
-    for rank, (_, outputs) in got.items():
-        assert len(outputs) == len(expected)
-        for step, (out, ref) in enumerate(zip(outputs, expected)):
-            out = torch.from_numpy(out)
-            assert out.shape == ref.shape, (rank, step)
-            assert torch.allclose(out, ref, atol=2e-4, rtol=1e-4), (rank, step, (out - ref).abs().max().item())
-            assert torch.equal(out.argmax(-1), ref.argmax(-1)), (rank, step)
-            logprobs, ref_logprobs = out.log_softmax(-1), ref.log_softmax(-1)
-            assert (logprobs - ref_logprobs).abs().max().item() < 1e-4, (rank, step)
+def test_two_ranks_over_gloo_compute_the_whole_models_logits(tp_engine):
+    """Rank 0's runner (which sends each step to rank 1) against the whole model, position by position."""
+    expected = _steps(_runner())
+    outputs = _steps(tp_engine.runner)
+    assert tp_engine.runner.model.layout.size == 2
+    assert len(outputs) == len(expected)
+    for step, (out, ref) in enumerate(zip(outputs, expected)):
+        assert out.shape == ref.shape, step
+        assert torch.allclose(out, ref, atol=2e-4, rtol=1e-4), (step, (out - ref).abs().max().item())
+        assert torch.equal(out.argmax(-1), ref.argmax(-1)), step
+        assert (out.log_softmax(-1) - ref.log_softmax(-1)).abs().max().item() < 1e-4, step
+
+
+def test_a_tensor_parallel_engine_matches_transformers_through_retraction_and_prefix_hits(
+        tp_engine, varied_prompt_ids, hf_greedy):
+    """Engine(tp_size=2): the scheduler runs once (rank 0) and the other rank follows each step. With
+    a pool too small for every request (evictions, retractions), chunked prefill, then the same prompts
+    again from the prefix cache, the greedy tokens are transformers'."""
+    from tests.runtime.engine_helpers import assert_no_leak, greedy_params
+
+    assert tp_engine.overlap is False
+    outs = tp_engine.generate(input_ids=varied_prompt_ids, sampling_params=greedy_params())
+    assert [o["output_ids"] for o in outs] == hf_greedy
+    assert tp_engine.stats()["retractions"] > 0
+    again = tp_engine.generate(input_ids=varied_prompt_ids[:2], sampling_params=greedy_params())
+    assert [o["output_ids"] for o in again] == hf_greedy[:2]
+    assert sum(o["meta_info"]["cached_tokens"] for o in again) > 0
+    assert_no_leak(tp_engine)
+
+
+def test_shutdown_stops_the_other_ranks(tp_engine):
+    """(Shuts the module's engine down: it runs after the tests that use it.)"""
+    rank = tp_engine._tp.processes[0]
+    tp_engine.shutdown()
+    rank.join(timeout=30)
+    assert rank.exitcode == 0
+    tp_engine.shutdown()  # a second shutdown is harmless
+
+
+def test_a_dead_rank_fails_requests_clearly_and_nothing_hangs(bundled_model_dir, chat_ids):
+    import threading
+
+    from plait.runtime.engine import Engine
+
+    engine = Engine(model=str(bundled_model_dir), tp_size=2, max_total_tokens=512, max_running_requests=2)
+    longest = engine.runner.pool.capacity - len(chat_ids) - 1  # still running when its rank is killed
+    stream = engine.generate(input_ids=chat_ids, sampling_params={"max_new_tokens": longest, "ignore_eos": True},
+                             stream=True)
+    next(stream)
+    engine._tp.processes[0].kill()
+    finished = []
+    reader = threading.Thread(target=lambda: finished.extend(stream), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "the stream hung after a rank died"
+    reason = finished[-1]["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and ("rank 1" in reason["message"] or "group" in reason["message"]), reason
+    with pytest.raises(RuntimeError, match="died"):
+        engine.generate(input_ids=chat_ids, sampling_params={"max_new_tokens": 2})
+    done = threading.Thread(target=engine.shutdown, daemon=True)
+    done.start()
+    done.join(timeout=60)
+    assert not done.is_alive(), "shutdown hung after a rank died"

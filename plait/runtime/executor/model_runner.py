@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -59,10 +60,14 @@ class ModelRunner:
         self.dtype = resolve_dtype(config, self.device)
         self.model_config = _with_engine_quantization(ModelConfig.from_hf(source.config), config, source)
         cfg = self.model_config
-        # this rank's part of the model in a tensor-parallel group (the whole model on one rank): its
-        # head counts size the attention backend, the KV cache and the graphs' buffers
+        # this rank's part of the model with tp_size > 1 (its rank: this process's tensor-parallel group),
+        # else the whole model: its head counts size the attention backend, the KV cache and the graphs' buffers
         tp = tensor_parallel()
-        self.tp_layout = TensorParallelLayout.for_model(cfg, tp.rank, tp.size)
+        if config.tp_size > 1 and tp.size != config.tp_size:
+            raise RuntimeError(f"tp_size={config.tp_size} but this process is not a rank of such a group "
+                               "(the engine starts one: Engine(tp_size=N))")
+        self.tp_layout = (TensorParallelLayout.for_model(cfg, tp.rank, tp.size) if config.tp_size > 1
+                          else TensorParallelLayout.for_model(cfg))
         self.local_config = self.tp_layout.local_config(cfg)
         memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
         self.config = config = config.with_batch_limits(self.device.type, cfg.moe is not None, memory)
@@ -78,6 +83,8 @@ class ModelRunner:
                                          full_to_sliding=self.pool.full_to_sliding)
         self.pad_row = self.slot_table.alloc()
         self.cuda_graphs: CudaGraphRunner | None = None
+        # tensor parallelism's rank 0: called with each batch before its forward (sends it to the other ranks)
+        self.before_forward: Callable[[ForwardBatch], None] | None = None
         self.piecewise_graphs: PiecewiseCudaGraphRunner | None = None
         self.graph_steps = 0  # decode steps replayed from a captured CUDA graph
         self.piecewise_graph_steps = 0  # prefill and mixed steps replayed piecewise (the others ran eagerly)
@@ -160,7 +167,7 @@ class ModelRunner:
         self._check_fits()
         with torch.device("meta"):
             model_cls = model_class(self.model_config.model_type)
-            model = model_cls(self.model_config, self.attn_backend, self.context_length + 1)
+            model = model_cls(self.model_config, self.attn_backend, self.context_length + 1, layout=self.tp_layout)
         materialize(model, self.device, self.dtype)
         if source.load_format == "dummy" or source.weights_dir is None:
             self._init_dummy_weights(model)
@@ -230,6 +237,25 @@ class ModelRunner:
         return dict(sliding_layers=sliding, sliding_window=window, sliding_fraction=ratio, min_sliding_slots=floor)
 
     def _build_pool(self) -> KVPool:
+        """The KV pool; in a tensor-parallel group every rank's has the smallest rank's slot count (the
+        scheduler on rank 0 hands out slots for all of them)."""
+        pool = self._new_pool()
+        if self.tp_layout.size == 1:
+            return pool
+        tp = tensor_parallel()
+        import torch.distributed as dist
+
+        if pool.hybrid:
+            raise ValueError("tensor parallelism with the hybrid sliding-window KV layout is not supported yet")
+        slots = torch.tensor([pool.capacity], dtype=torch.int64)
+        dist.all_reduce(slots, op=dist.ReduceOp.MIN, group=tp.cpu_group)
+        if int(slots) == pool.capacity:
+            return pool
+        cfg = self.local_config
+        del pool  # its memory is needed for the smaller one
+        return KVPool(int(slots), cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype(), device=self.device)
+
+    def _new_pool(self) -> KVPool:
         cfg = self.local_config
         args = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype())
         layout = self._sliding_layout()
@@ -276,6 +302,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Run the batch; returns float32 logits [N, vocab] for ``batch.logits_indices``."""
+        if self.before_forward is not None:
+            self.before_forward(batch)
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
             self.graph_steps += 1
             logits = self.cuda_graphs.run(batch)  # every row's

@@ -38,6 +38,7 @@ class ReqToSlotTable:
         )
         # A stack; reversed so that rows are handed out 0, 1, 2, ...
         self._free_rows: list[int] = list(range(max_requests - 1, -1, -1))
+        self.journal: list[tuple[int, int, list[int]]] | None = None
         self._is_free: list[bool] = [True] * max_requests
 
     @property
@@ -67,9 +68,13 @@ class ReqToSlotTable:
         self._free_rows.append(row)
 
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
-        """Store ``slots`` ([n]) as the slots of tokens ``start .. start + n - 1`` of ``row``."""
+        """Store ``slots`` ([n]) as the slots of tokens ``start .. start + n - 1`` of ``row``. With a
+        ``journal`` (a list; tensor parallelism's rank 0) each write is also recorded there as
+        ``(row, start, slots as a list)``, for the other ranks to replay on their tables."""
         self._check_row(row)
         n = slots.numel()
+        if self.journal is not None:
+            self.journal.append((row, start, slots.reshape(-1).tolist()))
         if start < 0 or start + n > self.max_context_len:
             raise ValueError(
                 f"writing {n} slots at position {start} exceeds max_context_len={self.max_context_len}"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from plait.runtime.distributed import TensorParallelLayout, all_gather_last_dim, tensor_parallel
+from plait.runtime.distributed import TensorParallelLayout, all_gather_last_dim
 from plait.runtime.executor.forward_batch import ForwardBatch
 from plait.runtime.layers.activation import SiluAndMul
 from plait.runtime.layers.attention import Attention, AttentionBackend
@@ -188,15 +188,15 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Decoder + LM head. ``forward`` returns hidden states [T, hidden]; ``compute_logits`` the float32 logits.
 
-    ``cfg`` is the whole model's config; in a tensor-parallel group (``distributed.tensor_parallel()``)
-    this rank builds its part (``TensorParallelLayout``), and ``compute_logits`` gathers the whole
-    vocabulary's logits from the ranks."""
+    ``cfg`` is the whole model's config; with a split ``layout`` (a rank of a tensor-parallel group)
+    this builds that rank's part, and ``compute_logits`` gathers the whole vocabulary's logits from
+    the ranks (the collectives use ``distributed.tensor_parallel()``'s group)."""
 
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int,
+                 layout: TensorParallelLayout | None = None):
         super().__init__()
         self.config = cfg
-        tp = tensor_parallel()
-        self.layout = TensorParallelLayout.for_model(cfg, tp.rank, tp.size)
+        self.layout = layout if layout is not None else TensorParallelLayout.for_model(cfg)
         local = self.layout.local_config(cfg)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.model = LlamaModel(local, self.rotary, backend, self.build_mlp, self.layout)
