@@ -77,6 +77,10 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     bench.set_defaults(handler=run)
 
 
+# other spellings of engine settings, as SGLang's and vLLM's servers take them
+ENGINE_FLAG_ALIASES = {"tp_size": ("--tp", "--tensor-parallel-size")}
+
+
 def _engine_setting_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per ``EngineConfig`` field (no torch import: the dataclass module is plain)."""
     import dataclasses
@@ -88,6 +92,7 @@ def _engine_setting_arguments(parser: argparse.ArgumentParser) -> None:
         if spec.name == "model":
             continue
         flag = "--" + spec.name.replace("_", "-")
+        aliases = ENGINE_FLAG_ALIASES.get(spec.name, ())
         kind = str(spec.type)
         default = spec.default if spec.default is not dataclasses.MISSING else None
         if "bool" in kind:
@@ -96,7 +101,7 @@ def _engine_setting_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         convert = int if kind.startswith("int") else float if kind.startswith("float") else str
         shown = "chosen by the engine (docs)" if default is None else default
-        group.add_argument(flag, dest=f"engine.{spec.name}", type=convert, default=argparse.SUPPRESS,
+        group.add_argument(flag, *aliases, dest=f"engine.{spec.name}", type=convert, default=argparse.SUPPRESS,
                            metavar=spec.name.upper(), help=f"default: {shown}")
 
 

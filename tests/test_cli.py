@@ -76,3 +76,9 @@ def test_subcommands_can_be_added(monkeypatch: pytest.MonkeyPatch, capsys: pytes
     assert capsys.readouterr().out == "hello plait\n"
     parser = cli.build_parser()
     assert isinstance(parser.subcommands, argparse._SubParsersAction)
+
+
+@pytest.mark.parametrize("flag", ["--tp-size", "--tp", "--tensor-parallel-size"])
+def test_serve_takes_tensor_parallelism_as_sglang_and_vllm_spell_it(flag: str) -> None:
+    args = cli.build_parser().parse_args(["serve", flag, "2"])
+    assert cli.engine_settings(args) == {"tp_size": 2}

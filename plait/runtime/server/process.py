@@ -31,6 +31,7 @@ itself; every final payload has the engine's full text.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import importlib
 import itertools
@@ -544,11 +545,17 @@ class EngineClient:
             detokenizer_out.close()
         else:
             self._outputs = parent
+        # an engine with tensor-parallel ranks starts processes of its own, which a daemonic process
+        # may not: then it is not daemonic, and this process closes its pipe at exit (before
+        # multiprocessing joins it), which makes the engine shut down, ranks included
+        tensor_parallel = int(self.settings.get("tp_size", 1) or 1) > 1
         self._process = ctx.Process(
             target=run_engine_process, args=(child, self.model, self.settings, self.log_level, engine_out),
-            name="plait-engine", daemon=True,
+            name="plait-engine", daemon=not tensor_parallel,
         )
         self._process.start()
+        if tensor_parallel:
+            atexit.register(parent.close)
         child.close()
         if engine_out is not None:
             engine_out.close()  # the engine holds the only write end: its exit ends the detokenizer
