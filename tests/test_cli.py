@@ -82,3 +82,8 @@ def test_subcommands_can_be_added(monkeypatch: pytest.MonkeyPatch, capsys: pytes
 def test_serve_takes_tensor_parallelism_as_sglang_and_vllm_spell_it(flag: str) -> None:
     args = cli.build_parser().parse_args(["serve", flag, "2"])
     assert cli.engine_settings(args) == {"tp_size": 2}
+
+
+def test_bench_takes_tensor_parallelism_beside_other_engine_settings() -> None:
+    args = cli.build_parser().parse_args(["bench", "--tp", "2", "--engine-arg", "max_total_tokens=64"])
+    assert dict(args.engine_args) == {"tp_size": 2, "max_total_tokens": 64}

@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, metavar="FILE", help="also write the table as markdown to FILE")
     parser.add_argument("--engine-arg", dest="engine_args", type=parse_engine_arg, action="append", default=[],
                         metavar="KEY=VALUE", help="an Engine setting, repeatable (e.g. attention_backend=triton)")
+    parser.add_argument("--tp", "--tp-size", dest="engine_args", type=lambda v: ("tp_size", int(v)), action="append",
+                        metavar="N", help="tensor parallelism over N ranks (the engine setting tp_size)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed runs per decode/throughput measurement, median taken (default 1; TTFT uses 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
