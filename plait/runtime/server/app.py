@@ -37,6 +37,7 @@ from plait.runtime.server.process import (
     EngineEvent,
     EngineRequestError,
     EngineUnavailableError,
+    preload_tokenizer_modules,
     use_server_switch_interval,
 )
 from plait.runtime.server.native import align_shared_input_logprobs, parse_generate
@@ -444,7 +445,11 @@ def serve(config: ServerConfig) -> None:
     use_server_switch_interval()
     client = EngineClient(config.model, config.engine_settings, config.log_level,
                           detokenizer_process=config.detokenizer == "process")
+    # the tokenizer's imports run while the engine process loads (this process only waits meanwhile)
+    preload = threading.Thread(target=preload_tokenizer_modules, name="plait-preload", daemon=True)
+    preload.start()
     info = client.start()
+    preload.join()
     app = create_app(config, client, load_tokenizer(info))
     print(f"plait serve: {config.model} on http://{config.host}:{config.port} "
           f"(context {info.context_length}, {info.kv_slots_total} KV slots)", flush=True)

@@ -37,6 +37,7 @@ import importlib
 import itertools
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -359,6 +360,10 @@ def run_engine_process(conn: Any, model: str, settings: dict[str, Any], log_leve
         server.outbox.put(("tokenizer", info.tokenizer_dir))
     conn.send(("ready", info))
     server.serve()
+    # Shut down, every reply sent: skip the interpreter's teardown (joining the engine's thread pools,
+    # unloading torch), a second or more that only delays the server's exit.
+    logging.shutdown()
+    os._exit(0)
 
 
 # ------------------------------------------------------------------------------------ detokenizer side
@@ -441,6 +446,15 @@ class StreamDecoder:
         payload["text_delta"] = "".join([add(token) for token in payload["output_ids"]])
 
 
+def preload_tokenizer_modules() -> None:
+    """Import what loading a tokenizer needs (transformers' ``AutoTokenizer`` pulls in its config
+    machinery and torch: 2-3 s of CPU), so that it overlaps the engine's start instead of following
+    it. ``import transformers`` alone is lazy and imports none of that."""
+    with contextlib.suppress(ImportError):
+        importlib.import_module("transformers").AutoTokenizer  # noqa: B018 - the attribute access imports
+        importlib.import_module("plait.runtime.tokenizer")
+
+
 def run_detokenizer_process(engine_conn: Any, http_conn: Any, log_level: str) -> None:
     """Entry point of the detokenizer process: forward the engine's messages to the HTTP process,
     adding streamed text (``StreamDecoder``), until the engine's pipe closes.
@@ -452,8 +466,7 @@ def run_detokenizer_process(engine_conn: Any, http_conn: Any, log_level: str) ->
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s plait-detokenizer %(levelname)s %(message)s")
-    with contextlib.suppress(ImportError):  # the tokenizer's import, while the engine loads its weights
-        importlib.import_module("transformers")
+    preload_tokenizer_modules()  # while the engine loads its weights
     decoder: StreamDecoder | None = None
     try:
         while True:
