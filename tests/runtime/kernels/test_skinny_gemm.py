@@ -1,7 +1,7 @@
 """The batched-decode GEMM (TMA loads, Triton) against torch's float32 product.
 
 Under the CPU interpreter the kernel runs in float32 and float16 (the interpreter mis-reads bfloat16
-through tensor descriptors); on a GPU in bfloat16 too. Shapes with ragged M, N and K exercise the
+through tensor descriptors); on a GPU in bfloat16 too (there float32 goes through TF32). Shapes with ragged M, N and K exercise the
 zero-filled loads and clipped stores at every edge; several row blocks share a weight tile.
 """
 
@@ -15,7 +15,8 @@ pytest.importorskip("triton")
 from plait.runtime.kernels.skinny_gemm import SkinnyGemmConfig, candidate_configs, skinny_gemm  # noqa: E402
 from tests.runtime.triton_support import HAS_CUDA  # noqa: E402
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# float32 on a GPU multiplies in TF32 (tl.dot's default), 10 bits of mantissa: a looser bound there
+TOL = {torch.float32: 2e-3 if HAS_CUDA else 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 
