@@ -10,6 +10,7 @@ This module must not import torch: the frontend (``plait.lang``) uses it without
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -311,13 +312,10 @@ class SamplingParams:
 
     # ------------------------------------------------------------------ constructors / views
     @classmethod
+    @functools.cache
     def field_names(cls) -> frozenset[str]:
         """The names of all sampling parameters (computed once: every request's keys are checked)."""
-        names = cls.__dict__.get("_field_names")
-        if names is None:
-            names = frozenset(f.name for f in dataclasses.fields(cls))
-            type.__setattr__(cls, "_field_names", names)
-        return names
+        return frozenset(f.name for f in dataclasses.fields(cls))
 
     @classmethod
     def _check_keys(cls, keys: Collection[str]) -> None:

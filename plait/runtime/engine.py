@@ -334,16 +334,11 @@ class Engine:
         return sampling_params
 
     @staticmethod
-    def _sampling_params_list(sampling_params: Any) -> list[SamplingParams]:
-        """``sampling_params`` (one or a list, dicts or ``SamplingParams``) as ``SamplingParams``; items
+    def _sampling_params_list(parsed: Any) -> list[SamplingParams]:
+        """The ``SamplingParams`` of ``_parsed_sampling_params``' result (one or a list) as a list; items
         of a bad type are left out (``_prepare`` says so)."""
-        if sampling_params is None:
-            return []
-        items = [sampling_params] if isinstance(sampling_params, (dict, SamplingParams)) else sampling_params
-        if not isinstance(items, (list, tuple)):
-            return []
-        parsed = (SamplingParams.from_dict(item) if isinstance(item, dict) else item for item in items)
-        return [params for params in parsed if isinstance(params, SamplingParams)]
+        items = [parsed] if isinstance(parsed, SamplingParams) else parsed if isinstance(parsed, (list, tuple)) else []
+        return [params for params in items if isinstance(params, SamplingParams)]
 
     def _pending_grammars(self, params_list: list[SamplingParams]) -> list[Future]:
         """Compilations (started now if not cached) that the constraints of ``params_list`` still wait

@@ -55,6 +55,9 @@ class GenerateInput:
     is_batch: bool
 
 
+_PLAIN_INT = frozenset((int,))
+
+
 def _is_int_list(x: Any) -> bool:
     """A list or tuple of ints (bools are not token ids)."""
     if not isinstance(x, (list, tuple)):
@@ -62,9 +65,6 @@ def _is_int_list(x: Any) -> bool:
     if set(map(type, x)) <= _PLAIN_INT:  # the usual case, without a Python-level loop
         return True
     return all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-
-
-_PLAIN_INT = frozenset((int,))
 
 
 def _prompts_to_ids(engine: "Engine", prompt: Any, input_ids: Any) -> tuple[list[list[int]], bool]:

@@ -29,7 +29,8 @@ from plait.runtime.executor.forward_batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
 
-RANK_START_TIMEOUT_S = 900.0
+# how long any collective (the start-up's included: loading weights on every rank) may wait for the others
+COLLECTIVE_TIMEOUT_S = 900.0
 
 
 class TensorParallelError(RuntimeError):
@@ -96,7 +97,7 @@ def init_group(rank: int, size: int, init_method: str, device: torch.device) -> 
     from datetime import timedelta
 
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=timedelta(seconds=RANK_START_TIMEOUT_S),
+                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
                             **({"device_id": device} if device.type == "cuda" else {}))
     cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
     group = TensorParallelGroup(rank, size, None, cpu_group)

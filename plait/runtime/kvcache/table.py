@@ -73,12 +73,12 @@ class ReqToSlotTable:
         ``(row, start, slots as a list)``, for the other ranks to replay on their tables."""
         self._check_row(row)
         n = slots.numel()
-        if self.journal is not None:
-            self.journal.append((row, start, slots.reshape(-1).tolist()))
         if start < 0 or start + n > self.max_context_len:
             raise ValueError(
                 f"writing {n} slots at position {start} exceeds max_context_len={self.max_context_len}"
             )
+        if self.journal is not None:  # only writes that happen: a refused one must not reach the other ranks
+            self.journal.append((row, start, slots.reshape(-1).tolist()))
         self.table[row, start : start + n] = slots.reshape(-1)
         if self.sliding_table is not None and n:
             assert self.full_to_sliding is not None
