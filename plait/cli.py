@@ -114,6 +114,10 @@ def engine_settings(args: argparse.Namespace) -> dict:
 
 def _serve(args: argparse.Namespace) -> int:
     """``plait serve``: the HTTP server (SGLang-native and OpenAI-compatible APIs)."""
+    if getattr(args, "dp_size", 1) > 1:  # data parallelism: replicas behind the router (plait/router/)
+        from plait.router.launcher import serve_data_parallel
+
+        return serve_data_parallel(args)
     try:
         from plait.runtime.server.app import ServerConfig, serve
     except ImportError as exc:
@@ -177,8 +181,18 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     limits.add_argument("--max-prompt-logprobs", type=int, default=100_000,
                         help="most prompt logprob entries per request: prompt positions x top logprobs "
                              "(default: 100000)")
+    from plait.router.cli import add_data_parallel_arguments  # --dp N and the router's --router-* flags
+
+    add_data_parallel_arguments(serve)
     _engine_setting_arguments(serve)
     serve.set_defaults(handler=_serve)
+
+
+def add_router_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``plait router`` (its flags are in ``plait/router/cli.py``)."""
+    from plait.router.cli import add_router_command as register
+
+    register(subparsers)
 
 
 def _print_help(parser: argparse.ArgumentParser) -> int:
@@ -187,7 +201,7 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_models_command, add_bench_command, add_serve_command,
+    add_models_command, add_bench_command, add_serve_command, add_router_command,
 ]
 
 
