@@ -76,6 +76,10 @@ class RouterConfig:
         for name in ("max_tree_size", "max_match_chars", "max_body_bytes", "max_json_depth", "max_programs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.cache_threshold <= 1.0:
+            raise ValueError(f"cache_threshold must be within [0, 1], got {self.cache_threshold}")
+        if self.balance_abs_threshold < 0 or self.balance_rel_threshold < 0:
+            raise ValueError("balance thresholds must be >= 0")
         if self.health_check_interval <= 0:
             raise ValueError(f"health_check_interval must be > 0, got {self.health_check_interval}")
 

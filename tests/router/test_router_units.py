@@ -107,3 +107,22 @@ def test_replica_label_is_added_to_every_sample():
     assert lines.count("# TYPE x counter") == 1 and lines.count("# TYPE y gauge") == 1
     assert lines.index('x{replica="r2"} 1') < lines.index("# TYPE y gauge")  # grouped per family
     assert 'y{replica="r1",k="v"} 3' in lines
+
+
+def test_router_command_needs_a_replica_and_refuses_bad_settings(capsys):
+    from plait.cli import main
+
+    assert main(["router"]) == 2
+    assert "at least one replica" in capsys.readouterr().err
+    assert main(["router", "--replica", "http://h:1", "--cache-threshold", "2"]) == 2
+    assert "cache_threshold" in capsys.readouterr().err
+
+
+def test_router_command_accepts_sglang_spelling_of_worker_urls():
+    from plait.cli import build_parser
+
+    args = build_parser().parse_args(["router", "--worker-urls", "http://a:1", "http://b:2", "--replica", "http://c:3",
+                                      "--policy", "round_robin"])
+    assert args.replicas == ["http://a:1", "http://b:2", "http://c:3"] and args.router_policy == "round_robin"
+    serve = build_parser().parse_args(["serve", "--data-parallel-size", "3"])
+    assert serve.dp_size == 3 and serve.router_policy == "cache_aware"
