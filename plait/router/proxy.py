@@ -71,18 +71,39 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-async def read_unless_disconnected(request: Request, upstream: httpx.Response) -> bytes | None:
-    """The upstream body, or None if the client disconnected first (the upstream read is cancelled)."""
-    reading = asyncio.ensure_future(upstream.aread())
+class ClientLeft(Exception):
+    """The client disconnected before its answer was ready (the upstream exchange was cancelled)."""
+
+
+async def unless_disconnected(request: Request, work: Any) -> Any:
+    """Await ``work``; if the client disconnects first, cancel it and raise ``ClientLeft``."""
+    task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        await asyncio.wait({reading, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not reading.done():
-            reading.cancel()
-            await asyncio.gather(reading, return_exceptions=True)
-    return None if reading.cancelled() else reading.result()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientLeft()
+    return task.result()
+
+
+class RelayedStream(StreamingResponse):
+    """A relayed SSE answer whose upstream is closed however the response ends, even if the client
+    left before the first event was asked for (then the relay generator never ran)."""
+
+    def __init__(self, content: AsyncIterator[bytes], finish: Callable[[], Any], **kwargs: Any):
+        super().__init__(content, media_type=None, **kwargs)
+        self.finish = finish
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.finish()
 
 
 class Forward:
@@ -101,7 +122,10 @@ class Forward:
         outgoing = self.client.build_request(request.method, url, content=body,
                                              headers=upstream_headers(request, api_key))
         try:
-            upstream = await self.client.send(outgoing, stream=True)
+            upstream = await unless_disconnected(request, self.client.send(outgoing, stream=True))
+        except ClientLeft:
+            self.done()
+            return Response(status_code=499)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             self.done()
             raise ReplicaUnreachable(f"{type(exc).__name__}: {exc}") from None
@@ -114,10 +138,13 @@ class Forward:
             return error_json(f"replica {self.replica} failed before answering: {_describe(exc)}", 502,
                               "replica_failed")
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-            return StreamingResponse(self._relay(upstream, path), status_code=upstream.status_code,
-                                     headers=relayed_headers(upstream))
+            finish = self._finisher(upstream)
+            return RelayedStream(self._relay(upstream, path, finish), finish, status_code=upstream.status_code,
+                                 headers=relayed_headers(upstream))
         try:
-            content = await read_unless_disconnected(request, upstream)
+            content = await unless_disconnected(request, upstream.aread())
+        except ClientLeft:
+            return Response(status_code=499)
         except httpx.HTTPError as exc:
             self.failed("mid_request", exc)
             return error_json(f"replica {self.replica} failed while answering: {_describe(exc)}", 502,
@@ -125,13 +152,11 @@ class Forward:
         finally:
             await upstream.aclose()
             self.done()
-        if content is None:
-            return Response(status_code=499)
         if self.on_response_id is not None and upstream.status_code == 200:
             self._record_response_id(content[:4096])
         return Response(content, status_code=upstream.status_code, headers=relayed_headers(upstream))
 
-    async def _relay(self, upstream: httpx.Response, path: str) -> AsyncIterator[bytes]:
+    async def _relay(self, upstream: httpx.Response, path: str, finish: Callable[[], Any]) -> AsyncIterator[bytes]:
         pending, events = b"", 0
         try:
             async for chunk in upstream.aiter_raw():
@@ -149,8 +174,22 @@ class Forward:
             self.failed("mid_stream", exc)
             yield stream_error_event(path, f"replica {self.replica} failed mid-stream: {_describe(exc)}", events)
         finally:
-            await upstream.aclose()
-            self.done()
+            await finish()
+
+    def _finisher(self, upstream: httpx.Response) -> Callable[[], Any]:
+        """Closes ``upstream`` and calls ``done()``, once however often it is called."""
+        finished = False
+
+        async def finish() -> None:
+            nonlocal finished
+            if not finished:
+                finished = True
+                try:
+                    await upstream.aclose()
+                finally:
+                    self.done()
+
+        return finish
 
     def _record_response_id(self, head: bytes) -> None:
         found = _RESPONSE_ID.search(head)

@@ -232,3 +232,18 @@ def _wait(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.02)
+
+
+def test_a_client_that_leaves_frees_its_slot_at_the_router(make_router, replicas):
+    router = make_router(policy="round_robin")
+    body = {"text": "long", "stream": True, "stream_events": 500, "stream_delay": 0.01}
+    with httpx.stream("POST", router.url + "/generate", json=body, timeout=10) as stream:  # then it leaves
+        lines = stream.iter_lines()  # kept: a dropped iterator closes the response
+        next(lines)
+        assert sum(httpx.get(router.url + "/list_workers").json()["in_flight"].values()) == 1
+    hold = threading.Event()
+    replicas[1].app.state.hold = hold
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(router.url + "/generate", json={"text": "waits"}, timeout=0.3)  # r1, held: no headers yet
+    _wait(lambda: sum(httpx.get(router.url + "/list_workers").json()["in_flight"].values()) == 0)
+    hold.set()
