@@ -1,9 +1,8 @@
 """Batched-decode GEMMs on the GPU: cuBLAS against the TMA kernel of ``plait.runtime.kernels.skinny_gemm``.
 
 For each Llama-3.1-8B linear shape (or ``--shapes N:K,...``) and each row count (``--rows``), prints the
-time of cuBLAS (``F.linear``, the library's default and with cuBLASLt preferred), of the best whole-K
-tiling of the TMA kernel and of its best split-K tiling (``split_k_configs``), each against the
-bandwidth floor (weight, input and output bytes over the
+time of cuBLAS (``F.linear``, the library's default and with cuBLASLt preferred) and of the best
+tiling of the TMA kernel, each against the bandwidth floor (weight, input and output bytes over the
 measured device-to-device copy bandwidth). The weights rotate over enough copies to leave the L2
 cache cold, as in a model step where every layer reads new weights; each figure is a CUDA-graph
 replay of back-to-back calls.
@@ -76,7 +75,7 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=6,
                         help="tilings kept per row count after the first sweep on the widest shape")
     args = parser.parse_args()
-    from plait.runtime.kernels.skinny_gemm import candidate_configs, skinny_gemm, split_k_configs
+    from plait.runtime.kernels.skinny_gemm import candidate_configs, skinny_gemm
 
     shapes = LLAMA_8B_SHAPES if args.shapes is None else {
         item: tuple(int(v) for v in item.split(":")) for item in args.shapes.split(",")}
@@ -84,9 +83,7 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e9:,.0f} GB/s; torch {torch.__version__}")
     sweep_shape = max(shapes, key=lambda name: shapes[name][0] * shapes[name][1] if shapes[name][0] < 100_000 else 0)
-    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
-    print(f"{'shape':>8} {'rows':>5} {'floor us':>9} {'cuBLAS':>14} {'cuBLASLt':>14} {'whole K':>14} {'split K':>14}"
-          f"  tilings (whole K; split K)")
+    print(f"{'shape':>8} {'rows':>5} {'floor us':>9} {'cuBLAS':>14} {'cuBLASLt':>14} {'TMA kernel':>14}  tiling")
     for rows in rows_list:
         kept = None
         for name in [sweep_shape] + [s for s in shapes if s != sweep_shape]:
@@ -103,10 +100,9 @@ def main() -> None:
             cublaslt = graph_time_us(lambda i: torch.matmul(x, weights[i % copies].t(), out=out), calls)
             torch.backends.cuda.preferred_blas_library("cublas")
             reference = F.linear(x, weights[0])
-            timed, timed_split = [], []
+            timed = []
             t0 = time.perf_counter()
-            whole = kept if kept is not None else candidate_configs(rows)
-            for config in whole + split_k_configs(rows, n, k, sm_count):
+            for config in kept if kept is not None else candidate_configs(rows):
                 try:
                     got = skinny_gemm(x, weights[0], config)
                     torch.cuda.synchronize()
@@ -117,21 +113,19 @@ def main() -> None:
                 if error > 0.05 * reference.float().abs().max().item():
                     print(f"   WRONG {config}: max error {error}")
                     continue
-                us = graph_time_us(lambda i, c=config: skinny_gemm(x, weights[i % copies], c, out=out), calls)
-                (timed if config.split_k == 1 else timed_split).append((us, config))
+                timed.append((graph_time_us(lambda i, c=config: skinny_gemm(x, weights[i % copies], c, out=out),
+                                            calls), config))
             timed.sort(key=lambda item: item[0])
-            timed_split.sort(key=lambda item: item[0])
             if kept is None:
                 kept = [config for _, config in timed[: args.keep]]
                 print(f"   ({len(timed)} tilings swept on {name} in {time.perf_counter() - t0:.0f} s)")
             best_us, best = timed[0]
-            split_us, split_best = timed_split[0] if timed_split else (math.nan, "-")
 
             def cell(us: float) -> str:
-                return f"{us:7.1f} ({floor_us / us:.2f})" if us == us else "-"
+                return f"{us:7.1f} ({floor_us / us:.2f})"
 
-            print(f"{name:>8} {rows:5d} {floor_us:9.1f} {cell(cublas):>14} {cell(cublaslt):>14} {cell(best_us):>14} "
-                  f"{cell(split_us):>14}  {best}; {split_best}", flush=True)
+            print(f"{name:>8} {rows:5d} {floor_us:9.1f} {cell(cublas):>14} {cell(cublaslt):>14} {cell(best_us):>14}  "
+                  f"{best.block_m}x{best.block_n}x{best.block_k} s{best.num_stages} w{best.num_warps}", flush=True)
             del weights
 
 

@@ -238,10 +238,6 @@ def run_benchmark(args: argparse.Namespace) -> int:
         logger.exception("building the engine failed")
         run.add([Row("-", "building the engine", failure(exc))])
     run.header = _header(machine, engine, args, settings, started, __version__)
-    if engine is not None and settings.get("tune_skinny_gemm"):
-        from plait.runtime.kernels.skinny_gemm import tuning_report
-
-        run.notes.extend(f"tuned: {line}" for line in tuning_report())
     run.add(machine_rows(machine, facts))
     if engine is not None:
         work = Workloads(engine, facts, machine, sizes, args.repeats, args.seed)

@@ -74,9 +74,6 @@ class EngineConfig:
     disable_budget_steering: bool = False
     random_seed: int = 0
     tune_gemv: bool = True  # CUDA bf16/fp16: at load, time a Triton GEMV against cuBLAS per linear shape for batch 1
-    # CUDA bf16/fp16 on Hopper: at load, time the batched-decode GEMM (TMA, split-K for narrow shapes)
-    # against cuBLAS per linear shape at 64, 128 and 256 rows (batches of 33 up to the graph limit)
-    tune_skinny_gemm: bool = False
     cpu_prepack: bool = True  # CPU float32: keep MKL-prepacked weights for small-batch decode (2x the weight memory)
     inbatch_prefix_threshold: int = 32  # defer a waiting request sharing this many uncached tokens with one just admitted
     # program-aware caching: tokens one open program run may keep pinned in the prefix cache

@@ -190,13 +190,6 @@ class ModelRunner:
             model.tune_gemv()
             for line in tuning_report():
                 logger.info(line)
-        if (self.device.type == "cuda" and self.config.tune_skinny_gemm and self.dtype in (torch.bfloat16, torch.float16)
-                and torch.cuda.get_device_capability(self.device)[0] >= 9 and hasattr(model, "tune_skinny_gemm")):
-            from plait.runtime.kernels import skinny_gemm
-
-            model.tune_skinny_gemm(skinny_gemm.ROW_BUCKETS, skinny_gemm.MIN_ROWS)
-            for line in skinny_gemm.tuning_report():
-                logger.info(line)
         return model.eval()
 
     def _init_dummy_weights(self, model: torch.nn.Module) -> None:

@@ -33,22 +33,13 @@ def apply_linear(
     bias: torch.Tensor | None,
     packed: torch.Tensor | None,
     gemv_config: object | None = None,
-    skinny_table: object | None = None,
 ) -> torch.Tensor:
     """x [M, in] @ weight^T (+ bias): through the prepacked weight when M is small (CPU), through the
-    tuned Triton GEMV when M is 1 and tuning chose one (GPU), through the tuned batched-decode GEMM
-    (``kernels.skinny_gemm``, split-K for narrow shapes) when its table has a tiling for M rows, else
-    ``F.linear``."""
+    tuned Triton GEMV when M is 1 and tuning chose one (GPU), else ``F.linear``."""
     if gemv_config is not None and x.shape[0] == 1:
         from plait.runtime.kernels.gemv import gemv
 
         return gemv(x, weight, bias, gemv_config)
-    if skinny_table is not None and bias is None and x.is_contiguous():
-        config = skinny_table.lookup(x.shape[0])
-        if config is not None:
-            from plait.runtime.kernels.skinny_gemm import skinny_gemm
-
-            return skinny_gemm(x, weight, config)
     if packed is not None and PACKED_MIN_ROWS <= x.shape[0] <= PACKED_MAX_ROWS:
         return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.shape[0])
     return F.linear(x, weight, bias)
@@ -76,7 +67,6 @@ class Linear(nn.Module):
             self.register_parameter("bias", None)
         self.packed_weight: torch.Tensor | None = None  # set by prepack() after loading
         self.gemv_config = None  # set by tune_gemv() on CUDA: the batch-1 Triton tiling, or None for cuBLAS
-        self.skinny_table = None  # set by tune_skinny_gemm() on CUDA: batched-decode tilings by rows, or None
 
     def prepack(self) -> None:
         """Prepare the small-batch CPU fast path (call once the weights are final)."""
@@ -88,14 +78,8 @@ class Linear(nn.Module):
 
         self.gemv_config = choose_gemv(self.weight.data, None if self.bias is None else self.bias.data)
 
-    def tune_skinny_gemm(self, row_buckets: list[int], min_rows: int) -> None:
-        """Pick the batched-decode kernel per row bucket for this shape (Triton tiling or cuBLAS), by timing."""
-        from plait.runtime.kernels.skinny_gemm import tune_table
-
-        self.skinny_table = None if self.bias is not None else tune_table(self.weight.data, row_buckets, min_rows)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_linear(x, self.weight, self.bias, self.packed_weight, self.gemv_config, self.skinny_table)
+        return apply_linear(x, self.weight, self.bias, self.packed_weight, self.gemv_config)
 
 
 class MergedLinear(Linear):
@@ -153,7 +137,7 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from plait.runtime.distributed import all_reduce
 
-        y = all_reduce(apply_linear(x, self.weight, None, self.packed_weight, self.gemv_config, self.skinny_table))
+        y = all_reduce(apply_linear(x, self.weight, None, self.packed_weight, self.gemv_config))
         return y if self.bias is None else y + self.bias
 
 

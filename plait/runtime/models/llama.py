@@ -211,7 +211,6 @@ class LlamaForCausalLM(nn.Module):
 
         self.lm_head_packed: torch.Tensor | None = None
         self.lm_head_gemv = None
-        self.lm_head_skinny = None
 
     def build_mlp(self, cfg: ModelConfig, layer_id: int) -> nn.Module:
         """The MLP of layer ``layer_id`` (MoE models override this); ``cfg`` has this rank's sizes."""
@@ -233,22 +232,6 @@ class LlamaForCausalLM(nn.Module):
                 module.tune_gemv()
         self.lm_head_gemv = choose_gemv(self.lm_head_weight().data, None)
 
-    def tune_skinny_gemm(self, row_buckets: list[int], min_rows: int) -> None:
-        """CUDA: choose the batched-decode kernel (Triton tiling or cuBLAS) of every linear and the LM head
-        per row bucket, then reserve the split-K workspace the chosen tilings need (before graph capture)."""
-        from plait.runtime.kernels.skinny_gemm import SPLIT_K_WORKSPACE, reserve_workspace, tune_table
-
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.tune_skinny_gemm(row_buckets, min_rows)
-        self.lm_head_skinny = tune_table(self.lm_head_weight().data, row_buckets, min_rows)
-        SPLIT_K_WORKSPACE.clear()
-        tables = [(m.skinny_table, m.weight) for m in self.modules() if isinstance(m, Linear)]
-        for table, weight in tables + [(self.lm_head_skinny, self.lm_head_weight())]:
-            for rows, config in (table.entries if table is not None else []):
-                if config is not None:
-                    reserve_workspace(config, rows, weight.shape[0], weight.device)
-
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
@@ -256,8 +239,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = apply_linear(hidden, self.lm_head_weight(), None, self.lm_head_packed, self.lm_head_gemv,
-                              self.lm_head_skinny)
+        logits = apply_linear(hidden, self.lm_head_weight(), None, self.lm_head_packed, self.lm_head_gemv)
         if self.layout.size > 1:  # each rank's vocabulary rows, padded alike: side by side, then the padding cut
             logits = all_gather_last_dim(logits)[:, : self.config.vocab_size]
         return logits.float()
