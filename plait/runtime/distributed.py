@@ -12,6 +12,12 @@ over 2 ranks puts 2 KV heads (and their query heads) on rank 0 and 1 on rank 1. 
 than ranks each KV head is replicated on ``size / num_kv_heads`` ranks and the query heads are split
 evenly (then ``size`` must be a multiple of the KV heads, and the query heads of ``size``).
 
+Mixture-of-experts layers are split as SGLang's MoE tensor parallelism does by default: every rank
+holds every expert, each expert's intermediate dimension split across ranks (gate/up rows
+column-parallel, down columns row-parallel), the router whole on every rank, one all-reduce after the
+layer. MXFP4 experts are split in whole 32-value scale blocks (``moe_split_granule``); a split need
+not be even (rank 0 takes the extra blocks). Expert parallelism (whole experts per rank) is not built.
+
 The rank's group is process-wide state (``set_tensor_parallel``), read when a model is built and by
 the collectives; without one, a model is whole (rank 0 of 1) and the collectives do nothing.
 """
@@ -103,6 +109,8 @@ class TensorParallelLayout:
     vocab_start: int
     vocab_count: int
     vocab_rows: int
+    moe_intermediate_start: int = 0  # this rank's slice of every expert's intermediate dim (MoE models)
+    moe_intermediate_count: int = 0
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, rank: int = 0, size: int = 1) -> TensorParallelLayout:
@@ -123,23 +131,54 @@ class TensorParallelLayout:
                     f"so the ranks must be a multiple of them and divide its {heads} query heads")
             head_start, head_count = split_range(heads, size, rank)
             kv_start, kv_count = head_start // group, 1
-        if cfg.moe is not None and size > 1:
-            raise ValueError(f"tensor parallelism of {cfg.model_type} (a mixture-of-experts model) is not supported yet")
         if cfg.intermediate_size < size:
             raise ValueError(f"an intermediate size of {cfg.intermediate_size} cannot be split over {size} ranks")
         inter_start, inter_count = split_range(cfg.intermediate_size, size, rank)
         vocab_rows = -(-cfg.vocab_size // size)
         vocab_start = min(rank * vocab_rows, cfg.vocab_size)
         vocab_count = min(vocab_rows, cfg.vocab_size - vocab_start)
+        moe_start, moe_count = _moe_split(cfg, rank, size)
         return cls(rank, size, head_start, head_count, kv_start, kv_count, inter_start, inter_count,
-                   vocab_start, vocab_count, vocab_rows)
+                   vocab_start, vocab_count, vocab_rows, moe_start, moe_count)
+
+    @property
+    def moe_intermediate_range(self) -> tuple[int, int]:
+        """[start, end) of every expert's intermediate dimension that this rank holds."""
+        return self.moe_intermediate_start, self.moe_intermediate_start + self.moe_intermediate_count
 
     def local_config(self, cfg: ModelConfig) -> ModelConfig:
-        """``cfg`` with this rank's head counts and intermediate size (what its layers, attention backend
-        and KV cache are sized by); the vocabulary and hidden size stay the model's."""
+        """``cfg`` with this rank's head counts and (dense) intermediate size (what its layers, attention
+        backend and KV cache are sized by); the vocabulary, hidden size and ``moe`` stay the model's (a
+        MoE layer takes its slice of the experts from ``moe_intermediate_range``)."""
         import dataclasses
 
         if self.size == 1:
             return cfg
         return dataclasses.replace(cfg, num_heads=self.head_count, num_kv_heads=self.kv_head_count,
                                    intermediate_size=self.intermediate_count)
+
+
+def moe_split_granule(cfg: ModelConfig) -> int:
+    """The unit in which an expert's intermediate dimension is split across ranks: MXFP4 experts in
+    whole scale blocks (32 values share a scale, and the down projection's codes are stored per
+    block), experts in the model dtype in single rows."""
+    from plait.runtime.kernels.mxfp4 import BLOCK_SIZE
+
+    return BLOCK_SIZE if cfg.quantization == "mxfp4" else 1
+
+
+def _moe_split(cfg: ModelConfig, rank: int, size: int) -> tuple[int, int]:
+    """(start, count) of the experts' intermediate dimension on ``rank`` of ``size`` ((0, 0) without
+    experts); ValueError naming the sizes when it does not split into whole granules on every rank."""
+    if cfg.moe is None:
+        return 0, 0
+    total, granule = cfg.moe.intermediate_size, moe_split_granule(cfg)
+    if total % granule:
+        raise ValueError(f"the experts' intermediate size {total} is not a multiple of {granule} "
+                         f"(MXFP4 scale blocks), so it cannot be split over ranks")
+    units = total // granule
+    if units < size:
+        unit = "intermediate rows" if granule == 1 else f"blocks of {granule}"
+        raise ValueError(f"the experts' intermediate size {total} ({units} {unit}) cannot be split over {size} ranks")
+    start, count = split_range(units, size, rank)
+    return start * granule, count * granule

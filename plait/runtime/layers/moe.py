@@ -9,12 +9,14 @@ in the model dtype (parameters ``w13``, ``w2``) or MXFP4 (uint8 ``w13_blocks [E,
 ``prepare_for_kernels`` puts MXFP4 codes on a GPU in the K-swizzled byte order the kernel reads fastest
 (``mxfp4.swizzle_k``); ``expert_weights`` says which order they are in.
 
-Parallelism later: a layer holds the local experts ``[expert_start, expert_end)`` and the local slice
-``[intermediate_start, intermediate_end)`` of the intermediate dimension (default: everything). The
-router always scores all experts; routed ids outside the local range contribute nothing here (the
-kernel skips them), so each rank's output is its partial sum, to be all-reduced by the caller. With a
-sliced I, ``b2`` must be added by one slice only (load it into one rank, zeros elsewhere); MXFP4 slices
-of I must be multiples of 32.
+Parallelism: a layer holds the local experts ``[expert_start, expert_end)`` and the local slice
+``[intermediate_start, intermediate_end)`` of the intermediate dimension (default: everything).
+Tensor parallelism (``distributed.TensorParallelLayout``) slices the intermediate dimension and keeps
+every expert. The router always scores all experts; routed ids outside the local range contribute
+nothing here (the kernel skips them), so each rank's output is its partial sum; with
+``reduce_results`` the layer sums it over the tensor-parallel group itself (one all-reduce).
+``b2`` is loaded whole everywhere but added only by the slice that starts at 0 (else every rank
+would add it); MXFP4 slices of I must be multiples of 32.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from plait.runtime.kernels.mxfp4 import (
     BLOCK_SIZE, ROW_PAIR_SPAN, Mxfp4Weight, has_small_scales, pack_fragments, pair_rows, random_mxfp4, swizzle_k,
 )
 from plait.runtime.layers.linear import Linear
-from plait.runtime.models.config import MoEConfig
+from plait.runtime.distributed import TensorParallelLayout
+from plait.runtime.models.config import ModelConfig, MoEConfig
 from plait.runtime.models.errors import ModelLoadError
 
 # Fragment-packed MXFP4 codes (mxfp4.pack_fragments) where the sm_90 bf16 decode reads them: 11 integer
@@ -44,7 +47,8 @@ ExpertShard = tuple[int | None, str]
 
 
 class MoE(nn.Module):
-    """Router + top-k + experts: ``x [T, H]`` -> ``[T, H]`` (the sum over this layer's local experts)."""
+    """Router + top-k + experts: ``x [T, H]`` -> ``[T, H]`` (the sum over this layer's local experts and
+    intermediate slice; summed over the tensor-parallel group too with ``reduce_results``)."""
 
     def __init__(
         self,
@@ -54,6 +58,7 @@ class MoE(nn.Module):
         *,
         expert_range: tuple[int, int] | None = None,
         intermediate_range: tuple[int, int] | None = None,
+        reduce_results: bool = False,
     ):
         super().__init__()
         if moe.routing not in ROUTINGS:
@@ -64,6 +69,8 @@ class MoE(nn.Module):
         self.expert_start, self.expert_end = expert_range or (0, moe.num_experts)
         self.intermediate_start, self.intermediate_end = intermediate_range or (0, moe.intermediate_size)
         self.interleaved = moe.activation == "swiglu_oai"
+        self.reduce_results = reduce_results  # all-reduce the partial sum over the tensor-parallel group
+        self.adds_down_bias = self.intermediate_start == 0  # b2 once per expert, not once per slice
         E = self.expert_end - self.expert_start
         I = self.intermediate_end - self.intermediate_start  # noqa: E741 -- the usual name of the dimension
         H = hidden_size
@@ -86,6 +93,16 @@ class MoE(nn.Module):
         self.small_scales = (False, False)  # per weight (w13, w2): mxfp4.has_small_scales (prepare_for_kernels)
         self.row_paired = (False, False)  # per weight (w13, w2): codes in mxfp4.pair_rows's pairing (likewise)
         self.fragment_packed = (False, False)  # per weight: row-paired codes also in mxfp4.pack_fragments's form
+
+    @classmethod
+    def for_layout(cls, cfg: ModelConfig, layout: TensorParallelLayout | None) -> MoE:
+        """The MoE layer of a model whose config is ``cfg``, as the rank of ``layout`` holds it (None or a
+        group of one: the whole layer): its slice of every expert's intermediate dimension, the partial
+        sums all-reduced over the group."""
+        if layout is None or layout.size == 1:
+            return cls(cfg.hidden_size, cfg.moe, cfg.quantization)
+        return cls(cfg.hidden_size, cfg.moe, cfg.quantization, intermediate_range=layout.moe_intermediate_range,
+                   reduce_results=True)
 
     def _param(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> nn.Parameter:
         param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
@@ -154,10 +171,15 @@ class MoE(nn.Module):
             ids = ids - self.expert_start  # local ids; experts held elsewhere fall outside [0, E_local)
         w13, w2 = self.expert_weights()
         run = fused_moe if x.is_cuda else fused_moe_ref
-        return run(
-            x, w13, w2, weights, ids, b13=self.b13, b2=self.b2, activation=self.moe.activation,
-            swiglu_alpha=self.moe.swiglu_alpha, swiglu_limit=self.moe.swiglu_limit,
+        out = run(
+            x, w13, w2, weights, ids, b13=self.b13, b2=self.b2 if self.adds_down_bias else None,
+            activation=self.moe.activation, swiglu_alpha=self.moe.swiglu_alpha, swiglu_limit=self.moe.swiglu_limit,
         )
+        if self.reduce_results:
+            from plait.runtime.distributed import all_reduce
+
+            out = all_reduce(out)
+        return out
 
     # --- dummy weights -------------------------------------------------------------------------------
 

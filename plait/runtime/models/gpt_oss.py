@@ -43,7 +43,7 @@ class GptOssForCausalLM(LlamaForCausalLM):
     """GPT-OSS: the shared decoder with sinks, per-layer windows and a ``MoE`` MLP in every layer."""
 
     def build_mlp(self, cfg: ModelConfig, layer_id: int) -> nn.Module:
-        return MoE(cfg.hidden_size, cfg.moe, cfg.quantization)
+        return MoE.for_layout(cfg, self.layout)
 
     def checkpoint_target(self, name: str, tensor: torch.Tensor) -> tuple[str, object, torch.Tensor] | None:
         if ".mlp.experts." in name:

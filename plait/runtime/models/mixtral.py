@@ -23,7 +23,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
     """Mistral decoder with a ``MoE`` MLP in every layer."""
 
     def build_mlp(self, cfg: ModelConfig, layer_id: int) -> nn.Module:
-        return MoE(cfg.hidden_size, cfg.moe, cfg.quantization)
+        return MoE.for_layout(cfg, self.layout)
 
     def checkpoint_target(self, name: str, tensor: torch.Tensor) -> tuple[str, object, torch.Tensor] | None:
         for block in ("block_sparse_moe", "mlp"):

@@ -24,8 +24,8 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
 
     def build_mlp(self, cfg: ModelConfig, layer_id: int) -> nn.Module:
         if cfg.is_moe_layer(layer_id):
-            return MoE(cfg.hidden_size, cfg.moe, cfg.quantization)
-        return LlamaMLP(cfg)
+            return MoE.for_layout(cfg, self.layout)
+        return LlamaMLP(cfg, self.layout)
 
     def checkpoint_target(self, name: str, tensor: torch.Tensor) -> tuple[str, object, torch.Tensor] | None:
         if ".mlp.gate." in name or ".mlp.experts." in name:
