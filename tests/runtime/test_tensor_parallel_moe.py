@@ -172,9 +172,8 @@ def gpt_oss_engines(checkpoints):
 
     path = str(checkpoints["gpt_oss_mxfp4"])
     total = max(len(ids) for ids in PROMPTS) + NEW + 4
-    whole = Engine(model=path, max_total_tokens=512, disable_hybrid_swa_memory=True)
-    tp = Engine(model=path, tp_size=2, max_total_tokens=total, chunked_prefill_size=16, schedule_conservativeness=0,
-                disable_hybrid_swa_memory=True)
+    whole = Engine(model=path, max_total_tokens=512)
+    tp = Engine(model=path, tp_size=2, max_total_tokens=total, chunked_prefill_size=16, schedule_conservativeness=0)
     yield tp, whole
     tp.shutdown()
     whole.shutdown()
@@ -188,6 +187,8 @@ def test_gpt_oss_over_two_ranks_computes_the_whole_models_logprobs(gpt_oss_engin
     mlp = tp.runner.model.model.layers[0].mlp
     assert tp.runner.model.layout.size == 2 and mlp.w13_blocks.shape[1] == 2 * 32  # half of each expert, MXFP4
     assert tp.runner.model.model.layers[0].self_attn.sinks.shape == (2,)  # 2 of the 4 heads' sinks
+    # the hybrid sliding-window KV layout is not built under tensor parallelism (the whole model has it)
+    assert whole.runner.pool.hybrid and not tp.runner.pool.hybrid
     for ids in PROMPTS[:2]:
         ours, ref = prompt_logprobs(tp, ids), prompt_logprobs(whole, ids)
         assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max().item()

@@ -223,13 +223,19 @@ class ModelRunner:
         sliding-window layers, their window, and the sliding pool's size as a share of the full one
         with a floor: every running request's window twice (its own tokens, freed in batches of
         ``SLIDING_FREE_BATCH`` behind it, and up to a window of cached prefix it still reads) and two
-        prefill chunks. None when the model does not mix sliding and full layers."""
+        prefill chunks. None when the model does not mix sliding and full layers, and under tensor
+        parallelism (not built there: the other ranks would need rank 0's sliding slots each step), where
+        every layer keeps every token's KV (the same outputs, more KV memory per token)."""
         from plait.runtime.scheduler import SLIDING_FREE_BATCH
 
         cfg, config = self.model_config, self.config
         windows = [cfg.layer_sliding_window(i) for i in range(cfg.num_layers)]
         sliding = tuple(i for i, w in enumerate(windows) if w is not None)
         if config.disable_hybrid_swa_memory or not sliding or len(sliding) == cfg.num_layers:
+            return {}
+        if self.tp_layout.size > 1:
+            logger.info("tensor parallelism: the hybrid sliding-window KV layout is not built under it; "
+                        "sliding-window layers keep every token's KV")
             return {}
         window = max(w for w in windows if w is not None)
         floor = config.max_running_requests * (2 * window + SLIDING_FREE_BATCH) + 2 * config.chunked_prefill_size
@@ -245,8 +251,6 @@ class ModelRunner:
         tp = tensor_parallel()
         import torch.distributed as dist
 
-        if pool.hybrid:
-            raise ValueError("tensor parallelism with the hybrid sliding-window KV layout is not supported yet")
         slots = torch.tensor([pool.capacity], dtype=torch.int64)
         dist.all_reduce(slots, op=dist.ReduceOp.MIN, group=tp.cpu_group)
         if int(slots) == pool.capacity:
