@@ -13,13 +13,10 @@ other route goes to one healthy replica. Replicas are checked every ``health_che
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
-import signal
-import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +31,7 @@ from plait.router.keys import affinity_key, routing_text
 from plait.router.metrics import RouterMetrics, merge_replica_metrics
 from plait.router.policy import POLICIES, Choice, make_policy
 from plait.router.proxy import Forward, ReplicaUnreachable, error_json
+from plait.runtime.server.asgi import SignalDrainingServer
 from plait.runtime.server.limits import parse_json, read_body
 from plait.runtime.server.protocol import RequestError
 
@@ -383,29 +381,12 @@ def _route_label(path: str) -> str:
     return "/v1/responses/{id}" if path.startswith("/v1/responses/") else path[:64]
 
 
-class RouterServer(uvicorn.Server):
-    """uvicorn's server, except that SIGINT/SIGTERM end ``run()`` normally once in-flight requests are
-    drained (uvicorn re-raises the signal afterwards), so a caller can stop what it started next."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
 def run_router(config: RouterConfig) -> None:
     """Serve the router until SIGINT/SIGTERM (which drain in-flight requests first)."""
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s plait-router %(levelname)s %(message)s")
     print(f"plait router: {config.policy} over {len(config.replicas)} replicas on "
           f"http://{config.host}:{config.port}", flush=True)
-    server = RouterServer(uvicorn.Config(create_app(config), host=config.host, port=config.port,
+    server = SignalDrainingServer(uvicorn.Config(create_app(config), host=config.host, port=config.port,
                                          log_level=config.log_level, access_log=False,
                                          timeout_graceful_shutdown=config.shutdown_timeout, timeout_keep_alive=75))
     server.run()

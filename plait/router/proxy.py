@@ -13,7 +13,6 @@ is complete, so a replica that dies mid-event never leaves half an event at the 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +22,7 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from plait.runtime.server.asgi import ClientGone, until_disconnect
 from plait.runtime.server.protocol import RequestError
 
 # request headers not forwarded (hop-by-hop, or set by the upstream client); response headers not relayed
@@ -66,31 +66,6 @@ def stream_error_event(path: str, message: str, events_sent: int) -> bytes:
     return f"data: {json.dumps(error.body(), separators=(',', ':'))}\n\ndata: [DONE]\n\n".encode()
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-class ClientLeft(Exception):
-    """The client disconnected before its answer was ready (the upstream exchange was cancelled)."""
-
-
-async def unless_disconnected(request: Request, work: Any) -> Any:
-    """Await ``work``; if the client disconnects first, cancel it and raise ``ClientLeft``."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise ClientLeft()
-    return task.result()
-
-
 class RelayedStream(StreamingResponse):
     """A relayed SSE answer whose upstream is closed however the response ends, even if the client
     left before the first event was asked for (then the relay generator never ran)."""
@@ -122,8 +97,8 @@ class Forward:
         outgoing = self.client.build_request(request.method, url, content=body,
                                              headers=upstream_headers(request, api_key))
         try:
-            upstream = await unless_disconnected(request, self.client.send(outgoing, stream=True))
-        except ClientLeft:
+            upstream = await until_disconnect(request, self.client.send(outgoing, stream=True))
+        except ClientGone:
             self.done()
             return Response(status_code=499)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -142,8 +117,8 @@ class Forward:
             return RelayedStream(self._relay(upstream, path, finish), finish, status_code=upstream.status_code,
                                  headers=relayed_headers(upstream))
         try:
-            content = await unless_disconnected(request, upstream.aread())
-        except ClientLeft:
+            content = await until_disconnect(request, upstream.aread())
+        except ClientGone:
             return Response(status_code=499)
         except httpx.HTTPError as exc:
             self.failed("mid_request", exc)

@@ -8,13 +8,11 @@ the problem (OpenAI's error shape); a wrong API key answers 401; no engine answe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
-import signal
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +28,7 @@ from fastapi.responses import (
 
 from plait import __version__
 from plait.runtime.server import openai_api
+from plait.runtime.server.asgi import SignalDrainingServer
 from plait.runtime.server.limits import OffLoop, parsed_request, prompt_char_bound
 from plait.runtime.server.metrics import ServerMetrics
 from plait.runtime.server.process import (
@@ -466,7 +465,7 @@ def serve(config: ServerConfig) -> None:
 SHUTDOWN_GRACE_S = 2.0  # after the drain deadline: time for cut-off requests to send their error and end
 
 
-class DrainingServer(uvicorn.Server):
+class DrainingServer(SignalDrainingServer):
     """uvicorn's server, except that SIGINT/SIGTERM end the process with status 0 once in-flight
     requests are drained (uvicorn re-raises the signal after its graceful shutdown). Requests still
     running ``drain_s`` seconds after the signal are ended by ``on_deadline``: a stream gets an error
@@ -487,15 +486,3 @@ class DrainingServer(uvicorn.Server):
             await waiter  # bounded by uvicorn's own timeout (drain_s + the grace)
         finally:
             waiter.cancel()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)

@@ -13,17 +13,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import Request
 
+from plait.runtime.server.asgi import ClientGone, until_disconnect  # noqa: F401 - also imported from here
 from plait.runtime.server.process import EngineEvent, EngineRequestError, EngineUnavailableError, RequestStream
 from plait.runtime.server.protocol import GenerateJob, RequestError
 
 logger = logging.getLogger("plait.runtime.server.app")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected before its response was ready."""
 
 
 def sse(payload: Any) -> str:
@@ -104,27 +100,6 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Engin
             task.cancel()
         for stream in streams:
             stream.close()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def until_disconnect(request: Request, work: Any) -> Any:
-    """Await ``work``; if the client disconnects first, cancel it (which aborts its requests)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)  # let it abort its requests
-    if task.cancelled():
-        raise ClientGone()
-    return task.result()
 
 
 async def collect(streams: list[RequestStream], state: Any) -> list[tuple[int, EngineEvent]]:
