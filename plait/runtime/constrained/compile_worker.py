@@ -10,14 +10,23 @@ reads their answers and watches deadlines:
 
 - a job a worker has run for ``timeout_s`` fails (``ConstraintError``) and that worker is killed (the
   compile is really stopped) and a fresh one started; a job that waited ``timeout_s`` for a busy
-  worker fails too (not while a worker is starting: it waits for that one);
+  worker fails too (time spent waiting for a worker to start does not count: it waits for that one);
 - a worker that dies (a crash in the grammar library) fails its job with a ``ConstraintError`` naming
   the crash, and is replaced;
+- a worker that has not said ready ``start_timeout_s`` after it was started is killed and replaced, and
+  while no worker is ready the jobs waiting fail with ``WorkerStartError`` (so do they when workers keep
+  dying while they start): a constrained request fails clearly instead of waiting for ever;
 - queued jobs beyond ``max_queued`` are refused at once.
 
 Workers compile on a thread with a smaller stack (``WORKER_STACK_BYTES``) than the engine's threads,
 so a grammar a worker compiled has stack headroom when the engine builds its matcher. Workers run at a
 lower CPU priority than the engine (``os.nice``).
+
+Workers are spawned with ``plait.runtime.spawn.start_process`` (safe from a ``__main__`` read from
+stdin). The tokenizer view, megabytes of it, reaches them through a private temporary file rather than
+the process arguments: multiprocessing writes the arguments into a pipe whose read end the parent keeps
+open until the write ends, so a child that died before reading them all would block ``Process.start``
+for ever.
 """
 
 from __future__ import annotations
@@ -28,8 +37,10 @@ import multiprocessing
 import os
 import pickle
 import signal
+import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -40,15 +51,21 @@ from typing import Any
 from plait.runtime.constrained.backends.base import BackendUnavailable, UnsupportedConstraint
 from plait.runtime.constrained.relax import RELAXED_LEVELS, is_relaxable, relax_schema
 from plait.runtime.constrained.spec import ConstraintError, ConstraintKind, ConstraintSpec
+from plait.runtime.spawn import HelperStartError, start_process
 
-__all__ = ["CompileWorkerPool", "prepare_first", "prepare_relaxing"]
+__all__ = ["CompileWorkerPool", "WorkerStartError", "prepare_first", "prepare_relaxing"]
 
 logger = logging.getLogger(__name__)
 
 WORKER_STACK_BYTES = 4 * 2**20  # half the usual 8 MiB thread stack of the engine process
 WORKER_NICE = 5
 _MAX_START_FAILURES = 3
-WORKER_START_TIMEOUT_S = 120.0
+WORKER_START_TIMEOUT_S = 120.0  # a worker imports torch and builds llguidance's tokenizer: seconds, not minutes
+
+
+class WorkerStartError(ConstraintError, HelperStartError):
+    """No grammar compile worker could start (each died while starting, or none said ready within the
+    start-up timeout): the constrained requests waiting for one fail with it; the engine goes on."""
 
 
 def prepare_first(spec: ConstraintSpec, names: tuple[str, ...], attempt: Callable[[str], Any]) -> tuple[str, Any]:
@@ -111,13 +128,14 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(0)
 
 
-def _worker_main(conn: Connection, info_bytes: bytes, hook: Callable[[ConstraintSpec], None] | None,
+def _worker_main(conn: Connection, info_path: str, hook: Callable[[ConstraintSpec], None] | None,
                  warm: tuple[str, ...] = ()) -> None:
-    """A worker: unpickle the tokenizer view, build the per-tokenizer state of the backends ``warm``
-    names (``GrammarBackend.warm_up``: llguidance's tokenizer takes a second or more, which the first
-    compile on a fresh worker would otherwise spend inside its timeout), say ``("ready", the backends
-    warmed)``, then answer ``(job_id, spec, names)`` messages with ``(job_id, True, backend name,
-    payload, relaxed)`` (``relaxed``: see ``prepare_relaxing``) or ``(job_id, False, message)``."""
+    """A worker: unpickle the tokenizer view (the file ``info_path``), build the per-tokenizer state of
+    the backends ``warm`` names (``GrammarBackend.warm_up``: llguidance's tokenizer takes a second or
+    more, which the first compile on a fresh worker would otherwise spend inside its timeout), say
+    ``("ready", the backends warmed)``, then answer ``(job_id, spec, names)`` messages with ``(job_id,
+    True, backend name, payload, relaxed)`` (``relaxed``: see ``prepare_relaxing``) or ``(job_id, False,
+    message)``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine decides when workers end
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
@@ -126,7 +144,8 @@ def _worker_main(conn: Connection, info_bytes: bytes, hook: Callable[[Constraint
         pass
     from plait.runtime.constrained.compiler import load_backend
 
-    info = pickle.loads(info_bytes)  # the engine's TokenizerInfo (loading the tokenizer again is slower)
+    with open(info_path, "rb") as file:
+        info = pickle.load(file)  # the engine's TokenizerInfo (loading the tokenizer again is slower)
     backends: dict[str, Any] = {}
 
     def backend_named(name: str) -> Any:
@@ -198,14 +217,23 @@ class CompileWorkerPool:
         max_queued: jobs waiting for a worker beyond this are refused.
         hook: called in the worker before each compile (tests use it to simulate a crash or a hang).
         warm: backends each worker builds for the tokenizer before it takes jobs (``GrammarBackend.warm_up``).
+        start_timeout_s: most seconds from starting a worker to its ``ready``; past it the worker is
+            replaced and, while no worker is ready, the jobs waiting fail with ``WorkerStartError``.
     """
 
     def __init__(self, info: Any, load: Callable[[ConstraintSpec, str, Any, Any], Any], workers: int = 2,
                  timeout_s: float = 30.0, max_queued: int = 64,
-                 hook: Callable[[ConstraintSpec], None] | None = None, warm: tuple[str, ...] = ()) -> None:
+                 hook: Callable[[ConstraintSpec], None] | None = None, warm: tuple[str, ...] = (),
+                 start_timeout_s: float = WORKER_START_TIMEOUT_S) -> None:
         if workers < 1:
             raise ValueError(f"grammar compile workers must be >= 1, got {workers}")
-        self._info_bytes = pickle.dumps(info)
+        if start_timeout_s <= 0:
+            raise ValueError(f"the compile workers' start timeout must be > 0, got {start_timeout_s}")
+        self.start_timeout_s = start_timeout_s
+        fd, self._info_path = tempfile.mkstemp(prefix="plait-grammar-view-", suffix=".pickle")  # mode 0600
+        self._remove_info = weakref.finalize(self, _remove_file, self._info_path)  # at shutdown, else at exit
+        with os.fdopen(fd, "wb") as file:
+            pickle.dump(info, file)
         self._load, self.timeout_s, self.max_queued = load, timeout_s, max_queued
         self._hook, self._warm = hook, warm
         self._ctx = multiprocessing.get_context("spawn")  # never fork the engine (threads, CUDA)
@@ -261,19 +289,15 @@ class CompileWorkerPool:
     # ------------------------------------------------------------------ dispatcher thread
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=_worker_main, args=(child, self._info_bytes, self._hook, self._warm),
+        process = self._ctx.Process(target=_worker_main, args=(child, self._info_path, self._hook, self._warm),
                                     name="plait-grammar-compile", daemon=True)
         # The server's engine process is itself a daemonic multiprocessing child, and multiprocessing
         # refuses children of daemons (it cannot promise to clean them up). Workers clean up after
         # themselves: they exit when the engine process is gone (``_exit_with_parent``).
-        config = multiprocessing.current_process()._config  # noqa: SLF001 -- no public switch exists
-        was_daemon = config.pop("daemon", None)
         try:
-            process.start()
+            start_process(process, from_daemon=True)
         finally:
-            if was_daemon is not None:
-                config["daemon"] = was_daemon
-        child.close()
+            child.close()
         return _Worker(process, parent)
 
     def _wake(self) -> None:
@@ -302,8 +326,17 @@ class CompileWorkerPool:
     def _next_deadline(self) -> float:
         with self._lock:
             deadlines = [j.deadline for j in self._queue] + [w.job.deadline for w in self._workers if w.job]
-            deadlines += [w.started_at + WORKER_START_TIMEOUT_S for w in self._workers if not w.ready]
+            deadlines += [w.started_at + self.start_timeout_s for w in self._workers if not w.ready]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
+
+    def start_wait_s(self) -> float:
+        """Seconds a job may still wait for a worker to start: 0 while some worker is ready, else the
+        longest start-up time left to a starting worker (callers add it to a compile's own timeout)."""
+        with self._lock:
+            if any(w.ready for w in self._workers):
+                return 0.0
+            now = time.monotonic()
+            return max((w.started_at + self.start_timeout_s - now for w in self._workers), default=0.0) + 1.0
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         """Wait until every worker has started (tests; a warm-up). False on timeout."""
@@ -326,12 +359,21 @@ class CompileWorkerPool:
                     "(grammar_compile_timeout_s); it was stopped. Simplify it (fewer rules or alternatives, "
                     "smaller bounded repetitions)"))
         for worker in list(self._workers):
-            if not worker.ready and now - worker.started_at > max(WORKER_START_TIMEOUT_S, self.timeout_s):
+            if not worker.ready and now - worker.started_at >= self.start_timeout_s:
                 self._start_failures += 1
-                self._replace(worker, f"did not start within {max(WORKER_START_TIMEOUT_S, self.timeout_s):g} s")
+                how = f"did not say ready within {self.start_timeout_s:g} s of its start"
+                self._replace(worker, how)
+                if not any(w.ready for w in self._workers):
+                    self._fail_queued(f"no grammar compile worker process started: the last one {how}")
         starting = any(not w.ready for w in self._workers)
-        with self._lock:  # while a worker (re)starts, queued jobs wait for it rather than expire
-            expired = [] if starting else [j for j in self._queue if now >= j.deadline]
+        with self._lock:
+            if starting:  # queued jobs wait for it (its start is bounded above), then timeout_s at most for a
+                # busy worker: a job that waited through a start once expired the moment the worker was ready
+                for job in self._queue:
+                    job.deadline = max(job.deadline, now + self.timeout_s)
+                expired = []
+            else:
+                expired = [j for j in self._queue if now >= j.deadline]
             for job in expired:
                 self._queue.remove(job)
         for job in expired:
@@ -390,10 +432,14 @@ class CompileWorkerPool:
                 "simplify the constraint"))
         if self._start_failures >= _MAX_START_FAILURES:  # workers die while starting: fail what waits
             self._start_failures = 0
-            with self._lock:
-                queued, self._queue = list(self._queue), deque()
-            for j in queued:
-                self._fail(j, ConstraintError(f"grammar compile workers cannot start (the last one {how})"))
+            self._fail_queued(f"grammar compile workers cannot start (the last one {how})")
+
+    def _fail_queued(self, why: str) -> None:
+        """Fail every job waiting for a worker with ``WorkerStartError``."""
+        with self._lock:
+            queued, self._queue = list(self._queue), deque()
+        for job in queued:
+            self._fail(job, WorkerStartError(f"the {job.spec.describe()} constraint cannot be compiled: {why}"))
 
     def _replace(self, worker: _Worker, how: str) -> None:
         logger.warning("grammar compile worker %s %s; starting a new one", worker.process.pid, how)
@@ -426,3 +472,11 @@ class CompileWorkerPool:
             self._fail(job, ConstraintError("the grammar compiler is shut down"))
         self._wake_r.close()
         self._wake_w.close()
+        self._remove_info()
+
+
+def _remove_file(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -150,7 +150,8 @@ class GrammarCompiler:
         Where the compile runs and what ``timeout_s`` (default: the compiler's) bounds:
 
         - ``isolate``: in a worker process, killed at the timeout (this call waits a few seconds more
-          for the worker's own verdict).
+          for the worker's own verdict, and, while no worker has started yet, for the start: a worker
+          that does not start in time fails the compile with ``WorkerStartError``).
         - no ``isolate``, and the backend that serves ``spec`` bounds its own compile work
           (``GrammarBackend.compile_bounded``; llguidance): on this thread, now. No handing over to
           a compiler thread and back (about 0.3 ms of thread wake-ups per new spec); the timeout then
@@ -170,8 +171,11 @@ class GrammarCompiler:
                 self._fulfil(fut, spec)
         else:
             fut = self.submit(spec)
+        wait = timeout
+        if self.workers is not None:  # plus the start-up a worker may still need (the pool bounds it)
+            wait += _GRACE_S + self.workers.start_wait_s()
         try:
-            return fut.result(timeout=timeout + (_GRACE_S if self.workers is not None else 0.0))
+            return fut.result(timeout=wait)
         except FutureTimeout:
             raise ConstraintError(
                 f"compiling the {spec.describe()} constraint took longer than {timeout:g} s; simplify it "

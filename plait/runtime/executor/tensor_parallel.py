@@ -26,6 +26,7 @@ import torch
 
 from plait.runtime.distributed import TensorParallelGroup, set_tensor_parallel, tensor_parallel
 from plait.runtime.executor.forward_batch import ForwardBatch
+from plait.runtime.spawn import start_process
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class TensorParallelRanks:
         for rank in range(1, self.size):
             process = ctx.Process(target=run_rank, args=(rank, self.size, init_method, self.config, self.source,
                                                          self._errors), name=f"plait-tp-rank-{rank}", daemon=True)
-            process.start()
+            start_process(process)
             self.processes.append(process)
         self.group = init_group(0, self.size, init_method, rank_device(self.config, 0))
 

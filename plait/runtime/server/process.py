@@ -46,6 +46,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from plait.runtime.spawn import start_process
 from plait.runtime.tokenizer import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
@@ -553,7 +554,7 @@ class EngineClient:
             self._detokenizer = ctx.Process(target=run_detokenizer_process,
                                             args=(detokenizer_in, detokenizer_out, self.log_level),
                                             name="plait-detokenizer", daemon=True)
-            self._detokenizer.start()
+            start_process(self._detokenizer)
             detokenizer_in.close()
             detokenizer_out.close()
         else:
@@ -566,7 +567,7 @@ class EngineClient:
             target=run_engine_process, args=(child, self.model, self.settings, self.log_level, engine_out),
             name="plait-engine", daemon=not tensor_parallel,
         )
-        self._process.start()
+        start_process(self._process)
         if tensor_parallel:
             atexit.register(parent.close)
         child.close()
