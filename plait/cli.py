@@ -81,6 +81,7 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
 
 # other spellings of engine settings, as SGLang's and vLLM's servers take them
 ENGINE_FLAG_ALIASES = {"tp_size": ("--tp", "--tensor-parallel-size")}
+# (nnodes, node_rank and dist_init_addr are SGLang's own flag names already: --nnodes, --node-rank, --dist-init-addr)
 
 
 def _engine_setting_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,7 +126,10 @@ def _serve(args: argparse.Namespace) -> int:
     settings = engine_settings(args)
     from plait.runtime.config import EngineConfig
 
-    EngineConfig.from_kwargs(model=args.model, **settings)  # bad values fail here, before anything starts
+    config = EngineConfig.from_kwargs(model=args.model, **settings)  # bad values fail here, before anything starts
+    place = config.rendezvous()
+    if place.node_rank > 0:  # another host of a tensor-parallel group: its ranks only; node 0 serves
+        return _serve_follower_node(config, place)
     serve(ServerConfig(
         model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, log_level=args.log_level,
@@ -141,6 +145,20 @@ def _serve(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _serve_follower_node(config: object, place: object) -> int:
+    """``plait serve --node-rank R`` (R > 0): run this host's tensor-parallel ranks until node 0 stops."""
+    from plait.runtime.executor.tensor_parallel import run_node
+    from plait.runtime.models.registry import resolve_model
+
+    first = place.global_rank(0)
+    print(f"plait serve: node {place.node_rank} of {place.nnodes}: tensor-parallel ranks {first}.."
+          f"{first + place.ranks_per_node - 1} of {config.tp_size}, joining node 0 at {place.address} "
+          "(node 0 serves the API)", flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s plait-node %(levelname)s %(message)s")
+    source = resolve_model(config.model, config.load_format, config.tokenizer_path)
+    return run_node(config, source)
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> None:

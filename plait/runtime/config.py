@@ -15,6 +15,21 @@ KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m
 
 
 @dataclass(frozen=True)
+class Rendezvous:
+    """Where tensor-parallel ranks meet (``EngineConfig.rendezvous``): ``nnodes`` hosts of
+    ``ranks_per_node`` ranks each; this host is ``node_rank``; ``address`` ("host:port", node 0's) or None
+    on one host (a free local port)."""
+
+    nnodes: int
+    node_rank: int
+    address: str | None
+    ranks_per_node: int
+
+    def global_rank(self, local_rank: int) -> int:
+        return self.node_rank * self.ranks_per_node + local_rank
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Settings of one engine. Derived values are properties; invalid values raise ValueError naming the field."""
 
@@ -25,6 +40,13 @@ class EngineConfig:
     # tensor parallelism: the model split over this many ranks, one process each (GPUs cuda:0 .. N-1 on a
     # GPU host, gloo on the CPU); the scheduler, radix cache and sampling run once, on rank 0
     tp_size: int = 1
+    # tensor parallelism across hosts (SGLang's --nnodes / --node-rank / --dist-init-addr): tp_size ranks,
+    # tp_size / nnodes on each host, joined at node 0's "host:port"; node 0 runs the engine (and serves),
+    # the others only their ranks (``plait serve --node-rank R``). Unset: torchrun's environment (NNODES,
+    # NODE_RANK, MASTER_ADDR and MASTER_PORT) where it is set, else one host (``rendezvous()``)
+    nnodes: int | None = None
+    node_rank: int | None = None
+    dist_init_addr: str | None = None
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     # expert weight format: None (the checkpoint's: MXFP4 when its quantization_config says so, else dtype)
     # | "mxfp4" (dummy weights drawn in MXFP4; a checkpoint must already be MXFP4)
@@ -112,6 +134,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
         if type(self.tp_size) is not int or self.tp_size < 1:
             raise ValueError(f"tp_size must be an int >= 1, got {self.tp_size!r}")
+        if self.nnodes is not None or self.node_rank is not None or self.dist_init_addr is not None:
+            self.rendezvous()  # the explicit values are checked now (the environment's when used)
         for name in ("max_running_requests", "chunked_prefill_size", "cuda_graph_max_bs", "max_samples_per_prompt",
                      "prompt_logprob_chunk_size", "piecewise_cuda_graph_max_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -169,6 +193,43 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"unknown engine setting(s) {unknown}; known settings: {sorted(known)}")
         return cls(**kwargs)
+
+    def rendezvous(self, environ: Any = None) -> "Rendezvous":
+        """Where this process's tensor-parallel ranks meet: the settings, else torchrun's environment
+        variables (``environ``, default ``os.environ``), else one host. Raises ValueError on a bad value."""
+        import os
+
+        env = os.environ if environ is None else environ
+        if self.tp_size == 1:  # one rank: a torchrun environment around a single-GPU engine means nothing here
+            env = {}
+
+        def number(value: Any, variable: str, default: int) -> int:
+            if value is None:
+                value = env.get(variable, default)
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{variable.lower()} must be an int, got {value!r}") from None
+
+        nnodes = number(self.nnodes, "NNODES", 1)
+        node_rank = number(self.node_rank, "NODE_RANK", 0)
+        address = self.dist_init_addr
+        if address is None and nnodes > 1 and env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
+            address = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+        if nnodes < 1 or not 0 <= node_rank < nnodes:
+            raise ValueError(f"nnodes must be >= 1 and node_rank in [0, nnodes), got nnodes={nnodes}, "
+                             f"node_rank={node_rank}")
+        if nnodes > 1 and self.tp_size % nnodes:
+            raise ValueError(f"tp_size ({self.tp_size}) must be a multiple of nnodes ({nnodes}): each host runs "
+                             "the same number of ranks")
+        if address is not None:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"dist_init_addr must be 'host:port', got {address!r}")
+        if nnodes > 1 and address is None:
+            raise ValueError("tensor parallelism over several hosts needs node 0's address: dist_init_addr "
+                             "'host:port' (or MASTER_ADDR and MASTER_PORT in the environment)")
+        return Rendezvous(nnodes, node_rank, address, self.tp_size // nnodes)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

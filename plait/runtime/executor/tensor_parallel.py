@@ -11,6 +11,11 @@ lockstep on every rank with the same settings, so its collectives pair up withou
 
 A rank that dies fails the step in flight with ``TensorParallelError`` naming it; the engine then
 reports itself dead (its requests end with that error) instead of hanging.
+
+Across hosts (``EngineConfig.rendezvous``: ``nnodes``, ``node_rank``, ``dist_init_addr``, or torchrun's
+environment) each host runs ``tp_size / nnodes`` ranks: host 0 the engine (rank 0) and its local ranks,
+every other host only its ranks (``run_node``, which ``plait serve --node-rank R`` runs), all joined at
+host 0's address through torch.distributed's TCP rendezvous. Ranks use their host's GPUs 0 .. k-1.
 """
 
 from __future__ import annotations
@@ -107,11 +112,12 @@ def init_group(rank: int, size: int, init_method: str, device: torch.device) -> 
 
 
 def rank_device(config: Any, rank: int) -> torch.device:
-    """The device of ``rank``: GPU ``rank`` on a GPU host (counting from the engine's ``cuda:N``), else the CPU."""
+    """The device of ``rank``: its host's GPU ``rank mod ranks per host`` on a GPU host (counting from the
+    engine's ``cuda:N``), else the CPU."""
     device = torch.device(config.resolved_device())
     if device.type != "cuda":
         return device
-    return torch.device("cuda", (device.index or 0) + rank)
+    return torch.device("cuda", (device.index or 0) + rank % config.rendezvous().ranks_per_node)
 
 
 def run_rank(rank: int, size: int, init_method: str, config: Any, source: Any, errors: Any) -> None:
@@ -145,6 +151,49 @@ def follow(runner: Any) -> None:
     dist.destroy_process_group()
 
 
+def _init_method(config: Any) -> str:
+    """The rendezvous URL: host 0's ``dist_init_addr`` across hosts, else a free local port."""
+    address = config.rendezvous().address
+    return f"tcp://{address}" if address is not None else f"tcp://127.0.0.1:{_free_port()}"
+
+
+def _start_local_ranks(config: Any, source: Any, ranks: range, init_method: str, errors: Any) -> list:
+    ctx = multiprocessing.get_context("spawn")
+    processes = []
+    for rank in ranks:
+        process = ctx.Process(target=run_rank, args=(rank, config.tp_size, init_method, config, source, errors),
+                              name=f"plait-tp-rank-{rank}", daemon=True)
+        start_process(process)
+        processes.append(process)
+    return processes
+
+
+def run_node(config: Any, source: Any) -> int:
+    """A host other than host 0 (``node_rank`` > 0): run this host's ranks until rank 0 stops them;
+    returns 0, or 1 when a rank failed (its error is logged). The first rank runs in this process."""
+    place = config.rendezvous()
+    if place.node_rank == 0:
+        raise ValueError("node 0 runs the engine itself (Engine / plait serve); run_node is for node_rank > 0")
+    first = place.global_rank(0)
+    errors = multiprocessing.get_context("spawn").Queue()
+    init_method = f"tcp://{place.address}"
+    processes = _start_local_ranks(config, source, range(first + 1, first + place.ranks_per_node), init_method, errors)
+    status = 0
+    try:
+        run_rank(first, config.tp_size, init_method, config, source, errors)
+    except BaseException as exc:  # noqa: BLE001 - reported below; the other ranks are stopped
+        logger.error("tensor-parallel rank %d failed: %s: %s", first, type(exc).__name__, exc)
+        status = 1
+        for process in processes:
+            process.kill()
+    for rank, process in enumerate(processes, start=first + 1):
+        process.join()
+        if process.exitcode != 0:
+            logger.error("tensor-parallel rank %d exited with status %s", rank, process.exitcode)
+            status = 1
+    return status
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -170,14 +219,14 @@ class TensorParallelRanks:
         if dist.is_initialized():
             raise RuntimeError("this process already belongs to a torch.distributed group: one tensor-parallel "
                                "engine per process")
-        ctx = multiprocessing.get_context("spawn")
-        self._errors = ctx.Queue()
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
-        for rank in range(1, self.size):
-            process = ctx.Process(target=run_rank, args=(rank, self.size, init_method, self.config, self.source,
-                                                         self._errors), name=f"plait-tp-rank-{rank}", daemon=True)
-            start_process(process)
-            self.processes.append(process)
+        place = self.config.rendezvous()
+        if place.node_rank != 0:
+            raise ValueError(f"node_rank {place.node_rank}: only node 0 runs the engine; the other hosts run "
+                             "their ranks with `plait serve --node-rank R` (tensor_parallel.run_node)")
+        self._errors = multiprocessing.get_context("spawn").Queue()
+        init_method = _init_method(self.config)
+        self.processes = _start_local_ranks(self.config, self.source, range(1, place.ranks_per_node), init_method,
+                                            self._errors)
         self.group = init_group(0, self.size, init_method, rank_device(self.config, 0))
 
     def attach(self, runner: Any) -> None:
