@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from plait.runtime.spawn import start_process
 
 logger = logging.getLogger(__name__)
 
+NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # how long any collective (the start-up's included: loading weights on every rank) may wait for the others
 COLLECTIVE_TIMEOUT_S = 900.0
 
@@ -100,6 +102,11 @@ def init_group(rank: int, size: int, init_method: str, device: torch.device) -> 
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # NVLink multicast (NCCL's NVLS all-reduce, PyTorch's symmetric-memory multimem, NVSHMEM's NVLS)
+        # stays off unless the environment asks for it: on shared hosts a multicast fault can take every
+        # GPU of the host out of service, and plait's figures are taken without it
+        for variable, value in NVLINK_MULTICAST_OFF.items():
+            os.environ.setdefault(variable, value)
     from datetime import timedelta
 
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
