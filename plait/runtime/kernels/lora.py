@@ -15,6 +15,8 @@ run the Triton kernels on CUDA tensors and the torch references on the CPU.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 
 def _check_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, out: torch.Tensor | None) -> None:
@@ -114,13 +116,194 @@ def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor, scal
         lora_expand_reference(h, lora_b, slots, scaling, y, column_offset)
 
 
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels. Two layouts of the same products, both correct for any mix of slots:
+#   gathered (BGMV): one program per (token, block of output rows); each token reads its own slot's
+#     weights (tokens of one adapter hit the L2 cache). Many small programs: decode batches.
+#   segmented (SGMV): one program per (block of tokens, block of outputs) loops over the distinct slots
+#     in its token block, one tensor-core product per slot. Tokens of a request are contiguous in a
+#     batch, so a prefill chunk's blocks hold one slot (one pass) and the weights are read once a block.
+# ---------------------------------------------------------------------------------------------------
+
+_SLOT_MAX = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def _shrink_gathered_kernel(x_ptr, a_ptr, slots_ptr, h_ptr, K, R, stride_xt, stride_as, stride_ar, stride_ht,
+                            EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    slot = tl.load(slots_ptr + t)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    if slot >= 0:
+        a_rows = a_ptr + slot.to(tl.int64) * stride_as + tl.where(r_ok, r, 0)[:, None].to(tl.int64) * stride_ar
+        x_row = x_ptr + t.to(tl.int64) * stride_xt
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                xk = tl.load(x_row + k)
+                ak = tl.load(a_rows + k[None, :])
+            else:
+                k_ok = k < K
+                xk = tl.load(x_row + k, mask=k_ok, other=0.0)
+                ak = tl.load(a_rows + k[None, :], mask=k_ok[None, :], other=0.0)
+            acc += ak.to(tl.float32) * xk.to(tl.float32)[None, :]
+    tl.store(h_ptr + t.to(tl.int64) * stride_ht + r, tl.sum(acc, axis=1), mask=r_ok)
+
+
+@triton.jit
+def _expand_gathered_kernel(h_ptr, b_ptr, slots_ptr, scale_ptr, y_ptr, N, R, column_offset,
+                            stride_ht, stride_bs, stride_bn, stride_yt,
+                            BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t)
+    if slot >= 0:
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        r = tl.arange(0, BLOCK_R)
+        r_ok = r < R
+        hv = tl.load(h_ptr + t.to(tl.int64) * stride_ht + r, mask=r_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + n[:, None].to(tl.int64) * stride_bn + r[None, :],
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
+        delta = tl.sum(b.to(tl.float32) * hv[None, :], axis=1) * tl.load(scale_ptr + slot).to(tl.float32)
+        y_at = y_ptr + t.to(tl.int64) * stride_yt + column_offset + n
+        y = tl.load(y_at, mask=n_ok, other=0.0)
+        tl.store(y_at, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _shrink_segmented_kernel(x_ptr, a_ptr, slots_ptr, h_ptr, T, K, R, stride_xt, stride_as, stride_ar, stride_ht,
+                             BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    safe_rows = tl.where(row_ok, rows, 0).to(tl.int64)
+    slots = tl.load(slots_ptr + rows, mask=row_ok, other=-1)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    safe_r = tl.where(r_ok, r, 0).to(tl.int64)
+    remaining = row_ok.to(tl.int32)
+    while tl.max(remaining, axis=0) > 0:  # one pass per distinct slot in this token block
+        slot = tl.min(tl.where(remaining > 0, slots, _SLOT_MAX), axis=0)
+        match = (remaining > 0) & (slots == slot)
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        if slot >= 0:
+            a_rows = a_ptr + slot.to(tl.int64) * stride_as + safe_r[:, None] * stride_ar  # [BLOCK_R, 1]
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = k < K
+                xk = tl.load(x_ptr + safe_rows[:, None] * stride_xt + k[None, :],
+                             mask=match[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
+                ak = tl.load(a_rows + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
+                acc = tl.dot(xk, tl.trans(ak.to(xk.dtype)), acc, input_precision=PRECISION)
+        tl.store(h_ptr + safe_rows[:, None] * stride_ht + r[None, :], acc, mask=match[:, None] & r_ok[None, :])
+        remaining = tl.where(match, 0, remaining)
+
+
+@triton.jit
+def _expand_segmented_kernel(h_ptr, b_ptr, slots_ptr, scale_ptr, y_ptr, T, N, R, column_offset,
+                             stride_ht, stride_bs, stride_bn, stride_yt,
+                             BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    safe_rows = tl.where(row_ok, rows, 0).to(tl.int64)
+    slots = tl.load(slots_ptr + rows, mask=row_ok, other=-1)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    safe_n = tl.where(n_ok, n, 0).to(tl.int64)
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    remaining = (row_ok & (slots >= 0)).to(tl.int32)  # base-model rows are left alone
+    while tl.max(remaining, axis=0) > 0:  # one pass per distinct slot in this token block
+        slot = tl.min(tl.where(remaining > 0, slots, _SLOT_MAX), axis=0)
+        match = (remaining > 0) & (slots == slot)
+        hk = tl.load(h_ptr + safe_rows[:, None] * stride_ht + r[None, :], mask=match[:, None] & r_ok[None, :],
+                     other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_R]
+        bk = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + safe_n[:, None] * stride_bn + r[None, :],
+                     mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
+        delta = tl.dot(hk, tl.trans(bk), input_precision=PRECISION) * tl.load(scale_ptr + slot).to(tl.float32)
+        y_at = y_ptr + safe_rows[:, None] * stride_yt + column_offset + n[None, :]  # [BLOCK_T, BLOCK_N]
+        y_mask = match[:, None] & n_ok[None, :]
+        y = tl.load(y_at, mask=y_mask, other=0.0)
+        tl.store(y_at, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
+        remaining = tl.where(match, 0, remaining)
+
+
+# Token counts from which the auto choice is the segmented layout (see benchmarks/lora_kernels.py).
+SEGMENTED_FROM_TOKENS = 256
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _choose(kind: str | None, tokens: int) -> str:
+    if kind is None:
+        return "segmented" if tokens >= SEGMENTED_FROM_TOKENS else "gathered"
+    if kind not in ("gathered", "segmented"):
+        raise ValueError(f"kernel must be 'gathered', 'segmented' or None, got {kind!r}")
+    return kind
+
+
 def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """``lora_shrink`` through the Triton kernel (not yet written: the reference for now)."""
-    return lora_shrink_reference(x, lora_a, slots, out)
+                       out: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
+    """``lora_shrink`` through a Triton kernel: ``kernel`` 'gathered' (BGMV), 'segmented' (SGMV) or None
+    (by the token count). Allocates only the result when ``out`` is None; never reads the device."""
+    _check_shrink(x, lora_a, slots, out)
+    x, lora_a = _unit_last_stride(x), _unit_last_stride(lora_a)
+    T, K = x.shape
+    R = lora_a.shape[1]
+    h = torch.empty(T, R, dtype=torch.float32, device=x.device) if out is None else out
+    if T == 0:
+        return h
+    if h.stride(-1) != 1:
+        raise ValueError("out needs a unit stride along R")
+    if _choose(kernel, T) == "gathered":
+        block_r = min(_pow2(R), 1 if T <= 16 else 2 if T <= 64 else 4 if T <= 256 else 8)
+        block_k = min(512, _pow2(K))
+        _shrink_gathered_kernel[(T, triton.cdiv(R, block_r))](
+            x, lora_a, slots, h, K, R, x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0),
+            EVEN_K=K % block_k == 0, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+    else:
+        block_t = 16 if T < 256 else 64
+        block_r = max(16, min(_pow2(R), 64))
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        _shrink_segmented_kernel[(triton.cdiv(T, block_t), triton.cdiv(R, block_r))](
+            x, lora_a, slots, h, T, K, R, x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0),
+            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=64, PRECISION=precision, num_warps=4)
+    return h
 
 
 def lora_expand_triton(h: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor, scaling: torch.Tensor,
-                       y: torch.Tensor, column_offset: int = 0) -> None:
-    """``lora_expand`` through the Triton kernel (not yet written: the reference for now)."""
-    lora_expand_reference(h, lora_b, slots, scaling, y, column_offset)
+                       y: torch.Tensor, column_offset: int = 0, kernel: str | None = None) -> None:
+    """``lora_expand`` through a Triton kernel: ``kernel`` 'gathered' (BGMV), 'segmented' (SGMV) or None
+    (by the token count). Allocates nothing; never reads the device."""
+    _check_expand(h, lora_b, slots, scaling, y, column_offset)
+    if y.stride(-1) != 1:
+        raise ValueError("y needs a unit stride along its columns")
+    h, lora_b = _unit_last_stride(h), _unit_last_stride(lora_b)
+    T, R = h.shape
+    N = lora_b.shape[1]
+    if T == 0 or N == 0:
+        return
+    block_r = max(16, _pow2(R))
+    if _choose(kernel, T) == "gathered":
+        block_n = max(16, min(256, 4096 // block_r))
+        _expand_gathered_kernel[(T, triton.cdiv(N, block_n))](
+            h, lora_b, slots, scaling, y, N, R, column_offset,
+            h.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0),
+            BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4)
+    else:
+        block_t = 16 if T < 256 else 64
+        precision = "ieee" if y.dtype == torch.float32 else "tf32"
+        _expand_segmented_kernel[(triton.cdiv(T, block_t), triton.cdiv(N, 64))](
+            h, lora_b, slots, scaling, y, T, N, R, column_offset,
+            h.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0),
+            BLOCK_T=block_t, BLOCK_N=64, BLOCK_R=block_r, PRECISION=precision, num_warps=4)
