@@ -15,9 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from tests.runtime.triton_support import HAS_CUDA  # noqa: E402  (sets TRITON_INTERPRET first)
-
-from plait.runtime.kernels.lora import (  # noqa: E402
+from plait.runtime.kernels.lora import (
     lora_expand,
     lora_expand_reference,
     lora_expand_triton,
@@ -25,6 +23,7 @@ from plait.runtime.kernels.lora import (  # noqa: E402
     lora_shrink_reference,
     lora_shrink_triton,
 )
+from tests.runtime.triton_support import HAS_CUDA
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 # float32 products in the segmented kernel are exact ("ieee"); half-precision outputs round once
