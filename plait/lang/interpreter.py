@@ -46,6 +46,7 @@ from plait.lang.ir import (
     flatten,
 )
 from plait.lang.gen_output import convert_gen_output
+from plait.lang.models import model_kwargs, supports_models, with_model
 from plait.lang.reasoning import ReasoningStream, reasoning_sampling, reasoning_var
 from plait.lang.records import CallRecord, RunContext, Segment, segments_from
 from plait.lang.streaming import stream_gen
@@ -101,6 +102,8 @@ class Executor:
         self.scope_starts: dict[str, int] = {}
         self.fork_start = 0
         self.tools: dict[str, Any] = {}  # the tools the prompt declared (pl.system(..., tools=...)), by name
+        # the open s.using(model=...) scopes, innermost last: applied to calls when they are submitted
+        self.model_scope: list[str | None] = []
         self.defaults: dict[str, Any] = run.defaults  # a branch's own copy carries its derived seed
         self.parent: Executor | None = None  # the executor this one was forked from
         self.branch_index: int | None = None  # this fork's index among its siblings
@@ -133,6 +136,8 @@ class Executor:
                 "this program state is closed (its run has finished or the fork was joined); start a new "
                 "run with prog.run(...) or append to the state the fork was made from"
             )
+        if self.model_scope:
+            node = with_model(node, self.model_scope[-1])
         names = [name for n in flatten([node]) for name in _produced_names(n)]
         self._check_new_names(names)
         for name in names:
@@ -192,6 +197,10 @@ class Executor:
             seen.add(name)
         self.produced |= seen
 
+    def current_model(self) -> str | None:
+        """The model of the innermost open ``s.using(model=...)`` scope (None: the backend's default)."""
+        return self.model_scope[-1] if self.model_scope else None
+
     def known_names(self) -> set[str]:
         return set(self.variables) | set(self._events)
 
@@ -223,8 +232,11 @@ class Executor:
     def fork(self, n: int) -> list[Executor]:
         """``n`` executors that continue from this one's current state (after all queued nodes)."""
         self.sync()
-        if n >= 2 and self.text and not self.run.symbolic and self.run.backend is not None:
-            self.run.backend.cache_prefix(self.text, self.run.program_id)
+        backend, model = self.run.backend, self.current_model()
+        # the branches' calls extend this text under the model in scope now (KV is per model)
+        if n >= 2 and self.text and not self.run.symbolic and backend is not None and (
+                model is None or supports_models(backend)):
+            backend.cache_prefix(self.text, self.run.program_id, **model_kwargs(backend, model, "fork"))
         children = []
         for i in range(n):
             child = Executor(self.run)
@@ -233,7 +245,7 @@ class Executor:
             child.variables, child.meta_info = dict(self.variables), dict(self.meta_info)
             child.cur_role, child.role_begin_pos = self.cur_role, self.role_begin_pos
             child.scope_starts, child.fork_start = dict(self.scope_starts), len(self.text)
-            child.tools = dict(self.tools)
+            child.tools, child.model_scope = dict(self.tools), list(self.model_scope)
             children.append(child)
         with self.changed:
             self.fork_groups.append(children)
@@ -387,9 +399,11 @@ class Executor:
             self._set_result(node.name, placeholder, {"sampling_params": params.to_dict()})
             return None
         backend = self._backend()
+        model_kwargs(backend, node.model, f"{'call_tools' if tools else 'gen'} {node.name!r}")  # refuse early
         top_logprobs_num = node.top_logprobs_num or self.run.top_logprobs_num
         return_logprob = node.return_logprob or self.run.return_logprob or top_logprobs_num > 0
-        call = GenerateCall(self.text, params, return_logprob, top_logprobs_num, self.run.program_id, tools)
+        call = GenerateCall(self.text, params, return_logprob, top_logprobs_num, self.run.program_id, tools,
+                            model=node.model)
         first_segment = len(self.segments)
         splitter = ReasoningStream(node.reasoning, self.text) if node.reasoning is not None else None
         start = time.monotonic()
@@ -421,11 +435,12 @@ class Executor:
             "output_token_logprobs": result.output_token_logprobs,
             "output_top_logprobs": result.output_top_logprobs,
             "sampling_params": params.to_dict(),
+            "model": node.model,
         }
         record = CallRecord(
             "gen", node.name, result.prompt_tokens, result.completion_tokens, result.cached_tokens, latency,
             result.finish_reason, output_token_logprobs=result.output_token_logprobs,
-            output_top_logprobs=result.output_top_logprobs,
+            output_top_logprobs=result.output_top_logprobs, model=node.model,
         )
         self._record_call(record, first_segment)
         if splitter is not None and node.name is not None:
@@ -463,9 +478,11 @@ class Executor:
             self._set_result(node.name, placeholder, {"choices": list(node.choices), "method": method.name})
             return
         backend = self._backend()
+        per_model = model_kwargs(backend, node.model, f"select {node.name!r}")
         start = time.monotonic()
         unconditional = method.requires_unconditional_logprobs
-        scores = backend.score_choices(self.text, list(node.choices), unconditional=unconditional, program_id=self.run.program_id)
+        scores = backend.score_choices(self.text, list(node.choices), unconditional=unconditional,
+                                       program_id=self.run.program_id, **per_model)
         latency = time.monotonic() - start
         if len(scores) != len(node.choices):
             raise GenerationError(f"backend {backend.name!r} scored {len(scores)} of {len(node.choices)} choices")
@@ -477,14 +494,14 @@ class Executor:
         decision = method(scores)
         first_segment = len(self.segments)
         self._append(decision.decision, "select", node.name)
-        meta = {**decision.meta_info, "latency_s": latency}
+        meta = {**decision.meta_info, "latency_s": latency, "model": node.model}
         prompt_tokens = sum(s.prompt_tokens for s in scores)
         # the score the method compared: conditional minus unconditional, else the mean token logprob
         compared = meta.get("normalized_unconditional_prompt_logprobs", meta.get("normalized_prompt_logprobs"))
         record = CallRecord(
             "select", node.name, prompt_tokens, 0, sum(s.cached_tokens for s in scores), latency,
             choices=list(node.choices), choice_scores=None if compared is None else [float(x) for x in compared],
-            chosen=decision.index, choices_method=method.name,
+            chosen=decision.index, choices_method=method.name, model=node.model,
         )
         self._record_call(record, first_segment)
         self._set_result(node.name, decision.decision, meta)

@@ -64,6 +64,8 @@ class Gen(Node):
     ``on_incomplete``: ``"raise"`` or ``"keep"`` (see ``plait.lang.primitives.gen``). ``reasoning``: the
     reasoning parser (``plait.reasoning.PARSERS``) that splits the output into the answer (the variable)
     and the reasoning (variable ``name + "_reasoning_content"``), set by ``pl.separate_reasoning``.
+    ``model``: the model (a LoRA adapter's name, or another model of the backend) that serves the call;
+    None: the backend's default (base) model. Filled from ``s.using(model=...)`` when the gen names none.
     """
 
     name: str | None
@@ -74,6 +76,7 @@ class Gen(Node):
     schema_model: type | None = None
     on_incomplete: str = "raise"
     reasoning: str | None = None
+    model: str | None = None
 
     def overrides_dict(self) -> dict[str, Any]:
         return dict(self.overrides)
@@ -81,11 +84,14 @@ class Gen(Node):
 
 @dataclass(frozen=True)
 class Select(Node):
-    """Pick one of ``choices`` by scoring each continuation; stores the choice in ``name``."""
+    """Pick one of ``choices`` by scoring each continuation; stores the choice in ``name``.
+
+    ``model``: the model that scores the choices (as ``Gen.model``; None: the backend's default)."""
 
     name: str | None
     choices: tuple[str, ...]
     choices_method: ChoicesMethod
+    model: str | None = None
 
 
 @dataclass(frozen=True)

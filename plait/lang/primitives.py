@@ -12,6 +12,7 @@ from plait.lang.choices import ChoicesMethod, resolve_choices_method
 from plait.lang.constraints import check_fields, check_json_schema
 from plait.lang.errors import EmptyChoicesError, InvalidDtypeError, RoleError
 from plait.lang.ir import ROLES, Gen, Media, Node, RoleBegin, RoleEnd, Select, Seq, to_node
+from plait.lang.models import check_model_name
 from plait.sampling import SamplingParams
 
 __all__ = [
@@ -105,6 +106,7 @@ def gen(
     json_schema: Any = None,
     ebnf: str | None = None,
     on_incomplete: str = "raise",
+    model: str | None = None,
 ) -> Node:
     """Generate text and store it in variable ``name``.
 
@@ -120,9 +122,12 @@ def gen(
     or that does not parse (or, with a pydantic model, does not validate) raises ``GenerationError``
     (``"raise"``) or is kept as raw text with ``meta_info["incomplete"] = True`` (``"keep"``). With a
     ``json_schema``, ``state.parsed(name)`` is the parsed value (a pydantic model's validated instance).
+    ``model``: the model that serves this call (a LoRA adapter's name, or a model of the backend, see
+    ``plait.lang.models``); None: the innermost ``s.using(model=...)`` scope's, else the backend's default.
     """
     if choices is not None:
-        return select(name, choices=choices, choices_method=choices_method)
+        return select(name, choices=choices, choices_method=choices_method, model=model)
+    model = check_model_name(model, f"gen {name!r}")
     if choices_method is not None:
         raise ValueError("choices_method only applies with choices=[...]; pass both or use pl.select")
     check_fields({"regex": regex, "ebnf": ebnf, "stop_regex": stop_regex})
@@ -172,7 +177,8 @@ def gen(
         raise ValueError(f"top_logprobs_num must be an int >= 0, got {top_logprobs_num!r}")
     schema_model = json_schema if isinstance(json_schema, type) and hasattr(json_schema, "model_validate_json") else None
     return Gen(
-        name, normalized, dtype, bool(return_logprob or top_logprobs_num), top_logprobs_num, schema_model, on_incomplete
+        name, normalized, dtype, bool(return_logprob or top_logprobs_num), top_logprobs_num, schema_model, on_incomplete,
+        model=model,
     )
 
 
@@ -218,12 +224,15 @@ def select(
     choices: Sequence[str] | None = None,
     temperature: float = 0.0,
     choices_method: ChoicesMethod | str | None = None,
+    *,
+    model: str | None = None,
 ) -> Node:
     """Append the most likely of ``choices`` (scored by ``choices_method``) and store it in ``name``.
 
     The arguments are in SGLang's order (``select(name, choices, temperature, choices_method)``).
     Scores are kept in ``s.get_meta_info(name)``. ``temperature`` is accepted for SGLang
-    compatibility; only 0 (deterministic choice) is supported.
+    compatibility; only 0 (deterministic choice) is supported. ``model``: the model that scores the
+    choices (as in ``gen``; None: the ``s.using`` scope's, else the backend's default).
     """
     if choices is None or isinstance(choices, str) or len(choices) == 0:
         raise EmptyChoicesError(
@@ -235,7 +244,7 @@ def select(
         raise ValueError(f"select {name!r}: every choice must be a non-empty str, got {bad!r}")
     if temperature != 0.0:
         raise ValueError("select supports only temperature=0 (the best-scoring choice); sample with gen(...) instead")
-    return Select(name, tuple(choices), resolve_choices_method(choices_method))
+    return Select(name, tuple(choices), resolve_choices_method(choices_method), check_model_name(model, f"select {name!r}"))
 
 
 def image(expr: Any) -> Node:

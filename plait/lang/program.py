@@ -31,6 +31,7 @@ from plait.lang.errors import (
 )
 from plait.lang.interpreter import Executor
 from plait.lang.lifecycle import abort_run, check_timeout, start_deadline, wind_down
+from plait.lang.models import model_kwargs, supports_models
 from plait.lang.records import RunContext
 from plait.lang.state import ProgramState
 from plait.lang.tracer import ProgramTrace, trace_program
@@ -270,9 +271,9 @@ class Program:
         backend.begin_program(batch_id)
         try:
             if len(items) > 1:
-                prefix = self.batch_prefix(items, chat_template=template)
-                if prefix:
-                    backend.cache_prefix(prefix, batch_id)
+                prefix, model = self._batch_prefix(items, template, None)
+                if prefix and (model is None or supports_models(backend)):
+                    backend.cache_prefix(prefix, batch_id, **model_kwargs(backend, model, "run_batch"))
             return self._run_all(backend, template, bound, threads, progress_bar, raise_on_error, logprob_options,
                                  deadline)
         finally:
@@ -360,9 +361,15 @@ class Program:
         Arguments equal in every item are traced with their value; the others are symbolic, so the
         prefix ends where the first of them (or the first generation) enters the prompt.
         """
+        return self._batch_prefix(batch_kwargs, chat_template, backend)[0]
+
+    def _batch_prefix(self, batch_kwargs: Sequence[Mapping[str, Any]], chat_template: ChatTemplate | str | None,
+                      backend: Backend | None) -> tuple[str, str | None]:
+        """``batch_prefix`` and the model of the program's first call (None: the default model), under
+        which the prefix is worth prefilling (KV is per model)."""
         items = [self._split_kwargs(item)[0] for item in batch_kwargs]
         if not items:
-            return ""
+            return "", None
         constant, symbolic = {}, set()
         for name in set().union(*items):
             values = [item.get(name, _MISSING) for item in items]
@@ -371,7 +378,8 @@ class Program:
             else:
                 symbolic.add(name)
         template = self._template(chat_template, backend if backend is not None else get_default_backend())
-        return trace_program(self, (), constant, template, symbolic=symbolic).constant_prefix
+        trace = trace_program(self, (), constant, template, symbolic=symbolic)
+        return trace.constant_prefix, trace.calls[0].model if trace.calls else None  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ trace
     def trace(self, *args: Any, backend: Backend | None = None, chat_template: ChatTemplate | str | None = None,

@@ -41,7 +41,8 @@ class CallRecord:
     token, ``output_top_logprobs`` the alternatives when ``top_logprobs_num`` was set. A ``select``
     keeps ``choices``, ``choice_scores`` (the normalized logprob its method compared: the mean token
     logprob, or the mean conditional minus unconditional logprob), ``chosen`` (the index picked) and
-    ``choices_method``.
+    ``choices_method``. ``model``: the model that served the call (a LoRA adapter's name...), None for
+    the backend's default model.
     """
 
     kind: str
@@ -58,6 +59,7 @@ class CallRecord:
     choice_scores: list[float] | None = None
     chosen: int | None = None
     choices_method: str | None = None
+    model: str | None = None
 
 
 @dataclass

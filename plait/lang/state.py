@@ -17,6 +17,7 @@ from plait.lang.errors import ProgramAbortedError, StateClosedError
 from plait.lang.interpreter import Executor, _AppendForks
 from plait.lang.ir import RoleBegin, RoleEnd, VarScopeBegin, VarScopeEnd, to_node
 from plait.lang.lifecycle import abort_run
+from plait.lang.models import check_model_name
 from plait.lang.primitives import role as _role
 from plait.lang.primitives import system as _system
 from plait.lang.records import CallRecord
@@ -73,6 +74,24 @@ class ProgramState:
         self._executor.submit(VarScopeBegin(name))
         yield
         self._executor.submit(VarScopeEnd(name))
+
+    @contextmanager
+    def using(self, model: str | None) -> Iterator[None]:
+        """Send the calls appended inside the ``with`` block to ``model``: ``with s.using(model="writer"):``.
+
+        Every ``gen`` / ``select`` / ``call_tools`` appended in the block that names no model of its own
+        is served by ``model`` (a LoRA adapter's name, or another model of the backend); ``None`` is the
+        backend's default model (e.g. to reach the base model inside an outer scope). Scopes nest, and
+        the previous one is back when the block ends, also when it ends by an exception. A fork made
+        inside the block starts in the same scope (its branches have their own from then on).
+        """
+        scope = self._executor.model_scope
+        scope.append(check_model_name(model, "using"))
+        depth = len(scope)
+        try:
+            yield
+        finally:
+            del scope[depth - 1:]  # also drops a scope an exception left open inside
 
     # ------------------------------------------------------------------ fork
     def fork(self, size: int = 1) -> ProgramStateGroup:

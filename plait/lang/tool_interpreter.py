@@ -146,7 +146,7 @@ def _turn(ex: Executor, node: CallTools, tools: Sequence[Tool], choice: str,
     request = ToolRequest(tuple(t.chat_dict() for t in tools), choice, node.parallel)
     ex._role_begin("assistant")
     first = len(ex.segments)
-    result = ex._execute_gen(Gen(None, tuple(sorted(overrides.items()))), tools=request)
+    result = ex._execute_gen(Gen(None, tuple(sorted(overrides.items())), model=node.model), tools=request)
     with ex.changed:  # the turn's text and call record carry the call_tools name (the gen itself stores nothing)
         for seg in ex.segments[first:]:
             seg.name = node.name

@@ -20,6 +20,7 @@ from typing import Any
 
 from plait.lang.errors import ToolDeclarationError
 from plait.lang.ir import Node
+from plait.lang.models import check_model_name
 from plait.lang.tools import Tool, ToolCall, ToolResult, _result_text, as_tools
 from plait.sampling import SamplingParams
 
@@ -63,6 +64,7 @@ class CallTools(Node):
     parallel: bool = True
     execute: bool = True
     overrides: tuple[tuple[str, Any], ...] = ()
+    model: str | None = None  # the model serving every turn (see ``plait.lang.models``); None: the default
 
     def overrides_dict(self) -> dict[str, Any]:
         return dict(self.overrides)
@@ -95,6 +97,7 @@ def call_tools(
     parallel: bool = True,
     execute: bool = True,
     max_tokens: int | None = None,
+    model: str | None = None,
     **sampling: Any,
 ) -> Node:
     """Let the model call tools; store its answer in ``name``.
@@ -115,6 +118,7 @@ def call_tools(
 
     ``max_tokens`` and other sampling options (``temperature``, ``top_p``, ``seed``, ...) apply to
     every turn; constraint options are not accepted (the turn's grammar is the constraint).
+    ``model``: the model that serves every turn (as in ``pl.gen``; None: the ``s.using`` scope's).
     """
     if name is not None and not isinstance(name, str):
         raise TypeError(f"call_tools name must be a str or None, got {type(name).__name__}")
@@ -139,7 +143,8 @@ def call_tools(
         overrides["stop"] = tuple(overrides["stop"])
     validated = SamplingParams(**overrides)  # ValueError naming a bad field
     normalized = tuple(sorted((k, getattr(validated, k)) for k in overrides))
-    return CallTools(name, declared, choice, steps, parallel, execute, normalized)
+    return CallTools(name, declared, choice, steps, parallel, execute, normalized,
+                     check_model_name(model, f"call_tools {name!r}"))
 
 
 def _choice(tool_choice: Any, declared: tuple[Tool, ...] | None) -> str:

@@ -121,6 +121,11 @@ class ProgramTrace:
         return f"ProgramTrace({self.program}, {len(self.nodes)} nodes, {len(self.calls)} calls{status})"
 
 
+def _on_model(node: Any) -> str:
+    """`` on model 'judge'`` for a call served by a model other than the backend's default."""
+    return "" if node.model is None else f"  on model {node.model!r}"
+
+
 def _describe(node: Any) -> str:
     if isinstance(node, ConstText):
         return f"text {node.text!r}"
@@ -132,18 +137,18 @@ def _describe(node: Any) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in node.overrides)
         dtype = f", dtype={node.dtype.__name__}" if node.dtype else ""
         reasoning = f", separate_reasoning={node.reasoning!r}" if node.reasoning else ""
-        return f"gen {node.name!r}({params}{dtype}{reasoning})"
+        return f"gen {node.name!r}({params}{dtype}{reasoning}){_on_model(node)}"
     if isinstance(node, Media):
         return f"{node.kind} {node.source!r}"
     if isinstance(node, Select):
-        return f"select {node.name!r} choices={list(node.choices)} method={node.choices_method.name}"
+        return f"select {node.name!r} choices={list(node.choices)} method={node.choices_method.name}{_on_model(node)}"
     if isinstance(node, DeclareTools):
         return f"<system> declaring tools {[t.name for t in node.tools]} </system>"
     if isinstance(node, CallTools):
         tools = "declared tools" if node.tools is None else f"tools={[t.name for t in node.tools]}"
         params = "".join(f", {k}={v!r}" for k, v in node.overrides)
         run = f"max_steps={node.max_steps}" if node.execute else "execute=False"
-        return f"call_tools {node.name!r}({tools}, tool_choice={node.choice!r}, {run}{params})"
+        return f"call_tools {node.name!r}({tools}, tool_choice={node.choice!r}, {run}{params}){_on_model(node)}"
     if isinstance(node, ToolResults):
         return f"tool results for {[r.call.name for r in node.results]}"
     if isinstance(node, RoleBegin):

@@ -38,7 +38,7 @@ def test_fork_branches_run_concurrently_and_share_the_prefix():
     assert state["idea"] == [" idea", " idea", " idea"]
     assert state.text() == "Topic: tea.\n"  # gather_variable leaves the source text alone
     (cached,) = backend.calls_of("cache_prefix")
-    assert cached == ("Topic: tea.\n", state.program_id)
+    assert cached == ("Topic: tea.\n", state.program_id, None)
     prompts = sorted(c.prompt for c in backend.calls_of("generate"))
     assert prompts == [f"Topic: tea.\nIdea {i}:" for i in range(3)]
     assert backend.calls.index(("cache_prefix", cached)) < min(i for i, c in enumerate(backend.calls) if c[0] == "generate")
@@ -170,7 +170,7 @@ def test_program_id_on_every_call_and_begin_end_around_the_run():
     assert backend.calls[0][1] == backend.calls[-1][1] == pid and backend.open_programs == set()
     assert all(c.program_id == pid for c in backend.calls_of("generate"))
     assert all(c["program_id"] == pid for c in backend.calls_of("score_choices"))
-    assert all(p == pid for _, p in backend.calls_of("cache_prefix"))
+    assert all(p == pid for _, p, _ in backend.calls_of("cache_prefix"))
 
 
 def test_end_program_also_on_error(mock):

@@ -16,6 +16,11 @@ Optional, outside the protocol class (so backends written before it still are ba
 (its finish reason ``{"type": "abort"}``) at once. The language calls it when a run is aborted
 (``state.abort()``, a reader leaving ``text_iter``, ``timeout=``); Runtime, Endpoint and MockBackend have it.
 A request constraint the backend's compiler refuses raises ``InvalidConstraintError``.
+``per_call_models = True`` says the backend serves per-call models (LoRA adapters, or several models
+behind one API; see ``plait.lang.models``): ``GenerateCall.model`` names the call's model, and
+``score_choices`` / ``cache_prefix`` take ``model=`` (passed only when it is not None, so backends
+without it keep working for programs that name no model). An unknown name raises ``ValueError``
+naming the known ones. KV of one model is never reused for another.
 
 This module imports neither torch nor anything under ``plait.runtime``.
 """
@@ -85,6 +90,8 @@ class GenerateCall:
     """One continuation request: the full prompt text so far and how to sample.
 
     ``params`` carries the constraint (``regex`` / ``json_schema`` / ``ebnf``) when there is one.
+    ``model``: the model that serves the call (a LoRA adapter's name...; sent only to backends with
+    ``per_call_models``); None: the backend's default model.
     """
 
     prompt: str
@@ -93,6 +100,7 @@ class GenerateCall:
     top_logprobs_num: int = 0
     program_id: str | None = None
     tools: ToolRequest | None = None
+    model: str | None = None
 
 
 @dataclass

@@ -7,6 +7,11 @@ recent question decides. Tokens are whitespace-delimited words (a word with its 
 ``token_delay_s`` each token takes that long, and ``abort_program(pid)`` ends that program's calls in flight
 with ``finish_reason={"type": "abort"}``, as a real backend's abort does. Constraints are checked like
 ``gen()`` checks them (``InvalidConstraintError``).
+
+Per-call models (``per_call_models``): ``GenerateCall.model`` and the ``model=`` of ``score_choices`` /
+``cache_prefix`` are recorded with the call; an output callable sees ``call.model``. Prefixes are cached
+per model (``cached_tokens`` counts only text seen under the same model), as an engine keys its cache
+per LoRA adapter.
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ class MockBackend:
     ``supports_select=False`` makes ``score_choices`` raise ``BackendCapabilityError``.
     ``enforce_constraints``: a finished output that violates the call's regex / JSON schema raises,
     so a test cannot pass on output a real constrained backend would never produce.
+    ``models``: the model names a call may ask for (another raises ``ValueError`` naming them); None
+    accepts any name. ``per_call_models=False`` makes it a one-model backend (a call naming a model
+    raises ``BackendCapabilityError`` in the language).
     """
 
     def __init__(
@@ -72,6 +80,8 @@ class MockBackend:
         supports_select: bool = True,
         enforce_constraints: bool = True,
         token_delay_s: float = 0.0,
+        models: Sequence[str] | None = None,
+        per_call_models: bool = True,
     ) -> None:
         items = rules.items() if isinstance(rules, Mapping) else rules
         self.rules = [(re.compile(p), out) for p, out in items]
@@ -83,10 +93,12 @@ class MockBackend:
         self.supports_select = supports_select
         self.enforce_constraints = enforce_constraints
         self.token_delay_s = token_delay_s
+        self.models = None if models is None else tuple(models)
+        self.per_call_models = per_call_models
         self.calls: list[tuple[str, Any]] = []
         self.open_programs: set[str] = set()
         self.aborted_programs: set[str] = set()
-        self._seen: set[str] = set()
+        self._seen: set[tuple[str | None, str]] = set()  # (model, text) whose KV is "cached"
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ helpers
@@ -99,14 +111,18 @@ class MockBackend:
         with self._lock:
             return [p for k, p in self.calls if k == kind]
 
-    def _cached_tokens(self, prompt: str) -> int:
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and self.models is not None and model not in self.models:
+            raise ValueError(f"{self.name}: unknown model {model!r}; loaded: {list(self.models)}")
+
+    def _cached_tokens(self, prompt: str, model: str | None = None) -> int:
         with self._lock:
-            best = max((len(s) for s in self._seen if prompt.startswith(s)), default=0)
+            best = max((len(s) for m, s in self._seen if m == model and prompt.startswith(s)), default=0)
         return len(mock_tokens(prompt[:best]))
 
-    def _remember(self, text: str) -> None:
+    def _remember(self, text: str, model: str | None = None) -> None:
         with self._lock:
-            self._seen.add(text)
+            self._seen.add((model, text))
 
     def _output_for(self, call: GenerateCall) -> str:
         best: tuple[int, Output] | None = None
@@ -120,6 +136,7 @@ class MockBackend:
     def _complete(self, call: GenerateCall) -> tuple[list[str], dict[str, Any]]:
         """The output tokens after stop strings and max_new_tokens, and the finish reason."""
         check_params(call.params)
+        self._check_model(call.model)
         text = self._output_for(call)
         params = call.params
         finish: dict[str, Any] = {"type": "stop", "matched": None}
@@ -172,7 +189,7 @@ class MockBackend:
             finish_reason=finish,
             prompt_tokens=len(mock_tokens(call.prompt)),
             completion_tokens=len(tokens),
-            cached_tokens=self._cached_tokens(call.prompt),
+            cached_tokens=self._cached_tokens(call.prompt, call.model),
             latency_s=time.monotonic() - start,
             output_token_logprobs=logprobs,
             output_top_logprobs=top,
@@ -193,7 +210,7 @@ class MockBackend:
             if self._aborted(call):
                 return self._result(call, tokens[: i + 1], {"type": "abort", "message": "aborted"}, start)
         result = self._result(call, tokens, finish, start)
-        self._remember(call.prompt + result.text)
+        self._remember(call.prompt + result.text, call.model)
         return result
 
     def stream(self, call: GenerateCall) -> Iterator[GenerateResult]:
@@ -208,7 +225,7 @@ class MockBackend:
                 return
             yield self._result(call, tokens[:i], None, start)
         result = self._result(call, tokens, finish, start)
-        self._remember(call.prompt + result.text)
+        self._remember(call.prompt + result.text, call.model)
         yield result
 
     def _scores(self, source: ScoreSource, prefix: str, choice: str) -> list[float]:
@@ -223,16 +240,19 @@ class MockBackend:
         return out
 
     def score_choices(
-        self, prefix: str, choices: Sequence[str], *, unconditional: bool = False, program_id: str | None = None
+        self, prefix: str, choices: Sequence[str], *, unconditional: bool = False, program_id: str | None = None,
+        model: str | None = None,
     ) -> list[ChoiceScores]:
-        self._record("score_choices", {"prefix": prefix, "choices": list(choices), "unconditional": unconditional, "program_id": program_id})
+        self._record("score_choices", {"prefix": prefix, "choices": list(choices), "unconditional": unconditional,
+                                       "program_id": program_id, "model": model})
         if not self.supports_select:
             raise BackendCapabilityError(
                 f"backend {self.name!r} cannot score choices (configured with supports_select=False); "
                 "use gen(regex=...) or a backend that reports prompt logprobs"
             )
-        cached = self._cached_tokens(prefix)
-        self._remember(prefix)
+        self._check_model(model)
+        cached = self._cached_tokens(prefix, model)
+        self._remember(prefix, model)
         out = []
         for choice in choices:
             lps = self._scores(self.choice_logprobs, prefix, choice)
@@ -258,9 +278,11 @@ class MockBackend:
 
         return resolve_chat_template(self._template)
 
-    def cache_prefix(self, prefix: str, program_id: str | None = None) -> None:
-        self._record("cache_prefix", (prefix, program_id))
-        self._remember(prefix)
+    def cache_prefix(self, prefix: str, program_id: str | None = None, model: str | None = None) -> None:
+        """Record ``(prefix, program_id, model)`` and count ``prefix`` as cached under ``model``."""
+        self._record("cache_prefix", (prefix, program_id, model))
+        self._check_model(model)
+        self._remember(prefix, model)
 
     def begin_program(self, program_id: str) -> None:
         self._record("begin_program", program_id)
