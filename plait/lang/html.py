@@ -7,7 +7,9 @@ probability, with the probability, logprob, token and any top alternatives on ho
 is followed by its choices with the score its method compared, the chosen one marked. Each
 ``fork`` is a nested section at the point it was made, one box per branch with the text the branch
 added (joined or not). Then a totals line (calls, prompt tokens, cached %, output tokens, latency)
-and a bordered table of the backend calls.
+and a bordered table of the backend calls. A call served by a model other than the backend's default
+(``gen(..., model="judge")``, ``s.using(model=...)``) is tagged with the model's name after its text, and
+the table then has a model column ("default" for the others).
 
 Every piece of program or model text is escaped; the view is bounded (tokens per heat map,
 branches per fork, fork nesting, table rows), and says what it left out.
@@ -54,6 +56,8 @@ _STYLE = (
     ".plait-branch>summary{font-size:11px;color:#555;cursor:pointer}"
     ".plait-branch-body{white-space:pre-wrap}"
     ".plait-note{font-size:11px;color:#777;font-style:italic}"
+    ".plait-model{font-size:10px;border:1px solid #b80;border-radius:3px;padding:0 3px;margin:0 0 0 2px;"
+    "background:#fff4dd;color:#740;white-space:nowrap}"
     ".plait-totals{margin:8px 0 4px 0;font-weight:bold}"
     ".plait-legend{font-size:11px;color:#555;margin:4px 0}"
     ".plait-legend-bar{display:inline-block;width:120px;height:10px;vertical-align:middle;margin:0 4px;"
@@ -62,7 +66,8 @@ _STYLE = (
     ".plait-state table.plait-calls th,.plait-state table.plait-calls td{border:1px solid #999;padding:2px 8px;"
     "text-align:right}"
     ".plait-state table.plait-calls th{background:#f0f0f0}"
-    ".plait-state table.plait-calls td:nth-child(-n+2),.plait-state table.plait-calls td:last-child{text-align:left}"
+    ".plait-state table.plait-calls td:nth-child(-n+2),.plait-state table.plait-calls td:last-child,"
+    ".plait-state table.plait-calls td.plait-left{text-align:left}"
     "</style>"
 )
 
@@ -145,11 +150,16 @@ def _choices(call: CallRecord) -> str:
 def _span(seg: Segment) -> str:
     text = escape(seg.text)
     if seg.kind in ("gen", "select"):
-        title = escape(f"{seg.kind} {seg.name}" if seg.name else seg.kind, quote=True)
         call = seg.call
+        model = call.model if call is not None else None
+        label = f"{seg.kind} {seg.name}" if seg.name else seg.kind
+        title = escape(label if model is None else f"{label} (model {model})", quote=True)
         if seg.kind == "gen" and call is not None and call.output_token_logprobs:
             text = _heatmap(seg.text, call) or text
         extra = _choices(call) if seg.kind == "select" and call is not None and call.choices else ""
+        if model is not None:
+            tag_title = escape(f"served by model {model!r}", quote=True)
+            extra = f'<span class="plait-model" title="{tag_title}">{escape(_clip(model, 40))}</span>{extra}'
         return f'<span class="plait-{seg.kind}" title="{title}">{text}</span>{extra}'
     if seg.kind in ("role_prefix", "role_suffix"):
         return f'<span class="plait-tpl">{text}</span>'
@@ -300,20 +310,27 @@ def _totals(calls: list[CallRecord]) -> str:
 def _calls_table(calls: list[CallRecord]) -> str:
     if not calls:
         return ""
+    with_models = any(c.model is not None for c in calls)  # the model column only when a call named one
     header = (
-        "<tr><th>call</th><th>name</th><th>prompt tokens</th><th>cached tokens</th>"
-        "<th>output tokens</th><th>latency</th><th>finish</th></tr>"
+        "<tr><th>call</th><th>name</th>" + ("<th>model</th>" if with_models else "")
+        + "<th>prompt tokens</th><th>cached tokens</th><th>output tokens</th><th>latency</th><th>finish</th></tr>"
     )
     rows = [header]
     for c in calls[:MAX_CALL_ROWS]:
         finish = (c.finish_reason or {}).get("type", "") if c.kind == "gen" else ""
+        model = ""
+        if with_models:
+            model = (f'<td class="plait-left">{escape(c.model)}</td>' if c.model is not None
+                     else '<td class="plait-left plait-note">default</td>')
         rows.append(
-            f"<tr><td>{escape(c.kind)}</td><td>{escape(_call_name(c))}</td><td>{c.prompt_tokens}</td>"
+            f"<tr><td>{escape(c.kind)}</td><td>{escape(_call_name(c))}</td>{model}<td>{c.prompt_tokens}</td>"
             f"<td>{c.cached_tokens}</td><td>{c.completion_tokens}</td><td>{c.latency_s * 1000:.1f} ms</td>"
             f"<td>{escape(str(finish))}</td></tr>"
         )
     if len(calls) > MAX_CALL_ROWS:
-        rows.append(f'<tr><td colspan="7" class="plait-note">{len(calls) - MAX_CALL_ROWS} more calls not shown</td></tr>')
+        columns = 8 if with_models else 7
+        rows.append(f'<tr><td colspan="{columns}" class="plait-note">{len(calls) - MAX_CALL_ROWS} more calls not '
+                    "shown</td></tr>")
     return f'<table class="plait-calls">{"".join(rows)}</table>'
 
 

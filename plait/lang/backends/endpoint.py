@@ -12,6 +12,11 @@ Every generation carries a request id (``rid``, SGLang's field), so ``abort_prog
 a run's generations in flight through ``/abort_request`` (plait serve and SGLang have it); a stream is
 also aborted by closing it. A 400 about the request's constraint is raised as ``InvalidConstraintError``.
 
+Per-call models are the server's LoRA adapters (``plait serve --lora-paths name=path``, SGLang's flag):
+a call with ``model="name"`` carries ``lora_path`` (SGLang's field; a list, one per prompt, in a batched
+request), so its select scoring and cached prefixes are under the adapter too. The server refuses an
+unknown adapter with a 400 naming the loaded ones (raised as ``ValueError``).
+
 Only httpx and the standard library: ``plait.lang`` must work without torch.
 """
 
@@ -65,6 +70,9 @@ def _guess_template_name(model_path: str) -> str:
 class Endpoint:
     """A model served over HTTP (``plait serve`` or an SGLang server). Thread-safe."""
 
+    #: calls may name a LoRA adapter the server has loaded (sent as ``lora_path``)
+    per_call_models = True
+
     def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 600.0,
                  chat_template: str | None = None) -> None:
         """Connect to ``url`` (e.g. ``http://127.0.0.1:30000``); ``chat_template`` names a template of
@@ -112,6 +120,13 @@ class Endpoint:
         return {"program_id": program_id} if program_id is not None and "program_id" in self.extensions else {}
 
     @staticmethod
+    def _lora(model: str | None, batch: int | None = None) -> dict[str, Any]:
+        """The request's ``lora_path`` for ``model`` (nothing for the base model); a list for a batch."""
+        if model is None:
+            return {}
+        return {"lora_path": model if batch is None else [model] * batch}
+
+    @staticmethod
     def _sampling(params: SamplingParams) -> dict[str, Any]:
         """Only what differs from the defaults, so that servers lacking a field accept the request."""
         return {k: v for k, v in params.to_dict().items() if v != _DEFAULTS.get(k)}
@@ -122,7 +137,8 @@ class Endpoint:
                              "(use fork(n) in the program for several samples)")
         body = {"text": call.prompt, "sampling_params": self._sampling(call.params),
                 "return_logprob": call.return_logprob, "top_logprobs_num": call.top_logprobs_num,
-                "return_text_in_logprobs": True, "rid": rid, **self._program(call.program_id)}
+                "return_text_in_logprobs": True, "rid": rid, **self._program(call.program_id),
+                **self._lora(call.model)}
         return body
 
     # ------------------------------------------------------------------ generation
@@ -247,8 +263,9 @@ class Endpoint:
 
     # ------------------------------------------------------------------ select
     def score_choices(self, prefix: str, choices: Sequence[str], *, unconditional: bool = False,
-                      program_id: str | None = None) -> list[ChoiceScores]:
-        """Logprobs of each choice's tokens after ``prefix``, scored by the server in one batched request.
+                      program_id: str | None = None, model: str | None = None) -> list[ChoiceScores]:
+        """Logprobs of each choice's tokens after ``prefix``, scored by the server in one batched request
+        (under LoRA adapter ``model``; None: the base model).
 
         The bare prefix is scored alongside the choices (from a few tokens before its end), so the
         choice starts where ``prefix + choice`` stops agreeing with the prefix's own tokens: a token
@@ -261,15 +278,16 @@ class Endpoint:
         if not prefix:
             raise ValueError(f"{self.name}: select needs some text before it (the first token has no logprob)")
         extra = self._program(program_id)
-        cached = self._request("POST", "/generate", {"text": prefix, "sampling_params": {"max_new_tokens": 0}, **extra})
+        cached = self._request("POST", "/generate", {"text": prefix, "sampling_params": {"max_new_tokens": 0}, **extra,
+                                                     **self._lora(model)})
         prompt_len = cached["meta_info"]["prompt_tokens"]
         for margin in _SELECT_MARGINS:
             start = 0 if margin is None else max(prompt_len - margin, 0)
-            scores = self._score_from(prefix, choices, start, extra)
+            scores = self._score_from(prefix, choices, start, {**extra, **self._lora(model, len(choices) + 1)})
             if scores is not None:
                 break
         if unconditional:
-            self._score_unconditional(scores, extra)
+            self._score_unconditional(scores, {**extra, **self._lora(model, len(scores))})
         return scores
 
     def _score_from(self, prefix: str, choices: Sequence[str], start: int,
@@ -316,11 +334,12 @@ class Endpoint:
             score.unconditional_token_logprobs = [0.0 if e[0] is None else float(e[0]) for e in entries]
 
     # ------------------------------------------------------------------ cache, programs, template
-    def cache_prefix(self, prefix: str, program_id: str | None = None) -> None:
-        """Prefill ``prefix`` into the server's prefix cache (a ``max_new_tokens=0`` request)."""
+    def cache_prefix(self, prefix: str, program_id: str | None = None, model: str | None = None) -> None:
+        """Prefill ``prefix`` into the server's prefix cache (a ``max_new_tokens=0`` request), under LoRA
+        adapter ``model`` (None: the base model)."""
         if prefix:
             self._request("POST", "/generate", {"text": prefix, "sampling_params": {"max_new_tokens": 0},
-                                                **self._program(program_id)})
+                                                **self._program(program_id), **self._lora(model)})
 
     def begin_program(self, program_id: str) -> None:
         """Open a program run on servers with program-aware caching (a no-op elsewhere)."""

@@ -21,6 +21,10 @@ Logprob entries carry token id -1: the OpenAI API reports token text, not ids. A
 constraint (``regex``, ``json_schema``...) is raised as ``InvalidConstraintError``, as on other backends.
 The API cannot abort a request: a blocking call of an aborted run ends on its own; a stream is closed.
 
+Per-call models: a call with ``model="name"`` is sent with the request's ``model`` set to that name
+(an adapter served under its name, as plait serve and SGLang do, or any other model of the API); calls
+that name none use the backend's ``model``.
+
 Tool-calling turns (``call_tools``; ``GenerateCall.tools``) use the chat API's ``tools``,
 ``tool_choice`` and ``parallel_tool_calls``; the calls come back in ``GenerateResult.tool_calls``
 and, in the chat markup, in the turn's text (``openai_chat.render_api_calls``), from which later
@@ -106,6 +110,9 @@ class OpenAI:
     completion-only OpenAI models). ``chat_template`` names a template of ``plait.lang.chat_template``
     to render roles as plain text for a completions model.
     """
+
+    #: a call may name another model of the API (sent as the request's ``model``)
+    per_call_models = True
 
     def __init__(
         self,
@@ -194,7 +201,7 @@ class OpenAI:
     def _request(self, call: GenerateCall, stream: bool) -> tuple[bool, dict[str, Any]]:
         chat = self._use_chat(call.prompt)
         kwargs = self._sampling_kwargs(call.params, chat)
-        kwargs["model"] = self.model
+        kwargs["model"] = call.model or self.model
         if call.tools is not None and not chat:
             raise BackendCapabilityError(
                 f"{self.name}: tool calls need the chat completions API; put call_tools after role blocks "
@@ -361,8 +368,10 @@ class OpenAI:
         *,
         unconditional: bool = False,
         program_id: str | None = None,
+        model: str | None = None,
     ) -> list[ChoiceScores]:
-        """Prompt logprobs of each choice through the completions endpoint (``echo=True``)."""
+        """Prompt logprobs of each choice through the completions endpoint (``echo=True``), from ``model``
+        (None: the backend's model)."""
         if isinstance(choices, str) or not choices or not all(isinstance(c, str) and c for c in choices):
             raise ValueError("select needs a non-empty list of non-empty choice strings")
         if self.api == "chat" or has_chat_markup(prefix):
@@ -371,7 +380,7 @@ class OpenAI:
                 "them; use gen(..., choices=...) through constrained decoding on a server that supports it, "
                 "or a Runtime/Endpoint backend"
             )
-        scored = self._echo_logprobs([prefix + c for c in choices])
+        scored = self._echo_logprobs([prefix + c for c in choices], model)
         scores, choice_texts = [], []
         for choice, (tokens, logprobs, offsets, usage) in zip(choices, scored):
             # the choice's tokens: every token that ends after the prefix (one straddling the boundary too)
@@ -386,12 +395,12 @@ class OpenAI:
             ))
             choice_texts.append("".join(tokens[first:]))
         if unconditional:
-            self._score_unconditional(scores, choice_texts)
+            self._score_unconditional(scores, choice_texts, model)
         return scores
 
-    def _score_unconditional(self, scores: list[ChoiceScores], texts: list[str]) -> None:
+    def _score_unconditional(self, scores: list[ChoiceScores], texts: list[str], model: str | None) -> None:
         """The choice tokens' text scored with no prefix (first token: 0.0, SGLang's convention)."""
-        for score, (tokens, logprobs, _, _) in zip(scores, self._echo_logprobs(texts)):
+        for score, (tokens, logprobs, _, _) in zip(scores, self._echo_logprobs(texts, model)):
             if len(tokens) != len(score.token_logprobs):
                 raise BackendCapabilityError(
                     f"{self.name}: {score.choice!r} tokenizes differently without its prefix, and the API "
@@ -400,7 +409,8 @@ class OpenAI:
                 )
             score.unconditional_token_logprobs = [0.0 if lp is None else float(lp) for lp in logprobs]
 
-    def _echo_logprobs(self, prompts: list[str]) -> list[tuple[list[str], list, list[int], tuple[int, int]]]:
+    def _echo_logprobs(self, prompts: list[str],
+                       model: str | None = None) -> list[tuple[list[str], list, list[int], tuple[int, int]]]:
         """(tokens, logprobs, text offsets, (prompt tokens, cached tokens)) of each prompt, in order."""
         try:
             import openai
@@ -408,7 +418,7 @@ class OpenAI:
             openai = None
         try:
             resp = self.client.completions.create(
-                model=self.model, prompt=prompts, max_tokens=0, echo=True, logprobs=1, temperature=0.0,
+                model=model or self.model, prompt=prompts, max_tokens=0, echo=True, logprobs=1, temperature=0.0,
             )
         except Exception as exc:
             if openai is not None and isinstance(exc, (openai.BadRequestError, openai.NotFoundError)):
@@ -443,7 +453,7 @@ class OpenAI:
 
         return templates.get_chat_template(self._chat_template_name or "default")
 
-    def cache_prefix(self, prefix: str, program_id: str | None = None) -> None:
+    def cache_prefix(self, prefix: str, program_id: str | None = None, model: str | None = None) -> None:
         """No-op: the server manages its own prefix cache."""
 
     def begin_program(self, program_id: str) -> None:

@@ -15,11 +15,18 @@ Every generation carries a request id, so ``abort_program(program_id)`` can abor
 (``state.abort()``, a reader leaving ``text_iter``, ``timeout=``). A constraint the engine's grammar
 compiler refuses raises ``InvalidConstraintError``, as ``gen()`` does for what it can check itself.
 
+Per-call models are LoRA adapters: ``Runtime(lora_paths={"judge": path})`` (or SGLang's
+``["judge=path", ...]``) loads them into the engine, and a call with ``model="judge"`` is sent with
+``lora_path="judge"`` (a select's batched scoring and a cached prefix too, so they are scored and
+cached under the adapter; the engine keys its prefix cache per adapter). An unknown name raises the
+engine's ``ValueError`` naming the loaded adapters.
+
 This module imports the runtime (torch) only when a ``Runtime`` is created.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -88,7 +95,8 @@ class Runtime:
 
     ``model`` and ``engine_config`` are ``plait.Engine``'s arguments (``EngineConfig`` settings).
     ``chat_template`` names a template of ``plait.lang.chat_template`` to use instead of the one derived
-    from the model's tokenizer.
+    from the model's tokenizer. ``lora_paths``: LoRA adapters to load (``{"name": path}`` or
+    ``["name=path", ...]``), served to calls that name them (``pl.gen(..., model="name")``).
     """
 
     def __init__(
@@ -97,8 +105,11 @@ class Runtime:
         *,
         engine: Engine | None = None,
         chat_template: str | None = None,
+        lora_paths: dict[str, str] | Sequence[str] | None = None,
         **engine_config: Any,
     ) -> None:
+        if lora_paths is not None:
+            engine_config["lora_paths"] = lora_paths
         if engine is not None and engine_config:
             raise TypeError(
                 f"Runtime(engine=...) wraps an existing engine; engine settings {sorted(engine_config)} "
@@ -119,6 +130,22 @@ class Runtime:
         self._lock = threading.Lock()
         self._in_flight: dict[str, set[str]] = {}  # program id -> request ids of its generations in flight
         self._aborted: set[str] = set()  # programs aborted and not ended yet: new calls end at once
+
+    # ------------------------------------------------------------------ per-call models (LoRA adapters)
+    @property
+    def per_call_models(self) -> bool:
+        """Whether calls can name a LoRA adapter (the engine takes ``lora_path``)."""
+        try:
+            return "lora_path" in inspect.signature(self.engine.generate).parameters
+        except (TypeError, ValueError):  # a callable without a signature
+            return False
+
+    @staticmethod
+    def _lora(model: str | None, batch: int | None = None) -> dict[str, Any]:
+        """The engine's ``lora_path`` argument for ``model`` (nothing for the base model); a list for a batch."""
+        if model is None:
+            return {}
+        return {"lora_path": model if batch is None else [model] * batch}
 
     # ------------------------------------------------------------------ generation
     def generate(self, call: GenerateCall) -> GenerateResult:
@@ -186,6 +213,7 @@ class Runtime:
             "top_logprobs_num": call.top_logprobs_num,
             "return_text_in_logprobs": True,
             "program_id": call.program_id,
+            **self._lora(call.model),
         }
 
     # ------------------------------------------------------------------ select
@@ -196,8 +224,10 @@ class Runtime:
         *,
         unconditional: bool = False,
         program_id: str | None = None,
+        model: str | None = None,
     ) -> list[ChoiceScores]:
-        """Logprobs of each choice's tokens after ``prefix`` (one batched, cached engine request)."""
+        """Logprobs of each choice's tokens after ``prefix`` (one batched, cached engine request), under
+        LoRA adapter ``model`` (None: the base model)."""
         if isinstance(choices, str) or not choices:
             raise ValueError("select needs a non-empty list of choice strings")
         bad = [c for c in choices if not isinstance(c, str) or not c]
@@ -222,7 +252,7 @@ class Runtime:
             full = [[tok.bos_token_id, *ids] for ids in full]
             starts = [s + 1 for s in starts]
         if prefix_ids:
-            self._cache_ids(prefix_ids, program_id)
+            self._cache_ids(prefix_ids, program_id, model)
         first = min(starts)
         outs = self.engine.generate(
             input_ids=full,
@@ -231,6 +261,7 @@ class Runtime:
             logprob_start_len=first,
             top_logprobs_num=1,
             program_id=program_id,
+            **self._lora(model, len(full)),
         )
         scores = []
         for choice, ids, start, out in zip(choices, full, starts, outs):
@@ -247,10 +278,10 @@ class Runtime:
                 cached_tokens=meta["cached_tokens"],
             ))
         if unconditional:
-            self._score_unconditional(scores, program_id)
+            self._score_unconditional(scores, program_id, model)
         return scores
 
-    def _score_unconditional(self, scores: list[ChoiceScores], program_id: str | None) -> None:
+    def _score_unconditional(self, scores: list[ChoiceScores], program_id: str | None, model: str | None) -> None:
         """Each choice's tokens scored with no prefix at all, as SGLang does: the first token has no
         context, so its unconditional logprob is reported as 0.0 (SGLang's convention)."""
         outs = self.engine.generate(
@@ -259,14 +290,16 @@ class Runtime:
             return_logprob=True,
             logprob_start_len=0,
             program_id=program_id,
+            **self._lora(model, len(scores)),
         )
         for score, out in zip(scores, outs):
             entries = out["meta_info"]["input_token_logprobs"]
             score.unconditional_token_logprobs = [0.0 if lp is None else float(lp) for lp, _, _ in entries]
 
     # ------------------------------------------------------------------ cache and program runs
-    def cache_prefix(self, prefix: str, program_id: str | None = None) -> None:
-        """Prefill ``prefix`` into the radix cache (a ``max_new_tokens=0`` request).
+    def cache_prefix(self, prefix: str, program_id: str | None = None, model: str | None = None) -> None:
+        """Prefill ``prefix`` into the radix cache (a ``max_new_tokens=0`` request), under LoRA adapter
+        ``model`` (None: the base model).
 
         The prefix's last token is left out: the text that follows it in a real prompt may merge with
         it into another token (a prefix ending in "Q: " is followed by "A..." -> " A"), and a cached
@@ -274,14 +307,15 @@ class Runtime:
         if not prefix:
             return
         if self.engine.tokenizer is None:
-            self.engine.generate(prefix, {"max_new_tokens": 0}, program_id=program_id)
+            self.engine.generate(prefix, {"max_new_tokens": 0}, program_id=program_id, **self._lora(model))
             return
         ids = self.engine.tokenizer.encode(prefix)
         if len(ids) > 1:
-            self._cache_ids(ids[:-1], program_id)
+            self._cache_ids(ids[:-1], program_id, model)
 
-    def _cache_ids(self, ids: list[int], program_id: str | None) -> None:
-        self.engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 0}, program_id=program_id)
+    def _cache_ids(self, ids: list[int], program_id: str | None, model: str | None = None) -> None:
+        self.engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 0}, program_id=program_id,
+                             **self._lora(model))
 
     def begin_program(self, program_id: str) -> None:
         """Keep what this run caches resident until ``end_program`` (bounded; yields under pressure)."""
