@@ -104,8 +104,9 @@ def _engine_setting_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         convert = int if kind.startswith("int") else float if kind.startswith("float") else str
         shown = "chosen by the engine (docs)" if default is None else default
+        many = {"nargs": "+"} if kind.startswith("tuple") else {}  # lora_paths name=path ..., lora_target_modules
         group.add_argument(flag, *aliases, dest=f"engine.{spec.name}", type=convert, default=argparse.SUPPRESS,
-                           metavar=spec.name.upper(), help=f"default: {shown}")
+                           metavar=spec.name.upper(), help=f"default: {shown}", **many)
 
 
 def engine_settings(args: argparse.Namespace) -> dict:

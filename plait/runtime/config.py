@@ -10,6 +10,11 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 # the default bound of piecewise CUDA graphs' token buckets: beyond it a step's device work hides its
 # launches (a 4,096-token Llama-3.1-8B step is about 100 ms on an H200) and the graphs' activations cost memory
 PIECEWISE_DEFAULT_MAX_TOKENS = 4096
+# LoRA: PEFT's names of the linear maps an adapter may target; bounds on the adapter counts
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_LORA_SLOTS = 1024
+MAX_LOADED_LORAS = 4096
+DEFAULT_MAX_LOADED_LORAS = 64
 # kv_cache_dtype -> the torch dtype's name (None: the model's dtype)
 KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
@@ -120,8 +125,22 @@ class EngineConfig:
     # prompt logprobs is prefilled in chunks of at most this many scored positions, so that its logprob
     # work (log-softmax and top-k over the vocabulary per position) cannot stall others' decode steps
     prompt_logprob_chunk_size: int = 512
+    # multi-LoRA serving (docs/architecture.md, "LoRA adapters"; SGLang's names): PEFT adapters loaded at
+    # start, as {name: path} or a list of "name=path" / "path" (the path is then the name); enable_lora
+    # keeps LoRA buffers without them (adapters loaded at run time). max_loras_per_batch: adapters on the
+    # device at once (slots; so also the most distinct adapters in one batch); max_loaded_loras: adapters
+    # registered (kept in host memory) at most, None: DEFAULT_MAX_LOADED_LORAS. max_lora_rank: the slots'
+    # rank, None: the largest of lora_paths (else 64); lora_target_modules: the modules with LoRA buffers
+    # (of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj), None: lora_paths' targets (else all)
+    enable_lora: bool = False
+    lora_paths: tuple[str, ...] | None = None
+    max_loras_per_batch: int = 8
+    max_loaded_loras: int | None = None
+    max_lora_rank: int | None = None
+    lora_target_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        self._check_lora_settings()
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.quantization not in (None, "mxfp4"):
@@ -168,6 +187,40 @@ class EngineConfig:
                      "grammar_max_depth", "grammar_max_rules"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def _check_lora_settings(self) -> None:
+        pairs = parse_lora_paths(self.lora_paths)
+        object.__setattr__(self, "lora_paths", pairs or None)  # normalized: ((name, path), ...)
+        if type(self.max_loras_per_batch) is not int or not 1 <= self.max_loras_per_batch <= MAX_LORA_SLOTS:
+            raise ValueError(f"max_loras_per_batch must be an int in [1, {MAX_LORA_SLOTS}], got {self.max_loras_per_batch!r}")
+        loaded = self.max_loaded_loras
+        if loaded is not None and (type(loaded) is not int or not self.max_loras_per_batch <= loaded <= MAX_LOADED_LORAS):
+            raise ValueError(f"max_loaded_loras must be an int in [max_loras_per_batch, {MAX_LOADED_LORAS}], got "
+                             f"{loaded!r}")
+        if len(pairs) > self.resolved_max_loaded_loras:
+            raise ValueError(f"lora_paths names {len(pairs)} adapters; max_loaded_loras is {self.resolved_max_loaded_loras}")
+        if self.max_lora_rank is not None and (type(self.max_lora_rank) is not int or not 1 <= self.max_lora_rank <= 1024):
+            raise ValueError(f"max_lora_rank must be an int in [1, 1024] or None, got {self.max_lora_rank!r}")
+        targets = self.lora_target_modules
+        if targets is not None:
+            targets = (targets,) if isinstance(targets, str) else tuple(targets)
+            if "all" in targets:
+                targets = LORA_TARGET_MODULES
+            bad = [t for t in targets if t not in LORA_TARGET_MODULES]
+            if bad or not targets:
+                raise ValueError(f"lora_target_modules must name some of {list(LORA_TARGET_MODULES)} (or 'all'), got {bad or targets}")
+            object.__setattr__(self, "lora_target_modules", targets)
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether the engine keeps LoRA buffers (``enable_lora`` or adapters in ``lora_paths``)."""
+        return self.enable_lora or bool(self.lora_paths)
+
+    @property
+    def resolved_max_loaded_loras(self) -> int:
+        if self.max_loaded_loras is not None:
+            return self.max_loaded_loras
+        return max(DEFAULT_MAX_LOADED_LORAS, self.max_loras_per_batch)
 
     def piecewise_max_tokens(self) -> int:
         """The largest step replayed from piecewise CUDA graphs (0: none), where CUDA graphs are used."""
@@ -237,6 +290,35 @@ class EngineConfig:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_lora_paths(value: Any) -> tuple[tuple[str, str], ...]:
+    """``lora_paths`` as (name, path) pairs: a dict ``{name: path}``, or a list of ``"name=path"`` or
+    ``"path"`` (the path is the name), SGLang's forms, or such pairs. Raises ValueError on another shape
+    or a repeated name."""
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, str):
+        items = [_split_lora_spec(value)]
+    elif isinstance(value, (list, tuple)):
+        items = [_split_lora_spec(v) if isinstance(v, str) else tuple(v) if isinstance(v, (list, tuple)) else v
+                 for v in value]
+    else:
+        raise ValueError(f"lora_paths must be a dict {{name: path}} or a list of 'name=path', got {type(value).__name__}")
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(s, str) and s for s in item)):
+            raise ValueError(f"lora_paths entry {item!r} is not a (name, path) of non-empty strings")
+    names = [name for name, _ in items]
+    if len(set(names)) != len(names):
+        raise ValueError(f"lora_paths names an adapter twice: {names}")
+    return tuple(items)
+
+
+def _split_lora_spec(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    return (name, path) if sep else (spec, spec)
 
 
 # Default batch limits: (max_running_requests, cuda_graph_max_bs).

@@ -135,7 +135,8 @@ class Engine:
         pin_budget = self.config.max_pinned_tokens_per_program
         self.pins = ProgramPins(self.tree, self.runner.pool.capacity // 4 if pin_budget is None else pin_budget)
         self.scheduler = Scheduler(self.config, self.runner.pool, self.runner.slot_table, self.tree, self.pins,
-                                   forced_in_decode_min_batch=self._forced_in_decode_min_batch())
+                                   forced_in_decode_min_batch=self._forced_in_decode_min_batch(),
+                                   lora=self.runner.lora)
         self.sampler = Sampler(seed=self.config.random_seed)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None:
@@ -211,6 +212,7 @@ class Engine:
         stream: bool = False,
         program_id: str | None = None,
         cache_namespace: str | None = None,
+        lora_path: str | Sequence[str | None] | None = None,
     ) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (returns a dict) or a list (returns a list; ``n > 1`` flattens per prompt).
 
@@ -219,9 +221,13 @@ class Engine:
         ``end_program(program_id)`` (see ``begin_program``). ``cache_namespace``: requests share cached
         prefixes only with requests of the same namespace (None: the default one), so that tenants cannot
         probe each other's prompts through cache hits (SGLang's ``extra_key`` / ``cache_salt``).
+        ``lora_path``: the name of a loaded LoRA adapter serving the request (a list: one per prompt, None
+        for the base model), as SGLang's Engine takes it; an unknown name raises ``UnknownLoraError``
+        (a ValueError) naming the loaded ones. KV computed under an adapter is cached apart.
         """
         gi = self._prepare(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                           top_logprobs_num, return_text_in_logprobs, rid, stream, program_id, cache_namespace)
+                           top_logprobs_num, return_text_in_logprobs, rid, stream, program_id, cache_namespace,
+                           lora_path)
         handles = [_Handle() for _ in gi.requests]
         self._submit(gi.requests, handles)
         if stream:
@@ -246,13 +252,14 @@ class Engine:
         stream: bool = False,
         program_id: str | None = None,
         cache_namespace: str | None = None,
+        lora_path: str | Sequence[str | None] | None = None,
     ) -> dict | list[dict] | AsyncIterator[dict]:
         """Async ``generate``; with ``stream=True`` returns an async iterator of snapshots."""
         loop = asyncio.get_running_loop()
         # off the event loop: tokenizing and compiling a grammar (constrained decoding) may take a while
         gi = await loop.run_in_executor(None, lambda: self._prepare(
             prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num,
-            return_text_in_logprobs, rid, stream, program_id, cache_namespace))
+            return_text_in_logprobs, rid, stream, program_id, cache_namespace, lora_path))
         handles = [_Handle(loop) for _ in gi.requests]
         self._submit(gi.requests, handles)
         if stream:
@@ -286,6 +293,7 @@ class Engine:
         program_id: str | None = None,
         cache_namespace: str | None = None,
         stream_text: bool = True,
+        lora_path: str | Sequence[str | None] | None = None,
     ) -> list[str]:
         """Queue requests without waiting: ``on_output(index, event)`` is called on the engine thread for
         each event of request ``index`` (``{"finished": bool, "output": dict}``; with ``stream`` one per
@@ -309,7 +317,7 @@ class Engine:
         if on_admitted is not None:  # parsed once: the admission checks and _prepare both read them
             sampling_params = self._parsed_sampling_params(sampling_params)
         args = (prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num,
-                return_text_in_logprobs, rid, stream, program_id, cache_namespace, stream_text)
+                return_text_in_logprobs, rid, stream, program_id, cache_namespace, lora_path, stream_text)
         params_list = self._sampling_params_list(sampling_params) if on_admitted is not None else []
         pending = self._pending_grammars(params_list)
         if pending or self._start_plans_pending(params_list):
@@ -403,6 +411,45 @@ class Engine:
         for future in pending:
             future.add_done_callback(one_done)
 
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Load the PEFT LoRA adapter in directory ``path`` under ``name`` (SGLang's and vLLM's
+        ``load_lora_adapter``). It is read and checked against the base model on this thread, then
+        registered between steps; requests may name it once this returns. Raises ``LoraAdapterError``
+        (a ValueError: bad files, another base model, rank or count past the engine's LoRA settings),
+        ValueError for a name already loaded, and RuntimeError when the engine has no LoRA buffers
+        (start it with ``lora_paths`` or ``enable_lora=True``)."""
+        from plait.runtime.lora import check_lora_name, read_adapter
+
+        lora = self._lora_manager()
+        check_lora_name(name)
+        adapter = read_adapter(path)
+        lora.check(adapter)
+        error = self._call_engine_thread("load_lora", (name, adapter))
+        if error is not None:
+            raise error
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Unload adapter ``name``. Refused (ValueError) while a queued or running request uses it: this
+        does not wait for them; ``UnknownLoraError`` for a name not loaded. Its cached KV is never
+        served again (a later adapter of the same name is cached apart) and is evicted as usual."""
+        lora = self._lora_manager()
+        lora.get(name)
+        error = self._call_engine_thread("unload_lora", (name, None))
+        if error is not None:
+            raise error
+
+    def lora_adapters(self) -> dict[str, str]:
+        """The loaded LoRA adapters: name -> path (empty without LoRA)."""
+        lora = self.runner.lora
+        return {} if lora is None else {name: a.path for name, a in lora.adapters.items()}
+
+    def _lora_manager(self):
+        if self.runner.lora is None:
+            raise RuntimeError("this engine keeps no LoRA buffers: start it with lora_paths=... or enable_lora=True")
+        if self._stopped or self._dead:
+            raise RuntimeError("the engine has been shut down" if self._stopped else "the engine loop has died")
+        return self.runner.lora
+
     def abort(self, rid: str) -> None:
         """Abort a request (waiting or running); it finishes with ``{"type": "abort"}``. Unknown ids are ignored."""
         with self._cv:
@@ -465,9 +512,17 @@ class Engine:
             "graph_steps": self.runner.graph_steps,  # of "steps": decode steps replayed from CUDA graphs
             # of "steps": prefill and mixed steps replayed from piecewise CUDA graphs (attention eager)
             "piecewise_graph_steps": self.runner.piecewise_graph_steps,
+            **self._lora_stats(),
             **self.pins.stats(),
             **c,
         }
+
+    def _lora_stats(self) -> dict[str, Any]:
+        lora = self.runner.lora
+        if lora is None:
+            return {}
+        return {"lora_loaded": len(lora.adapters), "lora_resident": len(lora.resident()),
+                "lora_slot_loads": lora.slot_loads, "lora_offloads": lora.offloads}
 
     def shutdown(self) -> None:
         """Abort everything in flight, stop the loop thread and free the model's and KV cache's memory."""
@@ -493,20 +548,24 @@ class Engine:
     # ------------------------------------------------------------------ request intake
     def _prepare(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
                  top_logprobs_num, return_text_in_logprobs, rid, stream, program_id=None,
-                 cache_namespace=None, stream_text: bool = True, plan_search: bool = True) -> GenerateInput:
+                 cache_namespace=None, lora_path=None, stream_text: bool = True,
+                 plan_search: bool = True) -> GenerateInput:
         if self._stopped or self._dead:
             raise RuntimeError("the engine has been shut down" if self._stopped else "the engine loop has died")
         if program_id is not None:
             _check_program_id(program_id)
         _check_cache_namespace(cache_namespace)
         gi = normalize_inputs(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                              top_logprobs_num, rid, plan_search)
+                              top_logprobs_num, rid, plan_search, lora_path)
         for req in gi.requests:
             # a relaxed schema's document is validated before anything is sent: one (final) event
             req.stream = stream and req.relaxation is None
             req.stream_ids_only = req.stream and not stream_text
             req.program_id = program_id
             req.cache_namespace = cache_namespace
+            if req.lora_name is not None:  # KV under an adapter is never shared with the base or another adapter
+                adapter = self.runner.lora.get(req.lora_name)
+                req.cache_namespace = ("lora", adapter.name, adapter.uid, cache_namespace)
             req.return_text_in_logprobs = return_text_in_logprobs
             self._attach_detokenizer(req)
         return gi
@@ -665,6 +724,8 @@ class Engine:
 
     def _apply(self, kind: str, payload: Any) -> None:
         if kind == "add":
+            if not self._lora_still_loaded(payload):
+                return
             self._counters["prompt_tokens"] += len(payload.prompt_ids)
             if payload.program_id is not None:
                 self.pins.open(payload.program_id)  # a program run opens implicitly on first use
@@ -676,12 +737,45 @@ class Engine:
                 self._finish(req, {"type": "abort", "message": "aborted"})
         elif kind == "flush":
             payload.put(self.scheduler.flush_cache())
+        elif kind in ("load_lora", "unload_lora"):
+            (name, adapter), done = payload
+            try:
+                if kind == "load_lora":
+                    self.runner.lora.register(name, adapter)
+                else:
+                    self._unload_lora(name)
+            except ValueError as exc:
+                done.put(exc)
+            else:
+                done.put(None)
         elif kind in ("begin_program", "end_program"):
             program_id, done = payload
             (self.pins.open if kind == "begin_program" else self.pins.close)(program_id)
             done.put(None)
         else:
             raise ValueError(f"unknown engine command {kind!r}")
+
+    def _lora_still_loaded(self, req: Request) -> bool:
+        """A request's adapter may have been unloaded (or replaced) between its validation and its arrival
+        here: it then ends with an abort naming the adapter instead of running on other weights."""
+        if req.lora_name is None:
+            return True
+        adapter = self.runner.lora.adapters.get(req.lora_name)
+        if adapter is not None and req.cache_namespace[2] == adapter.uid:
+            return True
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = {"type": "abort", "message": f"LoRA adapter {req.lora_name!r} was unloaded"}
+        self._deliver_final(req)
+        return False
+
+    def _unload_lora(self, name: str) -> None:
+        """On the engine thread: drop adapter ``name``, refused (ValueError) while a request uses it."""
+        users = [r.rid for r in self.scheduler.running + self.scheduler.waiting if r.lora_name == name]
+        self.runner.lora.get(name)  # unknown: UnknownLoraError
+        if users:
+            raise ValueError(f"LoRA adapter {name!r} is in use by {len(users)} queued or running request(s); "
+                             "unload it once they finish")
+        self.runner.lora.unregister(name)
 
     def _step(self) -> None:
         items = self.scheduler.schedule()

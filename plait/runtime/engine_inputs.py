@@ -97,6 +97,24 @@ def _per_prompt(value: Any, count: int, name: str, scalar_types: tuple) -> list:
     raise TypeError(f"{name} has unsupported type {type(value).__name__}")
 
 
+def _lora_names(engine: "Engine", lora_path: Any, count: int) -> list[str | None]:
+    """The adapter of each prompt (None: the base model); unknown names raise ``UnknownLoraError``."""
+    names = _per_prompt(lora_path, count, "lora_path", (str,))
+    if any(name is not None for name in names):
+        lora = engine.runner.lora
+        for name in names:
+            if name is not None and not isinstance(name, str):
+                raise TypeError(f"lora_path entries must be adapter names (str) or None, got {type(name).__name__}")
+            if name is not None and lora is None:
+                from plait.runtime.lora import UnknownLoraError
+
+                raise UnknownLoraError(f"unknown LoRA adapter {name!r}: this engine serves no adapters "
+                                       "(start it with lora_paths=... or enable_lora=True)")
+            if name is not None:
+                lora.get(name)
+    return names
+
+
 def normalize_inputs(
     engine: "Engine",
     prompt: Any,
@@ -107,6 +125,7 @@ def normalize_inputs(
     top_logprobs_num: int,
     rid: Any,
     plan_search: bool = True,
+    lora_path: Any = None,
 ) -> GenerateInput:
     """Build one Request per (prompt, n) after checking every argument against the engine's limits.
     ``plan_search``: a constrained request's start plan may be searched here (``new_state``); False on a
@@ -116,6 +135,7 @@ def normalize_inputs(
         SamplingParams.from_dict(p) for p in _per_prompt(sampling_params, len(id_lists), "sampling_params", (dict, SamplingParams))
     ]
     rids = _per_prompt(rid, len(id_lists), "rid", (str,))
+    loras = _lora_names(engine, lora_path, len(id_lists))
     if not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
         raise ValueError(f"top_logprobs_num must be a non-negative int, got {top_logprobs_num!r}")
     if not isinstance(logprob_start_len, int) or logprob_start_len < -1:
@@ -123,7 +143,7 @@ def normalize_inputs(
     vocab = engine.model_config.vocab_size
     max_n = engine.config.max_samples_per_prompt
     requests: list[Request] = []
-    for ids, params, rid_i in zip(id_lists, params_list, rids):
+    for ids, params, rid_i, lora_i in zip(id_lists, params_list, rids, loras):
         if not ids:
             raise ValueError("the prompt is empty (it encodes to no tokens)")
         bad = [] if min(ids) >= 0 and max(ids) < vocab else [t for t in ids if not 0 <= t < vocab]
@@ -168,6 +188,7 @@ def normalize_inputs(
                     healed_tokens=healing.tokens,
                     healed_text=healing.text,
                     relaxation=getattr(grammar, "relaxation", None),
+                    lora_name=lora_i,
                 )
             )
     return GenerateInput(requests=requests, is_batch=is_batch or len(requests) > 1)

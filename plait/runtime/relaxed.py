@@ -107,7 +107,7 @@ def retry_of(engine: "Engine", req: Request) -> Request:
         eos_token_ids=req.eos_token_ids, return_logprob=req.return_logprob,
         logprob_start_len=req.logprob_start_len, top_logprobs_num=req.top_logprobs_num,
         on_output=req.on_output, stream=False, return_text_in_logprobs=req.return_text_in_logprobs,
-        program_id=req.program_id, cache_namespace=req.cache_namespace,
+        program_id=req.program_id, cache_namespace=req.cache_namespace, lora_name=req.lora_name,
         grammar=engine.constrained.new_state(grammar.grammar, req.eos_token_ids | frozenset(params.stop_token_ids),
                                              params.max_new_tokens),
         healed_tokens=req.healed_tokens, healed_text=req.healed_text,

@@ -41,7 +41,11 @@ class Request:
     group_rid: str | None = None  # the caller's id when n > 1 expanded it into several requests
     return_text_in_logprobs: bool = False
     program_id: str | None = None  # the program run it belongs to (program-aware caching, kvcache/pins.py)
-    cache_namespace: str | None = None  # prefix-cache namespace: shares cached prefixes only within it
+    # prefix-cache namespace: shares cached prefixes only within it. With a LoRA adapter it is the tuple
+    # ("lora", adapter name, adapter load id, the caller's namespace): KV under an adapter is its own
+    cache_namespace: str | tuple | None = None
+    lora_name: str | None = None  # the LoRA adapter serving it (None: the base model)
+    lora_slot: int = -1  # its adapter's device slot while running (LoraManager.acquire), else -1
 
     output_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

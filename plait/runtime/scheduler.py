@@ -77,11 +77,15 @@ class Scheduler:
         tree: RadixCache,
         pins: ProgramPins | None = None,
         forced_in_decode_min_batch: int | None = None,
+        lora: object | None = None,
     ):
         """``forced_in_decode_min_batch``: from how many decoding requests on a request's forced tokens
         (jump-forward) are computed one a step inside the decode batch instead of in one extend chunk,
-        which would make the step a mixed one (no CUDA graph); None: always in one extend."""
+        which would make the step a mixed one (no CUDA graph); None: always in one extend. ``lora``: the
+        adapter manager (``LoraManager``; None: no LoRA): a request with an adapter is admitted only once
+        its adapter has a device slot, which it holds while running."""
         self.config = config
+        self.lora = lora
         self.forced_in_decode_min_batch = forced_in_decode_min_batch
         self.pool = pool
         self.table = table
@@ -354,6 +358,8 @@ class Scheduler:
             n = self._limit_prompt_logprobs(req, match.length, min(req.total_len - match.length, budget))
             if n <= 0:
                 continue  # this step's prompt-logprob budget is spent
+            if not self._acquire_lora(req):
+                continue  # every adapter slot is held by running requests of other adapters: it waits
             self.tree.inc_lock_ref(match.node)
             # the chunk, plus one decode token for each request already running (program pins give way
             # for these), plus what the running requests and this one are expected to need later (none
@@ -368,6 +374,7 @@ class Scheduler:
                 self.pool.hybrid and self.pool.num_sliding_free + self.tree.sliding_size() < n + len(self.running)
             ):
                 self.tree.dec_lock_ref(match.node)
+                self._release_lora(req)
                 break
             slots = self._alloc(n, admitting=(match.node, match.length))
             row = self.table.alloc() if slots is not None else None
@@ -375,6 +382,7 @@ class Scheduler:
                 if slots is not None:
                     self.pool.free(slots)
                 self.tree.dec_lock_ref(match.node)
+                self._release_lora(req)
                 break
             self.table.write(row, 0, match.slots)
             self.table.write(row, match.length, slots)
@@ -392,6 +400,21 @@ class Scheduler:
             if reserved is not None:
                 reserved += self._future_tokens(req, match.length + n)
         return items
+
+    def _acquire_lora(self, req: Request) -> bool:
+        """Give ``req`` its adapter's device slot (``req.lora_slot``); False when no slot can be had now."""
+        if req.lora_name is None:
+            return True
+        slot = self.lora.acquire(req.lora_name)
+        if slot is None:
+            return False
+        req.lora_slot = slot
+        return True
+
+    def _release_lora(self, req: Request) -> None:
+        if req.lora_slot >= 0:
+            self.lora.release(req.lora_name)
+            req.lora_slot = -1
 
     # ------------------------------------------------------------------ after the forward
     def complete(self, items: list[ScheduledItem]) -> None:
@@ -455,6 +478,7 @@ class Scheduler:
         if req.last_node is not None:
             self.tree.dec_lock_ref(req.last_node)
         self.table.free(req.row)
+        self._release_lora(req)
         req.row, req.last_node = None, None
         req.computed_len = req.cache_locked_len = req.sliding_from = 0
 

@@ -43,6 +43,7 @@ def build_forward_batch(
     positions: list[int] = []
     token_rows: list[int] = []
     starts, logits_idx = [], []
+    lora_slots: list[int] | None = None  # each token's adapter slot, once some item has an adapter
     plan = LogitsPlan([], [], [], [])
     for item in items:
         req, start, n = item.req, item.start, item.length
@@ -61,6 +62,10 @@ def build_forward_batch(
             input_ids.extend(req.token_slice(start, start + n))
             positions.extend(range(start, start + n))
             token_rows.extend([req.row] * n)
+        if req.lora_slot >= 0 and lora_slots is None:
+            lora_slots = [-1] * offset
+        if lora_slots is not None:
+            lora_slots.extend([req.lora_slot] * n)
         if req.wants_prompt_logprobs:
             # logits at prompt position p score prompt token p + 1
             lo = max(start, max(req.logprob_start_len - 1, 0))
@@ -77,16 +82,17 @@ def build_forward_batch(
     L, F = len(logits_idx), len(inflight_pos)
     host = torch.tensor(
         input_ids + positions + token_rows + [item.req.row for item in items] + logits_idx + inflight_pos
-        + inflight_src,
+        + inflight_src + (lora_slots or []),
         dtype=torch.int64,
     )
     packed = host_to_device(host, device)
+    lora_t = packed[packed.shape[0] - T:].to(torch.int32) if lora_slots is not None else None
     input_t, pos_t, rows_t = packed[:T], packed[T : 2 * T], packed[2 * T : 3 * T]
     req_rows_t, logits_t = packed[3 * T : 3 * T + B], packed[3 * T + B : 3 * T + B + L]
     if F:
         if inflight_ids is None:
             raise RuntimeError("a decode row needs a token still in flight, but no in-flight step was given")
-        fill_pos, fill_src = packed[3 * T + B + L : 3 * T + B + L + F], packed[3 * T + B + L + F :]
+        fill_pos, fill_src = packed[3 * T + B + L : 3 * T + B + L + F], packed[3 * T + B + L + F : 3 * T + B + L + 2 * F]
         input_t[fill_pos] = inflight_ids[fill_src]
     out_cache_loc = torch.cat([item.slots for item in items]) if len(items) > 1 else items[0].slots
     runner.slot_table.write_at(rows_t, pos_t, out_cache_loc)  # the new tokens' slots, all rows at once
@@ -105,6 +111,7 @@ def build_forward_batch(
         sliding_slot_table=runner.slot_table.sliding_table,
         sliding_out_cache_loc=(None if runner.pool.full_to_sliding is None
                                else runner.pool.full_to_sliding[out_cache_loc]),
+        lora_slots=lora_t,
     )
     return batch, plan
 

@@ -53,6 +53,8 @@ class ForwardBatch:
     # a hybrid KV pool (KVPool.hybrid): the sliding-window layers' table and new-token slots; else None
     sliding_slot_table: torch.Tensor | None = None
     sliding_out_cache_loc: torch.Tensor | None = None
+    # LoRA: each token's adapter slot (int32 [T], -1: the base model), or None when no token has an adapter
+    lora_slots: torch.Tensor | None = None
 
     def kv_slots(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(request-to-slot table, new tokens' slots) for a layer with this window: the sliding ones

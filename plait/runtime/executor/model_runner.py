@@ -5,6 +5,7 @@ It executes; it makes no scheduling decisions.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -22,6 +23,7 @@ from plait.runtime.executor.piecewise_graph import PiecewiseCudaGraphRunner
 from plait.runtime.kvcache.pool import KVPool
 from plait.runtime.kvcache.table import ReqToSlotTable
 from plait.runtime.layers.attention import TorchAttentionBackend
+from plait.runtime.lora import LoraManager, build_lora_manager
 from plait.runtime.models.architectures import model_class
 from plait.runtime.models.config import ModelConfig
 from plait.runtime.models.registry import ModelSource
@@ -82,6 +84,10 @@ class ModelRunner:
         self.slot_table = ReqToSlotTable(config.max_running_requests + 1, self.context_length + 1, self.device,
                                          full_to_sliding=self.pool.full_to_sliding)
         self.pad_row = self.slot_table.alloc()
+        # LoRA adapters (None: off): wraps the targeted linears before any graph is captured
+        steps = max(config.chunked_prefill_size + config.max_running_requests, config.piecewise_max_tokens(),
+                    config.cuda_graph_max_bs or 0)
+        self.lora: LoraManager | None = build_lora_manager(config, self.model, steps, self.device, self.dtype)
         self.cuda_graphs: CudaGraphRunner | None = None
         # tensor parallelism's rank 0: called with each batch before its forward (sends it to the other ranks)
         self.before_forward: Callable[[ForwardBatch], None] | None = None
@@ -90,11 +96,12 @@ class ModelRunner:
         self.piecewise_graph_steps = 0  # prefill and mixed steps replayed piecewise (the others ran eagerly)
         if self.device.type == "cuda" and not config.disable_cuda_graph and self.backend_name == "triton":
             self.cuda_graphs = CudaGraphRunner(self, min(config.cuda_graph_max_bs, config.max_running_requests))
-            self.cuda_graphs.capture()
-            max_tokens = config.piecewise_max_tokens()
-            if max_tokens:
-                self.piecewise_graphs = PiecewiseCudaGraphRunner(self, max_tokens, pool=self.cuda_graphs.mempool)
-                self.piecewise_graphs.capture()
+            with self.lora.capturing() if self.lora is not None else contextlib.nullcontext():
+                self.cuda_graphs.capture()
+                max_tokens = config.piecewise_max_tokens()
+                if max_tokens:
+                    self.piecewise_graphs = PiecewiseCudaGraphRunner(self, max_tokens, pool=self.cuda_graphs.mempool)
+                    self.piecewise_graphs.capture()
         if self.device.type == "cuda":
             self.warm_up_steps()
 
@@ -308,6 +315,8 @@ class ModelRunner:
         """Run the batch; returns float32 logits [N, vocab] for ``batch.logits_indices``."""
         if self.before_forward is not None:
             self.before_forward(batch)
+        if self.lora is not None:  # each token's adapter slot, where the wrapped layers read it
+            self.lora.prepare_step(batch.lora_slots, batch.num_tokens, static=self.cuda_graphs is not None)
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
             self.graph_steps += 1
             logits = self.cuda_graphs.run(batch)  # every row's

@@ -1,0 +1,288 @@
+"""LoraManager: the adapters an engine serves, their device slots, and each step's per-token slots.
+
+Memory layout (allocated once, at start, so that CUDA graphs captured with it stay valid): for every
+layer and every target module, ``A`` [max_loras_per_batch, max_lora_rank, in] and ``B``
+[max_loras_per_batch, out, max_lora_rank]; one slot per device-resident adapter, its rank zero-padded
+to ``max_lora_rank`` (a module an adapter does not target stays zero). ``scaling`` [slots] float32.
+
+Residency: every loaded adapter is kept in host memory (pinned on CUDA), at most ``max_loaded_loras``.
+At most ``max_loras_per_batch`` are on the device at once. The scheduler ``acquire``s an adapter's
+slot when it admits a request and ``release``s it when the request finishes or is retracted; an
+adapter with a running request keeps its slot. A request whose adapter is not resident gets a free
+slot, else the least recently used slot no running request holds (its adapter is offloaded: dropped
+from the device, its host copy kept); with every slot held, the request waits.
+
+Per step: ``prepare_step`` receives the batch's per-token slots (-1: the base model) and copies them
+into a static buffer that captured CUDA graphs read; eager steps without any adapter skip LoRA.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from plait.runtime.lora.adapter import (
+    MAX_LORA_RANK_LIMIT,
+    TARGET_MODULES,
+    LoraAdapter,
+    LoraCapacityError,
+    LoraMismatchError,
+    UnknownLoraError,
+)
+from plait.runtime.lora.layers import LoraLinear
+
+logger = logging.getLogger(__name__)
+
+MAX_LORA_NAME_CHARS = 256
+DEFAULT_MAX_LORA_RANK = 64  # max_lora_rank when neither set nor given by start-up adapters
+# PEFT module name -> (parent attribute, packed linear attribute, shard id or None for an unpacked linear)
+_MODULE_PLACES = {
+    "q_proj": ("self_attn", "qkv_proj", "q"),
+    "k_proj": ("self_attn", "qkv_proj", "k"),
+    "v_proj": ("self_attn", "qkv_proj", "v"),
+    "o_proj": ("self_attn", "o_proj", None),
+    "gate_proj": ("mlp", "gate_up_proj", 0),
+    "up_proj": ("mlp", "gate_up_proj", 1),
+    "down_proj": ("mlp", "down_proj", None),
+}
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter registered with the engine: its host weights in the model's dtype, and ``uid``, unique
+    per load (a name unloaded and loaded again is another adapter for the prefix cache)."""
+
+    name: str
+    path: str
+    uid: int
+    rank: int
+    scaling: float
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_lora_name(name: object) -> str:
+    if not isinstance(name, str) or not name or len(name) > MAX_LORA_NAME_CHARS or not name.isprintable():
+        raise ValueError(f"an adapter name must be a printable str of 1 to {MAX_LORA_NAME_CHARS} characters, "
+                         f"got {name!r}")
+    return name
+
+
+class LoraManager:
+    """Adapters, slots and per-step slot buffers of one model runner (see the module docstring).
+
+    Args:
+        model: the built, loaded Llama-family model; its targeted linears are wrapped in ``LoraLinear``.
+        max_loras_per_batch: device slots. max_loaded_loras: adapters registered at most.
+        max_rank: the padded rank of the slot buffers. targets: the modules that get buffers.
+        max_tokens: the static per-token slot buffer's length (the largest step CUDA graphs replay).
+    """
+
+    def __init__(self, model: nn.Module, *, max_loras_per_batch: int, max_loaded_loras: int, max_rank: int,
+                 targets: tuple[str, ...], max_tokens: int, device: torch.device, dtype: torch.dtype):
+        if not 1 <= max_rank <= MAX_LORA_RANK_LIMIT:
+            raise ValueError(f"max_lora_rank must be in [1, {MAX_LORA_RANK_LIMIT}], got {max_rank}")
+        self.device, self.dtype = device, dtype
+        self.num_slots, self.max_loaded, self.max_rank = max_loras_per_batch, max_loaded_loras, max_rank
+        self.layers = list(model.model.layers)
+        self.targets = tuple(t for t in TARGET_MODULES if t in targets)
+        self.shapes: dict[str, tuple[int, int]] = {}  # module -> (in, out) of its shard
+        for module in self.targets:
+            base, shard = self._place(self.layers[0], module)
+            self.shapes[module] = (base.in_features, self._shard_size(base, shard))
+        S, R = self.num_slots, max_rank
+        self._a = [{m: torch.zeros(S, R, k, dtype=dtype, device=device) for m, (k, _) in self.shapes.items()}
+                   for _ in self.layers]
+        self._b = [{m: torch.zeros(S, n, R, dtype=dtype, device=device) for m, (_, n) in self.shapes.items()}
+                   for _ in self.layers]
+        self.scaling = torch.zeros(S, dtype=torch.float32, device=device)
+        self.token_slots = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
+        self._step_slots: torch.Tensor | None = None
+        self._capturing = False
+        self.adapters: dict[str, LoadedAdapter] = {}
+        self._slot_owner: list[str | None] = [None] * S
+        self._slot_of: dict[str, int] = {}
+        self._refs: dict[str, int] = {}
+        self._last_used = [0] * S
+        self._clock = 0
+        self._next_uid = 1
+        self.slot_loads = 0  # adapters copied to a slot
+        self.offloads = 0  # resident adapters dropped from the device for another one
+        self._wrap(model)
+
+    # ------------------------------------------------------------------ model transform
+    @staticmethod
+    def _place(layer: nn.Module, module: str) -> tuple[nn.Module, object]:
+        parent_name, attr, shard = _MODULE_PLACES[module]
+        parent = getattr(layer, parent_name, None)
+        base = getattr(parent, attr, None) if parent is not None else None
+        if base is None:
+            raise LoraMismatchError(f"this model has no {module} in its layers (a MoE layer's MLP, say); an "
+                                    "adapter cannot target it")
+        if isinstance(base, LoraLinear):
+            base = base.base
+        return base, shard
+
+    @staticmethod
+    def _shard_size(base: nn.Module, shard: object) -> int:
+        return base.shard_offsets[shard][1] if shard is not None else base.out_features
+
+    def _wrap(self, model: nn.Module) -> None:
+        for layer_id, layer in enumerate(self.layers):
+            by_linear: dict[tuple[str, str], list[tuple[str, int]]] = {}
+            for module in self.targets:
+                parent_name, attr, shard = _MODULE_PLACES[module]
+                base, _ = self._place(layer, module)
+                offset = base.shard_offsets[shard][0] if shard is not None else 0
+                by_linear.setdefault((parent_name, attr), []).append((module, offset))
+            for (parent_name, attr), shards in by_linear.items():
+                parent = getattr(layer, parent_name)
+                setattr(parent, attr, LoraLinear(getattr(parent, attr), self, layer_id, shards))
+
+    # ------------------------------------------------------------------ adapters
+    def check(self, adapter: LoraAdapter) -> None:
+        """Raise unless ``adapter`` fits this base model and these buffers (``LoraMismatchError`` /
+        ``LoraCapacityError``)."""
+        if adapter.rank > self.max_rank:
+            raise LoraCapacityError(f"adapter {adapter.path} has rank {adapter.rank}; this engine's max_lora_rank "
+                                    f"is {self.max_rank}")
+        missing = sorted(adapter.target_modules - set(self.targets))
+        if missing:
+            raise LoraCapacityError(f"adapter {adapter.path} targets {missing}, which this engine keeps no LoRA "
+                                    f"buffers for (lora_target_modules: {list(self.targets)})")
+        for (layer, module), (a, b) in adapter.weights.items():
+            if layer >= len(self.layers):
+                raise LoraMismatchError(f"adapter {adapter.path} has weights for layer {layer}; the base model "
+                                        f"has {len(self.layers)} layers")
+            k, n = self.shapes[module]
+            if tuple(a.shape) != (adapter.rank, k) or tuple(b.shape) != (n, adapter.rank):
+                raise LoraMismatchError(
+                    f"adapter {adapter.path}: layer {layer} {module} has A {tuple(a.shape)} and B {tuple(b.shape)}; "
+                    f"the base model needs A ({adapter.rank}, {k}) and B ({n}, {adapter.rank})")
+
+    def register(self, name: str, adapter: LoraAdapter) -> LoadedAdapter:
+        """Add a checked adapter under ``name`` (host memory only; it goes to a slot when a request uses it)."""
+        check_lora_name(name)
+        if name in self.adapters:
+            raise ValueError(f"an adapter named {name!r} is already loaded (unload it first)")
+        if len(self.adapters) >= self.max_loaded:
+            raise LoraCapacityError(f"{len(self.adapters)} adapters are loaded, the most this engine holds "
+                                    f"(max_loaded_loras); unload one first")
+        self.check(adapter)
+        pin = self.device.type == "cuda"
+        weights = {}
+        for key, (a, b) in adapter.weights.items():
+            a, b = a.to(self.dtype).contiguous(), b.to(self.dtype).contiguous()
+            weights[key] = (a.pin_memory(), b.pin_memory()) if pin else (a, b)
+        loaded = LoadedAdapter(name, adapter.path, self._next_uid, adapter.rank, adapter.scaling, weights)
+        self._next_uid += 1
+        self.adapters[name] = loaded
+        self._refs[name] = 0
+        return loaded
+
+    def unregister(self, name: str) -> None:
+        """Drop an adapter (its slot becomes free). Raises ValueError while a running request holds it."""
+        self.get(name)
+        if self._refs.get(name):
+            raise ValueError(f"adapter {name!r} is in use by {self._refs[name]} running request(s)")
+        slot = self._slot_of.pop(name, None)
+        if slot is not None:
+            self._slot_owner[slot] = None
+            self.scaling[slot] = 0.0
+        del self.adapters[name], self._refs[name]
+
+    def get(self, name: str) -> LoadedAdapter:
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            raise UnknownLoraError(f"unknown LoRA adapter {name!r}; loaded adapters: {sorted(self.adapters)}")
+        return adapter
+
+    # ------------------------------------------------------------------ slots (the scheduler's calls)
+    def acquire(self, name: str) -> int | None:
+        """The slot of adapter ``name`` for a request being admitted, loading it there if needed (a free
+        slot, else the least recently used one no running request holds); None when every slot is held.
+        Each successful call is matched by one ``release``."""
+        slot = self._slot_of.get(name)
+        if slot is None:
+            free = [s for s, owner in enumerate(self._slot_owner) if owner is None or not self._refs.get(owner)]
+            if not free:
+                return None
+            slot = min(free, key=lambda s: (self._slot_owner[s] is not None, self._last_used[s]))
+            self._load(self.adapters[name], slot)
+        self._refs[name] += 1
+        self._clock += 1
+        self._last_used[slot] = self._clock
+        return slot
+
+    def release(self, name: str) -> None:
+        if self._refs.get(name, 0) <= 0:
+            raise RuntimeError(f"adapter {name!r} released more often than acquired")
+        self._refs[name] -= 1
+
+    def _load(self, adapter: LoadedAdapter, slot: int) -> None:
+        """Copy ``adapter``'s weights into ``slot`` (on the step stream: ordered after any step still using
+        the slot's previous adapter)."""
+        old = self._slot_owner[slot]
+        if old is not None:
+            del self._slot_of[old]
+            self.offloads += 1
+            logger.debug("LoRA adapter %r offloaded from slot %d", old, slot)
+        r = adapter.rank
+        for layer_id in range(len(self.layers)):
+            for module in self.targets:
+                a_buf, b_buf = self._a[layer_id][module][slot], self._b[layer_id][module][slot]
+                pair = adapter.weights.get((layer_id, module))
+                a_buf.zero_()
+                b_buf.zero_()
+                if pair is not None:
+                    a_buf[:r].copy_(pair[0], non_blocking=True)
+                    b_buf[:, :r].copy_(pair[1], non_blocking=True)
+        self.scaling[slot] = adapter.scaling
+        self._slot_owner[slot] = adapter.name
+        self._slot_of[adapter.name] = slot
+        self.slot_loads += 1
+
+    def resident(self) -> dict[str, int]:
+        """Adapter name -> device slot, for the adapters on the device now."""
+        return dict(self._slot_of)
+
+    def in_use(self, name: str) -> int:
+        return self._refs.get(name, 0)
+
+    # ------------------------------------------------------------------ per step (the model runner's calls)
+    def buffers(self, layer_id: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._a[layer_id][module], self._b[layer_id][module]
+
+    def prepare_step(self, lora_slots: torch.Tensor | None, num_tokens: int, static: bool) -> None:
+        """Set this step's per-token slots (int32 [num_tokens], or None: no adapter in the step). With
+        ``static`` (a CUDA-graph replay may follow) they are copied into the static buffer, the rest of
+        which says -1 (padding tokens get no LoRA term)."""
+        self._step_slots = lora_slots
+        if static and num_tokens <= self.token_slots.shape[0]:
+            if lora_slots is None:
+                self.token_slots.fill_(-1)
+            else:
+                self.token_slots[:num_tokens].copy_(lora_slots)
+                self.token_slots[num_tokens:].fill_(-1)
+
+    def slots_for(self, num_tokens: int) -> torch.Tensor | None:
+        """The per-token slots a wrapped layer uses now: the static buffer's while capturing a graph,
+        else the step's (None: no adapter in the step, no LoRA term)."""
+        if self._capturing:
+            return self.token_slots[:num_tokens]
+        return self._step_slots
+
+    @contextmanager
+    def capturing(self) -> Iterator[None]:
+        """While CUDA graphs are captured: layers read the static slot buffer (all -1 meanwhile), so the
+        graphs compute the LoRA terms of whatever slots a replay copies in."""
+        self.token_slots.fill_(-1)
+        self._capturing = True
+        try:
+            yield
+        finally:
+            self._capturing = False
