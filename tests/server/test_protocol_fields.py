@@ -82,7 +82,11 @@ def test_generate_bodies_without_a_server():
     assert [j.cache_namespace for j in batch.jobs] == ["t1\x1fs", "s"]
     single = parse({"text": "ab", "session_id": "chat", "priority": 9, "whatever": 1})
     assert single.jobs[0].program_id == "chat" and single.ignored == ["whatever"] and not single.is_batch
-    for body, needle in [({"text": "x", "lora_path": "a"}, "LoRA"), ({"text": "x", "image_data": "png"}, "text only"),
+    loras = parse({"text": ["ab", "cd"], "lora_path": ["a1", None]})
+    assert [j.lora_path for j in loras.jobs] == ["a1", None] and loras.jobs[0].spec()["lora_path"] == "a1"
+    assert parse({"text": "ab", "lora_path": "a2"}).jobs[0].lora_path == "a2"
+    for body, needle in [({"text": "x", "lora_id": "a"}, "lora_path"), ({"text": ["x", "y"], "lora_path": ["a"]}, "1 entries"),
+                         ({"text": "x", "lora_path": 3}, "'lora_path'"), ({"text": "x", "image_data": "png"}, "text only"),
                          ({"text": "x", "custom_logit_processor": "f"}, "client code")]:
         with pytest.raises(RequestError, match=needle):
             parse(body)

@@ -109,6 +109,9 @@ class ServerState:
         self.info = client.info
         name = config.served_model_name or config.model
         self.model_names = [name] + ([config.model] if config.model != name else [])
+        # LoRA adapters: name -> path (kept here for /v1/models and OpenAI's ``model``; updated by the
+        # load / unload routes; the engine checks every request's adapter again)
+        self.lora_names: dict[str, str] = dict((self.info.config or {}).get("lora_paths") or ())
         self.metrics = ServerMetrics()
         self.off_loop = OffLoop(config.parse_threads, idle=lambda: client.in_flight == 0)
         self.max_prompt_chars = prompt_char_bound(tokenizer, self.info.max_prompt_tokens)
@@ -220,9 +223,12 @@ async def openai_completion(request: Request) -> Response:
 
 async def models(request: Request) -> Response:
     state: ServerState = request.app.state.server
+    base = state.model_names[0]
     return JSONResponse({"object": "list", "data": [
-        {"id": state.model_names[0], "object": "model", "created": 0, "owned_by": "plait",
-         "root": state.config.model, "max_model_len": state.info.context_length}]})
+        {"id": base, "object": "model", "created": 0, "owned_by": "plait", "root": state.config.model,
+         "max_model_len": state.info.context_length},
+        *({"id": name, "object": "model", "created": 0, "owned_by": "plait", "root": path, "parent": base,
+           "max_model_len": state.info.context_length} for name, path in sorted(state.lora_names.items()))]})
 
 
 async def get_model_info(request: Request) -> Response:
@@ -385,9 +391,10 @@ def create_app(config: ServerConfig, client: EngineClient, tokenizer: Any) -> Fa
         ("/end_program", program_call, ["POST"]), ("/get_chat_template", get_chat_template, ["GET"]),
         ("/apply_chat_template", apply_chat_template, ["POST"]), ("/metrics", metrics, ["GET"]),
     ]
-    from plait.runtime.server import native_routes, responses  # import this module's helpers: loaded after them
+    from plait.runtime.server import lora_routes, native_routes, responses  # these import this module's helpers
 
     routes += responses.routes(app)
+    routes += lora_routes.routes()
     routes += native_routes.routes()
     for path, endpoint, methods in routes:
         app.add_api_route(path, endpoint, methods=methods)

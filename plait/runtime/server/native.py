@@ -4,10 +4,11 @@ plait honours, what it ignores because it changes nothing about the output, and 
 - Honoured (``NATIVE_FIELDS``): the prompt, sampling, logprob and streaming fields, ``rid`` (one id for
   a batch becomes ``rid_0, rid_1, ...`` as in SGLang), ``extra_key`` / ``cache_salt`` (a prefix-cache
   namespace), ``session_id`` (the session's cached prefix stays pinned, like a ``program_id`` run),
-  ``return_prompt_token_ids``, and plait's ``program_id``.
+  ``return_prompt_token_ids``, ``lora_path`` (a loaded LoRA adapter's name, or one per prompt; an
+  unknown name is a 400 naming the loaded ones), and plait's ``program_id``.
 - Ignored (``NATIVE_IGNORED``): metrics, logging, priority, routing and disaggregation hints.
 - Refused unless at their default (``NATIVE_REFUSED``), each with the reason: multimodal inputs (the
-  served model reads text), LoRA (not supported yet), custom logit processors (they execute client
+  served model reads text), ``lora_id`` (send ``lora_path``), custom logit processors (they execute client
   code), server-side sessions, hidden states and the other extra outputs plait does not compute.
 - Unknown fields are ignored and reported (``X-Plait-Ignored-Fields``); ``--strict-fields`` refuses them.
 docs/server.md has the same table for users.
@@ -41,7 +42,7 @@ from plait.token_ids import common_prefix_len
 NATIVE_FIELDS = frozenset({
     "text", "input_ids", "sampling_params", "stream", "return_logprob", "logprob_start_len", "top_logprobs_num",
     "return_text_in_logprobs", "rid", "program_id", "session_id", "extra_key", "cache_salt",
-    "return_prompt_token_ids",
+    "return_prompt_token_ids", "lora_path",
 })
 NATIVE_IGNORED = frozenset({
     "log_metrics", "no_logs", "custom_labels", "priority", "routed_dp_rank", "data_parallel_rank",
@@ -60,8 +61,7 @@ NATIVE_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
         "image_max_dynamic_patch", "video_max_dynamic_patch", "images_config", "mm_processor_kwargs",
         "positional_embed_overrides")},
     "modalities": ((*_UNSET, ["text"]), _TEXT_ONLY),
-    "lora_path": (_UNSET, "LoRA adapters are not supported yet"),
-    "lora_id": (_UNSET, "LoRA adapters are not supported yet"),
+    "lora_id": (_UNSET, "adapters are named by lora_path (the name they were loaded under)"),
     "custom_logit_processor": (_UNSET, "custom logit processors execute client code; plait does not run them"),
     "session_params": (_UNSET, "server-side sessions are not supported; send the whole prompt (session_id or "
                                "program_id keeps its cached prefix)"),
@@ -200,6 +200,7 @@ def parse_generate(body: Any, encode: Callable[[str], list[int]] | None, limits:
     prompt_ids_out = expect_bool("return_prompt_token_ids", body.get("return_prompt_token_ids") or False)
     rids = _rids(body, count, is_batch)
     namespaces = _namespaces(body, count)
+    loras = _per_input(body, "lora_path", count, None, _key)
     parsed: dict[int, Any] = {}  # one sampling object shared by every prompt is checked once
     jobs = []
     for i, ids in enumerate(prompts):
@@ -225,6 +226,7 @@ def parse_generate(body: Any, encode: Callable[[str], list[int]] | None, limits:
             return_logprob=return_logprob[i], logprob_start_len=start if return_logprob[i] else -1,
             top_logprobs_num=top_num[i], return_text_in_logprobs=with_text[i], stream=stream,
             program_id=program_id, cache_namespace=namespaces[i], return_prompt_token_ids=prompt_ids_out,
+            lora_path=loras[i],
         ))
         check_job_limits(jobs[-1], config)
     return NativeRequest(jobs, is_batch or len(jobs) > 1 or jobs[0].n > 1, stream, ignored)

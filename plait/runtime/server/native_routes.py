@@ -44,7 +44,7 @@ def _body(state: Any, body: Any, known: frozenset[str], where: str) -> tuple[dic
     if state.tokenizer is None:
         raise RequestError("this model has no tokenizer", status=404)
     model = body.get("model")
-    if model is not None and model not in state.model_names:
+    if model is not None and model not in state.model_names and model not in state.lora_names:
         raise RequestError(f"the model {short_repr(model)} does not exist; this server serves "
                            f"{state.model_names[0]!r}", status=404, param="model", code="model_not_found")
     return body, split_unknown(body, known, where, state.config.strict_fields)
@@ -162,11 +162,14 @@ async def model_info(request: Request) -> Response:
 async def retrieve_model(request: Request) -> Response:
     state = request.app.state.server
     model = request.path_params["model"]
-    if model not in state.model_names:
+    if model not in state.model_names and model not in state.lora_names:
         raise RequestError(f"the model {short_repr(model)} does not exist", status=404, param="model",
                            code="model_not_found")
+    adapter = model not in state.model_names  # a LoRA adapter: its path, over the base model
     return JSONResponse({"id": model, "object": "model", "created": 0, "owned_by": "plait",
-                         "root": state.config.model, "max_model_len": state.info.context_length})
+                         "root": state.lora_names[model] if adapter else state.config.model,
+                         **({"parent": state.model_names[0]} if adapter else {}),
+                         "max_model_len": state.info.context_length})
 
 
 async def ready(request: Request) -> Response:

@@ -172,6 +172,12 @@ def cache_namespace(body: dict[str, Any]) -> str | None:
     return "\x1f".join(keys) or None
 
 
+def lora_for_model(body: dict[str, Any], state: Any) -> str | None:
+    """The LoRA adapter an OpenAI request's ``model`` names (None: the base model)."""
+    model = body.get("model")
+    return model if model not in state.model_names and model in state.lora_names else None
+
+
 def make_jobs(body: dict, prompts: list[list[int]], sampling: dict, max_tokens: Any, name: str, state: Any,
               stream: bool, logprobs: int | None, start_len: int) -> tuple[list[GenerateJob], int]:
     """``max_tokens``: the client's value, or ``UNSET`` (the protocol default, 16) or ``TO_CONTEXT``."""
@@ -194,7 +200,7 @@ def make_jobs(body: dict, prompts: list[list[int]], sampling: dict, max_tokens: 
             rid=rid or uuid.uuid4().hex, input_ids=ids, sampling_params=fitted.to_dict(), n=fitted.n,
             return_logprob=logprobs is not None, logprob_start_len=start_len if logprobs is not None else -1,
             top_logprobs_num=logprobs or 0, return_text_in_logprobs=True, stream=stream,
-            program_id=body.get("program_id"), cache_namespace=namespace,
+            program_id=body.get("program_id"), cache_namespace=namespace, lora_path=lora_for_model(body, state),
         )
         check_job_limits(job, state.config)
         jobs.append(job)
@@ -213,9 +219,10 @@ def check_common(body: Any, fields: frozenset[str], defaults: dict, where: str, 
     model = body.get("model")
     if not isinstance(model, str):
         raise RequestError("field 'model' is required (see /v1/models)", param="model")
-    if model not in state.model_names:
+    if model not in state.model_names and model not in state.lora_names:
+        adapters = f" and the LoRA adapters {sorted(state.lora_names)}" if state.lora_names else ""
         raise RequestError(f"the model {short_repr(model)} does not exist; this server serves "
-                           f"{state.model_names[0]!r}", status=404, param="model", code="model_not_found")
+                           f"{state.model_names[0]!r}{adapters}", status=404, param="model", code="model_not_found")
     _bookkeeping_strings(body)
     if body.get("program_id") is not None and not state.info.supports_program_id:
         raise RequestError("field 'program_id' is not supported by this server's engine", param="program_id")

@@ -8,7 +8,8 @@ does, so that neither the engine thread nor the HTTP event loop spends its time 
     HTTP process --(commands: pipe A)--> engine process --(outputs: pipe B)--> detokenizer --(pipe C)--> HTTP
 
 - HTTP -> engine (A): ``("generate", rid, spec)``, ``("abort", rid)``, ``("call", call_id, name, arg)``
-  where ``name`` is ``flush_cache``, ``stats``, ``begin_program``, ``end_program`` or ``shutdown``.
+  where ``name`` is ``flush_cache``, ``stats``, ``begin_program``, ``end_program``,
+  ``load_lora_adapter`` (arg: (name, path)), ``unload_lora_adapter`` (arg: name) or ``shutdown``.
 - engine -> HTTP (B, then C): lists of ``("accepted", rid)`` or ``("error", rid, message)`` (the answer
   to ``generate``), ``("out", rid, index, finished, payload)`` and ``("reply", call_id, ok, value)``.
   Outputs produced in one engine step travel as one list. The detokenizer forwards every message in
@@ -329,6 +330,8 @@ class _EngineServer:
             return
         if spec.get("cache_namespace") is not None:
             extra["cache_namespace"] = spec["cache_namespace"]
+        if spec.get("lora_path") is not None:
+            extra["lora_path"] = spec["lora_path"]
         first_texts: dict[int, IncrementalDetokenizer] = {}  # the direct first outputs' text, per output
         if spec.get("detokenize_in_front"):  # the detokenizer process makes this stream's text: its context
             params = spec["sampling_params"] or {}
@@ -380,6 +383,10 @@ class _EngineServer:
                 value = self.engine.stats()
             elif name in ("begin_program", "end_program") and self.supports_program_id:
                 value = getattr(self.engine, name)(arg)
+            elif name == "load_lora_adapter":
+                value = self.engine.load_lora_adapter(*arg)
+            elif name == "unload_lora_adapter":
+                value = self.engine.unload_lora_adapter(arg)
             else:
                 raise ValueError(f"unknown engine call {name!r}")
             self.outbox.put(("reply", call_id, True, value))

@@ -84,6 +84,7 @@ class GenerateJob:
     program_id: str | None = None
     cache_namespace: str | None = None  # prefix-cache namespace (SGLang's extra_key / cache_salt)
     return_prompt_token_ids: bool = False  # the HTTP side adds ``prompt_token_ids`` to each output
+    lora_path: str | None = None  # the LoRA adapter's name (None: the base model)
 
     def spec(self) -> dict[str, Any]:
         """What the engine process receives (see ``process.py``)."""
@@ -91,7 +92,7 @@ class GenerateJob:
             "input_ids": self.input_ids, "sampling_params": self.sampling_params,
             "return_logprob": self.return_logprob, "logprob_start_len": self.logprob_start_len,
             "top_logprobs_num": self.top_logprobs_num, "stream": self.stream, "program_id": self.program_id,
-            "cache_namespace": self.cache_namespace,
+            "cache_namespace": self.cache_namespace, "lora_path": self.lora_path,
         }
 
 
