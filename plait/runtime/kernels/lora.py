@@ -78,7 +78,7 @@ def lora_expand_reference(h: torch.Tensor, lora_b: torch.Tensor, slots: torch.Te
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, *, kernel: str | None = None) -> torch.Tensor:
     """h [T, R] float32 with ``h[t] = lora_a[slots[t]] @ x[t]`` (fp32 accumulation), 0 where ``slots[t] == -1``.
 
     Args:
@@ -86,17 +86,19 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
         lora_a: [S, R, K] the A matrices of the S resident slots, zero rows past each adapter's rank.
         slots: int32 [T] each token's slot, -1 for the base model.
         out: an optional float32 [T, R] to write into (and return).
+        kernel: the Triton layout on CUDA: None or 'gathered' (any batch), 'segmented' (tokens in long
+            runs of one adapter, as in a prefill chunk; slow when a 32-token block holds many adapters).
 
     CUDA tensors go through the Triton kernel (no host sync, no allocation when ``out`` is given: safe
     inside a CUDA graph); CPU tensors through ``lora_shrink_reference``.
     """
     if x.is_cuda:
-        return lora_shrink_triton(x, lora_a, slots, out)
+        return lora_shrink_triton(x, lora_a, slots, out, kernel=kernel)
     return lora_shrink_reference(x, lora_a, slots, out)
 
 
 def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor, scaling: torch.Tensor,
-                y: torch.Tensor, column_offset: int = 0) -> None:
+                y: torch.Tensor, column_offset: int = 0, *, kernel: str | None = None) -> None:
     """In place: ``y[t, off:off+N] += scaling[slots[t]] * lora_b[slots[t]] @ h[t]`` for tokens with a slot >= 0.
 
     Args:
@@ -107,11 +109,12 @@ def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor, scal
         y: [T, Ny] the layer's output in the model dtype, updated in place (float32 sums, one rounding).
         column_offset: first column of ``y`` written; a merged linear (packed q/k/v, gate/up) applies each
             shard's B to its own column slice.
+        kernel: the Triton layout on CUDA, as for ``lora_shrink``.
 
     CUDA tensors go through the Triton kernel (CUDA-graph safe); CPU tensors through the reference.
     """
     if y.is_cuda:
-        lora_expand_triton(h, lora_b, slots, scaling, y, column_offset)
+        lora_expand_triton(h, lora_b, slots, scaling, y, column_offset, kernel=kernel)
     else:
         lora_expand_reference(h, lora_b, slots, scaling, y, column_offset)
 
@@ -119,11 +122,13 @@ def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor, scal
 
 # ---------------------------------------------------------------------------------------------------
 # Triton kernels. Two layouts of the same products, both correct for any mix of slots:
-#   gathered (BGMV): one program per (token, block of output rows); each token reads its own slot's
-#     weights (tokens of one adapter hit the L2 cache). Many small programs: decode batches.
+#   gathered (BGMV, the default): one program per (token, block of output rows); each token reads its
+#     own slot's weights (tokens of one adapter hit the L2 cache). Its cost does not depend on the
+#     order of the tokens' adapters: decode batches, and any batch whose layout is unknown.
 #   segmented (SGMV): one program per (block of tokens, block of outputs) loops over the distinct slots
 #     in its token block, one tensor-core product per slot. Tokens of a request are contiguous in a
-#     batch, so a prefill chunk's blocks hold one slot (one pass) and the weights are read once a block.
+#     batch, so a prefill chunk's blocks hold one slot (one pass) and the weights are read once a
+#     block; a block of many adapters costs one pass each (a shuffled decode batch: use 'gathered').
 # ---------------------------------------------------------------------------------------------------
 
 _SLOT_MAX = tl.constexpr(2**31 - 1)
@@ -232,10 +237,6 @@ def _expand_segmented_kernel(h_ptr, b_ptr, slots_ptr, scale_ptr, y_ptr, T, N, R,
         remaining = tl.where(match, 0, remaining)
 
 
-# Token counts from which the auto choice is the segmented layout (see benchmarks/lora_kernels.py).
-SEGMENTED_FROM_TOKENS = 256
-
-
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -244,9 +245,10 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _choose(kind: str | None, tokens: int) -> str:
+def _choose(kind: str | None) -> str:
+    """None means 'gathered': its cost does not depend on how the batch orders its adapters."""
     if kind is None:
-        return "segmented" if tokens >= SEGMENTED_FROM_TOKENS else "gathered"
+        return "gathered"
     if kind not in ("gathered", "segmented"):
         raise ValueError(f"kernel must be 'gathered', 'segmented' or None, got {kind!r}")
     return kind
@@ -255,7 +257,7 @@ def _choose(kind: str | None, tokens: int) -> str:
 def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
                        out: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
     """``lora_shrink`` through a Triton kernel: ``kernel`` 'gathered' (BGMV), 'segmented' (SGMV) or None
-    (by the token count). Allocates only the result when ``out`` is None; never reads the device."""
+    (= gathered). Allocates only the result when ``out`` is None; never reads the device."""
     _check_shrink(x, lora_a, slots, out)
     x, lora_a = _unit_last_stride(x), _unit_last_stride(lora_a)
     T, K = x.shape
@@ -265,14 +267,15 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tenso
         return h
     if h.stride(-1) != 1:
         raise ValueError("out needs a unit stride along R")
-    if _choose(kernel, T) == "gathered":
-        block_r = min(_pow2(R), 1 if T <= 16 else 2 if T <= 64 else 4 if T <= 256 else 8)
-        block_k = min(512, _pow2(K))
+    if _choose(kernel) == "gathered":
+        # ~4096 weights a program in one or few wide loads: the loop's trips are DRAM round trips
+        block_r = min(_pow2(R), 1 if T <= 64 else 2 if T <= 256 else 4)
+        block_k = min(_pow2(K), 4096 // block_r)
         _shrink_gathered_kernel[(T, triton.cdiv(R, block_r))](
             x, lora_a, slots, h, K, R, x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0),
             EVEN_K=K % block_k == 0, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
     else:
-        block_t = 16 if T < 256 else 64
+        block_t = 16 if T < 256 else 32
         block_r = max(16, min(_pow2(R), 64))
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
         _shrink_segmented_kernel[(triton.cdiv(T, block_t), triton.cdiv(R, block_r))](
@@ -284,7 +287,7 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tenso
 def lora_expand_triton(h: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor, scaling: torch.Tensor,
                        y: torch.Tensor, column_offset: int = 0, kernel: str | None = None) -> None:
     """``lora_expand`` through a Triton kernel: ``kernel`` 'gathered' (BGMV), 'segmented' (SGMV) or None
-    (by the token count). Allocates nothing; never reads the device."""
+    (= gathered). Allocates nothing; never reads the device."""
     _check_expand(h, lora_b, slots, scaling, y, column_offset)
     if y.stride(-1) != 1:
         raise ValueError("y needs a unit stride along its columns")
@@ -294,7 +297,7 @@ def lora_expand_triton(h: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tenso
     if T == 0 or N == 0:
         return
     block_r = max(16, _pow2(R))
-    if _choose(kernel, T) == "gathered":
+    if _choose(kernel) == "gathered":
         block_n = max(16, min(256, 4096 // block_r))
         _expand_gathered_kernel[(T, triton.cdiv(N, block_n))](
             h, lora_b, slots, scaling, y, N, R, column_offset,

@@ -120,10 +120,9 @@ def test_triton_matches_reference(kernel_device, kernel, T, K, N, ranks, dtype):
     assert _rel(y - y0.float(), y_ref - y0.float()) < TOL[dtype] * 4  # the LoRA delta alone
 
 
-@pytest.mark.parametrize("kernel", ["segmented", None])
-def test_segmented_runs_over_token_blocks(kernel_device, kernel):
-    """Runs of one adapter across block edges (a prefill chunk); T >= 256 makes None pick 'segmented'."""
-    T = 300 if kernel is None else 70
+@pytest.mark.parametrize("kernel,T", [("segmented", 70), ("segmented", 300), (None, 70)])
+def test_runs_of_one_adapter_over_token_blocks(kernel_device, kernel, T):
+    """Runs of one adapter across block edges (a prefill chunk); at 300 tokens the blocks are wider."""
     x, a, b, scaling, slots = _case(T, 20, 18, [4, 6, 2], torch.float32, kernel_device, seed=3, contiguous_runs=True)
     h_ref = lora_shrink_reference(x.cpu(), a.cpu(), slots.cpu())
     h = lora_shrink_triton(x, a, slots, kernel=kernel)
@@ -170,8 +169,9 @@ def test_bad_arguments_are_refused():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kernel", ["gathered", "segmented"])
 @pytest.mark.parametrize("T", [1, 64, 300])
-def test_cuda_graph_replays_with_new_slots(T):
+def test_cuda_graph_replays_with_new_slots(T, kernel):
     """Captured once; new slots and inputs copied into the same buffers give the new results."""
     x, a, b, scaling, slots = _case(T, 256, 192, [16, 8, 4, 16], torch.bfloat16, "cuda", seed=T)
     h = torch.empty(T, 16, device="cuda")
@@ -179,11 +179,11 @@ def test_cuda_graph_replays_with_new_slots(T):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up compiles outside the capture
-        lora_expand(lora_shrink(x, a, slots, out=h), b, slots, scaling, y)
+        lora_expand(lora_shrink(x, a, slots, out=h, kernel=kernel), b, slots, scaling, y, kernel=kernel)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        lora_expand(lora_shrink(x, a, slots, out=h), b, slots, scaling, y)
+        lora_expand(lora_shrink(x, a, slots, out=h, kernel=kernel), b, slots, scaling, y, kernel=kernel)
     for seed in (11, 12):
         new_x, _, _, _, new_slots = _case(T, 256, 192, [16, 8, 4, 16], torch.bfloat16, "cuda", seed=seed)
         x.copy_(new_x)
