@@ -230,6 +230,12 @@ def test_openai_sends_the_calls_model_as_the_requests_model():
     def serve(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         bodies.append(body)
+        if request.url.path.endswith("/completions") and "chat" not in request.url.path:  # select: echoed logprobs
+            return httpx.Response(200, json={
+                "id": "e", "object": "text_completion", "created": 1, "model": body["model"], "choices": [
+                    {"index": i, "text": p, "finish_reason": "length", "logprobs": {
+                        "tokens": ["Q:", p[2:]], "token_logprobs": [None, -0.5], "text_offset": [0, 2]}}
+                    for i, p in enumerate(body["prompt"])]})
         return httpx.Response(200, json={
             "id": "c", "object": "chat.completion", "created": 1, "model": body["model"],
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
@@ -249,6 +255,11 @@ def test_openai_sends_the_calls_model_as_the_requests_model():
         s += pl.user("Again.")
         s += pl.assistant(pl.gen("plain", max_tokens=8))
 
-    state = prog.run(backend=OpenAI("base-model", client=client))
+    backend = OpenAI("base-model", client=client)
+    state = prog.run(backend=backend)
     assert [b["model"] for b in bodies] == ["writer", "judge", "base-model"]
     assert (state["draft"], state["verdict"], state["plain"]) == ("by writer", "by judge", "by base-model")
+    scores = backend.score_choices("Q:", [" yes", " no"], model="judge")  # select's echoed prompt logprobs
+    assert [s.token_logprobs for s in scores] == [[-0.5], [-0.5]] and bodies[-1]["model"] == "judge"
+    backend.score_choices("Q:", [" yes"])
+    assert bodies[-1]["model"] == "base-model"
