@@ -79,15 +79,16 @@ class ModelRunner:
         self.context_length = config.context_length or min(limit, DEFAULT_MAX_CONTEXT)
         self.attn_backend = self._build_attention_backend()
         self.model = self._build_model(source)
+        # LoRA adapters (None: off): their slot buffers are allocated before the KV pool takes the memory
+        # left, and the targeted linears are wrapped before any graph is captured
+        steps = max(config.chunked_prefill_size + config.max_running_requests, config.piecewise_max_tokens(),
+                    config.cuda_graph_max_bs or 0)
+        self.lora: LoraManager | None = build_lora_manager(config, self.model, steps, self.device, self.dtype)
         self.pool = self._build_pool()
         # one extra row, reserved: padded rows of CUDA-graph batches read slot 0 through it
         self.slot_table = ReqToSlotTable(config.max_running_requests + 1, self.context_length + 1, self.device,
                                          full_to_sliding=self.pool.full_to_sliding)
         self.pad_row = self.slot_table.alloc()
-        # LoRA adapters (None: off): wraps the targeted linears before any graph is captured
-        steps = max(config.chunked_prefill_size + config.max_running_requests, config.piecewise_max_tokens(),
-                    config.cuda_graph_max_bs or 0)
-        self.lora: LoraManager | None = build_lora_manager(config, self.model, steps, self.device, self.dtype)
         self.cuda_graphs: CudaGraphRunner | None = None
         # tensor parallelism's rank 0: called with each batch before its forward (sends it to the other ranks)
         self.before_forward: Callable[[ForwardBatch], None] | None = None

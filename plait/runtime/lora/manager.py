@@ -173,16 +173,23 @@ class LoraManager:
             raise LoraCapacityError(f"{len(self.adapters)} adapters are loaded, the most this engine holds "
                                     f"(max_loaded_loras); unload one first")
         self.check(adapter)
-        pin = self.device.type == "cuda"
-        weights = {}
-        for key, (a, b) in adapter.weights.items():
-            a, b = a.to(self.dtype).contiguous(), b.to(self.dtype).contiguous()
-            weights[key] = (a.pin_memory(), b.pin_memory()) if pin else (a, b)
-        loaded = LoadedAdapter(name, adapter.path, self._next_uid, adapter.rank, adapter.scaling, weights)
+        adapter = self.to_host_layout(adapter)
+        loaded = LoadedAdapter(name, adapter.path, self._next_uid, adapter.rank, adapter.scaling, adapter.weights)
         self._next_uid += 1
         self.adapters[name] = loaded
         self._refs[name] = 0
         return loaded
+
+    def to_host_layout(self, adapter: LoraAdapter) -> LoraAdapter:
+        """``adapter`` with its weights in the model's dtype, contiguous, pinned on CUDA (what ``register``
+        keeps; done on the caller's thread by ``Engine.load_lora_adapter``, a no-op when repeated)."""
+        pin = self.device.type == "cuda"
+        weights = {}
+        for key, (a, b) in adapter.weights.items():
+            a, b = a.to(self.dtype).contiguous(), b.to(self.dtype).contiguous()
+            weights[key] = (a if a.is_pinned() else a.pin_memory(), b if b.is_pinned() else b.pin_memory()) if pin \
+                else (a, b)
+        return LoraAdapter(adapter.path, adapter.rank, adapter.scaling, weights)
 
     def unregister(self, name: str) -> None:
         """Drop an adapter (its slot becomes free). Raises ValueError while a running request holds it."""
