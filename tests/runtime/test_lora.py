@@ -277,3 +277,20 @@ def test_lora_settings_are_checked():
         EngineConfig(lora_paths=["a=/x", "a=/y"])
     with pytest.raises(ValueError, match="lora_target_modules"):
         EngineConfig(lora_target_modules=("lm_head",))
+
+
+def test_retraction_with_adapters(bundled_model_dir, peft_setup, prompts, references):
+    """A KV pool too small for the batch: requests with adapters are retracted (their slots released)
+    and resumed (acquired again), with exact results and nothing leaked."""
+    _, paths = peft_setup
+    cases = [("a1", 1), ("a2", 0), ("a1", 0), ("a3", 1)]
+    with Engine(model=str(bundled_model_dir), device="cpu", max_total_tokens=len(prompts[1]) + 30,
+                chunked_prefill_size=64, schedule_conservativeness=0, max_loras_per_batch=2,
+                lora_paths={n: paths[n] for n in ("a1", "a2", "a3")}, max_lora_rank=16) as eng:
+        outs = eng.generate(input_ids=[prompts[i] for _, i in cases], sampling_params=greedy_params(NEW_TOKENS),
+                            lora_path=[name for name, _ in cases], return_logprob=True)
+        for out, key in zip(outs, cases):
+            _check(out, references[key])
+        assert eng.stats()["retractions"] > 0
+        assert all(eng.runner.lora.in_use(name) == 0 for name in ("a1", "a2", "a3"))
+        assert_no_leak(eng)
