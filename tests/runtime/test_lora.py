@@ -31,10 +31,10 @@ pytestmark = pytest.mark.model
 NEW_TOKENS = 6
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {  # name -> LoraConfig arguments
-    "a1": dict(r=8, lora_alpha=16, target_modules=ALL),
-    "a2": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=ALL),
-    "a3": dict(r=16, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "a4": dict(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"]),
+    "a1": {"r": 8, "lora_alpha": 16, "target_modules": ALL},
+    "a2": {"r": 4, "lora_alpha": 8, "use_rslora": True, "target_modules": ALL},
+    "a3": {"r": 16, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "a4": {"r": 2, "lora_alpha": 4, "target_modules": ["o_proj", "down_proj"]},
 }
 
 

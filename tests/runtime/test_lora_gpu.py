@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from plait.runtime.engine import Engine  # noqa: E402
+from plait.runtime.engine import Engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -95,8 +95,8 @@ def _run(engine: Engine, prompts, loras) -> list[dict]:
 
 
 def test_mixed_adapters_under_cuda_graphs_equal_merged_weights(tmp_path):
-    common = dict(model=MODEL, load_format="dummy", device="cuda", dtype="float32", max_total_tokens=8192,
-                  max_running_requests=16, chunked_prefill_size=64, cpu_prepack=False)
+    common = {"model": MODEL, "load_format": "dummy", "device": "cuda", "dtype": "float32", "max_total_tokens": 8192,
+              "max_running_requests": 16, "chunked_prefill_size": 64}
     reference = Engine(disable_cuda_graph=True, **common)
     cfg = reference.model_config
     try:

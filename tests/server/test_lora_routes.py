@@ -45,8 +45,8 @@ class FakeEngine:
                 rid, spec = message[1], message[2]
                 self.specs.append(spec)
                 if spec.get("lora_path") not in (None, *self.loaded):
-                    self.conn.send([("error", rid, f"unknown LoRA adapter {spec['lora_path']!r}; loaded adapters: "
-                                                   f"{sorted(self.loaded)}")])
+                    message = f"unknown LoRA adapter {spec['lora_path']!r}; loaded adapters: {sorted(self.loaded)}"
+                    self.conn.send([("error", rid, message)])
                     continue
                 payload = {"output_ids": [7], "text": "x", "meta_info": {
                     "id": rid, "prompt_tokens": 2, "completion_tokens": 1, "cached_tokens": 0,

@@ -35,8 +35,8 @@ __all__ = [
 ]
 
 
-def build_lora_manager(config: "EngineConfig", model: "nn.Module", max_tokens: int, device: "torch.device",
-                       dtype: "torch.dtype") -> LoraManager | None:
+def build_lora_manager(config: EngineConfig, model: nn.Module, max_tokens: int, device: torch.device,
+                       dtype: torch.dtype) -> LoraManager | None:
     """The runner's adapter manager with the start-up adapters (``config.lora_paths``) registered, or None
     when LoRA is off (no ``lora_paths`` and not ``enable_lora``). ``max_lora_rank`` and
     ``lora_target_modules`` default to the largest rank and the union of targets of the start-up

@@ -144,7 +144,7 @@ def read_adapter(path: str) -> LoraAdapter:
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(weights_file), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 match = _KEY.match(key)
                 if match is None:
                     raise LoraFormatError(f"{weights_file}: tensor {key!r} is not a LoRA A/B weight of "

@@ -21,7 +21,7 @@ class LoraLinear(nn.Module):
     """``base(x)`` plus each shard's LoRA term. ``shards``: (module name, column offset) per packed shard;
     the A/B buffers of (``layer_id``, module) are the manager's stacked slot buffers."""
 
-    def __init__(self, base: nn.Module, manager: "LoraManager", layer_id: int, shards: list[tuple[str, int]]):
+    def __init__(self, base: nn.Module, manager: LoraManager, layer_id: int, shards: list[tuple[str, int]]):
         super().__init__()
         self.base = base
         self.layer_id = layer_id

@@ -19,9 +19,9 @@ into a static buffer that captured CUDA graphs read; eager steps without any ada
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
