@@ -268,9 +268,13 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tenso
     if h.stride(-1) != 1:
         raise ValueError("out needs a unit stride along R")
     if _choose(kernel) == "gathered":
-        # ~4096 weights a program in one or few wide loads: the loop's trips are DRAM round trips
-        block_r = min(_pow2(R), 1 if T <= 64 else 2 if T <= 256 else 4)
-        block_k = min(_pow2(K), 4096 // block_r)
+        # Measured on an H200 (benchmarks/lora_kernels.py): up to 64 tokens, one A row a program in
+        # wide loads (few loop trips, each a DRAM round trip): 4.5 us against 5.5 for 2 x 512 at q's
+        # shape; from 65 tokens there are programs enough, and 4 x 512 tiles did best (6.3 against 6.8 us).
+        if T <= 64:
+            block_r, block_k = 1, min(_pow2(K), 4096)
+        else:
+            block_r, block_k = min(_pow2(R), 4 if T <= 256 else 8), min(_pow2(K), 512)
         _shrink_gathered_kernel[(T, triton.cdiv(R, block_r))](
             x, lora_a, slots, h, K, R, x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0),
             EVEN_K=K % block_k == 0, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
