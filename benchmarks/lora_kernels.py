@@ -18,7 +18,9 @@ back-to-back calls.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+from pathlib import Path
 
 import torch
 
@@ -30,46 +32,16 @@ L2_COLD_BYTES = 256 << 20  # rotate over at least this many bytes
 MAX_COPIES = 64
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write of a 2 GiB buffer)."""
-    src = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * src.numel() * 2 * 10 / (start.elapsed_time(end) / 1e3)
+def _gpu_timing_helpers():
+    """``copy_bandwidth`` and ``graph_time_us`` of ``benchmarks/skinny_gemm.py`` (one copy of each)."""
+    path = Path(__file__).resolve().parent / "skinny_gemm.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_skinny_gemm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.copy_bandwidth, module.graph_time_us
 
 
-def graph_time_us(fn, calls: int) -> float:
-    """Mean time of one of ``calls`` back-to-back ``fn(i)`` calls, replayed as one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(calls):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = math.inf
-    for _ in range(3):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return best
+copy_bandwidth, graph_time_us = _gpu_timing_helpers()
 
 
 def _copies(nbytes: int) -> int:
