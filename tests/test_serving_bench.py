@@ -35,6 +35,15 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+async def _sleep_at_least(seconds: float) -> None:
+    """Sleep at least ``seconds`` of real time. uvicorn runs on uvloop where installed, whose timers count
+    from the loop's cached clock (taken at the start of its iteration) and so can fire early by the time
+    that iteration has already spent: one ``asyncio.sleep`` would let a client measure less than it."""
+    deadline = time.perf_counter() + seconds
+    while (left := deadline - time.perf_counter()) > 0:
+        await asyncio.sleep(left)
+
+
 class FakeServer:
     """Server-side state and behaviour of the fake: ``tokens`` tokens per request at most (fewer when the
     request asks for fewer), ``per_event`` tokens per native event, ``delay`` seconds before each event;
@@ -80,7 +89,7 @@ class FakeServer:
                 yield _sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
             for k in range(step, n + step, step):
                 k = min(k, n)
-                await asyncio.sleep(self.delay)
+                await _sleep_at_least(self.delay)
                 if self.garble_every and index % self.garble_every == 0 and k > step:
                     yield "data: {not json\n\n"
                     return
