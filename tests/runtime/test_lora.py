@@ -219,6 +219,21 @@ def test_lru_offload_with_two_slots_and_run_time_loading(engine, peft_setup, pro
     assert_no_leak(engine)
 
 
+def test_unreadable_adapter_configs_are_format_errors(tmp_path):
+    """adapter_config.json missing, too large, not JSON or not an object: a LoraFormatError naming it."""
+    from plait.runtime.lora.adapter import MAX_CONFIG_BYTES
+
+    with pytest.raises(LoraFormatError, match="no adapter_config.json"):
+        read_adapter(str(tmp_path))
+    file = tmp_path / "adapter_config.json"
+    for text, message in [(" " * (MAX_CONFIG_BYTES + 1), f"larger than {MAX_CONFIG_BYTES} bytes"),
+                          ("{not json", "cannot read .*adapter_config.json"),
+                          ("[8]", "adapter_config.json is not a JSON object")]:
+        file.write_text(text)
+        with pytest.raises(LoraFormatError, match=message):
+            read_adapter(str(tmp_path))
+
+
 def test_bad_adapters_are_typed_errors(engine, peft_setup, tmp_path):
     _, paths = peft_setup
     with pytest.raises(LoraFormatError, match="not a directory"):

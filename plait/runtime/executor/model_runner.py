@@ -180,7 +180,10 @@ class ModelRunner:
         if source.load_format == "dummy" or source.weights_dir is None:
             self._init_dummy_weights(model)
         else:
-            loaded = model.load_weights(iter_safetensors_weights(source.weights_dir))
+            # a rank of a tensor-parallel group reads only its part of each split tensor (lazily, then
+            # narrowed); a whole model reads each tensor whole
+            weights = iter_safetensors_weights(source.weights_dir, lazy=self.tp_layout.size > 1)
+            loaded = model.load_weights(weights)
             missing = sorted(n for n, _ in model.named_parameters() if n not in loaded)
             if missing:
                 raise ModelLoadError(

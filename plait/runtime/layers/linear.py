@@ -1,7 +1,9 @@
 """Linear layers whose parameters know how to load themselves.
 
-Each parameter carries a ``weight_loader(param, loaded_tensor, shard_id=None)``; packed layers
-(q/k/v, gate/up) declare their shards once and copy each checkpoint tensor into its slice.
+Each parameter carries a ``weight_loader(param, loaded, shard_id=None)``; packed layers (q/k/v, gate/up)
+declare their shards once and copy each checkpoint tensor into its slice. ``loaded`` is a tensor or, on
+a rank of a tensor-parallel group, a ``loader.LazyTensor``: loaders narrow it to the rows or columns
+they keep before ``materialized`` reads it, so a rank reads only its part.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from plait.runtime.executor.loader import CheckpointTensor, materialized
 
 # MKL's plain sgemm is slow for a handful of rows (batched decode on CPU); a weight prepacked for
 # small batches runs those shapes 2-3x faster. Outside this row range plain F.linear is as fast.
@@ -45,10 +49,11 @@ def apply_linear(
     return F.linear(x, weight, bias)
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+def default_weight_loader(param: nn.Parameter, loaded: CheckpointTensor, shard_id: object = None) -> None:
+    """The whole checkpoint tensor into ``param`` (same shape; a replicated parameter reads it whole)."""
     if param.shape != loaded.shape:
         raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
-    param.data.copy_(loaded)
+    param.data.copy_(materialized(loaded))
 
 
 class Linear(nn.Module):
@@ -103,7 +108,7 @@ class MergedLinear(Linear):
         if self.bias is not None:
             self.bias.weight_loader = self._load_shard
 
-    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def _load_shard(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: object = None) -> None:
         offset, size = self.shard_offsets[shard_id]
         target = param.data.narrow(0, offset, size)
         start = self.checkpoint_rows.get(shard_id)
@@ -114,7 +119,7 @@ class MergedLinear(Linear):
             loaded = loaded.narrow(0, start, size)
         if target.shape != loaded.shape:
             raise ValueError(f"shard {shard_id!r}: parameter slice {tuple(target.shape)} vs {tuple(loaded.shape)}")
-        target.copy_(loaded)
+        target.copy_(materialized(loaded))
 
 
 class RowParallelLinear(Linear):
@@ -128,7 +133,7 @@ class RowParallelLinear(Linear):
         self.input_start = input_start
         self.weight.weight_loader = self._load_columns
 
-    def _load_columns(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def _load_columns(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: object = None) -> None:
         if loaded.dim() != 2 or loaded.shape[1] < self.input_start + self.in_features:
             raise ValueError(f"checkpoint weight {tuple(loaded.shape)} lacks input columns "
                              f"{self.input_start}..{self.input_start + self.in_features}")
@@ -153,12 +158,12 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
         self.weight.weight_loader = self._load_rows
 
-    def _load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def _load_rows(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: object = None) -> None:
         if loaded.dim() != 2 or loaded.shape[0] < self.start + self.count or loaded.shape[1] != param.shape[1]:
             raise ValueError(f"checkpoint table {tuple(loaded.shape)} does not hold rows {self.start}.."
                              f"{self.start + self.count} of width {param.shape[1]}")
         param.data.zero_()
-        param.data[: self.count].copy_(loaded.narrow(0, self.start, self.count))
+        param.data[: self.count].copy_(materialized(loaded.narrow(0, self.start, self.count)))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         from plait.runtime.distributed import all_reduce

@@ -17,6 +17,11 @@ nothing here (the kernel skips them), so each rank's output is its partial sum; 
 ``reduce_results`` the layer sums it over the tensor-parallel group itself (one all-reduce).
 ``b2`` is loaded whole everywhere but added only by the slice that starts at 0 (else every rank
 would add it); MXFP4 slices of I must be multiples of 32.
+
+Loading: every local slice is a range of the checkpoint tensor's dims (the local experts along dim 0;
+the local rows of gate/up, interleaved or each half; the local columns of down, in whole 32-value
+blocks for MXFP4 codes and scales), so a rank handed a ``loader.LazyTensor`` narrows it first and
+reads only those bytes; the router and ``b2`` are replicated and read whole.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from plait.runtime.kernels.moe_routing import ROUTINGS, route_topk, route_topk_r
 from plait.runtime.kernels.mxfp4 import (
     BLOCK_SIZE, ROW_PAIR_SPAN, Mxfp4Weight, has_small_scales, pack_fragments, pair_rows, random_mxfp4, swizzle_k,
 )
+from plait.runtime.executor.loader import CheckpointTensor, materialized
 from plait.runtime.layers.linear import Linear
 from plait.runtime.distributed import TensorParallelLayout
 from plait.runtime.models.config import ModelConfig, MoEConfig
@@ -195,8 +201,9 @@ class MoE(nn.Module):
 
     # --- loading ---------------------------------------------------------------------------------------
 
-    def _load_expert_tensor(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ExpertShard) -> None:
-        """Copy a checkpoint tensor (one expert's or all experts') into this layer's local part of ``param``."""
+    def _load_expert_tensor(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: ExpertShard) -> None:
+        """Copy a checkpoint tensor (one expert's or all experts') into this layer's local part of ``param``,
+        narrowing it to that part before it is read."""
         expert, part = shard_id
         if self.k_swizzled:
             raise ModelLoadError("expert weights were already prepared for the kernels; load them before that")
@@ -206,36 +213,35 @@ class MoE(nn.Module):
                 f"(expert weight format {self.quantization or 'model dtype'}); the checkpoint's format and "
                 f"the engine's quantization setting disagree"
             )
-        if expert is None:
+        if expert is None:  # every expert along dim 0: the local ones
             loaded = loaded.narrow(0, self.expert_start, self.expert_end - self.expert_start)
-            target = param.data
+            target, lead = param.data, 1  # lead: the dims before one expert's own
         elif not self.expert_start <= expert < self.expert_end:
             return  # held by another rank
         else:
-            target = param.data[expert - self.expert_start]
-            loaded = loaded.unsqueeze(0)  # [1, ...]: the same dims as an all-experts tensor
-            target = target.unsqueeze(0)
+            target, lead = param.data[expert - self.expert_start], 0
         if part in ("gate", "up"):
-            loaded = self._local_rows(loaded, 1, halves=False)
-            half = target.shape[1] // 2
-            target = target.narrow(1, 0 if part == "gate" else half, half)
+            loaded = self._local_rows(loaded, lead, halves=False)
+            half = target.shape[lead] // 2
+            target = target.narrow(lead, 0 if part == "gate" else half, half)
         elif part in ("w13", "b13"):
-            loaded = self._local_rows(loaded, 1, halves=True)
+            loaded = self._local_rows(loaded, lead, halves=True)
         elif part == "w2":
-            groups = BLOCK_SIZE if loaded.dtype == torch.uint8 else 1  # MXFP4: dim 2 counts 32-blocks
+            groups = BLOCK_SIZE if loaded.dtype == torch.uint8 else 1  # MXFP4: the I dim counts 32-blocks
             start, end = self.intermediate_start // groups, self.intermediate_end // groups
-            loaded = loaded.narrow(2, start, end - start)
-        elif part != "b2":
+            loaded = loaded.narrow(lead + 1, start, end - start)
+        elif part != "b2":  # b2 [.., H]: replicated, read whole
             raise ValueError(f"unknown expert tensor part {part!r}")
         if tuple(target.shape) != tuple(loaded.shape):
             raise ValueError(
                 f"expert tensor {part!r}: parameter {tuple(target.shape)} vs checkpoint {tuple(loaded.shape)}"
             )
-        target.copy_(loaded)
+        target.copy_(materialized(loaded))
 
-    def _local_rows(self, t: torch.Tensor, dim: int, *, halves: bool) -> torch.Tensor:
+    def _local_rows(self, t: CheckpointTensor, dim: int, *, halves: bool) -> CheckpointTensor:
         """The local intermediate rows along ``dim``: of one [I, ...] projection (``halves=False``), or of
-        a [2I, ...] gate/up tensor in this layer's layout (interleaved or gate-then-up)."""
+        a [2I, ...] gate/up tensor in this layer's layout (interleaved or gate-then-up: the two halves'
+        rows read, then joined)."""
         start, end, full = self.intermediate_start, self.intermediate_end, self.moe.intermediate_size
         if (start, end) == (0, full):
             return t
@@ -243,7 +249,8 @@ class MoE(nn.Module):
             return t.narrow(dim, start, end - start)
         if self.interleaved:
             return t.narrow(dim, 2 * start, 2 * (end - start))
-        return torch.cat((t.narrow(dim, start, end - start), t.narrow(dim, full + start, end - start)), dim)
+        gate, up = t.narrow(dim, start, end - start), t.narrow(dim, full + start, end - start)
+        return torch.cat((materialized(gate), materialized(up)), dim)
 
 
 def per_expert_target(

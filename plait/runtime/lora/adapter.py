@@ -10,7 +10,6 @@ a ``LoraFormatError`` rather than ignored.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 # PEFT's module names on Llama-family models, in the order plait applies them
 from plait.runtime.config import LORA_TARGET_MODULES as TARGET_MODULES
 from plait.runtime.config import parse_lora_paths  # noqa: F401  (re-exported)
+from plait.runtime.executor.loader import read_json_object
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -81,15 +81,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
     file = directory / CONFIG_FILE
     if not file.is_file():
         raise LoraFormatError(f"no {CONFIG_FILE} in {directory} (a PEFT LoRA adapter directory is expected)")
-    if file.stat().st_size > MAX_CONFIG_BYTES:
-        raise LoraFormatError(f"{file} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoraFormatError(f"cannot read {file}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise LoraFormatError(f"{file} is not a JSON object")
-    return config
+    return read_json_object(file, LoraFormatError, max_bytes=MAX_CONFIG_BYTES)
 
 
 def _check_config(config: dict[str, Any], directory: Path) -> tuple[int, float]:

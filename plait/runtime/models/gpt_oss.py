@@ -10,7 +10,8 @@ The attention is ``LlamaAttention`` with the options ``ModelConfig`` turns on fo
 Checkpoints (``model.layers.N.mlp.experts.*``):
 
 - bf16 (what transformers' ``save_pretrained`` writes): ``gate_up_proj`` [E, H, 2I] and ``down_proj``
-  [E, I, H], input dim first, transposed here to the kernel's [E, 2I, H] / [E, H, I];
+  [E, I, H], input dim first, transposed here to the kernel's [E, 2I, H] / [E, H, I] (a view, or on a
+  tensor-parallel rank a ``LazyTensor`` transposed before it is narrowed: each rank reads its slice);
 - MXFP4 (the published checkpoints, ``quantization_config.quant_method == "mxfp4"``):
   ``gate_up_proj_blocks`` [E, 2I, H/32, 16] + ``gate_up_proj_scales`` [E, 2I, H/32] and
   ``down_proj_blocks`` / ``down_proj_scales``, already output-major, kept as MXFP4 in memory;
@@ -19,9 +20,9 @@ Checkpoints (``model.layers.N.mlp.experts.*``):
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from plait.runtime.executor.loader import CheckpointTensor
 from plait.runtime.layers.moe import MoE
 from plait.runtime.models.config import ModelConfig
 from plait.runtime.models.llama import LlamaForCausalLM
@@ -45,7 +46,7 @@ class GptOssForCausalLM(LlamaForCausalLM):
     def build_mlp(self, cfg: ModelConfig, layer_id: int) -> nn.Module:
         return MoE.for_layout(cfg, self.layout)
 
-    def checkpoint_target(self, name: str, tensor: torch.Tensor) -> tuple[str, object, torch.Tensor] | None:
+    def checkpoint_target(self, name: str, tensor: CheckpointTensor) -> tuple[str, object, CheckpointTensor] | None:
         if ".mlp.experts." in name:
             prefix, leaf = name.split(".mlp.experts.", 1)
             if leaf in EXPERT_TENSORS:

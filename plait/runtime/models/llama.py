@@ -1,7 +1,8 @@
 """One Llama-family decoder: Llama 2/3/3.1, SmolLM2, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
 
 Built on the meta device and materialized in place by the model runner; ``load_weights`` consumes
-(name, tensor) pairs with Hugging Face names and routes each to its parameter's ``weight_loader``.
+(name, tensor) pairs with Hugging Face names and routes each to its parameter's ``weight_loader``
+(on a rank of a tensor-parallel group the tensors are ``loader.LazyTensor``s, read once narrowed).
 
 The MoE models reuse these pieces: the attention (with the options ``ModelConfig`` turns on: biases,
 q/k norm, per-layer sliding windows, sinks), the decoder layer and the causal LM, overriding
@@ -17,6 +18,7 @@ from torch import nn
 
 from plait.runtime.distributed import TensorParallelLayout, all_gather_last_dim
 from plait.runtime.executor.forward_batch import ForwardBatch
+from plait.runtime.executor.loader import CheckpointTensor
 from plait.runtime.layers.activation import SiluAndMul
 from plait.runtime.layers.attention import Attention, AttentionBackend
 from plait.runtime.layers.linear import (
@@ -76,8 +78,8 @@ class LlamaAttention(nn.Module):
         self.sinks = nn.Parameter(torch.empty(cfg.num_heads), requires_grad=False) if cfg.attention_sinks else None
         if self.sinks is not None:
             head_start = layout.head_start if split else 0
-            self.sinks.weight_loader = (
-                lambda param, loaded, shard_id=None: default_weight_loader(param, loaded[head_start:head_start + param.shape[0]]))
+            self.sinks.weight_loader = lambda param, loaded, shard_id=None: default_weight_loader(
+                param, loaded.narrow(0, head_start, param.shape[0]))  # this rank's heads' sinks
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -244,7 +246,7 @@ class LlamaForCausalLM(nn.Module):
             logits = all_gather_last_dim(logits)[:, : self.config.vocab_size]
         return logits.float()
 
-    def checkpoint_target(self, name: str, tensor: torch.Tensor) -> tuple[str, object, torch.Tensor] | None:
+    def checkpoint_target(self, name: str, tensor: CheckpointTensor) -> tuple[str, object, CheckpointTensor] | None:
         """Where a checkpoint tensor goes: (parameter name, shard id, tensor), or None to skip it.
 
         MoE models override this for their expert and router names and defer to it for the rest.
@@ -258,11 +260,12 @@ class LlamaForCausalLM(nn.Module):
                 return name.replace(ckpt_part, param_part), sid, tensor
         return name, None, tensor
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]]) -> set[str]:
         """Copy checkpoint tensors into parameters; returns the names of parameters that were loaded.
 
-        Floating-point tensors are cast to their parameter's dtype; others (MXFP4 codes) are copied as
-        they are. Raises ValueError for a checkpoint tensor that matches no parameter.
+        Floating-point tensors are cast to their parameter's dtype (a ``LazyTensor`` after its loader has
+        narrowed it: only the part read); others (MXFP4 codes) are copied as they are. Raises ValueError
+        for a checkpoint tensor that matches no parameter.
         """
         params = dict(self.named_parameters())
         loaded: set[str] = set()

@@ -9,9 +9,9 @@ transformers' in-memory fused layout (``mlp.experts.gate_up_proj`` [E, 2I, H], `
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from plait.runtime.executor.loader import CheckpointTensor
 from plait.runtime.layers.moe import MoE, per_expert_target
 from plait.runtime.models.config import ModelConfig
 from plait.runtime.models.llama import LlamaForCausalLM
@@ -25,7 +25,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
     def build_mlp(self, cfg: ModelConfig, layer_id: int) -> nn.Module:
         return MoE.for_layout(cfg, self.layout)
 
-    def checkpoint_target(self, name: str, tensor: torch.Tensor) -> tuple[str, object, torch.Tensor] | None:
+    def checkpoint_target(self, name: str, tensor: CheckpointTensor) -> tuple[str, object, CheckpointTensor] | None:
         for block in ("block_sparse_moe", "mlp"):
             target = per_expert_target(name, block, EXPERT_NAMES)
             if target is not None:

@@ -9,9 +9,9 @@ fused one (``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from plait.runtime.executor.loader import CheckpointTensor
 from plait.runtime.layers.moe import MoE, per_expert_target
 from plait.runtime.models.config import ModelConfig
 from plait.runtime.models.llama import LlamaForCausalLM, LlamaMLP
@@ -27,7 +27,7 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
             return MoE.for_layout(cfg, self.layout)
         return LlamaMLP(cfg, self.layout)
 
-    def checkpoint_target(self, name: str, tensor: torch.Tensor) -> tuple[str, object, torch.Tensor] | None:
+    def checkpoint_target(self, name: str, tensor: CheckpointTensor) -> tuple[str, object, CheckpointTensor] | None:
         if ".mlp.gate." in name or ".mlp.experts." in name:
             target = per_expert_target(name, "mlp", EXPERT_NAMES)
             if target is not None:

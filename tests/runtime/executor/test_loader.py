@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from plait.runtime.executor.loader import ModelLoadError, iter_safetensors_weights, load_config
+from plait.runtime.executor.loader import (
+    ModelLoadError, iter_safetensors_weights, load_config, materialized, read_json_object,
+)
 from plait.runtime.models.errors import ModelNotFoundError
 
 
@@ -22,10 +24,15 @@ def _tensors() -> dict[str, torch.Tensor]:
     }
 
 
-def test_iterates_every_tensor_of_a_single_file(tmp_path: Path) -> None:
+def _read_all(weights_dir: Path, lazy: bool) -> dict[str, torch.Tensor]:
+    return {name: materialized(tensor) for name, tensor in iter_safetensors_weights(weights_dir, lazy=lazy)}
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_iterates_every_tensor_of_a_single_file(tmp_path: Path, lazy: bool) -> None:
     tensors = _tensors()
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    loaded = dict(iter_safetensors_weights(tmp_path))
+    loaded = _read_all(tmp_path, lazy)
     assert loaded.keys() == tensors.keys()
     for name, tensor in tensors.items():
         assert torch.equal(loaded[name], tensor)
@@ -55,21 +62,31 @@ def test_directory_without_weights(tmp_path: Path) -> None:
         list(iter_safetensors_weights(tmp_path))
 
 
-def test_garbage_file_raises_model_load_error_naming_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lazy", [False, True])
+def test_garbage_file_raises_model_load_error_naming_it(tmp_path: Path, lazy: bool) -> None:
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x00\x01not a safetensors file at all")
     with pytest.raises(ModelLoadError, match="model.safetensors"):
-        list(iter_safetensors_weights(tmp_path))
+        _read_all(tmp_path, lazy)
 
 
-def test_truncated_file_raises_model_load_error_naming_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lazy", [False, True])
+def test_truncated_file_raises_model_load_error_naming_it(tmp_path: Path, lazy: bool) -> None:
     save_file(_tensors(), str(tmp_path / "model-00001.safetensors"))
     path = tmp_path / "model-00001.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 40])
     with pytest.raises(ModelLoadError, match="model-00001.safetensors") as info:
-        list(iter_safetensors_weights(tmp_path))
+        _read_all(tmp_path, lazy)
     assert isinstance(info.value, RuntimeError)
+
+
+def test_index_without_a_weight_map_is_a_load_error(tmp_path: Path) -> None:
+    index = tmp_path / "model.safetensors.index.json"
+    for text in ("{not json", "[]", json.dumps({"metadata": {}}), json.dumps({"weight_map": ["a"]})):
+        index.write_text(text)
+        with pytest.raises(ModelLoadError, match="safetensors index"):
+            list(iter_safetensors_weights(tmp_path))
 
 
 def test_load_config_from_dir_and_file(tmp_path: Path) -> None:
@@ -87,6 +104,22 @@ def test_load_config_errors(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ModelLoadError, match="not a JSON object"):
         load_config(tmp_path)
+
+
+def test_read_json_object_raises_the_callers_error_type(tmp_path: Path) -> None:
+    class Refused(ValueError):
+        pass
+
+    file = tmp_path / "x.json"
+    file.write_text(json.dumps({"a": 1}))
+    assert read_json_object(file, Refused) == {"a": 1}
+    with pytest.raises(Refused, match="larger than 4 bytes"):
+        read_json_object(file, Refused, max_bytes=4)
+    with pytest.raises(Refused, match=r"cannot read settings .*missing.json"):
+        read_json_object(tmp_path / "missing.json", Refused, max_bytes=4, what="settings")
+    file.write_text('"text"')
+    with pytest.raises(Refused, match=r"^settings .*x.json is not a JSON object$"):
+        read_json_object(file, Refused, what="settings")
 
 
 @pytest.mark.model
