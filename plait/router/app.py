@@ -13,7 +13,6 @@ other route goes to one healthy replica. Replicas are checked every ``health_che
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -31,13 +30,12 @@ from plait.router.keys import affinity_key, routing_text
 from plait.router.metrics import RouterMetrics, merge_replica_metrics
 from plait.router.policy import POLICIES, Choice, make_policy
 from plait.router.proxy import Forward, ReplicaUnreachable, error_json
-from plait.runtime.server.asgi import SignalDrainingServer
+from plait.runtime.server.asgi import ApiKeyMiddleware, SignalDrainingServer
 from plait.runtime.server.limits import parse_json, read_body
 from plait.runtime.server.protocol import RequestError
 
 logger = logging.getLogger(__name__)
 ROUTED_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/responses")
-OPEN_PATHS = frozenset({"/health", "/health_generate", "/metrics", "/ready", "/ping"})
 INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed on a worker thread, off the event loop
 
 
@@ -314,23 +312,6 @@ class StatusCounter:
             await send(message)
 
         await self.app(scope, receive, counted)
-
-
-class ApiKeyMiddleware:
-    """Requires ``Authorization: Bearer <api key>`` on every route but health probes and metrics."""
-
-    def __init__(self, app: Any, api_key: str):
-        self.app, self.expected = app, api_key.encode()
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
-            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.expected):
-                response = error_json("invalid or missing API key (send 'Authorization: Bearer <key>')", 401,
-                                      "invalid_api_key")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def create_app(config: RouterConfig) -> FastAPI:

@@ -8,7 +8,6 @@ the problem (OpenAI's error shape); a wrong API key answers 401; no engine answe
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import threading
@@ -28,7 +27,7 @@ from fastapi.responses import (
 
 from plait import __version__
 from plait.runtime.server import openai_api
-from plait.runtime.server.asgi import SignalDrainingServer
+from plait.runtime.server.asgi import ApiKeyMiddleware, SignalDrainingServer
 from plait.runtime.server.limits import OffLoop, parsed_request, prompt_char_bound
 from plait.runtime.server.metrics import ServerMetrics
 from plait.runtime.server.process import (
@@ -62,7 +61,6 @@ from plait.runtime.server.protocol import (
 )
 
 logger = logging.getLogger(__name__)
-OPEN_PATHS = frozenset({"/health", "/health_generate", "/metrics", "/ready", "/ping"})  # no API key (probes, scrapers)
 DETOKENIZERS = ("process", "engine")  # ServerConfig.detokenizer
 
 
@@ -353,22 +351,6 @@ async def metrics(request: Request) -> Response:
 
 
 # ------------------------------------------------------------------------------------------ the app
-class ApiKeyMiddleware:
-    """Requires ``Authorization: Bearer <api key>`` on every route but health probes and metrics."""
-
-    def __init__(self, app: Any, api_key: str):
-        self.app, self.expected = app, api_key.encode()
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
-            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.expected):
-                error = RequestError("invalid or missing API key (send 'Authorization: Bearer <key>')", status=401,
-                                     code="invalid_api_key")
-                await error_response(error)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
 
 def create_app(config: ServerConfig, client: EngineClient, tokenizer: Any) -> FastAPI:
     """The FastAPI app around a started ``EngineClient``; shutting the app down stops the engine."""

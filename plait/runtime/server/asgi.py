@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import json
 import signal
 import threading
 from collections.abc import Iterator
@@ -12,6 +14,31 @@ from typing import Any
 
 import uvicorn
 from starlette.requests import Request
+from starlette.responses import Response
+
+from plait.runtime.server.protocol import RequestError
+
+# routes served without an API key: health probes and metrics scrapers
+OPEN_PATHS = frozenset({"/health", "/health_generate", "/metrics", "/ready", "/ping"})
+
+
+class ApiKeyMiddleware:
+    """Requires ``Authorization: Bearer <api key>`` on every route but ``OPEN_PATHS`` and CORS preflights;
+    a missing or wrong key gets a 401 in OpenAI's error shape. Compared in constant time."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app, self.expected = app, api_key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.expected):
+                error = RequestError("invalid or missing API key (send 'Authorization: Bearer <key>')", status=401,
+                                     code="invalid_api_key")
+                response = Response(json.dumps(error.body()), status_code=401, media_type="application/json")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class ClientGone(Exception):
