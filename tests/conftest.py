@@ -62,3 +62,15 @@ def bundled_model_dir():
     from plait.runtime.models.registry import ensure_preset_dir
 
     return ensure_preset_dir("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def default_server(bundled_model_dir):
+    """One ``plait serve`` with default settings on the bundled model, shared by the modules that need
+    nothing else (each server costs ~17 s to start on two cores). Tests that use it leave it idle and
+    serving; a module that needs other flags, or stops its server, starts its own."""
+    from tests.server.server_helpers import start_server
+
+    server = start_server()
+    yield server
+    assert server.stop() == 0, server.output()

@@ -9,7 +9,7 @@ from itertools import chain
 import httpx
 import pytest
 
-from tests.server.server_helpers import assert_idle_and_flushed, start_server
+from tests.server.server_helpers import assert_idle_and_flushed
 
 pytestmark = pytest.mark.model
 GREEDY = {"temperature": 0, "max_new_tokens": 10}
@@ -17,10 +17,8 @@ PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "1, 2, 3, 5
 
 
 @pytest.fixture(scope="module")
-def server(bundled_model_dir):
-    server = start_server()
-    yield server
-    assert server.stop() == 0, server.output()
+def server(default_server):
+    return default_server
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,17 +9,15 @@ import pytest
 
 from plait.lang.backends.base import Backend, GenerateCall
 from plait.sampling import SamplingParams
-from tests.server.server_helpers import assert_idle_and_flushed, start_server
+from tests.server.server_helpers import assert_idle_and_flushed
 
 pytestmark = pytest.mark.model
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
 
 
 @pytest.fixture(scope="module")
-def server(bundled_model_dir):
-    server = start_server()
-    yield server
-    server.stop()
+def server(default_server):
+    return default_server
 
 
 @pytest.fixture(scope="module")
