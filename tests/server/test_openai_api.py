@@ -17,8 +17,36 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def server(bundled_model_dir):
-    server = start_server(api_key=KEY)
+def adapters(bundled_model_dir, tmp_path_factory) -> dict[str, str]:
+    """Two random PEFT LoRA adapters on the bundled model: "judge" served from the start, "writer" loaded
+    by a test at run time."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(bundled_model_dir, dtype=torch.float32)
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = None
+    for name, rank in (("judge", 8), ("writer", 4)):
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=modules, init_lora_weights=False,
+                            lora_dropout=0.0)
+        if peft_model is None:
+            peft_model = get_peft_model(model, config, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, config)
+    root = tmp_path_factory.mktemp("served-lora")
+    paths = {}
+    for name in ("judge", "writer"):
+        peft_model.save_pretrained(str(root), selected_adapters=[name])
+        paths[name] = str(root / name) if (root / name / "adapter_config.json").is_file() else str(root)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(bundled_model_dir, adapters):
+    server = start_server("--lora-paths", f"judge={adapters['judge']}", api_key=KEY)
     yield server
     assert server.stop() == 0, server.output()
 
@@ -29,7 +57,7 @@ def client(server):
 
 
 def test_models_and_api_key(server, client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert [m.id for m in client.models.list().data] == [MODEL, "judge"]  # the base model, then its adapters
     wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError, match="API key"):
         wrong.models.list()
@@ -138,6 +166,36 @@ def test_bad_input_is_a_400_in_openai_shape(client, change, needle):
 def test_unknown_model_is_a_404(client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+
+
+def test_an_adapter_is_a_model(server, client, adapters):
+    """OpenAI's ``model`` names a LoRA adapter: its answer is the native ``lora_path`` one, streamed or not,
+    and not the base model's; adapters load and unload at run time; an unknown one is a 404 naming them."""
+    greedy = {"messages": CHAT, "max_tokens": 8, "temperature": 0}
+    base = client.chat.completions.create(model=MODEL, **greedy).choices[0].message.content
+    judged = client.chat.completions.create(model="judge", **greedy)
+    assert judged.model == "judge" and judged.choices[0].message.content != base
+    text = httpx.post(server.url + "/apply_chat_template", headers=server.headers,
+                      json={"messages": CHAT, "add_generation_prompt": True}).json()["text"]
+    native = server.post("/generate", {"text": text, "lora_path": "judge",
+                                       "sampling_params": {"max_new_tokens": 8, "temperature": 0}}).json()
+    assert native["text"] == judged.choices[0].message.content
+    streamed = client.chat.completions.create(model="judge", stream=True, **greedy)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == native["text"]
+    completion = client.completions.create(model="judge", prompt=text, max_tokens=8, temperature=0)
+    assert completion.choices[0].text == native["text"]
+
+    with pytest.raises(openai.NotFoundError, match="judge"):  # the error names what is loaded
+        client.chat.completions.create(model="writer", **greedy)
+    loaded = server.post("/load_lora_adapter", {"lora_name": "writer", "lora_path": adapters["writer"]})
+    assert loaded.status_code == 200 and loaded.json()["loaded_adapters"] == ["judge", "writer"]
+    assert [m.id for m in client.models.list().data] == [MODEL, "judge", "writer"]
+    written = client.chat.completions.create(model="writer", **greedy).choices[0].message.content
+    assert written not in (base, native["text"])
+    assert server.post("/unload_lora_adapter", {"lora_name": "writer"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="writer", **greedy)
+    assert client.chat.completions.create(model="judge", **greedy).choices[0].message.content == native["text"]
 
 
 def test_zz_no_slot_leaked(server):
