@@ -7,9 +7,9 @@ the layout's splits and refusals; that the MoE layer's slices (every expert form
 fused SiLU experts, GPT-OSS's interleaved experts in float32 and in MXFP4, with biases) sum to the
 whole layer; that every MoE architecture's rank-1 part loads a checkpoint completely; and one
 ``Engine(tp_size=2)`` on a tiny GPT-OSS with MXFP4 experts (sinks split with the heads, biases,
-sliding-window layers) against the whole model: prompt logprobs at every position within 1e-4 (the
-ranks' partial sums are added in another order) and the same greedy tokens through chunked prefill,
-retraction and prefix-cache hits past the window.
+sliding-window layers, in the hybrid KV layout on every rank) against the whole model: prompt
+logprobs at every position within 1e-4 (the ranks' partial sums are added in another order) and the
+same greedy tokens through chunked prefill, retraction and prefix-cache hits past the window.
 """
 
 from __future__ import annotations
@@ -187,8 +187,10 @@ def test_gpt_oss_over_two_ranks_computes_the_whole_models_logprobs(gpt_oss_engin
     mlp = tp.runner.model.model.layers[0].mlp
     assert tp.runner.model.layout.size == 2 and mlp.w13_blocks.shape[1] == 2 * 32  # half of each expert, MXFP4
     assert tp.runner.model.model.layers[0].self_attn.sinks.shape == (2,)  # 2 of the 4 heads' sinks
-    # the hybrid sliding-window KV layout is not built under tensor parallelism (the whole model has it)
-    assert whole.runner.pool.hybrid and not tp.runner.pool.hybrid
+    # the hybrid sliding-window KV layout on every rank, as for the whole model (under sliding pressure:
+    # tests/runtime/test_tensor_parallel_hybrid_kv.py)
+    assert whole.runner.pool.hybrid and tp.runner.pool.hybrid
+    assert tp.runner.rank_pool_sizes == [(tp.runner.pool.capacity, tp.runner.pool.num_sliding_slots)] * 2
     for ids in PROMPTS[:2]:
         ours, ref = prompt_logprobs(tp, ids), prompt_logprobs(whole, ids)
         assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max().item()

@@ -234,9 +234,10 @@ class ModelRunner:
         sliding-window layers, their window, and the sliding pool's size as a share of the full one
         with a floor: every running request's window twice (its own tokens, freed in batches of
         ``SLIDING_FREE_BATCH`` behind it, and up to a window of cached prefix it still reads) and two
-        prefill chunks. None when the model does not mix sliding and full layers, and under tensor
-        parallelism (not built there: the other ranks would need rank 0's sliding slots each step), where
-        every layer keeps every token's KV (the same outputs, more KV memory per token)."""
+        prefill chunks. Empty when the model does not mix sliding and full layers. Under tensor
+        parallelism every rank builds it (each for its own KV heads; ``_build_pool`` gives every rank the
+        smallest rank's sizes) and the other ranks get rank 0's sliding slots with each step
+        (``tensor_parallel.StepMessage``)."""
         from plait.runtime.scheduler import SLIDING_FREE_BATCH
 
         cfg, config = self.model_config, self.config
@@ -244,31 +245,37 @@ class ModelRunner:
         sliding = tuple(i for i, w in enumerate(windows) if w is not None)
         if config.disable_hybrid_swa_memory or not sliding or len(sliding) == cfg.num_layers:
             return {}
-        if self.tp_layout.size > 1:
-            logger.info("tensor parallelism: the hybrid sliding-window KV layout is not built under it; "
-                        "sliding-window layers keep every token's KV")
-            return {}
         window = max(w for w in windows if w is not None)
         floor = config.max_running_requests * (2 * window + SLIDING_FREE_BATCH) + 2 * config.chunked_prefill_size
         ratio = config.swa_full_tokens_ratio if config.swa_full_tokens_ratio is not None else 0.1
         return dict(sliding_layers=sliding, sliding_window=window, sliding_fraction=ratio, min_sliding_slots=floor)
 
     def _build_pool(self) -> KVPool:
-        """The KV pool; in a tensor-parallel group every rank's has the smallest rank's slot count (the
-        scheduler on rank 0 hands out slots for all of them)."""
+        """The KV pool; in a tensor-parallel group every rank's has the smallest rank's slot count, and
+        in a hybrid layout the smallest rank's sliding slot count (the scheduler on rank 0 hands out
+        both kinds for all of them; a rank whose layout came out unmixed makes every rank's so).
+        ``rank_pool_sizes``: each rank's (slots, sliding slots) as built (one rank: this pool's)."""
         pool = self._new_pool()
         if self.tp_layout.size == 1:
+            self.rank_pool_sizes = [(pool.capacity, pool.num_sliding_slots)]
             return pool
         tp = tensor_parallel()
         import torch.distributed as dist
 
-        slots = torch.tensor([pool.capacity], dtype=torch.int64)
-        dist.all_reduce(slots, op=dist.ReduceOp.MIN, group=tp.cpu_group)
-        if int(slots) == pool.capacity:
-            return pool
-        cfg = self.local_config
-        del pool  # its memory is needed for the smaller one
-        return KVPool(int(slots), cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype(), device=self.device)
+        sizes = torch.tensor([pool.capacity, pool.num_sliding_slots], dtype=torch.int64)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MIN, group=tp.cpu_group)
+        slots, sliding = (int(n) for n in sizes)
+        if (slots, sliding) != (pool.capacity, pool.num_sliding_slots):
+            cfg = self.local_config
+            layout = (dict(sliding_layers=tuple(sorted(pool.sliding_layers)), num_sliding_slots=sliding,
+                           sliding_window=pool.sliding_window) if sliding else {})
+            del pool  # its memory is needed for the smaller one
+            pool = KVPool(slots, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype(),
+                          device=self.device, **layout)
+        built: list = [None] * tp.size
+        dist.all_gather_object(built, (pool.capacity, pool.num_sliding_slots), group=tp.cpu_group)
+        self.rank_pool_sizes = [tuple(b) for b in built]
+        return pool
 
     def _new_pool(self) -> KVPool:
         cfg = self.local_config

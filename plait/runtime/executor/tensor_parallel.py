@@ -4,10 +4,11 @@ The engine (scheduler, radix cache, constrained decoding, sampling) runs once, i
 process, which is rank 0 and holds its part of the model like every rank. Ranks 1 .. N-1 are
 processes of their own (``TensorParallelRanks`` starts them) that hold their parts and run a
 ``follow`` loop: for each step rank 0 broadcasts one message (``StepMessage``: the batch's token ids,
-positions, KV slots and rows, and the request-to-slot table writes made since the last step) and
-every rank runs the same forward, joined by the model's collectives (``distributed.all_reduce``);
-only rank 0 uses the logits. Start-up (model build, warm-up steps, CUDA-graph capture) runs in
-lockstep on every rank with the same settings, so its collectives pair up without messages.
+positions, KV slots and rows, and the request-to-slot table writes made since the last step; with a
+hybrid KV pool also the sliding slots of both, as rank 0 translated them) and every rank runs the same
+forward, joined by the model's collectives (``distributed.all_reduce``); only rank 0 uses the
+logits. Start-up (model build, warm-up steps, CUDA-graph capture) runs in lockstep on every rank
+with the same settings, so its collectives pair up without messages.
 
 Across hosts (``EngineConfig.rendezvous``: ``nnodes``, ``node_rank``, ``dist_init_addr``, or torchrun's
 environment) each host runs ``tp_size / nnodes`` ranks: host 0 the engine (rank 0) and its local ranks,
@@ -70,9 +71,15 @@ class TensorParallelError(RuntimeError):
 
 @dataclass
 class StepMessage:
-    """What the other ranks need to run rank 0's step: the table writes first, then the batch."""
+    """What the other ranks need to run rank 0's step: the table writes first, then the batch.
 
-    table_writes: list[tuple[int, int, list[int]]]
+    Hybrid KV pools (``KVPool.hybrid``): the scheduler on rank 0 alone allocates and frees sliding slots,
+    so only rank 0's pool maps full slots to sliding ones (``full_to_sliding``). Its table writes
+    therefore carry the sliding slots rank 0 wrote (``ReqToSlotTable.journal``: the map as it was at
+    that write, after the frees made before it), and ``sliding_out_cache_loc`` the new tokens'; the
+    other ranks store them as they are (their maps stay empty). Without a hybrid pool both are None."""
+
+    table_writes: list[tuple[int, int, list[int], list[int] | None]]
     input_ids: list[int]
     positions: list[int]
     out_cache_loc: list[int]
@@ -82,30 +89,36 @@ class StepMessage:
     seq_lens: list[int]
     extend_starts: list[int]
     logits_indices: list[int]
+    sliding_out_cache_loc: list[int] | None = None
 
     @classmethod
     def of(cls, batch: ForwardBatch, table_writes: list) -> StepMessage:
+        sliding = None if batch.sliding_out_cache_loc is None else batch.sliding_out_cache_loc.tolist()
         return cls(table_writes, batch.input_ids.tolist(), batch.positions.tolist(), batch.out_cache_loc.tolist(),
                    batch.req_rows.tolist(), list(batch.prefix_lens), list(batch.extend_lens), list(batch.seq_lens),
-                   list(batch.extend_starts), batch.logits_indices.tolist())
+                   list(batch.extend_starts), batch.logits_indices.tolist(), sliding)
 
     def batch_on(self, runner: Any) -> ForwardBatch:
         """Replay the table writes on ``runner``'s table and build the step's batch on its device."""
         device, table = runner.device, runner.slot_table
-        for row, start, slots in self.table_writes:
-            table.write(row, start, torch.tensor(slots, dtype=torch.int64, device=device))
+        if (self.sliding_out_cache_loc is not None) != (table.sliding_table is not None):
+            raise RuntimeError("rank 0's KV layout and this rank's differ (hybrid sliding-window pool on one only)")
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
+        for row, start, slots, sliding in self.table_writes:
+            table.write(row, start, tensor(slots), None if sliding is None else tensor(sliding))
         req_rows, positions, out_cache_loc = tensor(self.req_rows), tensor(self.positions), tensor(self.out_cache_loc)
+        sliding_out_cache_loc = None if self.sliding_out_cache_loc is None else tensor(self.sliding_out_cache_loc)
         token_rows = torch.repeat_interleave(req_rows, tensor(self.extend_lens))
-        table.write_at(token_rows, positions, out_cache_loc)  # as rank 0's step builder did
+        table.write_at(token_rows, positions, out_cache_loc, sliding_out_cache_loc)  # as rank 0's step builder did
         return ForwardBatch(
             input_ids=tensor(self.input_ids), positions=positions, out_cache_loc=out_cache_loc, req_rows=req_rows,
             prefix_lens=self.prefix_lens, extend_lens=self.extend_lens, seq_lens=self.seq_lens,
             extend_starts=self.extend_starts, logits_indices=tensor(self.logits_indices), pool=runner.pool,
-            slot_table=table.table,
+            slot_table=table.table, sliding_slot_table=table.sliding_table,
+            sliding_out_cache_loc=sliding_out_cache_loc,
         )
 
 

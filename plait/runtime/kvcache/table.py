@@ -6,7 +6,9 @@ writes newly allocated slots into it. The table holds indices only, never KV mem
 
 With a hybrid KV pool (``KVPool.full_to_sliding``) a second table, ``sliding_table``, holds each
 position's sliding slot for the sliding-window layers: ``write`` fills both, translating through the
-pool's map as it is at that moment (0 where a token has no sliding slot).
+pool's map as it is at that moment (0 where a token has no sliding slot), or storing the sliding slots
+it is given (tensor parallelism's other ranks replay rank 0's writes, translated there: their pools
+allocate nothing, so their maps stay empty).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class ReqToSlotTable:
         )
         # A stack; reversed so that rows are handed out 0, 1, 2, ...
         self._free_rows: list[int] = list(range(max_requests - 1, -1, -1))
-        self.journal: list[tuple[int, int, list[int]]] | None = None
+        self.journal: list[tuple[int, int, list[int], list[int] | None]] | None = None
         self._is_free: list[bool] = [True] * max_requests
 
     @property
@@ -67,29 +69,41 @@ class ReqToSlotTable:
         self._is_free[row] = True
         self._free_rows.append(row)
 
-    def write(self, row: int, start: int, slots: torch.Tensor) -> None:
-        """Store ``slots`` ([n]) as the slots of tokens ``start .. start + n - 1`` of ``row``. With a
-        ``journal`` (a list; tensor parallelism's rank 0) each write is also recorded there as
-        ``(row, start, slots as a list)``, for the other ranks to replay on their tables."""
+    def write(self, row: int, start: int, slots: torch.Tensor, sliding: torch.Tensor | None = None) -> None:
+        """Store ``slots`` ([n]) as the slots of tokens ``start .. start + n - 1`` of ``row``, and in the
+        sliding table ``sliding`` ([n]) where given, else ``slots`` translated through the pool's map.
+        With a ``journal`` (a list; tensor parallelism's rank 0) each write is also recorded there as
+        ``(row, start, slots, sliding slots or None)`` (lists), for the other ranks to replay on theirs."""
         self._check_row(row)
         n = slots.numel()
         if start < 0 or start + n > self.max_context_len:
             raise ValueError(
                 f"writing {n} slots at position {start} exceeds max_context_len={self.max_context_len}"
             )
-        if self.journal is not None:  # only writes that happen: a refused one must not reach the other ranks
-            self.journal.append((row, start, slots.reshape(-1).tolist()))
-        self.table[row, start : start + n] = slots.reshape(-1)
+        slots = slots.reshape(-1)
         if self.sliding_table is not None and n:
-            assert self.full_to_sliding is not None
-            self.sliding_table[row, start : start + n] = self.full_to_sliding[slots.reshape(-1)]
+            if sliding is None:
+                assert self.full_to_sliding is not None
+                sliding = self.full_to_sliding[slots]
+            self.sliding_table[row, start : start + n] = sliding.reshape(-1)
+        if self.journal is not None:  # only writes that happen: a refused one must not reach the other ranks
+            if sliding is None:
+                self.journal.append((row, start, slots.tolist(), None))
+            else:  # one copy to the host for both
+                full, sliding_slots = torch.stack((slots, sliding.reshape(-1))).tolist()
+                self.journal.append((row, start, full, sliding_slots))
+        self.table[row, start : start + n] = slots
 
-    def write_at(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store ``slots[i]`` at (``rows[i]``, ``positions[i]``) for every i (device tensors, no checks)."""
+    def write_at(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 sliding: torch.Tensor | None = None) -> None:
+        """Store ``slots[i]`` at (``rows[i]``, ``positions[i]``) for every i, and in the sliding table
+        ``sliding[i]`` where given, else ``slots[i]`` translated (device tensors, no checks)."""
         self.table[rows, positions] = slots
         if self.sliding_table is not None:
-            assert self.full_to_sliding is not None
-            self.sliding_table[rows, positions] = self.full_to_sliding[slots]
+            if sliding is None:
+                assert self.full_to_sliding is not None
+                sliding = self.full_to_sliding[slots]
+            self.sliding_table[rows, positions] = sliding
 
     def read(self, row: int, end: int, start: int = 0) -> torch.Tensor:
         """Slots of tokens ``start .. end - 1`` of ``row`` ([end - start] int64, a copy)."""
