@@ -20,7 +20,7 @@ from plait.runtime.lora.adapter import (
     parse_lora_paths,
     read_adapter,
 )
-from plait.runtime.lora.manager import DEFAULT_MAX_LORA_RANK, LoraManager, check_lora_name
+from plait.runtime.lora.manager import DEFAULT_MAX_LORA_RANK, LoraManager, check_lora_name, model_target_modules
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,8 @@ def build_lora_manager(config: EngineConfig, model: nn.Module, max_tokens: int, 
     """The runner's adapter manager with the start-up adapters (``config.lora_paths``) registered, or None
     when LoRA is off (no ``lora_paths`` and not ``enable_lora``). ``max_lora_rank`` and
     ``lora_target_modules`` default to the largest rank and the union of targets of the start-up
-    adapters (``DEFAULT_MAX_LORA_RANK`` and every module when there are none)."""
+    adapters (``DEFAULT_MAX_LORA_RANK`` and every module the model's layers have when there are none:
+    a MoE model's attention)."""
     if not config.lora_enabled:
         return None
     if config.tp_size > 1:
@@ -51,7 +52,7 @@ def build_lora_manager(config: EngineConfig, model: nn.Module, max_tokens: int, 
         rank = max((a.rank for _, a in initial), default=DEFAULT_MAX_LORA_RANK)
     targets = config.lora_target_modules
     if targets is None:
-        used = set().union(*(a.target_modules for _, a in initial)) if initial else set(TARGET_MODULES)
+        used = set().union(*(a.target_modules for _, a in initial)) if initial else set(model_target_modules(model))
         targets = tuple(t for t in TARGET_MODULES if t in used)
     manager = LoraManager(model, max_loras_per_batch=config.max_loras_per_batch,
                           max_loaded_loras=config.resolved_max_loaded_loras, max_rank=rank, targets=targets,

@@ -140,7 +140,8 @@ def read_adapter(path: str) -> LoraAdapter:
                 match = _KEY.match(key)
                 if match is None:
                     raise LoraFormatError(f"{weights_file}: tensor {key!r} is not a LoRA A/B weight of "
-                                          f"{', '.join(TARGET_MODULES)} (plait serves only those)")
+                                          f"{', '.join(TARGET_MODULES)} in a layer's self_attn or mlp (plait "
+                                          "serves only those: not MoE experts, routers or embeddings)")
                 layer, module, which = int(match.group(1)), match.group(2), match.group(3)
                 shape = f.get_slice(key).get_shape()
                 if len(shape) != 2 or (shape[0] if which == "A" else shape[1]) != rank:

@@ -52,6 +52,18 @@ _MODULE_PLACES = {
 }
 
 
+def model_target_modules(model: nn.Module) -> tuple[str, ...]:
+    """The LoRA target modules (``TARGET_MODULES``) that every decoder layer of ``model`` has: all seven on
+    a dense model, the attention's four on a MoE model (its experts are not LoRA targets)."""
+    layers = list(model.model.layers)
+    found = []
+    for module in TARGET_MODULES:
+        parent_name, attr, _ = _MODULE_PLACES[module]
+        if all(getattr(getattr(layer, parent_name, None), attr, None) is not None for layer in layers):
+            found.append(module)
+    return tuple(found)
+
+
 @dataclass
 class LoadedAdapter:
     """An adapter registered with the engine: its host weights in the model's dtype, and ``uid``, unique
@@ -121,8 +133,8 @@ class LoraManager:
         parent = getattr(layer, parent_name, None)
         base = getattr(parent, attr, None) if parent is not None else None
         if base is None:
-            raise LoraMismatchError(f"this model has no {module} in its layers (a MoE layer's MLP, say); an "
-                                    "adapter cannot target it")
+            raise LoraMismatchError(f"this model has no {module} in its layers (a MoE layer's MLP, say: its "
+                                    "experts are not LoRA targets); an adapter cannot target it")
         if isinstance(base, LoraLinear):
             base = base.base
         return base, shard
