@@ -36,12 +36,17 @@ IMPORTS = {
 }
 
 RUN = [
-    "test_mt_bench", "test_select", "test_decode_json_regex", "test_expert_answer", "test_tool_use",
-    "test_parallel_encoding", "test_stream", "test_stream_logprobs", "test_regex",
+    "test_mt_bench", "test_select", "test_expert_answer", "test_tool_use", "test_parallel_encoding", "test_stream",
+    "test_stream_logprobs", "test_regex",
 ]
 # Programs that must fail, and how: plait's backends serve text-only models.
 FAILS_CLEARLY = {"test_image_qa": (BackendCapabilityError, "image input (example_image.png) is not supported by this model")}
 NOT_RUN = {
+    "test_decode_json_regex": "needs a stronger model: the 135M model writes the digit 1 until SGLang's default of 128 "
+                              "new tokens in each of its three number gens (3 x 128 constrained tokens, ~35 s on a "
+                              "2-core CPU, so its int/float checks pass on a runaway value); regex gens with stop "
+                              "strings are covered by test_regex here, test_dtype_gen through SGLang's frontend, and "
+                              "tests/lang/test_gen_output_bundled.py",
     "test_few_shot_qa": "asserts factual answers (Washington, Tokyo...): needs a stronger model than the bundled 135M one",
     "test_decode_int": "asserts factual answers (24 hours, 365 days): needs a stronger model",
     "test_react": "asserts a factual answer (Finland or the States): needs a stronger model",

@@ -31,10 +31,9 @@ SGLANG_PROGRAMS = [
     "test_regex", "test_dtype_gen",
 ]
 SGLANG_NOT_RUN = {
-    "test_decode_json_regex": "left out for time: the 135M model writes digits until SGLang's default 128 new tokens "
-                              "in each of its three number gens (~35 s on a 2-core CPU); the frontend's regex path is "
-                              "covered by test_regex and test_dtype_gen, and the program itself runs on plait's "
-                              "language in tests/lang/test_sglang_programs_bundled.py",
+    "test_decode_json_regex": "needs a stronger model: the 135M model writes the digit 1 until SGLang's default of "
+                              "128 new tokens in each of its three number gens (~35 s on a 2-core CPU); the "
+                              "frontend's regex and dtype paths are covered by test_regex and test_dtype_gen",
     "test_decode_json": "samples at temperature 1 under SGLang's string regex, whose \\s admits control characters "
                         "JSON forbids: the 135M model writes one at random",
     "test_parallel_decoding": "left out for time: its 512-token summary takes over a minute on a 2-core CPU "
