@@ -65,12 +65,23 @@ def bundled_model_dir():
 
 
 @pytest.fixture(scope="session")
-def default_server(bundled_model_dir):
+def _default_server_slot():
+    slot: dict = {}
+    yield slot
+    if slot.get("server") is not None:
+        assert slot["server"].stop() == 0, slot["server"].output()
+
+
+@pytest.fixture(scope="module")
+def default_server(bundled_model_dir, _default_server_slot):
     """One ``plait serve`` with default settings on the bundled model, shared by the modules that need
     nothing else (each server costs ~17 s to start on two cores). Tests that use it leave it idle and
-    serving; a module that needs other flags, or stops its server, starts its own."""
+    serving; a module that needs other flags, or stops its server, starts its own. The last module that
+    uses it in a full run (tests/server/test_native_api.py) stops it, so that it holds no memory through
+    the rest of the run; a module that asks for it afterwards gets a new one."""
     from tests.server.server_helpers import start_server
 
-    server = start_server()
-    yield server
-    assert server.stop() == 0, server.output()
+    server = _default_server_slot.get("server")
+    if server is None or server.process.poll() is not None:
+        server = _default_server_slot["server"] = start_server()
+    return server

@@ -1,15 +1,17 @@
 """The notebooks: saved without outputs, and executed headless (nbclient + ipykernel) on the bundled model.
 
-Each notebook runs in its own kernel (one model load each); a cell that raises fails the test with
-the cell's traceback. The checks read the executed outputs: the state's HTML view (heat map, select
-scores, fork branches, totals), the trace, the structure of every constrained output, and stderr (no
-TqdmWarning anywhere).
+Each notebook runs in its own process and kernel (one model load each; the three at once); a cell that
+raises fails the test with the cell's traceback. The checks read the executed outputs: the state's HTML
+view (heat map, select scores, fork branches, totals), the trace, the structure of every constrained
+output, and stderr (no TqdmWarning anywhere).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -34,20 +36,32 @@ def test_saved_valid_and_without_outputs(name):
         assert cell.outputs == [] and cell.execution_count is None, f"{name}: cell {cell.id} was saved with outputs"
 
 
-@pytest.fixture(scope="module")
-def executed(bundled_model_dir):
-    """Execute a notebook (once per module) and return {cell id: (stdout text, html text, stderr text)}."""
-    from nbclient import NotebookClient
+_EXECUTE = """
+import sys, nbformat
+from nbclient import NotebookClient
+nb = nbformat.read(sys.argv[1], as_version=4)
+NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": sys.argv[3]}}).execute()
+nbformat.write(nb, sys.argv[2])
+"""
 
-    cache: dict[str, dict[str, tuple[str, str, str]]] = {}
+
+@pytest.fixture(scope="module")
+def executed(bundled_model_dir, tmp_path_factory):
+    """Execute every notebook (all at once, each in its own process and kernel: most of a notebook's
+    time is its kernel starting and loading the model, which overlap) and return a function giving
+    {cell id: (stdout text, html text, stderr text)} of one of them; a notebook whose cell raised fails
+    its test with the cell's traceback."""
+    out_dir = tmp_path_factory.mktemp("notebooks")
+    runs = {name: subprocess.Popen([sys.executable, "-c", _EXECUTE, str(NOTEBOOKS_DIR / f"{name}.ipynb"),
+                                    str(out_dir / f"{name}.ipynb"), str(NOTEBOOKS_DIR)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for name in NOTEBOOKS}
+    logs = {name: run.communicate(timeout=600)[0] for name, run in runs.items()}
 
     def run(name: str) -> dict[str, tuple[str, str, str]]:
-        if name not in cache:
-            nb = read(name)
-            NotebookClient(nb, timeout=240, kernel_name="python3",
-                           resources={"metadata": {"path": str(NOTEBOOKS_DIR)}}).execute()
-            cache[name] = {cell.id: _outputs(cell) for cell in nb.cells if cell.cell_type == "code"}
-        return cache[name]
+        assert runs[name].returncode == 0, f"{name} failed:\n{logs[name][-4000:]}"
+        nb = nbformat.read(out_dir / f"{name}.ipynb", as_version=4)
+        return {cell.id: _outputs(cell) for cell in nb.cells if cell.cell_type == "code"}
 
     return run
 

@@ -18,7 +18,9 @@ PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "1, 2, 3, 5
 
 @pytest.fixture(scope="module")
 def server(default_server):
-    return default_server
+    yield default_server
+    # the shared server's last user in a full run (tests/lang/backends/ runs before): stop it now
+    assert default_server.stop() == 0, default_server.output()
 
 
 @pytest.fixture(scope="module", autouse=True)
