@@ -3,11 +3,10 @@ by one ``pl.Runtime(lora_paths=...)``; outputs compared with direct engine calls
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 import plait as pl
+from tests.lora_helpers import save_random_adapters
 
 pytestmark = pytest.mark.model
 torch = pytest.importorskip("torch")
@@ -20,23 +19,13 @@ MODELS = ["writer", "judge", None]
 @pytest.fixture(scope="module")
 def adapter_paths(bundled_model_dir, tmp_path_factory) -> dict[str, str]:
     """Two random adapters (different ranks and modules), saved in PEFT format."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(bundled_model_dir, dtype=torch.float32)
-    configs = {"writer": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
-                                    init_lora_weights=False, lora_dropout=0.0),
-               "judge": LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"],
-                                   init_lora_weights=False, lora_dropout=0.0)}
-    peft_model = get_peft_model(model, configs["writer"], adapter_name="writer")
-    peft_model.add_adapter("judge", configs["judge"])
-    root = tmp_path_factory.mktemp("lang-lora")
-    paths = {}
-    for name in configs:
-        peft_model.save_pretrained(str(root), selected_adapters=[name])
-        paths[name] = str(root / name) if (Path(root) / name / "adapter_config.json").is_file() else str(root)
-    return paths
+    adapters = {"writer": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
+                "judge": {"r": 2, "lora_alpha": 4, "target_modules": ["o_proj", "down_proj"]}}
+    return save_random_adapters(model, adapters, tmp_path_factory.mktemp("lang-lora"))[1]
 
 
 @pytest.fixture(scope="module")

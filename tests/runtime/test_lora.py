@@ -22,6 +22,7 @@ from plait.runtime.lora import (
     UnknownLoraError,
     read_adapter,
 )
+from tests.lora_helpers import save_random_adapters
 from tests.runtime.engine_helpers import assert_no_leak, greedy_params
 
 peft = pytest.importorskip("peft")
@@ -47,28 +48,11 @@ def prompts(varied_prompt_ids) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def peft_setup(hf_model, tmp_path_factory):
     """(the peft model holding every adapter, {name: saved adapter directory})."""
-    from peft import LoraConfig, get_peft_model
-
     torch.manual_seed(0)
-    base = copy.deepcopy(hf_model)
-    model = None
-    root = tmp_path_factory.mktemp("lora")
-    for name, args in ADAPTERS.items():
-        config = LoraConfig(init_lora_weights=False, lora_dropout=0.0, **args)
-        if model is None:
-            model = get_peft_model(base, config, adapter_name=name)
-        else:
-            model.add_adapter(name, config)
-    with torch.no_grad():  # peft's random B is as large as A: scale it to a fine-tune's size
-        for pname, param in model.named_parameters():
-            if "lora_B" in pname:
-                param.mul_(0.1)
-    model.eval()
-    paths = {}
-    for name in ADAPTERS:
-        model.save_pretrained(str(root), selected_adapters=[name])
-        paths[name] = str(root / name) if (root / name / "adapter_config.json").is_file() else str(root)
-        assert json.loads((Path(paths[name]) / "adapter_config.json").read_text())["r"] == ADAPTERS[name]["r"]
+    model, paths = save_random_adapters(copy.deepcopy(hf_model), ADAPTERS, tmp_path_factory.mktemp("lora"),
+                                        scale_b=0.1)
+    for name, path in paths.items():
+        assert json.loads((Path(path) / "adapter_config.json").read_text())["r"] == ADAPTERS[name]["r"]
     return model, paths
 
 

@@ -11,6 +11,7 @@ import torch
 
 from plait.runtime.engine import Engine
 from plait.runtime.lora import LoraFormatError
+from tests.lora_helpers import save_random_adapters
 from tests.runtime.engine_helpers import assert_no_leak
 
 pytest.importorskip("transformers")
@@ -34,24 +35,12 @@ ADAPTERS = {"a1": {"r": 4, "lora_alpha": 8, "target_modules": ATTENTION},
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
 def served(request, tmp_path_factory):
     """(architecture, the peft model holding both adapters, the engine serving them)."""
-    from peft import LoraConfig, get_peft_model
-
     hf = build_hf(request.param)
     root = tmp_path_factory.mktemp(f"lora-{request.param}")
     hf.save_pretrained(root / "base", safe_serialization=True)
     torch.manual_seed(1)
-    model = None
-    for name, args in ADAPTERS.items():
-        config = LoraConfig(init_lora_weights=False, lora_dropout=0.0, **args)
-        if model is None:
-            model = get_peft_model(hf, config, adapter_name=name)
-        else:
-            model.add_adapter(name, config)
-    model.eval()
-    paths = {}
-    for name in ADAPTERS:
-        model.save_pretrained(str(root / "adapters"), selected_adapters=[name])
-        paths[name] = str(root / "adapters" / name) if (root / "adapters" / name).is_dir() else str(root / "adapters")
+    (root / "adapters").mkdir()
+    model, paths = save_random_adapters(hf, ADAPTERS, root / "adapters")
     engine = Engine(model=str(root / "base"), max_total_tokens=2048, max_running_requests=8, lora_paths=paths)
     yield request.param, model, engine
     engine.shutdown()

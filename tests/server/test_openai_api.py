@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 
+from tests.lora_helpers import save_random_adapters
 from tests.server.server_helpers import assert_idle_and_flushed, start_server
 
 openai = pytest.importorskip("openai", reason="the openai package is in the test extra")
@@ -22,26 +23,14 @@ def adapters(bundled_model_dir, tmp_path_factory) -> dict[str, str]:
     by a test at run time."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(bundled_model_dir, dtype=torch.float32)
     modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = None
-    for name, rank in (("judge", 8), ("writer", 4)):
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=modules, init_lora_weights=False,
-                            lora_dropout=0.0)
-        if peft_model is None:
-            peft_model = get_peft_model(model, config, adapter_name=name)
-        else:
-            peft_model.add_adapter(name, config)
-    root = tmp_path_factory.mktemp("served-lora")
-    paths = {}
-    for name in ("judge", "writer"):
-        peft_model.save_pretrained(str(root), selected_adapters=[name])
-        paths[name] = str(root / name) if (root / name / "adapter_config.json").is_file() else str(root)
-    return paths
+    adapters = {name: {"r": rank, "lora_alpha": 2 * rank, "target_modules": modules}
+                for name, rank in (("judge", 8), ("writer", 4))}
+    return save_random_adapters(model, adapters, tmp_path_factory.mktemp("served-lora"))[1]
 
 
 @pytest.fixture(scope="module")
