@@ -431,9 +431,19 @@ def test_warm_up_steps_leave_the_engine_unchanged(engine, chat_ids):
     assert engine.generate(input_ids=chat_ids, sampling_params=greedy_params(6))["output_ids"] == before
 
 
-def test_warm_up_sizes_cover_every_power_of_two_up_to_the_budget():
+def test_warm_up_sizes_cover_every_power_of_two_up_to_the_largest_step():
+    """The largest step is the prefill budget plus one token per decoding request beside it: every MoE
+    token bucket up to it gets a warm-up step."""
     from plait.runtime.executor.model_runner import warm_up_sizes
+    from plait.runtime.kernels.fused_moe_config import token_bucket
 
     assert warm_up_sizes(40) == [2, 4, 8, 16, 32, 40]
     assert warm_up_sizes(2048) == [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
     assert warm_up_sizes(1) == [2]
+    assert warm_up_sizes(2048, 1024) == [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 3072]
+    assert warm_up_sizes(256, 1024) == [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 1280]
+    for budget, rows in ((2048, 1024), (256, 1024), (40, 7), (3000, 256), (2048, 0)):
+        sizes = warm_up_sizes(budget, rows)
+        assert max(sizes) == max(2, budget) + rows
+        reachable = {token_bucket(n) for n in range(2, budget + rows + 1)}
+        assert reachable <= {token_bucket(n) for n in sizes}, (budget, rows)

@@ -107,8 +107,8 @@ class ModelRunner:
             self.warm_up_steps()
 
     def warm_up_steps(self, sizes: list[int] | None = None) -> list[int]:
-        """Run eager prefill steps of ``sizes`` tokens (default: every power of two up to the prefill
-        budget, and the budget) once at start-up, each a mixed batch: one request's prompt and one
+        """Run eager prefill steps of ``sizes`` tokens (default: ``warm_up_sizes``: every power of two up to
+        the largest step, the prefill budget and the largest step) once at start-up, each a mixed batch: one request's prompt and one
         decode row, both on the reserved pad row writing slot 0 (nothing is allocated yet).
 
         Triton compiles a kernel variant on its first launch, and the MoE tiling changes with the token
@@ -117,7 +117,7 @@ class ModelRunner:
         seconds at concurrency 256). Decode-only sizes are compiled by the CUDA-graph capture.
         Returns the sizes run."""
         if sizes is None:
-            sizes = warm_up_sizes(self.config.chunked_prefill_size)
+            sizes = warm_up_sizes(self.config.chunked_prefill_size, self.config.max_running_requests)
         start = time.perf_counter()
         device = self.device
         for n in sizes:
@@ -346,14 +346,21 @@ class ModelRunner:
         return self.model.compute_logits(hidden[batch.logits_indices])
 
 
-def warm_up_sizes(budget: int) -> list[int]:
-    """Token counts of the start-up warm-up steps: every power of two from 2 below the prefill budget,
-    then the budget (so every MoE token bucket a prefill step can reach is compiled)."""
-    budget, sizes, n = max(2, budget), [], 2
-    while n < budget:
-        sizes.append(n)
+def warm_up_sizes(budget: int, decode_rows: int = 0) -> list[int]:
+    """Token counts of the start-up warm-up steps: every power of two from 2 below the largest step, the
+    prefill budget and the largest step, so that every MoE token bucket a step can reach is compiled. A
+    step carries up to ``budget`` prompt tokens beside one token for each of up to ``decode_rows``
+    decoding requests (decode rows are not charged to the budget), so the largest step is their sum:
+    GPT-OSS's defaults (2,048 + 1,024) reach the 4,096-token bucket, whose tiling compiled mid-serving
+    cost a whole step of requests 1.7 s of TTFT on an H200 (benchmarks/RESULTS.md, 2026-12-03)."""
+    budget = max(2, budget)
+    largest = budget + max(0, decode_rows)
+    sizes, n = [], 2
+    while n < largest:
+        if n != budget:
+            sizes.append(n)
         n *= 2
-    return sizes + [budget]
+    return sorted(set(sizes + [budget, largest]))
 
 
 def _with_engine_quantization(cfg: ModelConfig, config: EngineConfig, source: ModelSource) -> ModelConfig:

@@ -478,7 +478,11 @@ def _program_rows(pid_m, sorted_ptr, block_expert_ptr, num_padded_ptr, num_pairs
     return expert, pairs, live
 
 
-@triton.jit
+# The counts that move with the batch's token count are not specialized (Triton's default makes a variant
+# per value-is-1 and per divisibility by 16): the start-up warm-up runs power-of-two token counts, and a
+# variant first met mid-serving costs its compile (about 2 s a kernel on an H200 host) in the TTFT of
+# every request in that step.
+@triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
 def _moe_up_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     num_pairs, top_k, num_m_blocks, num_experts, H, I, alpha, limit,
@@ -543,7 +547,7 @@ def _moe_up_kernel(
     tl.store(out, act.to(out_ptr.dtype.element_ty), mask=pair_ok[:, None] & (cols < I)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _moe_up_finish_kernel(
     part_ptr, out_ptr, num_pairs, I, alpha, limit, stride_om,
     ACT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
@@ -563,7 +567,7 @@ def _moe_up_finish_kernel(
     tl.store(out_ptr + pair * stride_om + cols, act.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _moe_down_finish_kernel(part_ptr, out_ptr, num_tokens, top_k, H, stride_om,
                             SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     """Split-K down GEMM, second pass: a token's output is the float32 sum of its choices' weighted
@@ -579,7 +583,7 @@ def _moe_down_finish_kernel(part_ptr, out_ptr, num_tokens, top_k, H, stride_om,
     tl.store(out_ptr + token * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
 def _moe_down_kernel(
     a_ptr, w_ptr, s_ptr, b_ptr, tw_ptr, y_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     num_pairs, num_m_blocks, num_experts, H, I,

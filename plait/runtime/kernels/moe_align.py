@@ -45,7 +45,7 @@ def _bucket_onehot(ids_ptr, offs, numel, E, buckets):
     return ((e[:, None] == buckets[None, :]) & valid[:, None]).to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel", "max_padded"])  # token counts: one variant for all
 def _moe_align_kernel(
     ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     numel, E, max_padded,

@@ -735,3 +735,31 @@ def test_packed_tilings_on_gpu(config, large_scales):
     """Fragment-packed codes against the reference on natural codes, both activations, small and large
     scales, and bit for bit against the row-paired codes."""
     check_swizzled_on_gpu(config, large_scales, pack=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("config", "swizzled"), [(SWAPPED, True), (SPLIT, False)], ids=["swapped", "split"])
+def test_token_counts_of_one_tiling_share_one_compiled_variant(config, swizzled):
+    """A serving step's token count moves with every batch; the kernels' count arguments are not
+    specialized, so counts odd, even and multiples of 16 run the first count's compiled kernels (each new
+    variant once cost its compile, ~2 s on an H200 host, in the TTFT of a whole step of requests)."""
+    from plait.runtime.kernels import fused_moe_triton, moe_align
+
+    device = _cuda()
+    kernels = [fused_moe_triton._moe_up_kernel, fused_moe_triton._moe_down_kernel,
+               fused_moe_triton._moe_up_finish_kernel, fused_moe_triton._moe_down_finish_kernel,
+               moe_align._moe_align_kernel]
+
+    def variants() -> list[int]:
+        return [sum(len(caches[0]) for caches in kernel.device_caches.values()) for kernel in kernels]
+
+    counts = []
+    for T in (64, 37, 100, 129, 33, 250):
+        x, w13, w2, tw, ids, b13, b2 = make_problem(T, 8, 128, 192, 4, dtype=torch.bfloat16, mxfp4=True, bias=True,
+                                                    device=device)
+        held13, held2 = (w13.swizzled(), w2.swizzled()) if swizzled else (w13, w2)
+        out = fused_moe(x, held13, held2, tw, ids, b13=b13, b2=b2, activation="swiglu_oai", config=config)
+        ref = fused_moe_ref(x, w13, w2, tw, ids, b13=b13, b2=b2, activation="swiglu_oai")
+        assert rel_err(out, ref) < REL_TOL[torch.bfloat16], T
+        counts.append(variants())
+    assert all(c == counts[0] for c in counts), counts
