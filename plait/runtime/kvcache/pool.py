@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from plait.runtime.kernels.common import cache_values
+from plait.runtime.kvcache.memory import zeros_on_touch
 
 PADDING_SLOT = 0
 MIN_SLOTS = 16
@@ -78,10 +79,10 @@ class KVPool:
             return (self.num_sliding_slots if layer in self.sliding_layers else num_slots) + 1
 
         self.k_buffers: list[torch.Tensor] = [
-            torch.zeros((rows(i), num_kv_heads, head_dim), dtype=dtype, device=self.device) for i in range(num_layers)
+            zeros_on_touch((rows(i), num_kv_heads, head_dim), dtype, self.device) for i in range(num_layers)
         ]
         self.v_buffers: list[torch.Tensor] = [
-            torch.zeros((rows(i), num_kv_heads, head_dim), dtype=dtype, device=self.device) for i in range(num_layers)
+            zeros_on_touch((rows(i), num_kv_heads, head_dim), dtype, self.device) for i in range(num_layers)
         ]
         # hybrid: full slot -> its sliding slot (0: none); the sliding free list
         self.full_to_sliding: torch.Tensor | None = (

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from plait.runtime.kvcache.memory import zeros_on_touch
+
 
 class ReqToSlotTable:
     """A fixed [max_requests, max_context_len] int64 table of slot indices plus a free-row list."""
@@ -31,12 +33,10 @@ class ReqToSlotTable:
         self.max_requests = max_requests
         self.max_context_len = max_context_len
         self.device = torch.device(device)
-        self.table: torch.Tensor = torch.zeros(
-            (max_requests, max_context_len), dtype=torch.int64, device=self.device
-        )
+        self.table: torch.Tensor = zeros_on_touch((max_requests, max_context_len), torch.int64, self.device)
         self.full_to_sliding = full_to_sliding
         self.sliding_table: torch.Tensor | None = (
-            None if full_to_sliding is None else torch.zeros_like(self.table)
+            None if full_to_sliding is None else zeros_on_touch(self.table.shape, torch.int64, self.device)
         )
         # A stack; reversed so that rows are handed out 0, 1, 2, ...
         self._free_rows: list[int] = list(range(max_requests - 1, -1, -1))

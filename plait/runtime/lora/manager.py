@@ -56,12 +56,16 @@ def model_target_modules(model: nn.Module) -> tuple[str, ...]:
     """The LoRA target modules (``TARGET_MODULES``) that every decoder layer of ``model`` has: all seven on
     a dense model, the attention's four on a MoE model (its experts are not LoRA targets)."""
     layers = list(model.model.layers)
-    found = []
-    for module in TARGET_MODULES:
-        parent_name, attr, _ = _MODULE_PLACES[module]
-        if all(getattr(getattr(layer, parent_name, None), attr, None) is not None for layer in layers):
-            found.append(module)
-    return tuple(found)
+
+    def every_layer_has(module: str) -> bool:
+        try:
+            for layer in layers:
+                LoraManager._place(layer, module)
+        except LoraMismatchError:
+            return False
+        return True
+
+    return tuple(module for module in TARGET_MODULES if every_layer_has(module))
 
 
 @dataclass
