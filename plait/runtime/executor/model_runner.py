@@ -107,9 +107,10 @@ class ModelRunner:
             self.warm_up_steps()
 
     def warm_up_steps(self, sizes: list[int] | None = None) -> list[int]:
-        """Run eager prefill steps of ``sizes`` tokens (default: ``warm_up_sizes``: every power of two up to
-        the largest step, the prefill budget and the largest step) once at start-up, each a mixed batch: one request's prompt and one
-        decode row, both on the reserved pad row writing slot 0 (nothing is allocated yet).
+        """Run eager prefill steps of ``sizes`` tokens (default: ``warm_up_sizes``: every power of two up
+        to the largest step, the prefill budget and the largest step) once at start-up, each a mixed
+        batch: one request's prompt and one decode row, both on the reserved pad row writing slot 0
+        (nothing is allocated yet).
 
         Triton compiles a kernel variant on its first launch, and the MoE tiling changes with the token
         count (``fused_moe_config.token_bucket``): without this the first mixed and prefill steps of a

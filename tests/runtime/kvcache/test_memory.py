@@ -47,9 +47,9 @@ print(built, resident() - before)
 
 @needs_proc
 def test_a_cpu_pool_and_slot_table_are_resident_only_where_written():
-    """In a fresh process (an engine's, a server's): a long-lived process whose allocator has handed out
-    and taken back large blocks before may give calloc memory it must clear (seen once in the full test
-    run: the whole 928 MB resident), so the claim is checked where engines start."""
+    """In a fresh process (an engine's, a server's): after glibc's ``malloc_trim(0)``, which
+    tests/conftest.py calls after every test module, large callocs come back resident (the whole 928 MB
+    in the full test run), so the claim is checked where engines start."""
     import subprocess
     import sys
 
