@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import math
+import mmap
 
-import numpy as np
 import torch
 
 
 def zeros_on_touch(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """``torch.zeros(shape, dtype=dtype, device=device)``; on the CPU its memory comes from ``calloc``
-    (through numpy), whose large blocks are fresh pages that the OS zero-fills on first touch. A CPU KV
-    pool of ``kv_cache_gb`` and a slot table of every (request, position) then cost resident memory
-    and start-up time only for the slots written, where ``torch.zeros`` writes (and keeps resident) all
-    of it at construction. Other devices allocate as ``torch.zeros`` does."""
+    """``torch.zeros(shape, dtype=dtype, device=device)``; on the CPU its memory is an anonymous private
+    ``mmap``: pages that the OS maps and zero-fills only when first written. A CPU KV pool of
+    ``kv_cache_gb`` and a slot table of every (request, position) then cost resident memory and
+    start-up time only for the slots written, where ``torch.zeros`` writes (and keeps resident) all of
+    it at construction. Unlike ``calloc``, which reuses (and must clear) heap pages once the allocator
+    holds freed memory, a fresh mapping is untouched whatever the process did before. The mapping is
+    unmapped when the last tensor viewing it is freed. Other devices allocate as ``torch.zeros`` does."""
     device = torch.device(device)
-    if device.type != "cpu":
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    raw = torch.from_numpy(np.zeros(math.prod(shape) * itemsize, dtype=np.uint8))  # numpy aligns to 16 bytes
+    raw = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)  # page-aligned, zero-filled on touch
     return raw.view(dtype).view(shape)

@@ -47,9 +47,7 @@ print(built, resident() - before)
 
 @needs_proc
 def test_a_cpu_pool_and_slot_table_are_resident_only_where_written():
-    """In a fresh process (an engine's, a server's): after glibc's ``malloc_trim(0)``, which
-    tests/conftest.py calls after every test module, large callocs come back resident (the whole 928 MB
-    in the full test run), so the claim is checked where engines start."""
+    """In a fresh process, where engines and servers start."""
     import subprocess
     import sys
 
@@ -57,3 +55,32 @@ def test_a_cpu_pool_and_slot_table_are_resident_only_where_written():
     assert done.returncode == 0, done.stderr
     built, after_writes = map(int, done.stdout.split())
     assert built < 48 * 2**20 and after_writes < 64 * 2**20, (built, after_writes)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@needs_proc
+def test_zeros_on_touch_stays_untouched_after_the_heap_was_trimmed():
+    """In a process that has freed and trimmed heap memory, as this test run's own has by now: a large
+    ``calloc`` can then be served from freed heap pages, which it must clear (in the full test run the
+    calloc'd pool and table of the check above grew this process by their whole 928 MB); a fresh mapping
+    is untouched whatever the allocator holds."""
+    import ctypes
+    import gc
+
+    freed = [bytearray(32 * 2**20) for _ in range(4)]
+    del freed
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+    before = _resident_bytes()
+    buffer = zeros_on_touch((50, 2**20), torch.int16, "cpu")  # 100 MB
+    assert _resident_bytes() - before < 16 * 2**20
+    buffer[:, ::2048] = 1  # one int16 in each 4 KiB page
+    assert _resident_bytes() - before > 80 * 2**20  # written pages are resident: the probe sees them
+    assert buffer.sum().item() == 50 * 512
