@@ -222,6 +222,12 @@ class EngineConfig:
             return self.max_loaded_loras
         return max(DEFAULT_MAX_LOADED_LORAS, self.max_loras_per_batch)
 
+    @property
+    def max_step_tokens(self) -> int:
+        """The most tokens one step carries: ``chunked_prefill_size`` prompt tokens beside one token for each
+        of up to ``max_running_requests`` decoding requests (decode rows are not charged to the budget)."""
+        return self.chunked_prefill_size + self.max_running_requests
+
     def piecewise_max_tokens(self) -> int:
         """The largest step replayed from piecewise CUDA graphs (0: none), where CUDA graphs are used."""
         if self.disable_cuda_graph or self.disable_piecewise_cuda_graph:

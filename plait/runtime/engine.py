@@ -423,8 +423,7 @@ class Engine:
         lora = self._lora_manager()
         check_lora_name(name)
         adapter = read_adapter(path)
-        lora.check(adapter)
-        adapter = lora.to_host_layout(adapter)  # the conversion and pinning off the engine thread
+        adapter = lora.to_host_layout(adapter)  # checked, converted and pinned off the engine thread
         error = self._call_engine_thread("load_lora", (name, adapter))
         if error is not None:
             raise error

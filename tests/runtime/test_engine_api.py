@@ -447,3 +447,8 @@ def test_warm_up_sizes_cover_every_power_of_two_up_to_the_largest_step():
         assert max(sizes) == max(2, budget) + rows
         reachable = {token_bucket(n) for n in range(2, budget + rows + 1)}
         assert reachable <= {token_bucket(n) for n in sizes}, (budget, rows)
+    from plait.runtime.config import EngineConfig
+
+    config = EngineConfig(chunked_prefill_size=2048, max_running_requests=1024)
+    assert config.max_step_tokens == 3072 == max(warm_up_sizes(config.chunked_prefill_size,
+                                                              config.max_running_requests))

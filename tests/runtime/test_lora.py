@@ -293,3 +293,25 @@ def test_retraction_with_adapters(bundled_model_dir, peft_setup, prompts, refere
         assert eng.stats()["retractions"] > 0
         assert all(eng.runner.lora.in_use(name) == 0 for name in ("a1", "a2", "a3"))
         assert_no_leak(eng)
+
+
+def test_adapters_under_tensor_parallelism(bundled_model_dir, peft_setup, prompts, references):
+    """Engine(tp_size=2) over gloo: each rank holds its part of every adapter (q/k/v and gate/up by
+    output rows, o/down by input columns, the 3 KV heads split 2 + 1), and rank 1 follows rank 0's
+    adapter changes: start-up adapters, one loaded at run time, slots taken in turn by three adapters
+    with two slots, an unload. Mixed with the base model in one batch, chunked prefill included, the
+    tokens and logprobs are transformers + peft's."""
+    _, paths = peft_setup
+    with Engine(model=str(bundled_model_dir), device="cpu", tp_size=2, chunked_prefill_size=48,
+                max_loras_per_batch=2, lora_paths={n: paths[n] for n in ("a1", "a2")}, max_lora_rank=16) as eng:
+        eng.load_lora_adapter("a4", paths["a4"])
+        cases = [("a1", 1), (None, 0), ("a2", 0)]
+        outs = eng.generate(input_ids=[prompts[i] for _, i in cases], sampling_params=greedy_params(NEW_TOKENS),
+                            lora_path=[name for name, _ in cases], return_logprob=True)
+        for out, key in zip(outs, cases):
+            _check(out, references[key])
+        _check(_gen(eng, prompts[0], "a4"), references[("a4", 0)])  # a slot handed over: rank 1 copies it too
+        eng.unload_lora_adapter("a2")
+        _check(_gen(eng, prompts[0], "a1"), references[("a1", 0)])
+        assert eng.stats()["lora_offloads"] >= 1
+        assert_no_leak(eng)

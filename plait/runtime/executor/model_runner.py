@@ -23,7 +23,7 @@ from plait.runtime.executor.piecewise_graph import PiecewiseCudaGraphRunner
 from plait.runtime.kvcache.pool import KVPool
 from plait.runtime.kvcache.table import ReqToSlotTable
 from plait.runtime.layers.attention import TorchAttentionBackend
-from plait.runtime.lora import LoraManager, build_lora_manager
+from plait.runtime.lora import LoraManager, build_lora_manager, rank_slices
 from plait.runtime.models.architectures import model_class
 from plait.runtime.models.config import ModelConfig
 from plait.runtime.models.registry import ModelSource
@@ -81,9 +81,11 @@ class ModelRunner:
         self.model = self._build_model(source)
         # LoRA adapters (None: off): their slot buffers are allocated before the KV pool takes the memory
         # left, and the targeted linears are wrapped before any graph is captured
-        steps = max(config.chunked_prefill_size + config.max_running_requests, config.piecewise_max_tokens(),
+        steps = max(config.max_step_tokens, config.piecewise_max_tokens(),
                     config.cuda_graph_max_bs or 0)
-        self.lora: LoraManager | None = build_lora_manager(config, self.model, steps, self.device, self.dtype)
+        slices = rank_slices(cfg, self.tp_layout) if self.tp_layout.size > 1 else None
+        self.lora: LoraManager | None = build_lora_manager(config, self.model, steps, self.device, self.dtype,
+                                                           slices)
         self.pool = self._build_pool()
         # one extra row, reserved: padded rows of CUDA-graph batches read slot 0 through it
         self.slot_table = ReqToSlotTable(config.max_running_requests + 1, self.context_length + 1, self.device,
@@ -301,9 +303,10 @@ class ModelRunner:
         return KVPool.from_memory_budget(budget, *args, device=self.device, **layout)
 
     def _activation_reserve(self) -> int:
-        """Bytes kept free for activations, logits and CUDA graphs (a generous estimate)."""
+        """Bytes kept free for activations, logits and CUDA graphs (a generous estimate, for the largest
+        step: ``EngineConfig.max_step_tokens``)."""
         cfg, elt = self.model_config, torch.tensor([], dtype=self.dtype).element_size()
-        tokens = max(self.config.chunked_prefill_size, self.config.max_running_requests)
+        tokens = self.config.max_step_tokens
         mlp = tokens * cfg.intermediate_size * 2 * elt * 2  # gate_up output + activation
         if cfg.moe is not None:  # per (token, choice): gate_up output, activation, weighted output
             moe = tokens * cfg.moe.top_k * (3 * cfg.moe.intermediate_size + cfg.hidden_size) * elt * 2
@@ -356,12 +359,11 @@ def warm_up_sizes(budget: int, decode_rows: int = 0) -> list[int]:
     cost a whole step of requests 1.7 s of TTFT on an H200 (benchmarks/RESULTS.md, 2026-12-03)."""
     budget = max(2, budget)
     largest = budget + max(0, decode_rows)
-    sizes, n = [], 2
+    sizes, n = {budget, largest}, 2
     while n < largest:
-        if n != budget:
-            sizes.append(n)
+        sizes.add(n)
         n *= 2
-    return sorted(set(sizes + [budget, largest]))
+    return sorted(sizes)
 
 
 def _with_engine_quantization(cfg: ModelConfig, config: EngineConfig, source: ModelSource) -> ModelConfig:

@@ -5,7 +5,8 @@ process, which is rank 0 and holds its part of the model like every rank. Ranks 
 processes of their own (``TensorParallelRanks`` starts them) that hold their parts and run a
 ``follow`` loop: for each step rank 0 broadcasts one message (``StepMessage``: the batch's token ids,
 positions, KV slots and rows, and the request-to-slot table writes made since the last step; with a
-hybrid KV pool also the sliding slots of both, as rank 0 translated them) and every rank runs the same
+hybrid KV pool also the sliding slots of both, as rank 0 translated them; with LoRA adapters each
+token's adapter slot and the adapter changes rank 0's manager journaled) and every rank runs the same
 forward, joined by the model's collectives (``distributed.all_reduce``); only rank 0 uses the
 logits. Start-up (model build, warm-up steps, CUDA-graph capture) runs in lockstep on every rank
 with the same settings, so its collectives pair up without messages.
@@ -90,19 +91,26 @@ class StepMessage:
     extend_starts: list[int]
     logits_indices: list[int]
     sliding_out_cache_loc: list[int] | None = None
+    lora_journal: list[tuple] | None = None  # rank 0's LoRA manager changes since the last step (LoraManager.journal)
+    lora_slots: list[int] | None = None  # each token's adapter slot, once some request has an adapter
 
     @classmethod
-    def of(cls, batch: ForwardBatch, table_writes: list) -> StepMessage:
+    def of(cls, batch: ForwardBatch, table_writes: list, lora_journal: list | None = None) -> StepMessage:
         sliding = None if batch.sliding_out_cache_loc is None else batch.sliding_out_cache_loc.tolist()
+        lora_slots = None if batch.lora_slots is None else batch.lora_slots.tolist()
         return cls(table_writes, batch.input_ids.tolist(), batch.positions.tolist(), batch.out_cache_loc.tolist(),
                    batch.req_rows.tolist(), list(batch.prefix_lens), list(batch.extend_lens), list(batch.seq_lens),
-                   list(batch.extend_starts), batch.logits_indices.tolist(), sliding)
+                   list(batch.extend_starts), batch.logits_indices.tolist(), sliding, lora_journal or None, lora_slots)
 
     def batch_on(self, runner: Any) -> ForwardBatch:
-        """Replay the table writes on ``runner``'s table and build the step's batch on its device."""
+        """Replay the table writes (and LoRA changes) on ``runner`` and build the step's batch on its device."""
         device, table = runner.device, runner.slot_table
         if (self.sliding_out_cache_loc is not None) != (table.sliding_table is not None):
             raise RuntimeError("rank 0's KV layout and this rank's differ (hybrid sliding-window pool on one only)")
+        if (self.lora_journal or self.lora_slots is not None) and runner.lora is None:
+            raise RuntimeError("rank 0 serves LoRA adapters and this rank has no LoRA buffers")
+        if self.lora_journal:
+            runner.lora.apply_journal(self.lora_journal)
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
@@ -119,6 +127,8 @@ class StepMessage:
             extend_starts=self.extend_starts, logits_indices=tensor(self.logits_indices), pool=runner.pool,
             slot_table=table.table, sliding_slot_table=table.sliding_table,
             sliding_out_cache_loc=sliding_out_cache_loc,
+            lora_slots=None if self.lora_slots is None else torch.tensor(self.lora_slots, dtype=torch.int32,
+                                                                         device=device),
         )
 
 
@@ -326,6 +336,7 @@ class TensorParallelRanks:
         self.group: TensorParallelGroup | None = None
         self.failed: str | None = None
         self._journal: list | None = None
+        self._lora_journal: list | None = None  # the LoRA manager's journal while attached
         self._lock = threading.Lock()
         self._failure = threading.Event()  # set once ``failed`` is
         self._joined_or_failed = threading.Event()
@@ -444,6 +455,9 @@ class TensorParallelRanks:
     def attach(self, runner: Any) -> None:
         """From now on every forward of ``runner`` first sends its step to the other ranks."""
         self._journal = runner.slot_table.journal = []
+        self._lora_journal = None
+        if runner.lora is not None:  # the start-up adapters every rank registered itself
+            self._lora_journal = runner.lora.journal = []
         runner.before_forward = self.send_step
 
     def first_error(self, exc: BaseException) -> str:
@@ -461,8 +475,11 @@ class TensorParallelRanks:
     def send_step(self, batch: ForwardBatch) -> None:
         self.check()
         writes, self._journal[:] = list(self._journal), []
+        lora_changes = None
+        if self._lora_journal:
+            lora_changes, self._lora_journal[:] = list(self._lora_journal), []
         try:
-            _broadcast(StepMessage.of(batch, writes), self.group.cpu_group)
+            _broadcast(StepMessage.of(batch, writes, lora_changes), self.group.cpu_group)
         except Exception as exc:  # noqa: BLE001 - a broken group: no further step can run
             if not self._failure.wait(timeout=2):  # a rank that just died: let the watcher name it
                 self._fail(f"tensor-parallel group broke: {type(exc).__name__}: {exc}")

@@ -139,11 +139,19 @@ class RowParallelLinear(Linear):
                              f"{self.input_start}..{self.input_start + self.in_features}")
         default_weight_loader(param, loaded.narrow(1, self.input_start, self.in_features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial output (its input columns' share), before the sum over the group."""
+        return apply_linear(x, self.weight, None, self.packed_weight, self.gemv_config)
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """The partial outputs summed over the group (all-reduce), plus the bias."""
         from plait.runtime.distributed import all_reduce
 
-        y = all_reduce(apply_linear(x, self.weight, None, self.packed_weight, self.gemv_config))
+        y = all_reduce(y)
         return y if self.bias is None else y + self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.partial(x))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -20,7 +20,14 @@ from plait.runtime.lora.adapter import (
     parse_lora_paths,
     read_adapter,
 )
-from plait.runtime.lora.manager import DEFAULT_MAX_LORA_RANK, LoraManager, check_lora_name, model_target_modules
+from plait.runtime.lora.manager import (
+    DEFAULT_MAX_LORA_RANK,
+    LoraManager,
+    RankSlice,
+    check_lora_name,
+    model_target_modules,
+    rank_slices,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -30,22 +37,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TARGET_MODULES", "LoraAdapter", "LoraAdapterError", "LoraCapacityError", "LoraFormatError",
-    "LoraManager", "LoraMismatchError", "UnknownLoraError", "build_lora_manager", "check_lora_name",
-    "parse_lora_paths", "read_adapter",
+    "LoraManager", "LoraMismatchError", "RankSlice", "UnknownLoraError", "build_lora_manager", "check_lora_name",
+    "parse_lora_paths", "rank_slices", "read_adapter",
 ]
 
 
 def build_lora_manager(config: EngineConfig, model: nn.Module, max_tokens: int, device: torch.device,
-                       dtype: torch.dtype) -> LoraManager | None:
+                       dtype: torch.dtype, slices: dict[str, RankSlice] | None = None) -> LoraManager | None:
     """The runner's adapter manager with the start-up adapters (``config.lora_paths``) registered, or None
     when LoRA is off (no ``lora_paths`` and not ``enable_lora``). ``max_lora_rank`` and
     ``lora_target_modules`` default to the largest rank and the union of targets of the start-up
     adapters (``DEFAULT_MAX_LORA_RANK`` and every module the model's layers have when there are none:
-    a MoE model's attention)."""
+    a MoE model's attention). ``slices``: this tensor-parallel rank's part of each module (``rank_slices``)."""
     if not config.lora_enabled:
         return None
-    if config.tp_size > 1:
-        raise ValueError("LoRA adapters are not served with tensor parallelism (tp_size > 1) yet")
     initial = [(name, read_adapter(path)) for name, path in config.lora_paths or ()]
     rank = config.max_lora_rank
     if rank is None:
@@ -56,7 +61,7 @@ def build_lora_manager(config: EngineConfig, model: nn.Module, max_tokens: int, 
         targets = tuple(t for t in TARGET_MODULES if t in used)
     manager = LoraManager(model, max_loras_per_batch=config.max_loras_per_batch,
                           max_loaded_loras=config.resolved_max_loaded_loras, max_rank=rank, targets=targets,
-                          max_tokens=max_tokens, device=device, dtype=dtype)
+                          max_tokens=max_tokens, device=device, dtype=dtype, slices=slices)
     for name, adapter in initial:
         manager.register(name, adapter)
     return manager

@@ -14,6 +14,14 @@ from the device, its host copy kept); with every slot held, the request waits.
 
 Per step: ``prepare_step`` receives the batch's per-token slots (-1: the base model) and copies them
 into a static buffer that captured CUDA graphs read; eager steps without any adapter skip LoRA.
+
+Tensor parallelism: each rank's manager holds its rank's part of every adapter (``rank_slices``:
+``B``'s rows of a column-parallel module, ``A``'s columns of a row-parallel one; the rest whole), cut
+when the adapter is registered; adapters are checked against the whole model's shapes. The scheduler
+runs on rank 0 only, so rank 0's manager records what changes the other ranks' state (``journal``:
+adapters registered and unregistered, adapters copied into slots) and each step's message carries it
+to them (``executor.tensor_parallel.StepMessage``), where ``apply_journal`` replays it before the
+forward.
 """
 
 from __future__ import annotations
@@ -68,6 +76,40 @@ def model_target_modules(model: nn.Module) -> tuple[str, ...]:
     return tuple(module for module in TARGET_MODULES if every_layer_has(module))
 
 
+@dataclass(frozen=True)
+class RankSlice:
+    """The part of one module's adapter weights a tensor-parallel rank holds: along ``dim`` (0: ``B``'s
+    rows, a column-parallel module; 1: ``A``'s columns, a row-parallel one), from ``start``, of the whole
+    model's ``full`` (the count is the rank's buffer size)."""
+
+    dim: int
+    start: int
+    full: int
+
+
+def rank_slices(cfg: object, layout: object) -> dict[str, RankSlice]:
+    """Each LoRA target module's ``RankSlice`` on the rank of ``layout`` (a ``TensorParallelLayout``) of the
+    model with (whole-model) config ``cfg``, as the model's column- and row-parallel linears split it."""
+    d = cfg.head_dim
+    heads, kv_heads = cfg.num_heads * d, cfg.num_kv_heads * d
+    intermediate = cfg.intermediate_size
+    return {
+        "q_proj": RankSlice(0, layout.head_start * d, heads),
+        "k_proj": RankSlice(0, layout.kv_head_start * d, kv_heads),
+        "v_proj": RankSlice(0, layout.kv_head_start * d, kv_heads),
+        "o_proj": RankSlice(1, layout.head_start * d, heads),
+        "gate_proj": RankSlice(0, layout.intermediate_start, intermediate),
+        "up_proj": RankSlice(0, layout.intermediate_start, intermediate),
+        "down_proj": RankSlice(1, layout.intermediate_start, intermediate),
+    }
+
+
+@dataclass
+class HostAdapter(LoraAdapter):
+    """An adapter checked and laid out for one manager (``LoraManager.to_host_layout``): this rank's part,
+    the model's dtype, contiguous, pinned on CUDA."""
+
+
 @dataclass
 class LoadedAdapter:
     """An adapter registered with the engine: its host weights in the model's dtype, and ``uid``, unique
@@ -96,10 +138,12 @@ class LoraManager:
         max_loras_per_batch: device slots. max_loaded_loras: adapters registered at most.
         max_rank: the padded rank of the slot buffers. targets: the modules that get buffers.
         max_tokens: the static per-token slot buffer's length (the largest step CUDA graphs replay).
+        slices: under tensor parallelism, this rank's part of each module (``rank_slices``); None: whole.
     """
 
     def __init__(self, model: nn.Module, *, max_loras_per_batch: int, max_loaded_loras: int, max_rank: int,
-                 targets: tuple[str, ...], max_tokens: int, device: torch.device, dtype: torch.dtype):
+                 targets: tuple[str, ...], max_tokens: int, device: torch.device, dtype: torch.dtype,
+                 slices: dict[str, RankSlice] | None = None):
         if not 1 <= max_rank <= MAX_LORA_RANK_LIMIT:
             raise ValueError(f"max_lora_rank must be in [1, {MAX_LORA_RANK_LIMIT}], got {max_rank}")
         self.device, self.dtype = device, dtype
@@ -126,6 +170,10 @@ class LoraManager:
         self._last_used = [0] * S
         self._clock = 0
         self._next_uid = 1
+        self.slices = {m: slices[m] for m in self.targets} if slices else {}
+        # what the other tensor-parallel ranks must replay (None: no other ranks): ("register", name, path),
+        # ("unregister", name) and ("load", name, slot), in order
+        self.journal: list[tuple] | None = None
         self.slot_loads = 0  # adapters copied to a slot
         self.offloads = 0  # resident adapters dropped from the device for another one
         self._wrap(model)
@@ -175,37 +223,51 @@ class LoraManager:
                 raise LoraMismatchError(f"adapter {adapter.path} has weights for layer {layer}; the base model "
                                         f"has {len(self.layers)} layers")
             k, n = self.shapes[module]
+            part = self.slices.get(module)
+            if part is not None:  # the whole model's shape, not this rank's
+                k, n = (k, part.full) if part.dim == 0 else (part.full, n)
             if tuple(a.shape) != (adapter.rank, k) or tuple(b.shape) != (n, adapter.rank):
                 raise LoraMismatchError(
                     f"adapter {adapter.path}: layer {layer} {module} has A {tuple(a.shape)} and B {tuple(b.shape)}; "
                     f"the base model needs A ({adapter.rank}, {k}) and B ({n}, {adapter.rank})")
 
     def register(self, name: str, adapter: LoraAdapter) -> LoadedAdapter:
-        """Add a checked adapter under ``name`` (host memory only; it goes to a slot when a request uses it)."""
+        """Add an adapter under ``name`` (host memory only; it goes to a slot when a request uses it),
+        checked and laid out by ``to_host_layout`` unless it already was."""
         check_lora_name(name)
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded (unload it first)")
         if len(self.adapters) >= self.max_loaded:
             raise LoraCapacityError(f"{len(self.adapters)} adapters are loaded, the most this engine holds "
                                     f"(max_loaded_loras); unload one first")
-        self.check(adapter)
-        adapter = self.to_host_layout(adapter)
+        if not isinstance(adapter, HostAdapter):
+            adapter = self.to_host_layout(adapter)
         loaded = LoadedAdapter(name, adapter.path, self._next_uid, adapter.rank, adapter.scaling, adapter.weights)
         self._next_uid += 1
         self.adapters[name] = loaded
         self._refs[name] = 0
+        if self.journal is not None:
+            self.journal.append(("register", name, adapter.path))
         return loaded
 
-    def to_host_layout(self, adapter: LoraAdapter) -> LoraAdapter:
-        """``adapter`` with its weights in the model's dtype, contiguous, pinned on CUDA (what ``register``
-        keeps; done on the caller's thread by ``Engine.load_lora_adapter``, a no-op when repeated)."""
+    def to_host_layout(self, adapter: LoraAdapter) -> HostAdapter:
+        """``adapter`` checked (``check``) and kept as ``register`` keeps it: this rank's part of each weight
+        (``slices``), in the model's dtype, contiguous, pinned on CUDA. ``Engine.load_lora_adapter`` runs
+        this on the caller's thread; a ``HostAdapter`` is returned as it is."""
+        if isinstance(adapter, HostAdapter):
+            return adapter
+        self.check(adapter)
         pin = self.device.type == "cuda"
         weights = {}
         for key, (a, b) in adapter.weights.items():
+            part = self.slices.get(key[1])
+            if part is not None:
+                k, n = self.shapes[key[1]]
+                a, b = (a, b.narrow(0, part.start, n)) if part.dim == 0 else (a.narrow(1, part.start, k), b)
             a, b = a.to(self.dtype).contiguous(), b.to(self.dtype).contiguous()
             weights[key] = (a if a.is_pinned() else a.pin_memory(), b if b.is_pinned() else b.pin_memory()) if pin \
                 else (a, b)
-        return LoraAdapter(adapter.path, adapter.rank, adapter.scaling, weights)
+        return HostAdapter(adapter.path, adapter.rank, adapter.scaling, weights)
 
     def unregister(self, name: str) -> None:
         """Drop an adapter (its slot becomes free). Raises ValueError while a running request holds it."""
@@ -217,6 +279,8 @@ class LoraManager:
             self._slot_owner[slot] = None
             self.scaling[slot] = 0.0
         del self.adapters[name], self._refs[name]
+        if self.journal is not None:
+            self.journal.append(("unregister", name))
 
     def get(self, name: str) -> LoadedAdapter:
         adapter = self.adapters.get(name)
@@ -268,6 +332,23 @@ class LoraManager:
         self._slot_owner[slot] = adapter.name
         self._slot_of[adapter.name] = slot
         self.slot_loads += 1
+        if self.journal is not None:
+            self.journal.append(("load", adapter.name, slot))
+
+    def apply_journal(self, entries: list[tuple]) -> None:
+        """Replay rank 0's ``journal`` on another tensor-parallel rank's manager: register (reading the
+        adapter from its path, as rank 0 did), unregister, copy into a slot."""
+        from plait.runtime.lora.adapter import read_adapter
+
+        for entry in entries:
+            if entry[0] == "register":
+                self.register(entry[1], read_adapter(entry[2]))
+            elif entry[0] == "unregister":
+                self.unregister(entry[1])
+            elif entry[0] == "load":
+                self._load(self.get(entry[1]), entry[2])
+            else:
+                raise ValueError(f"unknown LoRA journal entry {entry[0]!r}")
 
     def resident(self) -> dict[str, int]:
         """Adapter name -> device slot, for the adapters on the device now."""
