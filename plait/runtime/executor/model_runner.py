@@ -23,7 +23,7 @@ from plait.runtime.executor.piecewise_graph import PiecewiseCudaGraphRunner
 from plait.runtime.kvcache.pool import KVPool
 from plait.runtime.kvcache.table import ReqToSlotTable
 from plait.runtime.layers.attention import TorchAttentionBackend
-from plait.runtime.lora import LoraManager, build_lora_manager, rank_slices
+from plait.runtime.lora import LoraManager, build_lora_manager, whole_model_shapes
 from plait.runtime.models.architectures import model_class
 from plait.runtime.models.config import ModelConfig
 from plait.runtime.models.registry import ModelSource
@@ -83,9 +83,8 @@ class ModelRunner:
         # left, and the targeted linears are wrapped before any graph is captured
         steps = max(config.max_step_tokens, config.piecewise_max_tokens(),
                     config.cuda_graph_max_bs or 0)
-        slices = rank_slices(cfg, self.tp_layout) if self.tp_layout.size > 1 else None
         self.lora: LoraManager | None = build_lora_manager(config, self.model, steps, self.device, self.dtype,
-                                                           slices)
+                                                           whole_model_shapes(cfg))
         self.pool = self._build_pool()
         # one extra row, reserved: padded rows of CUDA-graph batches read slot 0 through it
         self.slot_table = ReqToSlotTable(config.max_running_requests + 1, self.context_length + 1, self.device,

@@ -15,9 +15,10 @@ from the device, its host copy kept); with every slot held, the request waits.
 Per step: ``prepare_step`` receives the batch's per-token slots (-1: the base model) and copies them
 into a static buffer that captured CUDA graphs read; eager steps without any adapter skip LoRA.
 
-Tensor parallelism: each rank's manager holds its rank's part of every adapter (``rank_slices``:
-``B``'s rows of a column-parallel module, ``A``'s columns of a row-parallel one; the rest whole), cut
-when the adapter is registered; adapters are checked against the whole model's shapes. The scheduler
+Tensor parallelism: each rank's manager holds its rank's part of every adapter (``RankSlice``:
+``B``'s rows of a column-parallel module, ``A``'s columns of a row-parallel one, where the wrapped
+linear's own rows or columns start; the rest whole), cut when the adapter is registered; adapters are
+checked against the whole model's shapes (``whole_model_shapes``). The scheduler
 runs on rank 0 only, so rank 0's manager records what changes the other ranks' state (``journal``:
 adapters registered and unregistered, adapters copied into slots) and each step's message carries it
 to them (``executor.tensor_parallel.StepMessage``), where ``apply_journal`` replays it before the
@@ -42,6 +43,7 @@ from plait.runtime.lora.adapter import (
     LoraMismatchError,
     UnknownLoraError,
 )
+from plait.runtime.layers.linear import RowParallelLinear
 from plait.runtime.lora.layers import LoraLinear
 
 logger = logging.getLogger(__name__)
@@ -76,32 +78,22 @@ def model_target_modules(model: nn.Module) -> tuple[str, ...]:
     return tuple(module for module in TARGET_MODULES if every_layer_has(module))
 
 
+def whole_model_shapes(cfg: object) -> dict[str, tuple[int, int]]:
+    """Each LoRA target module's (in, out) in the whole model of config ``cfg``: what an adapter's weights
+    are checked against, whatever part of the model one tensor-parallel rank holds."""
+    h, q, kv, intermediate = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, intermediate), "up_proj": (h, intermediate), "down_proj": (intermediate, h)}
+
+
 @dataclass(frozen=True)
 class RankSlice:
     """The part of one module's adapter weights a tensor-parallel rank holds: along ``dim`` (0: ``B``'s
-    rows, a column-parallel module; 1: ``A``'s columns, a row-parallel one), from ``start``, of the whole
-    model's ``full`` (the count is the rank's buffer size)."""
+    rows, a column-parallel module; 1: ``A``'s columns, a row-parallel one), from ``start`` (the count
+    is the rank's buffer size). Read off the wrapped linear (``LoraManager._rank_slice``)."""
 
     dim: int
     start: int
-    full: int
-
-
-def rank_slices(cfg: object, layout: object) -> dict[str, RankSlice]:
-    """Each LoRA target module's ``RankSlice`` on the rank of ``layout`` (a ``TensorParallelLayout``) of the
-    model with (whole-model) config ``cfg``, as the model's column- and row-parallel linears split it."""
-    d = cfg.head_dim
-    heads, kv_heads = cfg.num_heads * d, cfg.num_kv_heads * d
-    intermediate = cfg.intermediate_size
-    return {
-        "q_proj": RankSlice(0, layout.head_start * d, heads),
-        "k_proj": RankSlice(0, layout.kv_head_start * d, kv_heads),
-        "v_proj": RankSlice(0, layout.kv_head_start * d, kv_heads),
-        "o_proj": RankSlice(1, layout.head_start * d, heads),
-        "gate_proj": RankSlice(0, layout.intermediate_start, intermediate),
-        "up_proj": RankSlice(0, layout.intermediate_start, intermediate),
-        "down_proj": RankSlice(1, layout.intermediate_start, intermediate),
-    }
 
 
 @dataclass
@@ -138,22 +130,28 @@ class LoraManager:
         max_loras_per_batch: device slots. max_loaded_loras: adapters registered at most.
         max_rank: the padded rank of the slot buffers. targets: the modules that get buffers.
         max_tokens: the static per-token slot buffer's length (the largest step CUDA graphs replay).
-        slices: under tensor parallelism, this rank's part of each module (``rank_slices``); None: whole.
+        whole_shapes: each module's (in, out) in the whole model (``whole_model_shapes``), which adapters
+            are checked against; None: the shapes of ``model``'s own linears (the model on one rank).
     """
 
     def __init__(self, model: nn.Module, *, max_loras_per_batch: int, max_loaded_loras: int, max_rank: int,
                  targets: tuple[str, ...], max_tokens: int, device: torch.device, dtype: torch.dtype,
-                 slices: dict[str, RankSlice] | None = None):
+                 whole_shapes: dict[str, tuple[int, int]] | None = None):
         if not 1 <= max_rank <= MAX_LORA_RANK_LIMIT:
             raise ValueError(f"max_lora_rank must be in [1, {MAX_LORA_RANK_LIMIT}], got {max_rank}")
         self.device, self.dtype = device, dtype
         self.num_slots, self.max_loaded, self.max_rank = max_loras_per_batch, max_loaded_loras, max_rank
         self.layers = list(model.model.layers)
         self.targets = tuple(t for t in TARGET_MODULES if t in targets)
-        self.shapes: dict[str, tuple[int, int]] = {}  # module -> (in, out) of its shard
+        self.shapes: dict[str, tuple[int, int]] = {}  # module -> (in, out) of its shard on this rank
+        self.slices: dict[str, RankSlice] = {}  # module -> this rank's part (modules split across ranks)
         for module in self.targets:
             base, shard = self._place(self.layers[0], module)
             self.shapes[module] = (base.in_features, self._shard_size(base, shard))
+            part = self._rank_slice(base, shard)
+            if part is not None:
+                self.slices[module] = part
+        self.whole_shapes = {m: whole_shapes[m] if whole_shapes else self.shapes[m] for m in self.targets}
         S, R = self.num_slots, max_rank
         self._a = [{m: torch.zeros(S, R, k, dtype=dtype, device=device) for m, (k, _) in self.shapes.items()}
                    for _ in self.layers]
@@ -170,7 +168,6 @@ class LoraManager:
         self._last_used = [0] * S
         self._clock = 0
         self._next_uid = 1
-        self.slices = {m: slices[m] for m in self.targets} if slices else {}
         # what the other tensor-parallel ranks must replay (None: no other ranks): ("register", name, path),
         # ("unregister", name) and ("load", name, slot), in order
         self.journal: list[tuple] | None = None
@@ -190,6 +187,15 @@ class LoraManager:
         if isinstance(base, LoraLinear):
             base = base.base
         return base, shard
+
+    @staticmethod
+    def _rank_slice(base: nn.Module, shard: object) -> RankSlice | None:
+        """The part of a module's adapter this rank holds, where ``base`` (this rank's linear) starts in
+        the whole model; None: the whole module (one rank, or a module no rank splits)."""
+        if isinstance(base, RowParallelLinear):
+            return RankSlice(1, base.input_start)
+        start = getattr(base, "checkpoint_rows", {}).get(shard) if shard is not None else None
+        return RankSlice(0, start) if start is not None else None
 
     @staticmethod
     def _shard_size(base: nn.Module, shard: object) -> int:
@@ -222,10 +228,7 @@ class LoraManager:
             if layer >= len(self.layers):
                 raise LoraMismatchError(f"adapter {adapter.path} has weights for layer {layer}; the base model "
                                         f"has {len(self.layers)} layers")
-            k, n = self.shapes[module]
-            part = self.slices.get(module)
-            if part is not None:  # the whole model's shape, not this rank's
-                k, n = (k, part.full) if part.dim == 0 else (part.full, n)
+            k, n = self.whole_shapes[module]
             if tuple(a.shape) != (adapter.rank, k) or tuple(b.shape) != (n, adapter.rank):
                 raise LoraMismatchError(
                     f"adapter {adapter.path}: layer {layer} {module} has A {tuple(a.shape)} and B {tuple(b.shape)}; "
@@ -240,8 +243,7 @@ class LoraManager:
         if len(self.adapters) >= self.max_loaded:
             raise LoraCapacityError(f"{len(self.adapters)} adapters are loaded, the most this engine holds "
                                     f"(max_loaded_loras); unload one first")
-        if not isinstance(adapter, HostAdapter):
-            adapter = self.to_host_layout(adapter)
+        adapter = self.to_host_layout(adapter)
         loaded = LoadedAdapter(name, adapter.path, self._next_uid, adapter.rank, adapter.scaling, adapter.weights)
         self._next_uid += 1
         self.adapters[name] = loaded
