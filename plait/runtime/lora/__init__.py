@@ -49,8 +49,8 @@ def build_lora_manager(config: EngineConfig, model: nn.Module, max_tokens: int, 
     when LoRA is off (no ``lora_paths`` and not ``enable_lora``). ``max_lora_rank`` and
     ``lora_target_modules`` default to the largest rank and the union of targets of the start-up
     adapters (``DEFAULT_MAX_LORA_RANK`` and every module the model's layers have when there are none:
-    a MoE model's attention). ``whole_shapes``: each module's (in, out) in the whole model (``whole_model_shapes``; needed
-    under tensor parallelism, where ``model`` holds one rank's part)."""
+    a MoE model's attention). ``whole_shapes``: each module's (in, out) in the whole model
+    (``whole_model_shapes``; needed under tensor parallelism, where ``model`` holds one rank's part)."""
     if not config.lora_enabled:
         return None
     initial = [(name, read_adapter(path)) for name, path in config.lora_paths or ()]

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from plait.runtime.layers.linear import RowParallelLinear
 from plait.runtime.lora.adapter import (
     MAX_LORA_RANK_LIMIT,
     TARGET_MODULES,
@@ -43,7 +44,6 @@ from plait.runtime.lora.adapter import (
     LoraMismatchError,
     UnknownLoraError,
 )
-from plait.runtime.layers.linear import RowParallelLinear
 from plait.runtime.lora.layers import LoraLinear
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class LoraManager:
         the whole model; None: the whole module (one rank, or a module no rank splits)."""
         if isinstance(base, RowParallelLinear):
             return RankSlice(1, base.input_start)
-        start = getattr(base, "checkpoint_rows", {}).get(shard) if shard is not None else None
+        start = base.checkpoint_rows.get(shard) if shard is not None else None  # a MergedLinear's shard
         return RankSlice(0, start) if start is not None else None
 
     @staticmethod
