@@ -16,6 +16,12 @@ and p90 over the requests (the first ``--warmup`` requests are left out)::
     -> engine thread adds it -> step starts -> first output ready -> HTTP process has it
     -> SSE event made -> client has it
 
+With ``--burst N`` the requests are sent all at once instead (``--warmup`` requests one at a time
+first), as a load benchmark's burst arrives; then no point can be told apart by request, so the script
+prints, per point, how long after the burst's send the first, the median and the last of the burst's
+requests passed it (a point passed once per step, such as ``step_started``, counts steps instead). A
+point whose median moves far past the previous point's is where a burst queues.
+
 The hooks wrap methods and module globals by name (``TRACE_POINTS``); one that no longer exists is
 reported, not skipped silently. The timestamps cost a few microseconds each (one line written to a
 file), on top of what they measure.
@@ -146,6 +152,12 @@ HOPS = [
 ]
 
 
+# The points in the order a request passes them, for the burst table.
+BURST_ORDER = ["client_send", "http_handler", "http_body_read", "http_tokenize", "http_tokenized", "http_submit",
+               "http_command_send", "engine_received", "engine_submitted", "engine_thread_added", "step_started",
+               "first_output_ready", "http_got_first_out", "http_sse_event", "client_first"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -188,6 +200,50 @@ async def run_client(url: str, prompts: list[str], output_len: int) -> list[tupl
                             first = time.perf_counter()
             times.append((sent, first))
     return times
+
+
+async def run_burst(url: str, prompts: list[str], output_len: int) -> tuple[float, list[tuple[float, float]]]:
+    """Send every prompt at once, streamed; (burst start, [(send time, first text event time)])."""
+    import asyncio
+
+    import aiohttp
+
+    async def one(session: aiohttp.ClientSession, prompt: str) -> tuple[float, float]:
+        body = {"text": prompt, "stream": True,
+                "sampling_params": {"max_new_tokens": output_len, "ignore_eos": True, "temperature": 0.0}}
+        sent, first = time.perf_counter(), None
+        async with session.post(url + "/generate", json=body) as response:
+            response.raise_for_status()
+            async for line in response.content:
+                if first is None and line.startswith(b"data: {") and json.loads(line[6:]).get("output_ids"):
+                    first = time.perf_counter()
+        return sent, first
+
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        start = time.perf_counter()
+        return start, await asyncio.gather(*(one(session, prompt) for prompt in prompts))
+
+
+def summarize_burst(points: list[tuple[float, str]], start: float, sends: list[tuple[float, float]],
+                    ) -> list[tuple[str, int, float, float, float]]:
+    """Per point (in ``BURST_ORDER``): (label, times passed, first, median, last), ms after ``start``.
+
+    Only points at or after ``start`` count (the warm-up requests ran before it)."""
+    by_label: dict[str, list[float]] = {"client_send": [s for s, _ in sends],
+                                        "client_first": [f for _, f in sends if f is not None]}
+    for t, label in points:
+        if t >= start:
+            by_label.setdefault(label, []).append(t)
+    rows = []
+    for label in BURST_ORDER:
+        times = sorted(by_label.get(label, ()))
+        if times:
+            ms = [1e3 * (t - start) for t in times]
+            rows.append((label, len(ms), ms[0], ms[(len(ms) - 1) // 2], ms[-1]))
+        else:
+            rows.append((label, 0, float("nan"), float("nan"), float("nan")))
+    return rows
 
 
 def read_points(trace_dir: Path) -> tuple[list[tuple[float, str]], list[str]]:
@@ -236,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-len", type=int, default=2)
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--burst", type=int, default=0,
+                        help="send this many requests at once (after --warmup one at a time) instead of --requests "
+                             "one at a time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-timeout", type=float, default=900.0)
     parser.add_argument("--json", default=None, help="write the per-hop figures here")
@@ -270,11 +329,16 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         rng = random.Random(args.seed)
         vocab = tokenizer.vocab_size
+        count = args.burst if args.burst else args.requests
         prompts = [tokenizer.decode([rng.randrange(100, vocab - 100) for _ in range(args.input_len)])
-                   for _ in range(args.requests + args.warmup)]
+                   for _ in range(count + args.warmup)]
         for path in trace_dir.glob("trace-*.txt"):  # start-up's points (the warm-up steps) are not requests
             path.write_text("")
-        sends = asyncio.run(run_client(url, prompts, args.output_len))
+        if args.burst:
+            asyncio.run(run_client(url, prompts[: args.warmup], args.output_len))
+            burst_start, sends = asyncio.run(run_burst(url, prompts[args.warmup:], args.output_len))
+        else:
+            sends = asyncio.run(run_client(url, prompts, args.output_len))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -282,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
     points, missing = read_points(trace_dir)
+    if args.burst:
+        return report_burst(args, summarize_burst(points, burst_start, sends), missing)
     requests = per_request(points, sends)[args.warmup:]
     rows = summarize(requests)
     print(f"plait serve --model {args.model}: {len(requests)} streamed requests one at a time, "
@@ -296,6 +362,22 @@ def main(argv: list[str] | None = None) -> None:
                                                "requests": len(requests), "missing": sorted(set(missing)),
                                                "hops": [dict(zip(("hop", "median_ms", "p90_ms", "n"), r))
                                                         for r in rows]}, indent=1))
+
+
+def report_burst(args: argparse.Namespace, rows: list[tuple[str, int, float, float, float]],
+                 missing: list[str]) -> None:
+    print(f"plait serve --model {args.model}: a burst of {args.burst} streamed requests sent at once, "
+          f"{args.input_len} prompt tokens; ms after the burst's send")
+    print(f"{'point':<22} {'passed':>6} {'first':>9} {'median':>9} {'last':>9}")
+    for label, n, first, median, last in rows:
+        print(f"{label:<22} {n:6d} {first:9.2f} {median:9.2f} {last:9.2f}")
+    if missing:
+        print("hooks not found (renamed?):", ", ".join(sorted(set(missing))))
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "model": args.model, "input_len": args.input_len, "burst": args.burst, "missing": sorted(set(missing)),
+            "points": [dict(zip(("point", "passed", "first_ms", "median_ms", "last_ms"), r)) for r in rows]},
+            indent=1))
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
         strict_fields=args.strict_fields, detokenizer=args.detokenizer,
         reasoning_parser=args.reasoning_parser, engine_settings=settings,
         max_body_bytes=args.max_body_bytes, max_json_depth=args.max_json_depth, max_n=args.max_n,
-        max_prompt_logprobs=args.max_prompt_logprobs,
+        max_prompt_logprobs=args.max_prompt_logprobs, parse_threads=args.parse_threads,
     ))
     # Drained and shut down (the engine process has exited): skip the interpreter's teardown (thread
     # pools joined, daemonic helper processes terminated, torch unloaded), 1-2 s that only delay the exit.
@@ -191,6 +191,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek-r1", "gpt-oss"],
                        help="separate a reasoning model's reasoning (reasoning_content) from its answer (content) "
                             "in the OpenAI API")
+    serve.add_argument("--parse-threads", type=int, default=4,
+                       help="worker threads of the HTTP process that parse, check and tokenize request bodies "
+                            "over 512 bytes (default: 4)")
     limits = serve.add_argument_group("request limits (past them a request gets a 4xx that names the limit)")
     limits.add_argument("--max-body-bytes", type=int, default=16 * 2**20,
                         help="largest request body in bytes; larger ones get 413 (default: 16777216, 16 MiB)")

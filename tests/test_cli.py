@@ -87,3 +87,14 @@ def test_serve_takes_tensor_parallelism_as_sglang_and_vllm_spell_it(flag: str) -
 def test_bench_takes_tensor_parallelism_beside_other_engine_settings() -> None:
     args = cli.build_parser().parse_args(["bench", "--tp", "2", "--engine-arg", "max_total_tokens=64"])
     assert dict(args.engine_args) == {"tp_size": 2, "max_total_tokens": 64}
+
+
+def test_serve_passes_its_http_settings_to_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    from plait.runtime.server import app
+
+    started = []
+    monkeypatch.setattr(app, "serve", started.append)
+    args = cli.build_parser().parse_args(["serve", "--parse-threads", "16", "--max-n", "8"])
+    cli._serve(args)
+    (config,) = started
+    assert (config.parse_threads, config.max_n) == (16, 8)

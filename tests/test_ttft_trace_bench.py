@@ -38,3 +38,22 @@ def test_points_belong_to_the_request_sent_before_them_and_hops_are_medians():
     assert n == 0 and math.isnan(median)
     assert rows["client send -> client has it (TTFT)"][2] == 2
     assert abs(rows["client send -> client has it (TTFT)"][0] - 25.0) < 1e-6  # median of 20 and 30 ms
+
+
+def test_every_burst_point_is_recorded_by_a_hook_or_the_client():
+    labels = {label for *_, label, _ in trace.TRACE_POINTS} | {"client_send", "client_first", "http_got_first_out"}
+    assert set(trace.BURST_ORDER) <= labels
+
+
+def test_burst_rows_are_first_median_and_last_after_the_burst_start():
+    start = 100.0
+    sends = [(100.000, 100.050), (100.001, 100.090), (100.002, None)]  # the third never got text
+    points = [(99.0, "http_handler"),  # a warm-up request's, before the burst
+              (100.010, "http_handler"), (100.020, "http_handler"), (100.030, "http_handler"),
+              (100.040, "step_started")]
+    rows = {label: rest for label, *rest in trace.summarize_burst(sorted(points), start, sends)}
+    n, first, median, last = rows["http_handler"]
+    assert n == 3 and abs(first - 10) < 1e-6 and abs(median - 20) < 1e-6 and abs(last - 30) < 1e-6
+    assert rows["step_started"][0] == 1
+    assert rows["client_first"][0] == 2 and abs(rows["client_first"][3] - 90) < 1e-6
+    assert rows["http_submit"][0] == 0 and math.isnan(rows["http_submit"][2])
