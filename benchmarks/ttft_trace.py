@@ -20,7 +20,10 @@ With ``--burst N`` the requests are sent all at once instead (``--warmup`` reque
 first), as a load benchmark's burst arrives; then no point can be told apart by request, so the script
 prints, per point, how long after the burst's send the first, the median and the last of the burst's
 requests passed it (a point passed once per step, such as ``step_started``, counts steps instead). A
-point whose median moves far past the previous point's is where a burst queues.
+point whose median moves far past the previous point's is where a burst queues. ``--burst N --in-process``
+sends the same burst to an ``Engine`` in this process (``Engine.submit`` from one thread, as
+``benchmarks/serving_run.py`` does), with the engine's points traced alike: the two tables side by
+side say whether a server's slower burst comes from its HTTP side or from the engine's own steps.
 
 The hooks wrap methods and module globals by name (``TRACE_POINTS``); one that no longer exists is
 reported, not skipped silently. The timestamps cost a few microseconds each (one line written to a
@@ -57,6 +60,7 @@ TRACE_POINTS = [
     ("plait.runtime.server.process", "_EngineServer._generate", "engine_submitted", "exit"),
     ("plait.runtime.engine", "Engine._apply", "engine_thread_added", "enter"),
     ("plait.runtime.engine", "Engine._step", "step_started", "enter"),
+    ("plait.runtime.engine", "Engine._step", "step_ended", "exit"),
     ("plait.runtime.server.process", "_Outbox.put", "first_output_ready", "enter_urgent"),
     ("plait.runtime.server.process", "EngineClient._dispatch", "http_got", "dispatch"),
     ("plait.runtime.server.app", "sse", "http_sse_event", "enter"),
@@ -158,6 +162,20 @@ BURST_ORDER = ["client_send", "http_handler", "http_body_read", "http_tokenize",
                "first_output_ready", "http_got_first_out", "http_sse_event", "client_first"]
 
 
+def step_times(points: list[tuple[float, str]], start: float) -> list[float]:
+    """Each engine step's duration in ms (``step_started`` to the next ``step_ended``) after ``start``."""
+    durations, began = [], None
+    for t, label in points:
+        if t < start:
+            continue
+        if label == "step_started":
+            began = t
+        elif label == "step_ended" and began is not None:
+            durations.append(1e3 * (t - began))
+            began = None
+    return durations
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -223,6 +241,45 @@ async def run_burst(url: str, prompts: list[str], output_len: int) -> tuple[floa
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
         start = time.perf_counter()
         return start, await asyncio.gather(*(one(session, prompt) for prompt in prompts))
+
+
+def run_in_process_burst(args: argparse.Namespace, trace_dir: Path, prompts: list[str]
+                         ) -> tuple[float, list[tuple[float, float]]]:
+    """The burst against an in-process ``Engine``, its points traced as the server's are."""
+    import threading
+
+    from plait.runtime.engine import Engine
+
+    exec(SITECUSTOMIZE % {"points": TRACE_POINTS, "dir": str(trace_dir)}, {})  # noqa: S102 - our own hooks
+    settings = {key: value for key, value in (("load_format", args.load_format),
+                                              ("tokenizer_path", args.tokenizer)) if value}
+    params = {"max_new_tokens": args.output_len, "ignore_eos": True, "temperature": 0.0}
+    with Engine(model=args.model, **settings) as engine:
+        time.sleep(1.0)  # the hooks patch from a thread: let it find the engine's classes
+
+        def send(batch: list[str]) -> list[tuple[float, float]]:
+            times: list[list] = [[0.0, None] for _ in batch]
+            left, done = [len(batch)], threading.Event()
+
+            def on_output(index: int, event: dict, slot: list) -> None:
+                if slot[1] is None and event["output"]["meta_info"]["completion_tokens"] > 0:
+                    slot[1] = time.perf_counter()
+                if event["finished"]:
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+
+            for prompt, slot in zip(batch, times):
+                slot[0] = time.perf_counter()
+                engine.submit(prompt, dict(params), stream=True,
+                              on_output=lambda i, e, slot=slot: on_output(i, e, slot))
+            done.wait()
+            return [tuple(slot) for slot in times]
+
+        for prompt in prompts[: args.warmup]:
+            send([prompt])
+        start = time.perf_counter()
+        return start, send(prompts[args.warmup:])
 
 
 def summarize_burst(points: list[tuple[float, str]], start: float, sends: list[tuple[float, float]],
@@ -295,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--burst", type=int, default=0,
                         help="send this many requests at once (after --warmup one at a time) instead of --requests "
                              "one at a time")
+    parser.add_argument("--in-process", action="store_true",
+                        help="with --burst: send it to an Engine in this process instead of plait serve")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-timeout", type=float, default=900.0)
     parser.add_argument("--json", default=None, help="write the per-hop figures here")
@@ -302,9 +361,15 @@ def main(argv: list[str] | None = None) -> None:
 
     import asyncio
 
-    from transformers import AutoTokenizer
-
     trace_dir = Path(tempfile.mkdtemp(prefix="plait-ttft-trace-"))
+    if args.in_process:
+        if not args.burst:
+            parser.error("--in-process needs --burst N")
+        prompts = make_prompts(args, args.tokenizer or None)
+        burst_start, sends = run_in_process_burst(args, trace_dir, prompts)
+        points, missing = read_points(trace_dir)
+        return report_burst(args, summarize_burst(points, burst_start, sends), missing,
+                            step_times(points, burst_start))
     site = trace_dir / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE % {"points": TRACE_POINTS, "dir": str(trace_dir)})
@@ -321,17 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, server, args.start_timeout)
-        tokenizer_dir = args.tokenizer
-        if tokenizer_dir is None:
-            from plait.runtime.models.registry import ensure_preset_dir
-
-            tokenizer_dir = str(ensure_preset_dir(args.model))
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        rng = random.Random(args.seed)
-        vocab = tokenizer.vocab_size
-        count = args.burst if args.burst else args.requests
-        prompts = [tokenizer.decode([rng.randrange(100, vocab - 100) for _ in range(args.input_len)])
-                   for _ in range(count + args.warmup)]
+        prompts = make_prompts(args, args.tokenizer)
         for path in trace_dir.glob("trace-*.txt"):  # start-up's points (the warm-up steps) are not requests
             path.write_text("")
         if args.burst:
@@ -347,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
             os.killpg(server.pid, signal.SIGKILL)
     points, missing = read_points(trace_dir)
     if args.burst:
-        return report_burst(args, summarize_burst(points, burst_start, sends), missing)
+        return report_burst(args, summarize_burst(points, burst_start, sends), missing,
+                            step_times(points, burst_start))
     requests = per_request(points, sends)[args.warmup:]
     rows = summarize(requests)
     print(f"plait serve --model {args.model}: {len(requests)} streamed requests one at a time, "
@@ -364,18 +420,39 @@ def main(argv: list[str] | None = None) -> None:
                                                         for r in rows]}, indent=1))
 
 
+def make_prompts(args: argparse.Namespace, tokenizer_dir: str | None) -> list[str]:
+    """``--warmup`` + (``--burst`` or ``--requests``) prompts of ``--input-len`` random token ids, as text."""
+    from transformers import AutoTokenizer
+
+    if tokenizer_dir is None:
+        from plait.runtime.models.registry import ensure_preset_dir
+
+        tokenizer_dir = str(ensure_preset_dir(args.model))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rng = random.Random(args.seed)
+    vocab = tokenizer.vocab_size
+    count = args.burst if args.burst else args.requests
+    return [tokenizer.decode([rng.randrange(100, vocab - 100) for _ in range(args.input_len)])
+            for _ in range(count + args.warmup)]
+
+
 def report_burst(args: argparse.Namespace, rows: list[tuple[str, int, float, float, float]],
-                 missing: list[str]) -> None:
-    print(f"plait serve --model {args.model}: a burst of {args.burst} streamed requests sent at once, "
+                 missing: list[str], steps: list[float]) -> None:
+    where = "an in-process Engine" if args.in_process else "plait serve"
+    print(f"{where} --model {args.model}: a burst of {args.burst} streamed requests sent at once, "
           f"{args.input_len} prompt tokens; ms after the burst's send")
     print(f"{'point':<22} {'passed':>6} {'first':>9} {'median':>9} {'last':>9}")
     for label, n, first, median, last in rows:
         print(f"{label:<22} {n:6d} {first:9.2f} {median:9.2f} {last:9.2f}")
+    if steps:
+        print(f"engine steps: {len(steps)}, {sum(steps):.1f} ms in all, median {statistics.median(steps):.2f} ms, "
+              f"longest {max(steps):.2f} ms")
     if missing:
         print("hooks not found (renamed?):", ", ".join(sorted(set(missing))))
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "model": args.model, "input_len": args.input_len, "burst": args.burst, "missing": sorted(set(missing)),
+            "model": args.model, "input_len": args.input_len, "burst": args.burst, "in_process": args.in_process,
+            "missing": sorted(set(missing)), "step_ms": steps,
             "points": [dict(zip(("point", "passed", "first_ms", "median_ms", "last_ms"), r)) for r in rows]},
             indent=1))
 

@@ -57,3 +57,11 @@ def test_burst_rows_are_first_median_and_last_after_the_burst_start():
     assert rows["step_started"][0] == 1
     assert rows["client_first"][0] == 2 and abs(rows["client_first"][3] - 90) < 1e-6
     assert rows["http_submit"][0] == 0 and math.isnan(rows["http_submit"][2])
+
+
+def test_step_times_pair_each_start_with_its_end_after_the_burst():
+    points = [(0.5, "step_started"), (0.6, "step_ended"),  # before the burst
+              (1.0, "step_started"), (1.002, "http_handler"), (1.004, "step_ended"),
+              (1.010, "step_started"), (1.011, "step_ended")]
+    durations = trace.step_times(points, start=1.0)
+    assert len(durations) == 2 and abs(durations[0] - 4) < 1e-6 and abs(durations[1] - 1) < 1e-6
