@@ -45,7 +45,6 @@ import asyncio
 import copy
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -915,14 +914,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="empty the server's prefix cache before each point (POST /flush_cache, as SGLang's\n"
                         "bench_serving does): a sweep re-sends the same prompts, which later points would\n"
                         "otherwise find cached")
-    p.add_argument("--client-processes", type=int, default=None,
+    p.add_argument("--client-processes", type=int, default=1,
                    help="client processes a point is spread over (each with its own event loop; at most the\n"
-                        "concurrency cap); default: half the CPUs, at most 8. One Python process parses\n"
-                        "a few ten thousand events a second; the summary's client busy share says whether\n"
-                        "the client kept up")
+                        "concurrency cap); default 1, as SGLang's and vLLM's clients. One Python process\n"
+                        "parses a few ten thousand events a second; the summary's client busy share says\n"
+                        "whether it kept up (raise this when it warns). On the server's own host every\n"
+                        "extra process takes CPU from the server")
     args = p.parse_args(argv)
-    if args.client_processes is None:
-        args.client_processes = min(8, max(1, (os.cpu_count() or 1) // 2))
     if args.client_processes < 1:
         p.error("--client-processes must be at least 1")
     if args.plot and not args.output_dir:

@@ -325,6 +325,12 @@ def test_shard_plan_splits_caps_and_rates():
     assert len(serving.shard_plan(_args("--client-processes", "8"), 2)) == 2  # no more than conversations
 
 
+def test_one_client_process_unless_asked():
+    # extra client processes on the server's host take its CPU (docs/server.md): one by default, as
+    # SGLang's and vLLM's clients
+    assert len(serving.shard_plan(_args("--num-prompts", "64", "--max-concurrency", "64"), 64)) == 1
+
+
 def test_stream_parser_handles_events_split_and_joined_across_chunks():
     result = serving.Result()
     parser = serving._StreamParser("plait", result, start=0.0)
