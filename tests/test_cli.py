@@ -92,9 +92,10 @@ def test_bench_takes_tensor_parallelism_beside_other_engine_settings() -> None:
 def test_serve_passes_its_http_settings_to_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
     from plait.runtime.server import app
 
-    started = []
+    started, exits = [], []
     monkeypatch.setattr(app, "serve", started.append)
+    monkeypatch.setattr(cli.os, "_exit", exits.append)  # _serve ends the process once the server stopped
     args = cli.build_parser().parse_args(["serve", "--parse-threads", "16", "--max-n", "8"])
     cli._serve(args)
     (config,) = started
-    assert (config.parse_threads, config.max_n) == (16, 8)
+    assert (config.parse_threads, config.max_n) == (16, 8) and exits == [0]
