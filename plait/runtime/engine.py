@@ -820,6 +820,12 @@ class Engine:
                 self._finish(req, {"type": "abort", "message": message})
 
     def _fail_items(self, items: list[ScheduledItem], exc: Exception) -> None:
+        """A step failed: its requests end with ``exc``; if a tensor-parallel rank died under it (a
+        collective in the forward broke), every request ends naming the rank and the engine stops."""
+        failure = self._tp.failure_behind(exc) if self._tp is not None else None
+        if failure is not None:
+            self._fail_everything(failure)
+            return
         logger.exception("engine step failed")
         for item in items:
             if item.req.status is not RequestStatus.FINISHED:

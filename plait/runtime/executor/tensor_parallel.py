@@ -472,6 +472,13 @@ class TensorParallelRanks:
         if self.failed is not None:
             raise TensorParallelError(self.failed)
 
+    def failure_behind(self, exc: BaseException) -> TensorParallelError | None:
+        """After a step raised ``exc`` (a collective inside the forward, say): the rank failure behind it,
+        if a rank has failed or exits within a moment (the watcher names it), else None."""
+        if self.failed is None and not self._failure.wait(timeout=2):
+            return None
+        return TensorParallelError(self.failed)
+
     def send_step(self, batch: ForwardBatch) -> None:
         self.check()
         writes, self._journal[:] = list(self._journal), []
