@@ -152,16 +152,6 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _engine_arg(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--engine-arg takes key=value, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -174,7 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine-arg", type=_engine_arg, action="append", default=[],
+    from plait.bench import parse_engine_arg
+
+    p.add_argument("--engine-arg", type=parse_engine_arg, action="append", default=[],
                    help="an engine setting as key=value (JSON value), repeatable")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)

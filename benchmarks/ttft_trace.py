@@ -199,25 +199,29 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
     raise SystemExit(f"plait serve did not answer /health within {timeout:.0f} s")
 
 
+def sampling_params(output_len: int) -> dict:
+    """Every traced request's: ``output_len`` tokens, whatever they are."""
+    return {"max_new_tokens": output_len, "ignore_eos": True, "temperature": 0.0}
+
+
+async def stream_one(session, url: str, prompt: str, output_len: int) -> tuple[float, float | None]:
+    """One streamed native ``/generate``, read to its end; (send time, first text event time)."""
+    body = {"text": prompt, "stream": True, "sampling_params": sampling_params(output_len)}
+    sent, first = time.perf_counter(), None
+    async with session.post(url + "/generate", json=body) as response:
+        response.raise_for_status()
+        async for line in response.content:
+            if first is None and line.startswith(b"data: {") and json.loads(line[6:]).get("output_ids"):
+                first = time.perf_counter()
+    return sent, first
+
+
 async def run_client(url: str, prompts: list[str], output_len: int) -> list[tuple[float, float]]:
     """Send each prompt alone, streamed; (send time, first text event time) for each."""
     import aiohttp
 
-    times = []
     async with aiohttp.ClientSession() as session:
-        for prompt in prompts:
-            body = {"text": prompt, "stream": True,
-                    "sampling_params": {"max_new_tokens": output_len, "ignore_eos": True, "temperature": 0.0}}
-            sent = time.perf_counter()
-            first = None
-            async with session.post(url + "/generate", json=body) as response:
-                response.raise_for_status()
-                async for line in response.content:
-                    if first is None and line.startswith(b"data: {"):
-                        if json.loads(line[6:]).get("output_ids"):
-                            first = time.perf_counter()
-            times.append((sent, first))
-    return times
+        return [await stream_one(session, url, prompt, output_len) for prompt in prompts]
 
 
 async def run_burst(url: str, prompts: list[str], output_len: int) -> tuple[float, list[tuple[float, float]]]:
@@ -226,21 +230,10 @@ async def run_burst(url: str, prompts: list[str], output_len: int) -> tuple[floa
 
     import aiohttp
 
-    async def one(session: aiohttp.ClientSession, prompt: str) -> tuple[float, float]:
-        body = {"text": prompt, "stream": True,
-                "sampling_params": {"max_new_tokens": output_len, "ignore_eos": True, "temperature": 0.0}}
-        sent, first = time.perf_counter(), None
-        async with session.post(url + "/generate", json=body) as response:
-            response.raise_for_status()
-            async for line in response.content:
-                if first is None and line.startswith(b"data: {") and json.loads(line[6:]).get("output_ids"):
-                    first = time.perf_counter()
-        return sent, first
-
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
         start = time.perf_counter()
-        return start, await asyncio.gather(*(one(session, prompt) for prompt in prompts))
+        return start, await asyncio.gather(*(stream_one(session, url, prompt, output_len) for prompt in prompts))
 
 
 def run_in_process_burst(args: argparse.Namespace, trace_dir: Path, prompts: list[str]
@@ -253,7 +246,6 @@ def run_in_process_burst(args: argparse.Namespace, trace_dir: Path, prompts: lis
     exec(SITECUSTOMIZE % {"points": TRACE_POINTS, "dir": str(trace_dir)}, {})  # noqa: S102 - our own hooks
     settings = {key: value for key, value in (("load_format", args.load_format),
                                               ("tokenizer_path", args.tokenizer)) if value}
-    params = {"max_new_tokens": args.output_len, "ignore_eos": True, "temperature": 0.0}
     with Engine(model=args.model, **settings) as engine:
         time.sleep(1.0)  # the hooks patch from a thread: let it find the engine's classes
 
@@ -271,7 +263,7 @@ def run_in_process_burst(args: argparse.Namespace, trace_dir: Path, prompts: lis
 
             for prompt, slot in zip(batch, times):
                 slot[0] = time.perf_counter()
-                engine.submit(prompt, dict(params), stream=True,
+                engine.submit(prompt, sampling_params(args.output_len), stream=True,
                               on_output=lambda i, e, slot=slot: on_output(i, e, slot))
             done.wait()
             return [tuple(slot) for slot in times]
@@ -365,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.in_process:
         if not args.burst:
             parser.error("--in-process needs --burst N")
-        prompts = make_prompts(args, args.tokenizer or None)
+        prompts = make_prompts(args, args.tokenizer)
         burst_start, sends = run_in_process_burst(args, trace_dir, prompts)
         points, missing = read_points(trace_dir)
         return report_burst(args, summarize_burst(points, burst_start, sends), missing,

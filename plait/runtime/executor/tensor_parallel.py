@@ -488,7 +488,7 @@ class TensorParallelRanks:
         try:
             _broadcast(StepMessage.of(batch, writes, lora_changes), self.group.cpu_group)
         except Exception as exc:  # noqa: BLE001 - a broken group: no further step can run
-            if not self._failure.wait(timeout=2):  # a rank that just died: let the watcher name it
+            if self.failure_behind(exc) is None:
                 self._fail(f"tensor-parallel group broke: {type(exc).__name__}: {exc}")
             raise TensorParallelError(self.failed) from exc
 
