@@ -76,6 +76,7 @@ def use_server_switch_interval() -> None:
 LOGPROB_KEYS = ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_top_logprobs")
 _OUTPUT_KEYS = ("output_token_logprobs", "output_top_logprobs")
 _INPUT_KEYS = ("input_token_logprobs", "input_top_logprobs")
+_LOGPROB_KEY_SET = frozenset(LOGPROB_KEYS)
 
 
 class EngineUnavailableError(RuntimeError):
@@ -135,35 +136,41 @@ class _Forwarder:
         self.first_text = first_text
         self.sent_ids = 0
         self.sent_out_logprobs = 0
-        self.sent_input_logprobs = False
+        self.sent_first = False  # the first output (the one carrying input logprobs) has gone
         self.sent_text = 0
 
     def put(self, event: dict[str, Any]) -> None:
         out, finished = event["output"], event["finished"]
-        ids, meta, text = out["output_ids"], dict(out["meta_info"]), out["text"]
-        for key in _OUTPUT_KEYS:
-            if key in meta:
-                meta[key] = meta[key][self.sent_out_logprobs:]
-        for key in _INPUT_KEYS:
-            if key in meta and self.sent_input_logprobs:
-                meta[key] = []
-        if "output_token_logprobs" in meta:  # SGLang's running count, as streamed entries are deltas
-            meta["output_token_logprobs_length"] = self.sent_out_logprobs + len(meta["output_token_logprobs"])
+        ids, meta, text = out["output_ids"], out["meta_info"], out["text"]
+        # copied: the sender thread pickles it later; without logprobs (most outputs) nothing to slice
+        meta = dict(meta) if _LOGPROB_KEY_SET.isdisjoint(meta) else self._logprob_deltas(meta)
         payload = {"output_ids": ids[self.sent_ids:], "meta_info": meta}
         if finished:
             payload["text"] = text
         elif event.get("text", True):  # else the detokenizer process decodes the ids (stream_text=False)
             payload["text_delta"] = text[self.sent_text:]
-        first = not self.sent_input_logprobs  # this sample's first output: its time to first token
         self.sent_ids, self.sent_text = len(ids), len(text)
-        self.sent_out_logprobs += len(meta.get("output_token_logprobs", ()))
-        self.sent_input_logprobs = True
         message = ("out", self.rid, self.index, finished, payload)
-        if not first:
+        if self.sent_first:
             self.outbox.put(message)
             return
+        self.sent_first = True  # this sample's first output: its time to first token
         payload["first"] = True  # the HTTP process keeps one of the (up to) two copies
         self.outbox.put(message, urgent=True, direct=self._direct_copy(message) if self.outbox.direct else None)
+
+    def _logprob_deltas(self, snapshot_meta: dict[str, Any]) -> dict[str, Any]:
+        """A copy of ``snapshot_meta`` whose logprob lists hold only what this output adds."""
+        meta = dict(snapshot_meta)
+        for key in _OUTPUT_KEYS:
+            if key in meta:
+                meta[key] = meta[key][self.sent_out_logprobs:]
+        for key in _INPUT_KEYS:
+            if key in meta and self.sent_first:
+                meta[key] = []
+        if "output_token_logprobs" in meta:  # SGLang's running count, as streamed entries are deltas
+            meta["output_token_logprobs_length"] = self.sent_out_logprobs + len(meta["output_token_logprobs"])
+        self.sent_out_logprobs += len(meta.get("output_token_logprobs", ()))
+        return meta
 
     def _direct_copy(self, message: tuple) -> tuple | None:
         """The first output as the HTTP process needs it without the detokenizer: with its text."""
