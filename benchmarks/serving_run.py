@@ -284,10 +284,11 @@ class Server:
 class _Tracker:
     """One in-process request: measures its stream as the client measures an SSE stream."""
 
-    def __init__(self, conv: int, turn: int, constrained: bool, done: queue.Queue):
+    def __init__(self, conv: int, turn: int, constrained: bool, done: queue.Queue, start: float):
+        """``start``: when the request could go (``time.perf_counter``): its TTFT and latency count from it."""
         self.conv, self.turn, self.done = conv, turn, done
         self.result = serving.Result(constrained=constrained)
-        self.start = self.last = time.perf_counter()
+        self.start = self.last = start
         self.tokens_seen = 0
         self.finished = False
 
@@ -349,7 +350,12 @@ def run_engine_point(engine: Any, point_args: argparse.Namespace,
     """Run the workload once on ``engine`` at the point's rate and concurrency cap; (results, seconds).
 
     Requests are submitted from this thread; the engine's callbacks only record and hand finished requests
-    back through a queue. A conversation's next turn is queued when its previous turn finished well."""
+    back through a queue. A conversation's next turn is queued when its previous turn finished well.
+
+    A request's times count from when it could go (it had arrived and a concurrency slot was free), as
+    the HTTP client's count from its send: requests that become ready together (a burst) share that
+    start, so the in-process TTFT includes waiting for the earlier ones' ``submit`` (tokenizing) on this
+    thread, as the HTTP TTFT includes the server's tokenizing."""
     ignore_eos = not point_args.disable_ignore_eos
     cap = point_args.max_concurrency or None
     arrivals = arrival_times(point_args, len(dataset))
@@ -359,11 +365,11 @@ def run_engine_point(engine: Any, point_args: argparse.Namespace,
     results: list = []
     in_flight = arrived = 0
 
-    def submit(conv_index: int, turn_index: int) -> None:
+    def submit(conv_index: int, turn_index: int, ready_at: float) -> None:
         conv = dataset[conv_index]
         turn = conv.turns[turn_index]
         _, body = serving.build_request("plait", None, conv.system, histories[conv_index], turn, ignore_eos)
-        tracker = _Tracker(conv_index, turn_index, turn.schema_name is not None, done)
+        tracker = _Tracker(conv_index, turn_index, turn.schema_name is not None, done, ready_at)
         try:
             engine.submit(body["text"], dict(body["sampling_params"]), on_output=tracker.on_output,
                           on_admitted=tracker.on_admitted, stream=True)
@@ -372,12 +378,12 @@ def run_engine_point(engine: Any, point_args: argparse.Namespace,
 
     start = time.perf_counter()
     while True:
-        elapsed = time.perf_counter() - start
-        while arrived < len(dataset) and arrivals[arrived] <= elapsed:
+        now = time.perf_counter()
+        while arrived < len(dataset) and arrivals[arrived] <= now - start:
             ready.append((arrived, 0))
             arrived += 1
         while ready and (cap is None or in_flight < cap):
-            submit(*ready.popleft())
+            submit(*ready.popleft(), ready_at=now)
             in_flight += 1
         if in_flight == 0 and not ready and arrived == len(dataset):
             break

@@ -112,6 +112,22 @@ def test_in_process_point_keeps_the_cap_and_measures_like_the_client():
     assert sum(r.constrained for r in results) == 4
 
 
+class SlowSubmitEngine(FakeEngine):
+    """``submit`` itself takes 20 ms on the caller's thread (as tokenizing a long prompt does)."""
+
+    def submit(self, text, params, **kwargs):
+        time.sleep(0.02)
+        return super().submit(text, params, **kwargs)
+
+
+def test_a_burst_counts_every_requests_ttft_from_the_burst_not_from_its_own_submit():
+    args = _client_args()  # 8 prompts at an infinite rate, no cap: one burst, as the client sends it
+    results, _ = serving_run.run_engine_point(SlowSubmitEngine(), args, serving.build_dataset(args))
+    ttfts = sorted(r.ttft for r in results)
+    # the last request waited for 7 earlier submits (140 ms) before its own: that is part of its TTFT
+    assert ttfts[-1] >= 0.14 + 0.02 and ttfts[0] < 0.1
+
+
 def test_in_process_multi_turn_resends_the_history_with_the_engines_outputs():
     args = _client_args("--dataset", "multi-turn", "--turns", "2")
     engine = FakeEngine()
